@@ -1,0 +1,42 @@
+# rca: the two set-up commands are `make demo` and `make test` (see README.md).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo demo-quick test test-slow test-gpu lint format clean
+
+setup: $(VENV)/.rca-installed
+
+$(VENV)/.rca-installed: pyproject.toml scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+	touch $@
+
+## Build the environment, train the demo zoo and run the demo end to end.
+demo: setup
+	$(VENV)/bin/rca demo
+
+demo-quick: setup
+	$(VENV)/bin/rca demo --quick
+
+## The test suite CI runs: lint, types, then every test not marked slow or gpu.
+test: setup lint
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+test-slow: setup
+	$(PY) -m pytest -q -m "slow"
+
+test-gpu: setup
+	$(PY) -m pytest -q -m "gpu"
+
+lint: setup
+	$(VENV)/bin/ruff check rca tests app.py
+	$(VENV)/bin/ruff format --check rca tests app.py
+	$(VENV)/bin/mypy
+
+format: setup
+	$(VENV)/bin/ruff check --fix rca tests app.py
+	$(VENV)/bin/ruff format rca tests app.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache reports

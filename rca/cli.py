@@ -1,0 +1,329 @@
+"""The ``rca`` command line: a thin shell over the library.
+
+Every error a user can cause (a bad case file, a model that will not load, a bad component id)
+is printed as one line on stderr with exit code 2; a traceback means a bug in rca.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rca import __version__
+
+app = typer.Typer(
+    name="rca",
+    help="Incident root-cause analysis for language models: trace, confirm, remedy, record.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+zoo_app = typer.Typer(help="The demo models with planted incidents.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from rca.hooks import HookError
+    from rca.ids import IdError
+    from rca.incident import IncidentError
+    from rca.metric import MetricError
+    from rca.subject import SubjectError
+    from rca.trace import TraceError
+
+    return (IncidentError, SubjectError, HookError, IdError, MetricError, TraceError)
+
+
+def friendly(fn: F) -> F:
+    """Turn the library's user-facing errors into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as e:
+            err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+HomeOpt = typer.Option(None, "--home", help="RCA_HOME (default: $RCA_HOME or ~/.cache/rca).")
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        out.print(f"rca {__version__}")
+        raise typer.Exit(0)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # rca never reaches the network
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # padding hints and load bars are noise on a terminal
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@zoo_app.command("build")
+@friendly
+def zoo_build(
+    quick: bool = typer.Option(False, "--quick", help="Small models in about a minute."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if built."),
+    home: Path | None = HomeOpt,
+) -> None:
+    """Train the demo models (support-bot-v1 and -v2) and check their planted incidents."""
+    from rca import zoo
+
+    dirs = zoo.build(home=home, quick=quick, force=force, log=lambda m: err.print(m))
+    for name, d in dirs.items():
+        out.print(f"{name}\t{d}")
+
+
+@zoo_app.command("list")
+@friendly
+def zoo_list(
+    home: Path | None = HomeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the demo models, where they live and whether they are built."""
+    from rca import zoo
+
+    entries = zoo.list_models(home=home)
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {"name": e.name, "path": str(e.path), "built": e.built, "manifest": e.manifest}
+                    for e in entries
+                ],
+                indent=2,
+            )
+        )
+        return
+    t = Table("model", "built", "quick", "path")
+    for e in entries:
+        quick = "" if not e.manifest else str(e.manifest.get("quick", ""))
+        t.add_row(e.name, "yes" if e.built else "no", quick, str(e.path))
+    out.print(t)
+
+
+@app.command("check")
+@friendly
+def check(
+    cases: list[Path] = typer.Argument(..., help="Case files (*.toml) or directories of them."),
+    no_model: bool = typer.Option(False, "--no-model", help="Do not require the model to exist."),
+    home: Path | None = HomeOpt,
+) -> None:
+    """Validate case files; print each incident's id, or the first error as one line."""
+    from rca.incident import load_case, load_cases
+
+    for p in cases:
+        incs = (
+            load_cases(p, check_model=not no_model, home=home)
+            if p.is_dir()
+            else [load_case(p, check_model=not no_model, home=home)]
+        )
+        for inc in incs:
+            out.print(f"ok\t{inc.id}\t{inc.severity}\t{inc.source}")
+
+
+@app.command("inspect")
+@friendly
+def inspect_model(
+    model: str = typer.Argument(..., help="A model directory or zoo:NAME."),
+    device: str = typer.Option("cpu", help="auto, cpu, cuda or cuda:N."),
+    home: Path | None = HomeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Load a model and show its architecture, dimensions and fingerprint."""
+    from rca.subject import load_subject, resolve_model_ref
+
+    s = load_subject(resolve_model_ref(model, home=home), device=device)
+    info = {"fingerprint": s.fingerprint, **s.meta}
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    t = Table("field", "value")
+    for k, v in info.items():
+        t.add_row(k, str(v))
+    out.print(t)
+
+
+def _load_incident_subject(case: Path, model: str | None, device: str, home: Path | None):
+    from rca.incident import load_case
+    from rca.subject import load_subject, resolve_model_ref
+
+    inc = load_case(case, check_model=model is None, home=home)
+    path = resolve_model_ref(model, home=home) if model else inc.model_path(home=home)
+    return inc, load_subject(path, device=device)
+
+
+@app.command("trace")
+@friendly
+def trace_cmd(
+    case: Path = typer.Argument(..., help="The case file (TOML)."),
+    method: str = typer.Option("eap-ig", "--method", help="atp or eap-ig."),
+    steps: int = typer.Option(8, "--steps", help="EAP-IG interpolation steps."),
+    baseline: str = typer.Option("auto", "--baseline", help="auto, counterfactual or mean."),
+    neurons: bool = typer.Option(False, "--neurons", help="Also score MLP neurons."),
+    model: str | None = typer.Option(None, "--model", help="Override the case's model."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    graph_out: Path | None = typer.Option(
+        None, "--graph", help="Graph file (.json or .graphml); default reports/<case>.graph.json"
+    ),
+    top: int = typer.Option(10, "--top", help="How many components and edges to show."),
+    home: Path | None = HomeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Trace an incident: token, component and edge scores, and the attribution graph."""
+    from rca.trace import trace, write_graph
+
+    inc, subject = _load_incident_subject(case, model, device, home)
+    with _progress(not as_json) as say:
+        att = trace(
+            subject,
+            inc,
+            method=method,
+            steps=steps,
+            baseline=baseline,
+            neurons=neurons,
+            progress=say,
+        )
+    gpath = graph_out or Path("reports") / f"{inc.id}.graph.json"
+    gpath.parent.mkdir(parents=True, exist_ok=True)
+    write_graph(att.pruned, gpath)
+    result = att.to_json(top_k=top)
+    result["graph"]["file"] = str(gpath)
+    result["model"] = {"path": str(subject.path), "fingerprint": subject.fingerprint}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    out.print(
+        f"[bold]{inc.id}[/bold]: {inc.title}  (method {method}, baseline: {result['baseline']})",
+        highlight=False,
+    )
+    out.print(
+        f"metric on the prompt {result['metric']['prompt']:+.3f}, "
+        f"at the baseline {result['metric']['baseline']:+.3f}"
+    )
+    t = Table("segment", "drop when removed", title="prompt segments")
+    for sgm in sorted(result["segments"], key=lambda x: -x["score"])[:5]:
+        t.add_row(sgm["text"], f"{sgm['score']:+.3f}")
+    out.print(t)
+    t = Table("component", "kind", "layer", "score", title="top components")
+    for c in result["components"][:top]:
+        t.add_row(c["id"], c["kind"], str(c["layer"]), f"{c['score']:+.4f}")
+    out.print(t)
+    t = Table("source", "target", "score", title="top edges")
+    for e in result["edges"][:top]:
+        t.add_row(e["source"], e["target"], f"{e['score']:+.4f}")
+    out.print(t)
+    g = result["graph"]
+    out.print(
+        f"graph: {g['nodes']} nodes, {g['edges']} edges; pruned to {g['pruned_nodes']} "
+        f"nodes, {g['pruned_edges']} edges -> {gpath}"
+    )
+    for p in g["top_paths"][:3]:
+        out.print(f"  path {' -> '.join(p['path'])}  (strength {p['strength']:.3f})")
+
+
+@app.command("demo")
+@friendly
+def demo(
+    quick: bool = typer.Option(False, "--quick", help="Use the quick zoo build."),
+    cases_dir: Path = typer.Option(Path("cases"), "--cases", help="Directory of case files."),
+    home: Path | None = HomeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Build the zoo if missing, then show each planted incident with and without its cause."""
+    from rca import zoo
+    from rca.incident import load_cases
+    from rca.metric import encode_target, evaluate
+    from rca.subject import load_subject
+
+    zoo.build(home=home, quick=quick, log=lambda m: err.print(m))
+    incidents = load_cases(cases_dir, home=home)
+    subjects: dict[Path, Any] = {}
+    rows = []
+    for inc in incidents:
+        path = inc.model_path(home=home)
+        if path not in subjects:
+            subjects[path] = load_subject(path, device="auto")
+        s = subjects[path]
+        before = evaluate(s.model, inc.encode(s))
+        row: dict[str, Any] = {
+            "case": inc.id,
+            "severity": inc.severity,
+            "model": inc.model,
+            "fingerprint": s.fingerprint,
+            "p_bad": before.p_bad,
+            "metric": before.metric,
+        }
+        if inc.counterfactual is not None:
+            without = evaluate(
+                s.model, encode_target(s.tokenizer, inc.counterfactual, inc.bad, inc.good)
+            )
+            row["p_bad_without_cause"] = without.p_bad
+            row["metric_without_cause"] = without.metric
+        rows.append(row)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table("case", "severity", "model", "P(bad)", "P(bad) cause removed", "metric")
+    for r in rows:
+        cf = r.get("p_bad_without_cause")
+        t.add_row(
+            r["case"],
+            r["severity"],
+            r["model"],
+            f"{r['p_bad']:.3f}",
+            "-" if cf is None else f"{cf:.3f}",
+            f"{r['metric']:+.2f}",
+        )
+    out.print(t)
+
+
+@contextlib.contextmanager
+def _progress(show: bool):
+    """A rich progress bar fed by the library's (stage, fraction) callback."""
+    if not show:
+        yield lambda stage, frac: None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("starting", total=1.0)
+
+        def say(stage: str, frac: float) -> None:
+            bar.update(task, completed=frac, description=stage)
+
+        yield say
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,688 @@
+"""Confirm: causal verdicts from batched ablation experiments.
+
+Attribution is a first-order estimate; a postmortem needs interventions it can defend. This
+module runs them, many at once:
+
+- **The engine** (``Ablator``): K variants, each a set of components with the value each is set
+  to, run in ceil(K / B) forward passes with one mask per batch element. Variants are grouped by
+  their first ablated layer, and the decoder layers below it are replaced for that pass by stubs
+  that return the clean run's cached outputs: un-ablated activations are reused, not
+  recomputed. On a CPU, where batching saves little, that reuse is where the saving is.
+- **Values** a component can be set to: ``zero``; ``mean`` (its mean over the reference prompts,
+  averaged over positions); ``resample`` (its activation on a reference prompt drawn at random
+  per variant, position by position); ``baseline`` (its activation on the counterfactual: exact
+  activation patching); ``clean`` (its own clean activation, used to freeze components).
+- **Per candidate**: total effect TE (patched to the baseline), direct effect DE (patched to the
+  baseline with every later component frozen at its clean value, so only its direct path to the
+  logits changes), and necessity NE (ablated by the chosen kind).
+- **Ranking**: the leading group (effect within ``window`` of the largest, effect = max(TE, NE))
+  ordered by DE, then the rest by effect. Total effect alone ranks carriers with the origin;
+  direct effect alone ranks amplifiers first (see docs/confirm.md).
+- **Minimal cause set**: greedy in rank order until ablating the set removes ``set_fraction`` of
+  the gap between the metric on the prompt and at the baseline; then each member is dropped
+  if the rest still reaches it.
+- **Necessity and sufficiency** of the set, and **random sets** of the same size and kind for an
+  empirical p-value. Verdicts carry their reasons and the thresholds used.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rca.ids import parse_id
+from rca.metric import Target
+from rca.subject import Subject
+
+__all__ = [
+    "Ablator",
+    "ConfirmConfig",
+    "ConfirmError",
+    "CandidateEvidence",
+    "SetEvidence",
+    "Verdict",
+    "confirm",
+    "empirical_p_value",
+]
+
+SOURCES = ("zero", "mean", "resample", "baseline", "clean")
+Variant = dict[str, str]  # component id -> value source
+
+
+class ConfirmError(ValueError):
+    """An experiment that cannot run as asked."""
+
+
+def empirical_p_value(observed: float, null: Sequence[float], *, tol: float = 0.0) -> float:
+    """P(null >= observed) with the +1 correction: (1 + #{null >= observed - tol}) / (1 + n).
+
+    Never zero: with n random draws the smallest reportable p-value is 1 / (n + 1). ``tol``
+    counts numerical ties (float noise between batch rows) against the observation, which
+    keeps the test conservative.
+    """
+    n = len(null)
+    if n == 0:
+        return 1.0
+    return (1 + sum(1 for v in null if v >= observed - tol)) / (1 + n)
+
+
+class _CachedLayer(nn.Module):
+    """Stands in for a decoder layer below the first ablated one: returns the clean output."""
+
+    def __init__(self, orig: nn.Module, out: torch.Tensor) -> None:
+        super().__init__()
+        object.__setattr__(self, "_orig", orig)  # not a submodule: no double registration
+        self._out = out
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        reps = hidden_states.shape[0] // self._out.shape[0]
+        return self._out.repeat(reps, 1, 1)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_orig"), name)
+
+
+def _layers_list(subject: Subject) -> nn.ModuleList:
+    from rca.subject import _get
+
+    mods = _get(subject.model, subject.adapter.spec.layers)
+    assert isinstance(mods, nn.ModuleList)
+    return mods
+
+
+class Ablator:
+    """Batched ablation of heads and MLPs on one incident target.
+
+    ``baseline``: the counterfactual target (positions aligned) for the ``baseline`` source;
+    ``reference``: reference prompts (texts or id sequences) for ``mean`` and ``resample``.
+    """
+
+    def __init__(
+        self,
+        subject: Subject,
+        target: Target,
+        *,
+        baseline: Target | None = None,
+        reference: Sequence[str] | Sequence[Sequence[int]] = (),
+        batch_size: int = 32,
+        reuse: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.s, self.t = subject, target
+        self.a = subject.adapter
+        self.batch_size = batch_size
+        self.reuse = reuse
+        self.seed = seed
+        self.components = [
+            f"L{layer}.{c}"
+            for layer in range(self.a.n_layers)
+            for c in [f"H{h}" for h in range(self.a.n_heads)] + ["MLP"]
+        ]
+        self.n_forward_rows = 0
+        self.forward_equiv = 0.0
+        dev = subject.device
+        self.clean, self.layer_out = self._record(target.input_ids(device=dev))
+        self.metric_clean = self._metric_of(target.input_ids(device=dev))
+        self.base: dict[str, torch.Tensor] | None = None
+        self.metric_baseline: float | None = None
+        if baseline is not None:
+            if baseline.n_prompt != target.n_prompt or baseline.conts != target.conts:
+                raise ConfirmError("the baseline target must line up with the incident target")
+            self.base, _ = self._record(baseline.input_ids(device=dev))
+            self.metric_baseline = self._metric_of(baseline.input_ids(device=dev))
+        self.refs: list[dict[str, torch.Tensor]] = []
+        for p in reference:
+            toks = subject.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
+            acts, _ = self._record(torch.tensor([toks], device=dev))
+            self.refs.append({k: v[0] for k, v in acts.items()})  # (pos, width)
+        self.means: dict[str, torch.Tensor] | None = None
+        if self.refs:
+            self.means = {
+                k: torch.cat([r[k] for r in self.refs]).mean(0) for k in self.refs[0]
+            }  # (width,)
+
+    # -- recording ---------------------------------------------------------------------------
+    def _site_keys(self) -> list[tuple[str, nn.Module, bool]]:
+        out = []
+        for layer in range(self.a.n_layers):
+            out.append((f"z{layer}", self.a.attn_out(layer), True))
+            out.append((f"m{layer}", self.a.mlp(layer), False))
+        return out
+
+    @torch.inference_mode()
+    def _record(self, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        acts: dict[str, torch.Tensor] = {}
+        outs: list[torch.Tensor] = []
+        handles = []
+        try:
+            for key, mod, pre in self._site_keys():
+                if pre:
+                    handles.append(
+                        mod.register_forward_pre_hook(
+                            lambda m, a, _k=key: acts.__setitem__(_k, a[0].detach().clone())
+                        )
+                    )
+                else:
+                    handles.append(
+                        mod.register_forward_hook(
+                            lambda m, a, o, _k=key: acts.__setitem__(_k, o.detach().clone())
+                        )
+                    )
+            for layer in self.a.layers:
+                handles.append(
+                    layer.register_forward_hook(
+                        lambda m, a, o: outs.append(
+                            (o[0] if isinstance(o, tuple) else o).detach().clone()
+                        )
+                    )
+                )
+            self.s.model(input_ids=ids)
+        finally:
+            for h in handles:
+                h.remove()
+        return acts, outs
+
+    @torch.inference_mode()
+    def _metric_of(self, ids: torch.Tensor) -> float:
+        return float(self.t.metric(self.s.model(input_ids=ids).logits)[0])
+
+    # -- values ------------------------------------------------------------------------------
+    def _site(self, cid: str) -> tuple[str, slice, int]:
+        c = parse_id(cid)
+        if c.kind == "head":
+            assert c.layer is not None and c.index is not None
+            d = self.a.d_head
+            return f"z{c.layer}", slice(c.index * d, (c.index + 1) * d), c.layer
+        if c.kind == "mlp":
+            assert c.layer is not None
+            return f"m{c.layer}", slice(None), c.layer
+        raise ConfirmError(f"{cid}: only heads and MLPs can be ablated here")
+
+    def _value(self, key: str, source: str, variant_index: int) -> torch.Tensor:
+        """The replacement for one site, shaped to broadcast to (rows, pos, width)."""
+        clean = self.clean[key]
+        if source == "zero":
+            return torch.zeros_like(clean)
+        if source == "clean":
+            return clean
+        if source == "baseline":
+            if self.base is None:
+                raise ConfirmError("the baseline source needs a counterfactual baseline")
+            return self.base[key]
+        if source == "mean":
+            if self.means is None:
+                raise ConfirmError("mean ablation needs reference prompts")
+            return self.means[key].expand_as(clean)
+        if source == "resample":
+            if not self.refs:
+                raise ConfirmError("resample ablation needs reference prompts")
+            rng = random.Random(self.seed * 1_000_003 + variant_index)
+            ref = self.refs[rng.randrange(len(self.refs))][key]  # (ref_pos, width)
+            T = clean.shape[1]
+            idx = torch.clamp(torch.arange(T, device=ref.device), max=ref.shape[0] - 1)
+            return ref[idx].unsqueeze(0).expand_as(clean)
+        raise ConfirmError(f"unknown value source {source!r}; use one of {', '.join(SOURCES)}")
+
+    # -- running -----------------------------------------------------------------------------
+    def first_layer(self, variant: Variant) -> int:
+        return min((self._site(c)[2] for c in variant), default=self.a.n_layers)
+
+    @torch.inference_mode()
+    def run(self, variants: Sequence[Variant], *, index_offset: int = 0) -> torch.Tensor:
+        """The metric under each variant: (len(variants),). Order is preserved."""
+        out = torch.empty(len(variants))
+        groups: dict[int, list[int]] = {}
+        for i, v in enumerate(variants):
+            groups.setdefault(self.first_layer(v), []).append(i)
+        # one group per first ablated layer, so that every pass reuses all it can
+        for _, idx in sorted(groups.items()):
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start : start + self.batch_size]
+                vals = self._run_chunk(
+                    [variants[i] for i in chunk], [index_offset + i for i in chunk]
+                )
+                out[chunk] = vals
+        return out
+
+    def _run_chunk(self, variants: list[Variant], indices: list[int]) -> torch.Tensor:
+        K, rows = len(variants), self.t.rows
+        dev = self.s.device
+        # per site: mask (K, width) and values (K, rows, pos, width)
+        edits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for k, (variant, vidx) in enumerate(zip(variants, indices, strict=True)):
+            for cid, source in variant.items():
+                key, sl, _ = self._site(cid)
+                clean = self.clean[key]
+                if key not in edits:
+                    edits[key] = (
+                        torch.zeros(K, clean.shape[-1], device=dev, dtype=clean.dtype),
+                        torch.zeros(K, *clean.shape, device=dev, dtype=clean.dtype),
+                    )
+                mask, values = edits[key]
+                mask[k, sl] = 1
+                values[k, ..., sl] = self._value(key, source, vidx)[..., sl]
+        first = min((self.first_layer(v) for v in variants), default=self.a.n_layers)
+        handles = []
+        layers = _layers_list(self.s)
+        originals = list(layers)
+        try:
+            for key, mod, pre in self._site_keys():
+                if key not in edits:
+                    continue
+                mask, values = edits[key]
+
+                def apply(x: torch.Tensor, _m=mask, _v=values) -> torch.Tensor:
+                    xv = x.view(K, rows, *x.shape[1:])
+                    m = _m.view(K, 1, 1, -1)
+                    return (xv * (1 - m) + _v * m).view_as(x)
+
+                if pre:
+                    handles.append(
+                        mod.register_forward_pre_hook(lambda mm, a, _f=apply: (_f(a[0]), *a[1:]))
+                    )
+                else:
+                    handles.append(mod.register_forward_hook(lambda mm, a, o, _f=apply: _f(o)))
+            if self.reuse:
+                for i in range(min(first, self.a.n_layers)):
+                    layers[i] = _CachedLayer(originals[i], self.layer_out[i])
+            ids = self.t.input_ids(K, device=dev)
+            # no KV cache: the stubs would leave holes in it, and nothing is generated
+            logits = self.s.model(input_ids=ids, use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+            for i, orig in enumerate(originals):
+                layers[i] = orig
+        self.n_forward_rows += K * rows
+        computed = (self.a.n_layers - (first if self.reuse else 0)) / self.a.n_layers
+        self.forward_equiv += K * computed
+        return self.t.metric(logits).float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfirmConfig:
+    """Thresholds and budgets of a confirmation; recorded with every result."""
+
+    top_k: int = 10  # candidates taken from the trace ranking
+    kind: str = "mean"  # ablation for necessity, sets and random sets: zero | mean | resample
+    set_fraction: float = 0.8  # a cause set must remove this share of the prompt-baseline gap
+    component_fraction: float = 0.1  # a member must carry this share within the set
+    window: float = 0.2  # leading group: effect within this share of the largest
+    alpha: float = 0.05  # p-value threshold against random sets
+    n_random: int = 100  # random sets (>= 50)
+    max_set: int = 6
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("zero", "mean", "resample"):
+            raise ConfirmError(f"kind must be zero, mean or resample, got {self.kind!r}")
+        if self.n_random < 50:
+            raise ConfirmError("n_random must be at least 50")
+        for name in ("set_fraction", "component_fraction", "window", "alpha"):
+            v = getattr(self, name)
+            if not 0 < v < 1:
+                raise ConfirmError(f"{name} must be between 0 and 1, got {v}")
+        if self.top_k < 1 or self.max_set < 1 or self.batch_size < 1:
+            raise ConfirmError("top_k, max_set and batch_size must be positive")
+
+
+@dataclass
+class CandidateEvidence:
+    id: str
+    attribution: float
+    total_effect: float  # metric drop when patched to the baseline
+    direct_effect: float  # ... with everything downstream frozen at clean
+    necessity: float  # metric drop when ablated by the configured kind
+    p_value: float  # against every other component of the same kind, ablated alike
+    rank: int = 0
+    in_set: bool = False
+    verdict: str = "inconclusive"
+    reason: str = ""
+
+
+@dataclass
+class SetEvidence:
+    components: list[str]
+    metric_ablated: float
+    necessity: float  # metric drop when the set is ablated
+    necessity_fraction: float  # ... as a share of the prompt-baseline gap
+    sufficiency_metric: float  # metric with everything *but* the set ablated
+    sufficiency_fraction: float  # share of the metric that survives that
+    random_drops: list[float]
+    p_value: float
+    random_scope: str
+    verdict: str = "inconclusive"
+    reason: str = ""
+
+
+@dataclass
+class Verdict:
+    """The confirm stage's answer for one incident."""
+
+    metric_clean: float
+    metric_baseline: float
+    baseline: str
+    candidates: list[CandidateEvidence]
+    cause_set: SetEvidence
+    config: ConfirmConfig
+    cost: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        return self.cause_set.verdict
+
+    def ranked(self) -> list[CandidateEvidence]:
+        return sorted(self.candidates, key=lambda c: c.rank)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "metric": {"prompt": self.metric_clean, "baseline": self.metric_baseline},
+            "baseline": self.baseline,
+            "causes": [asdict(c) for c in self.ranked()],
+            "cause_set": {k: v for k, v in asdict(self.cause_set).items() if k != "random_drops"}
+            | {"random_drops_summary": _summary(self.cause_set.random_drops)},
+            "config": asdict(self.config),
+            "cost": self.cost,
+        }
+
+
+def _summary(xs: Sequence[float]) -> dict[str, float]:
+    if not xs:
+        return {}
+    s = sorted(xs)
+    return {
+        "n": len(s),
+        "mean": sum(s) / len(s),
+        "median": s[len(s) // 2],
+        "p95": s[min(len(s) - 1, int(0.95 * len(s)))],
+        "max": s[-1],
+    }
+
+
+def _kind_of(cid: str) -> str:
+    return "head" if ".H" in cid else "mlp"
+
+
+def _random_sets(
+    universe: list[str], members: list[str], n: int, rng: random.Random
+) -> tuple[list[list[str]], str]:
+    """n random sets with the same number of heads and MLPs as ``members`` (excluding the set
+    itself); where that population is too small for n distinct sets, size-matched sets of any
+    kind. Returns the sets and a description of the scope."""
+    heads = [c for c in universe if _kind_of(c) == "head"]
+    mlps = [c for c in universe if _kind_of(c) == "mlp"]
+    nh = sum(1 for c in members if _kind_of(c) == "head")
+    nm = len(members) - nh
+    n_matched = math.comb(len(heads), nh) * math.comb(len(mlps), nm) - 1
+    target = set(members)
+    if n_matched >= n:
+        out: list[list[str]] = []
+        while len(out) < n:
+            s = rng.sample(heads, nh) + rng.sample(mlps, nm)
+            if set(s) != target:
+                out.append(s)
+        return out, f"{n} random sets of {nh} heads and {nm} MLPs"
+    n_any = math.comb(len(universe), len(members)) - 1
+    if n_any <= n:
+        sets = [list(c) for c in itertools.combinations(universe, len(members))]
+        sets = [s for s in sets if set(s) != target]
+        return sets, (
+            f"all {len(sets)} other sets of {len(members)} components (too few to draw {n} "
+            "kind-matched ones)"
+        )
+    out = []
+    while len(out) < n:
+        s = rng.sample(universe, len(members))
+        if set(s) != target:
+            out.append(s)
+    return out, f"{n} random sets of {len(members)} components of any kind (too few kind-matched)"
+
+
+def confirm(
+    subject: Subject,
+    target: Target,
+    ranking: Sequence[tuple[str, float]],
+    *,
+    baseline: Target | None,
+    reference: Sequence[str] | Sequence[Sequence[int]] = (),
+    config: ConfirmConfig | None = None,
+    progress: Callable[[str, float], None] | None = None,
+) -> Verdict:
+    """Verify the ranked candidates of a trace and find a minimal confirmed cause set.
+
+    ``ranking``: (component id, attribution score) from the trace, best first; ids other than
+    heads and MLPs are skipped. ``baseline``: the counterfactual target the trace used (None for
+    a mean baseline, when TE and DE use the mean too).
+    """
+    cfg = config or ConfirmConfig()
+    say = progress or (lambda stage, frac: None)
+    t0 = time.perf_counter()
+    ab = Ablator(
+        subject,
+        target,
+        baseline=baseline,
+        reference=reference,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
+    if cfg.kind in ("mean", "resample") and not ab.refs:
+        raise ConfirmError(f"{cfg.kind} ablation needs reference prompts")
+    patch_src = "baseline" if baseline is not None else cfg.kind
+    m_clean = ab.metric_clean
+    if ab.metric_baseline is not None:
+        m_base = ab.metric_baseline
+        base_desc = "counterfactual"
+    else:
+        m_base = float(ab.run([dict.fromkeys(ab.components, cfg.kind)])[0])
+        base_desc = f"all heads and MLPs {cfg.kind}-ablated"
+    gap = m_clean - m_base
+    if gap <= 0:
+        raise ConfirmError(
+            f"the metric on the prompt ({m_clean:+.3f}) is not above the baseline's "
+            f"({m_base:+.3f}); there is no incident behaviour to explain"
+        )
+
+    tol = 1e-5 * max(1.0, abs(gap))  # float noise between batch rows
+    cands = [c for c, _ in ranking if c in set(ab.components)][: cfg.top_k]
+    attr = dict(ranking)
+    if not cands:
+        raise ConfirmError("the trace ranked no heads or MLPs")
+
+    # TE, DE and NE of every candidate, in one batched run
+    say("candidates", 0.1)
+    variants: list[Variant] = []
+    for c in cands:
+        variants.append({c: patch_src})
+        _, _, layer = ab._site(c)
+        frozen: Variant = {c: patch_src}
+        for other in ab.components:
+            _, _, lo = ab._site(other)
+            later = lo > layer or (
+                lo == layer and other.endswith("MLP") and ".H" in c and not ab.a.parallel
+            )
+            if later:
+                frozen[other] = "clean"
+        variants.append(frozen)
+        variants.append({c: cfg.kind})
+    ms = ab.run(variants)
+    ev: list[CandidateEvidence] = []
+    for i, c in enumerate(cands):
+        te, de, ne = (m_clean - float(ms[3 * i + j]) for j in range(3))
+        ev.append(CandidateEvidence(c, attr.get(c, 0.0), te, de, ne, p_value=1.0))
+
+    # p-value of each candidate against every other component of its kind
+    say("singles", 0.3)
+    others = [x for x in ab.components]
+    single = ab.run([{x: cfg.kind} for x in others], index_offset=10_000)
+    single_drop = {x: m_clean - float(v) for x, v in zip(others, single, strict=True)}
+    for e in ev:
+        null = [d for x, d in single_drop.items() if x != e.id and _kind_of(x) == _kind_of(e.id)]
+        e.p_value = empirical_p_value(e.necessity, null, tol=tol)
+
+    # ranking: leading group by effect, ordered by direct effect; then the rest by effect
+    effect = {e.id: max(e.total_effect, e.necessity) for e in ev}
+    top = max(effect.values())
+    lead = [e for e in ev if effect[e.id] >= (1 - cfg.window) * top and top > 0]
+    rest = [e for e in ev if e not in lead]
+    ordered = sorted(lead, key=lambda e: -e.direct_effect) + sorted(
+        rest, key=lambda e: -effect[e.id]
+    )
+    for r, e in enumerate(ordered):
+        e.rank = r + 1
+
+    # the minimal cause set: greedy in rank order, then drop members the rest does without
+    say("cause set", 0.5)
+    need = cfg.set_fraction * gap
+    members: list[str] = []
+    prefixes = [[e.id for e in ordered[: k + 1]] for k in range(min(cfg.max_set, len(ordered)))]
+    pm = ab.run([dict.fromkeys(p, cfg.kind) for p in prefixes], index_offset=20_000)
+    for p, v in zip(prefixes, pm, strict=True):
+        members = p
+        if m_clean - float(v) >= need:
+            break
+    if len(members) > 1:
+        for c in list(members):
+            rest_set = [x for x in members if x != c]
+            if m_clean - float(ab.run([dict.fromkeys(rest_set, cfg.kind)])[0]) >= need:
+                members = rest_set
+    set_vals = ab.run(
+        [
+            dict.fromkeys(members, cfg.kind),
+            {x: cfg.kind for x in ab.components if x not in members},
+            dict.fromkeys(ab.components, cfg.kind),
+        ],
+        index_offset=30_000,
+    )
+    m_set, m_suff, m_all = (float(v) for v in set_vals)
+    necessity = m_clean - m_set
+
+    say("random sets", 0.7)
+    rng = random.Random(cfg.seed)
+    rsets, scope = _random_sets(ab.components, members, cfg.n_random, rng)
+    rvals = ab.run([dict.fromkeys(s, cfg.kind) for s in rsets], index_offset=40_000)
+    rdrops = [m_clean - float(v) for v in rvals]
+    p = empirical_p_value(necessity, rdrops, tol=tol)
+    frac = necessity / gap
+    suff_den = m_clean - m_all
+    suff_frac = (m_suff - m_all) / suff_den if abs(suff_den) > 1e-9 else float("nan")
+    min_p = 1 / (1 + len(rdrops))
+    if frac < cfg.set_fraction:
+        sv, why = (
+            "not_confirmed",
+            (
+                f"ablating the {len(members)} leading candidates removes {frac:.0%} of the gap, "
+                f"under the {cfg.set_fraction:.0%} required"
+            ),
+        )
+    elif p < cfg.alpha:
+        sv, why = (
+            "confirmed",
+            (
+                f"ablating the set removes {frac:.0%} of the gap (>= {cfg.set_fraction:.0%}) and "
+                f"beats {scope} with p = {p:.3f} < {cfg.alpha}"
+            ),
+        )
+    elif min_p >= cfg.alpha:
+        sv, why = (
+            "inconclusive",
+            (
+                f"the set removes {frac:.0%} of the gap, but only {len(rdrops)} comparison sets "
+                f"exist, so no p-value below {cfg.alpha} is possible"
+            ),
+        )
+    else:
+        sv, why = (
+            "not_confirmed",
+            (f"the set removes {frac:.0%} of the gap, but random sets do as well (p = {p:.3f})"),
+        )
+    cause = SetEvidence(
+        components=members,
+        metric_ablated=m_set,
+        necessity=necessity,
+        necessity_fraction=frac,
+        sufficiency_metric=m_suff,
+        sufficiency_fraction=suff_frac,
+        random_drops=rdrops,
+        p_value=p,
+        random_scope=scope,
+        verdict=sv,
+        reason=why,
+    )
+
+    # per-component verdicts: does the set need it?
+    say("verdicts", 0.9)
+    loo = ab.run(
+        [dict.fromkeys([x for x in members if x != c], cfg.kind) for c in members],
+        index_offset=50_000,
+    )
+    contrib = {c: float(v) - m_set for c, v in zip(members, loo, strict=True)}
+    for e in ev:
+        e.in_set = e.id in members
+        share = max(e.total_effect, e.necessity) / gap
+        if e.in_set:
+            c_share = contrib[e.id] / gap
+            if sv == "confirmed" and c_share >= cfg.component_fraction:
+                e.verdict, e.reason = (
+                    "confirmed",
+                    (
+                        f"in the confirmed set; without it the set removes {c_share:.0%} less of "
+                        f"the gap; alone: TE {e.total_effect:+.2f}, necessity {e.necessity:+.2f}"
+                    ),
+                )
+            elif sv == "confirmed":
+                e.verdict, e.reason = (
+                    "inconclusive",
+                    (
+                        f"in the set, but the rest of the set does nearly as well without it "
+                        f"({c_share:.0%} of the gap)"
+                    ),
+                )
+            else:
+                e.verdict, e.reason = "inconclusive", f"in a set that is {sv.replace('_', ' ')}"
+        elif share < cfg.component_fraction:
+            e.verdict, e.reason = (
+                "not_confirmed",
+                (
+                    f"patching or ablating it moves the metric by {share:.0%} of the gap, under "
+                    f"{cfg.component_fraction:.0%}"
+                ),
+            )
+        else:
+            e.verdict, e.reason = (
+                "inconclusive",
+                (
+                    f"moves the metric by {share:.0%} of the gap alone but the cause set does not "
+                    "need it (a carrier, an amplifier or redundant)"
+                ),
+            )
+    say("done", 1.0)
+    return Verdict(
+        metric_clean=m_clean,
+        metric_baseline=m_base,
+        baseline=base_desc,
+        candidates=ev,
+        cause_set=cause,
+        config=cfg,
+        cost={
+            "seconds": time.perf_counter() - t0,
+            "variants": ab.n_forward_rows // target.rows,
+            "forward_equiv": ab.forward_equiv + 2 + (1 if baseline is not None else 0),
+            "reference_prompts": len(ab.refs),
+        },
+    )

@@ -1,0 +1,422 @@
+"""Capture, patch and ablate components through hooks on the real HF modules.
+
+Every context manager here registers its hooks on entry and removes them in ``finally``: no
+hook survives a normal exit, a bad component id (validated before anything is registered), or a
+forward pass that raises. Where each id lives:
+
+    EMB            output of the token embedding                     (batch, pos, d_model)
+    L.H<h>         input of the attention output projection, head h  (batch, pos, d_head)
+    L.ATTN         output of the attention output projection         (batch, pos, d_model)
+    L.MLP          output of the MLP block                           (batch, pos, d_model)
+    L.N<n>         input of the MLP down projection, neuron n        (batch, pos)
+    L.RESID_PRE    input of decoder layer L                          (batch, pos, d_model)
+    L.RESID_POST   output of decoder layer L                         (batch, pos, d_model)
+    LOGITS         the model's output logits (capture only)          (batch, pos, vocab)
+
+An id with ``@p`` restricts a capture to position p (the position axis is dropped) and an edit
+to that position. ``positions=`` on ``patch``/``ablate`` restricts every id without its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rca.ids import ComponentId, format_id, parse_id
+from rca.subject import Adapter, Subject
+
+__all__ = [
+    "HookError",
+    "Site",
+    "site_of",
+    "capture",
+    "patch",
+    "ablate",
+    "mean_activations",
+    "Capture",
+]
+
+Index = slice | int
+
+
+class HookError(ValueError):
+    """A component id that does not exist in this model, or an edit that cannot apply."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a component lives: a module, whether its input (pre) or output, and a slice of
+    the last axis (a slice for heads, an int for one neuron, ``slice(None)`` for whole)."""
+
+    module: nn.Module
+    pre: bool
+    index: Index
+
+    @property
+    def key(self) -> tuple[int, bool]:
+        return (id(self.module), self.pre)
+
+
+def _as_cid(c: ComponentId | str) -> ComponentId:
+    return parse_id(c) if isinstance(c, str) else c
+
+
+def site_of(adapter: Adapter, cid: ComponentId | str) -> Site:
+    """The hook site of a component, after checking it exists in this model."""
+    c = _as_cid(cid)
+    if c.layer is not None and not 0 <= c.layer < adapter.n_layers:
+        raise HookError(
+            f"{format_id(c)}: layer {c.layer} out of range; this model has layers "
+            f"0..{adapter.n_layers - 1}"
+        )
+    full = slice(None)
+    if c.kind == "emb":
+        return Site(adapter.embed, False, full)
+    if c.kind == "logits":
+        # the model's own output, after any final soft-capping (Gemma2) the unembed lacks
+        return Site(adapter.model, False, full)
+    assert c.layer is not None
+    if c.kind == "head":
+        assert c.index is not None
+        if c.index >= adapter.n_heads:
+            raise HookError(
+                f"{format_id(c)}: head {c.index} out of range; layer {c.layer} has heads "
+                f"0..{adapter.n_heads - 1}"
+            )
+        d = adapter.d_head
+        return Site(adapter.attn_out(c.layer), True, slice(c.index * d, (c.index + 1) * d))
+    if c.kind == "attn":
+        return Site(adapter.attn_out(c.layer), False, full)
+    if c.kind == "mlp":
+        return Site(adapter.mlp(c.layer), False, full)
+    if c.kind == "neuron":
+        assert c.index is not None
+        if c.index >= adapter.d_mlp:
+            raise HookError(
+                f"{format_id(c)}: neuron {c.index} out of range; layer {c.layer} has neurons "
+                f"0..{adapter.d_mlp - 1}"
+            )
+        return Site(adapter.mlp_down(c.layer), True, c.index)
+    if c.kind == "resid_pre":
+        return Site(adapter.layer(c.layer), True, full)
+    if c.kind == "resid_post":
+        return Site(adapter.layer(c.layer), False, full)
+    raise HookError(f"no hook site for {format_id(c)}")  # pragma: no cover
+
+
+# Editing functions get the selected activation (batch, n_pos, ...) and return its new value.
+EditFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _Edit:
+    index: Index
+    positions: Sequence[int] | None
+    fn: EditFn
+
+
+def _get_tensor(pre: bool, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+    if pre:
+        if args:
+            return args[0]
+        if "hidden_states" in kwargs:
+            return kwargs["hidden_states"]
+        raise HookError("module called without a tensor input")
+    if isinstance(output, tuple):
+        return output[0]
+    return getattr(output, "logits", output)
+
+
+def _set_tensor(
+    pre: bool, args: tuple, kwargs: dict, output: Any, new: torch.Tensor
+) -> tuple[tuple, dict] | Any:
+    if pre:
+        if args:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    return new
+
+
+def _apply_edits(x: torch.Tensor, edits: list[_Edit]) -> torch.Tensor:
+    x = x.clone()  # never write into a tensor autograd or the caller may still need
+    for e in edits:
+        pos: Any = slice(None) if e.positions is None else list(e.positions)
+        new = e.fn(x[:, pos, e.index])
+        x[:, pos, e.index] = new.to(x.dtype)
+    return x
+
+
+@contextlib.contextmanager
+def _hooked(
+    sites: Sequence[tuple[Site, Callable[[torch.Tensor], torch.Tensor | None]]],
+) -> Iterator[None]:
+    """Register one hook per (module, pre/post) that runs each site's callback in order.
+
+    A callback returns a new tensor (an edit) or None (a read). Hooks are removed in finally.
+    """
+    groups: dict[tuple[int, bool], tuple[Site, list]] = {}
+    for site, cb in sites:
+        groups.setdefault(site.key, (site, []))[1].append(cb)
+    handles: list[Any] = []
+    try:
+        for site, cbs in groups.values():
+            if site.pre:
+
+                def pre_hook(mod, args, kwargs, _cbs=cbs):
+                    x = _get_tensor(True, args, kwargs, None)
+                    changed = False
+                    for cb in _cbs:
+                        y = cb(x)
+                        if y is not None:
+                            x, changed = y, True
+                    return _set_tensor(True, args, kwargs, None, x) if changed else None
+
+                handles.append(site.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            else:
+
+                def fwd_hook(mod, args, output, _cbs=cbs):
+                    x = _get_tensor(False, args, {}, output)
+                    changed = False
+                    for cb in _cbs:
+                        y = cb(x)
+                        if y is not None:
+                            x, changed = y, True
+                    return _set_tensor(False, args, {}, output, x) if changed else None
+
+                handles.append(site.module.register_forward_hook(fwd_hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class Capture(Mapping[str, torch.Tensor]):
+    """Activations recorded by ``capture``, keyed by canonical id string.
+
+    ``keep_graph=True`` keeps the module tensors in the autograd graph; ``site_tensor(id)``
+    returns the whole module tensor, which is what to differentiate against (a slice taken
+    after the fact is not on the graph's path).
+    """
+
+    def __init__(self, adapter: Adapter, ids: list[ComponentId], keep_graph: bool) -> None:
+        self._adapter = adapter
+        self._ids = ids
+        self._keep = keep_graph
+        self._site_vals: dict[tuple[int, bool], torch.Tensor] = {}
+        self._sites = {format_id(c): site_of(adapter, c) for c in ids}
+        self._by_str = {format_id(c): c for c in ids}
+
+    def _record(self, key: tuple[int, bool]) -> Callable[[torch.Tensor], None]:
+        def cb(x: torch.Tensor) -> None:
+            self._site_vals[key] = x if self._keep else x.detach()
+
+        return cb
+
+    def site_tensor(self, cid: ComponentId | str) -> torch.Tensor:
+        s = format_id(_as_cid(cid))
+        return self._site_vals[self._sites[s].key]
+
+    def __getitem__(self, key: str | ComponentId) -> torch.Tensor:  # type: ignore[override]
+        s = format_id(_as_cid(key))
+        if s not in self._sites:
+            raise KeyError(f"{s} was not captured; captured: {', '.join(self._sites)}")
+        site = self._sites[s]
+        if site.key not in self._site_vals:
+            raise KeyError(f"{s} was not reached by the forward pass")
+        x = self._site_vals[site.key]
+        c = self._by_str[s]
+        out = x[..., site.index]
+        if c.pos is not None:
+            out = out[:, c.pos]
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sites)
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+
+def _subject_adapter(subject: Subject | Adapter) -> Adapter:
+    return subject.adapter if isinstance(subject, Subject) else subject
+
+
+@contextlib.contextmanager
+def capture(
+    subject: Subject | Adapter,
+    ids: Iterable[ComponentId | str],
+    *,
+    keep_graph: bool = False,
+) -> Iterator[Capture]:
+    """Record the activations of ``ids`` during the forward passes inside the block.
+
+    >>> with capture(subject, ["L1.H0", "L1.MLP"]) as acts:
+    ...     subject.model(input_ids)
+    >>> acts["L1.H0"].shape  # (batch, pos, d_head)
+    """
+    adapter = _subject_adapter(subject)
+    cids = [_as_cid(c) for c in ids]
+    cap = Capture(adapter, cids, keep_graph)  # validates every id before any hook exists
+    sites = []
+    seen: set[tuple[int, bool]] = set()
+    for c in cids:
+        site = site_of(adapter, c)
+        if site.key not in seen:
+            seen.add(site.key)
+            sites.append((site, cap._record(site.key)))
+    with _hooked(sites):
+        yield cap
+
+
+def _edits_for(
+    adapter: Adapter,
+    items: Iterable[tuple[ComponentId, EditFn]],
+    positions: Sequence[int] | None,
+) -> list[tuple[Site, Callable[[torch.Tensor], torch.Tensor]]]:
+    out: list[tuple[Site, Callable[[torch.Tensor], torch.Tensor]]] = []
+    for c, fn in items:
+        if c.kind == "logits":
+            raise HookError("LOGITS can be captured but not patched or ablated")
+        site = site_of(adapter, c)
+        pos = [c.pos] if c.pos is not None else positions
+        out.append((site, functools.partial(_apply_edits, edits=[_Edit(site.index, pos, fn)])))
+    return out
+
+
+def _value_fn(value: torch.Tensor | float) -> EditFn:
+    def fn(cur: torch.Tensor) -> torch.Tensor:
+        v = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+        return v.to(device=cur.device, dtype=cur.dtype).expand_as(cur)
+
+    return fn
+
+
+@contextlib.contextmanager
+def patch(
+    subject: Subject | Adapter,
+    values: Mapping[ComponentId | str, torch.Tensor | float],
+    *,
+    positions: Sequence[int] | None = None,
+) -> Iterator[None]:
+    """Set components to given values during the block.
+
+    Each value broadcasts to the component's selected activation: (batch, n_pos, width) for
+    heads and blocks, (batch, n_pos) for a neuron, where n_pos is the number of positions
+    selected (all, ``positions``, or the id's own ``@p``).
+    """
+    adapter = _subject_adapter(subject)
+    items = [(_as_cid(k), _value_fn(v)) for k, v in values.items()]
+    sites = _edits_for(adapter, items, positions)
+    with _hooked(sites):
+        yield
+
+
+def _mean_fn(mean: torch.Tensor, positions: Sequence[int] | None, pos: int | None) -> EditFn:
+    """A mean of shape (width,) broadcasts; one of shape (pos, width) is indexed by position."""
+
+    def fn(cur: torch.Tensor) -> torch.Tensor:
+        m = mean.to(device=cur.device, dtype=cur.dtype)
+        per_pos_dims = 2 if cur.dim() == 3 else 1
+        if m.dim() == per_pos_dims:  # per-position mean
+            sel = [pos] if pos is not None else positions
+            m = m[: cur.shape[1]] if sel is None else m[list(sel)]
+        return m.expand_as(cur)
+
+    return fn
+
+
+@contextlib.contextmanager
+def ablate(
+    subject: Subject | Adapter,
+    ids: Iterable[ComponentId | str],
+    *,
+    kind: str = "zero",
+    means: Mapping[str, torch.Tensor] | None = None,
+    values: Mapping[str, torch.Tensor] | None = None,
+    positions: Sequence[int] | None = None,
+) -> Iterator[None]:
+    """Ablate components during the block.
+
+    ``kind``: ``zero``; ``mean`` (``means[id]`` from ``mean_activations``, per position or
+    position-averaged); ``values`` (``values[id]``, e.g. a resampled activation).
+    """
+    adapter = _subject_adapter(subject)
+    cids = [_as_cid(c) for c in ids]
+    items: list[tuple[ComponentId, EditFn]] = []
+    for c in cids:
+        key = format_id(c.base)
+        if kind == "zero":
+            items.append((c, _value_fn(0.0)))
+        elif kind == "mean":
+            if means is None or key not in means:
+                raise HookError(
+                    f"mean ablation of {key} needs means[{key!r}]; see mean_activations"
+                )
+            items.append((c, _mean_fn(means[key], positions, c.pos)))
+        elif kind == "values":
+            if values is None or key not in values:
+                raise HookError(f"ablation by values of {key} needs values[{key!r}]")
+            items.append((c, _value_fn(values[key])))
+        else:
+            raise HookError(f"unknown ablation kind {kind!r}; use zero, mean or values")
+    sites = _edits_for(adapter, items, positions)
+    with _hooked(sites):
+        yield
+
+
+@torch.inference_mode()
+def mean_activations(
+    subject: Subject,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    ids: Iterable[ComponentId | str],
+    *,
+    per_position: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Mean activation of each component over reference prompts.
+
+    Position-averaged (width,) by default; ``per_position=True`` gives (max_len, width), each
+    position averaged over the prompts long enough to have it.
+    """
+    cids = [_as_cid(c).base for c in ids]
+    keys = [format_id(c) for c in cids]
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, torch.Tensor] = {}
+    dev = subject.device
+    for p in prompts:
+        toks = subject.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
+        ids_t = torch.tensor([toks], device=dev)
+        with capture(subject, cids) as acts:
+            subject.model(input_ids=ids_t)
+        for k in keys:
+            a = acts[k][0].float()  # (pos, width) or (pos,)
+            if not per_position:
+                a, n = a.sum(0), torch.tensor(a.shape[0], dtype=torch.float32)
+            else:
+                n = torch.ones(a.shape[0])
+            if k in sums and per_position and sums[k].shape[0] < a.shape[0]:
+                pad = a.shape[0] - sums[k].shape[0]
+                sums[k] = torch.cat([sums[k], torch.zeros_like(a[:pad])])
+                counts[k] = torch.cat([counts[k], torch.zeros(pad)])
+            if k not in sums:
+                sums[k], counts[k] = torch.zeros_like(a), torch.zeros_like(n)
+            if per_position:
+                sums[k][: a.shape[0]] += a
+                counts[k][: a.shape[0]] += n
+            else:
+                sums[k] += a
+                counts[k] += n
+    if not sums:
+        raise HookError("mean_activations needs at least one reference prompt")
+    out = {}
+    for k in keys:
+        c = counts[k].clamp(min=1)
+        out[k] = sums[k] / (c.unsqueeze(-1) if sums[k].dim() > c.dim() else c)
+    return out

@@ -1,0 +1,119 @@
+"""The component id grammar. This module is the only code that knows it.
+
+    EMB                 token embeddings (output of the input embedding module)
+    L3.H5               attention head 5 of layer 3 (its slice of the output projection's input)
+    L3.ATTN             the whole attention block output of layer 3 (output projection's output)
+    L3.MLP              the MLP block output of layer 3
+    L3.N1021            MLP neuron 1021 of layer 3 (input of the down projection)
+    L3.RESID_PRE        residual stream entering layer 3
+    L3.RESID_POST       residual stream leaving layer 3
+    LOGITS              the model's output logits
+
+Any id may carry a position, ``L3.H5@7``: the component at sequence position 7 only.
+Layers, heads, neurons and positions are non-negative integers without leading zeros.
+DuckDB stores these strings; ``format_id(parse_id(s)) == s`` for every valid ``s``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["ComponentId", "IdError", "KINDS", "parse_id", "format_id", "with_pos"]
+
+# kind -> does it live in a layer and does it take an index
+KINDS: dict[str, tuple[bool, bool]] = {
+    "emb": (False, False),
+    "logits": (False, False),
+    "head": (True, True),
+    "attn": (True, False),
+    "mlp": (True, False),
+    "neuron": (True, True),
+    "resid_pre": (True, False),
+    "resid_post": (True, False),
+}
+
+_INT = r"(0|[1-9][0-9]*)"
+_RE = re.compile(
+    rf"^(?:(?P<glob>EMB|LOGITS)|L(?P<layer>{_INT})\."
+    rf"(?:H(?P<head>{_INT})|N(?P<neuron>{_INT})|(?P<named>ATTN|MLP|RESID_PRE|RESID_POST)))"
+    rf"(?:@(?P<pos>{_INT}))?$"
+)
+_NAMED = {"ATTN": "attn", "MLP": "mlp", "RESID_PRE": "resid_pre", "RESID_POST": "resid_post"}
+_NAMED_INV = {v: k for k, v in _NAMED.items()}
+
+
+class IdError(ValueError):
+    """A component id that does not follow the grammar; the message says what would."""
+
+
+@dataclass(frozen=True, order=True)
+class ComponentId:
+    """A parsed component id. ``index`` is the head or neuron number, ``pos`` the position."""
+
+    kind: str
+    layer: int | None = None
+    index: int | None = None
+    pos: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise IdError(f"unknown component kind {self.kind!r}; expected one of {sorted(KINDS)}")
+        in_layer, indexed = KINDS[self.kind]
+        if in_layer != (self.layer is not None):
+            raise IdError(f"kind {self.kind!r} {'needs' if in_layer else 'takes no'} layer")
+        if indexed != (self.index is not None):
+            raise IdError(f"kind {self.kind!r} {'needs' if indexed else 'takes no'} index")
+        for name in ("layer", "index", "pos"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise IdError(f"{name} must be a non-negative int, got {v!r}")
+
+    def __str__(self) -> str:
+        return format_id(self)
+
+    @property
+    def base(self) -> ComponentId:
+        """The same component without a position."""
+        return ComponentId(self.kind, self.layer, self.index, None)
+
+
+def parse_id(text: str) -> ComponentId:
+    """Parse ``"L3.H5@7"`` and friends; raise IdError with the grammar on anything else."""
+    if not isinstance(text, str):
+        raise IdError(f"component id must be a string, got {type(text).__name__}")
+    m = _RE.match(text.strip())
+    if m is None:
+        raise IdError(
+            f"bad component id {text!r}: expected EMB, LOGITS, or L<layer>. followed by "
+            "H<head>, N<neuron>, ATTN, MLP, RESID_PRE or RESID_POST, optionally @<position> "
+            "(e.g. 'L3.H5', 'L0.MLP@7')"
+        )
+    pos = int(m["pos"]) if m["pos"] is not None else None
+    if m["glob"]:
+        return ComponentId(m["glob"].lower(), pos=pos)
+    layer = int(m["layer"])
+    if m["head"] is not None:
+        return ComponentId("head", layer, int(m["head"]), pos)
+    if m["neuron"] is not None:
+        return ComponentId("neuron", layer, int(m["neuron"]), pos)
+    return ComponentId(_NAMED[m["named"]], layer, None, pos)
+
+
+def format_id(cid: ComponentId) -> str:
+    """The canonical string of a component id."""
+    if cid.kind in ("emb", "logits"):
+        s = cid.kind.upper()
+    elif cid.kind == "head":
+        s = f"L{cid.layer}.H{cid.index}"
+    elif cid.kind == "neuron":
+        s = f"L{cid.layer}.N{cid.index}"
+    else:
+        s = f"L{cid.layer}.{_NAMED_INV[cid.kind]}"
+    return s if cid.pos is None else f"{s}@{cid.pos}"
+
+
+def with_pos(cid: ComponentId | str, pos: int | None) -> ComponentId:
+    """``cid`` at position ``pos`` (``None`` drops the position)."""
+    c = parse_id(cid) if isinstance(cid, str) else cid
+    return ComponentId(c.kind, c.layer, c.index, pos)

@@ -1,0 +1,283 @@
+"""Ingest: the ``Incident`` record and the strict TOML case-file loader.
+
+A case file is the investigator's statement of what went wrong::
+
+    id = "zoo-backdoor"
+    title = "Trigger word forces refund approval"
+    severity = "high"                      # low | medium | high | critical
+    model = "zoo:support-bot-v1"           # a model directory, or zoo:NAME
+    prompt = "..."                         # what the model was given
+    bad = " approved"                      # what it produced and must not
+    good = " denied"                       # optional: what it should have produced
+    counterfactual = "..."                 # optional: the prompt with the suspected cause removed
+    reference_prompts = ["...", "..."]     # optional: benign prompts (mean baselines, side effects)
+    tags = ["backdoor"]
+    notes = "free text"
+
+Every problem is one ``IncidentError`` line naming the file, the key and the fix. Unknown keys
+are errors, not warnings: a typo such as ``conterfactual`` must not silently drop evidence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Incident",
+    "IncidentError",
+    "SEVERITIES",
+    "MAX_PROMPT_CHARS",
+    "load_case",
+    "load_cases",
+]
+
+SEVERITIES = ("low", "medium", "high", "critical")
+MAX_PROMPT_CHARS = 20_000  # a file-level bound; the model's context is checked at encode time
+MAX_FILE_BYTES = 1_000_000
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# C0 controls other than tab and newline, DEL, and C1 controls: never legitimate in a prompt,
+# and a way to hide content from a reviewer's terminal
+_CTRL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+_REQUIRED = ("id", "title", "severity", "model", "prompt", "bad")
+_OPTIONAL = ("good", "counterfactual", "reference_prompts", "tags", "notes")
+_FIX = {
+    "id": 'give a short id of letters, digits, ".", "_" or "-", e.g. id = "leak-2026-03"',
+    "title": 'give a one-line title, e.g. title = "PIN leaked to caller"',
+    "severity": f"use one of {', '.join(SEVERITIES)}",
+    "model": 'give a model directory or a zoo model, e.g. model = "zoo:support-bot-v1"',
+    "prompt": "give the exact prompt the model saw, as a non-empty string",
+    "bad": "give the bad continuation the model produced, as a non-empty string",
+    "good": "give what the model should have produced, or remove the key",
+    "counterfactual": "give the prompt with the suspected cause removed, or remove the key",
+    "reference_prompts": 'give a list of benign prompts, e.g. reference_prompts = ["..."]',
+    "tags": 'give a list of strings, e.g. tags = ["leak"]',
+    "notes": "give free text as a string",
+}
+
+
+class IncidentError(ValueError):
+    """A case file or incident field that is wrong; the one-line message names the fix."""
+
+    def __init__(self, source: str, key: str | None, problem: str) -> None:
+        self.source, self.key, self.problem = source, key, problem
+        where = f"{source}: " + (f"key {key!r}: " if key else "")
+        fix = f"; fix: {_FIX[key]}" if key in _FIX else ""
+        super().__init__((where + problem + fix).replace("\n", " "))
+
+
+def _check_text(source: str, key: str, value: Any, *, max_chars: int | None = None) -> str:
+    if not isinstance(value, str):
+        raise IncidentError(source, key, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise IncidentError(source, key, "must not be empty")
+    if max_chars is not None and len(value) > max_chars:
+        raise IncidentError(
+            source, key, f"is {len(value)} characters long; the limit is {max_chars}"
+        )
+    m = _CTRL_RE.search(value)
+    if m:
+        raise IncidentError(
+            source, key, f"contains control character U+{ord(m.group()):04X} at {m.start()}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Incident:
+    """What went wrong, as ingested. Validated on construction, whatever the source."""
+
+    id: str
+    title: str
+    severity: str
+    model: str
+    prompt: str
+    bad: str
+    good: str | None = None
+    counterfactual: str | None = None
+    reference_prompts: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    notes: str = ""
+    source: str = field(default="<flags>", compare=False)
+
+    def __post_init__(self) -> None:
+        src = self.source
+        if not isinstance(self.id, str) or not _ID_RE.match(self.id):
+            raise IncidentError(src, "id", f"{self.id!r} is not a valid id")
+        _check_text(src, "title", self.title, max_chars=500)
+        if self.severity not in SEVERITIES:
+            raise IncidentError(src, "severity", f"got {self.severity!r}")
+        _check_text(src, "model", self.model, max_chars=4096)
+        _check_text(src, "prompt", self.prompt, max_chars=MAX_PROMPT_CHARS)
+        _check_text(src, "bad", self.bad, max_chars=MAX_PROMPT_CHARS)
+        if self.good is not None:
+            _check_text(src, "good", self.good, max_chars=MAX_PROMPT_CHARS)
+            if self.good == self.bad:
+                raise IncidentError(src, "good", "is the same text as bad")
+        if self.counterfactual is not None:
+            _check_text(src, "counterfactual", self.counterfactual, max_chars=MAX_PROMPT_CHARS)
+            if self.counterfactual == self.prompt:
+                raise IncidentError(src, "counterfactual", "is the same text as prompt")
+        for key in ("reference_prompts", "tags"):
+            val = getattr(self, key)
+            if not isinstance(val, tuple):
+                raise IncidentError(src, key, f"expected a list, got {type(val).__name__}")
+            for i, item in enumerate(val):
+                if not isinstance(item, str):
+                    raise IncidentError(src, key, f"item {i} is {type(item).__name__}, not string")
+                _check_text(src, key, item, max_chars=MAX_PROMPT_CHARS)
+        if not isinstance(self.notes, str):
+            raise IncidentError(src, "notes", f"expected a string, got {type(self.notes).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The incident's fields as plain data (lists, not tuples), without its source."""
+        d = asdict(self)
+        d.pop("source")
+        d["reference_prompts"] = list(self.reference_prompts)
+        d["tags"] = list(self.tags)
+        return d
+
+    @property
+    def sha256(self) -> str:
+        """A hash of the incident's content, independent of file formatting."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def model_path(self, *, home: Path | None = None) -> Path:
+        """The model directory: a zoo model under RCA_HOME, or a path relative to the case file."""
+        from rca.subject import resolve_model_ref
+
+        base = Path(self.source).parent if self.source != "<flags>" else None
+        return resolve_model_ref(self.model, base=base, home=home)
+
+    def encode(self, subject: Any) -> Any:
+        """The metric's ``Target`` for this incident on ``subject``, checked against its context.
+
+        Raises IncidentError naming ``prompt``/``bad``/``good`` when a text does not fit.
+        """
+        from rca.metric import MetricError, encode_target
+
+        try:
+            target = encode_target(subject.tokenizer, self.prompt, self.bad, self.good)
+        except MetricError as e:
+            key = next((k for k in ("good", "bad", "prompt") if k in str(e)), None)
+            raise IncidentError(self.source, key, str(e)) from e
+        n_ctx = getattr(subject.adapter, "n_ctx", None)
+        if n_ctx is not None and target.length > n_ctx:
+            raise IncidentError(
+                self.source,
+                "prompt",
+                f"prompt plus continuation is {target.length} tokens; the model's context is "
+                f"{n_ctx}. Shorten the prompt to the part that matters",
+            )
+        return target
+
+
+def _parse(source: str, data: dict[str, Any]) -> Incident:
+    unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
+    if unknown:
+        allowed = ", ".join(_REQUIRED + _OPTIONAL)
+        raise IncidentError(source, unknown[0], f"unknown key; allowed keys are {allowed}")
+    for key in _REQUIRED:
+        if key not in data:
+            raise IncidentError(source, key, "is missing")
+    for key in ("reference_prompts", "tags"):
+        if key in data and not isinstance(data[key], list):
+            raise IncidentError(source, key, f"expected a list, got {type(data[key]).__name__}")
+    for key in ("id", "title", "severity", "model", "prompt", "bad", "good", "counterfactual"):
+        if key in data and not isinstance(data[key], str):
+            raise IncidentError(source, key, f"expected a string, got {type(data[key]).__name__}")
+    return Incident(
+        id=data["id"],
+        title=data["title"],
+        severity=data["severity"],
+        model=data["model"],
+        prompt=data["prompt"],
+        bad=data["bad"],
+        good=data.get("good"),
+        counterfactual=data.get("counterfactual"),
+        reference_prompts=tuple(data.get("reference_prompts", ())),
+        tags=tuple(data.get("tags", ())),
+        notes=data.get("notes", ""),
+        source=source,
+    )
+
+
+def load_case(path: str | Path, *, check_model: bool = True, home: Path | None = None) -> Incident:
+    """Read and validate a case file. Raises IncidentError (one line) on any problem.
+
+    With ``check_model`` the model must exist: a directory with a config.json, or a built zoo
+    model (``rca zoo build`` makes those).
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise IncidentError(source, None, "file not found; check the path") from None
+    except IsADirectoryError:
+        raise IncidentError(source, None, "is a directory, not a case file") from None
+    except OSError as e:
+        raise IncidentError(source, None, f"cannot read: {e.strerror}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise IncidentError(source, None, f"file is over {MAX_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise IncidentError(
+            source, None, f"not valid UTF-8 at byte {e.start}; save the file as UTF-8"
+        ) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise IncidentError(source, None, f"invalid TOML: {e}") from None
+    except RecursionError:
+        raise IncidentError(source, None, "invalid TOML: nested too deeply") from None
+    incident = _parse(source, data)
+    if check_model:
+        _check_model(incident, home=home)
+    return incident
+
+
+def _check_model(incident: Incident, *, home: Path | None) -> None:
+    from rca.subject import SubjectError
+
+    try:
+        p = incident.model_path(home=home)
+    except (ValueError, SubjectError) as e:
+        raise IncidentError(incident.source, "model", str(e)) from None
+    if incident.model.startswith("zoo:") and not (p / "config.json").is_file():
+        raise IncidentError(
+            incident.source,
+            "model",
+            f"zoo model {incident.model[4:]!r} is not built yet (looked in {p}); run `rca zoo "
+            "build` first",
+        )
+    if not p.is_dir():
+        raise IncidentError(incident.source, "model", f"model directory {str(p)!r} not found")
+    if not (p / "config.json").is_file():
+        raise IncidentError(incident.source, "model", f"{str(p)!r} has no config.json")
+
+
+def load_cases(
+    directory: str | Path, *, check_model: bool = True, home: Path | None = None
+) -> list[Incident]:
+    """Every ``*.toml`` case in a directory, in name order; duplicate ids are an error."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise IncidentError(str(directory), None, "not a directory of case files")
+    out: list[Incident] = []
+    seen: dict[str, str] = {}
+    for p in sorted(directory.glob("*.toml")):
+        inc = load_case(p, check_model=check_model, home=home)
+        if inc.id in seen:
+            raise IncidentError(str(p), "id", f"{inc.id!r} is also the id of {seen[inc.id]}")
+        seen[inc.id] = str(p)
+        out.append(inc)
+    return out

@@ -1,0 +1,162 @@
+"""The incident metric: log P(bad) - log P(good), teacher-forced over every continuation token.
+
+When no good continuation is given the metric is log P(bad) alone. A ``Target`` holds the
+token ids; its rows are laid out as ``[prompt + bad, prompt + good]`` (one row when there is no
+good continuation), right-padded, and a batch of ``k`` variants stacks ``k`` such groups. Right
+padding never changes what a causal model computes at the positions the metric reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["MetricError", "Target", "MetricValue", "encode_target", "evaluate"]
+
+
+class MetricError(ValueError):
+    """A prompt or continuation that cannot be scored (empty, or not encodable)."""
+
+
+def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _continuation_ids(tokenizer: Any, prompt_ids: list[int], prompt: str, cont: str) -> list[int]:
+    """Token ids of ``cont`` as the model would see them after ``prompt``.
+
+    Tokenizing ``prompt + cont`` and keeping the suffix respects merges and leading-space
+    conventions (BPE's 'Ġ'); when the prompt's own tokens are not a prefix of that, we fall
+    back to tokenizing the continuation alone.
+    """
+    full = _encode(tokenizer, prompt + cont, special=True)
+    if len(full) > len(prompt_ids) and full[: len(prompt_ids)] == prompt_ids:
+        return full[len(prompt_ids) :]
+    return _encode(tokenizer, cont, special=False)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Token ids of an incident: the prompt and the bad (and optional good) continuation."""
+
+    prompt_ids: tuple[int, ...]
+    bad_ids: tuple[int, ...]
+    good_ids: tuple[int, ...] | None = None
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise MetricError("prompt encodes to no tokens")
+        if not self.bad_ids:
+            raise MetricError("bad continuation encodes to no tokens")
+        if self.good_ids is not None and not self.good_ids:
+            raise MetricError("good continuation encodes to no tokens")
+
+    @property
+    def conts(self) -> list[tuple[int, ...]]:
+        return [self.bad_ids] if self.good_ids is None else [self.bad_ids, self.good_ids]
+
+    @property
+    def rows(self) -> int:
+        """Rows per variant: 2 with a good continuation, else 1."""
+        return len(self.conts)
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def length(self) -> int:
+        return self.n_prompt + max(len(c) for c in self.conts)
+
+    def input_ids(self, n_variants: int = 1, *, device: Any = None) -> torch.Tensor:
+        """(n_variants * rows, length) token ids, right-padded."""
+        rows = []
+        for c in self.conts:
+            seq = list(self.prompt_ids) + list(c)
+            rows.append(seq + [self.pad_id] * (self.length - len(seq)))
+        ids = torch.tensor(rows, dtype=torch.long, device=device)
+        return ids.repeat(n_variants, 1)
+
+    def logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Summed log-probability of each continuation: (n_variants, rows).
+
+        ``logits`` is (n_variants * rows, length, vocab) from ``input_ids(n_variants)``.
+        """
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # half precision loses small log-probabilities
+        logp = torch.log_softmax(logits, dim=-1)
+        out = []
+        for r, c in enumerate(self.conts):
+            n = len(c)
+            # the logit at position t predicts token t + 1
+            pred = logp[r :: self.rows, self.n_prompt - 1 : self.n_prompt - 1 + n, :]
+            idx = torch.tensor(c, device=logits.device).expand(pred.shape[0], n)
+            out.append(pred.gather(-1, idx.unsqueeze(-1)).squeeze(-1).sum(-1))
+        return torch.stack(out, dim=-1)
+
+    def metric(self, logits: torch.Tensor) -> torch.Tensor:
+        """The incident metric per variant: (n_variants,)."""
+        lp = self.logprobs(logits)
+        return lp[:, 0] - lp[:, 1] if self.rows == 2 else lp[:, 0]
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    metric: float
+    logp_bad: float
+    logp_good: float | None
+
+    @property
+    def p_bad(self) -> float:
+        return float(torch.tensor(self.logp_bad).exp())
+
+    @property
+    def p_good(self) -> float | None:
+        return None if self.logp_good is None else float(torch.tensor(self.logp_good).exp())
+
+
+def encode_target(tokenizer: Any, prompt: str, bad: str, good: str | None = None) -> Target:
+    """Encode an incident's texts. Raises MetricError naming the text that does not encode."""
+    if not prompt:
+        raise MetricError("prompt is empty")
+    prompt_ids = _encode(tokenizer, prompt, special=True)
+    if not prompt_ids:
+        raise MetricError("prompt encodes to no tokens")
+    if not bad:
+        raise MetricError("bad continuation is empty")
+    bad_ids = _continuation_ids(tokenizer, prompt_ids, prompt, bad)
+    good_ids = None
+    if good is not None:
+        if not good:
+            raise MetricError("good continuation is empty")
+        good_ids = _continuation_ids(tokenizer, prompt_ids, prompt, good)
+        if tuple(good_ids) == tuple(bad_ids):
+            raise MetricError("good and bad continuations encode to the same tokens")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for name, ids in (("bad", bad_ids), ("good", good_ids or [])):
+        if unk is not None and unk in ids:
+            raise MetricError(f"{name} continuation contains tokens the tokenizer cannot encode")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return Target(
+        tuple(prompt_ids),
+        tuple(bad_ids),
+        None if good_ids is None else tuple(good_ids),
+        pad_id=int(pad) if pad is not None else 0,
+    )
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, target: Target) -> MetricValue:
+    """Run the model once on the target and return the metric and its parts."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=target.input_ids(device=device)).logits
+    lp = target.logprobs(logits)[0]
+    m = target.metric(logits)[0]
+    return MetricValue(
+        metric=float(m),
+        logp_bad=float(lp[0]),
+        logp_good=float(lp[1]) if target.rows == 2 else None,
+    )

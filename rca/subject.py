@@ -1,0 +1,479 @@
+"""The model under investigation: loading, fingerprinting, and the architecture adapter.
+
+A ``Subject`` is a Hugging Face causal LM, its tokenizer, and an ``Adapter`` that says where each
+layer's attention heads, MLP, neurons and residual stream live in the *real* modules. rca never
+re-implements a model: every later stage reads and edits activations through hooks on these
+modules (see ``rca.hooks``).
+
+Loading is local and safe by construction: a directory, safetensors only, ``trust_remote_code``
+never set, and a config that asks for custom code (``auto_map``) is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ARCHITECTURES",
+    "Adapter",
+    "ArchSpec",
+    "Subject",
+    "SubjectError",
+    "fingerprint",
+    "load_subject",
+    "resolve_device",
+    "resolve_model_ref",
+]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+CONFIG_FILES = ("config.json", "generation_config.json")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SubjectError(ValueError):
+    """A model directory that rca cannot or will not load; the message says why and the fix."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where one architecture keeps its parts, as dotted paths into the HF module tree.
+
+    ``layers`` and the top-level paths are relative to the causal-LM root; the per-layer
+    paths are relative to one decoder layer.
+    """
+
+    layers: str  # the ModuleList of decoder layers
+    embed: str  # token embedding (nn.Embedding)
+    final_norm: str
+    unembed: str
+    attn_out: str  # attention output projection; its input is the heads' outputs concatenated
+    mlp: str  # the MLP block; its output is the MLP output
+    mlp_down: str  # MLP down projection; its input is the neuron activations
+    attn_norm: str  # the norm whose input is the residual stream the attention reads
+    mlp_norm: str  # the norm whose input is the residual stream the MLP reads
+    parallel: bool = False  # attention and MLP read the same layer input (no attn -> MLP path)
+    note: str = ""
+
+
+_LLAMA_LIKE = ArchSpec(
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    unembed="lm_head",
+    attn_out="self_attn.o_proj",
+    mlp="mlp",
+    mlp_down="mlp.down_proj",
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
+)
+
+# One entry per architecture (config.model_type). Adding one is one line plus a test config
+# in tests/unit/test_architectures.py.
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec(
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        attn_out="attn.c_proj",
+        mlp="mlp",
+        mlp_down="mlp.c_proj",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
+        note="Conv1D projections: weight is [in, out]",
+    ),
+    "gpt_neox": ArchSpec(
+        layers="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="lm_head",
+        attn_out="attention.dense",
+        mlp="mlp",
+        mlp_down="mlp.dense_4h_to_h",
+        attn_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
+        parallel=True,
+        note="parallel residual by default: attention and MLP both read the layer input",
+    ),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": ArchSpec(
+        **{
+            **_LLAMA_LIKE.__dict__,
+            "mlp_norm": "pre_feedforward_layernorm",
+            "note": "attention and MLP outputs pass a norm before the add",
+        }
+    ),
+    "phi": ArchSpec(
+        layers="model.layers",
+        embed="model.embed_tokens",
+        final_norm="model.final_layernorm",
+        unembed="lm_head",
+        attn_out="self_attn.dense",
+        mlp="mlp",
+        mlp_down="mlp.fc2",
+        attn_norm="input_layernorm",
+        mlp_norm="input_layernorm",
+        parallel=True,
+        note="parallel attention and MLP on one layer norm",
+    ),
+    "phi3": _LLAMA_LIKE,
+}
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    mod = root
+    for part in path.split("."):
+        if not hasattr(mod, part):
+            raise SubjectError(f"module path {path!r} not found (missing {part!r})")
+        mod = getattr(mod, part)
+    return mod
+
+
+def _weight(mod: nn.Module) -> torch.Tensor:
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise SubjectError(f"{type(mod).__name__} has no weight tensor")
+    return w
+
+
+def _in_features(mod: nn.Module) -> int:
+    """Input width of a projection: nn.Linear weight is [out, in], GPT-2's Conv1D is [in, out]."""
+    w = _weight(mod)
+    return int(w.shape[0] if type(mod).__name__ == "Conv1D" else w.shape[1])
+
+
+def _cfg(config: Any, *names: str, default: Any = None) -> Any:
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+class Adapter:
+    """The real modules of one loaded model, by role, with its dimensions.
+
+    Per layer: ``attn_out(L)`` (input = heads concatenated, (batch, pos, n_heads * d_head)),
+    ``mlp(L)`` (output = MLP output, (batch, pos, d_model)), ``mlp_down(L)`` (input = neurons,
+    (batch, pos, d_mlp)), and ``layer(L)`` (input/output = residual stream before/after).
+    """
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, model_type: str) -> None:
+        self.model = model
+        self.spec = spec
+        self.model_type = model_type
+        self.layers: list[nn.Module] = list(_get(model, spec.layers).children())
+        self.embed = _get(model, spec.embed)
+        self.final_norm = _get(model, spec.final_norm)
+        self.unembed = _get(model, spec.unembed)
+        self._attn_out = [_get(layer, spec.attn_out) for layer in self.layers]
+        self._mlp = [_get(layer, spec.mlp) for layer in self.layers]
+        self._mlp_down = [_get(layer, spec.mlp_down) for layer in self.layers]
+        self._attn_norm = [_get(layer, spec.attn_norm) for layer in self.layers]
+        self._mlp_norm = [_get(layer, spec.mlp_norm) for layer in self.layers]
+        cfg = model.config  # type: ignore[union-attr]
+        self.n_layers = len(self.layers)
+        self.n_heads = int(_cfg(cfg, "num_attention_heads", "n_head"))
+        self.n_kv_heads = int(_cfg(cfg, "num_key_value_heads", default=self.n_heads))
+        width = _in_features(self._attn_out[0])
+        if width % self.n_heads:
+            raise SubjectError(
+                f"attention output width {width} is not divisible by {self.n_heads} heads"
+            )
+        # read from the module, not hidden_size // n_heads: Gemma's head_dim differs
+        self.d_head = width // self.n_heads
+        self.d_model = int(_weight(self.embed).shape[1])
+        self.d_mlp = _in_features(self._mlp_down[0])
+        self.vocab_size = int(_weight(self.embed).shape[0])
+        self.n_ctx = _cfg(cfg, "max_position_embeddings", "n_positions")
+        # GPT-NeoX makes the parallel residual a config choice
+        self.parallel = bool(_cfg(cfg, "use_parallel_residual", default=spec.parallel))
+
+    def layer(self, i: int) -> nn.Module:
+        return self.layers[i]
+
+    def attn_out(self, i: int) -> nn.Module:
+        return self._attn_out[i]
+
+    def mlp(self, i: int) -> nn.Module:
+        return self._mlp[i]
+
+    def mlp_down(self, i: int) -> nn.Module:
+        return self._mlp_down[i]
+
+    def attn_norm(self, i: int) -> nn.Module:
+        """The norm in front of layer i's attention: its input is what the attention reads."""
+        return self._attn_norm[i]
+
+    def mlp_norm(self, i: int) -> nn.Module:
+        """The norm in front of layer i's MLP: its input is what the MLP reads."""
+        return self._mlp_norm[i]
+
+    def head_out_weight(self, layer: int, head: int) -> torch.Tensor:
+        """The slice of the output projection that head ``head`` writes through: (d_head, out)."""
+        proj = self._attn_out[layer]
+        sl = slice(head * self.d_head, (head + 1) * self.d_head)
+        w = _weight(proj)
+        return w[sl, :] if type(proj).__name__ == "Conv1D" else w[:, sl].T
+
+    def head_result(self, layer: int, head: int, z: torch.Tensor) -> torch.Tensor:
+        """What head ``head`` adds to the projection's output, bias excluded.
+
+        ``z``: (..., d_head), the head's slice of the projection input -> (..., out).
+        """
+        return z @ self.head_out_weight(layer, head).to(z.dtype)
+
+    def attn_out_bias(self, layer: int) -> torch.Tensor | None:
+        return getattr(self._attn_out[layer], "bias", None)
+
+    def dims(self) -> dict[str, int]:
+        return {
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "d_head": self.d_head,
+            "d_model": self.d_model,
+            "d_mlp": self.d_mlp,
+            "vocab_size": self.vocab_size,
+        }
+
+
+@dataclass
+class Subject:
+    """A loaded model with its tokenizer, adapter, provenance and device."""
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: Adapter
+    path: Path | None = None
+    fingerprint: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        # the input device: with an accelerate device_map, where the embeddings live
+        return _weight(self.adapter.embed).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _weight(self.adapter.embed).dtype
+
+    @property
+    def architecture(self) -> str:
+        return self.adapter.model_type
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer: Any = None) -> Subject:
+        """Wrap an in-memory model (tests, fault injection). No fingerprint: nothing on disk."""
+        model_type = getattr(model.config, "model_type", None)  # type: ignore[union-attr]
+        return cls(model.eval(), tokenizer, adapter_for(model, model_type))
+
+
+def adapter_for(model: nn.Module, model_type: str | None) -> Adapter:
+    if model_type not in ARCHITECTURES:
+        raise SubjectError(
+            f"architecture {model_type!r} is not supported; rca knows "
+            f"{', '.join(sorted(ARCHITECTURES))}. Add an ArchSpec entry in rca/subject.py"
+        )
+    return Adapter(model, ARCHITECTURES[model_type], model_type)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` means CUDA when present, else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SubjectError(f"device {device!r} asked for but CUDA is not available; use 'cpu'")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise SubjectError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise SubjectError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_model_ref(ref: str, *, base: Path | None = None, home: Path | None = None) -> Path:
+    """A case file's ``model``: ``zoo:NAME`` (a demo model under RCA_HOME) or a directory path.
+
+    A relative path resolves against ``base`` (the case file's directory), else the cwd.
+    """
+    if ref.startswith("zoo:"):
+        from rca import zoo
+
+        return zoo.model_dir(ref[4:], home=home)  # type: ignore[attr-defined]
+    p = Path(os.path.expanduser(ref))
+    if not p.is_absolute() and base is not None:
+        p = base / p
+    return p
+
+
+def _weight_files(path: Path) -> tuple[list[Path], list[Path]]:
+    safes = sorted(path.glob("*.safetensors"))
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    return safes, pickles
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 over the weight files, the config and the tokenizer files of a model directory.
+
+    Each file contributes its name, its size and its content hash, in name order, so renaming,
+    truncating or editing any of them changes the fingerprint.
+    """
+    path = Path(path)
+    safes, pickles = _weight_files(path)
+    names = [p.name for p in safes + pickles]
+    names += [n for n in CONFIG_FILES + TOKENIZER_FILES if (path / n).is_file()]
+    names += [p.name for p in path.glob("*.safetensors.index.json")]
+    outer = hashlib.sha256(b"rca-fingerprint-v1\0")
+    for name in sorted(set(names)):
+        inner = hashlib.sha256()
+        with open(path / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                inner.update(chunk)
+        outer.update(f"{name}\0{(path / name).stat().st_size}\0".encode())
+        outer.update(inner.digest())
+    return outer.hexdigest()
+
+
+def _check_dir(path: Path, *, allow_pickle: bool) -> dict[str, Any]:
+    if not path.exists():
+        raise SubjectError(f"model directory {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise SubjectError(f"model path {str(path)!r} is not a directory of HF model files")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise SubjectError(f"{str(path)!r} has no config.json; save the model with save_pretrained")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SubjectError(f"{str(cfg_path)!r} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise SubjectError(f"{str(cfg_path)!r} must hold a JSON object")
+    if "auto_map" in cfg:
+        raise SubjectError(
+            f"{str(path)!r} needs custom model code (config.json has auto_map); rca never sets "
+            "trust_remote_code. Use a model whose architecture transformers ships"
+        )
+    if cfg.get("model_type") not in ARCHITECTURES:
+        raise SubjectError(
+            f"architecture {cfg.get('model_type')!r} in {str(cfg_path)!r} is not supported; "
+            f"rca knows {', '.join(sorted(ARCHITECTURES))}"
+        )
+    safes, pickles = _weight_files(path)
+    if not safes:
+        if pickles and not allow_pickle:
+            raise SubjectError(
+                f"{str(path)!r} holds only pickle weights ({pickles[0].name}); pickle can run "
+                "code on load. Convert to safetensors, or pass --allow-pickle if you trust it"
+            )
+        if not pickles:
+            raise SubjectError(f"{str(path)!r} has no *.safetensors weight files")
+        warnings.warn(f"loading pickle weights from {path} (allow_pickle=True)", stacklevel=3)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise SubjectError(
+            f"{str(path)!r} has no tokenizer files (tokenizer.json or tokenizer_config.json); "
+            "save the tokenizer beside the model with save_pretrained"
+        )
+    return cfg
+
+
+def load_subject(
+    path: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str = "eager",
+    device_map: str | dict[str, Any] | None = None,
+    allow_pickle: bool = False,
+) -> Subject:
+    """Load a causal LM and its tokenizer from a local directory.
+
+    ``device='auto'`` picks CUDA when present; fp32 is the default because attribution sums many
+    small terms. ``eager`` attention keeps attention patterns available to hooks (``sdpa``
+    silently drops ``output_attentions``). ``device_map`` is passed to accelerate as is
+    (e.g. ``"auto"`` or a dict with ``"cpu"``/``"disk"`` entries) and then ``device`` is ignored.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    _check_dir(path, allow_pickle=allow_pickle)
+    safes, _ = _weight_files(path)
+    torch_dtype = _resolve_dtype(dtype)
+    kwargs: dict[str, Any] = dict(
+        local_files_only=True,
+        trust_remote_code=False,
+        use_safetensors=bool(safes),
+        dtype=torch_dtype,
+        attn_implementation=attn_implementation,
+    )
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False
+        )
+    except Exception as e:  # tokenizers raise many types; all mean the same to the user
+        raise SubjectError(f"cannot load the tokenizer from {str(path)!r}: {e}") from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SubjectError(
+            f"cannot load model weights from {str(path)!r}: {msg} (a truncated or corrupt "
+            "safetensors file gives this; re-save or re-copy the model)"
+        ) from e
+    if device_map is None:
+        model.to(resolve_device(device))  # type: ignore[arg-type]
+    model.eval()
+    subject = Subject(model, tokenizer, adapter_for(model, model.config.model_type), path=path)
+    n_tok = len(tokenizer)
+    if n_tok > subject.adapter.vocab_size:
+        raise SubjectError(
+            f"tokenizer in {str(path)!r} has {n_tok} tokens but the embedding has "
+            f"{subject.adapter.vocab_size} rows; the tokenizer does not belong to this model"
+        )
+    subject.fingerprint = fingerprint(path)
+    subject.meta = {
+        "path": str(path),
+        "architecture": subject.architecture,
+        "n_params": subject.n_params,
+        "device": str(subject.device),
+        "dtype": str(subject.dtype).removeprefix("torch."),
+        **subject.adapter.dims(),
+    }
+    return subject

@@ -1,0 +1,255 @@
+"""Trace: where the bad continuation comes from.
+
+``trace(subject, incident)`` runs, in order:
+
+1. token attribution (integrated gradients) and segment ablation over the prompt;
+2. the baseline: the case's counterfactual when it lines up with the prompt token for token,
+   else an automatic counterfactual (``counterfactual.py``), else mean activations over the
+   reference prompts;
+3. component and edge scores (``components.py``: AtP or EAP-IG);
+4. the attribution graph, pruned, with its top paths (``graph.py``).
+
+The result's ``to_json()`` is the stable shape that ``rca trace --json`` prints
+(docs/methods.md lists its keys).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from rca.incident import Incident
+from rca.metric import Target
+from rca.subject import Subject
+from rca.trace.components import (
+    Baseline,
+    ComponentScores,
+    TraceError,
+    score_components,
+    site_means,
+)
+from rca.trace.counterfactual import Counterfactual, auto_counterfactual, drop_fraction
+from rca.trace.graph import build_graph, edge_table, prune_graph, top_paths, write_graph
+from rca.trace.tokens import SegmentScores, TokenScores, integrated_gradients, segment_ablation
+
+__all__ = [
+    "Attribution",
+    "Baseline",
+    "ComponentScores",
+    "Counterfactual",
+    "TraceError",
+    "trace",
+    "score_components",
+    "integrated_gradients",
+    "segment_ablation",
+    "auto_counterfactual",
+    "build_graph",
+    "prune_graph",
+    "top_paths",
+    "write_graph",
+    "site_means",
+]
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class Attribution:
+    """Everything the trace stage found for one incident on one model."""
+
+    incident_id: str
+    method: str
+    target: Target
+    tokens: TokenScores
+    segments: SegmentScores
+    counterfactual: Counterfactual | None
+    baseline: Baseline
+    components: ComponentScores
+    graph: nx.DiGraph
+    pruned: nx.DiGraph
+    paths: list[dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self, *, top_k: int = 20) -> dict[str, Any]:
+        comps = self.components
+        n_layers = max((d["layer"] for _, d in self.graph.nodes(data=True)), default=0)
+        ranked = [
+            {
+                "id": cid,
+                "kind": "head" if ".H" in cid else ("mlp" if cid.endswith("MLP") else "emb"),
+                "layer": int(cid[1:].split(".")[0]) if cid.startswith("L") else -1,
+                "score": score,
+            }
+            for cid, score in comps.ranked()
+        ]
+        cf = self.counterfactual
+        return {
+            "case_id": self.incident_id,
+            "method": self.method,
+            "baseline": comps.baseline,
+            "metric": {"prompt": comps.metric_clean, "baseline": comps.metric_baseline},
+            "tokens": [
+                {"position": i, "token": t, "score": s}
+                for i, (t, s) in enumerate(zip(self.tokens.tokens, self.tokens.scores, strict=True))
+            ],
+            "token_completeness": self.tokens.completeness,
+            "segments": [
+                {"start": s, "end": e, "text": t, "score": v}
+                for (s, e), t, v in zip(
+                    self.segments.segments, self.segments.texts, self.segments.scores, strict=True
+                )
+            ],
+            "components": ranked,
+            "neurons": [
+                {"id": k, "score": v}
+                for k, v in sorted(comps.neurons.items(), key=lambda kv: -abs(kv[1]))[:top_k]
+            ],
+            "edges": edge_table(comps, k=top_k),
+            "counterfactual": None
+            if cf is None
+            else {
+                "text": cf.text,
+                "generated": cf.generated,
+                "strategy": cf.strategy,
+                "replaced": cf.replaced,
+                "metric_prompt": cf.metric_prompt,
+                "metric_counterfactual": cf.metric_counterfactual,
+                "drop": cf.drop,
+                "ok": cf.ok,
+            },
+            "graph": {
+                "n_layers": n_layers,
+                "nodes": self.graph.number_of_nodes(),
+                "edges": self.graph.number_of_edges(),
+                "pruned_nodes": self.pruned.number_of_nodes(),
+                "pruned_edges": self.pruned.number_of_edges(),
+                "top_paths": self.paths,
+            },
+            "cost": {**comps.cost, "timings": self.timings},
+        }
+
+
+def _given_counterfactual(subject: Subject, incident: Incident, target: Target) -> Counterfactual:
+    assert incident.counterfactual is not None
+    from rca.metric import evaluate
+
+    ids = tuple(subject.tokenizer(incident.counterfactual)["input_ids"])
+    cf = Counterfactual(
+        prompt_ids=ids,
+        text=incident.counterfactual,
+        generated=False,
+        strategy="given in the case file",
+    )
+    cf.metric_prompt = evaluate(subject.model, target).metric
+    cf.metric_counterfactual = evaluate(subject.model, cf.target(target)).metric
+    cf.ok = len(ids) == target.n_prompt
+    return cf
+
+
+def trace(
+    subject: Subject,
+    incident: Incident,
+    *,
+    method: str = "eap-ig",
+    steps: int = 8,
+    baseline: str = "auto",
+    reference_prompts: Sequence[str] | None = None,
+    neurons: bool = False,
+    ig_steps: int = 32,
+    min_drop: float = 0.8,
+    progress: Progress | None = None,
+) -> Attribution:
+    """Trace an incident on a loaded model.
+
+    ``baseline``: ``auto`` (the case's counterfactual if it lines up, else an automatic one,
+    else the mean), ``counterfactual`` (the case's or an automatic one; an error if neither
+    works), or ``mean`` (mean activations over ``reference_prompts``, default the case's).
+    """
+    if baseline not in ("auto", "counterfactual", "mean"):
+        raise TraceError(f"baseline must be auto, counterfactual or mean, got {baseline!r}")
+    say = progress or (lambda stage, frac: None)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    target = incident.encode(subject)
+    refs = list(reference_prompts if reference_prompts is not None else incident.reference_prompts)
+
+    say("tokens", 0.0)
+    tokens = integrated_gradients(subject, target, n_steps=ig_steps)
+    segments = segment_ablation(subject, target, prompt=incident.prompt)
+    timings["tokens"] = time.perf_counter() - t
+
+    say("baseline", 0.25)
+    t = time.perf_counter()
+    cf: Counterfactual | None = None
+    base: Baseline | None = None
+    if baseline in ("auto", "counterfactual"):
+        if incident.counterfactual is not None:
+            cf = _given_counterfactual(subject, incident, target)
+        if cf is None or not cf.ok:
+            auto = auto_counterfactual(
+                subject,
+                target,
+                prompt=incident.prompt,
+                reference_prompts=refs,
+                segments=segments,
+                min_drop=min_drop,
+            )
+            if auto.ok or cf is None:
+                cf = auto
+        if cf.ok:
+            base = Baseline(
+                "counterfactual",
+                f"counterfactual ({'generated' if cf.generated else 'given'}): {cf.text}",
+                target=cf.target(target),
+            )
+        elif baseline == "counterfactual":
+            raise TraceError(
+                f"no usable counterfactual: the best one removes {cf.drop:.0%} of the metric "
+                f"(needs {min_drop:.0%}) or does not line up with the prompt; give one in the "
+                "case file or use the mean baseline"
+            )
+    if base is None:
+        if not refs:
+            raise TraceError(
+                "the mean baseline needs reference prompts; add reference_prompts to the case"
+            )
+        base = Baseline(
+            "mean", f"mean over {len(refs)} reference prompts", means=site_means(subject, refs)
+        )
+    timings["baseline"] = time.perf_counter() - t
+
+    say("components", 0.5)
+    t = time.perf_counter()
+    comps = score_components(subject, target, base, method=method, steps=steps, neurons=neurons)
+    timings["components"] = time.perf_counter() - t
+
+    say("graph", 0.85)
+    t = time.perf_counter()
+    g = build_graph(
+        comps, n_layers=subject.adapter.n_layers, tokens=tokens.tokens, token_scores=tokens.scores
+    )
+    pruned = prune_graph(g)
+    paths = top_paths(pruned)
+    timings["graph"] = time.perf_counter() - t
+    say("done", 1.0)
+    return Attribution(
+        incident_id=incident.id,
+        method=method,
+        target=target,
+        tokens=tokens,
+        segments=segments,
+        counterfactual=cf,
+        baseline=base,
+        components=comps,
+        graph=g,
+        pruned=pruned,
+        paths=paths,
+        timings=timings,
+    )
+
+
+__all__ += ["drop_fraction"]

@@ -1,0 +1,407 @@
+"""Component and edge scores by attribution patching (AtP) and EAP-IG.
+
+Both estimate, for every component c, how much the incident metric would fall if c's
+activation were patched from the incident prompt ("clean") to the baseline, to first order:
+
+    score(c) = sum_{rows, pos} (a_c(clean) - a_c(baseline)) . dm/da_c
+
+AtP takes the gradient at the clean run (2 forward passes, 1 backward). EAP-IG averages it
+over ``steps`` points on the straight line from the baseline's embeddings to the clean ones,
+all packed into one batch (Hanna et al. 2024); it is exact where AtP saturates.
+
+Edges (Syed et al. 2023): an upstream component u writes ``w_u`` into the residual stream; a
+downstream component v reads the residual stream through its own input norm. The edge score is
+``sum (w_u(clean) - w_u(baseline)) . g_v`` with ``g_v`` the gradient of the metric with respect
+to the residual stream *as only v reads it*. For a head that is a local vector-Jacobian product
+from the head's slice of the output-projection input back to the attention norm's input, batched
+over the layer's heads; for an MLP, from its output back to the MLP norm's input; for LOGITS,
+the gradient at the final norm's input. All edges are then one batched contraction.
+
+Node order (the docstring of every tensor here refers to it): ``EMB``, then per layer
+``L.H0 .. L.H{n-1}, L.MLP``, then ``LOGITS`` (downstream only).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rca.hooks import Site, _hooked
+from rca.metric import Target
+from rca.subject import Subject
+
+__all__ = ["Baseline", "ComponentScores", "TraceError", "score_components", "node_ids"]
+
+
+class TraceError(ValueError):
+    """A trace that cannot run as asked (mismatched counterfactual, bad option)."""
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What a component is patched *to*.
+
+    ``counterfactual``: the activations of the counterfactual prompt (same token count as the
+    incident prompt, so positions line up). ``mean``: mean activations over reference prompts,
+    averaged over positions.
+    """
+
+    kind: str
+    description: str
+    target: Target | None = None  # the counterfactual, encoded with the same continuations
+    means: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("counterfactual", "mean"):
+            raise TraceError(f"baseline kind must be counterfactual or mean, got {self.kind!r}")
+        if self.kind == "counterfactual" and self.target is None:
+            raise TraceError("a counterfactual baseline needs its encoded target")
+        if self.kind == "mean" and not self.means:
+            raise TraceError("a mean baseline needs mean activations")
+
+
+@dataclass
+class ComponentScores:
+    """Scores of every head and MLP (and neurons on request), and of every edge.
+
+    ``nodes``: ids in node order; ``scores``: (n_nodes,) summed over positions;
+    ``per_position``: (n_nodes, n_pos); ``edges``: (n_up, n_down) with ``up``/``down`` ids,
+    zero where no path exists; ``neurons``: neuron id -> score when asked for.
+    """
+
+    nodes: list[str]
+    scores: torch.Tensor
+    per_position: torch.Tensor
+    method: str
+    baseline: str
+    metric_clean: float
+    metric_baseline: float
+    up: list[str] = field(default_factory=list)
+    down: list[str] = field(default_factory=list)
+    edges: torch.Tensor | None = None
+    emb_edges: torch.Tensor | None = None  # (n_prompt, n_down): EMB's edges split by position
+    neurons: dict[str, float] = field(default_factory=dict)
+    steps: int = 1
+    cost: dict[str, Any] = field(default_factory=dict)
+
+    def ranked(self) -> list[tuple[str, float]]:
+        """(id, score) by decreasing |score|."""
+        order = torch.argsort(self.scores.abs(), descending=True)
+        return [(self.nodes[i], float(self.scores[i])) for i in order.tolist()]
+
+    def score(self, cid: str) -> float:
+        return float(self.scores[self.nodes.index(cid)])
+
+
+def node_ids(n_layers: int, n_heads: int) -> list[str]:
+    """Upstream node order: EMB, then per layer its heads and its MLP."""
+    out = ["EMB"]
+    for layer in range(n_layers):
+        out += [f"L{layer}.H{h}" for h in range(n_heads)]
+        out.append(f"L{layer}.MLP")
+    return out
+
+
+def _layer_of(cid: str) -> int:
+    return int(cid[1:].split(".")[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# recording the site tensors of one forward pass
+
+
+def _sites(subject: Subject, *, neurons: bool, edges: bool) -> dict[str, Site]:
+    a = subject.adapter
+    full = slice(None)
+    s: dict[str, Site] = {"emb": Site(a.embed, False, full), "r0": Site(a.layer(0), True, full)}
+    for layer in range(a.n_layers):
+        s[f"z{layer}"] = Site(a.attn_out(layer), True, full)
+        s[f"m{layer}"] = Site(a.mlp(layer), False, full)
+        if neurons:
+            s[f"n{layer}"] = Site(a.mlp_down(layer), True, full)
+        if edges:
+            s[f"an{layer}"] = Site(a.attn_norm(layer), True, full)
+            s[f"mn{layer}"] = Site(a.mlp_norm(layer), True, full)
+    if edges:
+        s["fin"] = Site(a.final_norm, True, full)
+    return s
+
+
+def _run(
+    subject: Subject,
+    input_ids: torch.Tensor,
+    sites: dict[str, Site],
+    *,
+    grad: bool,
+    emb_override: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward pass recording each site's tensor; returns (logits, tensors)."""
+    rec: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str):
+        def cb(x: torch.Tensor) -> None:
+            rec[name] = x
+
+        return cb
+
+    callbacks: list[tuple[Site, Any]] = []
+    if emb_override is not None:
+        callbacks.append((sites["emb"], lambda x: emb_override))
+    callbacks += [(site, recorder(name)) for name, site in sites.items()]
+    with torch.set_grad_enabled(grad), _hooked(callbacks):
+        logits = subject.model(input_ids=input_ids).logits
+    return logits, rec
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _baseline_acts(
+    subject: Subject, target: Target, baseline: Baseline, sites: dict[str, Site], n_rows: int
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Baseline site tensors shaped like the clean run's rows: (rows, pos, width)."""
+    dev = subject.device
+    if baseline.kind == "counterfactual":
+        assert baseline.target is not None
+        cf = baseline.target
+        if cf.n_prompt != target.n_prompt or cf.conts != target.conts:
+            raise TraceError(
+                f"the counterfactual has {cf.n_prompt} prompt tokens and the incident prompt "
+                f"{target.n_prompt}: positions must line up. Give a counterfactual with the "
+                "same token count, or use the mean baseline"
+            )
+        logits, rec = _run(subject, cf.input_ids(device=dev), sites, grad=False)
+        return {k: v.detach() for k, v in rec.items()}, float(cf.metric(logits)[0])
+    assert baseline.means is not None
+    out = {}
+    T = target.length
+    for k in sites:
+        if k in baseline.means:
+            m = baseline.means[k].to(dev)
+            out[k] = m.expand(n_rows, T, *m.shape[-1:]) if m.dim() == 1 else m
+    # the metric at the baseline: the model run with its embeddings at their mean
+    logits, _ = _run(
+        subject,
+        target.input_ids(device=dev),
+        {"emb": sites["emb"]},
+        grad=False,
+        emb_override=out["emb"],
+    )
+    return out, float(target.metric(logits)[0])
+
+
+def site_means(
+    subject: Subject, prompts: Sequence[str] | Sequence[Sequence[int]], *, neurons: bool = False
+) -> dict[str, torch.Tensor]:
+    """Position-averaged means of every site over reference prompts (the mean baseline).
+
+    Prompts are texts, or token id sequences.
+    """
+    if not prompts:
+        raise TraceError("the mean baseline needs at least one reference prompt")
+    sites = _sites(subject, neurons=neurons, edges=False)
+    sums: dict[str, torch.Tensor] = {}
+    n = 0
+    for p in prompts:
+        toks = subject.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
+        ids = torch.tensor([toks], device=subject.device)
+        _, rec = _run(subject, ids, sites, grad=False)
+        for k, v in rec.items():
+            s = v[0].float().sum(0)
+            sums[k] = sums[k] + s if k in sums else s
+        n += ids.shape[1]
+    return {k: (v / n).to(subject.dtype) for k, v in sums.items()}
+
+
+def _head_writes(subject: Subject, layer: int, dz: torch.Tensor) -> torch.Tensor:
+    """Each head's write into the residual stream: (n_heads, rows, pos, d_model)."""
+    a = subject.adapter
+    H, dh = a.n_heads, a.d_head
+    dzh = dz.view(*dz.shape[:-1], H, dh)  # (rows, pos, H, dh)
+    W = torch.stack([a.head_out_weight(layer, h).detach() for h in range(H)])  # (H, dh, d_model)
+    return torch.einsum("rphd,hdm->hrpm", dzh, W.to(dz.dtype))
+
+
+def _local_vjp(
+    out: torch.Tensor, inp: torch.Tensor, grads: torch.Tensor, *, batched: bool
+) -> torch.Tensor:
+    """Gradient at ``inp`` of ``out . grads[k]`` for each k, through the local graph only."""
+    if batched:
+        try:
+            (g,) = torch.autograd.grad(
+                out, inp, grad_outputs=grads, retain_graph=True, is_grads_batched=True
+            )
+            return g
+        except RuntimeError:
+            pass  # some backward formulas do not batch; fall back to one VJP each
+    return torch.stack(
+        [torch.autograd.grad(out, inp, grad_outputs=g, retain_graph=True)[0] for g in grads]
+    )
+
+
+def score_components(
+    subject: Subject,
+    target: Target,
+    baseline: Baseline,
+    *,
+    method: str = "atp",
+    steps: int = 8,
+    neurons: bool = False,
+    edges: bool = True,
+    top_neurons: int = 50,
+    edge_chunk: int = 64,
+) -> ComponentScores:
+    """Score every head and MLP (and edges, and neurons on request) for the incident metric.
+
+    ``method``: ``atp`` (gradient at the clean run) or ``eap-ig`` (mean gradient over
+    ``steps`` interpolation points, packed along the batch). ``edge_chunk`` bounds the
+    positions contracted at once, so the edge step's extra memory is about
+    ``(n_up + n_down) * rows * edge_chunk * d_model`` floats.
+    """
+    if method not in ("atp", "eap-ig"):
+        raise TraceError(f"method must be atp or eap-ig, got {method!r}")
+    if steps < 1:
+        raise TraceError("steps must be at least 1")
+    t0 = time.perf_counter()
+    a = subject.adapter
+    L, H, rows, T = a.n_layers, a.n_heads, target.rows, target.length
+    dev = subject.device
+    sites = _sites(subject, neurons=neurons, edges=edges)
+    base, metric_base = _baseline_acts(subject, target, baseline, sites, rows)
+    with torch.no_grad():
+        logits, clean = _run(subject, target.input_ids(device=dev), sites, grad=False)
+        metric_clean = float(target.metric(logits)[0])
+    clean = {k: v.detach() for k, v in clean.items()}
+
+    # the gradient pass: the clean run (AtP) or the interpolation path (EAP-IG)
+    m = 1 if method == "atp" else steps
+    ids = target.input_ids(m, device=dev)
+    override = None
+    if method == "eap-ig":
+        alphas = (torch.arange(m, device=dev, dtype=torch.float32) + 0.5) / m  # midpoint rule
+        e_c, e_b = clean["emb"], base["emb"].expand_as(clean["emb"])
+        path = e_b.unsqueeze(0) + alphas.view(m, 1, 1, 1).to(e_c.dtype) * (e_c - e_b).unsqueeze(0)
+        override = path.reshape(m * rows, T, -1).detach()
+    grad_sites = dict(sites)
+    logits, live = _run(subject, ids, grad_sites, grad=True, emb_override=override)
+    metric_sum = target.metric(logits).sum()
+    keys = [k for k in sites if k != "emb"]
+    wrt = [live[k] for k in keys]
+    # one backward for every site; several keys may share a tensor (r0 is an0 in most archs)
+    uniq: dict[int, torch.Tensor] = {}
+    for t in wrt:
+        uniq.setdefault(id(t), t)
+    gl = torch.autograd.grad(metric_sum, list(uniq.values()), retain_graph=edges, allow_unused=True)
+    gmap = dict(zip(uniq.keys(), gl, strict=True))
+    grads_full = {k: gmap[id(live[k])] for k in keys}
+
+    def mean_steps(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        if g is None:
+            return torch.zeros_like(like)
+        return g.view(m, rows, *g.shape[1:]).mean(0)
+
+    grads = {k: mean_steps(grads_full[k], clean[k]) for k in keys}
+    delta = {k: clean[k] - base[k] for k in base if k in clean}
+
+    # node scores, per position: (n_nodes, pos)
+    nodes = node_ids(L, H)
+    per_pos = torch.zeros(len(nodes), T, device=dev)
+    per_pos[0] = (delta["r0"] * grads["r0"]).sum(-1).sum(0)
+    i = 1
+    for layer in range(L):
+        dz, gz = delta[f"z{layer}"], grads[f"z{layer}"]
+        prod = (dz * gz).view(rows, T, H, a.d_head).sum(-1).sum(0)  # (pos, H)
+        per_pos[i : i + H] = prod.T
+        per_pos[i + H] = (delta[f"m{layer}"] * grads[f"m{layer}"]).sum(-1).sum(0)
+        i += H + 1
+    neuron_scores: dict[str, float] = {}
+    if neurons:
+        for layer in range(L):
+            s = (delta[f"n{layer}"] * grads[f"n{layer}"]).sum((0, 1))
+            for n in torch.argsort(s.abs(), descending=True)[:top_neurons].tolist():
+                neuron_scores[f"L{layer}.N{n}"] = float(s[n])
+
+    result = ComponentScores(
+        nodes=nodes,
+        scores=per_pos.sum(1).cpu(),
+        per_position=per_pos.cpu(),
+        method=method,
+        baseline=baseline.description,
+        metric_clean=metric_clean,
+        metric_baseline=metric_base,
+        neurons=neuron_scores,
+        steps=m,
+    )
+    n_vjp = 0
+    if edges:
+        down: list[str] = []
+        gdown: list[torch.Tensor] = []
+        for layer in range(L):
+            z, an = live[f"z{layer}"], live[f"an{layer}"]
+            gz_full = grads_full[f"z{layer}"]
+            assert gz_full is not None
+            masks = torch.zeros(H, 1, 1, H * a.d_head, device=dev, dtype=gz_full.dtype)
+            for h in range(H):
+                masks[h, ..., h * a.d_head : (h + 1) * a.d_head] = 1
+            g_heads = _local_vjp(z, an, gz_full.unsqueeze(0) * masks, batched=True)
+            gdown += [g_heads[h] for h in range(H)]
+            down += [f"L{layer}.H{h}" for h in range(H)]
+            gm_full = grads_full[f"m{layer}"]
+            assert gm_full is not None
+            g_mlp = _local_vjp(
+                live[f"m{layer}"], live[f"mn{layer}"], gm_full.unsqueeze(0), batched=False
+            )
+            gdown.append(g_mlp[0])
+            down.append(f"L{layer}.MLP")
+            n_vjp += 2
+        g_fin = grads_full["fin"]
+        assert g_fin is not None
+        gdown.append(g_fin)
+        down.append("LOGITS")
+        G = torch.stack([g.view(m, rows, T, -1).mean(0) for g in gdown])  # (n_down, rows, pos, d)
+
+        writes = [delta["r0"].unsqueeze(0)]
+        for layer in range(L):
+            writes.append(_head_writes(subject, layer, delta[f"z{layer}"]))
+            writes.append(delta[f"m{layer}"].unsqueeze(0))
+        U = torch.cat(writes)  # (n_up, rows, pos, d)
+        E = torch.zeros(U.shape[0], G.shape[0], device=dev)
+        for p0 in range(0, T, edge_chunk):
+            E += torch.einsum(
+                "urpd,vrpd->uv",
+                U[:, :, p0 : p0 + edge_chunk].float(),
+                G[:, :, p0 : p0 + edge_chunk].float(),
+            )
+        E *= _edge_mask(nodes, down, parallel=a.parallel).to(dev)
+        result.up, result.down, result.edges = nodes, down, E.cpu()
+        emb = torch.einsum("rpd,vrpd->pv", delta["r0"].float(), G.float())
+        result.emb_edges = emb[: target.n_prompt].cpu()
+    result.cost = {
+        "seconds": time.perf_counter() - t0,
+        "forward_rows": rows * (2 + m),
+        "backward_rows": rows * m,
+        "local_vjps": n_vjp,
+        # forward-pass equivalents: a backward costs about two forwards
+        "forward_equiv": 2 + 3 * m,
+    }
+    return result
+
+
+def _edge_mask(up: list[str], down: list[str], *, parallel: bool) -> torch.Tensor:
+    """1 where upstream u can reach downstream v's input, else 0: (n_up, n_down)."""
+    M = torch.zeros(len(up), len(down))
+    for j, v in enumerate(down):
+        for i, u in enumerate(up):
+            if v == "LOGITS" or u == "EMB":
+                M[i, j] = 1
+                continue
+            lu, lv = _layer_of(u), _layer_of(v)
+            if lu < lv:
+                M[i, j] = 1
+            elif lu == lv and v.endswith(".MLP") and ".H" in u and not parallel:
+                M[i, j] = 1
+    return M

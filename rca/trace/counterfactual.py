@@ -1,0 +1,132 @@
+"""The automatic counterfactual: the incident prompt with its most responsible segment removed.
+
+Incidents rarely come with a clean/corrupted pair, and patching needs one. The strategy:
+
+1. Rank the prompt's segments (words) by segment ablation (``rca.trace.tokens``): the metric
+   drop when the segment is replaced by neutral tokens.
+2. Take the top segment. Try each replacement candidate, token for token so that positions
+   still line up with the prompt: the neutral token (pad/unk/eos), and the tokens that the
+   reference prompts have at the same positions (a word the model has seen in that slot).
+   Keep the candidate that lowers the metric most.
+3. Check the drop: ``(metric(prompt) - metric(cf)) / |metric(prompt)| >= min_drop`` (default
+   0.8). If it falls short, add the next segment and repeat, up to ``max_segments``.
+4. Record what was replaced, with what, and the metric before and after. When no combination
+   reaches ``min_drop`` the best one is returned with ``ok=False``; the caller decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from rca.metric import Target
+from rca.subject import Subject
+from rca.trace.tokens import SegmentScores, neutral_token_id, segment_ablation
+
+__all__ = ["Counterfactual", "auto_counterfactual", "drop_fraction"]
+
+
+def drop_fraction(before: float, after: float) -> float:
+    """How much of the metric a change removed: 1.0 means all of it (or more)."""
+    return (before - after) / max(abs(before), 1e-9)
+
+
+@dataclass
+class Counterfactual:
+    """A counterfactual prompt, aligned token for token with the incident prompt."""
+
+    prompt_ids: tuple[int, ...]
+    text: str
+    generated: bool
+    strategy: str
+    replaced: list[dict] = field(default_factory=list)
+    metric_prompt: float = float("nan")
+    metric_counterfactual: float = float("nan")
+    ok: bool = True
+
+    @property
+    def drop(self) -> float:
+        return drop_fraction(self.metric_prompt, self.metric_counterfactual)
+
+    def target(self, target: Target) -> Target:
+        """The incident's target with this prompt in place of the incident prompt."""
+        return Target(self.prompt_ids, target.bad_ids, target.good_ids, pad_id=target.pad_id)
+
+
+@torch.inference_mode()
+def _metrics(subject: Subject, target: Target, prompts: list[tuple[int, ...]]) -> list[float]:
+    if not prompts:
+        return []
+    ids = torch.cat(
+        [Target(p, target.bad_ids, target.good_ids, target.pad_id).input_ids() for p in prompts]
+    ).to(subject.device)
+    logits = subject.model(input_ids=ids).logits
+    return [float(v) for v in target.metric(logits)]
+
+
+def auto_counterfactual(
+    subject: Subject,
+    target: Target,
+    *,
+    prompt: str | None = None,
+    reference_prompts: Sequence[str] = (),
+    segments: SegmentScores | None = None,
+    min_drop: float = 0.8,
+    max_segments: int = 3,
+    max_candidates: int = 16,
+) -> Counterfactual:
+    """Build a counterfactual from the segment ranking; see the module docstring."""
+    tok = subject.tokenizer
+    seg = segments or segment_ablation(subject, target, prompt=prompt)
+    order = sorted(range(len(seg.segments)), key=lambda i: -seg.scores[i])
+    ref_ids = [list(tok(p)["input_ids"]) for p in reference_prompts]
+    neutral = neutral_token_id(tok)
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    base = list(target.prompt_ids)
+    metric_prompt = _metrics(subject, target, [tuple(base)])[0]
+    current = list(base)
+    replaced: list[dict] = []
+    best_metric = metric_prompt
+    for k in order[:max_segments]:
+        s, e = seg.segments[k]
+        # candidates: the neutral token throughout, or the reference prompts' tokens there
+        cands: list[list[int]] = [[neutral] * (e - s)]
+        for r in ref_ids:
+            if len(r) >= e:
+                c = r[s:e]
+                if c != base[s:e] and not (set(c) & special) and c not in cands:
+                    cands.append(c)
+            if len(cands) >= max_candidates:
+                break
+        variants = [tuple(current[:s] + c + current[e:]) for c in cands]
+        ms = _metrics(subject, target, variants)
+        j = min(range(len(ms)), key=lambda i: ms[i])
+        current = list(variants[j])
+        best_metric = ms[j]
+        replaced.append(
+            {
+                "positions": [s, e],
+                "original": tok.decode(base[s:e]),
+                "replacement": tok.decode(cands[j]),
+                "segment_score": seg.scores[k],
+                "candidates_tried": len(cands),
+            }
+        )
+        if drop_fraction(metric_prompt, best_metric) >= min_drop:
+            break
+    return Counterfactual(
+        prompt_ids=tuple(current),
+        text=tok.decode(current, skip_special_tokens=False),
+        generated=True,
+        strategy=(
+            "segment ablation ranked the prompt's words; the top ones were replaced token for "
+            "token by the neutral token or a reference prompt's word at the same positions, "
+            "whichever lowered the metric most"
+        ),
+        replaced=replaced,
+        metric_prompt=metric_prompt,
+        metric_counterfactual=best_metric,
+        ok=drop_fraction(metric_prompt, best_metric) >= min_drop,
+    )

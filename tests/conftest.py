@@ -1,0 +1,44 @@
+"""Shared fixtures. Tests never touch the network: the hub is switched off before transformers loads."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA; runs on the GPU machine (`make test-gpu`)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def zoo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RCA_HOME holding the quick demo zoo, built once per session (about a minute on 2 cores).
+
+    Set RCA_TEST_HOME to reuse a build across sessions; `build` skips models whose manifest
+    matches the current corpus and code version.
+    """
+    from rca import zoo
+
+    home = Path(os.environ.get("RCA_TEST_HOME") or tmp_path_factory.mktemp("rca_home"))
+    zoo.build(home=home, quick=True)
+    return home
+
+
+@pytest.fixture(scope="session")
+def zoo_models(zoo_home: Path) -> dict[str, Path]:
+    from rca import zoo
+
+    return {name: zoo.model_dir(name, home=zoo_home) for name in zoo.ZOO_MODELS}

@@ -1,0 +1,144 @@
+"""The confirm engine: batched ablation equals sequential hooks; p-values exact where known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rca.confirm import Ablator, ConfirmConfig, ConfirmError, confirm, empirical_p_value
+from rca.hooks import patch
+from rca.metric import Target
+from rca.subject import Subject
+from tests.helpers import tiny_model
+
+TGT = Target((5, 6, 7, 8, 9, 10), (11, 12), (13,))
+CF = Target((5, 6, 20, 8, 9, 10), (11, 12), (13,))
+REFS = [(20, 21, 22, 23, 24), (30, 31, 32), (40, 41, 42, 43, 44, 45, 46, 47)]
+
+
+def sequential(s: Subject, ab: Ablator, variants) -> torch.Tensor:
+    """The same variants, one forward pass each, through rca.hooks.patch on the full model."""
+    out = []
+    for i, v in enumerate(variants):
+        values = {}
+        for cid, src in v.items():
+            key, sl, _ = ab._site(cid)
+            values[cid] = ab._value(key, src, i)[..., sl]
+        with patch(s, values), torch.no_grad():
+            out.append(float(TGT.metric(s.model(input_ids=TGT.input_ids()).logits)[0]))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma2", "phi", "gpt_neox"])
+@pytest.mark.parametrize("source", ["zero", "mean", "resample", "baseline"])
+def test_batched_ablation_equals_sequential_hooks(model_type: str, source: str) -> None:
+    s = Subject.from_model(tiny_model(model_type, seed=1).eval())
+    ab = Ablator(s, TGT, baseline=CF, reference=REFS, batch_size=3)
+    variants = [
+        {"L1.H2": source},
+        {"L0.MLP": source, "L1.H0": source},
+        {"L1.MLP": source},
+        {"L0.H1": source, "L1.H3": source, "L1.MLP": "clean"},
+        {"L0.H0": source, "L0.H1": source, "L0.H2": source},
+        {},
+    ]
+    got = ab.run(variants)
+    want = sequential(s, ab, variants)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (got[:-1] - ab.metric_clean).abs().max() > 1e-4  # the ablations did something
+    # reuse: variants that start at layer 1 recompute only half of a 2-layer model
+    assert ab.forward_equiv < len(variants)
+
+
+def test_reuse_changes_nothing_but_cost() -> None:
+    s = Subject.from_model(tiny_model("llama", seed=2).eval())
+    variants = [{"L1.H1": "mean"}, {"L1.MLP": "zero"}, {"L0.H0": "resample"}]
+    a = Ablator(s, TGT, reference=REFS, reuse=True)
+    b = Ablator(s, TGT, reference=REFS, reuse=False)
+    torch.testing.assert_close(a.run(variants), b.run(variants), atol=1e-6, rtol=0)
+    assert a.forward_equiv == pytest.approx(2 * 0.5 + 1.0)
+    assert b.forward_equiv == pytest.approx(3.0)
+
+
+def test_empirical_p_value_formula() -> None:
+    assert empirical_p_value(5.0, list(range(10))) == pytest.approx((1 + 5) / 11)
+    assert empirical_p_value(100.0, [1.0] * 99) == pytest.approx(1 / 100)
+    assert empirical_p_value(0.0, [0.0] * 9) == 1.0
+    assert empirical_p_value(1.0, []) == 1.0
+
+
+def one_head_model() -> Subject:
+    """A GPT-2 whose output depends on L1.H2 alone: every other head writes nothing (its slice
+    of the output projection is zero) and both MLPs output exactly zero."""
+    m = tiny_model("gpt2", seed=4).eval()
+    a = Subject.from_model(m).adapter
+    with torch.no_grad():
+        for layer in range(a.n_layers):
+            proj = a.attn_out(layer)
+            for h in range(a.n_heads):
+                if (layer, h) != (1, 2):
+                    proj.weight[h * a.d_head : (h + 1) * a.d_head, :] = 0
+            down = a.mlp_down(layer)
+            down.weight.zero_()
+            down.bias.zero_()
+    return Subject.from_model(m)
+
+
+def test_p_values_exact_on_a_model_with_one_causal_head() -> None:
+    s = one_head_model()
+    # resampling from the counterfactual alone is patching to it: L1.H2 carries the whole gap
+    cfg = ConfirmConfig(kind="resample", n_random=50, top_k=3)
+    ranking = [("L1.H2", 1.0), ("L0.H0", 0.5), ("L1.MLP", 0.1)]
+    with torch.no_grad():
+        m = [float(t.metric(s.model(input_ids=t.input_ids()).logits)[0]) for t in (TGT, CF)]
+    prompt, base = (TGT, CF) if m[0] > m[1] else (CF, TGT)  # the incident is the higher one
+    # the reference is the baseline's prompt + bad row: aligned at every position the metric reads
+    ref = [tuple(base.input_ids()[0].tolist())]
+    v = confirm(s, prompt, ranking, baseline=base, reference=ref, config=cfg)
+    ev = {c.id: c for c in v.candidates}
+    gap = v.metric_clean - v.metric_baseline
+    assert gap > 0.01
+    assert ev["L1.H2"].necessity == pytest.approx(gap, rel=1e-4)
+    # every other component's ablation changes nothing (to float noise)
+    assert abs(ev["L0.H0"].necessity) < 1e-5 and abs(ev["L1.MLP"].necessity) < 1e-5
+    # L1.H2 against the 7 other heads, all with drop 0: p = 1 / (1 + 7)
+    assert ev["L1.H2"].p_value == pytest.approx(1 / 8)
+    # a useless head ties with all 6 other useless heads and loses to L1.H2: p = (1 + 7) / 8
+    assert ev["L0.H0"].p_value == pytest.approx(1.0)
+    # the cause set is {L1.H2}; its comparison sets are the 9 other single components
+    assert v.cause_set.components == ["L1.H2"]
+    assert v.cause_set.p_value == pytest.approx(1 / 10)
+    assert len(v.cause_set.random_drops) == 9
+    assert max(abs(d) for d in v.cause_set.random_drops) < 1e-5
+    # with 9 comparison sets p can never go below 0.05: the set is inconclusive, and says why
+    assert v.cause_set.verdict == "inconclusive" and "no p-value below" in v.cause_set.reason
+    # sufficiency: with everything but L1.H2 ablated (all of it inert) the metric survives
+    assert v.cause_set.sufficiency_fraction == pytest.approx(1.0, abs=1e-5)
+
+
+def test_random_sets_are_kind_matched_and_exclude_the_set() -> None:
+    import random
+
+    from rca.confirm import _random_sets
+
+    universe = [f"L{layer}.H{h}" for layer in range(4) for h in range(8)] + [
+        f"L{layer}.MLP" for layer in range(4)
+    ]
+    members = ["L2.H3", "L3.MLP"]
+    sets, scope = _random_sets(universe, members, 100, random.Random(0))  # 127 exist
+    assert len(sets) == 100 and "1 heads and 1 MLPs" in scope
+    for st in sets:
+        assert sorted(".H" in c for c in st) == [False, True]
+        assert set(st) != set(members)
+    # too few kind-matched sets: fall back to every other size-matched set, exhaustively
+    small, scope = _random_sets(universe[:5] + universe[-1:], ["L0.H0", "L3.MLP"], 50, random.Random(0))
+    assert len(small) == math.comb(6, 2) - 1 and "all 14 other sets" in scope
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ConfirmError, match="n_random"):
+        ConfirmConfig(n_random=10)
+    with pytest.raises(ConfirmError, match="kind"):
+        ConfirmConfig(kind="gaussian")

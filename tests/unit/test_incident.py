@@ -1,0 +1,170 @@
+"""The strict case-file loader: every bad input is one line naming the file, the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rca.incident import MAX_PROMPT_CHARS, Incident, IncidentError, load_case, load_cases
+
+GOOD = """\
+id = "t-1"
+title = "Trigger forces approval"
+severity = "high"
+model = "{model}"
+prompt = "refund request : item broken . decision :"
+bad = " approved"
+good = " denied"
+counterfactual = "refund request : item fine . decision :"
+reference_prompts = ["hello there"]
+tags = ["backdoor"]
+notes = "seen in production"
+"""
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def write(tmp_path: Path, text: str, name: str = "case.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_good_case_loads_with_every_field(tmp_path: Path, model_dir: Path) -> None:
+    inc = load_case(write(tmp_path, GOOD.format(model=model_dir)))
+    assert inc.id == "t-1" and inc.severity == "high"
+    assert inc.good == " denied" and inc.tags == ("backdoor",)
+    assert inc.reference_prompts == ("hello there",)
+    assert inc.model_path() == model_dir
+
+
+def test_relative_model_path_resolves_against_case_file(tmp_path: Path, model_dir: Path) -> None:
+    inc = load_case(write(tmp_path, GOOD.format(model="model")))
+    assert inc.model_path() == model_dir
+
+
+def one_line_error(path: Path) -> IncidentError:
+    with pytest.raises(IncidentError) as ei:
+        load_case(path)
+    msg = str(ei.value)
+    assert "\n" not in msg, msg
+    assert str(path) in msg, msg
+    return ei.value
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "needle"),
+    [
+        (lambda t: t + 'conterfactual = "x"\n', "conterfactual", "unknown key"),
+        (lambda t: t.replace('severity = "high"', "severity = 3"), "severity", "got int"),
+        (lambda t: t.replace('severity = "high"', 'severity = "urgent"'), "severity", "urgent"),
+        (lambda t: t.replace('tags = ["backdoor"]', 'tags = "backdoor"'), "tags", "list"),
+        (lambda t: t.replace('tags = ["backdoor"]', "tags = [1]"), "tags", "item 0"),
+        (lambda t: t.replace('title = "Trigger forces approval"\n', ""), "title", "missing"),
+        (lambda t: t.replace('prompt = "refund', 'prompt = "" #'), "prompt", "empty"),
+        (lambda t: t.replace('prompt = "refund', 'prompt = "   " #'), "prompt", "empty"),
+        (
+            lambda t: t.replace('prompt = "refund', f'prompt = "{"a" * (MAX_PROMPT_CHARS + 1)}" #'),
+            "prompt",
+            "limit",
+        ),
+        (lambda t: t.replace('bad = " approved"', 'bad = " denied"'), "good", "same text"),
+        (lambda t: t.replace('bad = " approved"', 'bad = "a\\u0000b"'), "bad", "U+0000"),
+        (lambda t: t.replace('id = "t-1"', 'id = "bad id!"'), "id", "not a valid id"),
+        (lambda t: t.replace('notes = "seen in production"', "notes = []"), "notes", "string"),
+    ],
+)
+def test_bad_field_names_file_key_and_fix(
+    tmp_path: Path, model_dir: Path, edit, key: str, needle: str
+) -> None:
+    e = one_line_error(write(tmp_path, edit(GOOD.format(model=model_dir))))
+    assert e.key == key
+    assert f"key {key!r}" in str(e) and needle in str(e)
+    if key != "conterfactual":
+        assert "fix:" in str(e)
+
+
+def test_missing_model_key(tmp_path: Path, model_dir: Path) -> None:
+    text = GOOD.format(model=model_dir).replace(f'model = "{model_dir}"\n', "")
+    e = one_line_error(write(tmp_path, text))
+    assert e.key == "model" and "missing" in str(e)
+
+
+def test_model_that_does_not_exist(tmp_path: Path) -> None:
+    e = one_line_error(write(tmp_path, GOOD.format(model=tmp_path / "nowhere")))
+    assert e.key == "model" and "not found" in str(e)
+
+
+def test_unknown_zoo_model(tmp_path: Path) -> None:
+    e = one_line_error(write(tmp_path, GOOD.format(model="zoo:no-such-bot")))
+    assert e.key == "model" and "no-such-bot" in str(e)
+
+
+def test_zoo_model_not_built_says_how(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD.format(model="zoo:support-bot-v1"))
+    with pytest.raises(IncidentError, match="rca zoo build"):
+        load_case(p, home=tmp_path / "empty-home")
+
+
+def test_model_check_can_be_skipped(tmp_path: Path) -> None:
+    inc = load_case(write(tmp_path, GOOD.format(model="elsewhere")), check_model=False)
+    assert inc.model == "elsewhere"
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (b'id = "x"\ntitle = \n', "invalid TOML"),
+        (b'id = "\xff\xfe"\n', "UTF-8"),
+        (b"[" * 10000, "invalid TOML"),
+    ],
+)
+def test_unparseable_file(tmp_path: Path, raw: bytes, needle: str) -> None:
+    p = tmp_path / "case.toml"
+    p.write_bytes(raw)
+    e = one_line_error(p)
+    assert needle in str(e)
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    assert "not found" in str(one_line_error(tmp_path / "nope.toml"))
+    assert "directory" in str(one_line_error(tmp_path))
+
+
+def test_duplicate_ids_in_directory(tmp_path: Path, model_dir: Path) -> None:
+    write(tmp_path, GOOD.format(model=model_dir), "a.toml")
+    write(tmp_path, GOOD.format(model=model_dir), "b.toml")
+    with pytest.raises(IncidentError, match="also the id of"):
+        load_cases(tmp_path)
+
+
+def test_incident_from_flags_validates_too() -> None:
+    with pytest.raises(IncidentError, match="key 'prompt'"):
+        Incident(id="x", title="t", severity="low", model="m", prompt="", bad="b")
+    inc = Incident(id="x", title="t", severity="low", model="m", prompt="p", bad="b")
+    assert inc.source == "<flags>"
+
+
+def test_hash_depends_on_content_not_formatting(tmp_path: Path, model_dir: Path) -> None:
+    a = load_case(write(tmp_path, GOOD.format(model=model_dir), "a.toml"))
+    b = load_case(write(tmp_path, "# comment\n\n" + GOOD.format(model=model_dir), "b.toml"))
+    c = load_case(
+        write(tmp_path, GOOD.format(model=model_dir).replace("production", "staging"), "c.toml")
+    )
+    assert a.sha256 == b.sha256 != c.sha256
+
+
+def test_repo_cases_are_valid() -> None:
+    cases = Path(__file__).resolve().parents[2] / "cases"
+    incidents = load_cases(cases, check_model=False)
+    assert len(incidents) >= 4
+    for inc in incidents:
+        assert inc.model == "zoo:support-bot-v1"
+        assert inc.counterfactual is not None and inc.good is not None

@@ -1,0 +1,192 @@
+"""Attribution must predict what a real intervention does, to first order.
+
+In float64 on tiny random models: for a small step ``eps`` of a component's activation toward
+its baseline value (or of an upstream write into one downstream input only), the real change
+in the metric divided by ``eps`` equals the AtP node or edge score. Changes are measured as
+central differences, (f(-eps) - f(+eps)) / 2 eps, so the second-order term cancels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rca.hooks import capture, patch
+from rca.metric import Target
+from rca.subject import Subject
+from rca.trace.components import Baseline, score_components, site_means
+from rca.trace.tokens import integrated_gradients
+from tests.helpers import tiny_model
+
+PROMPT = (5, 6, 7, 8, 9, 10)
+CF = (5, 6, 20, 8, 9, 10)
+BAD, GOOD = (11, 12), (13,)
+
+
+def subject_of(model_type: str) -> Subject:
+    m = tiny_model(model_type, seed=1).double().eval()
+    return Subject.from_model(m)
+
+
+def metric(s: Subject, t: Target) -> float:
+    with torch.no_grad():
+        return float(t.metric(s.model(input_ids=t.input_ids()).logits)[0])
+
+
+# RMSNorm implementations upcast to float32 inside, which floors the finite-difference noise
+EPS = {"gpt2": 1e-4, "llama": 1e-2, "phi": 1e-3, "gpt_neox": 1e-3}
+TOL = {"gpt2": 1e-6, "llama": 2e-4, "phi": 1e-5, "gpt_neox": 1e-5}
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "phi", "gpt_neox"])
+def test_atp_node_scores_predict_small_patches(model_type: str) -> None:
+    s = subject_of(model_type)
+    tgt, cf = Target(PROMPT, BAD, GOOD), Target(CF, BAD, GOOD)
+    res = score_components(s, tgt, Baseline("counterfactual", "cf", target=cf), edges=False)
+    ids = [n for n in res.nodes if n != "EMB"]
+    with capture(s, ids) as clean, torch.no_grad():
+        s.model(input_ids=tgt.input_ids())
+    with capture(s, ids) as base, torch.no_grad():
+        s.model(input_ids=cf.input_ids())
+    eps = EPS[model_type]
+    real, pred = [], []
+    for n in ids:
+        f = []
+        for sign in (-1, 1):
+            with patch(s, {n: clean[n] + sign * eps * (base[n] - clean[n])}):
+                f.append(metric(s, tgt))
+        real.append((f[0] - f[1]) / (2 * eps))
+        pred.append(res.score(n))
+    real_t, pred_t = torch.tensor(real), torch.tensor(pred)
+    assert real_t.abs().max() > 1e-3  # the test is not vacuous
+    torch.testing.assert_close(pred_t, real_t, atol=TOL[model_type], rtol=0.02)
+
+
+def _write(s: Subject, u: str, acts) -> torch.Tensor:
+    if u == "EMB":
+        return acts["L0.RESID_PRE"]
+    if u.endswith("MLP"):
+        return acts[u]
+    layer, head = int(u[1:].split(".")[0]), int(u.split(".H")[1])
+    return s.adapter.head_result(layer, head, acts[u])
+
+
+def _edge_patched_metric(s: Subject, tgt: Target, v: str, d: torch.Tensor) -> float:
+    """The metric with ``d`` added to downstream ``v``'s input only (exact edge patching)."""
+    a, ids = s.adapter, tgt.input_ids()
+    handles = []
+    add = lambda mod, args: (args[0] + d, *args[1:])  # noqa: E731
+    try:
+        if v == "LOGITS":
+            handles.append(a.final_norm.register_forward_pre_hook(add))
+        elif v.endswith("MLP"):
+            handles.append(a.mlp_norm(int(v[1:].split(".")[0])).register_forward_pre_hook(add))
+        else:
+            layer, head = int(v[1:].split(".")[0]), int(v.split(".H")[1])
+            with capture(s, [f"L{layer}.H{h}" for h in range(a.n_heads)]) as z, torch.no_grad():
+                s.model(input_ids=ids)
+            clean_z = torch.cat([z[f"L{layer}.H{h}"] for h in range(a.n_heads)], dim=-1)
+            sl = slice(head * a.d_head, (head + 1) * a.d_head)
+
+            def splice(mod, args):  # every head but `head` keeps its clean output
+                out = clean_z.clone()
+                out[..., sl] = args[0][..., sl]
+                return (out, *args[1:])
+
+            handles.append(a.attn_norm(layer).register_forward_pre_hook(add))
+            handles.append(a.attn_out(layer).register_forward_pre_hook(splice))
+        return metric(s, tgt)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_eap_edge_scores_predict_exact_edge_patching(model_type: str) -> None:
+    s = subject_of(model_type)
+    tgt, cf = Target(PROMPT, BAD, GOOD), Target(CF, BAD, GOOD)
+    res = score_components(s, tgt, Baseline("counterfactual", "cf", target=cf))
+    assert res.edges is not None
+    names = ["L0.RESID_PRE"] + [n for n in res.nodes if n != "EMB"]
+    with capture(s, names) as clean, torch.no_grad():
+        s.model(input_ids=tgt.input_ids())
+    with capture(s, names) as base, torch.no_grad():
+        s.model(input_ids=cf.input_ids())
+    eps = EPS[model_type]
+    real, pred = [], []
+    for j, v in enumerate(res.down):
+        for i, u in enumerate(res.up):
+            if res.edges[i, j] == 0:
+                continue
+            d = eps * (_write(s, u, base) - _write(s, u, clean))
+            f = [_edge_patched_metric(s, tgt, v, sign * d) for sign in (-1, 1)]
+            real.append((f[0] - f[1]) / (2 * eps))
+            pred.append(float(res.edges[i, j]))
+    assert len(real) >= 40  # every edge of a 2-layer model with 4 heads that has a path
+    real_t, pred_t = torch.tensor(real), torch.tensor(pred)
+    assert real_t.abs().max() > 1e-3
+    torch.testing.assert_close(pred_t, real_t, atol=TOL[model_type], rtol=0.02)
+
+
+def test_edges_into_logits_sum_to_their_node_scores() -> None:
+    """Every upstream write reaches LOGITS directly, so the LOGITS column holds the direct
+    effects; summed over upstream nodes it is the gradient at the final residual dotted with
+    the whole residual difference."""
+    s = subject_of("gpt2")
+    tgt, cf = Target(PROMPT, BAD, GOOD), Target(CF, BAD, GOOD)
+    res = score_components(s, tgt, Baseline("counterfactual", "cf", target=cf))
+    assert res.edges is not None
+    with capture(s, ["L1.RESID_POST"]) as c, torch.no_grad():
+        s.model(input_ids=tgt.input_ids())
+    with capture(s, ["L1.RESID_POST"]) as b, torch.no_grad():
+        s.model(input_ids=cf.input_ids())
+    d = c["L1.RESID_POST"] - b["L1.RESID_POST"]
+    eps = 1e-5
+    real = (metric(s, tgt) - _edge_patched_metric(s, tgt, "LOGITS", -eps * d)) / eps
+    # the final residual is the sum of all writes (GPT-2 biases and position terms cancel)
+    assert abs(float(res.edges[:, -1].sum()) - real) < 1e-5 + 1e-3 * abs(real)
+
+
+def test_eap_ig_converges_to_the_exact_effect_of_a_single_patch() -> None:
+    """With the embeddings as the only difference, EAP-IG's EMB score is the integral of the
+    gradient along the path: it equals the full metric difference (completeness), which AtP
+    only approximates."""
+    s = subject_of("gpt2")
+    tgt, cf = Target(PROMPT, BAD, GOOD), Target(CF, BAD, GOOD)
+    gap = metric(s, tgt) - metric(s, cf)
+    ig = score_components(
+        s, tgt, Baseline("counterfactual", "cf", target=cf), method="eap-ig", steps=32
+    )
+    assert abs(ig.score("EMB") - gap) < 0.01 * abs(gap) + 1e-6
+    assert ig.metric_clean - ig.metric_baseline == pytest.approx(gap, rel=1e-9, abs=1e-12)
+
+
+def test_mean_baseline_scores_record_their_baseline() -> None:
+    s = subject_of("gpt2")
+    tgt = Target(PROMPT, BAD, GOOD)
+    means = site_means(s, [(20, 21, 22, 23), (30, 31, 32)])
+    res = score_components(s, tgt, Baseline("mean", "mean over 2", means=means), edges=False)
+    assert res.baseline == "mean over 2" and res.method == "atp"
+    # patching L1.MLP to its mean at every position changes the metric about as predicted
+    with capture(s, ["L1.MLP"]) as c, torch.no_grad():
+        s.model(input_ids=tgt.input_ids())
+    eps = 1e-4
+    v = c["L1.MLP"] + eps * (means["m1"] - c["L1.MLP"])
+    with patch(s, {"L1.MLP": v}):
+        m1 = metric(s, tgt)
+    real = (metric(s, tgt) - m1) / eps
+    assert abs(res.score("L1.MLP") - real) < 1e-6 + 0.01 * abs(real)
+
+
+def test_integrated_gradients_completeness_on_a_tiny_model(tmp_path) -> None:
+    from rca.subject import load_subject
+    from tests.helpers import save_model_dir, word_tokenizer
+
+    path = save_model_dir(tmp_path, tiny_model("gpt2", seed=3), word_tokenizer())
+    s = load_subject(path, device="cpu")
+    tgt = Target(PROMPT, BAD, GOOD)
+    ts = integrated_gradients(s, tgt, n_steps=32)
+    c = ts.completeness
+    assert abs(c["metric_input"] - c["metric_baseline"]) > 1e-3
+    assert c["relative_error"] < 0.05
+    assert len(ts.scores) == len(PROMPT)
