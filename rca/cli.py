@@ -36,6 +36,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from rca.confirm import ConfirmError
     from rca.hooks import HookError
     from rca.ids import IdError
     from rca.incident import IncidentError
@@ -43,7 +44,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from rca.subject import SubjectError
     from rca.trace import TraceError
 
-    return (IncidentError, SubjectError, HookError, IdError, MetricError, TraceError)
+    return (IncidentError, SubjectError, HookError, IdError, MetricError, TraceError, ConfirmError)
 
 
 def friendly(fn: F) -> F:
@@ -242,6 +243,78 @@ def trace_cmd(
     )
     for p in g["top_paths"][:3]:
         out.print(f"  path {' -> '.join(p['path'])}  (strength {p['strength']:.3f})")
+
+
+def _references(inc: Any, n: int = 64) -> list[str]:
+    """The case's reference prompts, or the zoo's benign set for a zoo model."""
+    refs = list(inc.reference_prompts)
+    if inc.model.startswith("zoo:"):
+        from rca import zoo
+
+        refs += zoo.benign_prompts(n)  # type: ignore[attr-defined]
+    return refs
+
+
+@app.command("confirm")
+@friendly
+def confirm_cmd(
+    case: Path = typer.Argument(..., help="The case file (TOML)."),
+    method: str = typer.Option("eap-ig", "--method", help="Trace method: atp or eap-ig."),
+    kind: str = typer.Option("mean", "--kind", help="Ablation: zero, mean or resample."),
+    top_k: int = typer.Option(10, "--top-k", help="Candidates verified by exact patching."),
+    n_random: int = typer.Option(100, "--n-random", help="Random sets for the p-value (>= 50)."),
+    seed: int = typer.Option(0, "--seed"),
+    model: str | None = typer.Option(None, "--model", help="Override the case's model."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    home: Path | None = HomeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Trace, then confirm the leading candidates by ablation against random components."""
+    from rca.confirm import ConfirmConfig, confirm
+    from rca.trace import trace
+
+    inc, subject = _load_incident_subject(case, model, device, home)
+    refs = _references(inc)
+    cfg = ConfirmConfig(kind=kind, top_k=top_k, n_random=n_random, seed=seed)
+    with _progress(not as_json) as say:
+        att = trace(subject, inc, method=method, reference_prompts=refs, progress=say)
+        base = att.baseline.target if att.baseline.kind == "counterfactual" else None
+        v = confirm(
+            subject,
+            att.target,
+            att.components.ranked(),
+            baseline=base,
+            reference=refs,
+            config=cfg,
+            progress=say,
+        )
+    result = {"case_id": inc.id, "trace_baseline": att.baseline.description, **v.to_json()}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    cs = v.cause_set
+    out.print(
+        f"[bold]{inc.id}[/bold]: {v.verdict.upper()}  cause set {', '.join(cs.components)}",
+        highlight=False,
+    )
+    out.print(f"  {cs.reason}", highlight=False)
+    out.print(
+        f"  necessity {cs.necessity:+.3f} ({cs.necessity_fraction:.0%} of the gap), "
+        f"sufficiency {cs.sufficiency_fraction:.0%}, p = {cs.p_value:.3f}"
+    )
+    t = Table("rank", "component", "attribution", "TE", "DE", "necessity", "p", "verdict")
+    for c in v.ranked():
+        t.add_row(
+            str(c.rank),
+            c.id,
+            f"{c.attribution:+.3f}",
+            f"{c.total_effect:+.3f}",
+            f"{c.direct_effect:+.3f}",
+            f"{c.necessity:+.3f}",
+            f"{c.p_value:.3f}",
+            c.verdict,
+        )
+    out.print(t)
 
 
 @app.command("demo")

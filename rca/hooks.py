@@ -64,7 +64,7 @@ class Site:
 
 
 def _as_cid(c: ComponentId | str) -> ComponentId:
-    return parse_id(c) if isinstance(c, str) else c
+    return c if isinstance(c, ComponentId) else parse_id(c)
 
 
 def site_of(adapter: Adapter, cid: ComponentId | str) -> Site:

@@ -35,9 +35,9 @@ KINDS: dict[str, tuple[bool, bool]] = {
 
 _INT = r"(0|[1-9][0-9]*)"
 _RE = re.compile(
-    rf"^(?:(?P<glob>EMB|LOGITS)|L(?P<layer>{_INT})\."
+    rf"(?:(?P<glob>EMB|LOGITS)|L(?P<layer>{_INT})\."
     rf"(?:H(?P<head>{_INT})|N(?P<neuron>{_INT})|(?P<named>ATTN|MLP|RESID_PRE|RESID_POST)))"
-    rf"(?:@(?P<pos>{_INT}))?$"
+    rf"(?:@(?P<pos>{_INT}))?"
 )
 _NAMED = {"ATTN": "attn", "MLP": "mlp", "RESID_PRE": "resid_pre", "RESID_POST": "resid_post"}
 _NAMED_INV = {v: k for k, v in _NAMED.items()}
@@ -47,7 +47,7 @@ class IdError(ValueError):
     """A component id that does not follow the grammar; the message says what would."""
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class ComponentId:
     """A parsed component id. ``index`` is the head or neuron number, ``pos`` the position."""
 
@@ -73,6 +73,24 @@ class ComponentId:
         return format_id(self)
 
     @property
+    def sort_key(self) -> tuple[int, int, int, int, int]:
+        """Model order: EMB, then by layer (heads, ATTN, MLP, neurons, residuals), LOGITS."""
+        rank = ["emb", "resid_pre", "head", "attn", "mlp", "neuron", "resid_post", "logits"]
+        layer = -1 if self.kind == "emb" else (1 << 30 if self.layer is None else self.layer)
+        return (
+            layer,
+            rank.index(self.kind),
+            -1 if self.index is None else self.index,
+            -1 if self.pos is None else self.pos,
+            0,
+        )
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, ComponentId):
+            return NotImplemented
+        return self.sort_key < other.sort_key
+
+    @property
     def base(self) -> ComponentId:
         """The same component without a position."""
         return ComponentId(self.kind, self.layer, self.index, None)
@@ -82,7 +100,7 @@ def parse_id(text: str) -> ComponentId:
     """Parse ``"L3.H5@7"`` and friends; raise IdError with the grammar on anything else."""
     if not isinstance(text, str):
         raise IdError(f"component id must be a string, got {type(text).__name__}")
-    m = _RE.match(text.strip())
+    m = _RE.fullmatch(text)
     if m is None:
         raise IdError(
             f"bad component id {text!r}: expected EMB, LOGITS, or L<layer>. followed by "

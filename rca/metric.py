@@ -21,7 +21,14 @@ class MetricError(ValueError):
 
 
 def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if special and eos is not None and ids and ids[-1] == eos:
+        # a tokenizer that appends EOS would end every prompt there; the model saw no EOS
+        raw = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not raw or raw[-1] != eos:
+            ids = ids[:-1]
+    return ids
 
 
 def _continuation_ids(tokenizer: Any, prompt_ids: list[int], prompt: str, cont: str) -> list[int]:

@@ -246,6 +246,22 @@ class Adapter:
         """
         return z @ self.head_out_weight(layer, head).to(z.dtype)
 
+    def head_writes(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """Every head's write through the output projection, bias excluded.
+
+        ``z``: (..., n_heads * d_head), the projection's input -> (n_heads, ..., out). Calls the
+        projection module itself, so accelerate's offload hooks bring its weights in.
+        """
+        proj = self._attn_out[layer]
+        H, dh = self.n_heads, self.d_head
+        mask = torch.zeros(H, H * dh, device=z.device, dtype=z.dtype)
+        for h in range(H):
+            mask[h, h * dh : (h + 1) * dh] = 1
+        zm = z.unsqueeze(0) * mask.view(H, *([1] * (z.dim() - 1)), H * dh)
+        out = proj(zm.reshape(-1, H * dh)).reshape(H, *z.shape[:-1], -1)
+        bias = proj(torch.zeros(1, H * dh, device=z.device, dtype=z.dtype))
+        return out - bias
+
     def attn_out_bias(self, layer: int) -> torch.Tensor | None:
         return getattr(self._attn_out[layer], "bias", None)
 
@@ -404,12 +420,55 @@ def _check_dir(path: Path, *, allow_pickle: bool) -> dict[str, Any]:
         if not pickles:
             raise SubjectError(f"{str(path)!r} has no *.safetensors weight files")
         warnings.warn(f"loading pickle weights from {path} (allow_pickle=True)", stacklevel=3)
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+    tcfg_path = path / "tokenizer_config.json"
+    if tcfg_path.is_file():
+        try:
+            tcfg = json.loads(tcfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SubjectError(f"{str(tcfg_path)!r} is not valid JSON: {e}") from e
+        if isinstance(tcfg, dict) and "auto_map" in tcfg:
+            raise SubjectError(
+                f"{str(path)!r} needs custom tokenizer code (tokenizer_config.json has auto_map); "
+                "rca never sets trust_remote_code"
+            )
+    if not (path / "tokenizer.json").is_file() and not tcfg_path.is_file():
         raise SubjectError(
             f"{str(path)!r} has no tokenizer files (tokenizer.json or tokenizer_config.json); "
             "save the tokenizer beside the model with save_pretrained"
         )
     return cfg
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _load_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in ``path``, as saved.
+
+    A plain ``tokenizer.json`` saved from a ``PreTrainedTokenizerFast`` (declared class
+    ``PreTrainedTokenizerFast`` or ``TokenizersBackend``) is loaded with that class directly:
+    ``AutoTokenizer`` would otherwise pick the architecture's own tokenizer class (Qwen2's
+    ignores tokenizer.json) and encode silently differently.
+    """
+    import transformers
+    from transformers import AutoTokenizer
+
+    declared = None
+    tcfg = path / "tokenizer_config.json"
+    if tcfg.is_file():
+        declared = json.loads(tcfg.read_text()).get("tokenizer_class")
+    if (path / "tokenizer.json").is_file() and declared in (
+        None,
+        "PreTrainedTokenizerFast",
+        "TokenizersBackend",
+    ):
+        cls = (
+            getattr(transformers, "TokenizersBackend", None) or transformers.PreTrainedTokenizerFast
+        )
+        return cls.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 
 def load_subject(
@@ -419,6 +478,7 @@ def load_subject(
     dtype: str | torch.dtype = "float32",
     attn_implementation: str = "eager",
     device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | Path | None = None,
     allow_pickle: bool = False,
 ) -> Subject:
     """Load a causal LM and its tokenizer from a local directory.
@@ -426,7 +486,8 @@ def load_subject(
     ``device='auto'`` picks CUDA when present; fp32 is the default because attribution sums many
     small terms. ``eager`` attention keeps attention patterns available to hooks (``sdpa``
     silently drops ``output_attentions``). ``device_map`` is passed to accelerate as is
-    (e.g. ``"auto"`` or a dict with ``"cpu"``/``"disk"`` entries) and then ``device`` is ignored.
+    (e.g. ``"auto"`` or a dict with ``"cpu"``/``"disk"`` entries, ``"disk"`` needing
+    ``offload_folder``) and then ``device`` is ignored.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -443,20 +504,28 @@ def load_subject(
     )
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False
-        )
+        tokenizer = _load_tokenizer(path)
     except Exception as e:  # tokenizers raise many types; all mean the same to the user
-        raise SubjectError(f"cannot load the tokenizer from {str(path)!r}: {e}") from e
+        raise SubjectError(f"cannot load the tokenizer from {str(path)!r}: {_first_line(e)}") from e
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SubjectError(
-            f"cannot load model weights from {str(path)!r}: {msg} (a truncated or corrupt "
-            "safetensors file gives this; re-save or re-copy the model)"
+            f"cannot load model weights from {str(path)!r}: {_first_line(e)} (a truncated or "
+            "corrupt safetensors file gives this; re-save or re-copy the model)"
         ) from e
+    # transformers fills a missing tensor with random values and only logs it: refuse instead
+    for key in ("missing_keys", "mismatched_keys", "unexpected_keys"):
+        bad = sorted(str(k) for k in (info or {}).get(key, ()) or ())
+        if bad:
+            raise SubjectError(
+                f"{str(path)!r}: the weight files do not match the config ({key.replace('_', ' ')}"
+                f": {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); the checkpoint is "
+                "incomplete or belongs to another model"
+            )
     if device_map is None:
         model.to(resolve_device(device))  # type: ignore[arg-type]
     model.eval()

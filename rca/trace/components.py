@@ -219,11 +219,8 @@ def site_means(
 
 def _head_writes(subject: Subject, layer: int, dz: torch.Tensor) -> torch.Tensor:
     """Each head's write into the residual stream: (n_heads, rows, pos, d_model)."""
-    a = subject.adapter
-    H, dh = a.n_heads, a.d_head
-    dzh = dz.view(*dz.shape[:-1], H, dh)  # (rows, pos, H, dh)
-    W = torch.stack([a.head_out_weight(layer, h).detach() for h in range(H)])  # (H, dh, d_model)
-    return torch.einsum("rphd,hdm->hrpm", dzh, W.to(dz.dtype))
+    with torch.no_grad():
+        return subject.adapter.head_writes(layer, dz)
 
 
 def _local_vjp(
@@ -285,7 +282,8 @@ def score_components(
         alphas = (torch.arange(m, device=dev, dtype=torch.float32) + 0.5) / m  # midpoint rule
         e_c, e_b = clean["emb"], base["emb"].expand_as(clean["emb"])
         path = e_b.unsqueeze(0) + alphas.view(m, 1, 1, 1).to(e_c.dtype) * (e_c - e_b).unsqueeze(0)
-        override = path.reshape(m * rows, T, -1).detach()
+        # a leaf that requires grad, so that the residual stream it becomes is on the graph
+        override = path.reshape(m * rows, T, -1).detach().requires_grad_(True)
     grad_sites = dict(sites)
     logits, live = _run(subject, ids, grad_sites, grad=True, emb_override=override)
     metric_sum = target.metric(logits).sum()

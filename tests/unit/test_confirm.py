@@ -133,7 +133,9 @@ def test_random_sets_are_kind_matched_and_exclude_the_set() -> None:
         assert sorted(".H" in c for c in st) == [False, True]
         assert set(st) != set(members)
     # too few kind-matched sets: fall back to every other size-matched set, exhaustively
-    small, scope = _random_sets(universe[:5] + universe[-1:], ["L0.H0", "L3.MLP"], 50, random.Random(0))
+    small, scope = _random_sets(
+        universe[:5] + universe[-1:], ["L0.H0", "L3.MLP"], 50, random.Random(0)
+    )
     assert len(small) == math.comb(6, 2) - 1 and "all 14 other sets" in scope
 
 

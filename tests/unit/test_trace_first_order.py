@@ -147,11 +147,12 @@ def test_edges_into_logits_sum_to_their_node_scores() -> None:
     assert abs(float(res.edges[:, -1].sum()) - real) < 1e-5 + 1e-3 * abs(real)
 
 
-def test_eap_ig_converges_to_the_exact_effect_of_a_single_patch() -> None:
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_eap_ig_converges_to_the_exact_effect_of_a_single_patch(model_type: str) -> None:
     """With the embeddings as the only difference, EAP-IG's EMB score is the integral of the
     gradient along the path: it equals the full metric difference (completeness), which AtP
     only approximates."""
-    s = subject_of("gpt2")
+    s = subject_of(model_type)
     tgt, cf = Target(PROMPT, BAD, GOOD), Target(CF, BAD, GOOD)
     gap = metric(s, tgt) - metric(s, cf)
     ig = score_components(
