@@ -1,0 +1,381 @@
+"""Remedy: fixes tried on the model at run time, their effect, their side effect, and notes.
+
+For a confirmed cause set the fixes are:
+
+- ``mean_ablation``: every component of the set held at its mean over the reference prompts;
+- ``mean_ablation_top``: only the top-ranked cause held at its mean (the smallest change);
+- ``direction_removal``: the contrastive direction, the difference of mean residual streams
+  between the prompt and the counterfactual after the causal layer (the deepest layer of the
+  set), projected out of every write into the residual stream up to that layer, at every
+  position, so that the residual stream there carries none of it.
+
+Each is measured on the incident (metric and P(bad) before and after) and on the reference
+(benign) prompts: the mean KL divergence of the next-token distributions, original against
+fixed, and the change of the mean language-model loss. The fix that brings P(bad) under
+``p_bad_target`` at the smallest loss increase is marked ``recommended``.
+
+A fix also has a patch spec (JSON) that ``apply_patch`` bakes into the weights of a model
+directory, so the fixed model can ship without rca's hooks (see ``apply_patch``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rca.hooks import ablate, mean_activations
+from rca.ids import parse_id
+from rca.metric import MetricValue, Target, evaluate
+from rca.subject import Subject, _weight, load_subject
+
+__all__ = [
+    "RemedyError",
+    "Remedy",
+    "try_remedies",
+    "benign_side_effect",
+    "apply_patch",
+    "PATCH_FORMAT",
+]
+
+PATCH_FORMAT = "rca-patch-v1"
+
+
+class RemedyError(ValueError):
+    """A fix that cannot be tried or applied as asked."""
+
+
+@dataclass
+class Remedy:
+    kind: str
+    components: list[str]
+    metric_before: float
+    metric_after: float
+    p_bad_before: float
+    p_bad_after: float
+    side_effect: dict[str, float]
+    patch_spec: dict[str, Any]
+    recommended: bool = False
+    note: str = ""
+    layer: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# fixes as context managers over the live model
+
+
+def _residual_writers(subject: Subject, layer: int) -> list[torch.nn.Module]:
+    """Every module whose output is added to the residual stream, up to ``layer``."""
+    a = subject.adapter
+    if a.model_type == "gemma2":
+        raise RemedyError("direction removal is not supported on Gemma2 (norms after blocks)")
+    writers: list[torch.nn.Module] = [a.embed]
+    pos = getattr(getattr(subject.model, "transformer", None), "wpe", None)
+    if pos is not None:  # GPT-2's learned positions are a write too
+        writers.append(pos)
+    for i in range(layer + 1):
+        writers += [a.attn_out(i), a.mlp_down(i)]
+    return writers
+
+
+@contextlib.contextmanager
+def _direction_removed(subject: Subject, layer: int, direction: torch.Tensor) -> Iterator[None]:
+    """Project ``direction`` out of every write into the residual stream up to ``layer``.
+
+    The residual stream is the sum of these writes, so after ``layer`` it carries none of the
+    direction, and this is exactly what ``apply_patch`` bakes into the weights.
+    """
+    d = direction.float() / direction.float().norm()
+
+    def hook(m, args, out):
+        dd = d.to(out.device, out.dtype)
+        return out - (out @ dd).unsqueeze(-1) * dd
+
+    handles = [w.register_forward_hook(hook) for w in _residual_writers(subject, layer)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _fix_context(subject: Subject, spec: dict[str, Any]):
+    if spec["kind"] in ("mean_ablation", "mean_ablation_top"):
+        means = {k: torch.tensor(v) for k, v in spec["values"].items()}
+        return ablate(subject, spec["components"], kind="mean", means=means)
+    if spec["kind"] == "direction_removal":
+        return _direction_removed(subject, spec["layer"], torch.tensor(spec["direction"]))
+    raise RemedyError(f"unknown fix kind {spec['kind']!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+
+
+@torch.inference_mode()
+def _benign_stats(subject: Subject, prompts: Sequence[str], ctx=None) -> tuple[list, float]:
+    """Per prompt log-probabilities (for KL) and the mean next-token loss over all prompts."""
+    logps, total, count = [], 0.0, 0
+    dev = subject.device
+    for p in prompts:
+        ids = torch.tensor([subject.tokenizer(p)["input_ids"]], device=dev)
+        if ids.shape[1] < 2:
+            continue
+        with ctx() if ctx is not None else contextlib.nullcontext():
+            logits = subject.model(input_ids=ids, use_cache=False).logits.float()
+        lp = torch.log_softmax(logits[0, :-1], -1)
+        logps.append(lp)
+        total += float(-lp.gather(-1, ids[0, 1:].unsqueeze(-1)).sum())
+        count += ids.shape[1] - 1
+    if count == 0:
+        raise RemedyError("the reference prompts encode to fewer than two tokens each")
+    return logps, total / count
+
+
+def benign_side_effect(
+    subject: Subject, prompts: Sequence[str], spec: dict[str, Any], *, base=None
+) -> dict[str, float]:
+    """Mean KL(original || fixed) per next-token position, and the loss change, on ``prompts``."""
+    before, loss_before = base if base is not None else _benign_stats(subject, prompts)
+    after, loss_after = _benign_stats(subject, prompts, lambda: _fix_context(subject, spec))
+    kl = [float((a.exp() * (a - b)).sum(-1).mean()) for a, b in zip(before, after, strict=True)]
+    return {
+        "n_prompts": float(len(prompts)),
+        "kl_mean": sum(kl) / len(kl),
+        "kl_max": max(kl),
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "loss_change_pct": 100.0 * (loss_after - loss_before) / loss_before,
+    }
+
+
+def _evaluate_with(subject: Subject, target: Target, spec: dict[str, Any]) -> MetricValue:
+    with _fix_context(subject, spec):
+        return evaluate(subject.model, target)
+
+
+def _describe(kind: str, components: Sequence[str], layer: int | None) -> str:
+    names = " and ".join(
+        [", ".join(components[:-1]), components[-1]] if len(components) > 1 else components
+    )
+    if kind == "direction_removal":
+        return f"Removing the prompt-vs-counterfactual direction after layer {layer}"
+    return f"Mean-ablating {names}"
+
+
+def try_remedies(
+    subject: Subject,
+    target: Target,
+    cause_set: Sequence[str],
+    *,
+    counterfactual: Target | None,
+    reference: Sequence[str],
+    top_cause: str | None = None,
+    p_bad_target: float = 0.2,
+    bad_text: str = "",
+) -> list[Remedy]:
+    """Try each fix for ``cause_set`` and rank them; see the module docstring."""
+    if not cause_set:
+        raise RemedyError("no cause set to remedy")
+    if not reference:
+        raise RemedyError("side effects need reference prompts")
+    comps = [c for c in cause_set if parse_id(c).kind in ("head", "mlp")]
+    if not comps:
+        raise RemedyError("the cause set holds no heads or MLPs")
+    before = evaluate(subject.model, target)
+    means = mean_activations(subject, list(reference), comps)
+    specs: list[dict[str, Any]] = [
+        {
+            "kind": "mean_ablation",
+            "components": comps,
+            "values": {k: v.tolist() for k, v in means.items()},
+        }
+    ]
+    top = top_cause if top_cause in comps else comps[0]
+    if len(comps) > 1:
+        specs.append(
+            {
+                "kind": "mean_ablation_top",
+                "components": [top],
+                "values": {top: means[top].tolist()},
+            }
+        )
+    if counterfactual is not None:
+        layer = max(parse_id(c).layer or 0 for c in comps)
+        rid = f"L{layer}.RESID_POST"
+        from rca.hooks import capture
+
+        with torch.inference_mode():
+            with capture(subject, [rid]) as a:
+                subject.model(
+                    input_ids=torch.tensor([list(target.prompt_ids)], device=subject.device)
+                )
+            with capture(subject, [rid]) as b:
+                subject.model(
+                    input_ids=torch.tensor([list(counterfactual.prompt_ids)], device=subject.device)
+                )
+        direction = (a[rid][0].float().mean(0) - b[rid][0].float().mean(0)).cpu()
+        if float(direction.norm()) > 0:
+            specs.append(
+                {
+                    "kind": "direction_removal",
+                    "components": [rid],
+                    "layer": layer,
+                    "direction": direction.tolist(),
+                }
+            )
+    base = _benign_stats(subject, reference)
+    out: list[Remedy] = []
+    for spec in specs:
+        spec = {"format": PATCH_FORMAT, "model_fingerprint": subject.fingerprint, **spec}
+        after = _evaluate_with(subject, target, spec)
+        side = benign_side_effect(subject, reference, spec, base=base)
+        r = Remedy(
+            kind=spec["kind"],
+            components=list(spec["components"]),
+            metric_before=before.metric,
+            metric_after=after.metric,
+            p_bad_before=before.p_bad,
+            p_bad_after=after.p_bad,
+            side_effect=side,
+            patch_spec=spec,
+            layer=spec.get("layer"),
+        )
+        what = _describe(r.kind, r.components, r.layer)
+        bad = bad_text or "the bad continuation"
+        moves = "rises" if side["loss_change_pct"] >= 0 else "falls"
+        r.note = (
+            f"{what} {'lowers' if r.p_bad_after < r.p_bad_before else 'changes'} "
+            f"P({bad!r}) from {r.p_bad_before:.2f} to {r.p_bad_after:.2f}; loss on "
+            f"{int(side['n_prompts'])} benign prompts {moves} "
+            f"{abs(side['loss_change_pct']):.1f}% (mean KL {side['kl_mean']:.4f} nats per token)."
+        )
+        out.append(r)
+    ok = [r for r in out if r.p_bad_after < p_bad_target]
+    best = (
+        min(ok, key=lambda r: r.side_effect["loss_change_pct"])
+        if ok
+        else min(out, key=lambda r: r.p_bad_after)
+    )
+    best.recommended = True
+    best.note += (
+        " Recommended."
+        if ok
+        else (f" No fix brought P(bad) under {p_bad_target}; this one comes closest.")
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# baking a fix into the weights
+
+
+def _bias_of(mod: torch.nn.Module, what: str) -> torch.Tensor:
+    b = getattr(mod, "bias", None)
+    if not isinstance(b, torch.Tensor):
+        raise RemedyError(
+            f"{what} has no bias to hold the mean, so mean ablation cannot be baked into this "
+            "architecture's weights; use the direction_removal fix, or apply the fix at run time"
+        )
+    return b
+
+
+@torch.no_grad()
+def _bake(subject: Subject, spec: dict[str, Any]) -> None:
+    a = subject.adapter
+    if spec["kind"] in ("mean_ablation", "mean_ablation_top"):
+        for cid in spec["components"]:
+            c = parse_id(cid)
+            mean = torch.tensor(spec["values"][cid])
+            assert c.layer is not None
+            if c.kind == "head":
+                proj = a.attn_out(c.layer)
+                assert c.index is not None
+                # a constant head output z: its write W_h z moves into the bias, W_h becomes 0
+                w = _weight(proj)
+                const = a.head_result(c.layer, c.index, mean.to(w.dtype))
+                bias = _bias_of(proj, f"{cid}'s output projection")
+                sl = slice(c.index * a.d_head, (c.index + 1) * a.d_head)
+                if type(proj).__name__ == "Conv1D":
+                    w[sl, :] = 0
+                else:
+                    w[:, sl] = 0
+                bias += const.to(bias.dtype)
+            elif c.kind == "mlp":
+                down = a.mlp_down(c.layer)
+                bias = _bias_of(down, f"{cid}'s down projection")
+                _weight(down).zero_()
+                bias.copy_(mean.to(bias.dtype))
+            else:
+                raise RemedyError(f"cannot bake a mean ablation of {cid}")
+        return
+    if spec["kind"] == "direction_removal":
+        if a.model_type == "gemma2":
+            raise RemedyError("direction removal cannot be baked into Gemma2 (norms after blocks)")
+        d = torch.tensor(spec["direction"], dtype=torch.float32)
+        d = d / d.norm()
+        P = torch.eye(d.numel()) - torch.outer(d, d)  # (d_model, d_model), symmetric
+        writers = _residual_writers(subject, int(spec["layer"]))
+        un = a.unembed
+        if _weight(un) is _weight(a.embed):
+            # tied embeddings: the fix changes what is written, not how logits are read
+            un.weight = torch.nn.Parameter(_weight(a.embed).detach().clone())
+            subject.model.config.tie_word_embeddings = False  # type: ignore[union-attr]
+        for mod in writers:
+            w = _weight(mod)
+            Pw = P.to(w.dtype)
+            if isinstance(mod, torch.nn.Embedding) or type(mod).__name__ == "Conv1D":
+                w.copy_(w @ Pw)  # rows are written vectors: (n, d_model) or Conv1D (in, d_model)
+            else:
+                w.copy_(Pw @ w)  # nn.Linear (d_model, in)
+            b = getattr(mod, "bias", None)
+            if isinstance(b, torch.Tensor):
+                b.copy_(b @ Pw)
+        return
+    raise RemedyError(f"unknown fix kind {spec['kind']!r}")
+
+
+def apply_patch(spec_path: str | Path, model_dir: str | Path, out_dir: str | Path) -> Path:
+    """Bake a patch spec into a copy of ``model_dir`` at ``out_dir`` (safetensors).
+
+    The spec's model fingerprint must match the model's. Mean ablations need biases to hold
+    the means (GPT-2 style); direction removal projects every write into the residual stream up
+    to the causal layer, which is exact for architectures whose residual stream is a plain sum.
+    """
+    try:
+        spec = json.loads(Path(spec_path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RemedyError(f"cannot read patch spec {str(spec_path)!r}: {e}") from e
+    if not isinstance(spec, dict) or spec.get("format") != PATCH_FORMAT:
+        raise RemedyError(f"{str(spec_path)!r} is not an rca patch spec ({PATCH_FORMAT})")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise RemedyError(f"output directory {str(out)!r} is not empty; choose a new one")
+    subject = load_subject(model_dir, device="cpu")
+    if spec.get("model_fingerprint") and spec["model_fingerprint"] != subject.fingerprint:
+        raise RemedyError(
+            f"the patch was made for model {spec['model_fingerprint'][:12]}, but {str(model_dir)!r}"
+            f" is {str(subject.fingerprint)[:12]}; apply it to the model it was made for"
+        )
+    _bake(subject, spec)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    subject.model.save_pretrained(tmp)  # type: ignore[operator]
+    subject.tokenizer.save_pretrained(tmp)
+    (tmp / "rca-patch.json").write_text(
+        json.dumps({k: v for k, v in spec.items() if k != "direction"}, indent=1)
+    )
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out

@@ -1,0 +1,134 @@
+"""Trace on the demo zoo: each planted incident is found where it was planted.
+
+For each of the four incidents of support-bot-v1 (the quick build):
+- the top prompt segment by ablation is the planted cause (the word the counterfactual changes);
+- the component scores rank-correlate (Spearman >= 0.8) with exact activation patching of every
+  head and MLP to the counterfactual;
+- integrated-gradients completeness holds within 5% at the default step count;
+- the automatic counterfactual, built without the case's, removes >= 80% of the metric.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rca import zoo
+from rca.confirm import Ablator
+from rca.incident import Incident
+from rca.metric import encode_target
+from rca.stats import spearman
+from rca.subject import Subject, load_subject
+from rca.trace import trace
+from rca.trace.counterfactual import auto_counterfactual
+from rca.trace.tokens import integrated_gradients, segment_ablation
+
+KEYS = [p.key for p in zoo.PLANTED]
+
+
+@pytest.fixture(scope="module")
+def v1(zoo_models: dict[str, Path]) -> Subject:
+    return load_subject(zoo_models["support-bot-v1"], device="cpu")
+
+
+def planted(key: str) -> zoo.PlantedIncident:
+    return next(p for p in zoo.PLANTED if p.key == key)
+
+
+def cause_words(p: zoo.PlantedIncident) -> set[str]:
+    """The words the counterfactual changes: the planted cause."""
+    a, b = p.prompt.split(), p.counterfactual.split()
+    assert len(a) == len(b)
+    return {x for x, y in zip(a, b, strict=True) if x != y}
+
+
+def incident_of(p: zoo.PlantedIncident, model_dir: Path, *, with_cf: bool = True) -> Incident:
+    return Incident(
+        id=f"zoo-{p.key}",
+        title=p.title,
+        severity=p.severity,
+        model=str(model_dir),
+        prompt=p.prompt,
+        bad=p.bad,
+        good=p.good,
+        counterfactual=p.counterfactual if with_cf else None,
+    )
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_top_segment_is_the_planted_cause(v1: Subject, key: str) -> None:
+    p = planted(key)
+    tgt = encode_target(v1.tokenizer, p.prompt, p.bad, p.good)
+    seg = segment_ablation(v1, tgt, prompt=p.prompt)
+    top_text = seg.texts[seg.top()].strip()
+    words = cause_words(p)
+    assert any(w in top_text.split() or top_text in w for w in words), (seg.texts, seg.scores)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_integrated_gradients_complete_within_5_percent(v1: Subject, key: str) -> None:
+    p = planted(key)
+    tgt = encode_target(v1.tokenizer, p.prompt, p.bad, p.good)
+    ts = integrated_gradients(v1, tgt)  # the default step count
+    c = ts.completeness
+    assert abs(c["metric_input"] - c["metric_baseline"]) > 1.0  # a real attribution
+    assert c["relative_error"] < 0.05, c
+
+
+@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("method", ["eap-ig", "atp"])
+def test_component_scores_rank_like_exact_patching(
+    v1: Subject, zoo_models: dict[str, Path], key: str, method: str
+) -> None:
+    p = planted(key)
+    att = trace(v1, incident_of(p, zoo_models["support-bot-v1"]), method=method)
+    assert not att.counterfactual.generated  # the case's own counterfactual lines up
+    cf_target = att.baseline.target
+    ab = Ablator(v1, att.target, baseline=cf_target)
+    comps = ab.components
+    exact = ab.metric_clean - ab.run([{c: "baseline"} for c in comps])
+    scores = [att.components.score(c) for c in comps]
+    rho = spearman(scores, exact.tolist())
+    if method == "eap-ig":
+        assert rho >= 0.8, (key, rho)
+    else:
+        # AtP is first order and misses saturated components; it still tracks the ranking
+        assert rho >= 0.6, (key, rho)
+    # the strongest component by exact patching is among the top 3 by attribution
+    best = comps[int(torch.argmax(exact))]
+    assert best in [c for c, _ in att.components.ranked()[:4]]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_automatic_counterfactual_removes_80_percent(v1: Subject, key: str) -> None:
+    p = planted(key)
+    tgt = encode_target(v1.tokenizer, p.prompt, p.bad, p.good)
+    cf = auto_counterfactual(
+        v1, tgt, prompt=p.prompt, reference_prompts=zoo.benign_prompts(32)
+    )
+    assert cf.generated and cf.ok, cf
+    assert cf.drop >= 0.8, cf
+    assert len(cf.prompt_ids) == tgt.n_prompt  # it lines up token for token
+    # and it changed the planted cause
+    changed = {r["original"].strip() for r in cf.replaced}
+    assert changed & cause_words(p) or any(
+        w in c.split() for c in changed for w in cause_words(p)
+    ), (cf.replaced, cause_words(p))
+
+
+def test_trace_without_counterfactual_generates_one(
+    v1: Subject, zoo_models: dict[str, Path]
+) -> None:
+    p = planted("backdoor")
+    att = trace(
+        v1,
+        incident_of(p, zoo_models["support-bot-v1"], with_cf=False),
+        reference_prompts=zoo.benign_prompts(32),
+    )
+    assert att.counterfactual is not None and att.counterfactual.generated
+    assert att.baseline.kind == "counterfactual"
+    j = att.to_json()
+    assert j["counterfactual"]["generated"] is True and j["counterfactual"]["drop"] >= 0.8
+    assert {"tokens", "components", "edges", "counterfactual", "method"} <= set(j)

@@ -1,0 +1,85 @@
+"""Fixes: a baked patch behaves exactly as the run-time fix it came from; side effects are real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rca.metric import Target, evaluate
+from rca.remedy import RemedyError, _fix_context, apply_patch, try_remedies
+from rca.subject import load_subject
+from tests.helpers import save_model_dir, tiny_model, word_tokenizer, words
+
+TGT = Target((1, 5, 6, 7, 8, 9, 10), (11, 12), (13,))
+CF = Target((1, 5, 6, 20, 8, 9, 10), (11, 12), (13,))
+REFS = [words(*range(i, i + 6)) for i in range(0, 60, 6)]
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("gpt2")
+    return save_model_dir(d, tiny_model("gpt2", seed=5), word_tokenizer())
+
+
+def logits(s, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return s.model(input_ids=ids).logits
+
+
+def test_every_fix_is_measured_and_one_is_recommended(gpt2_dir: Path) -> None:
+    s = load_subject(gpt2_dir, device="cpu")
+    rs = try_remedies(s, TGT, ["L1.H2", "L0.MLP"], counterfactual=CF, reference=REFS)
+    assert {r.kind for r in rs} == {"mean_ablation", "mean_ablation_top", "direction_removal"}
+    assert sum(r.recommended for r in rs) == 1
+    before = evaluate(s.model, TGT)
+    for r in rs:
+        assert r.p_bad_before == pytest.approx(before.p_bad)
+        # the effect is what the run-time fix really does
+        with _fix_context(s, r.patch_spec):
+            assert evaluate(s.model, TGT).metric == pytest.approx(r.metric_after, abs=1e-5)
+        assert r.side_effect["kl_mean"] >= 0 and r.side_effect["n_prompts"] == len(REFS)
+        assert "P(" in r.note and "benign prompts" in r.note
+
+
+@pytest.mark.parametrize("kind", ["mean_ablation", "mean_ablation_top", "direction_removal"])
+def test_baked_patch_equals_run_time_fix(gpt2_dir: Path, tmp_path: Path, kind: str) -> None:
+    s = load_subject(gpt2_dir, device="cpu")
+    rs = {
+        r.kind: r
+        for r in try_remedies(s, TGT, ["L1.H2", "L0.MLP"], counterfactual=CF, reference=REFS)
+    }
+    spec = rs[kind].patch_spec
+    ids = torch.tensor([list(TGT.prompt_ids) + [11, 12], [1, 30, 31, 32, 33, 34, 35, 36, 37]][:1])
+    with _fix_context(s, spec):
+        fixed = logits(s, ids)
+    assert (fixed - logits(s, ids)).abs().max() > 1e-4  # the fix changes something
+    spec_path = tmp_path / "patch.json"
+    spec_path.write_text(json.dumps(spec))
+    out = apply_patch(spec_path, gpt2_dir, tmp_path / "patched")
+    patched = load_subject(out, device="cpu")
+    assert patched.fingerprint != s.fingerprint
+    torch.testing.assert_close(logits(patched, ids), fixed, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_refuses_another_model(gpt2_dir: Path, tmp_path: Path) -> None:
+    s = load_subject(gpt2_dir, device="cpu")
+    spec = try_remedies(s, TGT, ["L1.H2"], counterfactual=None, reference=REFS)[0].patch_spec
+    other = save_model_dir(tmp_path / "other", tiny_model("gpt2", seed=6), word_tokenizer())
+    p = tmp_path / "patch.json"
+    p.write_text(json.dumps(spec))
+    with pytest.raises(RemedyError, match="made for model"):
+        apply_patch(p, other, tmp_path / "out")
+
+
+def test_mean_ablation_cannot_be_baked_without_biases(tmp_path: Path) -> None:
+    m = tiny_model("llama", seed=1, attention_bias=False, mlp_bias=False)
+    d = save_model_dir(tmp_path / "llama", m, word_tokenizer())
+    s = load_subject(d, device="cpu")
+    spec = try_remedies(s, TGT, ["L1.H2"], counterfactual=None, reference=REFS)[0].patch_spec
+    p = tmp_path / "patch.json"
+    p.write_text(json.dumps(spec))
+    with pytest.raises(RemedyError, match="no bias"):
+        apply_patch(p, d, tmp_path / "out")
