@@ -317,60 +317,265 @@ def confirm_cmd(
     out.print(t)
 
 
+DbOpt = typer.Option(None, "--db", help="Database file (default: $RCA_DB or ./rca.duckdb).")
+cases_app = typer.Typer(help="Recorded cases (runs) in the store.", no_args_is_help=True)
+notes_app = typer.Typer(help="Append-only notes on runs.", no_args_is_help=True)
+app.add_typer(cases_app, name="cases")
+app.add_typer(notes_app, name="notes")
+
+
+def _db(db: Path | None) -> Path:
+    return Path(db or os.environ.get("RCA_DB") or "rca.duckdb")
+
+
+def _reader(db: Path | None):
+    from rca.store import Store
+
+    path = _db(db)
+    if not path.exists():
+        raise typer.BadParameter(
+            f"database {path} does not exist; run `rca demo` or `rca investigate`"
+        )
+    return Store.reader(path)
+
+
+def _resolve_run(reader: Any, ref: str) -> str:
+    """A run id, a unique run-id prefix, or a case id (its latest run)."""
+    runs = reader.list_runs()
+    exact = [r for r in runs if r["run_id"] == ref]
+    if exact:
+        return ref
+    pref = [r for r in runs if r["run_id"].startswith(ref)]
+    if len(pref) == 1:
+        return pref[0]["run_id"]
+    by_case = [r for r in runs if r["incident_id"] == ref]
+    if by_case:
+        return by_case[0]["run_id"]  # newest first
+    raise typer.BadParameter(f"no run or case {ref!r} in {reader.path}; see `rca cases list`")
+
+
+def _investigate_one(inc, subject, store, cfg, *, show: bool):
+    from rca.investigate import investigate
+
+    with _progress(show) as say:
+        return investigate(inc, subject=subject, store=store, config=cfg, progress=say)
+
+
+@app.command("investigate")
+@friendly
+def investigate_cmd(
+    case: Path = typer.Argument(..., help="The case file (TOML)."),
+    model: str | None = typer.Option(None, "--model", help="Override the case's model."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    method: str = typer.Option("eap-ig", "--method", help="Trace method: atp or eap-ig."),
+    seed: int = typer.Option(0, "--seed"),
+    db: Path | None = DbOpt,
+    home: Path | None = HomeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Trace, confirm, remedy and record one incident."""
+    from rca.confirm import ConfirmConfig
+    from rca.investigate import InvestigateConfig
+    from rca.store import Store
+
+    inc, subject = _load_incident_subject(case, model, device, home)
+    cfg = InvestigateConfig(
+        method=method, seed=seed, device=device, confirm=ConfirmConfig(seed=seed)
+    )
+    run = _investigate_one(inc, subject, Store(_db(db)), cfg, show=not as_json)
+    result = run.to_json()
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    _print_run_summary(result)
+
+
+def _print_run_summary(r: dict[str, Any]) -> None:
+    out.print(
+        f"[bold]{r['case_id']}[/bold] run {r['run_id']}: {r['verdict'].upper()}, cause set "
+        f"{', '.join(r['cause_set'])}",
+        highlight=False,
+    )
+    t = Table("component", "TE", "DE", "necessity", "p", "verdict")
+    for c in r["causes"]:
+        t.add_row(
+            c["id"],
+            f"{c['total_effect']:+.3f}",
+            f"{c['direct_effect']:+.3f}",
+            f"{c['necessity']:+.3f}",
+            f"{c['p_value']:.3f}",
+            c["verdict"],
+        )
+    out.print(t)
+    for rem in r["remedies"]:
+        out.print(
+            ("[green]* [/green]" if rem["recommended"] else "  ") + rem["note"], highlight=False
+        )
+
+
 @app.command("demo")
 @friendly
 def demo(
     quick: bool = typer.Option(False, "--quick", help="Use the quick zoo build."),
     cases_dir: Path = typer.Option(Path("cases"), "--cases", help="Directory of case files."),
+    reports: Path = typer.Option(Path("reports"), "--reports", help="Where the case files go."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    db: Path | None = DbOpt,
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Build the zoo if missing, then show each planted incident with and without its cause."""
+    """Build the zoo if missing, investigate every case in cases/, write the store and reports."""
     from rca import zoo
+    from rca.casefile import render_html, render_markdown
     from rca.incident import load_cases
-    from rca.metric import encode_target, evaluate
+    from rca.investigate import InvestigateConfig
+    from rca.store import Store
     from rca.subject import load_subject
 
-    zoo.build(home=home, quick=quick, log=lambda m: err.print(m))
+    zoo.build(home=home, quick=quick, log=lambda m: err.print(m))  # type: ignore[attr-defined]
     incidents = load_cases(cases_dir, home=home)
+    store = Store(_db(db))
     subjects: dict[Path, Any] = {}
     rows = []
+    reports.mkdir(parents=True, exist_ok=True)
     for inc in incidents:
         path = inc.model_path(home=home)
         if path not in subjects:
-            subjects[path] = load_subject(path, device="auto")
-        s = subjects[path]
-        before = evaluate(s.model, inc.encode(s))
-        row: dict[str, Any] = {
-            "case": inc.id,
-            "severity": inc.severity,
-            "model": inc.model,
-            "fingerprint": s.fingerprint,
-            "p_bad": before.p_bad,
-            "metric": before.metric,
-        }
-        if inc.counterfactual is not None:
-            without = evaluate(
-                s.model, encode_target(s.tokenizer, inc.counterfactual, inc.bad, inc.good)
-            )
-            row["p_bad_without_cause"] = without.p_bad
-            row["metric_without_cause"] = without.metric
-        rows.append(row)
+            subjects[path] = load_subject(path, device=device)
+        run = _investigate_one(
+            inc, subjects[path], store, InvestigateConfig(device=device), show=not as_json
+        )
+        r = run.to_json()
+        stored = store.get_run(r["run_id"])
+        (reports / f"{inc.id}.md").write_text(render_markdown(stored))
+        (reports / f"{inc.id}.html").write_text(render_html(stored))
+        rows.append(r)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    t = Table("case", "severity", "model", "P(bad)", "P(bad) cause removed", "metric")
+    t = Table(
+        "case", "verdict", "top cause", "P(bad) before -> after fix", title=f"rca demo ({_db(db)})"
+    )
     for r in rows:
-        cf = r.get("p_bad_without_cause")
+        top = r["causes"][0]["id"] if r["causes"] else "-"
+        before, after = r["p_bad"]["before"], r["p_bad"]["after_fix"]
         t.add_row(
-            r["case"],
-            r["severity"],
-            r["model"],
-            f"{r['p_bad']:.3f}",
-            "-" if cf is None else f"{cf:.3f}",
-            f"{r['metric']:+.2f}",
+            r["case_id"],
+            r["verdict"],
+            top,
+            f"{before:.3f} -> {'-' if after is None else format(after, '.3f')}",
         )
     out.print(t)
+    out.print(f"case files in {reports}/; browse with `streamlit run app.py`")
+
+
+@cases_app.command("list")
+@friendly
+def cases_list(db: Path | None = DbOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every recorded run, newest first."""
+    runs = _reader(db).list_runs()
+    if as_json:
+        print(json.dumps(runs, indent=2, default=str))
+        return
+    t = Table("run", "case", "severity", "kind", "verdict", "recorded")
+    for r in runs:
+        summ = r.get("summary") or {}
+        summ = json.loads(summ) if isinstance(summ, str) else summ
+        t.add_row(
+            r["run_id"][:8],
+            r["incident_id"],
+            str(r.get("severity")),
+            r["kind"],
+            str(summ.get("verdict")),
+            str(r.get("recorded_at")),
+        )
+    out.print(t)
+
+
+@cases_app.command("show")
+@friendly
+def cases_show(
+    ref: str = typer.Argument(..., help="Run id (or prefix) or case id (its latest run)."),
+    db: Path | None = DbOpt,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """One run with its evidence."""
+    from rca.casefile import render_markdown
+
+    reader = _reader(db)
+    run = reader.get_run(_resolve_run(reader, ref))
+    if as_json:
+        print(json.dumps(run, indent=2, default=str))
+        return
+    out.print(render_markdown(run), markup=False, highlight=False)
+
+
+@app.command("report")
+@friendly
+def report_cmd(
+    ref: str = typer.Argument(..., help="Run id (or prefix) or case id."),
+    fmt: str = typer.Option("html", "--format", help="md or html."),
+    output: Path = typer.Option(..., "-o", "--output", help="The file to write."),
+    db: Path | None = DbOpt,
+) -> None:
+    """Write a run's case file as Markdown or self-contained HTML."""
+    from rca.casefile import render_html, render_markdown
+
+    if fmt not in ("md", "html"):
+        raise typer.BadParameter("--format must be md or html")
+    reader = _reader(db)
+    run = reader.get_run(_resolve_run(reader, ref))
+    output.write_text(render_markdown(run) if fmt == "md" else render_html(run))
+    out.print(f"wrote {output}")
+
+
+@notes_app.command("add")
+@friendly
+def notes_add(
+    ref: str = typer.Argument(..., help="Run id (or prefix) or case id (its latest run)."),
+    author: str = typer.Option(..., "--author"),
+    text: str = typer.Option(..., "--text"),
+    db: Path | None = DbOpt,
+) -> None:
+    """Append a note to a run (notes are never edited or deleted)."""
+    from rca.store import Store
+
+    run_id = _resolve_run(_reader(db), ref)
+    note_id = Store(_db(db)).add_note(run_id=run_id, author=author, text=text)
+    out.print(f"note {note_id} added to run {run_id}")
+
+
+@app.command("verify")
+@friendly
+def verify_cmd(db: Path | None = DbOpt) -> None:
+    """Recompute the audit chain; exit 1 naming the first broken link."""
+    res = _reader(db).verify()
+    if res.ok:
+        out.print(f"ok: {res.message}" if hasattr(res, "message") else "ok")
+        return
+    err.print(f"[red]audit chain broken:[/red] {res}", highlight=False)
+    raise typer.Exit(1)
+
+
+@app.command("export")
+@friendly
+def export_cmd(directory: Path = typer.Argument(...), db: Path | None = DbOpt) -> None:
+    """Write every table as Parquet into DIRECTORY."""
+    for p in _reader(db).export(directory):
+        out.print(str(p))
+
+
+@app.command("apply-patch")
+@friendly
+def apply_patch_cmd(
+    spec: Path = typer.Argument(..., help="A patch spec (JSON) from a remedy."),
+    model: Path = typer.Option(..., "--model", help="The model directory it was made for."),
+    out_dir: Path = typer.Option(..., "--out", help="A new directory for the patched model."),
+) -> None:
+    """Bake a recorded fix into a copy of the model's weights."""
+    from rca.remedy import apply_patch
+
+    out.print(f"patched model written to {apply_patch(spec, model, out_dir)}")
 
 
 @contextlib.contextmanager

@@ -19,8 +19,9 @@ module runs them, many at once:
   ordered by DE, then the rest by effect. Total effect alone ranks carriers with the origin;
   direct effect alone ranks amplifiers first (see docs/confirm.md).
 - **Minimal cause set**: greedy in rank order until ablating the set removes ``set_fraction`` of
-  the gap between the metric on the prompt and at the baseline; then each member is dropped
-  if the rest still reaches it.
+  the metric, measured from the prompt's metric down to the reference point (the baseline's
+  metric, or 0 for a log-ratio metric whose baseline is below 0: P(bad) = P(good)); then each
+  member is dropped if the rest still reaches it.
 - **Necessity and sufficiency** of the set, and **random sets** of the same size and kind for an
   empirical p-value. Verdicts carry their reasons and the thresholds used.
 """
@@ -318,7 +319,10 @@ class ConfirmConfig:
     """Thresholds and budgets of a confirmation; recorded with every result."""
 
     top_k: int = 10  # candidates taken from the trace ranking
-    kind: str = "mean"  # ablation for necessity, sets and random sets: zero | mean | resample
+    # how sets and random sets are ablated: auto (patch to the counterfactual when there is
+    # one, else mean) | patch | zero | mean | resample. Necessity of single candidates always
+    # uses an ablation (mean where reference prompts exist, else zero), which catches enablers.
+    kind: str = "auto"
     set_fraction: float = 0.8  # a cause set must remove this share of the prompt-baseline gap
     component_fraction: float = 0.1  # a member must carry this share within the set
     window: float = 0.2  # leading group: effect within this share of the largest
@@ -329,8 +333,10 @@ class ConfirmConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("zero", "mean", "resample"):
-            raise ConfirmError(f"kind must be zero, mean or resample, got {self.kind!r}")
+        if self.kind not in ("auto", "patch", "zero", "mean", "resample"):
+            raise ConfirmError(
+                f"kind must be auto, patch, zero, mean or resample, got {self.kind!r}"
+            )
         if self.n_random < 50:
             raise ConfirmError("n_random must be at least 50")
         for name in ("set_fraction", "component_fraction", "window", "alpha"):
@@ -376,6 +382,7 @@ class Verdict:
 
     metric_clean: float
     metric_baseline: float
+    metric_reference: float  # the point that "100% of the metric removed" reaches
     baseline: str
     candidates: list[CandidateEvidence]
     cause_set: SetEvidence
@@ -392,7 +399,11 @@ class Verdict:
     def to_json(self) -> dict[str, Any]:
         return {
             "verdict": self.verdict,
-            "metric": {"prompt": self.metric_clean, "baseline": self.metric_baseline},
+            "metric": {
+                "prompt": self.metric_clean,
+                "baseline": self.metric_baseline,
+                "reference": self.metric_reference,
+            },
             "baseline": self.baseline,
             "causes": [asdict(c) for c in self.ranked()],
             "cause_set": {k: v for k, v in asdict(self.cause_set).items() if k != "random_drops"}
@@ -483,15 +494,29 @@ def confirm(
     )
     if cfg.kind in ("mean", "resample") and not ab.refs:
         raise ConfirmError(f"{cfg.kind} ablation needs reference prompts")
-    patch_src = "baseline" if baseline is not None else cfg.kind
+    if cfg.kind == "patch" and baseline is None:
+        raise ConfirmError("patch ablation needs a counterfactual baseline")
+    ablation = "mean" if ab.refs else "zero"  # for necessity: an ablation, whatever the set uses
+    if cfg.kind in ("zero", "mean", "resample"):
+        ablation = cfg.kind
+    if cfg.kind in ("auto", "patch"):
+        set_src = "baseline" if baseline is not None else ablation
+    else:
+        set_src = cfg.kind
+    patch_src = "baseline" if baseline is not None else ablation
     m_clean = ab.metric_clean
     if ab.metric_baseline is not None:
         m_base = ab.metric_baseline
         base_desc = "counterfactual"
     else:
-        m_base = float(ab.run([dict.fromkeys(ab.components, cfg.kind)])[0])
-        base_desc = f"all heads and MLPs {cfg.kind}-ablated"
-    gap = m_clean - m_base
+        m_base = float(ab.run([dict.fromkeys(ab.components, ablation)])[0])
+        base_desc = f"all heads and MLPs {ablation}-ablated"
+    # the share of the metric removed is measured against a reference point: the baseline's
+    # metric, or, for a log-ratio metric whose baseline prefers the good continuation, zero
+    # (the model indifferent between the two): removing the bad behaviour is the goal, not
+    # making the good one as confident as on the counterfactual
+    m_ref = max(m_base, 0.0) if target.rows == 2 and m_clean > 0 else m_base
+    gap = m_clean - m_ref
     if gap <= 0:
         raise ConfirmError(
             f"the metric on the prompt ({m_clean:+.3f}) is not above the baseline's "
@@ -519,7 +544,7 @@ def confirm(
             if later:
                 frozen[other] = "clean"
         variants.append(frozen)
-        variants.append({c: cfg.kind})
+        variants.append({c: ablation})
     ms = ab.run(variants)
     ev: list[CandidateEvidence] = []
     for i, c in enumerate(cands):
@@ -529,11 +554,12 @@ def confirm(
     # p-value of each candidate against every other component of its kind
     say("singles", 0.3)
     others = [x for x in ab.components]
-    single = ab.run([{x: cfg.kind} for x in others], index_offset=10_000)
+    single = ab.run([{x: set_src} for x in others], index_offset=10_000)
     single_drop = {x: m_clean - float(v) for x, v in zip(others, single, strict=True)}
     for e in ev:
         null = [d for x, d in single_drop.items() if x != e.id and _kind_of(x) == _kind_of(e.id)]
-        e.p_value = empirical_p_value(e.necessity, null, tol=tol)
+        own = e.total_effect if set_src == "baseline" else e.necessity
+        e.p_value = empirical_p_value(own, null, tol=tol)
 
     # ranking: leading group by effect, ordered by direct effect; then the rest by effect
     effect = {e.id: max(e.total_effect, e.necessity) for e in ev}
@@ -551,21 +577,21 @@ def confirm(
     need = cfg.set_fraction * gap
     members: list[str] = []
     prefixes = [[e.id for e in ordered[: k + 1]] for k in range(min(cfg.max_set, len(ordered)))]
-    pm = ab.run([dict.fromkeys(p, cfg.kind) for p in prefixes], index_offset=20_000)
-    for p, v in zip(prefixes, pm, strict=True):
-        members = p
+    pm = ab.run([dict.fromkeys(p, set_src) for p in prefixes], index_offset=20_000)
+    for prefix, v in zip(prefixes, pm, strict=True):
+        members = prefix
         if m_clean - float(v) >= need:
             break
     if len(members) > 1:
         for c in list(members):
             rest_set = [x for x in members if x != c]
-            if m_clean - float(ab.run([dict.fromkeys(rest_set, cfg.kind)])[0]) >= need:
+            if m_clean - float(ab.run([dict.fromkeys(rest_set, set_src)])[0]) >= need:
                 members = rest_set
     set_vals = ab.run(
         [
-            dict.fromkeys(members, cfg.kind),
-            {x: cfg.kind for x in ab.components if x not in members},
-            dict.fromkeys(ab.components, cfg.kind),
+            dict.fromkeys(members, set_src),
+            {x: set_src for x in ab.components if x not in members},
+            dict.fromkeys(ab.components, set_src),
         ],
         index_offset=30_000,
     )
@@ -575,7 +601,7 @@ def confirm(
     say("random sets", 0.7)
     rng = random.Random(cfg.seed)
     rsets, scope = _random_sets(ab.components, members, cfg.n_random, rng)
-    rvals = ab.run([dict.fromkeys(s, cfg.kind) for s in rsets], index_offset=40_000)
+    rvals = ab.run([dict.fromkeys(s, set_src) for s in rsets], index_offset=40_000)
     rdrops = [m_clean - float(v) for v in rvals]
     p = empirical_p_value(necessity, rdrops, tol=tol)
     frac = necessity / gap
@@ -628,7 +654,7 @@ def confirm(
     # per-component verdicts: does the set need it?
     say("verdicts", 0.9)
     loo = ab.run(
-        [dict.fromkeys([x for x in members if x != c], cfg.kind) for c in members],
+        [dict.fromkeys([x for x in members if x != c], set_src) for c in members],
         index_offset=50_000,
     )
     contrib = {c: float(v) - m_set for c, v in zip(members, loo, strict=True)}
@@ -675,11 +701,14 @@ def confirm(
     return Verdict(
         metric_clean=m_clean,
         metric_baseline=m_base,
+        metric_reference=m_ref,
         baseline=base_desc,
         candidates=ev,
         cause_set=cause,
         config=cfg,
         cost={
+            "set_kind": "patch" if set_src == "baseline" else set_src,
+            "necessity_kind": ablation,
             "seconds": time.perf_counter() - t0,
             "variants": ab.n_forward_rows // target.rows,
             "forward_equiv": ab.forward_equiv + 2 + (1 if baseline is not None else 0),

@@ -489,7 +489,7 @@ def load_subject(
     (e.g. ``"auto"`` or a dict with ``"cpu"``/``"disk"`` entries, ``"disk"`` needing
     ``offload_folder``) and then ``device`` is ignored.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     _check_dir(path, allow_pickle=allow_pickle)
@@ -510,8 +510,11 @@ def load_subject(
         tokenizer = _load_tokenizer(path)
     except Exception as e:  # tokenizers raise many types; all mean the same to the user
         raise SubjectError(f"cannot load the tokenizer from {str(path)!r}: {_first_line(e)}") from e
+    model: Any
+    info: Any
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        model, info = loaded
     except Exception as e:
         raise SubjectError(
             f"cannot load model weights from {str(path)!r}: {_first_line(e)} (a truncated or "
@@ -527,7 +530,7 @@ def load_subject(
                 "incomplete or belongs to another model"
             )
     if device_map is None:
-        model.to(resolve_device(device))  # type: ignore[arg-type]
+        model.to(resolve_device(device))
     model.eval()
     subject = Subject(model, tokenizer, adapter_for(model, model.config.model_type), path=path)
     n_tok = len(tokenizer)

@@ -1,0 +1,209 @@
+"""Record: turn a finished investigation into the store's ``RunRecord`` (plain data, bulk tables).
+
+Kept apart from ``rca.store`` so that the store never imports torch: this module knows the
+pipeline's objects, the store knows only rows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from rca.store import IncidentRecord, ModelRecord, RunRecord
+
+__all__ = ["to_run_record"]
+
+
+def _layer(cid: str) -> int | None:
+    return int(cid[1:].split(".")[0]) if cid.startswith("L") else None
+
+
+def to_run_record(
+    run: Any, *, kind: str = "investigate", parent_run_id: str | None = None
+) -> RunRecord:
+    """The ``RunRecord`` of an ``rca.investigate.CaseRun``."""
+    att, v, s = run.attribution, run.verdict, run.subject
+    comps = att.components
+    method, baseline = comps.method, comps.baseline
+    tokens = [
+        {"position": i, "token": t, "score": float(sc), "method": att.tokens.method}
+        for i, (t, sc) in enumerate(zip(att.tokens.tokens, att.tokens.scores, strict=True))
+    ]
+    evidence = {c.id: c for c in v.candidates}
+    nodes = []
+    for cid, score in zip(comps.nodes, comps.scores.tolist(), strict=True):
+        e = evidence.get(cid)
+        nodes.append(
+            {
+                "node_id": cid,
+                "kind": "emb" if cid == "EMB" else ("head" if ".H" in cid else "mlp"),
+                "layer": _layer(cid),
+                "score": float(score),
+                "method": method,
+                "baseline": baseline,
+                "total_effect": e.total_effect if e else None,
+                "direct_effect": e.direct_effect if e else None,
+                "necessity": e.necessity if e else None,
+                "p_value": e.p_value if e else None,
+                "verdict": e.verdict if e else None,
+                "reason": e.reason if e else None,
+                "rank": e.rank if e else None,
+            }
+        )
+    for cid, score in comps.neurons.items():
+        nodes.append(
+            {
+                "node_id": cid,
+                "kind": "neuron",
+                "layer": _layer(cid),
+                "score": score,
+                "method": method,
+                "baseline": baseline,
+            }
+        )
+    edges = []
+    if comps.edges is not None:
+        E = comps.edges
+        nz = (E != 0).nonzero().tolist()
+        for i, j in nz:
+            if comps.up[i] == "EMB":
+                continue
+            edges.append({"source": comps.up[i], "target": comps.down[j], "score": float(E[i, j])})
+        if comps.emb_edges is not None:
+            for p, j in (comps.emb_edges != 0).nonzero().tolist():
+                edges.append(
+                    {
+                        "source": f"EMB@{p}",
+                        "target": comps.down[j],
+                        "score": float(comps.emb_edges[p, j]),
+                    }
+                )
+    cs = v.cause_set
+    kind_ = str(v.cost.get("set_kind", v.config.kind))
+    nec_kind = str(v.cost.get("necessity_kind", v.config.kind))
+    ablations: list[dict[str, Any]] = []
+    for c in v.candidates:
+        ablations += [
+            {
+                "experiment": "total_effect",
+                "components": [c.id],
+                "kind": "patch-to-baseline",
+                "metric": v.metric_clean - c.total_effect,
+                "effect": c.total_effect,
+            },
+            {
+                "experiment": "direct_effect",
+                "components": [c.id],
+                "kind": "patch-to-baseline, downstream frozen",
+                "metric": v.metric_clean - c.direct_effect,
+                "effect": c.direct_effect,
+            },
+            {
+                "experiment": "necessity",
+                "components": [c.id],
+                "kind": nec_kind,
+                "metric": v.metric_clean - c.necessity,
+                "effect": c.necessity,
+                "p_value": c.p_value,
+            },
+        ]
+    ablations.append(
+        {
+            "experiment": "cause_set",
+            "components": cs.components,
+            "kind": kind_,
+            "metric": cs.metric_ablated,
+            "effect": cs.necessity,
+            "p_value": cs.p_value,
+            "details": {
+                "fraction": cs.necessity_fraction,
+                "verdict": cs.verdict,
+                "reason": cs.reason,
+                "random_scope": cs.random_scope,
+            },
+        }
+    )
+    ablations.append(
+        {
+            "experiment": "sufficiency",
+            "components": cs.components,
+            "kind": kind_,
+            "metric": cs.sufficiency_metric,
+            "effect": cs.sufficiency_fraction,
+            "details": {
+                "what": "everything but the set ablated; effect = share of the metric kept"
+            },
+        }
+    )
+    for k, d in enumerate(cs.random_drops):
+        ablations.append(
+            {
+                "experiment": "random_set",
+                "components": [],
+                "kind": kind_,
+                "metric": v.metric_clean - d,
+                "effect": d,
+                "details": {"index": k, "scope": cs.random_scope},
+            }
+        )
+    remedies = [
+        {
+            "remedy_id": str(uuid.uuid4()),
+            "kind": r.kind,
+            "components": r.components,
+            "metric_before": r.metric_before,
+            "metric_after": r.metric_after,
+            "p_bad_before": r.p_bad_before,
+            "p_bad_after": r.p_bad_after,
+            "side_effect": r.side_effect,
+            "recommended": r.recommended,
+            "note": r.note,
+            "patch_spec": r.patch_spec,
+        }
+        for r in run.remedies
+    ]
+    rec = run.recommended
+    cf = att.counterfactual
+    summary = {
+        "verdict": v.verdict,
+        "cause_set": cs.components,
+        "top_cause": v.ranked()[0].id if v.candidates else None,
+        "metric_before": v.metric_clean,
+        "metric_baseline": v.metric_baseline,
+        "metric_after": rec.metric_after if rec else None,
+        "p_bad_before": run.remedies[0].p_bad_before if run.remedies else None,
+        "p_bad_after": rec.p_bad_after if rec else None,
+        "baseline": baseline,
+        "counterfactual": None
+        if cf is None
+        else {
+            "text": cf.text,
+            "generated": cf.generated,
+            "drop": cf.drop,
+            "replaced": cf.replaced,
+        },
+        "token_completeness": att.tokens.completeness,
+        "graph_paths": att.paths,
+        "set_reason": cs.reason,
+        "confirm_cost": v.cost,
+        "trace_cost": {k: v2 for k, v2 in comps.cost.items()},
+    }
+    return RunRecord(
+        incident=IncidentRecord.from_incident(run.incident),
+        model=ModelRecord.from_subject(s),
+        kind=kind,
+        parent_run_id=parent_run_id,
+        status="ok",
+        config=run.config.to_json(),
+        device=str(s.device),
+        seed=run.config.seed,
+        timings=run.timings,
+        summary=summary,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        token_scores=tokens,
+        nodes=nodes,
+        edges=edges,
+        ablations=ablations,
+        remedies=remedies,
+    )
