@@ -8,14 +8,15 @@ For a confirmed cause set the fixes are:
   toward the bad continuation (by attribution), the fewest of 2, 4, 8, 16 or 32 that bring
   P(bad) under the target, held at their means: the smallest change that works;
 - ``direction_removal``: the contrastive direction, the difference of mean residual streams
-  between the prompt and the counterfactual after the causal layer (the deepest layer of the
-  set), projected out of every write into the residual stream up to that layer, at every
+  between the prompt and the counterfactual after a causal layer (each layer of the set is
+  tried), projected out of every write into the residual stream up to that layer, at every
   position, so that the residual stream there carries none of it.
 
 Each is measured on the incident (metric and P(bad) before and after) and on the reference
 (benign) prompts: the mean KL divergence of the next-token distributions, original against
-fixed, and the change of the mean language-model loss. The fix that brings P(bad) under
-``p_bad_target`` at the smallest loss increase is marked ``recommended``.
+fixed, and the change of the mean language-model loss. Of the fixes that bring P(bad) under
+``p_bad_target`` while raising the benign loss by under ``max_loss_pct``, the cheapest is marked
+``recommended``; when none does both, the best trade-off is, and its note says so.
 
 A fix also has a patch spec (JSON) that ``apply_patch`` bakes into the weights of a model
 directory, so the fixed model can ship without rca's hooks (see ``apply_patch``).
