@@ -1,0 +1,104 @@
+"""The command line, end to end on the quick zoo: demo, store commands, trace and confirm JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rca.cli import app
+
+CASES = Path(__file__).resolve().parents[2] / "cases"
+runner = CliRunner()
+
+
+def rca(*args: str) -> tuple[int, str, str]:
+    r = runner.invoke(app, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def demo_db(zoo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("demo")
+    db, reports = tmp / "rca.duckdb", tmp / "reports"
+    code, out, err = rca(
+        "demo", "--quick", "--home", str(zoo_home), "--db", str(db), "--reports", str(reports),
+        "--device", "cpu", "--cases", str(CASES), "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads(out)
+    assert sorted(r["case_id"] for r in rows) == [
+        "zoo-backdoor",
+        "zoo-bias",
+        "zoo-injection",
+        "zoo-leak",
+    ]
+    return db, reports
+
+
+def test_demo_fills_the_store_and_writes_case_files(demo_db: tuple[Path, Path]) -> None:
+    db, reports = demo_db
+    code, out, _ = rca("cases", "list", "--db", str(db), "--json")
+    assert code == 0
+    assert len({r["incident_id"] for r in json.loads(out)}) == 4
+    for case in ("zoo-leak", "zoo-backdoor", "zoo-bias", "zoo-injection"):
+        page = (reports / f"{case}.html").read_text()
+        assert "<svg" in page and "<script" not in page.lower()
+        assert (reports / f"{case}.md").read_text().startswith("# Case")
+    code, out, _ = rca("verify", "--db", str(db))
+    assert code == 0 and "ok" in out
+
+
+def test_notes_report_and_export(demo_db: tuple[Path, Path], tmp_path: Path) -> None:
+    db, _ = demo_db
+    code, out, err = rca("notes", "add", "zoo-bias", "--author", "ana", "--text", "<b>x</b>'; --",
+                         "--db", str(db))  # fmt: skip
+    assert code == 0, err
+    code, out, _ = rca("cases", "show", "zoo-bias", "--db", str(db), "--json")
+    assert any(n["text"] == "<b>x</b>'; --" for n in json.loads(out)["notes"])
+    html_out = tmp_path / "bias.html"
+    code, _, err = rca(
+        "report", "zoo-bias", "--format", "html", "-o", str(html_out), "--db", str(db)
+    )
+    assert code == 0, err
+    assert "&lt;b&gt;x&lt;/b&gt;" in html_out.read_text()
+    code, out, _ = rca("export", str(tmp_path / "parquet"), "--db", str(db))
+    assert code == 0 and "runs.parquet" in out
+    code, _, _ = rca("verify", "--db", str(db))
+    assert code == 0
+
+
+def test_trace_json_shape(zoo_home: Path, tmp_path: Path) -> None:
+    graph = tmp_path / "g.graphml"
+    code, out, err = rca("trace", str(CASES / "backdoor.toml"), "--home", str(zoo_home),
+                         "--device", "cpu", "--json", "--graph", str(graph))  # fmt: skip
+    assert code == 0, err
+    j = json.loads(out)
+    assert {"tokens", "components", "edges", "counterfactual", "method"} <= set(j)
+    assert {"position", "token", "score"} == set(j["tokens"][0])
+    assert {"id", "kind", "layer", "score"} == set(j["components"][0])
+    assert {"source", "target", "score"} == set(j["edges"][0])
+    assert j["counterfactual"]["generated"] is False and j["method"] == "eap-ig"
+    assert graph.read_text().startswith("<?xml")
+
+
+def test_confirm_json(zoo_home: Path) -> None:
+    code, out, err = rca("confirm", str(CASES / "bias.toml"), "--home", str(zoo_home),
+                         "--device", "cpu", "--json", "--n-random", "50")  # fmt: skip
+    assert code == 0, err
+    j = json.loads(out)
+    assert j["verdict"] in ("confirmed", "not_confirmed", "inconclusive")
+    assert j["cause_set"]["components"] and j["causes"][0]["rank"] == 1
+    assert j["config"]["n_random"] == 50
+
+
+def test_user_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('id = "x"\ntitle = "t"\nseverity = "urgent"\n')
+    code, out, err = rca("check", str(bad), "--no-model")
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "key 'model'" in err and "Traceback" not in err
+    code, _, err = rca("inspect", str(tmp_path / "nowhere"))
+    assert code == 2 and "does not exist" in err
