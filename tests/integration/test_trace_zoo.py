@@ -106,9 +106,7 @@ def test_component_scores_rank_like_exact_patching(
 def test_automatic_counterfactual_removes_80_percent(v1: Subject, key: str) -> None:
     p = planted(key)
     tgt = encode_target(v1.tokenizer, p.prompt, p.bad, p.good)
-    cf = auto_counterfactual(
-        v1, tgt, prompt=p.prompt, reference_prompts=zoo.benign_prompts(32)
-    )
+    cf = auto_counterfactual(v1, tgt, prompt=p.prompt, reference_prompts=zoo.benign_prompts(32))
     assert cf.generated and cf.ok, cf
     assert cf.drop >= 0.8, cf
     assert len(cf.prompt_ids) == tgt.n_prompt  # it lines up token for token
