@@ -398,13 +398,13 @@ def mean_activations(
         for k in keys:
             a = acts[k][0].float()  # (pos, width) or (pos,)
             if not per_position:
-                a, n = a.sum(0), torch.tensor(a.shape[0], dtype=torch.float32)
+                a, n = a.sum(0), torch.tensor(a.shape[0], dtype=torch.float32, device=a.device)
             else:
-                n = torch.ones(a.shape[0])
+                n = torch.ones(a.shape[0], device=a.device)
             if k in sums and per_position and sums[k].shape[0] < a.shape[0]:
                 pad = a.shape[0] - sums[k].shape[0]
                 sums[k] = torch.cat([sums[k], torch.zeros_like(a[:pad])])
-                counts[k] = torch.cat([counts[k], torch.zeros(pad)])
+                counts[k] = torch.cat([counts[k], torch.zeros(pad, device=a.device)])
             if k not in sums:
                 sums[k], counts[k] = torch.zeros_like(a), torch.zeros_like(n)
             if per_position:

@@ -61,3 +61,22 @@ def test_integrated_gradients_on_cuda(tmp_path: Path) -> None:
         torch.tensor(ts_gpu.scores), torch.tensor(ts_cpu.scores), atol=1e-4, rtol=1e-3
     )
     assert ts_gpu.completeness["relative_error"] < 0.05
+
+
+def test_mean_activations_and_remedies_on_cuda(tmp_path: Path) -> None:
+    """Regression: mean_activations once mixed CPU counts with CUDA sums."""
+    from rca.hooks import mean_activations
+    from rca.remedy import try_remedies
+    from tests.helpers import words
+
+    d = save_model_dir(tmp_path / "m", tiny_model("gpt2", seed=5), word_tokenizer())
+    refs = [words(*range(i, i + 6)) for i in range(0, 30, 6)]
+    out = []
+    for dev in ("cpu", "cuda"):
+        s = load_subject(d, device=dev)
+        m = mean_activations(s, refs, ["L1.H2", "L0.MLP", "L1.N3"])
+        out.append({k: v.cpu() for k, v in m.items()})
+        rs = try_remedies(s, TGT, ["L1.H2", "L0.MLP"], counterfactual=CF, reference=refs)
+        assert sum(r.recommended for r in rs) == 1
+    for k in out[0]:
+        torch.testing.assert_close(out[1][k], out[0][k], atol=1e-5, rtol=1e-4)
