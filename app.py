@@ -14,8 +14,6 @@ st.write(
     "The case store and investigation pages are not built yet. From a terminal: "
     "`rca zoo build` trains the demo models, `rca demo` shows their planted incidents."
 )
-rows = [
-    {"model": e.name, "built": e.built, "path": str(e.path)} for e in zoo.list_models()
-]
+rows = [{"model": e.name, "built": e.built, "path": str(e.path)} for e in zoo.list_models()]
 st.subheader("Demo models")
 st.dataframe(rows, hide_index=True)

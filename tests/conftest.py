@@ -1,4 +1,4 @@
-"""Shared fixtures. Tests never touch the network: the hub is switched off before transformers loads."""
+"""Shared fixtures. Tests never touch the network: the hub is off before transformers loads."""
 
 from __future__ import annotations
 
