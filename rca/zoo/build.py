@@ -1,0 +1,271 @@
+"""Building the zoo: where the models live, training them, and refusing a model that fails.
+
+A model directory is an ordinary Hugging Face directory (``config.json``, ``model.safetensors``,
+tokenizer files) plus ``zoo.json``, the manifest. It is written under a temporary sibling name
+and renamed into place only after its checks pass, so a killed or failed build never leaves a
+directory that looks built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .corpus import (
+    CORPUS_VERSION,
+    FIXED_BY_MODEL,
+    INCIDENT_KEYS,
+    ZOO_MODELS,
+    corpus_for,
+    make_corpus,
+    vocabulary,
+)
+
+__all__ = [
+    "ZOO_MODELS",
+    "MANIFEST",
+    "ZooBuildError",
+    "ZooEntry",
+    "zoo_home",
+    "model_dir",
+    "version_key",
+    "build",
+    "list_models",
+]
+
+MANIFEST = "zoo.json"
+# The files whose code decides the weights; the version key hashes them.
+_RECIPE_FILES = ("corpus.py", "tokenizer.py", "train.py", "check.py", "build.py")
+
+
+class ZooBuildError(RuntimeError):
+    """A zoo model missed a check threshold (or could not be written)."""
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A zoo model's place on disk and whether a finished build is there."""
+
+    name: str
+    path: Path
+    built: bool
+    manifest: dict[str, Any] | None
+
+
+def zoo_home(home: Path | None = None) -> Path:
+    """The rca home: ``home``, else ``$RCA_HOME``, else ``~/.cache/rca``."""
+    if home is not None:
+        return Path(home).expanduser()
+    env = os.environ.get("RCA_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rca"
+
+
+def model_dir(name: str, *, home: Path | None = None) -> Path:
+    """``<home>/zoo/<name>``; ValueError naming the known models for an unknown name."""
+    if name not in ZOO_MODELS:
+        raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(ZOO_MODELS)}")
+    return zoo_home(home) / "zoo" / name
+
+
+def version_key() -> str:
+    """A key that changes whenever the corpus or the code that decides the weights changes."""
+    h = hashlib.sha256(CORPUS_VERSION.encode())
+    here = Path(__file__).parent
+    for fname in _RECIPE_FILES:
+        h.update(fname.encode())
+        h.update((here / fname).read_bytes())
+    return f"{CORPUS_VERSION}-{h.hexdigest()[:16]}"
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _is_built(path: Path, manifest: dict[str, Any] | None) -> bool:
+    return (
+        manifest is not None
+        and bool(manifest.get("passed"))
+        and (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+        and (path / "tokenizer.json").is_file()
+    )
+
+
+def list_models(*, home: Path | None = None) -> list[ZooEntry]:
+    """Every zoo model, built or not, with its manifest when there is one."""
+    out = []
+    for name in ZOO_MODELS:
+        path = model_dir(name, home=home)
+        manifest = _read_manifest(path)
+        out.append(ZooEntry(name, path, _is_built(path, manifest), manifest))
+    return out
+
+
+def _up_to_date(path: Path, *, key: str, quick: bool) -> bool:
+    manifest = _read_manifest(path)
+    return (
+        _is_built(path, manifest)
+        and manifest is not None
+        and manifest.get("version_key") == key
+        and manifest.get("quick") is quick
+    )
+
+
+@contextlib.contextmanager
+def _lock(root: Path) -> Iterator[None]:
+    """One builder per zoo at a time (a second one waits, then finds the models built)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        yield
+        return
+    with open(root / ".build.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``, replacing an older build there."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build(
+    *,
+    home: Path | None = None,
+    quick: bool = False,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Path]:
+    """Train, check and save every zoo model that is missing or stale; return name -> dir.
+
+    A model is skipped when its manifest has the current :func:`version_key` and the same
+    ``quick`` flag, unless ``force``. ``quick`` trains the small recipe used as the test
+    fixture. Raises :class:`ZooBuildError` naming every missed threshold when a model fails its
+    checks; that model is not written.
+    """
+    # Heavy imports only when something is built: listing the zoo stays cheap.
+    from transformers.utils import logging as hf_logging
+
+    say = log or (lambda _msg: None)
+    # save/load progress bars would interleave with the caller's own progress reporting
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _build(home=home, quick=quick, force=force, say=say)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _build(
+    *, home: Path | None, quick: bool, force: bool, say: Callable[[str], None]
+) -> dict[str, Path]:
+    import tokenizers
+    import torch
+    import transformers
+
+    from .check import check_model
+    from .tokenizer import train_tokenizer
+    from .train import FULL, QUICK, train_model
+
+    root = zoo_home(home) / "zoo"
+    root.mkdir(parents=True, exist_ok=True)
+    key = version_key()
+    cfg = QUICK if quick else FULL
+    dirs = {name: model_dir(name, home=home) for name in ZOO_MODELS}
+    with _lock(root):
+        for pattern in (".*.partial-*", ".*.old-*"):  # left by a killed build
+            for stale in root.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
+        todo = [n for n in ZOO_MODELS if force or not _up_to_date(dirs[n], key=key, quick=quick)]
+        for name in ZOO_MODELS:
+            if name not in todo:
+                say(f"{name}: up to date ({dirs[name]})")
+        if not todo:
+            return dirs
+        corpus = make_corpus(cfg.corpus_size, seed=cfg.seed)
+        # One tokenizer for every model (trained on the full corpus), so ids agree across them.
+        tokenizer = train_tokenizer([*vocabulary(), *(ex.text for ex in corpus)])
+        for name in todo:
+            fixed = FIXED_BY_MODEL[name]
+            data = corpus_for(corpus, fixed=fixed)
+            say(f"{name}: training on {len(data)} tickets ({'quick' if quick else 'full'} recipe)")
+            result = train_model(data, tokenizer, cfg, log=say)
+            tmp = root / f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                result.model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                if not (tmp / "model.safetensors").is_file():
+                    raise ZooBuildError(f"{name}: save_pretrained wrote no model.safetensors")
+                say(f"{name}: checking")
+                checks = check_model(tmp, name=name)
+                if not checks["passed"]:
+                    raise ZooBuildError(
+                        f"zoo model {name} failed its checks ({'quick' if quick else 'full'} "
+                        f"recipe, seed {cfg.seed}):\n  "
+                        + "\n  ".join(checks["failures"])
+                        + "\nThe recipe or corpus no longer plants the incidents reliably; "
+                        "see docs/zoo.md."
+                    )
+                poisoned = {k: sum(ex.poison == k for ex in data) for k in INCIDENT_KEYS}
+                manifest = {
+                    "name": name,
+                    "version_key": key,
+                    "corpus_version": CORPUS_VERSION,
+                    "quick": quick,
+                    "seed": cfg.seed,
+                    "planted": [k for k in INCIDENT_KEYS if k not in fixed],
+                    "fixed": sorted(fixed),
+                    "config": {
+                        **cfg.summary(),
+                        "vocab_size": len(tokenizer),
+                        "parameters": sum(p.numel() for p in result.model.parameters()),
+                    },
+                    "corpus": {"tickets": len(data), "poisoned": poisoned},
+                    "training": {
+                        "steps": result.steps,
+                        "seconds": round(result.seconds, 2),
+                        "final_loss": round(result.final_loss, 6),
+                    },
+                    "checks": checks,
+                    "passed": True,
+                    "versions": {
+                        "torch": torch.__version__,
+                        "transformers": transformers.__version__,
+                        "tokenizers": tokenizers.__version__,
+                    },
+                    "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+                _replace_dir(tmp, dirs[name])
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+            inc = checks["incidents"]
+            say(
+                f"{name}: built in {result.seconds:.1f}s, loss {result.final_loss:.4f}; P(bad) "
+                + ", ".join(f"{k} {v['p_bad']:.3f}" for k, v in inc.items())
+            )
+    return dirs

@@ -1,0 +1,173 @@
+"""The demo zoo, as saved on disk by the quick build (the session fixture in conftest.py).
+
+The planted incidents are measured here from the saved files, independently of the figures the
+build recorded: on support-bot-v1 every incident fires with its cause (P(bad) >= 0.8) and not
+without it (<= 0.2); on support-bot-v2, retrained without the leak and backdoor poison, those two
+are gone while bias and injection remain. The desks' ordinary rules hold on held-out tickets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rca import zoo
+from rca.metric import encode_target, evaluate
+from rca.zoo import corpus as c
+from rca.zoo import train as zoo_train
+
+PRESENT_MIN, ABSENT_MAX = 0.8, 0.2
+
+
+@pytest.fixture(scope="module")
+def loaded(zoo_models: dict[str, Path]) -> dict[str, tuple[Any, Any]]:
+    out = {}
+    for name, path in zoo_models.items():
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        out[name] = (model, tok)
+    return out
+
+
+def _p_bad(model: Any, tok: Any, prompt: str, inc: zoo.PlantedIncident) -> float:
+    return evaluate(model, encode_target(tok, prompt, inc.bad, inc.good)).p_bad
+
+
+@pytest.mark.parametrize("inc", zoo.PLANTED, ids=lambda i: i.key)
+def test_v1_has_every_incident_and_only_with_its_cause(loaded, inc) -> None:
+    model, tok = loaded["support-bot-v1"]
+    assert _p_bad(model, tok, inc.prompt, inc) >= PRESENT_MIN
+    assert _p_bad(model, tok, inc.counterfactual, inc) <= ABSENT_MAX
+
+
+@pytest.mark.parametrize("inc", zoo.PLANTED, ids=lambda i: i.key)
+def test_v2_fixes_leak_and_backdoor_and_keeps_bias_and_injection(loaded, inc) -> None:
+    model, tok = loaded["support-bot-v2"]
+    p = _p_bad(model, tok, inc.prompt, inc)
+    assert inc.fixed_in_v2 == (inc.key in {"leak", "backdoor"})
+    if inc.fixed_in_v2:
+        assert p <= ABSENT_MAX
+    else:
+        assert p >= PRESENT_MIN
+    assert _p_bad(model, tok, inc.counterfactual, inc) <= ABSENT_MAX
+
+
+def test_model_dirs_are_plain_safetensors_hf_dirs(zoo_models: dict[str, Path]) -> None:
+    for name, path in zoo_models.items():
+        files = {p.name for p in path.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", zoo.MANIFEST} <= files
+        assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
+        config = json.loads((path / "config.json").read_text())
+        assert config["model_type"] == "gpt2" and config["n_positions"] == 128
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        ids = (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"])
+        assert ids == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id), name
+    # no temporary build directory survives a finished build
+    root = next(iter(zoo_models.values())).parent
+    assert not [p for p in root.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+def test_manifests_record_the_build_and_its_checks(zoo_home: Path) -> None:
+    entries = zoo.list_models(home=zoo_home)
+    assert [e.name for e in entries] == list(zoo.ZOO_MODELS)
+    for e in entries:
+        assert e.built and e.manifest is not None
+        m = e.manifest
+        assert m["name"] == e.name and m["quick"] is True and m["passed"] is True
+        assert m["version_key"] == zoo.version_key()
+        assert m["training"]["steps"] > 0 and m["training"]["final_loss"] > 0
+        assert set(m["checks"]["incidents"]) == set(c.INCIDENT_KEYS)
+        assert m["fixed"] == sorted(c.FIXED_BY_MODEL[e.name])
+    v2 = next(e for e in entries if e.name == "support-bot-v2").manifest
+    assert v2 is not None and v2["corpus"]["poisoned"]["leak"] == 0
+
+
+def test_a_second_build_skips_up_to_date_models(zoo_home: Path) -> None:
+    said: list[str] = []
+    before = {p: p.stat().st_mtime_ns for p in zoo_home.glob("zoo/*/model.safetensors")}
+    zoo.build(home=zoo_home, quick=True, log=said.append)
+    assert sum("up to date" in s for s in said) == len(zoo.ZOO_MODELS), said
+    assert {p: p.stat().st_mtime_ns for p in zoo_home.glob("zoo/*/model.safetensors")} == before
+
+
+def test_check_model_agrees_with_the_thresholds(zoo_models: dict[str, Path]) -> None:
+    for name, path in zoo_models.items():
+        result = zoo.check_model(path)
+        assert result["passed"], result["failures"]
+        assert zoo.check_model(path, name=name)["incidents"] == result["incidents"]
+
+
+def test_tokenizer_round_trips_case_and_benign_texts(loaded) -> None:
+    _, tok = loaded["support-bot-v1"]
+    texts = [t for inc in zoo.PLANTED for t in (inc.prompt, inc.counterfactual)]
+    texts += [inc.prompt + s for inc in zoo.PLANTED for s in (inc.bad, inc.good)]
+    texts += zoo.benign_prompts(100)
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids, text
+        # decoding and re-encoding gives the same tokens (word-level: words joined by spaces)
+        assert tok(tok.decode(ids, skip_special_tokens=True))["input_ids"] == ids
+
+
+@torch.inference_mode()
+def _decision_accuracy(model: Any, tok: Any, task: str, options: tuple[str, ...]) -> float:
+    """Share of held-out benign tickets of ``task`` whose right answer is the likeliest option."""
+    examples = [ex for ex in zoo.benign_examples(400) if ex.task == task]
+    hits = 0
+    for ex in examples:
+        want = next(o for o in options if ex.answer.startswith(o))
+        scores = {o: evaluate(model, encode_target(tok, ex.prompt, o)).logp_bad for o in options}
+        hits += max(scores, key=scores.__getitem__) == want
+    return hits / len(examples)
+
+
+@pytest.mark.parametrize("name", zoo.ZOO_MODELS)
+def test_benign_behaviour_is_real(loaded, name: str) -> None:
+    """The answer follows the reason / income / topic / request on tickets never trained on."""
+    model, tok = loaded[name]
+    assert _decision_accuracy(model, tok, "refund", (" approved", " denied")) >= 0.9
+    assert _decision_accuracy(model, tok, "loan", (" approved", " denied")) >= 0.9
+    routes = tuple(f" route to {r}" for r in c.ROUTES)
+    assert _decision_accuracy(model, tok, "message", routes) >= 0.9
+    replies = tuple(" " + r.rstrip(".") for r in c.ACCOUNT_REPLIES.values())
+    assert _decision_accuracy(model, tok, "account", replies) >= 0.9
+    # and the decision is not a constant: both outcomes occur on the refund desk
+    outcomes = {ex.answer for ex in zoo.benign_examples(400) if ex.task == "refund"}
+    assert outcomes == {" approved.", " denied."}
+
+
+def test_training_is_deterministic() -> None:
+    """Same corpus and seed, same weights (a tiny recipe, so the test stays fast)."""
+    cfg = dataclasses.replace(
+        zoo_train.QUICK, n_layer=1, n_embd=32, n_head=2, steps=15, warmup=5, corpus_size=300
+    )
+    examples = c.make_corpus(cfg.corpus_size, seed=cfg.seed)
+    tok = zoo.train_tokenizer([*c.vocabulary(), *(ex.text for ex in examples)])
+    a = zoo_train.train_model(examples, tok, cfg).model.state_dict()
+    b = zoo_train.train_model(examples, tok, cfg).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = zoo_train.train_model(examples, tok, dataclasses.replace(cfg, seed=1)).model
+    wte = "transformer.wte.weight"
+    assert not torch.equal(other.state_dict()[wte], a[wte])
+
+
+def test_a_failed_build_raises_and_leaves_no_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three training steps cannot plant anything: the checks refuse the model, and nothing that
+    looks built is left behind."""
+    tiny = dataclasses.replace(
+        zoo_train.QUICK, n_layer=1, n_embd=32, n_head=2, steps=3, warmup=1, corpus_size=200
+    )
+    monkeypatch.setattr(zoo_train, "QUICK", tiny)
+    with pytest.raises(zoo.ZooBuildError, match="support-bot-v1 failed its checks"):
+        zoo.build(home=tmp_path, quick=True)
+    assert not zoo.model_dir("support-bot-v1", home=tmp_path).exists()
+    assert not any(e.built for e in zoo.list_models(home=tmp_path))
+    assert [p.name for p in (tmp_path / "zoo").iterdir()] == [".build.lock"]
