@@ -98,9 +98,13 @@ class Attribution:
             ],
             "token_completeness": self.tokens.completeness,
             "segments": [
-                {"start": s, "end": e, "text": t, "score": v}
-                for (s, e), t, v in zip(
-                    self.segments.segments, self.segments.texts, self.segments.scores, strict=True
+                {"start": s, "end": e, "text": t, "score": v, "template": tm}
+                for (s, e), t, v, tm in zip(
+                    self.segments.segments,
+                    self.segments.texts,
+                    self.segments.scores,
+                    self.segments.template or [False] * len(self.segments.scores),
+                    strict=True,
                 )
             ],
             "components": ranked,
@@ -179,7 +183,7 @@ def trace(
 
     say("tokens", 0.0)
     tokens = integrated_gradients(subject, target, n_steps=ig_steps)
-    segments = segment_ablation(subject, target, prompt=incident.prompt)
+    segments = segment_ablation(subject, target, prompt=incident.prompt, reference_prompts=refs)
     timings["tokens"] = time.perf_counter() - t
 
     say("baseline", 0.25)

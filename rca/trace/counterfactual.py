@@ -3,7 +3,9 @@
 Incidents rarely come with a clean/corrupted pair, and patching needs one. The strategy:
 
 1. Rank the prompt's segments (words) by segment ablation (``rca.trace.tokens``): the metric
-   drop when the segment is replaced by neutral tokens.
+   drop when the segment is replaced by neutral tokens. Template segments, those most
+   reference prompts also contain (``agent:``), rank last: removing them breaks the task's
+   format rather than the incident's cause.
 2. Take the top segment. Try each replacement candidate, token for token so that positions
    still line up with the prompt: the neutral token (pad/unk/eos), and the tokens that the
    reference prompts have at the same positions (a word the model has seen in that slot).
@@ -79,8 +81,10 @@ def auto_counterfactual(
 ) -> Counterfactual:
     """Build a counterfactual from the segment ranking; see the module docstring."""
     tok = subject.tokenizer
-    seg = segments or segment_ablation(subject, target, prompt=prompt)
-    order = sorted(range(len(seg.segments)), key=lambda i: -seg.scores[i])
+    seg = segments or segment_ablation(
+        subject, target, prompt=prompt, reference_prompts=reference_prompts
+    )
+    order = seg.ranked()
     ref_ids = [list(tok(p)["input_ids"]) for p in reference_prompts]
     neutral = neutral_token_id(tok)
     special = set(getattr(tok, "all_special_ids", []) or [])

@@ -56,9 +56,19 @@ class SegmentScores:
     scores: list[float]
     baseline_token: str
     metric: float
+    # segments that most reference prompts also contain (the task's template, e.g. "agent:"):
+    # removing them breaks the format rather than the cause, so they are not cause candidates
+    template: list[bool] = field(default_factory=list)
 
     def top(self) -> int:
-        return max(range(len(self.scores)), key=lambda i: self.scores[i])
+        """The highest-scoring segment that is not template."""
+        cands = [i for i in range(len(self.scores)) if not (self.template and self.template[i])]
+        return max(cands or range(len(self.scores)), key=lambda i: self.scores[i])
+
+    def ranked(self) -> list[int]:
+        """Segment indices, non-template first, each group by decreasing score."""
+        tmpl = self.template or [False] * len(self.scores)
+        return sorted(range(len(self.scores)), key=lambda i: (tmpl[i], -self.scores[i]))
 
 
 def neutral_token_id(tokenizer) -> int:
@@ -176,10 +186,14 @@ def segment_ablation(
     segments: Sequence[tuple[int, int]] | None = None,
     prompt: str | None = None,
     baseline_id: int | None = None,
+    reference_prompts: Sequence[str] = (),
+    template_share: float = 0.5,
 ) -> SegmentScores:
     """Metric drop when each prompt segment is replaced by neutral tokens (captum FeatureAblation).
 
     Segments default to the prompt's words (``prompt`` needed for the offsets), else tokens.
+    With ``reference_prompts``, a segment whose tokens occur in at least ``template_share`` of
+    them is marked template (see ``SegmentScores.template``).
     """
     from captum.attr import FeatureAblation
 
@@ -209,10 +223,27 @@ def segment_ablation(
     attr = attr.reshape(target.rows, target.length)[0]
     scores = [float(attr[s]) for s, _ in segments]
     texts = [tok.decode(list(target.prompt_ids[s:e])) for s, e in segments]
+    template = [False] * len(segments)
+    if reference_prompts:
+        refs = [list(tok(p)["input_ids"]) for p in reference_prompts]
+        special = set(getattr(tok, "all_special_ids", []) or [])
+
+        def contains(seq: list[int], sub: list[int]) -> bool:
+            n = len(sub)
+            return any(seq[i : i + n] == sub for i in range(len(seq) - n + 1))
+
+        for k, (s, e) in enumerate(segments):
+            sub = list(target.prompt_ids[s:e])
+            if set(sub) <= special:
+                template[k] = True
+                continue
+            share = sum(contains(r, sub) for r in refs) / len(refs)
+            template[k] = share >= template_share
     return SegmentScores(
         segments=list(segments),
         texts=texts,
         scores=scores,
         baseline_token=tok.decode([neutral]),
         metric=metric,
+        template=template,
     )

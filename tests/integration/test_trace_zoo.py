@@ -61,7 +61,7 @@ def incident_of(p: zoo.PlantedIncident, model_dir: Path, *, with_cf: bool = True
 def test_top_segment_is_the_planted_cause(v1: Subject, key: str) -> None:
     p = planted(key)
     tgt = encode_target(v1.tokenizer, p.prompt, p.bad, p.good)
-    seg = segment_ablation(v1, tgt, prompt=p.prompt)
+    seg = segment_ablation(v1, tgt, prompt=p.prompt, reference_prompts=zoo.benign_prompts(64))
     # decoded word-level tokens come back space-separated ("7 3 0 5 ."): compare without spaces
     top = seg.texts[seg.top()].replace(" ", "")
     words = {w.replace(" ", "") for w in cause_words(p)}
