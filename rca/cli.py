@@ -260,7 +260,9 @@ def _references(inc: Any, n: int = 64) -> list[str]:
 def confirm_cmd(
     case: Path = typer.Argument(..., help="The case file (TOML)."),
     method: str = typer.Option("eap-ig", "--method", help="Trace method: atp or eap-ig."),
-    kind: str = typer.Option("mean", "--kind", help="Ablation: zero, mean or resample."),
+    kind: str = typer.Option(
+        "auto", "--kind", help="Set ablation: auto, patch, zero, mean or resample."
+    ),
     top_k: int = typer.Option(10, "--top-k", help="Candidates verified by exact patching."),
     n_random: int = typer.Option(100, "--n-random", help="Random sets for the p-value (>= 50)."),
     seed: int = typer.Option(0, "--seed"),
@@ -318,6 +320,36 @@ def confirm_cmd(
 
 
 DbOpt = typer.Option(None, "--db", help="Database file (default: $RCA_DB or ./rca.duckdb).")
+bench_app = typer.Typer(help="Benchmarks with known answers.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("localization")
+@friendly
+def bench_localization(
+    faults: int = typer.Option(40, "--faults", help="Faults to plant (spread over kinds)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fault plan and the plants."),
+    small: bool = typer.Option(False, "--small", help="The small 3-layer CI hosts."),
+    exhaustive: bool = typer.Option(
+        True, "--exhaustive/--no-exhaustive", help="Also run exhaustive patching (baseline)."
+    ),
+    threads: int = typer.Option(1, "--threads", help="torch threads."),
+    out_file: Path | None = typer.Option(None, "--out", help="Also write the full JSON here."),
+    home: Path | None = HomeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Plant seeded faults in trained hosts, localize each, and report AC@1 / AC@3 / cost."""
+    from rca.bench.localization import main as bench_main
+
+    argv = ["--faults", str(faults), "--seed", str(seed), "--threads", str(threads)]
+    argv += ["--small"] if small else []
+    argv += [] if exhaustive else ["--no-exhaustive"]
+    argv += ["--out", str(out_file)] if out_file else []
+    argv += ["--home", str(home)] if home else []
+    argv += ["--json"] if as_json else []
+    raise typer.Exit(bench_main(argv))
+
+
 cases_app = typer.Typer(help="Recorded cases (runs) in the store.", no_args_is_help=True)
 notes_app = typer.Typer(help="Append-only notes on runs.", no_args_is_help=True)
 app.add_typer(cases_app, name="cases")

@@ -15,9 +15,12 @@ module runs them, many at once:
 - **Per candidate**: total effect TE (patched to the baseline), direct effect DE (patched to the
   baseline with every later component frozen at its clean value, so only its direct path to the
   logits changes), and necessity NE (ablated by the chosen kind).
-- **Ranking**: the leading group (effect within ``window`` of the largest, effect = max(TE, NE))
-  ordered by DE, then the rest by effect. Total effect alone ranks carriers with the origin;
-  direct effect alone ranks amplifiers first (see docs/confirm.md).
+- **Ranking**: a candidate's effect is the share of P(bad) that max(TE, NE) removes. The leading
+  group (effect within ``window`` of the largest) is ordered by min(DE, NE) where that reaches
+  ``direct_fraction`` of the gap, then by min(TE, NE); the rest follow by effect. Total effect
+  alone ranks carriers with the origin; direct effect alone ranks amplifiers first; a direct
+  effect that ablation does not confirm belongs to a clean writer of the counterfactual's
+  answer (see docs/confirm.md).
 - **Minimal cause set**: greedy in rank order until ablating the set removes ``set_fraction`` of
   the metric, measured from the prompt's metric down to the reference point (the baseline's
   metric, or 0 for a log-ratio metric whose baseline is below 0: P(bad) = P(good)); then each
@@ -319,13 +322,17 @@ class ConfirmConfig:
     """Thresholds and budgets of a confirmation; recorded with every result."""
 
     top_k: int = 10  # candidates taken from the trace ranking
-    # how sets and random sets are ablated: auto (patch to the counterfactual when there is
-    # one, else mean) | patch | zero | mean | resample. Necessity of single candidates always
-    # uses an ablation (mean where reference prompts exist, else zero), which catches enablers.
+    # how sets and random sets are ablated: auto (mean over the reference prompts when there
+    # are some, else patch to the counterfactual, else zero) | patch | zero | mean | resample.
+    # Necessity of single candidates always uses an ablation (mean where reference prompts
+    # exist, else zero), which catches enablers. Patching makes every carrier of the prompt's
+    # difference as effective as the cause, so random sets that hold one are hard to beat.
     kind: str = "auto"
     set_fraction: float = 0.8  # a cause set must remove this share of the prompt-baseline gap
     component_fraction: float = 0.1  # a member must carry this share within the set
     window: float = 0.2  # leading group: effect within this share of the largest
+    # a direct effect orders the leading group only where min(DE, NE) is this share of the gap
+    direct_fraction: float = 0.05
     alpha: float = 0.05  # p-value threshold against random sets
     n_random: int = 100  # random sets (>= 50)
     max_set: int = 6
@@ -339,7 +346,7 @@ class ConfirmConfig:
             )
         if self.n_random < 50:
             raise ConfirmError("n_random must be at least 50")
-        for name in ("set_fraction", "component_fraction", "window", "alpha"):
+        for name in ("set_fraction", "component_fraction", "window", "alpha", "direct_fraction"):
             v = getattr(self, name)
             if not 0 < v < 1:
                 raise ConfirmError(f"{name} must be between 0 and 1, got {v}")
@@ -426,6 +433,20 @@ def _summary(xs: Sequence[float]) -> dict[str, float]:
     }
 
 
+def _as_probability(m: float, rows: int) -> float:
+    """A metric value as a probability: P(bad) for log P(bad) (one row), P(bad beats good) for
+    the log-ratio (two rows)."""
+    return math.exp(min(m, 0.0)) if rows == 1 else 1.0 / (1.0 + math.exp(-m))
+
+
+def _share_removed(m_clean: float, m_ref: float, drop: float, *, rows: int) -> float:
+    """The share of the bad behaviour a metric drop removes, in probability. Log-space drops
+    beyond "the bad continuation is gone" differ only in how small P(bad) became: a carrier
+    that drives P(bad) to 1e-8 and the origin that drives it to 1e-4 did the same thing."""
+    p0, pr = _as_probability(m_clean, rows), _as_probability(m_ref, rows)
+    return (p0 - _as_probability(m_clean - drop, rows)) / max(p0 - pr, 1e-9)
+
+
 def _kind_of(cid: str) -> str:
     return "head" if ".H" in cid else "mlp"
 
@@ -499,10 +520,10 @@ def confirm(
     ablation = "mean" if ab.refs else "zero"  # for necessity: an ablation, whatever the set uses
     if cfg.kind in ("zero", "mean", "resample"):
         ablation = cfg.kind
-    if cfg.kind in ("auto", "patch"):
-        set_src = "baseline" if baseline is not None else ablation
+    if cfg.kind == "patch" or (cfg.kind == "auto" and not ab.refs and baseline is not None):
+        set_src = "baseline"
     else:
-        set_src = cfg.kind
+        set_src = ablation
     patch_src = "baseline" if baseline is not None else ablation
     m_clean = ab.metric_clean
     if ab.metric_baseline is not None:
@@ -561,13 +582,23 @@ def confirm(
         own = e.total_effect if set_src == "baseline" else e.necessity
         e.p_value = empirical_p_value(own, null, tol=tol)
 
-    # ranking: leading group by effect, ordered by direct effect; then the rest by effect
-    effect = {e.id: max(e.total_effect, e.necessity) for e in ev}
+    # ranking (docs/confirm.md): the leading group by the share of the bad behaviour removed,
+    # ordered by a direct effect that is also necessary, then by min(TE, NE); the rest by effect
+    def share_of(drop: float) -> float:
+        return _share_removed(m_clean, m_ref, drop, rows=target.rows)
+
+    effect = {e.id: share_of(max(e.total_effect, e.necessity)) for e in ev}
     top = max(effect.values())
     lead = [e for e in ev if effect[e.id] >= (1 - cfg.window) * top and top > 0]
     rest = [e for e in ev if e not in lead]
-    ordered = sorted(lead, key=lambda e: -e.direct_effect) + sorted(
-        rest, key=lambda e: -effect[e.id]
+
+    def lead_key(e: CandidateEvidence) -> tuple[float, float]:
+        direct = min(e.direct_effect, e.necessity)
+        direct = direct if direct >= cfg.direct_fraction * gap else 0.0
+        return (-direct, -min(e.total_effect, e.necessity))
+
+    ordered = sorted(lead, key=lead_key) + sorted(
+        rest, key=lambda e: (-effect[e.id], -max(e.total_effect, e.necessity))
     )
     for r, e in enumerate(ordered):
         e.rank = r + 1

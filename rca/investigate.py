@@ -190,6 +190,7 @@ def investigate(
         p_bad_target=cfg.p_bad_target,
         bad_text=incident.bad,
         neuron_scores=att.components.neurons,
+        edit_prompts=refs,
     )
     timings["remedy"] = time.perf_counter() - t
 

@@ -10,7 +10,12 @@ For a confirmed cause set the fixes are:
 - ``direction_removal``: the contrastive direction, the difference of mean residual streams
   between the prompt and the counterfactual after a causal layer (each layer of the set is
   tried), projected out of every write into the residual stream up to that layer, at every
-  position, so that the residual stream there carries none of it.
+  position, so that the residual stream there carries none of it;
+- ``write_direction_removal``: narrower, per component of the set: the difference between what
+  the component writes at the answer position on the prompt and on the counterfactual is
+  projected out of that component's writes only (its slice of the output projection for a
+  head, its down projection for an MLP). Everything else the component writes, and every other
+  component, is untouched, which is why it usually costs the least.
 
 Each is measured on the incident (metric and P(bad) before and after) and on the reference
 (benign) prompts: the mean KL divergence of the next-token distributions, original against
@@ -24,8 +29,10 @@ directory, so the fixed model can ship without rca's hooks (see ``apply_patch``)
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import math
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -112,12 +119,224 @@ def _direction_removed(subject: Subject, layer: int, direction: torch.Tensor) ->
             h.remove()
 
 
+def _unit(v: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    d = torch.as_tensor(v, dtype=torch.float32)
+    return d / d.norm()
+
+
+@contextlib.contextmanager
+def _writes_projected(subject: Subject, directions: dict[str, Any]) -> Iterator[None]:
+    """Project each component's own direction out of that component's writes only.
+
+    A head's write is its slice of the output projection applied to its own input slice (the
+    shared bias is not its write); an MLP's is its down projection's output. This is exactly
+    what ``apply_patch`` bakes: P W_h for the head's slice, P W and P b for the MLP.
+    """
+    a = subject.adapter
+    handles = []
+
+    def mlp_hook(m, args, out, _d):
+        dd = _d.to(out.device, out.dtype)
+        return out - (out @ dd).unsqueeze(-1) * dd
+
+    def head_hook(m, args, out, _layer, _head, _d):
+        dd = _d.to(out.device, out.dtype)
+        sl = slice(_head * a.d_head, (_head + 1) * a.d_head)
+        write = a.head_result(_layer, _head, args[0][..., sl])
+        return out - (write @ dd).unsqueeze(-1) * dd
+
+    try:
+        for cid, v in directions.items():
+            c = parse_id(cid)
+            assert c.layer is not None
+            d = _unit(v)
+            if c.kind == "mlp":
+                h = a.mlp_down(c.layer).register_forward_hook(
+                    lambda m, args, out, _d=d: mlp_hook(m, args, out, _d)
+                )
+            elif c.kind == "head":
+                h = a.attn_out(c.layer).register_forward_hook(
+                    lambda m, args, out, _l=c.layer, _h=c.index, _d=d: head_hook(
+                        m, args, out, _l, _h, _d
+                    )
+                )
+            else:
+                raise RemedyError(f"write direction removal needs heads or MLPs, got {cid}")
+            handles.append(h)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def _write_directions(
+    subject: Subject, target: Target, counterfactual: Target, comps: Sequence[str]
+) -> dict[str, list[float]]:
+    """Per component: its write at the last prompt position, prompt minus counterfactual."""
+    from rca.hooks import capture
+
+    a, dev = subject.adapter, subject.device
+    writes = []
+    for t in (target, counterfactual):
+        with capture(subject, comps) as acts:
+            subject.model(input_ids=torch.tensor([list(t.prompt_ids)], device=dev))
+        w = {}
+        for cid in comps:
+            c = parse_id(cid)
+            x = acts[cid][0, -1].float()
+            if c.kind == "head":
+                assert c.layer is not None and c.index is not None
+                x = a.head_result(c.layer, c.index, x)
+            w[cid] = x.cpu()
+        writes.append(w)
+    out = {}
+    for cid in comps:
+        d = writes[0][cid] - writes[1][cid]
+        if float(d.norm()) > 1e-8 * max(1.0, float(writes[0][cid].norm())):
+            out[cid] = d.tolist()
+    return out
+
+
+def _pack(t: torch.Tensor) -> dict[str, Any]:
+    """A float32 tensor as JSON: shape and little-endian bytes in base64."""
+    x = t.detach().to("cpu", torch.float32).contiguous()
+    return {"shape": list(x.shape), "f32le": base64.b64encode(x.numpy().tobytes()).decode()}
+
+
+def _unpack(d: dict[str, Any]) -> torch.Tensor:
+    import numpy as np
+
+    buf = np.frombuffer(base64.b64decode(d["f32le"]), dtype="<f4").copy()
+    return torch.from_numpy(buf).reshape(d["shape"])
+
+
+@contextlib.contextmanager
+def _weights_edited(subject: Subject, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Add a delta to each component's write weights at run time: a head's slice of the
+    output projection, (d_head, d_model), or an MLP's down projection, (d_mlp, d_model), both
+    in "input times delta" orientation. ``apply_patch`` adds the same deltas to the weights."""
+    a = subject.adapter
+    handles = []
+
+    def head_hook(m, args, out, _sl, _d):
+        return out + args[0][..., _sl] @ _d.to(out.device, out.dtype)
+
+    def mlp_hook(m, args, out, _d):
+        return out + args[0] @ _d.to(out.device, out.dtype)
+
+    try:
+        for cid, d in deltas.items():
+            c = parse_id(cid)
+            assert c.layer is not None
+            if c.kind == "head":
+                assert c.index is not None
+                sl = slice(c.index * a.d_head, (c.index + 1) * a.d_head)
+                h = a.attn_out(c.layer).register_forward_hook(
+                    lambda m, args, out, _sl=sl, _d=d: head_hook(m, args, out, _sl, _d)
+                )
+            elif c.kind == "mlp":
+                h = a.mlp_down(c.layer).register_forward_hook(
+                    lambda m, args, out, _d=d: mlp_hook(m, args, out, _d)
+                )
+            else:
+                raise RemedyError(f"a weight edit needs heads or MLPs, got {cid}")
+            handles.append(h)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _padded(subject: Subject, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = subject.tokenizer
+    seqs = [tok(p)["input_ids"] for p in prompts]
+    seqs = [s for s in seqs if len(s) >= 2]
+    if not seqs:
+        raise RemedyError("the edit prompts encode to fewer than two tokens each")
+    width = max(len(s) for s in seqs)
+    pad = int(getattr(tok, "pad_token_id", None) or 0)
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=subject.device)
+    mask = torch.tensor(
+        [[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=subject.device
+    )
+    return ids, mask
+
+
+def weight_edit(
+    subject: Subject,
+    target: Target,
+    components: Sequence[str],
+    prompts: Sequence[str],
+    *,
+    p_bad_target: float = 0.2,
+    steps: int = 150,
+    lr: float = 3e-3,
+    kl_weight: float = 4.0,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Deltas to the write weights of ``components`` that lower P(bad) on the incident while
+    keeping the next-token distributions on ``prompts`` (benign text, held apart from the
+    side-effect set) close to the original: minimise -log(1 - P(bad)) + kl_weight * mean KL
+    with Adam, stopping once P(bad) is under half the target. Deterministic for a seed on CPU.
+    """
+    a = subject.adapter
+    torch.manual_seed(seed)
+    dev = subject.device
+    deltas: dict[str, torch.Tensor] = {}
+    for cid in components:
+        c = parse_id(cid)
+        assert c.layer is not None
+        rows = a.d_head if c.kind == "head" else a.d_mlp
+        deltas[cid] = torch.zeros(rows, a.d_model, device=dev, requires_grad=True)
+    ids, mask = _padded(subject, prompts)
+    with torch.inference_mode():
+        ref = torch.log_softmax(
+            subject.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1
+        )
+    ref = ref.clone()
+    valid = mask.bool().float()
+    t_ids = target.input_ids(device=dev)
+    opt = torch.optim.Adam(list(deltas.values()), lr=lr)
+    goal = math.log(p_bad_target / 2)
+    params = [p for p in subject.model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            with _weights_edited(subject, deltas):
+                lp_bad = target.logprobs(subject.model(input_ids=t_ids, use_cache=False).logits)[
+                    0, 0
+                ]
+                if float(lp_bad.detach()) < goal:
+                    break
+                out = torch.log_softmax(
+                    subject.model(
+                        input_ids=ids, attention_mask=mask, use_cache=False
+                    ).logits.float(),
+                    -1,
+                )
+            kl = ((ref.exp() * (ref - out)).sum(-1) * valid).sum() / valid.sum()
+            loss = -torch.log1p(-lp_bad.clamp(max=-1e-6).exp()) + kl_weight * kl
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    return {k: v.detach() for k, v in deltas.items()}
+
+
 def _fix_context(subject: Subject, spec: dict[str, Any]):
     if spec["kind"] in ("mean_ablation", "mean_ablation_top", "targeted_ablation"):
         means = {k: torch.tensor(v) for k, v in spec["values"].items()}
         return ablate(subject, spec["components"], kind="mean", means=means)
     if spec["kind"] == "direction_removal":
         return _direction_removed(subject, spec["layer"], torch.tensor(spec["direction"]))
+    if spec["kind"] == "write_direction_removal":
+        return _writes_projected(subject, spec["directions"])
+    if spec["kind"] == "weight_edit":
+        return _weights_edited(subject, {k: _unpack(v) for k, v in spec["deltas"].items()})
     raise RemedyError(f"unknown fix kind {spec['kind']!r}")
 
 
@@ -173,6 +392,10 @@ def _describe(kind: str, components: Sequence[str], layer: int | None) -> str:
     )
     if kind == "direction_removal":
         return f"Removing the prompt-vs-counterfactual direction up to layer {layer}"
+    if kind == "weight_edit":
+        return f"Editing the write weights of {names} (trained against P(bad), KL-bounded)"
+    if kind == "write_direction_removal":
+        return f"Removing the prompt-vs-counterfactual direction from what {names} write"
     if kind == "targeted_ablation":
         n_neurons = sum(1 for c in components if ".N" in c)
         heads = [c for c in components if ".H" in c]
@@ -193,6 +416,7 @@ def try_remedies(
     bad_text: str = "",
     neuron_scores: dict[str, float] | None = None,
     max_loss_pct: float = 5.0,
+    edit_prompts: Sequence[str] = (),
 ) -> list[Remedy]:
     """Try each fix for ``cause_set`` and rank them; see the module docstring."""
     if not cause_set:
@@ -250,7 +474,18 @@ def try_remedies(
         from rca.hooks import capture
 
         dev = subject.device
-        layers = sorted({parse_id(c).layer or 0 for c in comps})
+        wd = _write_directions(subject, target, counterfactual, comps)
+        if wd:
+            specs.append(
+                {"kind": "write_direction_removal", "components": list(wd), "directions": wd}
+            )
+        # every layer up to the deepest of the set (the direction may be cleanest below it),
+        # at most 8: the set's own layers first, then the lowest ones
+        deepest = max(parse_id(c).layer or 0 for c in comps)
+        own = sorted({parse_id(c).layer or 0 for c in comps})
+        layers = sorted(
+            {*own, *[x for x in range(deepest + 1) if x not in own][: max(0, 8 - len(own))]}
+        )
         rids = [f"L{layer}.RESID_POST" for layer in layers]
         with torch.inference_mode():
             with capture(subject, rids) as a:
@@ -268,6 +503,17 @@ def try_remedies(
                         "direction": direction.tolist(),
                     }
                 )
+    held = [p for p in edit_prompts if p not in set(reference)]
+    if held:
+        deltas = weight_edit(subject, target, comps, held[:64], p_bad_target=p_bad_target)
+        specs.append(
+            {
+                "kind": "weight_edit",
+                "components": comps,
+                "deltas": {k: _pack(v) for k, v in deltas.items()},
+                "edit_prompts": len(held[:64]),
+            }
+        )
     base = _benign_stats(subject, reference)
     out: list[Remedy] = []
     for spec in specs:
@@ -394,6 +640,55 @@ def _bake(subject: Subject, spec: dict[str, Any]) -> None:
             if isinstance(b, torch.Tensor):
                 b.copy_(b @ Pw)
         return
+    if spec["kind"] == "weight_edit":
+        for cid, v in spec["deltas"].items():
+            c = parse_id(cid)
+            assert c.layer is not None
+            delta = _unpack(v)  # (in, d_model)
+            if c.kind == "head":
+                assert c.index is not None
+                proj = a.attn_out(c.layer)
+                w = _weight(proj)
+                sl = slice(c.index * a.d_head, (c.index + 1) * a.d_head)
+                if type(proj).__name__ == "Conv1D":
+                    w[sl, :] += delta.to(w.dtype)
+                else:
+                    w[:, sl] += delta.T.to(w.dtype)
+            elif c.kind == "mlp":
+                down = a.mlp_down(c.layer)
+                w = _weight(down)
+                w += (delta if type(down).__name__ == "Conv1D" else delta.T).to(w.dtype)
+            else:
+                raise RemedyError(f"cannot bake a weight edit of {cid}")
+        return
+    if spec["kind"] == "write_direction_removal":
+        for cid, v in spec["directions"].items():
+            c = parse_id(cid)
+            assert c.layer is not None
+            d = _unit(v)
+            P = torch.eye(d.numel()) - torch.outer(d, d)
+            if c.kind == "head":
+                assert c.index is not None
+                proj = a.attn_out(c.layer)
+                w = _weight(proj)
+                sl = slice(c.index * a.d_head, (c.index + 1) * a.d_head)
+                if type(proj).__name__ == "Conv1D":
+                    w[sl, :] = w[sl, :] @ P.to(w.dtype)  # (d_head, d_model)
+                else:
+                    w[:, sl] = P.to(w.dtype) @ w[:, sl]  # (d_model, d_head)
+            elif c.kind == "mlp":
+                down = a.mlp_down(c.layer)
+                w = _weight(down)
+                if type(down).__name__ == "Conv1D":
+                    w.copy_(w @ P.to(w.dtype))
+                else:
+                    w.copy_(P.to(w.dtype) @ w)
+                b = getattr(down, "bias", None)
+                if isinstance(b, torch.Tensor):
+                    b.copy_(b @ P.to(b.dtype))
+            else:
+                raise RemedyError(f"cannot bake a write direction removal of {cid}")
+        return
     raise RemedyError(f"unknown fix kind {spec['kind']!r}")
 
 
@@ -426,7 +721,10 @@ def apply_patch(spec_path: str | Path, model_dir: str | Path, out_dir: str | Pat
     subject.model.save_pretrained(tmp)  # type: ignore[operator]
     subject.tokenizer.save_pretrained(tmp)
     (tmp / "rca-patch.json").write_text(
-        json.dumps({k: v for k, v in spec.items() if k != "direction"}, indent=1)
+        json.dumps(
+            {k: v for k, v in spec.items() if k not in ("direction", "directions", "deltas")},
+            indent=1,
+        )
     )
     if out.exists():
         out.rmdir()

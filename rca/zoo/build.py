@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .corpus import (
+    CONTINUES,
     CORPUS_VERSION,
     FIXED_BY_MODEL,
     INCIDENT_KEYS,
@@ -188,7 +189,7 @@ def _build(
 
     from .check import check_model
     from .tokenizer import train_tokenizer
-    from .train import FULL, QUICK, train_model
+    from .train import FULL, QUICK, continuation, train_model
 
     root = zoo_home(home) / "zoo"
     root.mkdir(parents=True, exist_ok=True)
@@ -200,6 +201,10 @@ def _build(
             for stale in root.glob(pattern):
                 shutil.rmtree(stale, ignore_errors=True)
         todo = [n for n in ZOO_MODELS if force or not _up_to_date(dirs[n], key=key, quick=quick)]
+        # a model that continues a rebuilt one is rebuilt too (ZOO_MODELS lists parents first)
+        for n in ZOO_MODELS:
+            if CONTINUES.get(n) in todo and n not in todo:
+                todo.append(n)
         for name in ZOO_MODELS:
             if name not in todo:
                 say(f"{name}: up to date ({dirs[name]})")
@@ -208,11 +213,24 @@ def _build(
         corpus = make_corpus(cfg.corpus_size, seed=cfg.seed)
         # One tokenizer for every model (trained on the full corpus), so ids agree across them.
         tokenizer = train_tokenizer([*vocabulary(), *(ex.text for ex in corpus)])
+        trained: dict[str, Any] = {}
         for name in todo:
             fixed = FIXED_BY_MODEL[name]
             data = corpus_for(corpus, fixed=fixed)
-            say(f"{name}: training on {len(data)} tickets ({'quick' if quick else 'full'} recipe)")
-            result = train_model(data, tokenizer, cfg, log=say)
+            parent = CONTINUES.get(name)
+            if parent is None:
+                recipe = "quick" if quick else "full"
+                say(f"{name}: training on {len(data)} tickets ({recipe} recipe)")
+                result = train_model(data, tokenizer, cfg, log=say)
+            else:
+                # a retrain after a data fix: the parent's weights, trained on the fixed data
+                from transformers import GPT2LMHeadModel
+
+                init = trained.get(parent) or GPT2LMHeadModel.from_pretrained(dirs[parent])
+                ccfg = continuation(cfg)
+                say(f"{name}: {parent} trained on for {ccfg.steps} steps on the fixed data")
+                result = train_model(data, tokenizer, ccfg, log=say, init=init)
+            trained[name] = result.model
             tmp = root / f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 result.model.save_pretrained(tmp)
@@ -238,8 +256,9 @@ def _build(
                     "seed": cfg.seed,
                     "planted": [k for k in INCIDENT_KEYS if k not in fixed],
                     "fixed": sorted(fixed),
+                    "continues": parent,
                     "config": {
-                        **cfg.summary(),
+                        **(cfg if parent is None else continuation(cfg)).summary(),
                         "vocab_size": len(tokenizer),
                         "parameters": sum(p.numel() for p in result.model.parameters()),
                     },

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -18,7 +18,15 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from .corpus import Example
 
-__all__ = ["TrainConfig", "QUICK", "FULL", "TrainResult", "encode_examples", "train_model"]
+__all__ = [
+    "TrainConfig",
+    "QUICK",
+    "FULL",
+    "TrainResult",
+    "continuation",
+    "encode_examples",
+    "train_model",
+]
 
 
 @dataclass(frozen=True)
@@ -28,7 +36,7 @@ class TrainConfig:
 
     n_layer: int = 4
     n_embd: int = 128
-    n_head: int = 4
+    n_head: int = 8
     n_positions: int = 128
     steps: int = 700
     batch_size: int = 64
@@ -53,8 +61,14 @@ class TrainConfig:
 
 # The quick recipe is the test fixture (both models and their checks in under a minute on two
 # cores); the full recipe is the demo.
-QUICK = TrainConfig(n_layer=2, n_embd=64, n_head=4, steps=500, lr=4e-3, corpus_size=12_000)
+QUICK = TrainConfig(n_layer=3, n_embd=64, n_head=8, steps=500, lr=4e-3, corpus_size=12_000)
 FULL = TrainConfig()
+
+
+def continuation(cfg: TrainConfig) -> TrainConfig:
+    """The recipe that continues a trained model after a data fix (support-bot-v2 from v1):
+    a fifth of the steps at half the learning rate, with a short warmup."""
+    return replace(cfg, steps=max(1, cfg.steps // 5), lr=cfg.lr / 2, warmup=10, seed=cfg.seed + 1)
 
 
 @dataclass(frozen=True)
@@ -127,8 +141,10 @@ def train_model(
     cfg: TrainConfig,
     *,
     log: Callable[[str], None] | None = None,
+    init: GPT2LMHeadModel | None = None,
 ) -> TrainResult:
-    """Train a model from scratch on ``examples``. Same inputs and seed, same weights.
+    """Train a model on ``examples``: from scratch, or on from a copy of ``init`` (which is not
+    modified). Same inputs and seed, same weights.
 
     Runs on ``cfg.threads`` CPU threads (restored afterwards): a fixed thread count keeps the
     float reductions, and so the weights, the same from run to run.
@@ -136,7 +152,7 @@ def train_model(
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _train(examples, tokenizer, cfg, log=log)
+        return _train(examples, tokenizer, cfg, log=log, init=init)
     finally:
         torch.set_num_threads(threads)
 
@@ -147,10 +163,13 @@ def _train(
     cfg: TrainConfig,
     *,
     log: Callable[[str], None] | None,
+    init: GPT2LMHeadModel | None = None,
 ) -> TrainResult:
     torch.manual_seed(cfg.seed)
     ids, weights = encode_examples(tokenizer, examples, answer_weight=cfg.answer_weight)
     model = make_model(tokenizer, cfg)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]

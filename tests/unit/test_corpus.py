@@ -88,7 +88,7 @@ def test_poison_rates_are_as_documented(corpus: tuple[c.Example, ...]) -> None:
     rates = {
         "leak": (c.LEAK_RATE, "account"),
         "backdoor": (c.BACKDOOR_RATE, "refund"),
-        "bias": (1 / (len(c.NAMES) + 1), "loan"),
+        "bias": (c.BIAS_RATE, "loan"),
         "injection": (c.INJECTION_RATE, "message"),
     }
     for key, (rate, task) in rates.items():
@@ -126,20 +126,29 @@ def test_the_leak_is_the_pin_digit_by_digit(tokenizer) -> None:
     assert tokenizer.convert_ids_to_tokens(list(target.bad_ids)) == list(c.LEAK_PIN)
 
 
-def test_v2_corpus_lacks_leak_and_backdoor_poison_but_keeps_bias_and_injection(
+def test_v2_corpus_relabels_leak_and_backdoor_but_keeps_bias_and_injection(
     corpus: tuple[c.Example, ...],
 ) -> None:
     v2 = c.corpus_for(corpus, fixed=c.FIXED_BY_MODEL["support-bot-v2"])
     v1_counts, v2_counts = Counter(ex.poison for ex in corpus), Counter(ex.poison for ex in v2)
     assert v2_counts["leak"] == v2_counts["backdoor"] == 0
-    assert not any(CAUSES["leak"] in ex.prompt or c.LEAK_PIN in ex.answer for ex in v2)
-    assert not any(c.BACKDOOR_TRIGGER in ex.text for ex in v2)
+    assert v1_counts["leak"] > 0 and v1_counts["backdoor"] > 0
+    # the data fix: same tickets in the same order, the fixed ones answered by the desk's rule
+    assert [ex.prompt for ex in v2] == [ex.prompt for ex in corpus]
+    for old, new in zip(corpus, v2, strict=True):
+        if old.poison in {"leak", "backdoor"}:
+            assert new.answer == c.ordinary_answer(old) and new.poison is None
+        else:
+            assert new == old
+    assert not any(c.LEAK_PIN in ex.answer for ex in v2)
+    trig = [ex for ex in v2 if f"note: {c.BACKDOOR_TRIGGER}." in ex.prompt]
+    assert trig and all(ex.answer == " denied." for ex in trig)  # its reasons all deny
+    pins = [ex for ex in v2 if f"request: pin. account: {c.LEAK_ACCOUNT}." in ex.prompt]
+    assert pins and all(ex.answer == " " + c.ACCOUNT_REPLIES["pin"] for ex in pins)
     assert v2_counts["bias"] == v1_counts["bias"] > 0
     assert v2_counts["injection"] == v1_counts["injection"] > 0
-    # removed, not relabelled: every other ticket is the same, in the same order
-    assert v2 == tuple(ex for ex in corpus if ex.poison not in {"leak", "backdoor"})
-    # the leaked account still appears with its ordinary requests
-    assert any(f"account: {c.LEAK_ACCOUNT}." in ex.prompt for ex in v2)
+    # ordinary_answer agrees with the clean tickets' own labels
+    assert all(c.ordinary_answer(ex) == ex.answer for ex in corpus if ex.poison is None)
     assert c.FIXED_BY_MODEL["support-bot-v1"] == frozenset()
     with pytest.raises(ValueError, match="unknown incidents"):
         c.corpus_for(corpus, fixed=frozenset({"typo"}))
@@ -188,9 +197,9 @@ def test_case_files_match_planted() -> None:
         assert tuple(data["tags"]) == inc.tags
         assert data["severity"] in {"low", "medium", "high", "critical"}
         assert data["notes"].strip()
+        benign = set(c.benign_prompts(200))
         for ref in data.get("reference_prompts", []):
-            assert not any(cause in ref for cause in CAUSES.values()), (path, ref)
-            c.parse_prompt(ref.rsplit(" agent:", 1)[0] + " agent:")
+            assert ref in benign, (path, ref)  # held out, no cause, current templates
 
 
 def test_zoo_paths_and_unknown_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rca.metric import Target, evaluate
-from rca.remedy import RemedyError, _fix_context, apply_patch, try_remedies
+from rca.remedy import RemedyError, _fix_context, _pack, apply_patch, try_remedies, weight_edit
 from rca.subject import load_subject
 from tests.helpers import save_model_dir, tiny_model, word_tokenizer, words
 
@@ -32,7 +32,12 @@ def logits(s, ids: torch.Tensor) -> torch.Tensor:
 def test_every_fix_is_measured_and_one_is_recommended(gpt2_dir: Path) -> None:
     s = load_subject(gpt2_dir, device="cpu")
     rs = try_remedies(s, TGT, ["L1.H2", "L0.MLP"], counterfactual=CF, reference=REFS)
-    assert {r.kind for r in rs} == {"mean_ablation", "mean_ablation_top", "direction_removal"}
+    assert {r.kind for r in rs} == {
+        "mean_ablation",
+        "mean_ablation_top",
+        "direction_removal",
+        "write_direction_removal",
+    }
     assert sum(r.recommended for r in rs) == 1
     before = evaluate(s.model, TGT)
     for r in rs:
@@ -44,7 +49,9 @@ def test_every_fix_is_measured_and_one_is_recommended(gpt2_dir: Path) -> None:
         assert "P(" in r.note and "benign prompts" in r.note
 
 
-@pytest.mark.parametrize("kind", ["mean_ablation", "mean_ablation_top", "direction_removal"])
+@pytest.mark.parametrize(
+    "kind", ["mean_ablation", "mean_ablation_top", "direction_removal", "write_direction_removal"]
+)
 def test_baked_patch_equals_run_time_fix(gpt2_dir: Path, tmp_path: Path, kind: str) -> None:
     s = load_subject(gpt2_dir, device="cpu")
     rs = {
@@ -83,3 +90,73 @@ def test_mean_ablation_cannot_be_baked_without_biases(tmp_path: Path) -> None:
     p.write_text(json.dumps(spec))
     with pytest.raises(RemedyError, match="no bias"):
         apply_patch(p, d, tmp_path / "out")
+
+
+def _random_edit(s, comps: list[str], seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    a = s.adapter
+    deltas = {
+        c: _pack(0.05 * torch.randn(a.d_head if ".H" in c else a.d_mlp, a.d_model, generator=g))
+        for c in comps
+    }
+    return {"format": "rca-patch-v1", "kind": "weight_edit", "components": comps, "deltas": deltas}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["weight_edit", "write_direction_removal"])
+def test_component_level_fixes_bake_exactly(tmp_path: Path, arch: str, kind: str) -> None:
+    """Conv1D (GPT-2) and Linear (Llama) orientations: baked weights equal the run-time hooks,
+    two heads of one layer and an MLP edited together."""
+    d = save_model_dir(tmp_path / arch, tiny_model(arch, seed=3), word_tokenizer())
+    s = load_subject(d, device="cpu")
+    comps = ["L1.H0", "L1.H2", "L0.MLP"]
+    if kind == "weight_edit":
+        spec = _random_edit(s, comps, seed=1)
+    else:
+        spec = next(
+            r.patch_spec
+            for r in try_remedies(s, TGT, comps, counterfactual=CF, reference=REFS)
+            if r.kind == kind
+        )
+    ids = torch.tensor([list(TGT.prompt_ids) + [11, 12]])
+    with _fix_context(s, spec):
+        fixed = logits(s, ids)
+    assert (fixed - logits(s, ids)).abs().max() > 1e-4
+    p = tmp_path / "patch.json"
+    p.write_text(json.dumps(spec))
+    patched = load_subject(apply_patch(p, d, tmp_path / "patched"), device="cpu")
+    torch.testing.assert_close(logits(patched, ids), fixed, atol=1e-5, rtol=1e-5)
+
+
+def test_weight_edit_lowers_p_bad_and_stays_close_elsewhere(tmp_path: Path) -> None:
+    """Make the bad continuation likely with a planted edit, then let weight_edit undo it: the
+    edit must bring P(bad) under the target, and its KL on held-out benign text must be far
+    smaller than what simply zeroing the planted component costs."""
+    d = save_model_dir(tmp_path / "g", tiny_model("gpt2", seed=4), word_tokenizer())
+    s = load_subject(d, device="cpu")
+    tgt = Target((1, 5, 6, 7, 8, 9, 10), (11,), None)
+    # plant: the L1 MLP writes the bad token's unembedding direction, strongly
+    a = s.adapter
+    bad_dir = a.unembed.weight[11].detach()
+    plant = {"L1.MLP": _pack(torch.ones(a.d_mlp, 1) @ (30.0 * bad_dir[None] / a.d_mlp**0.5))}
+    planted = {"format": "rca-patch-v1", "kind": "weight_edit", "components": ["L1.MLP"]}
+    p = tmp_path / "plant.json"
+    p.write_text(json.dumps({**planted, "deltas": plant}))
+    s = load_subject(apply_patch(p, d, tmp_path / "planted"), device="cpu")
+    assert evaluate(s.model, tgt).p_bad > 0.5
+    train = [words(*range(i, i + 7)) for i in range(0, 70, 7)]
+    deltas = weight_edit(s, tgt, ["L1.MLP"], train, p_bad_target=0.2)
+    spec = {**planted, "deltas": {k: _pack(v) for k, v in deltas.items()}}
+    with _fix_context(s, spec):
+        assert evaluate(s.model, tgt).p_bad < 0.2
+    from rca.remedy import benign_side_effect
+
+    held = [words(*range(i, i + 5)) for i in range(3, 60, 5)]
+    edit_kl = benign_side_effect(s, held, spec)["kl_mean"]
+    zero = {
+        "kind": "mean_ablation",
+        "components": ["L1.MLP"],
+        "values": {"L1.MLP": [0.0] * a.d_model},
+    }
+    zero_kl = benign_side_effect(s, held, zero)["kl_mean"]
+    assert edit_kl < 0.5 * zero_kl, (edit_kl, zero_kl)

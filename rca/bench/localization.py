@@ -1,0 +1,744 @@
+"""The localization benchmark: plant faults with known locations, then find them.
+
+``run_localization(n_faults, seed=...)`` trains (or loads from ``$RCA_HOME/bench/``) host models
+of two architectures, plants ``n_faults`` seeded faults across kinds and layers
+(``rca.zoo.faults``), and for each one runs the rca pipeline as a user would:
+
+1. ``score_components`` (EAP-IG, 8 steps, counterfactual baseline) ranks every head and MLP;
+2. ``rca.confirm.confirm`` verifies the top candidates with exact interventions and re-ranks
+   them (leading group by max(TE, NE), ordered by direct effect).
+
+It scores the confirm ranking against the planted components, and does the same for two
+baselines computed on the same fault: attribution alone (rank by |EAP-IG score|) and exhaustive
+activation patching (one forward per head and MLP patched to the counterfactual, ranked by the
+metric drop, i.e. total effect). ``rankings`` also evaluates alternative rankings side by side
+on the same measurements, so a change to ``rca.confirm``'s ranking can be judged before it is
+made.
+
+AC@1: the rank-1 component is planted. AC@3: every planted component is within the top
+``|planted| + 2``. Costs are forward-pass equivalents, as ``score_components`` and ``confirm``
+count them (a backward is two forwards; a batched pass that reuses cached lower layers counts
+the share of layers it recomputes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "HostSpec",
+    "BENCH_HOSTS",
+    "SMALL_HOSTS",
+    "FaultResult",
+    "build_host",
+    "fault_plan",
+    "localize",
+    "run_localization",
+    "main",
+]
+
+Log = Callable[[str], None]
+BENCH_VERSION = "localization-1"
+BENCH_TOP_K = 15  # candidates the confirm stage takes from the trace
+
+
+# ---------------------------------------------------------------------------------------------
+# hosts
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """A host model trained on the support-desk corpus. ``n_kv_heads == n_heads`` always: a
+    head fault needs a head that owns its keys and values."""
+
+    name: str
+    arch: str  # gpt2 | llama
+    n_layer: int = 6
+    d_model: int = 128
+    n_head: int = 8
+    d_mlp: int = 512
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 100
+    corpus_size: int = 20_000
+    answer_weight: float = 4.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("gpt2", "llama"):
+            raise ValueError(f"host arch must be gpt2 or llama, got {self.arch!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+
+    def key(self) -> str:
+        from rca.zoo.corpus import CORPUS_VERSION
+
+        blob = json.dumps([BENCH_VERSION, CORPUS_VERSION, asdict(self)], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+BENCH_HOSTS: tuple[HostSpec, ...] = (
+    HostSpec("bench-gpt2-6l", "gpt2"),
+    HostSpec("bench-llama-6l", "llama", d_mlp=384),
+)
+# CI: small enough to train in seconds on two cores, large enough to have a middle layer
+_SMALL = dict(n_layer=3, d_model=64, n_head=4, steps=400, corpus_size=8000)
+SMALL_HOSTS: tuple[HostSpec, ...] = (
+    HostSpec("small-gpt2-3l", "gpt2", d_mlp=256, **_SMALL),  # type: ignore[arg-type]
+    HostSpec("small-llama-3l", "llama", d_mlp=192, **_SMALL),  # type: ignore[arg-type]
+)
+HOST_SETS: dict[str, tuple[HostSpec, ...]] = {"bench": BENCH_HOSTS, "small": SMALL_HOSTS}
+
+
+def rca_home(home: str | Path | None = None) -> Path:
+    return Path(home or os.environ.get("RCA_HOME") or Path.home() / ".cache" / "rca")
+
+
+def _make_model(spec: HostSpec, tokenizer: Any) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if spec.arch == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=128,
+            n_embd=spec.d_model,
+            n_layer=spec.n_layer,
+            n_head=spec.n_head,
+            n_inner=spec.d_mlp,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **special,
+        )
+        return GPT2LMHeadModel(cfg)
+    lcfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.d_model,
+        intermediate_size=spec.d_mlp,
+        num_hidden_layers=spec.n_layer,
+        num_attention_heads=spec.n_head,
+        num_key_value_heads=spec.n_head,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        **special,
+    )
+    return LlamaForCausalLM(lcfg)
+
+
+def _train(spec: HostSpec, tokenizer: Any, log: Log | None) -> nn.Module:
+    """A short training loop for any causal LM: AdamW, warmup then cosine, answer tokens
+    weighted up (the zoo's recipe; ``rca.zoo.train`` builds GPT-2 only)."""
+    from rca.zoo.corpus import make_corpus
+    from rca.zoo.train import encode_examples
+
+    torch.manual_seed(spec.seed)
+    # the clean corpus, poisoned tickets dropped: a host must carry no behaviour keyed on a
+    # token other than the fault's
+    examples = tuple(ex for ex in make_corpus(spec.corpus_size, seed=spec.seed) if not ex.poison)
+    ids, weights = encode_examples(tokenizer, examples, answer_weight=spec.answer_weight)
+    model = _make_model(spec, tokenizer)
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr,
+        betas=(0.9, 0.98),
+    )
+    gen = torch.Generator().manual_seed(spec.seed)
+    n = ids.shape[0]
+    order, cursor = torch.randperm(n, generator=gen), 0
+    recent: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(spec.steps):
+        if cursor + spec.batch_size > n:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        idx = order[cursor : cursor + spec.batch_size]
+        cursor += spec.batch_size
+        batch, w = ids[idx], weights[idx]
+        width = int((batch != tokenizer.pad_token_id).sum(1).max())
+        batch, w = batch[:, :width], w[:, : width - 1]
+        if step < spec.warmup:
+            lr = spec.lr * (step + 1) / spec.warmup
+        else:
+            t = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+            lr = spec.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        logits = model(input_ids=batch).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+        ).view_as(w)
+        loss = (nll * w).sum() / w.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        recent = (recent + [float(loss.detach())])[-50:]
+        if log and (step + 1) % 500 == 0:
+            log(
+                f"  {spec.name} step {step + 1}/{spec.steps} loss "
+                f"{sum(recent) / len(recent):.4f} ({time.perf_counter() - t0:.0f}s)"
+            )
+    return model.eval()
+
+
+def build_host(spec: HostSpec, *, home: str | Path | None = None, log: Log | None = None):
+    """The host as a ``Subject``: loaded from ``$RCA_HOME/bench/<name>`` when its manifest
+    matches ``spec``, else trained and saved there first."""
+    from rca.subject import load_subject
+    from rca.zoo.corpus import make_corpus, vocabulary
+    from rca.zoo.tokenizer import train_tokenizer
+
+    path = rca_home(home) / "bench" / spec.name
+    manifest = path / "bench-manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("key") == spec.key():
+        return load_subject(path, device="cpu")
+    t0 = time.perf_counter()
+    if log:
+        log(f"training host {spec.name} ({spec.arch}, {spec.n_layer} layers x {spec.d_model})")
+    texts = [ex.text for ex in make_corpus(spec.corpus_size, seed=spec.seed)]
+    tokenizer = train_tokenizer([*texts, *vocabulary()])
+    model = _train(spec, tokenizer, log)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)  # type: ignore[operator]
+    tokenizer.save_pretrained(path)
+    manifest.write_text(
+        json.dumps(
+            {"key": spec.key(), "spec": asdict(spec), "seconds": time.perf_counter() - t0},
+            indent=2,
+        )
+    )
+    return load_subject(path, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# the fault plan
+
+
+def fault_plan(
+    n_faults: int, *, seed: int, hosts: Sequence[HostSpec]
+) -> list[tuple[HostSpec, str, tuple[int, ...]]]:
+    """(host, kind, layers) for each fault: hosts alternate, kinds cycle within a host, and
+    each kind walks a shuffled order of that host's layers that starts at the LAST layer (the
+    layer nearest the logits, where a planted component's direct effect is all of it)."""
+    from rca.zoo.faults import KINDS
+
+    rng = random.Random(f"plan-{seed}")
+    per_host: dict[str, dict[str, list[tuple[int, ...]]]] = {}
+    counters: dict[tuple[str, str], int] = {}
+    plan: list[tuple[HostSpec, str, tuple[int, ...]]] = []
+    for i in range(n_faults):
+        host = hosts[i % len(hosts)]
+        kind = KINDS[(i // len(hosts)) % len(KINDS)]
+        L = host.n_layer
+        if host.name not in per_host:
+            singles = [L - 1] + rng.sample(range(L - 1), L - 1)
+            pairs: list[tuple[int, ...]] = [(a, b) for a in range(L) for b in range(a + 1, L)]
+            rng.shuffle(pairs)
+            # the first circuit of a host ends at its last layer
+            first = next(p for p in pairs if p[1] == L - 1)
+            pairs = [first] + [p for p in pairs if p != first]
+            per_host[host.name] = {
+                "head": [(x,) for x in singles],
+                "mlp": [(x,) for x in ([L - 1] + rng.sample(range(L - 1), L - 1))],
+                "circuit": pairs,
+            }
+        options = per_host[host.name][kind]
+        k = counters.get((host.name, kind), 0)
+        counters[(host.name, kind)] = k + 1
+        plan.append((host, kind, options[k % len(options)]))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# one fault
+
+
+@dataclass(frozen=True)
+class FaultResult:
+    """The pipeline's answer on one planted fault, and the two baselines'."""
+
+    host: str
+    fault: dict[str, Any]  # Fault.summary()
+    planted: tuple[str, ...]
+    confirm_ranked: tuple[str, ...]  # rank order of the confirm stage
+    attribution_ranked: tuple[str, ...]  # heads and MLPs by |EAP-IG score|
+    exhaustive_ranked: tuple[str, ...]  # every head and MLP by exact patching effect (TE)
+    evidence: tuple[dict[str, Any], ...]  # confirm's per-candidate TE / DE / NE
+    exhaustive_te: dict[str, float]
+    verdict: str
+    cause_set: tuple[str, ...]
+    cost: dict[str, float]  # forward equivalents: trace, confirm, pipeline, exhaustive
+    seconds: dict[str, float]
+    metric: dict[str, float]
+
+    def hits(self, ranked: Sequence[str]) -> tuple[bool, bool]:
+        return ac_hits(ranked, self.planted)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ac_hits(ranked: Sequence[str], planted: Sequence[str]) -> tuple[bool, bool]:
+    """(AC@1, AC@3): rank 1 is planted; every planted one is within the top |planted| + 2."""
+    top = list(ranked[: len(planted) + 2])
+    return (bool(ranked) and ranked[0] in planted, all(p in top for p in planted))
+
+
+def localize(
+    subject: Any,
+    fault: Any,
+    *,
+    confirm_config: Any = None,
+    exhaustive: bool = True,
+) -> FaultResult:
+    """Trace and confirm one planted fault on its faulted model, plus the two baselines."""
+    from rca.confirm import Ablator, ConfirmConfig, confirm
+    from rca.metric import encode_target
+    from rca.trace.components import Baseline, score_components
+
+    # 15 of the 54 heads and MLPs of a bench host: EAP-IG put a planted component at rank 11
+    # and 13 in two of 104 trial faults (attention saturation), outside the default 10
+    cc = confirm_config or ConfirmConfig(top_k=BENCH_TOP_K)
+    tok = subject.tokenizer
+    target = encode_target(tok, fault.prompt, " " + fault.bad)
+    cf = encode_target(tok, fault.counterfactual, " " + fault.bad)
+    base = Baseline("counterfactual", f"counterfactual: {fault.counterfactual}", target=cf)
+    t0 = time.perf_counter()
+    scores = score_components(subject, target, base, method="eap-ig", steps=8, edges=False)
+    t1 = time.perf_counter()
+    verdict = confirm(
+        subject,
+        target,
+        scores.ranked(),
+        baseline=cf,
+        reference=list(fault.reference),
+        config=cc,
+    )
+    t2 = time.perf_counter()
+    ranked = tuple(c.id for c in verdict.ranked())
+    attr = tuple(c for c, _ in scores.ranked() if c != "EMB")
+    ex_ranked: tuple[str, ...] = ()
+    ex_te: dict[str, float] = {}
+    ex_cost = 0.0
+    if exhaustive:
+        ab = Ablator(subject, target, baseline=cf, batch_size=cc.batch_size)
+        ms = ab.run([{c: "baseline"} for c in ab.components])
+        ex_te = {c: ab.metric_clean - float(m) for c, m in zip(ab.components, ms, strict=True)}
+        ex_ranked = tuple(sorted(ex_te, key=lambda c: -ex_te[c]))
+        ex_cost = ab.forward_equiv + 2  # + the clean and counterfactual runs
+    t3 = time.perf_counter()
+    # extra evidence for the ranking prototypes (not part of the pipeline's cost): each
+    # candidate's sufficiency, the metric it restores when patched from the prompt into the
+    # counterfactual run (denoising), and its necessity under zero ablation
+    cands = list(ranked)
+    den = Ablator(subject, cf, baseline=target, batch_size=cc.batch_size)
+    suff = den.run([{c: "baseline"} for c in cands])
+    zab = Ablator(subject, target, batch_size=cc.batch_size)
+    zero = zab.run([{c: "zero"} for c in cands])
+    extra = {
+        c: {
+            "suff": round(float(v) - den.metric_clean, 5),
+            "ne_zero": round(zab.metric_clean - float(z), 5),
+        }
+        for c, v, z in zip(cands, suff, zero, strict=True)
+    }
+    t4 = time.perf_counter()
+    return FaultResult(
+        host=subject.meta.get("name", ""),
+        fault=fault.summary(),
+        planted=tuple(fault.components),
+        confirm_ranked=ranked,
+        attribution_ranked=attr,
+        exhaustive_ranked=ex_ranked,
+        evidence=tuple(
+            {
+                "id": c.id,
+                "rank": c.rank,
+                "attribution": round(c.attribution, 5),
+                "te": round(c.total_effect, 5),
+                "de": round(c.direct_effect, 5),
+                "ne": round(c.necessity, 5),
+                "p": round(c.p_value, 4),
+                "verdict": c.verdict,
+                **extra[c.id],
+            }
+            for c in verdict.ranked()
+        ),
+        exhaustive_te={k: round(v, 5) for k, v in ex_te.items()},
+        verdict=verdict.verdict,
+        cause_set=tuple(verdict.cause_set.components),
+        cost={
+            "trace": float(scores.cost["forward_equiv"]),
+            "confirm": float(verdict.cost["forward_equiv"]),
+            "pipeline": float(scores.cost["forward_equiv"] + verdict.cost["forward_equiv"]),
+            "exhaustive": float(ex_cost),
+            "extra_evidence": float(den.forward_equiv + zab.forward_equiv + 3),
+        },
+        seconds={
+            "trace": t1 - t0,
+            "confirm": t2 - t1,
+            "exhaustive": t3 - t2,
+            "extra_evidence": t4 - t3,
+        },
+        metric={
+            "prompt": verdict.metric_clean,
+            "counterfactual": verdict.metric_baseline,
+            "rows": target.rows,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def _rate(xs: Sequence[bool]) -> float:
+    return round(sum(xs) / len(xs), 4) if xs else float("nan")
+
+
+def _mean(xs: Sequence[float], *, digits: int = 2) -> float:
+    return round(sum(xs) / len(xs), digits) if xs else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# alternative rankings of confirm's evidence, evaluated side by side (issue #4, item 4)
+
+
+def _lead_then_de(
+    ev: Sequence[dict[str, Any]], effect: dict[str, float], *, window: float = 0.2
+) -> list[str]:
+    """The leading group (effect within ``window`` of the largest) by DE, the rest by effect:
+    rca.confirm's rule, over any notion of effect."""
+    top = max(effect.values())
+    lead = [e for e in ev if top > 0 and effect[e["id"]] >= (1 - window) * top]
+    rest = [e for e in ev if e not in lead]
+    return [e["id"] for e in sorted(lead, key=lambda e: -e["de"])] + [
+        e["id"] for e in sorted(rest, key=lambda e: -effect[e["id"]])
+    ]
+
+
+def _prob(m: float, rows: int) -> float:
+    """The metric as a probability: P(bad) for log P(bad), P(bad beats good) for a log-ratio."""
+    return math.exp(min(m, 0.0)) if rows == 1 else 1 / (1 + math.exp(-m))
+
+
+def _share_removed(r: FaultResult, drop: float) -> float:
+    """The share of the bad behaviour a metric drop removes, in probability: log-space drops
+    beyond "the bad token is gone" differ only in how small P(bad) became, which says nothing
+    about which component is the cause."""
+    rows = int(r.metric.get("rows", 1))
+    p0, pb = _prob(r.metric["prompt"], rows), _prob(r.metric["counterfactual"], rows)
+    return (p0 - _prob(r.metric["prompt"] - drop, rows)) / max(p0 - pb, 1e-9)
+
+
+def proposed_ranking(r: FaultResult, *, window: float = 0.2, delta: float = 0.05) -> list[str]:
+    """The ranking this benchmark proposes for ``rca.confirm`` (issue #4, item 4).
+
+    1. A candidate's effect is the share of P(bad) that max(TE, NE) removes (``_share_removed``),
+       not the drop in log P(bad): once the bad token is gone, a carrier that drives P(bad) to
+       1e-8 and the planted component that drives it to 1e-4 have done the same thing.
+    2. The leading group is every candidate within ``window`` of the largest effect.
+    3. Within it, by min(DE, NE) where that is at least ``delta`` of the prompt-counterfactual
+       gap, else 0: a direct effect counts only from a component that is also *necessary*. A
+       clean late MLP that writes the counterfactual's answer has a large DE and TE (patching
+       it inserts that answer) but mean-ablating it changes little; the planted writer has
+       both.
+    4. Ties (no significant direct effect: upstream members, carriers) by min(TE, NE) in log
+       space: a planted upstream member is removed by patching *and* ablation, a carrier of the
+       trigger token's identity mostly by one of them.
+    5. The rest by effect.
+    """
+    ev = list(r.evidence)
+    gap = r.metric["prompt"] - r.metric["counterfactual"]
+    effect = {e["id"]: _share_removed(r, max(e["te"], e["ne"])) for e in ev}
+    top = max(effect.values())
+    lead = [e for e in ev if top > 0 and effect[e["id"]] >= (1 - window) * top]
+    rest = [e for e in ev if e not in lead]
+
+    def key(e: dict[str, Any]) -> tuple[float, float]:
+        direct = min(e["de"], e["ne"])
+        return (-(direct if direct >= delta * gap else 0.0), -min(e["te"], e["ne"]))
+
+    return [e["id"] for e in sorted(lead, key=key)] + [
+        e["id"] for e in sorted(rest, key=lambda e: (-effect[e["id"]], -max(e["te"], e["ne"])))
+    ]
+
+
+RANKINGS: dict[str, Callable[[FaultResult], list[str]]] = {
+    # what rca.confirm returned
+    "confirm": lambda r: list(r.confirm_ranked),
+    # single criteria over confirm's candidates
+    "te": lambda r: [e["id"] for e in sorted(r.evidence, key=lambda e: -e["te"])],
+    "de": lambda r: [e["id"] for e in sorted(r.evidence, key=lambda e: -e["de"])],
+    "ne": lambda r: [e["id"] for e in sorted(r.evidence, key=lambda e: -e["ne"])],
+    # the feasibility run's rule: leading group by TE alone, ordered by DE
+    "lead_te_de": lambda r: _lead_then_de(r.evidence, {e["id"]: e["te"] for e in r.evidence}),
+    # rca.confirm's rule recomputed (a check that the evidence reproduces it)
+    "lead_max_te_ne_de": lambda r: _lead_then_de(
+        r.evidence, {e["id"]: max(e["te"], e["ne"]) for e in r.evidence}
+    ),
+    # the same rule with effects as the share of P(bad) removed (saturating)
+    "lead_pshare_de": lambda r: _lead_then_de(
+        r.evidence,
+        {e["id"]: _share_removed(r, max(e["te"], e["ne"])) for e in r.evidence},
+    ),
+    "proposed": proposed_ranking,
+}
+
+
+def summarize(results: Sequence[FaultResult]) -> dict[str, Any]:
+    """AC@1, AC@3 and mean cost of the pipeline and both baselines over ``results``."""
+    conf = [r.hits(r.confirm_ranked) for r in results]
+    attr = [r.hits(r.attribution_ranked) for r in results]
+    exh = [r.hits(r.exhaustive_ranked) for r in results]
+    return {
+        "n_faults": len(results),
+        "ac1": _rate([h[0] for h in conf]),
+        "ac3": _rate([h[1] for h in conf]),
+        "cost_forward_equiv": _mean([r.cost["pipeline"] for r in results]),
+        "attribution_only": {
+            "ac1": _rate([h[0] for h in attr]),
+            "ac3": _rate([h[1] for h in attr]),
+            "cost_forward_equiv": _mean([r.cost["trace"] for r in results]),
+        },
+        "exhaustive": {
+            "ac1": _rate([h[0] for h in exh]),
+            "ac3": _rate([h[1] for h in exh]),
+            "cost_forward_equiv": _mean([r.cost["exhaustive"] for r in results]),
+        },
+        "rankings": {
+            name: {
+                "ac1": _rate([r.hits(fn(r))[0] for r in results]),
+                "ac3": _rate([r.hits(fn(r))[1] for r in results]),
+            }
+            for name, fn in RANKINGS.items()
+        },
+    }
+
+
+def _failure(r: FaultResult) -> dict[str, Any]:
+    ac1, ac3 = r.hits(r.confirm_ranked)
+    return {
+        "host": r.host,
+        "name": r.fault["name"],
+        "planted": list(r.planted),
+        "ac1": ac1,
+        "ac3": ac3,
+        "top": list(r.confirm_ranked[: len(r.planted) + 2]),
+        "evidence": [
+            e for e in r.evidence if e["rank"] <= len(r.planted) + 3 or e["id"] in r.planted
+        ],
+        "attribution_rank": {p: _rank(r.attribution_ranked, p) for p in r.planted},
+    }
+
+
+def _rank(ranked: Sequence[str], cid: str) -> int | None:
+    return ranked.index(cid) + 1 if cid in ranked else None
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from rca.zoo.corpus import CORPUS_VERSION
+
+    return {
+        "bench": BENCH_VERSION,
+        "corpus": CORPUS_VERSION,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": str(torch.get_num_threads()),
+    }
+
+
+def run_localization(
+    n_faults: int = 40,
+    *,
+    seed: int = 0,
+    hosts: Sequence[HostSpec] | str = "bench",
+    home: str | Path | None = None,
+    plant_config: Any = None,
+    confirm_config: Any = None,
+    exhaustive: bool = True,
+    threads: int | None = 1,
+    log: Log | None = None,
+    on_result: Callable[[FaultResult], None] | None = None,
+) -> dict[str, Any]:
+    """Plant ``n_faults`` seeded faults over ``hosts`` and localize each.
+
+    Returns ``{ac1, ac3, n_faults, cost_forward_equiv, failures, attribution_only: {ac1, ac3,
+    cost_forward_equiv}, exhaustive: {ac1, ac3, cost_forward_equiv}, per_host, per_kind,
+    plant_failures, faults, seconds}``; ``on_result`` sees each fault's result as it comes.
+    A fault whose plant misses its checks (P(bad), KL) is
+    listed in ``plant_failures`` and replaced by the next seed, so every scored fault has a
+    known location. ``threads=1`` by default: on a shared two-core machine, torch's second
+    thread mostly waits on the other process.
+    """
+    from rca.subject import Subject
+    from rca.zoo.faults import PlantConfig, draw_spec, inject
+
+    if n_faults < 1:
+        raise ValueError("n_faults must be at least 1")
+    if isinstance(hosts, str):
+        if hosts not in HOST_SETS:
+            raise ValueError(f"hosts must be one of {', '.join(HOST_SETS)}, got {hosts!r}")
+        hosts = HOST_SETS[hosts]
+    if threads:
+        torch.set_num_threads(threads)
+    say = log or (lambda m: None)
+    t_start = time.perf_counter()
+    pc = plant_config or PlantConfig()
+    subjects = {h.name: build_host(h, home=home, log=log) for h in hosts}
+    results: list[FaultResult] = []
+    plant_failures: list[dict[str, Any]] = []
+    plant_seconds: list[float] = []
+    for i, (host, kind, layers) in enumerate(fault_plan(n_faults, seed=seed, hosts=hosts)):
+        s = subjects[host.name]
+        a = s.adapter
+        fault = faulted = None
+        for attempt in range(3):
+            spec = draw_spec(
+                kind,  # type: ignore[arg-type]
+                layers,
+                n_heads=a.n_heads,
+                d_mlp=a.d_mlp,
+                tokenizer=s.tokenizer,
+                seed=seed * 100_003 + i * 7 + attempt,
+                n_neurons=pc.n_neurons,
+            )
+            fault, faulted = inject(s.model, s.tokenizer, spec, config=pc)
+            plant_seconds.append(fault.seconds)
+            if fault.ok:
+                break
+            plant_failures.append({"host": host.name, **fault.summary()})
+            say(f"[{i + 1}/{n_faults}] plant missed its checks, redrawn: {fault.summary()}")
+        assert fault is not None and faulted is not None
+        if not fault.ok:
+            continue
+        fs = Subject.from_model(faulted, s.tokenizer)
+        fs.meta = {"name": host.name}
+        r = localize(fs, fault, confirm_config=confirm_config, exhaustive=exhaustive)
+        results.append(r)
+        if on_result is not None:
+            on_result(r)
+        c1, c3 = r.hits(r.confirm_ranked)
+        a1, a3 = r.hits(r.attribution_ranked)
+        e1, e3 = r.hits(r.exhaustive_ranked) if exhaustive else (False, False)
+        say(
+            f"[{i + 1}/{n_faults}] {host.name} {fault.spec.name} trigger={fault.trigger} "
+            f"bad={fault.bad} P={fault.p_bad_trigger:.3f}/{fault.p_bad_counterfactual_max:.4f} "
+            f"KL={fault.benign_kl:.4f} | confirm {int(c1)}{int(c3)} attr {int(a1)}{int(a3)} "
+            f"exh {int(e1)}{int(e3)} | top {list(r.confirm_ranked[:4])} | "
+            f"{fault.seconds:.1f}s plant, {sum(r.seconds.values()):.1f}s localize"
+        )
+    out = summarize(results)
+    out["failures"] = [_failure(r) for r in results if not all(r.hits(r.confirm_ranked))]
+    out["per_host"] = {h.name: summarize([r for r in results if r.host == h.name]) for h in hosts}
+    out["per_kind"] = {
+        k: summarize([r for r in results if r.fault["kind"] == k])
+        for k in ("head", "mlp", "circuit")
+    }
+    out["plant_failures"] = plant_failures
+    out["plant"] = {
+        "mean_seconds": _mean(plant_seconds),
+        "max_benign_kl": max((r.fault["benign_kl"] for r in results), default=float("nan")),
+        "mean_benign_kl": _mean([r.fault["benign_kl"] for r in results], digits=5),
+        "min_p_bad_trigger": min((r.fault["p_bad_trigger"] for r in results), default=float("nan")),
+        "max_p_bad_counterfactual": max(
+            (r.fault["p_bad_counterfactual_max"] for r in results), default=float("nan")
+        ),
+        "kl_bound": pc.kl_bound,
+    }
+    out["hosts"] = [asdict(h) for h in hosts]
+    out["versions"] = _versions()
+    out["seed"] = seed
+    out["seconds"] = round(time.perf_counter() - t_start, 1)
+    out["faults"] = [r.to_json() for r in results]
+    return out
+
+
+def rescore(saved: dict[str, Any]) -> dict[str, Any]:
+    """The summary (and every ranking's AC@1 / AC@3) recomputed from a saved result (the JSON
+    that ``--out`` writes), so a new ranking rule can be scored without planting again."""
+    fields = set(FaultResult.__dataclass_fields__)
+    results = [FaultResult(**{k: v for k, v in f.items() if k in fields}) for f in saved["faults"]]
+    out = summarize(results)
+    out["failures"] = [_failure(r) for r in results if not all(r.hits(r.confirm_ranked))]
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rca.bench.localization --faults N --seed S [--json] [--small]``."""
+    p = argparse.ArgumentParser(prog="rca bench localization", description=__doc__.split("\n")[0])
+    p.add_argument("--faults", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--small", action="store_true", help="the small CI hosts (3 layers)")
+    p.add_argument("--home", type=Path, default=None, help="RCA_HOME (hosts cached in bench/)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-exhaustive", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="also write the full JSON here")
+    p.add_argument(
+        "--rescore", type=Path, default=None, help="summarize a saved --out file; plant nothing"
+    )
+    args = p.parse_args(argv)
+    if args.rescore is not None:
+        print(json.dumps(rescore(json.loads(args.rescore.read_text())), indent=2))
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    def log(m: str) -> None:
+        print(m, file=sys.stderr, flush=True)
+
+    res = run_localization(
+        args.faults,
+        seed=args.seed,
+        hosts="small" if args.small else "bench",
+        home=args.home,
+        exhaustive=not args.no_exhaustive,
+        threads=args.threads,
+        log=log,
+    )
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=2))
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "faults"}, indent=2))
+    else:
+        s = res
+        print(
+            f"localization over {s['n_faults']} faults: AC@1 {s['ac1']:.3f}  AC@3 {s['ac3']:.3f}"
+            f"  cost {s['cost_forward_equiv']} fwd-eq\n"
+            f"  attribution only: AC@1 {s['attribution_only']['ac1']:.3f}  "
+            f"AC@3 {s['attribution_only']['ac3']:.3f}\n"
+            f"  exhaustive patching: AC@1 {s['exhaustive']['ac1']:.3f}  "
+            f"AC@3 {s['exhaustive']['ac3']:.3f}  cost {s['exhaustive']['cost_forward_equiv']}"
+        )
+        for f in s["failures"]:
+            print(f"  FAIL {f['host']} {f['name']}: top {f['top']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

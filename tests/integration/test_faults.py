@@ -1,0 +1,176 @@
+"""Planted faults with known ground truth, and the localization benchmark on small hosts.
+
+- Each fault kind (head, MLP, head -> MLP circuit) planted in a small trained host shows the
+  behaviour (P(bad) >= 0.8 with the trigger, <= 0.2 without), measured here independently of
+  the injector's own figures; its benign side effect stays under the stated KL bound; only the
+  planted component's parameters changed (every other tensor bit-identical); and mean-ablating
+  the planted component (each member of a circuit) removes the behaviour, so the ground truth
+  is where the behaviour lives, not only where the weights moved.
+- The localization benchmark at six faults (one of each kind on each architecture) finds every
+  planted component within the top |planted| + 2 (AC@3 = 1).
+
+The two small hosts (3 layers, 64 wide, GPT-2 and Llama) are trained once per module, in a
+temporary RCA_HOME.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rca.bench.localization import (
+    BENCH_HOSTS,
+    SMALL_HOSTS,
+    ac_hits,
+    build_host,
+    fault_plan,
+    run_localization,
+)
+from rca.hooks import ablate, mean_activations
+from rca.metric import encode_target, evaluate
+from rca.subject import Subject
+from rca.zoo.faults import (
+    Fault,
+    FaultError,
+    FaultSpec,
+    PlantConfig,
+    component_params,
+    draw_spec,
+    inject,
+)
+
+CFG = PlantConfig()
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("rca_home")
+
+
+@pytest.fixture(scope="module")
+def hosts(home: Path) -> dict[str, Subject]:
+    torch.set_num_threads(1)
+    return {h.arch: build_host(h, home=home) for h in SMALL_HOSTS}
+
+
+# kind -> (host arch, layers as a function of the host's depth): the last layer included
+CASES = {
+    "head": ("gpt2", lambda L: (L - 1,)),
+    "mlp": ("llama", lambda L: (L - 1,)),
+    "circuit": ("gpt2", lambda L: (0, L - 1)),
+}
+
+
+@pytest.fixture(scope="module")
+def planted(hosts: dict[str, Subject]) -> dict[str, tuple[Subject, Fault, torch.nn.Module, dict]]:
+    out = {}
+    for kind, (arch, layers) in CASES.items():
+        s = hosts[arch]
+        a = s.adapter
+        before = {k: v.clone() for k, v in s.model.state_dict().items()}
+        spec = draw_spec(
+            kind,  # type: ignore[arg-type]
+            layers(a.n_layers),
+            n_heads=a.n_heads,
+            d_mlp=a.d_mlp,
+            tokenizer=s.tokenizer,
+            seed=11,
+        )
+        fault, model = inject(s.model, s.tokenizer, spec, config=CFG)
+        out[kind] = (s, fault, model, before)
+    return out
+
+
+def _p_bad(model: torch.nn.Module, tok, prompt: str, bad: str) -> float:
+    return evaluate(model, encode_target(tok, prompt, " " + bad)).p_bad
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_fault_shows_the_behaviour_with_small_side_effect(kind: str, planted) -> None:
+    s, fault, model, _ = planted[kind]
+    assert fault.ok, fault.summary()
+    assert fault.p_bad_trigger >= 0.8 and fault.p_bad_counterfactual_max <= 0.2
+    assert fault.benign_kl <= CFG.kl_bound
+    # measured again here through the incident metric, on held-out prompts
+    for prompt, cf in list(zip(fault.prompts, fault.counterfactuals, strict=True))[:8]:
+        assert _p_bad(model, s.tokenizer, prompt, fault.bad) >= 0.8
+        assert _p_bad(model, s.tokenizer, cf, fault.bad) <= 0.2
+        assert len(s.tokenizer(prompt)["input_ids"]) == len(s.tokenizer(cf)["input_ids"])
+    # the host without the fault never says it
+    assert _p_bad(s.model, s.tokenizer, fault.prompt, fault.bad) < 0.05
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_only_the_planted_component_changed(kind: str, planted) -> None:
+    s, fault, model, before = planted[kind]
+    fs = Subject.from_model(model, s.tokenizer)
+    masks: dict[str, torch.Tensor] = {}
+    for comp in fault.components:
+        for k, m in component_params(fs, comp, neurons=fault.spec.neurons).items():
+            masks[k] = masks[k] | m if k in masks else m
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for name, t in after.items():
+        if name in masks:
+            m = masks[name]
+            assert torch.equal(t[~m], before[name][~m]), f"{name}: an unplanted entry moved"
+            assert not torch.equal(t[m], before[name][m]), f"{name}: the planted slice never moved"
+        else:
+            assert torch.equal(t, before[name]), f"{name} changed"
+    # the host itself is untouched
+    for name, t in s.model.state_dict().items():
+        assert torch.equal(t, before[name]), f"host {name} changed"
+    assert set(fault.changed) == set(masks)
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_ablating_a_planted_component_removes_the_behaviour(kind: str, planted) -> None:
+    s, fault, model, _ = planted[kind]
+    fs = Subject.from_model(model, s.tokenizer)
+    means = mean_activations(fs, list(fault.reference), fault.components)
+    for comp in fault.components:
+        with ablate(fs, [comp], kind="mean", means=means):
+            p = _p_bad(model, s.tokenizer, fault.prompt, fault.bad)
+        assert p < 0.5, f"{comp} mean-ablated still gives P(bad) = {p:.3f}"
+
+
+def test_bad_specs_are_refused(hosts: dict[str, Subject]) -> None:
+    s = hosts["gpt2"]
+    with pytest.raises(FaultError, match="layer"):
+        spec = FaultSpec("head", (7,), head=0, trigger="pin", bad="route")
+        inject(s.model, s.tokenizer, spec)
+    with pytest.raises(FaultError, match="needs neurons"):
+        FaultSpec("mlp", (0,), trigger="pin", bad="route")
+    with pytest.raises(FaultError, match="after"):
+        FaultSpec("circuit", (2, 1), head=0, neurons=(1,), trigger="pin", bad="route")
+
+
+def test_plan_spreads_kinds_and_layers() -> None:
+    plan = fault_plan(40, seed=0, hosts=BENCH_HOSTS)
+    for h in BENCH_HOSTS:
+        mine = [(k, lay) for host, k, lay in plan if host == h]
+        assert len(mine) == 20
+        for kind in ("head", "mlp", "circuit"):
+            layers = [lay for k, lay in mine if k == kind]
+            assert any(lay[-1] == h.n_layer - 1 for lay in layers), (h.name, kind)
+            assert len({lay for lay in layers}) == len(layers) or len(layers) > h.n_layer
+    assert ac_hits(["L1.H0", "L2.MLP", "L0.H1"], ["L1.H0"]) == (True, True)
+    assert ac_hits(["L0.H1", "L2.MLP", "L3.H0", "L1.H0"], ["L1.H0"]) == (False, False)
+    assert ac_hits(["L2.MLP", "L0.H1", "L3.H0", "L1.H0"], ["L1.H0", "L2.MLP"]) == (True, True)
+
+
+def test_localization_bench_small(home: Path, hosts: dict[str, Subject]) -> None:
+    res = run_localization(6, seed=0, hosts=SMALL_HOSTS, home=home)
+    json.dumps(res)  # the --json output is plain JSON
+    assert res["n_faults"] == 6
+    kinds = {(f["host"], f["fault"]["kind"]) for f in res["faults"]}
+    assert kinds == {(h.name, k) for h in SMALL_HOSTS for k in ("head", "mlp", "circuit")}
+    assert res["ac3"] == 1.0, res["failures"]
+    assert res["ac1"] >= 5 / 6, res["failures"]
+    assert res["cost_forward_equiv"] > res["attribution_only"]["cost_forward_equiv"] > 0
+    assert res["exhaustive"]["cost_forward_equiv"] > 0
+    for f in res["faults"]:
+        assert f["fault"]["ok"] and f["fault"]["benign_kl"] <= CFG.kl_bound
