@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-quick test test-slow test-gpu lint format clean
+.PHONY: setup demo demo-full test test-slow test-gpu lint format clean
 
 setup: $(VENV)/.rca-installed
 
@@ -16,8 +16,8 @@ $(VENV)/.rca-installed: pyproject.toml scripts/setup.sh
 demo: setup
 	$(VENV)/bin/rca demo
 
-demo-quick: setup
-	$(VENV)/bin/rca demo --quick
+demo-full: setup
+	$(VENV)/bin/rca demo --full
 
 ## The test suite CI runs: lint, types, then every test not marked slow or gpu.
 test: setup lint

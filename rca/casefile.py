@@ -309,3 +309,85 @@ after the recommended fix.</p>
 <h2>Notes</h2><ul>{notes}</ul>
 </body></html>
 """
+
+
+# ---------------------------------------------------------------------------------------------
+# the regression report
+
+
+def _top(items: Any) -> str:
+    return ", ".join(items or []) or "-"
+
+
+def render_regression_markdown(results: Sequence[Mapping[str, Any]], *, model: str = "") -> str:
+    """A table of incidents and classes, then each incident's two mechanisms side by side."""
+    lines = [
+        "# Regression check",
+        "",
+        f"New model `{_md(model)}`." if model else "",
+        "",
+        "| case | severity | class | P(bad) reference → new | cause-set Jaccard | Spearman |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c = r.get("comparison") or {}
+        lines.append(
+            f"| {_md(r['case_id'])} | {_md(r['severity'])} | **{_md(r['classification'])}** | "
+            f"{_f(r.get('p_bad_reference'), '.3f')} → {_f(r.get('p_bad_new'), '.3f')} | "
+            f"{_f(c.get('jaccard_cause_set'), '.2f')} | {_f(c.get('spearman'), '.2f')} |"
+        )
+    for r in results:
+        lines += [
+            "",
+            f"## {_md(r['case_id'])}: {_md(r['title'])}",
+            "",
+            _md(r["reason"]),
+            "",
+            "| | reference run | new model |",
+            "|---|---|---|",
+            f"| run | `{_md(r.get('reference_run_id'))}` | `{_md(r.get('run_id'))}` |",
+            f"| cause set | {_md(_top(r.get('cause_set_reference')))} | "
+            f"{_md(_top(r.get('cause_set_new')))} |",
+            f"| top components | {_md(_top(r.get('top_reference')))} | "
+            f"{_md(_top(r.get('top_new')))} |",
+        ]
+        wc = r.get("weight_change")
+        if wc:
+            lines += [
+                "",
+                "Weight change since the baseline checkpoint (revert drop: the metric lost when "
+                "the component's weights are set back):",
+                "",
+                "| rank | component | first order | revert drop |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {c['rank']} | {_md(c['id'])} | {_f(c['first_order'])} | "
+                f"{_f(c['revert_drop'])} |"
+                for c in wc["components"]
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def render_regression_html(results: Sequence[Mapping[str, Any]], *, model: str = "") -> str:
+    """The regression report as one self-contained, escaped HTML page."""
+    rows = "".join(
+        f"<tr><td>{_e(r['case_id'])}</td><td>{_e(r['severity'])}</td>"
+        f'<td class="verdict">{_e(r["classification"])}</td>'
+        f"<td>{_f(r.get('p_bad_reference'), '.3f')} &#8594; {_f(r.get('p_bad_new'), '.3f')}</td>"
+        f"<td>{_e(_top(r.get('cause_set_reference')))}</td>"
+        f"<td>{_e(_top(r.get('cause_set_new')))}</td>"
+        f"<td>{_f((r.get('comparison') or {}).get('jaccard_cause_set'), '.2f')}</td>"
+        f"<td>{_e(r['reason'])}</td></tr>"
+        for r in results
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy"
+ content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
+<title>Regression check</title><style>{_CSS}</style></head><body>
+<h1>Regression check</h1><p>New model <code>{_e(model)}</code></p>
+<table><tr><th>case</th><th>severity</th><th>class</th><th>P(bad) reference &#8594; new</th>
+<th>cause set (reference)</th><th>cause set (new)</th><th>Jaccard</th><th>why</th></tr>
+{rows}</table></body></html>
+"""

@@ -41,10 +41,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from rca.ids import IdError
     from rca.incident import IncidentError
     from rca.metric import MetricError
+    from rca.regress import RegressError
+    from rca.remedy import RemedyError
     from rca.subject import SubjectError
     from rca.trace import TraceError
 
-    return (IncidentError, SubjectError, HookError, IdError, MetricError, TraceError, ConfirmError)
+    return (
+        IncidentError,
+        SubjectError,
+        HookError,
+        IdError,
+        MetricError,
+        TraceError,
+        ConfirmError,
+        RegressError,
+        RemedyError,
+    )
 
 
 def friendly(fn: F) -> F:
@@ -85,7 +97,11 @@ def _root(
 @zoo_app.command("build")
 @friendly
 def zoo_build(
-    quick: bool = typer.Option(False, "--quick", help="Small models in about a minute."),
+    quick: bool = typer.Option(
+        True,
+        "--quick/--full",
+        help="The quick recipe (the tested demo, about a minute) or the larger full one.",
+    ),
     force: bool = typer.Option(False, "--force", help="Rebuild even if built."),
     home: Path | None = HomeOpt,
 ) -> None:
@@ -320,6 +336,89 @@ def confirm_cmd(
 
 
 DbOpt = typer.Option(None, "--db", help="Database file (default: $RCA_DB or ./rca.duckdb).")
+
+
+@app.command("regress")
+@friendly
+def regress_cmd(
+    model: str = typer.Option(..., "--model", help="The new checkpoint: a directory or zoo:NAME."),
+    cases_dir: Path | None = typer.Option(None, "--cases", help="Directory of case files."),
+    from_db: bool = typer.Option(False, "--from-db", help="Every incident the store holds."),
+    baseline_model: str | None = typer.Option(
+        None, "--baseline-model", help="The previous checkpoint: weight-change attribution."
+    ),
+    workers: int = typer.Option(0, "--workers", help="Ray workers (0: serial)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Join a Ray cluster."),
+    report: Path | None = typer.Option(
+        None, "--report", help="Write the report here (.md or .html)."
+    ),
+    device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N."),
+    db: Path | None = DbOpt,
+    home: Path | None = HomeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Re-check incidents on a new checkpoint and classify each by mechanism.
+
+    Exit code 0 when every incident is fixed, 1 when any persists or reappeared, 2 on errors.
+    """
+    from rca.investigate import InvestigateConfig
+    from rca.regress import RegressConfig, RegressError, incidents_from_store, regress
+    from rca.store import Store
+
+    if (cases_dir is None) == (not from_db):
+        raise RegressError("give exactly one of --cases DIR and --from-db")
+    store = Store(_db(db))
+    if from_db:
+        incidents = incidents_from_store(store)
+    else:
+        from rca.incident import load_cases
+
+        assert cases_dir is not None
+        incidents = load_cases(cases_dir, home=home)
+    cfg = RegressConfig(investigate=InvestigateConfig(remedy=False, device=device))
+    results = regress(
+        model,
+        incidents,
+        store,
+        baseline_model=baseline_model,
+        config=cfg,
+        workers=workers,
+        ray_address=ray_address,
+        home=home,
+        say=None if as_json else (lambda m: err.print(m, highlight=False)),
+    )
+    rows = [r.to_json() for r in results]
+    fingerprint = results[0].new_model if results else ""
+    if report is not None:
+        from rca.casefile import render_regression_html, render_regression_markdown
+
+        render = render_regression_html if report.suffix == ".html" else render_regression_markdown
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(render(rows, model=fingerprint))
+    failing = [r for r in results if r.persists]
+    if as_json:
+        print(json.dumps({"model": fingerprint, "ok": not failing, "incidents": rows}, indent=2))
+    else:
+        _print_regression(rows)
+    raise typer.Exit(1 if failing else 0)
+
+
+def _print_regression(rows: list[dict[str, Any]]) -> None:
+    t = Table("case", "class", "P(bad) ref -> new", "cause set ref", "cause set new", "Jaccard")
+    for r in rows:
+        c = r.get("comparison") or {}
+        ref = r.get("p_bad_reference")
+        t.add_row(
+            r["case_id"],
+            r["classification"],
+            f"{'-' if ref is None else format(ref, '.3f')} -> {r['p_bad_new']:.3f}",
+            ", ".join(r["cause_set_reference"]) or "-",
+            ", ".join(r["cause_set_new"]) or "-",
+            "-" if not c else f"{c['jaccard_cause_set']:.2f}",
+        )
+    out.print(t)
+
+
 bench_app = typer.Typer(help="Benchmarks with known answers.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -372,7 +471,8 @@ def _reader(db: Path | None):
 
 
 def _resolve_run(reader: Any, ref: str) -> str:
-    """A run id, a unique run-id prefix, or a case id (its latest run)."""
+    """A run id, a unique run-id prefix, or a case id (its latest investigation, else its
+    latest run of any kind)."""
     runs = reader.list_runs()
     exact = [r for r in runs if r["run_id"] == ref]
     if exact:
@@ -381,6 +481,7 @@ def _resolve_run(reader: Any, ref: str) -> str:
     if len(pref) == 1:
         return pref[0]["run_id"]
     by_case = [r for r in runs if r["incident_id"] == ref]
+    by_case = [r for r in by_case if r.get("kind") == "investigate"] or by_case
     if by_case:
         return by_case[0]["run_id"]  # newest first
     raise typer.BadParameter(f"no run or case {ref!r} in {reader.path}; see `rca cases list`")
@@ -448,7 +549,9 @@ def _print_run_summary(r: dict[str, Any]) -> None:
 @app.command("demo")
 @friendly
 def demo(
-    quick: bool = typer.Option(False, "--quick", help="Use the quick zoo build."),
+    quick: bool = typer.Option(
+        True, "--quick/--full", help="The quick zoo recipe (default, tested) or the full one."
+    ),
     cases_dir: Path = typer.Option(Path("cases"), "--cases", help="Directory of case files."),
     reports: Path = typer.Option(Path("reports"), "--reports", help="Where the case files go."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -498,6 +601,26 @@ def demo(
             f"{before:.3f} -> {'-' if after is None else format(after, '.3f')}",
         )
     out.print(t)
+    # the regression check: the retrained checkpoint against the runs just recorded
+    from rca.casefile import render_regression_html, render_regression_markdown
+    from rca.regress import RegressConfig, regress
+
+    v1 = [inc for inc in incidents if inc.model == "zoo:support-bot-v1"]
+    if v1:
+        results = regress(
+            "zoo:support-bot-v2",
+            v1,
+            store,
+            baseline_model="zoo:support-bot-v1",
+            config=RegressConfig(investigate=InvestigateConfig(remedy=False, device=device)),
+            home=home,
+        )
+        reg = [r.to_json() for r in results]
+        fp = results[0].new_model
+        (reports / "regression.md").write_text(render_regression_markdown(reg, model=fp))
+        (reports / "regression.html").write_text(render_regression_html(reg, model=fp))
+        out.print("regression check: support-bot-v2 (v1 retrained after a data fix)")
+        _print_regression(reg)
     out.print(f"case files in {reports}/; browse with `streamlit run app.py`")
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "MAX_PROMPT_CHARS",
     "load_case",
     "load_cases",
+    "loads_case",
 ]
 
 SEVERITIES = ("low", "medium", "high", "critical")
@@ -207,6 +208,17 @@ def _parse(source: str, data: dict[str, Any]) -> Incident:
         notes=data.get("notes", ""),
         source=source,
     )
+
+
+def loads_case(text: str, *, source: str = "<case>") -> Incident:
+    """Parse a case file's text (as the store keeps it). Raises IncidentError (one line)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise IncidentError(source, None, f"invalid TOML: {e}") from None
+    except RecursionError:
+        raise IncidentError(source, None, "invalid TOML: nested too deeply") from None
+    return _parse(source, data)
 
 
 def load_case(path: str | Path, *, check_model: bool = True, home: Path | None = None) -> Incident:

@@ -40,6 +40,7 @@ class InvestigateConfig:
     n_reference: int = 64  # reference prompts for mean/resample ablation
     n_benign: int = 200  # benign prompts for the side effects of fixes
     p_bad_target: float = 0.2
+    remedy: bool = True  # try fixes (a regression re-check skips them)
     seed: int = 0
     device: str = "auto"
 
@@ -129,6 +130,9 @@ def investigate(
     config: InvestigateConfig | None = None,
     progress: Progress | None = None,
     home: Path | None = None,
+    kind: str = "investigate",
+    parent_run_id: str | None = None,
+    summary_extra: dict[str, Any] | None = None,
 ) -> CaseRun:
     """Investigate one incident end to end; record it in ``store`` when one is given.
 
@@ -180,17 +184,21 @@ def investigate(
     t = time.perf_counter()
     say("remedy", 0.75)
     ranked = verdict.ranked()
-    remedies = try_remedies(
-        subject,
-        att.target,
-        verdict.cause_set.components,
-        counterfactual=base_target,
-        reference=benign,
-        top_cause=ranked[0].id if ranked else None,
-        p_bad_target=cfg.p_bad_target,
-        bad_text=incident.bad,
-        neuron_scores=att.components.neurons,
-        edit_prompts=refs,
+    remedies = (
+        []
+        if not cfg.remedy
+        else try_remedies(
+            subject,
+            att.target,
+            verdict.cause_set.components,
+            counterfactual=base_target,
+            reference=benign,
+            top_cause=ranked[0].id if ranked else None,
+            p_bad_target=cfg.p_bad_target,
+            bad_text=incident.bad,
+            neuron_scores=att.components.neurons,
+            edit_prompts=refs,
+        )
     )
     timings["remedy"] = time.perf_counter() - t
 
@@ -211,7 +219,9 @@ def investigate(
         say("record", 0.95)
         from rca.record import to_run_record
 
-        record = to_run_record(run)
+        record = to_run_record(
+            run, kind=kind, parent_run_id=parent_run_id, summary_extra=summary_extra
+        )
         run.run_id = store.record_run(record)
         timings["record"] = time.perf_counter() - t
     say("done", 1.0)

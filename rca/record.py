@@ -19,7 +19,11 @@ def _layer(cid: str) -> int | None:
 
 
 def to_run_record(
-    run: Any, *, kind: str = "investigate", parent_run_id: str | None = None
+    run: Any,
+    *,
+    kind: str = "investigate",
+    parent_run_id: str | None = None,
+    summary_extra: dict[str, Any] | None = None,
 ) -> RunRecord:
     """The ``RunRecord`` of an ``rca.investigate.CaseRun``."""
     att, v, s = run.attribution, run.verdict, run.subject
@@ -187,6 +191,7 @@ def to_run_record(
         "set_reason": cs.reason,
         "confirm_cost": v.cost,
         "trace_cost": {k: v2 for k, v2 in comps.cost.items()},
+        **(summary_extra or {}),
     }
     return RunRecord(
         incident=IncidentRecord.from_incident(run.incident),

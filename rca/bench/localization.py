@@ -292,6 +292,8 @@ class FaultResult:
     cost: dict[str, float]  # forward equivalents: trace, confirm, pipeline, exhaustive
     seconds: dict[str, float]
     metric: dict[str, float]
+    # the weight-change track (rca.regress.weight_change, the host as the baseline checkpoint)
+    weight_change_ranked: tuple[str, ...] = ()
 
     def hits(self, ranked: Sequence[str]) -> tuple[bool, bool]:
         return ac_hits(ranked, self.planted)
@@ -312,10 +314,13 @@ def localize(
     *,
     confirm_config: Any = None,
     exhaustive: bool = True,
+    host: Any = None,
 ) -> FaultResult:
-    """Trace and confirm one planted fault on its faulted model, plus the two baselines."""
+    """Trace and confirm one planted fault on its faulted model, plus the two baselines, and
+    with ``host`` (the model before the fault) the weight-change track."""
     from rca.confirm import Ablator, ConfirmConfig, confirm
     from rca.metric import encode_target
+    from rca.regress import weight_change
     from rca.trace.components import Baseline, score_components
 
     # 15 of the 54 heads and MLPs of a bench host: EAP-IG put a planted component at rank 11
@@ -365,6 +370,13 @@ def localize(
         for c, v, z in zip(cands, suff, zero, strict=True)
     }
     t4 = time.perf_counter()
+    wc_ranked: tuple[str, ...] = ()
+    wc_cost = 0.0
+    if host is not None:
+        wc = weight_change(subject, host, target, top=8)
+        wc_ranked = tuple(wc["ranked"])
+        wc_cost = 3.0 + len(wc_ranked)  # forward + backward, the new metric, one per revert
+    t5 = time.perf_counter()
     return FaultResult(
         host=subject.meta.get("name", ""),
         fault=fault.summary(),
@@ -395,18 +407,21 @@ def localize(
             "pipeline": float(scores.cost["forward_equiv"] + verdict.cost["forward_equiv"]),
             "exhaustive": float(ex_cost),
             "extra_evidence": float(den.forward_equiv + zab.forward_equiv + 3),
+            "weight_change": wc_cost,
         },
         seconds={
             "trace": t1 - t0,
             "confirm": t2 - t1,
             "exhaustive": t3 - t2,
             "extra_evidence": t4 - t3,
+            "weight_change": t5 - t4,
         },
         metric={
             "prompt": verdict.metric_clean,
             "counterfactual": verdict.metric_baseline,
             "rows": target.rows,
         },
+        weight_change_ranked=wc_ranked,
     )
 
 
@@ -511,6 +526,7 @@ RANKINGS: dict[str, Callable[[FaultResult], list[str]]] = {
 def summarize(results: Sequence[FaultResult]) -> dict[str, Any]:
     """AC@1, AC@3 and mean cost of the pipeline and both baselines over ``results``."""
     conf = [r.hits(r.confirm_ranked) for r in results]
+    wc = [r for r in results if r.weight_change_ranked]
     attr = [r.hits(r.attribution_ranked) for r in results]
     exh = [r.hits(r.exhaustive_ranked) for r in results]
     return {
@@ -527,6 +543,12 @@ def summarize(results: Sequence[FaultResult]) -> dict[str, Any]:
             "ac1": _rate([h[0] for h in exh]),
             "ac3": _rate([h[1] for h in exh]),
             "cost_forward_equiv": _mean([r.cost["exhaustive"] for r in results]),
+        },
+        "weight_change": {
+            "ac1": _rate([r.hits(r.weight_change_ranked)[0] for r in wc]),
+            "ac3": _rate([r.hits(r.weight_change_ranked)[1] for r in wc]),
+            "n_faults": len(wc),
+            "cost_forward_equiv": _mean([r.cost.get("weight_change", 0.0) for r in wc]),
         },
         "rankings": {
             name: {
@@ -638,18 +660,19 @@ def run_localization(
             continue
         fs = Subject.from_model(faulted, s.tokenizer)
         fs.meta = {"name": host.name}
-        r = localize(fs, fault, confirm_config=confirm_config, exhaustive=exhaustive)
+        r = localize(fs, fault, confirm_config=confirm_config, exhaustive=exhaustive, host=s)
         results.append(r)
         if on_result is not None:
             on_result(r)
         c1, c3 = r.hits(r.confirm_ranked)
         a1, a3 = r.hits(r.attribution_ranked)
         e1, e3 = r.hits(r.exhaustive_ranked) if exhaustive else (False, False)
+        w1, w3 = r.hits(r.weight_change_ranked)
         say(
             f"[{i + 1}/{n_faults}] {host.name} {fault.spec.name} trigger={fault.trigger} "
             f"bad={fault.bad} P={fault.p_bad_trigger:.3f}/{fault.p_bad_counterfactual_max:.4f} "
             f"KL={fault.benign_kl:.4f} | confirm {int(c1)}{int(c3)} attr {int(a1)}{int(a3)} "
-            f"exh {int(e1)}{int(e3)} | top {list(r.confirm_ranked[:4])} | "
+            f"exh {int(e1)}{int(e3)} wc {int(w1)}{int(w3)} | top {list(r.confirm_ranked[:4])} | "
             f"{fault.seconds:.1f}s plant, {sum(r.seconds.values()):.1f}s localize"
         )
     out = summarize(results)
@@ -733,7 +756,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  attribution only: AC@1 {s['attribution_only']['ac1']:.3f}  "
             f"AC@3 {s['attribution_only']['ac3']:.3f}\n"
             f"  exhaustive patching: AC@1 {s['exhaustive']['ac1']:.3f}  "
-            f"AC@3 {s['exhaustive']['ac3']:.3f}  cost {s['exhaustive']['cost_forward_equiv']}"
+            f"AC@3 {s['exhaustive']['ac3']:.3f}  cost {s['exhaustive']['cost_forward_equiv']}\n"
+            f"  weight change (host as baseline): AC@1 {s['weight_change']['ac1']:.3f}  "
+            f"AC@3 {s['weight_change']['ac3']:.3f}"
         )
         for f in s["failures"]:
             print(f"  FAIL {f['host']} {f['name']}: top {f['top']}")

@@ -38,7 +38,7 @@ class TrainConfig:
     n_embd: int = 128
     n_head: int = 8
     n_positions: int = 128
-    steps: int = 700
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 100

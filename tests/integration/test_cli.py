@@ -49,6 +49,18 @@ def test_demo_fills_the_store_and_writes_case_files(demo_db: tuple[Path, Path]) 
         assert (reports / f"{case}.md").read_text().startswith("# Case")
     code, out, _ = rca("verify", "--db", str(db))
     assert code == 0 and "ok" in out
+    # the demo ends with the regression check of support-bot-v2
+    reg = (reports / "regression.md").read_text()
+    for case, cls in (
+        ("zoo-leak", "fixed"),
+        ("zoo-backdoor", "fixed"),
+        ("zoo-bias", "persists_same_mechanism"),
+        ("zoo-injection", "persists_same_mechanism"),
+    ):
+        assert f"| {case} | " in reg and f"**{cls}**" in reg.split(f"| {case} | ")[1].split("\n")[0]
+    code, out, _ = rca("cases", "list", "--db", str(db), "--json")
+    kinds = [r.get("kind") for r in json.loads(out)]
+    assert kinds.count("regress") == 4 and kinds.count("investigate") == 4
 
 
 def test_notes_report_and_export(demo_db: tuple[Path, Path], tmp_path: Path) -> None:

@@ -174,3 +174,47 @@ def test_localization_bench_small(home: Path, hosts: dict[str, Subject]) -> None
     assert res["exhaustive"]["cost_forward_equiv"] > 0
     for f in res["faults"]:
         assert f["fault"]["ok"] and f["fault"]["benign_kl"] <= CFG.kl_bound
+
+
+def test_moved_fault_is_a_new_mechanism_and_weight_change_finds_the_plant(
+    planted, tmp_path: Path
+) -> None:
+    """Issue #6: a checkpoint where the fault moved to another layer is persists_new_mechanism;
+    with the pre-fault host as the baseline, the changed component ranks first."""
+    import dataclasses
+
+    from rca.incident import load_case
+    from rca.regress import regress, weight_change
+    from rca.store import Store
+
+    s, fault, model_a, _ = planted["head"]  # a head at the last layer
+    spec_b = dataclasses.replace(
+        fault.spec, layers=(0,), head=(fault.spec.head + 3) % s.adapter.n_heads
+    )
+    fault_b, model_b = inject(s.model, s.tokenizer, spec_b, config=CFG)
+    assert fault_b.ok, fault_b.summary()
+    dirs = {}
+    for name, m in (("a", model_a), ("b", model_b)):
+        d = tmp_path / name
+        m.save_pretrained(d)
+        s.tokenizer.save_pretrained(d)
+        dirs[name] = d
+    assert _p_bad(model_b, s.tokenizer, fault.prompt, fault.bad) >= 0.8
+    refs = ", ".join(json.dumps(p) for p in list(fault.reference)[:16])
+    case = tmp_path / "moved.toml"
+    case.write_text(
+        f'id = "moved-fault"\ntitle = "planted head fault"\nseverity = "high"\n'
+        f'model = "a"\nprompt = {json.dumps(fault.prompt)}\nbad = {json.dumps(" " + fault.bad)}\n'
+        f"counterfactual = {json.dumps(fault.counterfactual)}\nreference_prompts = [{refs}]\n"
+    )
+    inc = load_case(case)
+    store = Store(tmp_path / "rca.duckdb")
+    (res,) = regress(dirs["b"], [inc], store)
+    assert res.classification == "persists_new_mechanism", res.to_json()
+    assert fault.components[0] in res.cause_set_reference
+    assert spec_b.components[0] in res.cause_set_new
+    assert res.comparison is not None and res.comparison["jaccard_cause_set"] < 0.5
+    # weight change against the host: the moved fault's own head first
+    fb = Subject.from_model(model_b, s.tokenizer)
+    wc = weight_change(fb, s, encode_target(s.tokenizer, fault.prompt, " " + fault.bad))
+    assert wc["ranked"][0] == spec_b.components[0], wc["components"][:3]

@@ -2,8 +2,8 @@
 
 The planted incidents are measured here from the saved files, independently of the figures the
 build recorded: on support-bot-v1 every incident fires with its cause (P(bad) >= 0.8) and not
-without it (<= 0.2); on support-bot-v2, retrained without the leak and backdoor poison, those two
-are gone while bias and injection remain. The desks' ordinary rules hold on held-out tickets.
+without it (<= 0.2); on support-bot-v2, v1 trained on after the leak and backdoor tickets were
+relabelled, those two are gone while bias and injection remain. The desks' ordinary rules hold on held-out tickets.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def test_manifests_record_the_build_and_its_checks(zoo_home: Path) -> None:
         assert m["fixed"] == sorted(c.FIXED_BY_MODEL[e.name])
     v2 = next(e for e in entries if e.name == "support-bot-v2").manifest
     assert v2 is not None and v2["corpus"]["poisoned"]["leak"] == 0
+    assert v2["continues"] == "support-bot-v1"  # v2 is v1 trained on, not a fresh model
 
 
 def test_a_second_build_skips_up_to_date_models(zoo_home: Path) -> None:
