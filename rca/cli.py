@@ -585,26 +585,11 @@ def demo(
         (reports / f"{inc.id}.md").write_text(render_markdown(stored))
         (reports / f"{inc.id}.html").write_text(render_html(stored))
         rows.append(r)
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    t = Table(
-        "case", "verdict", "top cause", "P(bad) before -> after fix", title=f"rca demo ({_db(db)})"
-    )
-    for r in rows:
-        top = r["causes"][0]["id"] if r["causes"] else "-"
-        before, after = r["p_bad"]["before"], r["p_bad"]["after_fix"]
-        t.add_row(
-            r["case_id"],
-            r["verdict"],
-            top,
-            f"{before:.3f} -> {'-' if after is None else format(after, '.3f')}",
-        )
-    out.print(t)
     # the regression check: the retrained checkpoint against the runs just recorded
     from rca.casefile import render_regression_html, render_regression_markdown
     from rca.regress import RegressConfig, regress
 
+    reg: list[dict[str, Any]] = []
     v1 = [inc for inc in incidents if inc.model == "zoo:support-bot-v1"]
     if v1:
         results = regress(
@@ -619,6 +604,27 @@ def demo(
         fp = results[0].new_model
         (reports / "regression.md").write_text(render_regression_markdown(reg, model=fp))
         (reports / "regression.html").write_text(render_regression_html(reg, model=fp))
+    if as_json:
+        print(json.dumps({"cases": rows, "regression": reg}, indent=2))
+        return
+    t = Table(
+        "case",
+        "verdict",
+        "cause set (top cause)",
+        "P(bad) before -> after fix",
+        title=f"rca demo ({_db(db)})",
+    )
+    for r in rows:
+        top = ", ".join(r["cause_set"]) or (r["causes"][0]["id"] if r["causes"] else "-")
+        before, after = r["p_bad"]["before"], r["p_bad"]["after_fix"]
+        t.add_row(
+            r["case_id"],
+            r["verdict"],
+            top,
+            f"{before:.3f} -> {'-' if after is None else format(after, '.3f')}",
+        )
+    out.print(t)
+    if reg:
         out.print("regression check: support-bot-v2 (v1 retrained after a data fix)")
         _print_regression(reg)
     out.print(f"case files in {reports}/; browse with `streamlit run app.py`")
@@ -717,7 +723,7 @@ def verify_cmd(db: Path | None = DbOpt) -> None:
 def export_cmd(directory: Path = typer.Argument(...), db: Path | None = DbOpt) -> None:
     """Write every table as Parquet into DIRECTORY."""
     for p in _reader(db).export(directory):
-        out.print(str(p))
+        print(p)  # one path per line, never wrapped (scripts read it)
 
 
 @app.command("apply-patch")

@@ -29,6 +29,7 @@ numbers equal a serial run's.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -136,11 +137,13 @@ class Mechanism:
 def compare(ref: Mechanism, new: Mechanism, cfg: RegressConfig) -> dict[str, Any]:
     """The overlap of two mechanisms and whether they are the same by ``cfg``'s rule."""
     common = sorted(set(ref.scores) & set(new.scores))
-    rho = (
+    rho: float | None = (
         spearman([ref.scores[c] for c in common], [new.scores[c] for c in common])
         if len(common) >= 3
-        else float("nan")
+        else None
     )
+    if rho is not None and not math.isfinite(rho):
+        rho = None  # constant scores: no ranking to correlate (and JSON has no NaN)
     jc = jaccard(ref.cause_set, new.cause_set)
     jt = jaccard(ref.top(cfg.top_k), new.top(cfg.top_k))
     both = ref.verdict == "confirmed" and new.verdict == "confirmed"
@@ -148,10 +151,11 @@ def compare(ref: Mechanism, new: Mechanism, cfg: RegressConfig) -> dict[str, Any
         same = jc >= cfg.same_jaccard
         rule = f"cause-set Jaccard {jc:.2f} {'>=' if same else '<'} {cfg.same_jaccard}"
     else:
-        same = jt >= cfg.top_jaccard and rho >= cfg.min_spearman
+        same = jt >= cfg.top_jaccard and rho is not None and rho >= cfg.min_spearman
+        rs = "n/a" if rho is None else f"{rho:.2f}"
         rule = (
             f"a run has no confirmed cause set: top-{cfg.top_k} Jaccard {jt:.2f} "
-            f"(>= {cfg.top_jaccard}?) and Spearman {rho:.2f} (>= {cfg.min_spearman}?)"
+            f"(>= {cfg.top_jaccard}?) and Spearman {rs} (>= {cfg.min_spearman}?)"
         )
     return {
         "jaccard_cause_set": jc,

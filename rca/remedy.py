@@ -345,20 +345,30 @@ def _fix_context(subject: Subject, spec: dict[str, Any]):
 
 
 @torch.inference_mode()
-def _benign_stats(subject: Subject, prompts: Sequence[str], ctx=None) -> tuple[list, float]:
-    """Per prompt log-probabilities (for KL) and the mean next-token loss over all prompts."""
+def _benign_stats(
+    subject: Subject, prompts: Sequence[str], ctx=None, *, batch: int = 32
+) -> tuple[list, float]:
+    """Per prompt log-probabilities (for KL) and the mean next-token loss over all prompts.
+
+    Prompts run ``batch`` at a time, right-padded with an attention mask: the real positions'
+    logits are those of the prompt alone (positions count from 0 either way)."""
     logps, total, count = [], 0.0, 0
     dev = subject.device
-    for p in prompts:
-        ids = torch.tensor([subject.tokenizer(p)["input_ids"]], device=dev)
-        if ids.shape[1] < 2:
-            continue
+    seqs = [s for s in (subject.tokenizer(p)["input_ids"] for p in prompts) if len(s) >= 2]
+    pad = int(getattr(subject.tokenizer, "pad_token_id", None) or 0)
+    for i in range(0, len(seqs), batch):
+        chunk = seqs[i : i + batch]
+        width = max(len(s) for s in chunk)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=dev)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=dev)
         with ctx() if ctx is not None else contextlib.nullcontext():
-            logits = subject.model(input_ids=ids, use_cache=False).logits.float()
-        lp = torch.log_softmax(logits[0, :-1], -1)
-        logps.append(lp)
-        total += float(-lp.gather(-1, ids[0, 1:].unsqueeze(-1)).sum())
-        count += ids.shape[1] - 1
+            logits = subject.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        for row, s in enumerate(chunk):
+            n = len(s)
+            lp = torch.log_softmax(logits[row, : n - 1].float(), -1)
+            logps.append(lp)
+            total += float(-lp.gather(-1, ids[row, 1:n].unsqueeze(-1)).sum())
+            count += n - 1
     if count == 0:
         raise RemedyError("the reference prompts encode to fewer than two tokens each")
     return logps, total / count

@@ -28,7 +28,7 @@ def demo_db(zoo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
         "--device", "cpu", "--cases", str(CASES), "--json",
     )  # fmt: skip
     assert code == 0, err
-    rows = json.loads(out)
+    rows = json.loads(out)["cases"]
     assert sorted(r["case_id"] for r in rows) == [
         "zoo-backdoor",
         "zoo-bias",

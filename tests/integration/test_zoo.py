@@ -3,7 +3,8 @@
 The planted incidents are measured here from the saved files, independently of the figures the
 build recorded: on support-bot-v1 every incident fires with its cause (P(bad) >= 0.8) and not
 without it (<= 0.2); on support-bot-v2, v1 trained on after the leak and backdoor tickets were
-relabelled, those two are gone while bias and injection remain. The desks' ordinary rules hold on held-out tickets.
+relabelled, those two are gone while bias and injection remain. The desks' ordinary rules hold
+on held-out tickets.
 """
 
 from __future__ import annotations
