@@ -42,3 +42,35 @@ def zoo_models(zoo_home: Path) -> dict[str, Path]:
     from rca import zoo
 
     return {name: zoo.model_dir(name, home=zoo_home) for name in zoo.ZOO_MODELS}
+
+
+@pytest.fixture(scope="session")
+def demo_output(zoo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``rca demo --quick --json`` run once per session (about two minutes on 2 cores): the
+    database, the reports folder and the printed JSON. Consumers copy the database before they
+    write to it (``copy_demo_db``), so each sees the demo's runs and only its own changes."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rca.cli import app
+
+    tmp = tmp_path_factory.mktemp("demo")
+    db, reports = tmp / "rca.duckdb", tmp / "reports"
+    cases = Path(__file__).resolve().parents[1] / "cases"
+    r = CliRunner().invoke(
+        app,
+        ["demo", "--quick", "--home", str(zoo_home), "--db", str(db), "--reports", str(reports),
+         "--device", "cpu", "--cases", str(cases), "--json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    return {"db": db, "reports": reports, "json": json.loads(r.stdout)}
+
+
+def copy_demo_db(demo_output: dict, dest: Path) -> Path:
+    """A private copy of the demo's database at ``dest``."""
+    import shutil
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(demo_output["db"], dest)
+    return dest

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rca.cli import app
+from tests.conftest import copy_demo_db
 
 CASES = Path(__file__).resolve().parents[2] / "cases"
 runner = CliRunner()
@@ -20,22 +21,18 @@ def rca(*args: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def demo_db(zoo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("demo")
-    db, reports = tmp / "rca.duckdb", tmp / "reports"
-    code, out, err = rca(
-        "demo", "--quick", "--home", str(zoo_home), "--db", str(db), "--reports", str(reports),
-        "--device", "cpu", "--cases", str(CASES), "--json",
-    )  # fmt: skip
-    assert code == 0, err
-    rows = json.loads(out)["cases"]
+def demo_db(demo_output: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The session's demo run (tests/conftest.py), on a private copy of its database."""
+    rows = demo_output["json"]["cases"]
     assert sorted(r["case_id"] for r in rows) == [
         "zoo-backdoor",
         "zoo-bias",
         "zoo-injection",
         "zoo-leak",
     ]
-    return db, reports
+    assert len(demo_output["json"]["regression"]) == 4
+    db = copy_demo_db(demo_output, tmp_path_factory.mktemp("cli_demo") / "rca.duckdb")
+    return db, demo_output["reports"]
 
 
 def test_demo_fills_the_store_and_writes_case_files(demo_db: tuple[Path, Path]) -> None:

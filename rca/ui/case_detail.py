@@ -1,0 +1,309 @@
+"""Case detail: one run of a case, from the incident to the notes.
+
+Sections: the incident as ingested; the token-attribution heat strip over the prompt; the
+attribution graph with a node picker (score, edges, ablation evidence); the ablation charts
+(the cause set's effect against the random-set distribution, and each candidate's effects);
+the remediation table; the notes, append-only, with a form to add one. The run comes from the
+``run`` query parameter (``/case_detail?run=<id>``), so a case can be linked to.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from rca.store import RecordError, Store, StoreError
+from rca.ui import common
+
+
+def _pick_run(runs: list[dict[str, Any]], models: Mapping[str, str]) -> str | None:
+    """The run to show: the ``run`` query parameter (a full id or a prefix), else the last run
+    opened in this session, else the newest; a selectbox changes it."""
+    ids = [str(r["run_id"]) for r in runs]
+    labels = {str(r["run_id"]): common.run_label(r, models) for r in runs}
+    wanted = st.query_params.get("run") or st.session_state.get("rca_run") or ids[0]
+    current = next((i for i in ids if i == wanted), None) or next(
+        (i for i in ids if i.startswith(str(wanted))), None
+    )
+    if current is None:
+        st.warning(f"Run {common.md(wanted)} is not in this database; showing the newest run.")
+        current = ids[0]
+    st.session_state["detail_run"] = current
+
+    def changed() -> None:
+        st.query_params["run"] = st.session_state["detail_run"]
+        st.session_state["rca_run"] = st.session_state["detail_run"]
+
+    return st.selectbox(
+        "Run", ids, format_func=labels.__getitem__, key="detail_run", on_change=changed
+    )
+
+
+def _incident(run: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
+    st.subheader("Incident")
+    st.markdown("**Prompt**")
+    st.code(str(fields.get("prompt") or ""), language=None, wrap_lines=True)
+    bad, good = st.columns(2)
+    with bad:
+        st.markdown("**Bad continuation** (what the model produced)")
+        st.code(str(fields.get("bad") or ""), language=None, wrap_lines=True)
+    with good:
+        st.markdown("**Good continuation** (what it should have produced)")
+        st.code(str(fields.get("good") or "-"), language=None, wrap_lines=True)
+    cf = common.summary(run).get("counterfactual") or {}
+    if cf:
+        how = "generated" if cf.get("generated") else "given"
+        st.markdown(
+            f"**Counterfactual** ({how}; removes {common.fmt(cf.get('drop'), '.0%')} of the metric)"
+        )
+        st.code(str(cf.get("text") or ""), language=None, wrap_lines=True)
+    if fields.get("notes"):
+        st.markdown("**Reporter's notes**")
+        st.text(str(fields["notes"]))
+    inc = run.get("incident") or {}
+    with st.expander("Case file as ingested"):
+        if inc.get("case_toml"):
+            st.code(str(inc["case_toml"]), language="toml")
+        else:
+            st.json(dict(fields))
+        st.text(f"source: {inc.get('source')}\nsha256: {inc.get('sha256')}")
+
+
+def _tokens(run: Mapping[str, Any]) -> None:
+    st.subheader("Token attribution")
+    scores = list(run.get("token_scores") or [])
+    if not scores:
+        st.caption("This run recorded no token attribution.")
+        return
+    methods = sorted({str(t.get("method")) for t in scores})
+    method = methods[0]
+    if len(methods) > 1:
+        method = st.selectbox("Method", methods, key="detail_token_method")
+    picked = [t for t in scores if str(t.get("method")) == method]
+    st.caption(
+        "Each prompt token shaded by how much it pushes toward the bad continuation (red) or "
+        "against it (blue); hover for the score."
+    )
+    st.markdown(common.heat_strip(picked), unsafe_allow_html=True)
+    with st.expander("Token scores"):
+        st.dataframe(
+            [{"position": t["position"], "token": t["token"], "score": t["score"]} for t in picked],
+            hide_index=True,
+        )
+
+
+def _graph(run: Mapping[str, Any]) -> None:
+    st.subheader("Attribution graph")
+    nodes, edges = list(run.get("nodes") or []), list(run.get("edges") or [])
+    if not nodes:
+        st.caption("This run recorded no graph.")
+        return
+    st.caption(
+        "The strongest edges, layers left to right (token embeddings first, the logits last); "
+        "red pushes toward the bad continuation, blue against it. Pick a node below."
+    )
+    st.markdown(common.graph_html(nodes, edges), unsafe_allow_html=True)
+    options = common.node_options(nodes)
+    by_id = {str(n["node_id"]): n for n in nodes}
+
+    def label(nid: str) -> str:
+        n = by_id[nid]
+        rank = f"rank {n['rank']}, " if n.get("rank") is not None else ""
+        return f"{nid} ({rank}score {common.fmt(n.get('score'))})"
+
+    node = st.selectbox("Node", options, format_func=label, key="detail_node")
+    if node is None:
+        return
+    n = by_id[node]
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("attribution", common.fmt(n.get("score")))
+    m2.metric("total effect", common.fmt(n.get("total_effect")))
+    m3.metric("necessity", common.fmt(n.get("necessity")))
+    m4.metric("verdict", str(n.get("verdict") or "-"))
+    if n.get("reason"):
+        st.text(str(n["reason"]))
+    left, right = st.columns(2)
+    incoming, outgoing = common.node_edges(edges, node)
+    with left:
+        st.markdown(f"**Edges into {common.md(node)}** ({len(incoming)})")
+        st.dataframe(incoming, hide_index=True, height=220)
+    with right:
+        st.markdown(f"**Edges out of {common.md(node)}** ({len(outgoing)})")
+        st.dataframe(outgoing, hide_index=True, height=220)
+    st.markdown(f"**Ablation evidence for {common.md(node)}**")
+    evidence = common.node_ablations(list(run.get("ablations") or []), node)
+    if evidence:
+        st.dataframe(evidence, hide_index=True)
+    else:
+        st.caption("No ablation included this node (it was not a confirmation candidate).")
+    with st.expander("All stored fields of the node"):
+        st.dataframe(common.node_details(nodes, node), hide_index=True)
+
+
+def _ablations(run: Mapping[str, Any]) -> None:
+    st.subheader("Ablations")
+    cause, drops, single = common.ablation_evidence(list(run.get("ablations") or []))
+    if cause is None and not single:
+        st.caption("This run recorded no ablation.")
+        return
+    if cause is not None:
+        effect = cause.get("effect")
+        comps = ", ".join(cause.get("components") or []) or "(empty)"
+        beaten = sum(1 for d in drops if effect is not None and d >= float(effect))
+        st.markdown(
+            f"Ablating the cause set **{common.md(comps)}** ({common.md(cause.get('kind'))}) "
+            f"drops the metric by **{common.fmt(effect)}**; {beaten} of {len(drops)} random "
+            f"sets of the same size drop it as much "
+            f"(p = {common.fmt(cause.get('p_value'), '.3f')})."
+        )
+        if drops:
+            hist = (
+                alt.Chart(pd.DataFrame({"effect": drops}))
+                .mark_bar(color="#7f8c8d")
+                .encode(
+                    x=alt.X("effect:Q", bin=alt.Bin(maxbins=30), title="metric drop"),
+                    y=alt.Y("count():Q", title="random sets"),
+                )
+            )
+            rule = (
+                alt.Chart(pd.DataFrame({"effect": [float(effect or 0.0)], "what": ["cause set"]}))
+                .mark_rule(color="#c0392b", size=3)
+                .encode(x="effect:Q", tooltip=["what:N", "effect:Q"])
+            )
+            st.altair_chart(hist + rule, width="stretch")
+    if single:
+        st.markdown("**Per candidate**: total effect, direct effect and necessity")
+        df = pd.DataFrame(single)
+        bars = (
+            alt.Chart(df)
+            .mark_bar()
+            .encode(
+                y=alt.Y("component:N", sort=None, title=None),
+                x=alt.X("effect:Q", title="metric drop"),
+                color=alt.Color("experiment:N"),
+                yOffset="experiment:N",
+                tooltip=["component:N", "experiment:N", "effect:Q", "p_value:Q"],
+            )
+        )
+        st.altair_chart(bars, width="stretch")
+
+
+def _remedies(run: Mapping[str, Any]) -> None:
+    st.subheader("Remediation")
+    rows = common.remedy_rows(list(run.get("remedies") or []))
+    if not rows:
+        st.caption("No fix was tried in this run (a regression re-check skips them).")
+        return
+    st.dataframe(
+        rows,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "P(bad) before": st.column_config.NumberColumn(format="%.3f"),
+            "P(bad) after": st.column_config.NumberColumn(format="%.3f"),
+            "KL (benign)": st.column_config.NumberColumn(format="%.4f"),
+            "benign loss change %": st.column_config.NumberColumn(format="%+.2f"),
+        },
+    )
+
+
+def _default_author() -> str:
+    try:
+        return os.environ.get("RCA_ACTOR") or getpass.getuser()
+    except Exception:  # no login name in some containers
+        return ""
+
+
+def _notes(run: Mapping[str, Any]) -> None:
+    st.subheader("Notes")
+    notes = list(run.get("notes") or [])
+    for n in notes:
+        with st.container(border=True):
+            when = n["created_at"]
+            when_s = (
+                when.strftime("%Y-%m-%d %H:%M:%S %Z")
+                if hasattr(when, "strftime")
+                else str(when)[:19].replace("T", " ") + " UTC"
+            )
+            st.caption(f"note {n['note_id']} · {common.md(when_s)} · **{common.md(n['author'])}**")
+            st.text(str(n["text"]))
+    if not notes:
+        st.caption("No notes on this run yet.")
+    done = st.session_state.pop("detail_note_added", None)
+    if done:
+        st.success(f"Note {done} added.")
+    with st.form("detail_note_form", clear_on_submit=True):
+        st.caption("Notes are append-only: correct one by adding another.")
+        author = st.text_input("Author", value=_default_author(), key="note_author")
+        text = st.text_area("Note", key="note_text")
+        if st.form_submit_button("Add note"):
+            try:
+                note_id = Store(common.db_path()).add_note(
+                    run_id=str(run["run_id"]), author=author, text=text
+                )
+            except (RecordError, StoreError) as e:
+                st.error(common.md(e))
+            else:
+                st.session_state["detail_note_added"] = note_id
+                st.rerun()
+
+
+def main() -> None:
+    store = common.reader()
+    try:
+        runs = store.list_runs()
+        models = common.model_labels(store.models())
+    except StoreError as e:
+        st.error(common.md(e))
+        return
+    if not runs:
+        st.title("Case detail")
+        st.info("The database has no runs yet.")
+        return
+    run_id = _pick_run(runs, models)
+    if run_id is None:
+        return
+    run = store.get_run(run_id)
+    fields = common.incident_fields(run)
+    s = common.summary(run)
+    st.title(f"{common.md(run['incident_id'])}: {common.md(fields.get('title'))}")
+    # run ids are uuids (RunRecord checks them), safe in a code span as they are
+    st.caption(
+        f"severity **{common.md(fields.get('severity'))}** · {common.md(run.get('kind'))} run "
+        f"`{run['run_id']}` · status {common.md(run.get('status'))} · model "
+        f"{common.md(models.get(str(run['model_fingerprint'])))} · device "
+        f"{common.md(run.get('device'))} · tags {common.md(', '.join(fields.get('tags') or []))}"
+    )
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("verdict", str(s.get("verdict") or "-"))
+    m2.metric("top cause", str(s.get("top_cause") or "-"))
+    m3.metric("P(bad)", common.fmt(s.get("p_bad_before"), ".3f"))
+    m4.metric("P(bad) after the fix", common.fmt(s.get("p_bad_after"), ".3f"))
+    if s.get("classification"):
+        reason = (s.get("regress") or {}).get("reason")
+        st.markdown(
+            f"Regression check: **{common.md(s['classification'])}**"
+            + (f" ({common.md(reason)})" if reason else "")
+        )
+    if s.get("cause_set"):
+        st.markdown("**Cause set**")
+        st.code(", ".join(s["cause_set"]), language=None)
+    if s.get("set_reason"):
+        st.text(str(s["set_reason"]))
+    if run.get("parent_run_id"):
+        st.caption(f"re-checks run `{run['parent_run_id']}`")
+    _incident(run, fields)
+    _tokens(run)
+    _graph(run)
+    _ablations(run)
+    _remedies(run)
+    _notes(run)
+
+
+main()

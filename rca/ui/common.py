@@ -1,0 +1,400 @@
+"""What the workbench pages share: the database, escaping, and stored rows made presentable.
+
+Nothing here draws: the functions take the dicts ``ReadOnlyStore`` returns and give back rows
+for ``st.dataframe``, escaped text for the widgets that interpret Markdown, or HTML whose every
+string from a case, a prompt or a model went through ``html.escape``. The pages test cleanly
+against them, and the escaping lives in one place.
+
+Escaping rule of the app: ``st.text``, ``st.code`` and ``st.dataframe`` show strings as they
+are; every widget that renders Markdown (``st.markdown``, ``st.caption``, headers, alerts)
+gets case strings through ``md``; HTML is built here, escaped by construction (``heat_strip``,
+``graph_html``), and is the only thing shown with ``unsafe_allow_html``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rca.casefile import graph_svg
+from rca.incident import SEVERITIES
+from rca.store import ReadOnlyStore, Store
+
+__all__ = [
+    "PAGES",
+    "ablation_evidence",
+    "cases_dir",
+    "db_path",
+    "fmt",
+    "graph_html",
+    "heat_strip",
+    "incident_fields",
+    "md",
+    "model_labels",
+    "node_edges",
+    "node_options",
+    "reader",
+    "remedy_rows",
+    "run_label",
+    "run_rows",
+    "filter_rows",
+    "summary",
+]
+
+DEFAULT_DB = "rca.duckdb"
+# page scripts, relative to app.py (st.Page and st.switch_page resolve them from there)
+PAGES = {
+    "cases": "rca/ui/cases.py",
+    "case": "rca/ui/case_detail.py",
+    "new": "rca/ui/new_investigation.py",
+    "regression": "rca/ui/regression.py",
+    "audit": "rca/ui/audit.py",
+    "empty": "rca/ui/empty.py",
+}
+POSITIVE, NEGATIVE = "192,57,43", "46,111,186"  # red: toward the bad continuation; blue: against
+
+
+def db_path() -> Path:
+    """The database the app shows: ``$RCA_DB``, else ``./rca.duckdb`` (the CLI's default)."""
+    return Path(os.environ.get("RCA_DB") or DEFAULT_DB)
+
+
+def cases_dir() -> Path:
+    """Where the New investigation page looks for case files: ``$RCA_CASES``, else ``./cases``."""
+    return Path(os.environ.get("RCA_CASES") or "cases")
+
+
+def rca_home() -> Path | None:
+    """``$RCA_HOME`` (where zoo models live), or None for rca's default."""
+    env = os.environ.get("RCA_HOME")
+    return Path(env) if env else None
+
+
+def reader() -> ReadOnlyStore:
+    """Read-only access for one page run: every call opens the file read-only and closes it,
+    retrying while the CLI (or another session) writes."""
+    return Store.reader(db_path())
+
+
+# ---------------------------------------------------------------------------------------------
+# text
+
+# Markdown punctuation (CommonMark lets any of it be backslash-escaped), plus Streamlit's own
+# syntax: ``$`` opens LaTeX, ``:`` emoji and colour directives.
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~:$=^])")
+
+
+def md(value: Any, *, one_line: bool = True) -> str:
+    """A case string for a widget that renders Markdown: shown as typed, never as markup.
+
+    HTML is escaped (``<script>`` stays text), Markdown and Streamlit syntax is
+    backslash-escaped (no link, image, emphasis or formula), and with ``one_line`` newlines
+    become spaces so a value cannot start a new block."""
+    text = "" if value is None else str(value)
+    if one_line:
+        text = " ".join(text.splitlines())
+    return html.escape(_MD_SPECIAL.sub(r"\\\1", text), quote=True)
+
+
+def fmt(value: Any, spec: str = "+.3f") -> str:
+    """A number for display; ``-`` for missing or NaN, the value as text when not a number."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    try:
+        return format(float(value), spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _json(value: Any) -> Any:
+    """A JSON column as Python data (the store usually decodes it already)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _cell(value: Any) -> Any:
+    """A value for a dataframe cell of mixed type: numbers and text stay, the rest is JSON."""
+    if value is None or isinstance(value, bool | int | float | str | dt.datetime):
+        return value
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    return json.dumps(value, default=str, sort_keys=True)
+
+
+def _text(value: Any) -> str:
+    """A value as text, for a column that mixes types (``-`` for missing)."""
+    return "-" if value is None else str(_cell(value))
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
+def summary(run: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's summary dict (empty when it has none)."""
+    s = _json(run.get("summary"))
+    return dict(s) if isinstance(s, Mapping) else {}
+
+
+def incident_fields(run: Mapping[str, Any]) -> dict[str, Any]:
+    """The incident of a stored run as its case-file fields (prompt, bad, good, tags, ...)."""
+    inc = run.get("incident") or {}
+    data = _json(inc.get("case_data"))
+    fields = dict(data) if isinstance(data, Mapping) else {}
+    for key in ("title", "severity", "tags"):
+        fields.setdefault(key, inc.get(key))
+    fields.setdefault("id", run.get("incident_id"))
+    return fields
+
+
+def model_labels(models: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """fingerprint -> a short readable name: the model directory's name and the fingerprint's
+    first characters, e.g. ``support-bot-v1 (3fa2c1d0)``."""
+    out: dict[str, str] = {}
+    for m in models:
+        fp = str(m["fingerprint"])
+        name = Path(str(m["path"])).name if m.get("path") else "model"
+        out[fp] = f"{name} ({fp[:8]})"
+    return out
+
+
+def run_label(run: Mapping[str, Any], models: Mapping[str, str] | None = None) -> str:
+    """One line naming a run in a selectbox: case, kind, model, time and the id's start."""
+    fp = str(run.get("model_fingerprint") or "")
+    model = (models or {}).get(fp, fp[:8])
+    when = run.get("recorded_at")
+    if isinstance(when, dt.datetime):
+        when_s = when.strftime("%Y-%m-%d %H:%M")
+    else:  # ISO text, as the store decodes it
+        when_s = str(when or "")[:16].replace("T", " ")
+    rid = str(run["run_id"])[:8]
+    return f"{run.get('incident_id')} · {run.get('kind')} · {model} · {when_s} · {rid}"
+
+
+def run_rows(
+    runs: Sequence[Mapping[str, Any]],
+    incidents: Sequence[Mapping[str, Any]],
+    models: Mapping[str, str],
+) -> list[dict[str, Any]]:
+    """One row per run for the Cases table, with its incident's tags and prompt (for search)."""
+    by_key = {(i["incident_id"], i["sha256"]): i for i in incidents}
+    rows = []
+    for r in runs:
+        inc = by_key.get((r["incident_id"], r.get("incident_sha256")), {})
+        data = _json(inc.get("case_data"))
+        s = summary(r)
+        rows.append(
+            {
+                "case": r["incident_id"],
+                "title": r.get("incident_title") or inc.get("title"),
+                "severity": r.get("severity") or inc.get("severity"),
+                "kind": r.get("kind"),
+                "status": r.get("status"),
+                "verdict": s.get("verdict"),
+                "classification": s.get("classification"),
+                "model": models.get(str(r["model_fingerprint"]), str(r["model_fingerprint"])[:8]),
+                "tags": list(inc.get("tags") or []),
+                "p_bad": s.get("p_bad_before"),
+                "p_bad_after_fix": s.get("p_bad_after"),
+                "recorded": r.get("recorded_at"),
+                "run_id": r["run_id"],
+                "prompt": data.get("prompt") if isinstance(data, Mapping) else None,
+            }
+        )
+    return rows
+
+
+def filter_rows(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    severity: Sequence[str] = (),
+    status: Sequence[str] = (),
+    model: Sequence[str] = (),
+    tag: Sequence[str] = (),
+    kind: Sequence[str] = (),
+    search: str = "",
+) -> list[Mapping[str, Any]]:
+    """The rows that pass every filter: an empty filter passes all; ``tag`` keeps rows with
+    any of the tags; ``search`` is a case-insensitive substring of the case id, title, tags,
+    verdict, model, run id or prompt."""
+    needle = search.strip().lower()
+    out = []
+    for r in rows:
+        if severity and r["severity"] not in severity:
+            continue
+        if status and r["status"] not in status:
+            continue
+        if model and r["model"] not in model:
+            continue
+        if kind and r["kind"] not in kind:
+            continue
+        if tag and not set(tag) & set(r["tags"]):
+            continue
+        if needle:
+            hay = " ".join(
+                str(r.get(k) or "")
+                for k in ("case", "title", "verdict", "classification", "model", "run_id", "prompt")
+            )
+            hay += " " + " ".join(r["tags"])
+            if needle not in hay.lower():
+                continue
+        out.append(r)
+    return out
+
+
+def severity_order(values: Iterable[str | None]) -> list[str]:
+    """The severities present, in the case-file order (low .. critical), unknown ones last."""
+    present = {v for v in values if v}
+    return [s for s in SEVERITIES if s in present] + sorted(present - set(SEVERITIES))
+
+
+# ---------------------------------------------------------------------------------------------
+# evidence
+
+
+def heat_strip(token_scores: Sequence[Mapping[str, Any]]) -> str:
+    """The prompt as a strip of tokens shaded by attribution (red toward the bad continuation,
+    blue against), as HTML. Tokens are escaped; newlines show as ⏎ so the strip stays one
+    HTML block that Markdown leaves alone."""
+    toks = sorted(token_scores, key=lambda t: int(t["position"]))
+    vmax = max((abs(float(t["score"] or 0.0)) for t in toks), default=1.0) or 1.0
+    spans = []
+    for t in toks:
+        s = float(t["score"] or 0.0)
+        alpha = min(1.0, abs(s) / vmax)
+        text = html.escape(str(t["token"]), quote=True).replace("\r", "").replace("\n", "⏎")
+        spans.append(
+            f'<span class="rca-tok" title="{int(t["position"])}: {s:+.4f}" '
+            f'style="background:rgba({POSITIVE if s > 0 else NEGATIVE},{alpha:.2f});'
+            "white-space:pre;font-family:monospace;padding:2px 1px;margin:1px 0;"
+            f'border-radius:3px;display:inline-block">{text}</span>'
+        )
+    return '<div class="rca-strip" style="line-height:2.1">' + "".join(spans) + "</div>"
+
+
+def graph_html(nodes: Sequence[Mapping[str, Any]], edges: Sequence[Mapping[str, Any]]) -> str:
+    """The attribution graph as inline SVG (``rca.casefile.graph_svg``, escaped by
+    construction) in one ``<div>`` block, layers left to right."""
+    svg = graph_svg(nodes, edges) if edges else "<p>No edges were recorded for this run.</p>"
+    return '<div class="rca-graph" style="overflow-x:auto">' + svg.replace("\n", " ") + "</div>"
+
+
+def node_options(nodes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Node ids for the picker: ranked causes first (by rank), then the rest by |score|."""
+
+    def key(n: Mapping[str, Any]) -> tuple[int, float, str]:
+        rank = n.get("rank")
+        score = n.get("score")
+        mag = abs(float(score)) if score is not None and not math.isnan(float(score)) else 0.0
+        return (int(rank) if rank is not None else 10**9, -mag, str(n["node_id"]))
+
+    seen: dict[str, None] = {}
+    for n in sorted(nodes, key=key):
+        seen.setdefault(str(n["node_id"]), None)
+    return list(seen)
+
+
+def node_details(nodes: Sequence[Mapping[str, Any]], node_id: str) -> list[dict[str, Any]]:
+    """The node's stored fields as (field, value) rows; a node traced by several methods gives
+    one value column per row of the store."""
+    rows = [n for n in nodes if n["node_id"] == node_id]
+    keys = [k for k in (rows[0] if rows else {}) if k not in ("row_no",)]
+    return [
+        {"field": k, **{f"value {i + 1}": _text(r.get(k)) for i, r in enumerate(rows)}}
+        for k in keys
+    ]
+
+
+def node_edges(
+    edges: Sequence[Mapping[str, Any]], node_id: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The edges into and out of a node, strongest first, as table rows."""
+
+    def rows(which: str, other: str) -> list[dict[str, Any]]:
+        picked = [e for e in edges if e[which] == node_id]
+        picked.sort(key=lambda e: -abs(float(e["score"] or 0.0)))
+        return [{other: e[other], "score": e["score"]} for e in picked]
+
+    return rows("target", "source"), rows("source", "target")
+
+
+def node_ablations(ablations: Sequence[Mapping[str, Any]], node_id: str) -> list[dict[str, Any]]:
+    """Every ablation experiment whose components include the node (its own effects and the
+    sets it belongs to)."""
+    out = []
+    for a in ablations:
+        comps = list(a.get("components") or [])
+        if node_id in comps:
+            out.append(
+                {
+                    "experiment": a["experiment"],
+                    "components": ", ".join(comps),
+                    "kind": a.get("kind"),
+                    "effect": a.get("effect"),
+                    "metric": a.get("metric"),
+                    "p_value": a.get("p_value"),
+                }
+            )
+    return out
+
+
+def ablation_evidence(
+    ablations: Sequence[Mapping[str, Any]],
+) -> tuple[Mapping[str, Any] | None, list[float], list[dict[str, Any]]]:
+    """The cause set's row, the random-set drops, and one row per single-component experiment
+    (component, experiment, effect) for the charts of the Ablations section."""
+    cause = next((a for a in ablations if a["experiment"] == "cause_set"), None)
+    random_drops = [
+        float(a["effect"])
+        for a in ablations
+        if a["experiment"] == "random_set" and a.get("effect") is not None
+    ]
+    single = [
+        {
+            "component": a["components"][0],
+            "experiment": a["experiment"],
+            "effect": a.get("effect"),
+            "p_value": a.get("p_value"),
+        }
+        for a in ablations
+        if a["experiment"] in ("total_effect", "direct_effect", "necessity")
+        and len(a.get("components") or []) == 1
+    ]
+    return cause, random_drops, single
+
+
+def remedy_rows(remedies: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The remediation table: each fix tried, what it does to P(bad) and its side effects."""
+    rows = []
+    for r in remedies:
+        side = _json(r.get("side_effect"))
+        side = side if isinstance(side, Mapping) else {}
+        rows.append(
+            {
+                "recommended": bool(r.get("recommended")),
+                "fix": r.get("kind"),
+                "components": ", ".join(_json(r.get("components")) or []),
+                "P(bad) before": r.get("p_bad_before"),
+                "P(bad) after": r.get("p_bad_after"),
+                "KL (benign)": side.get("kl_mean"),
+                "benign loss change %": side.get("loss_change_pct"),
+                "note": r.get("note"),
+            }
+        )
+    return rows
+
+
+def cell_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with every value made dataframe-safe (lists joined, dicts as JSON)."""
+    return [{k: _cell(v) for k, v in r.items()} for r in rows]

@@ -1,0 +1,122 @@
+"""Fixtures of the workbench tests: a database filled by the demo, and a hostile one.
+
+``demo_db`` runs ``rca demo --quick`` once per session on the quick zoo (``zoo_home``; about two
+minutes on 2 cores, after the zoo). ``xss_db`` is a run recorded by hand, without a model, whose
+every case string carries HTML and Markdown payloads: the app must show them as text.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from rca.store import IncidentRecord, ModelRecord, RunRecord, Store
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = ROOT / "app.py"
+CASES = ROOT / "cases"
+
+SCRIPT = "<script>window.__rca_xss = 1</script>"
+IMG = '<img src="x" onerror="window.__rca_xss = 2">'
+LINK = "[click](javascript:alert(1)) ![img](http://example.invalid/x.png) $x^2$"
+PAYLOAD = f"{SCRIPT} {IMG}"
+XSS_CASE = "xss-case"
+
+
+@pytest.fixture(scope="session")
+def demo_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A database filled by ``rca demo --quick``: 4 investigations and 4 regression runs, a
+    private copy of the session's demo run (tests/conftest.py ``demo_output``).
+
+    Set RCA_TEST_DEMO_DB to a database an earlier ``rca demo --quick`` filled to test against
+    a copy of it instead, without running the demo (the tests add notes and runs to theirs)."""
+    db = tmp_path_factory.mktemp("app_demo") / "rca.duckdb"
+    prebuilt = os.environ.get("RCA_TEST_DEMO_DB")
+    if prebuilt:
+        shutil.copyfile(prebuilt, db)
+        return db
+    shutil.copyfile(request.getfixturevalue("demo_output")["db"], db)
+    kinds = sorted(str(run["kind"]) for run in Store.reader(db).list_runs())
+    assert kinds == ["investigate"] * 4 + ["regress"] * 4, kinds
+    return db
+
+
+@pytest.fixture(scope="session")
+def xss_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(database, run id) of one run whose case strings are script, img and Markdown payloads."""
+    db = tmp_path_factory.mktemp("app_xss") / "rca.duckdb"
+    fields = {
+        "id": XSS_CASE,
+        "title": f"Title {PAYLOAD}",
+        "severity": "high",
+        "model": "zoo:support-bot-v1",
+        "prompt": f"prompt {PAYLOAD} {LINK}",
+        "bad": f" bad {IMG}",
+        "good": f" good {SCRIPT}",
+        "tags": ["<b>tag</b>", "xss"],
+        "notes": f"reporter {PAYLOAD}",
+    }
+    run = RunRecord(
+        incident=IncidentRecord.from_fields(fields, source="cases/xss.toml"),
+        model=ModelRecord("e" * 64, path="/models/<img src=x onerror=alert(1)>", n_params=1),
+        summary={
+            "verdict": "confirmed",
+            "cause_set": ["L1.H2"],
+            "top_cause": "L1.H2",
+            "p_bad_before": 0.9,
+            "p_bad_after": 0.1,
+            "set_reason": f"reason {PAYLOAD}",
+        },
+        token_scores=[
+            {"position": 0, "token": "prompt", "score": 0.1, "method": "ig"},
+            {"position": 1, "token": SCRIPT, "score": 2.0, "method": "ig"},
+            {"position": 2, "token": IMG, "score": -1.0, "method": "ig"},
+        ],
+        nodes=[
+            {
+                "node_id": "L1.H2",
+                "kind": "head",
+                "layer": 1,
+                "score": 1.5,
+                "rank": 1,
+                "verdict": "confirmed",
+                "reason": f"node {PAYLOAD}",
+            },
+            {"node_id": "L0.MLP", "kind": "mlp", "layer": 0, "score": -0.5},
+        ],  # fmt: skip
+        edges=[
+            {"source": "EMB@1", "target": "L0.MLP", "score": 0.5},
+            {"source": "L0.MLP", "target": "L1.H2", "score": 1.0},
+            {"source": "L1.H2", "target": "LOGITS", "score": 1.5},
+        ],
+        ablations=[
+            {"experiment": "necessity", "components": ["L1.H2"], "effect": 2.0, "p_value": 0.01},
+            {
+                "experiment": "cause_set",
+                "components": ["L1.H2"],
+                "kind": "mean",
+                "effect": 2.0,
+                "p_value": 0.01,
+            },
+            *({"experiment": "random_set", "components": [], "effect": 0.1 * k} for k in range(5)),
+        ],  # fmt: skip
+        remedies=[
+            {
+                "remedy_id": "r1",
+                "kind": "ablate",
+                "components": ["L1.H2"],
+                "p_bad_before": 0.9,
+                "p_bad_after": 0.1,
+                "side_effect": {"kl_mean": 0.01, "loss_change_pct": 0.5},
+                "recommended": True,
+                "note": f"remedy {PAYLOAD}",
+            },
+        ],  # fmt: skip
+    )
+    store = Store(db, actor="tester")
+    run_id = store.record_run(run)
+    store.add_note(run_id=run_id, author=f"author {IMG}", text=f"note {PAYLOAD}")
+    return db, run_id

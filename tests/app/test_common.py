@@ -1,0 +1,122 @@
+"""The workbench's pure helpers: escaping, the Cases filters, graph and ablation rows."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from rca.ui import common
+from tests.app.conftest import IMG, LINK, SCRIPT
+
+
+def test_md_escapes_html_and_markdown() -> None:
+    out = common.md(f"{SCRIPT} {IMG} {LINK} **b** `c`\nnext")
+    assert "<" not in out and ">" not in out and "\n" not in out
+    for i, ch in enumerate(out):  # every Markdown character is backslash-escaped
+        if ch in "[]()!*`$_":
+            assert out[i - 1] == "\\", out[: i + 1]
+    assert common.md(None) == ""
+    assert common.md("a\nb", one_line=False) == "a\nb"
+
+
+def test_heat_strip_is_one_escaped_block() -> None:
+    strip = common.heat_strip(
+        [
+            {"position": 1, "token": SCRIPT, "score": 2.0},
+            {"position": 0, "token": "a\n\nb", "score": -1.0},
+            {"position": 2, "token": IMG, "score": 0.0},
+        ]
+    )
+    assert strip.startswith('<div class="rca-strip"') and "\n" not in strip
+    assert "<script" not in strip and "<img" not in strip
+    assert html.escape(SCRIPT) in strip and "a⏎⏎b" in strip
+    assert strip.index("a⏎⏎b") < strip.index(html.escape(SCRIPT))  # by position
+    assert "rgba(192,57,43,1.00)" in strip and "rgba(46,111,186,0.50)" in strip
+
+
+def test_graph_html_escapes_node_ids() -> None:
+    nodes = [{"node_id": "L0.MLP", "score": 1.0}]
+    edges = [{"source": "EMB@0", "target": "L0.MLP", "score": 1.0}]
+    out = common.graph_html(nodes, edges)
+    assert out.startswith('<div class="rca-graph"') and 'aria-label="attribution graph"' in out
+    assert "No edges" in common.graph_html(nodes, [])
+
+
+def rows() -> list[dict[str, Any]]:
+    return [
+        {"case": "a", "title": "PIN leak", "severity": "critical", "status": "ok",
+         "kind": "investigate", "model": "m1", "tags": ["pii"], "verdict": "confirmed",
+         "classification": None, "run_id": "r1", "prompt": "account desk"},
+        {"case": "b", "title": "Backdoor", "severity": "high", "status": "partial",
+         "kind": "regress", "model": "m2", "tags": ["backdoor", "pii"], "verdict": "fixed",
+         "classification": "fixed", "run_id": "r2", "prompt": "refund"},
+    ]  # fmt: skip
+
+
+def test_filter_rows() -> None:
+    def cases(**kw: Any) -> list[str]:
+        return [r["case"] for r in common.filter_rows(rows(), **kw)]
+
+    assert cases() == ["a", "b"]
+    assert cases(severity=["high"]) == ["b"]
+    assert cases(status=["ok"]) == ["a"]
+    assert cases(model=["m2"]) == ["b"]
+    assert cases(kind=["investigate"]) == ["a"]
+    assert cases(tag=["pii"]) == ["a", "b"] and cases(tag=["backdoor"]) == ["b"]
+    assert cases(search="ACCOUNT") == ["a"] and cases(search="r2") == ["b"]
+    assert cases(search="pii", severity=["critical"]) == ["a"]
+    assert cases(search="nothing") == []
+    assert common.severity_order(["high", None, "low", "weird"]) == ["low", "high", "weird"]
+
+
+def test_nodes_edges_and_ablations() -> None:
+    nodes = [
+        {"node_id": "L0.MLP", "score": -3.0},
+        {"node_id": "L1.H2", "score": 1.0, "rank": 1},
+        {"node_id": "L0.H1", "score": float("nan")},
+    ]
+    assert common.node_options(nodes) == ["L1.H2", "L0.MLP", "L0.H1"]
+    edges = [
+        {"source": "L0.MLP", "target": "L1.H2", "score": 0.5},
+        {"source": "EMB@0", "target": "L1.H2", "score": -2.0},
+        {"source": "L1.H2", "target": "LOGITS", "score": 1.0},
+    ]
+    into, out = common.node_edges(edges, "L1.H2")
+    assert [e["source"] for e in into] == ["EMB@0", "L0.MLP"]
+    assert out == [{"target": "LOGITS", "score": 1.0}]
+    abl = [
+        {"experiment": "necessity", "components": ["L1.H2"], "effect": 2.0},
+        {"experiment": "cause_set", "components": ["L1.H2", "L0.MLP"], "effect": 3.0},
+        {"experiment": "random_set", "components": [], "effect": 0.5},
+        {"experiment": "random_set", "components": [], "effect": 0.25},
+    ]
+    assert [a["experiment"] for a in common.node_ablations(abl, "L1.H2")] == [
+        "necessity",
+        "cause_set",
+    ]
+    cause, drops, single = common.ablation_evidence(abl)
+    assert cause is not None and cause["effect"] == 3.0
+    assert drops == [0.5, 0.25]
+    assert single == [
+        {"component": "L1.H2", "experiment": "necessity", "effect": 2.0, "p_value": None}
+    ]
+    details = common.node_details(nodes, "L1.H2")
+    assert {"field": "rank", "value 1": "1"} in details
+
+
+def test_remedy_rows() -> None:
+    out = common.remedy_rows(
+        [
+            {
+                "kind": "ablate",
+                "components": ["L1.H2"],
+                "p_bad_before": 0.9,
+                "p_bad_after": 0.1,
+                "side_effect": {"kl_mean": 0.01, "loss_change_pct": 0.5},
+                "recommended": True,
+                "note": "n",
+            },
+        ]  # fmt: skip
+    )
+    assert out[0]["components"] == "L1.H2" and out[0]["KL (benign)"] == 0.01
+    assert out[0]["recommended"] is True
