@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-full test test-slow test-gpu lint format clean
+.PHONY: setup demo demo-full bench bench-smoke test test-slow test-gpu lint format clean
 
 setup: $(VENV)/.rca-installed
 
@@ -20,6 +20,13 @@ demo-full: setup
 	$(VENV)/bin/rca demo --full
 
 ## The test suite CI runs: lint, types, then every test not marked slow or gpu.
+## Cost benchmarks (docs/benchmarks.md): JSON, PNG plots and summary.md in benchmarks/results.
+bench: setup
+	$(PY) benchmarks/run.py --out benchmarks/results
+
+bench-smoke: setup
+	$(PY) benchmarks/run.py --smoke --out benchmarks/results-smoke
+
 test: setup lint
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
@@ -30,13 +37,13 @@ test-gpu: setup
 	$(PY) -m pytest -q -m "gpu"
 
 lint: setup
-	$(VENV)/bin/ruff check rca tests app.py
-	$(VENV)/bin/ruff format --check rca tests app.py
+	$(VENV)/bin/ruff check rca tests app.py benchmarks
+	$(VENV)/bin/ruff format --check rca tests app.py benchmarks
 	$(VENV)/bin/mypy
 
 format: setup
-	$(VENV)/bin/ruff check --fix rca tests app.py
-	$(VENV)/bin/ruff format rca tests app.py
+	$(VENV)/bin/ruff check --fix rca tests app.py benchmarks
+	$(VENV)/bin/ruff format rca tests app.py benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache reports

@@ -1,0 +1,575 @@
+"""rca's cost benchmarks: `make bench` (or `python benchmarks/run.py`), `--smoke` for CI.
+
+Each measurement runs in its own subprocess (`--one KEY`), so its peak RSS is its own. Writes
+`results.json`, PNG plots and `summary.md` (the tables docs/benchmarks.md carries) to `--out`.
+
+Sections (issue #8):
+- trace: node + edge scoring (AtP and EAP-IG, 8 steps) as a ratio to one forward+backward of
+  the same model and prompt, GPT-2-style random models from 2 x 64 to 12 x 768, prompts of 16
+  to 512 tokens;
+- alternatives: exhaustive node patching (one forward per head and MLP, measured), exhaustive
+  edge patching (one forward per edge: a measured forward times the edge count, extrapolated),
+  captum LayerIntegratedGradients looped per layer (a sample of layers measured, extrapolated
+  to all), each against rca's trace;
+- ablation: 256 single-component ablation sets through rca.confirm.Ablator (batched, reusing
+  the layers below the first ablated one) against sequential hook-based runs;
+- investigation: the whole pipeline (trace, confirm, remedy, record) on the 12 x 768 model at
+  128 tokens, wall time and peak RSS;
+- store: write throughput in rows/s, and the share of an investigation's wall time spent
+  outside the model;
+- accuracy: the localization figures, read from a saved `rca bench localization --out` file.
+
+Timings are medians of repeats after a warm-up, on `torch.get_num_threads()` threads. Nothing
+here asserts a time: the targets are reported beside the measured values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CONFIGS = {"2x64": (2, 64, 4), "4x128": (4, 128, 4), "6x256": (6, 256, 8), "12x768": (12, 768, 12)}
+LENGTHS = (16, 128, 512)
+SMOKE_CONFIGS, SMOKE_LENGTHS = ("2x64",), (16,)
+VOCAB = 2000
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _median_time(fn: Callable[[], Any], *, repeats: int = 3) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def _tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3}
+    vocab.update({f"w{i}": i + 4 for i in range(VOCAB - 4)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        model_max_length=1024,
+    )
+
+
+def _subject(name: str) -> Any:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rca.subject import Subject
+
+    n_layer, d, heads = CONFIGS[name]
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=1024,
+        n_embd=d,
+        n_layer=n_layer,
+        n_head=heads,
+        attn_implementation="eager",
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    return Subject.from_model(model, _tokenizer())
+
+
+def _targets(length: int) -> tuple[Any, Any]:
+    import random
+
+    from rca.metric import Target
+
+    rng = random.Random(length)
+    prompt = [rng.randrange(4, VOCAB) for _ in range(length)]
+    cf = list(prompt)
+    cf[length // 2] = (cf[length // 2] + 1 - 4) % (VOCAB - 4) + 4
+    return Target(tuple(prompt), (10,), (11,)), Target(tuple(cf), (10,), (11,))
+
+
+# ---------------------------------------------------------------------------------------------
+# one measurement each (run in a subprocess)
+
+
+def m_trace(cfg: str, length: int) -> dict[str, Any]:
+    import torch
+
+    from rca.trace.components import Baseline, score_components
+
+    s = _subject(cfg)
+    tgt, cf = _targets(length)
+    base = Baseline("counterfactual", "bench", target=cf)
+    ids = tgt.input_ids()
+
+    def fwd_bwd() -> None:
+        s.model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            tgt.metric(s.model(input_ids=ids, use_cache=False).logits)[0].backward()
+
+    def fwd() -> None:
+        with torch.no_grad():
+            s.model(input_ids=ids, use_cache=False)
+
+    out: dict[str, Any] = {"config": cfg, "length": length}
+    out["forward_s"] = _median_time(fwd)
+    out["forward_backward_s"] = _median_time(fwd_bwd)
+    for method in ("atp", "eap-ig"):
+        for edges in (False, True):
+            key = f"{method}{'_edges' if edges else '_nodes'}"
+            holder: dict[str, Any] = {}
+
+            def run(method: str = method, edges: bool = edges, holder: dict = holder) -> None:
+                holder["s"] = score_components(s, tgt, base, method=method, steps=8, edges=edges)
+
+            repeats = 1 if (cfg == "12x768" and length == 512 and method == "eap-ig") else 3
+            t = _median_time(run, repeats=repeats)
+            out[f"{key}_s"] = t
+            out[f"{key}_ratio"] = t / out["forward_backward_s"]
+            out[f"{key}_forward_equiv"] = float(holder["s"].cost["forward_equiv"])
+    n_comp = s.adapter.n_layers * (s.adapter.n_heads + 1)
+    out["components"] = n_comp
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def m_alternatives(cfg: str, length: int) -> dict[str, Any]:
+    """Exhaustive node patching (measured), exhaustive edge patching (extrapolated) and captum
+    LayerIntegratedGradients looped over layers (a sample measured, extrapolated)."""
+    import torch
+    from captum.attr import LayerIntegratedGradients
+
+    from rca.confirm import Ablator
+    from rca.trace.components import Baseline, score_components
+
+    s = _subject(cfg)
+    tgt, cf = _targets(length)
+    base = Baseline("counterfactual", "bench", target=cf)
+    a = s.adapter
+    out: dict[str, Any] = {"config": cfg, "length": length}
+    out["rca_atp_edges_s"] = _median_time(
+        lambda: score_components(s, tgt, base, method="atp", edges=True), repeats=1
+    )
+    out["rca_atp_nodes_s"] = _median_time(
+        lambda: score_components(s, tgt, base, method="atp", edges=False), repeats=1
+    )
+    ab = Ablator(s, tgt, baseline=cf, batch_size=1, reuse=False)
+    comps = ab.components
+    t = time.perf_counter()
+    ab.run([{c: "baseline"} for c in comps])
+    out["exhaustive_nodes_s"] = time.perf_counter() - t
+    out["exhaustive_nodes_forwards"] = len(comps)
+    # edges: heads and MLPs upstream of each head and MLP, plus the logits
+    n_edges = 0
+    for i, up in enumerate(comps):
+        n_edges += sum(1 for down in comps[i + 1 :] if down.split(".")[0] != up.split(".")[0])
+        n_edges += 1  # -> logits
+    per_forward = out["exhaustive_nodes_s"] / len(comps)
+    out["exhaustive_edges_count"] = n_edges
+    out["exhaustive_edges_s_extrapolated"] = per_forward * n_edges
+    out["speedup_nodes_vs_atp_nodes"] = out["exhaustive_nodes_s"] / out["rca_atp_nodes_s"]
+    out["speedup_edges_vs_atp_edges"] = (
+        out["exhaustive_edges_s_extrapolated"] / out["rca_atp_edges_s"]
+    )
+    # captum LIG over each attention output and MLP, 8 steps, a sample of layers
+    ids = tgt.input_ids()[:1]
+    bids = cf.input_ids()[:1]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        logits = s.model(input_ids=x, use_cache=False).logits
+        return torch.log_softmax(logits[:, tgt.n_prompt - 1], -1)[:, tgt.bad_ids[0]]
+
+    sample = sorted({0, a.n_layers - 1})
+    t = time.perf_counter()
+    for layer in sample:
+        for mod in (a.attn_out(layer), a.mlp(layer)):
+            lig = LayerIntegratedGradients(forward, mod)
+            lig.attribute(ids, baselines=bids, n_steps=8, internal_batch_size=8)
+    lig_s = time.perf_counter() - t
+    out["captum_lig_layers_measured"] = len(sample)
+    out["captum_lig_s_extrapolated"] = lig_s / len(sample) * a.n_layers
+    out["speedup_vs_captum_lig"] = out["captum_lig_s_extrapolated"] / out["rca_atp_nodes_s"]
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def m_ablation(cfg: str, length: int) -> dict[str, Any]:
+    import random
+
+    import torch
+
+    from rca.confirm import Ablator
+    from rca.hooks import patch
+
+    s = _subject(cfg)
+    tgt, cf = _targets(length)
+    ids = tgt.input_ids()
+    fwd = _median_time(lambda: s.model(input_ids=ids, use_cache=False))
+    ab = Ablator(s, tgt, baseline=cf, batch_size=32)
+    rng = random.Random(0)
+    sets = [{c: "baseline"} for c in rng.choices(ab.components, k=256)]
+    before = ab.forward_equiv
+    t = time.perf_counter()
+    ab.run(sets)
+    batched = time.perf_counter() - t
+    fe = ab.forward_equiv - before
+    # sequential: one hooked forward per set, through rca.hooks.patch
+    with torch.no_grad():
+        with __import__("rca.hooks", fromlist=["capture"]).capture(s, ab.components) as acts:
+            s.model(input_ids=cf.input_ids(), use_cache=False)
+        cf_acts = {c: acts[c].clone() for c in ab.components}
+    t = time.perf_counter()
+    for v in sets[:64]:
+        (c,) = v
+        with torch.no_grad(), patch(s, {c: cf_acts[c]}):
+            s.model(input_ids=ids, use_cache=False)
+    seq = (time.perf_counter() - t) / 64 * 256
+    return {
+        "config": cfg,
+        "length": length,
+        "sets": 256,
+        "forward_s": fwd,
+        "batched_s": batched,
+        "sequential_s_extrapolated_from_64": seq,
+        "batched_per_set_over_forward": batched / 256 / fwd,
+        "batched_forward_equiv_per_set": fe / 256,
+        "speedup_vs_sequential": seq / batched,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def m_investigation(cfg: str, length: int) -> dict[str, Any]:
+    import random
+
+    import torch
+
+    from rca.incident import Incident
+    from rca.investigate import InvestigateConfig, investigate
+    from rca.store import Store
+
+    s = _subject(cfg)
+    s.fingerprint = f"bench-random-gpt2-{cfg}"  # an in-memory model: a stable label for the store
+    rng = random.Random(1)
+    words = [f"w{rng.randrange(VOCAB - 4)}" for _ in range(length)]
+    cf = list(words)
+    cf[length // 2] = "w7"
+    refs = tuple(" ".join(rng.choice(words) for _ in range(24)) for _ in range(64))
+    # a random model has no incident: "bad" is the token the prompt favours most over the
+    # counterfactual, "good" one the counterfactual prefers to it and the prompt does not, so
+    # the counterfactual removes the whole metric
+    with torch.no_grad():
+        lp = [
+            torch.log_softmax(s.model(**s.tokenizer(" ".join(t), return_tensors="pt")).logits, -1)
+            for t in (words, cf)
+        ]
+    p_lp, c_lp = lp[0][0, -1, 4:], lp[1][0, -1, 4:]
+    d = p_lp - c_lp
+    b = int(d.argmax())
+    margin = c_lp - c_lp[b]
+    ok = (margin >= 0) & (d[b] - d > margin) & (torch.arange(d.numel()) != b)
+    g = int(torch.where(ok, margin, torch.full_like(margin, float("inf"))).argmin())
+    inc = Incident(
+        id="bench",
+        title="benchmark incident",
+        severity="low",
+        model="bench-model",
+        prompt=" ".join(words),
+        bad=f" w{b}",
+        good=f" w{g}",
+        counterfactual=" ".join(cf),
+        reference_prompts=refs,
+        tags=(),
+        notes="",
+        source="<bench>",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "rca.duckdb")
+        t = time.perf_counter()
+        run = investigate(inc, subject=s, store=store, config=InvestigateConfig(device="cpu"))
+        wall = time.perf_counter() - t
+        rows = sum(store.counts().values())
+    timings = run.timings
+    return {
+        "config": cfg,
+        "length": length,
+        "wall_s": wall,
+        "stages_s": timings,
+        "record_share": timings.get("record", 0.0) / wall,
+        "rows_written": rows,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def m_store(_: str, n: int) -> dict[str, Any]:
+    import pyarrow as pa
+
+    from rca.store import IncidentRecord, ModelRecord, RunRecord, Store
+
+    inc = IncidentRecord.from_fields(
+        {
+            "id": "bench-store",
+            "title": "store throughput",
+            "severity": "low",
+            "model": "m",
+            "prompt": "p",
+            "bad": " b",
+        },
+        source="<bench>",
+    )
+    model = ModelRecord(fingerprint="0" * 64, path="m", architecture="gpt2", n_params=1)
+    edges = pa.table(
+        {
+            "source": pa.array([f"L{i % 12}.H{i % 12}" for i in range(n)]),
+            "target": pa.array([f"L{(i + 1) % 12}.MLP" for i in range(n)]),
+            "score": pa.array([float(i) for i in range(n)]),
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "rca.duckdb")
+        rec = RunRecord(incident=inc, model=model, edges=edges)
+        t = time.perf_counter()
+        store.record_run(rec)
+        wall = time.perf_counter() - t
+    return {"rows": n, "seconds": wall, "rows_per_s": n / wall, "peak_rss_mb": _peak_rss_mb()}
+
+
+MEASURES: dict[str, Callable[[str, int], dict[str, Any]]] = {
+    "trace": m_trace,
+    "alternatives": m_alternatives,
+    "ablation": m_ablation,
+    "investigation": m_investigation,
+    "store": m_store,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+
+def _one(kind: str, cfg: str, n: int) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter (its own peak RSS)."""
+    cmd = [sys.executable, __file__, "--one", kind, cfg, str(n)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if r.returncode != 0:
+        return {"config": cfg, "n": n, "error": r.stderr.strip().splitlines()[-1:]}
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["subprocess_s"] = time.perf_counter() - t
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+        info["memory_gib"] = round(int(mem) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def _plots(res: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for cfg in sorted({r["config"] for r in res["trace"] if "error" not in r}, key=CONFIGS.get):
+        rows = [r for r in res["trace"] if r.get("config") == cfg and "error" not in r]
+        rows.sort(key=lambda r: r["length"])
+        ax.plot([r["length"] for r in rows], [r["atp_edges_ratio"] for r in rows], "o-", label=cfg)
+    ax.axhline(1.5, color="grey", ls="--", lw=1, label="target 1.5x")
+    ax.set_xscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("AtP node+edge trace / forward+backward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "trace_ratio.png", dpi=110)
+    files.append("trace_ratio.png")
+    plt.close(fig)
+    alts = [r for r in res["alternatives"] if "error" not in r]
+    if alts:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        labels = [f"{r['config']}@{r['length']}" for r in alts]
+        x = range(len(alts))
+        w = 0.27
+        ax.bar(
+            [i - w for i in x], [r["speedup_nodes_vs_atp_nodes"] for r in alts], w, label="nodes"
+        )
+        ax.bar(list(x), [r["speedup_edges_vs_atp_edges"] for r in alts], w, label="edges (extrap.)")
+        ax.bar(
+            [i + w for i in x], [r["speedup_vs_captum_lig"] for r in alts], w, label="captum LIG"
+        )
+        ax.set_yscale("log")
+        ax.set_xticks(list(x), labels, rotation=30)
+        ax.set_ylabel("speed-up of rca's AtP trace")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "speedups.png", dpi=110)
+        files.append("speedups.png")
+        plt.close(fig)
+    return files
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def summary(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m.get('memory_gib', '?')} GiB, "
+        f"torch {m['torch']} on {m['threads']} threads, CUDA: {m['cuda'] or 'none'}.",
+        "",
+        "### Trace cost (ratio to one forward+backward; target: node + edge <= 1.5)",
+        "",
+        "| model | tokens | fwd+bwd s | AtP nodes | AtP nodes+edges | EAP-IG nodes | "
+        "EAP-IG nodes+edges | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["trace"]:
+        if "error" in r:
+            lines.append(f"| {r['config']} | {r['n']} | error: {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['config']} | {r['length']} | {r['forward_backward_s']:.4f} | "
+            f"{r['atp_nodes_ratio']:.2f} | {r['atp_edges_ratio']:.2f} | "
+            f"{r['eap-ig_nodes_ratio']:.2f} | {r['eap-ig_edges_ratio']:.2f} | "
+            f"{r['peak_rss_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        "### Against the alternatives (target: >= 30x nodes, >= 1000x edges on 12x768 @ 128)",
+        "",
+        "| model | tokens | exhaustive nodes s | AtP nodes s | speed-up | exhaustive edges s "
+        "(extrapolated) | AtP edges s | speed-up | captum LIG s (extrapolated) | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["alternatives"]:
+        if "error" in r:
+            continue
+        lines.append(
+            f"| {r['config']} | {r['length']} | {r['exhaustive_nodes_s']:.2f} | "
+            f"{r['rca_atp_nodes_s']:.3f} | {r['speedup_nodes_vs_atp_nodes']:.0f}x | "
+            f"{r['exhaustive_edges_s_extrapolated']:.0f} ({r['exhaustive_edges_count']} edges) | "
+            f"{r['rca_atp_edges_s']:.3f} | {r['speedup_edges_vs_atp_edges']:.0f}x | "
+            f"{r['captum_lig_s_extrapolated']:.2f} | {r['speedup_vs_captum_lig']:.0f}x |"
+        )
+    lines += [
+        "",
+        "### Ablation (256 single-component sets; target on CPU: <= 0.6 forward per set)",
+        "",
+        "| model | tokens | forward s | batched s | per set / forward | sequential s | speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["ablation"]:
+        if "error" in r:
+            continue
+        lines.append(
+            f"| {r['config']} | {r['length']} | {r['forward_s']:.4f} | {r['batched_s']:.2f} | "
+            f"{r['batched_per_set_over_forward']:.2f} | "
+            f"{r['sequential_s_extrapolated_from_64']:.2f} | {r['speedup_vs_sequential']:.1f}x |"
+        )
+    for r in res["investigation"]:
+        if "error" in r:
+            lines += ["", f"Investigation: error {r['error']}"]
+            continue
+        st = ", ".join(f"{k} {v:.1f} s" for k, v in r["stages_s"].items())
+        lines += [
+            "",
+            f"### Full investigation, {r['config']} at {r['length']} tokens "
+            "(target: <= 60 s, peak RSS <= 3 GB)",
+            "",
+            f"{r['wall_s']:.1f} s wall ({st}); peak RSS {r['peak_rss_mb']:.0f} MB; "
+            f"{r['rows_written']} rows recorded; recording {100 * r['record_share']:.1f}% of "
+            "the wall time.",
+        ]
+    for r in res["store"]:
+        if "error" in r:
+            continue
+        lines += [
+            "",
+            f"### Store (target: >= 1M rows/s): {r['rows']:,} edge rows in one run, "
+            f"{r['seconds']:.2f} s, {r['rows_per_s']:,.0f} rows/s.",
+        ]
+    acc = res.get("accuracy")
+    if acc:
+        lines += [
+            "",
+            f"### Accuracy: localization, {acc['n_faults']} faults: confirm AC@1 {acc['ac1']}, "
+            f"AC@3 {acc['ac3']}; attribution only {acc['attribution_only']['ac1']} / "
+            f"{acc['attribution_only']['ac3']}; exhaustive patching {acc['exhaustive']['ac1']} / "
+            f"{acc['exhaustive']['ac3']}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--smoke", action="store_true", help="the smallest size only (CI)")
+    p.add_argument("--accuracy", type=Path, default=None, help="a localization --out JSON")
+    p.add_argument("--one", nargs=3, metavar=("KIND", "CONFIG", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        kind, cfg, n = args.one
+        print(json.dumps(MEASURES[kind](cfg, int(n))))
+        return 0
+    configs = SMOKE_CONFIGS if args.smoke else tuple(CONFIGS)
+    lengths = SMOKE_LENGTHS if args.smoke else LENGTHS
+    big = configs[-1]
+    res: dict[str, Any] = {"machine": machine(), "smoke": args.smoke}
+    res["trace"] = [_one("trace", c, n) for c in configs for n in lengths]
+    alt_points = [(c, 16) for c in configs] + ([] if args.smoke else [(big, 128)])
+    res["alternatives"] = [_one("alternatives", c, n) for c, n in alt_points]
+    res["ablation"] = [_one("ablation", c, 128 if not args.smoke else 16) for c in configs]
+    res["investigation"] = [_one("investigation", big, 16 if args.smoke else 128)]
+    res["store"] = [_one("store", "-", 10_000 if args.smoke else 1_000_000)]
+    if args.accuracy and args.accuracy.is_file():
+        res["accuracy"] = {
+            k: v for k, v in json.loads(args.accuracy.read_text()).items() if k != "faults"
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(res, indent=2))
+    res["plots"] = _plots(res, args.out)
+    (args.out / "summary.md").write_text(summary(res))
+    print(summary(res))
+    errors = [r for k in MEASURES for r in res.get(k, []) if "error" in r]
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
