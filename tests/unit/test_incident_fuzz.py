@@ -1,7 +1,7 @@
 """Case files fuzzed with hypothesis (issue #9): whatever the bytes, only the loader's own error
 comes out, as one line naming the file, never another exception or a traceback.
 
-CI runs 2,400 generated inputs (three generators); the `slow` tier runs ten times as many.
+CI runs 2,400 generated inputs (three generators); the `slow` tier adds 8,000 more.
 Three generators: raw bytes (invalid UTF-8 and TOML included), TOML-shaped text with the known
 keys and wrong-typed or hostile values, and valid-looking case files with one field broken.
 Accepted inputs must yield a valid incident (the loader never accepts what it should refuse).
