@@ -245,13 +245,7 @@ def load_case(path: str | Path, *, check_model: bool = True, home: Path | None =
         raise IncidentError(
             source, None, f"not valid UTF-8 at byte {e.start}; save the file as UTF-8"
         ) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise IncidentError(source, None, f"invalid TOML: {e}") from None
-    except RecursionError:
-        raise IncidentError(source, None, "invalid TOML: nested too deeply") from None
-    incident = _parse(source, data)
+    incident = loads_case(text, source=source)
     if check_model:
         _check_model(incident, home=home)
     return incident

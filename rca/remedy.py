@@ -34,7 +34,7 @@ import contextlib
 import json
 import math
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -124,8 +124,41 @@ def _unit(v: Sequence[float] | torch.Tensor) -> torch.Tensor:
     return d / d.norm()
 
 
+# An edit of one component's write: (its input, the module's output) -> the new output. A
+# head's input is its slice of the output projection's input; an MLP's is its neurons.
+WriteEdit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @contextlib.contextmanager
-def _writes_projected(subject: Subject, directions: dict[str, Any]) -> Iterator[None]:
+def _on_writes(subject: Subject, edits: dict[str, WriteEdit], what: str) -> Iterator[None]:
+    """Hook each component's write: a head's on the attention output projection (called with
+    the head's own input slice), an MLP's on its down projection. Removed on exit."""
+    a = subject.adapter
+    handles = []
+    try:
+        for cid, edit in edits.items():
+            c = parse_id(cid)
+            assert c.layer is not None
+            if c.kind == "head":
+                assert c.index is not None
+                sl = slice(c.index * a.d_head, (c.index + 1) * a.d_head)
+                mod = a.attn_out(c.layer)
+            elif c.kind == "mlp":
+                sl, mod = slice(None), a.mlp_down(c.layer)
+            else:
+                raise RemedyError(f"{what} needs heads or MLPs, got {cid}")
+            handles.append(
+                mod.register_forward_hook(
+                    lambda m, args, out, _sl=sl, _e=edit: _e(args[0][..., _sl], out)
+                )
+            )
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _writes_projected(subject: Subject, directions: dict[str, Any]):
     """Project each component's own direction out of that component's writes only.
 
     A head's write is its slice of the output projection applied to its own input slice (the
@@ -133,40 +166,19 @@ def _writes_projected(subject: Subject, directions: dict[str, Any]) -> Iterator[
     what ``apply_patch`` bakes: P W_h for the head's slice, P W and P b for the MLP.
     """
     a = subject.adapter
-    handles = []
 
-    def mlp_hook(m, args, out, _d):
-        dd = _d.to(out.device, out.dtype)
-        return out - (out @ dd).unsqueeze(-1) * dd
+    def project(cid: str, d: torch.Tensor) -> WriteEdit:
+        c = parse_id(cid)
 
-    def head_hook(m, args, out, _layer, _head, _d):
-        dd = _d.to(out.device, out.dtype)
-        sl = slice(_head * a.d_head, (_head + 1) * a.d_head)
-        write = a.head_result(_layer, _head, args[0][..., sl])
-        return out - (write @ dd).unsqueeze(-1) * dd
+        def edit(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            dd = d.to(out.device, out.dtype)
+            write = out if c.kind == "mlp" else a.head_result(c.layer, c.index, x)  # type: ignore[arg-type]
+            return out - (write @ dd).unsqueeze(-1) * dd
 
-    try:
-        for cid, v in directions.items():
-            c = parse_id(cid)
-            assert c.layer is not None
-            d = _unit(v)
-            if c.kind == "mlp":
-                h = a.mlp_down(c.layer).register_forward_hook(
-                    lambda m, args, out, _d=d: mlp_hook(m, args, out, _d)
-                )
-            elif c.kind == "head":
-                h = a.attn_out(c.layer).register_forward_hook(
-                    lambda m, args, out, _l=c.layer, _h=c.index, _d=d: head_hook(
-                        m, args, out, _l, _h, _d
-                    )
-                )
-            else:
-                raise RemedyError(f"write direction removal needs heads or MLPs, got {cid}")
-            handles.append(h)
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+        return edit
+
+    edits = {cid: project(cid, _unit(v)) for cid, v in directions.items()}
+    return _on_writes(subject, edits, "write direction removal")
 
 
 @torch.inference_mode()
@@ -211,56 +223,31 @@ def _unpack(d: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(buf).reshape(d["shape"])
 
 
-@contextlib.contextmanager
-def _weights_edited(subject: Subject, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+def _weights_edited(subject: Subject, deltas: dict[str, torch.Tensor]):
     """Add a delta to each component's write weights at run time: a head's slice of the
     output projection, (d_head, d_model), or an MLP's down projection, (d_mlp, d_model), both
     in "input times delta" orientation. ``apply_patch`` adds the same deltas to the weights."""
-    a = subject.adapter
-    handles = []
 
-    def head_hook(m, args, out, _sl, _d):
-        return out + args[0][..., _sl] @ _d.to(out.device, out.dtype)
+    def add(d: torch.Tensor) -> WriteEdit:
+        return lambda x, out: out + x @ d.to(out.device, out.dtype)
 
-    def mlp_hook(m, args, out, _d):
-        return out + args[0] @ _d.to(out.device, out.dtype)
-
-    try:
-        for cid, d in deltas.items():
-            c = parse_id(cid)
-            assert c.layer is not None
-            if c.kind == "head":
-                assert c.index is not None
-                sl = slice(c.index * a.d_head, (c.index + 1) * a.d_head)
-                h = a.attn_out(c.layer).register_forward_hook(
-                    lambda m, args, out, _sl=sl, _d=d: head_hook(m, args, out, _sl, _d)
-                )
-            elif c.kind == "mlp":
-                h = a.mlp_down(c.layer).register_forward_hook(
-                    lambda m, args, out, _d=d: mlp_hook(m, args, out, _d)
-                )
-            else:
-                raise RemedyError(f"a weight edit needs heads or MLPs, got {cid}")
-            handles.append(h)
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return _on_writes(subject, {cid: add(d) for cid, d in deltas.items()}, "a weight edit")
 
 
-def _padded(subject: Subject, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    tok = subject.tokenizer
-    seqs = [tok(p)["input_ids"] for p in prompts]
-    seqs = [s for s in seqs if len(s) >= 2]
-    if not seqs:
-        raise RemedyError("the edit prompts encode to fewer than two tokens each")
+def _padded(
+    seqs: Sequence[Sequence[int]], pad: int, device: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists right-padded to one width, with their attention mask."""
     width = max(len(s) for s in seqs)
-    pad = int(getattr(tok, "pad_token_id", None) or 0)
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=subject.device)
-    mask = torch.tensor(
-        [[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=subject.device
-    )
+    ids = torch.tensor([list(s) + [pad] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
     return ids, mask
+
+
+def _encoded(subject: Subject, prompts: Sequence[str]) -> tuple[list[list[int]], int]:
+    """The prompts' token ids (those of at least two tokens), and the pad id."""
+    seqs = [s for s in (subject.tokenizer(p)["input_ids"] for p in prompts) if len(s) >= 2]
+    return seqs, int(getattr(subject.tokenizer, "pad_token_id", None) or 0)
 
 
 def weight_edit(
@@ -289,7 +276,10 @@ def weight_edit(
         assert c.layer is not None
         rows = a.d_head if c.kind == "head" else a.d_mlp
         deltas[cid] = torch.zeros(rows, a.d_model, device=dev, requires_grad=True)
-    ids, mask = _padded(subject, prompts)
+    seqs, pad = _encoded(subject, prompts)
+    if not seqs:
+        raise RemedyError("the edit prompts encode to fewer than two tokens each")
+    ids, mask = _padded(seqs, pad, dev)
     with torch.inference_mode():
         ref = torch.log_softmax(
             subject.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1
@@ -354,13 +344,10 @@ def _benign_stats(
     logits are those of the prompt alone (positions count from 0 either way)."""
     logps, total, count = [], 0.0, 0
     dev = subject.device
-    seqs = [s for s in (subject.tokenizer(p)["input_ids"] for p in prompts) if len(s) >= 2]
-    pad = int(getattr(subject.tokenizer, "pad_token_id", None) or 0)
+    seqs, pad = _encoded(subject, prompts)
     for i in range(0, len(seqs), batch):
         chunk = seqs[i : i + batch]
-        width = max(len(s) for s in chunk)
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=dev)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=dev)
+        ids, mask = _padded(chunk, pad, dev)
         with ctx() if ctx is not None else contextlib.nullcontext():
             logits = subject.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         for row, s in enumerate(chunk):
