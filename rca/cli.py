@@ -7,6 +7,7 @@ is printed as one line on stderr with exit code 2; a traceback means a bug in rc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -74,6 +75,16 @@ def friendly(fn: F) -> F:
 
 
 HomeOpt = typer.Option(None, "--home", help="RCA_HOME (default: $RCA_HOME or ~/.cache/rca).")
+MaxMemOpt = typer.Option(
+    "auto",
+    "--max-memory",
+    help="Peak-memory budget for the trace, e.g. 4G: the work is chunked to fit, or refused "
+    "with the estimate. 'auto' (default): what the device has free; 'off': no check.",
+)
+
+
+def _max_memory(text: str) -> str | None:
+    return None if text.strip().lower() in ("off", "none") else text
 
 
 @app.callback(invoke_without_command=True)
@@ -183,19 +194,79 @@ def inspect_model(
     out.print(t)
 
 
-def _load_incident_subject(case: Path, model: str | None, device: str, home: Path | None):
-    from rca.incident import load_case
+CaseArg = typer.Argument(
+    None, help="The case file (TOML); or state the incident with --prompt, --bad and --model."
+)
+PromptOpt = typer.Option(None, "--prompt", help="Without a case file: the prompt.")
+PromptFileOpt = typer.Option(
+    None, "--prompt-file", help="Without a case file: read the prompt from this UTF-8 file."
+)
+BadOpt = typer.Option(None, "--bad", help="Without a case file: the bad continuation.")
+GoodOpt = typer.Option(None, "--good", help="Without a case file: the good continuation.")
+CfOpt = typer.Option(None, "--counterfactual", help="Without a case file: the counterfactual.")
+RefOpt = typer.Option(
+    None, "--reference", help="Without a case file: a benign reference prompt (repeatable)."
+)
+IdOpt = typer.Option(None, "--id", help="Without a case file: the case id (default adhoc-HASH).")
+
+
+def _load_incident_subject(
+    case: Path | None,
+    model: str | None,
+    device: str,
+    home: Path | None,
+    flags: dict[str, Any] | None = None,
+):
+    """The incident (a case file, or the --prompt/--bad flags) and its loaded model."""
+    from rca.incident import IncidentError, incident_from_flags, load_case, read_text_file
     from rca.subject import load_subject, resolve_model_ref
 
-    inc = load_case(case, check_model=model is None, home=home)
-    path = resolve_model_ref(model, home=home) if model else inc.model_path(home=home)
-    return inc, load_subject(path, device=device)
+    given = {k: v for k, v in (flags or {}).items() if v not in (None, [], ())}
+    if case is not None:
+        if given:
+            raise IncidentError(
+                str(case), None, f"give a case file or --{next(iter(given))}, not both"
+            )
+        inc = load_case(case, check_model=model is None, home=home)
+        path = resolve_model_ref(model, home=home) if model else inc.model_path(home=home)
+        return inc, load_subject(path, device=device)
+    if "prompt_file" in given:
+        if "prompt" in given:
+            raise IncidentError("<flags>", "prompt", "give --prompt or --prompt-file, not both")
+        given["prompt"] = read_text_file(given.pop("prompt_file"), key="prompt")
+    for key in ("model", "prompt", "bad"):
+        if key == "model" and model:
+            continue
+        if key not in given:
+            raise IncidentError(
+                "<flags>",
+                None,
+                f"no case file and no --{key}; give a case file, or --model, "
+                "--prompt (or --prompt-file) and --bad",
+            )
+    inc = incident_from_flags(
+        model=model or "",
+        prompt=given["prompt"],
+        bad=given["bad"],
+        good=given.get("good"),
+        counterfactual=given.get("counterfactual"),
+        reference_prompts=given.get("reference", ()),
+        id=given.get("id"),
+    )
+    return inc, load_subject(resolve_model_ref(inc.model, home=home), device=device)
 
 
 @app.command("trace")
 @friendly
 def trace_cmd(
-    case: Path = typer.Argument(..., help="The case file (TOML)."),
+    case: Path | None = CaseArg,
+    prompt: str | None = PromptOpt,
+    prompt_file: Path | None = PromptFileOpt,
+    bad: str | None = BadOpt,
+    good: str | None = GoodOpt,
+    counterfactual: str | None = CfOpt,
+    reference: list[str] | None = RefOpt,
+    case_id: str | None = IdOpt,
     method: str = typer.Option("eap-ig", "--method", help="atp or eap-ig."),
     steps: int = typer.Option(8, "--steps", help="EAP-IG interpolation steps."),
     baseline: str = typer.Option("auto", "--baseline", help="auto, counterfactual or mean."),
@@ -206,13 +277,28 @@ def trace_cmd(
         None, "--graph", help="Graph file (.json or .graphml); default reports/<case>.graph.json"
     ),
     top: int = typer.Option(10, "--top", help="How many components and edges to show."),
+    max_memory: str = MaxMemOpt,
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Trace an incident: token, component and edge scores, and the attribution graph."""
     from rca.trace import trace, write_graph
 
-    inc, subject = _load_incident_subject(case, model, device, home)
+    inc, subject = _load_incident_subject(
+        case,
+        model,
+        device,
+        home,
+        dict(
+            prompt=prompt,
+            prompt_file=prompt_file,
+            bad=bad,
+            good=good,
+            counterfactual=counterfactual,
+            reference=reference,
+            id=case_id,
+        ),
+    )
     with _progress(not as_json) as say:
         att = trace(
             subject,
@@ -221,6 +307,7 @@ def trace_cmd(
             steps=steps,
             baseline=baseline,
             neurons=neurons,
+            max_memory=_max_memory(max_memory),
             progress=say,
         )
     gpath = graph_out or Path("reports") / f"{inc.id}.graph.json"
@@ -274,7 +361,14 @@ def _references(inc: Any, n: int = 64) -> list[str]:
 @app.command("confirm")
 @friendly
 def confirm_cmd(
-    case: Path = typer.Argument(..., help="The case file (TOML)."),
+    case: Path | None = CaseArg,
+    prompt: str | None = PromptOpt,
+    prompt_file: Path | None = PromptFileOpt,
+    bad: str | None = BadOpt,
+    good: str | None = GoodOpt,
+    counterfactual: str | None = CfOpt,
+    reference: list[str] | None = RefOpt,
+    case_id: str | None = IdOpt,
     method: str = typer.Option("eap-ig", "--method", help="Trace method: atp or eap-ig."),
     kind: str = typer.Option(
         "auto", "--kind", help="Set ablation: auto, patch, zero, mean or resample."
@@ -284,6 +378,7 @@ def confirm_cmd(
     seed: int = typer.Option(0, "--seed"),
     model: str | None = typer.Option(None, "--model", help="Override the case's model."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    max_memory: str = MaxMemOpt,
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -291,11 +386,34 @@ def confirm_cmd(
     from rca.confirm import ConfirmConfig, confirm
     from rca.trace import trace
 
-    inc, subject = _load_incident_subject(case, model, device, home)
+    inc, subject = _load_incident_subject(
+        case,
+        model,
+        device,
+        home,
+        dict(
+            prompt=prompt,
+            prompt_file=prompt_file,
+            bad=bad,
+            good=good,
+            counterfactual=counterfactual,
+            reference=reference,
+            id=case_id,
+        ),
+    )
     refs = _references(inc)
     cfg = ConfirmConfig(kind=kind, top_k=top_k, n_random=n_random, seed=seed)
     with _progress(not as_json) as say:
-        att = trace(subject, inc, method=method, reference_prompts=refs, progress=say)
+        att = trace(
+            subject,
+            inc,
+            method=method,
+            reference_prompts=refs,
+            max_memory=_max_memory(max_memory),
+            progress=say,
+        )
+        if att.memory is not None and att.memory.confirm_batch < cfg.batch_size:
+            cfg = dataclasses.replace(cfg, batch_size=att.memory.confirm_batch)
         base = att.baseline.target if att.baseline.kind == "counterfactual" else None
         v = confirm(
             subject,
@@ -497,11 +615,19 @@ def _investigate_one(inc, subject, store, cfg, *, show: bool):
 @app.command("investigate")
 @friendly
 def investigate_cmd(
-    case: Path = typer.Argument(..., help="The case file (TOML)."),
+    case: Path | None = CaseArg,
+    prompt: str | None = PromptOpt,
+    prompt_file: Path | None = PromptFileOpt,
+    bad: str | None = BadOpt,
+    good: str | None = GoodOpt,
+    counterfactual: str | None = CfOpt,
+    reference: list[str] | None = RefOpt,
+    case_id: str | None = IdOpt,
     model: str | None = typer.Option(None, "--model", help="Override the case's model."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     method: str = typer.Option("eap-ig", "--method", help="Trace method: atp or eap-ig."),
     seed: int = typer.Option(0, "--seed"),
+    max_memory: str = MaxMemOpt,
     db: Path | None = DbOpt,
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -511,9 +637,27 @@ def investigate_cmd(
     from rca.investigate import InvestigateConfig
     from rca.store import Store
 
-    inc, subject = _load_incident_subject(case, model, device, home)
+    inc, subject = _load_incident_subject(
+        case,
+        model,
+        device,
+        home,
+        dict(
+            prompt=prompt,
+            prompt_file=prompt_file,
+            bad=bad,
+            good=good,
+            counterfactual=counterfactual,
+            reference=reference,
+            id=case_id,
+        ),
+    )
     cfg = InvestigateConfig(
-        method=method, seed=seed, device=device, confirm=ConfirmConfig(seed=seed)
+        method=method,
+        seed=seed,
+        device=device,
+        confirm=ConfirmConfig(seed=seed),
+        max_memory=_max_memory(max_memory),
     )
     run = _investigate_one(inc, subject, Store(_db(db)), cfg, show=not as_json)
     result = run.to_json()

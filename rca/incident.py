@@ -33,9 +33,11 @@ __all__ = [
     "IncidentError",
     "SEVERITIES",
     "MAX_PROMPT_CHARS",
+    "incident_from_flags",
     "load_case",
     "load_cases",
     "loads_case",
+    "read_text_file",
 ]
 
 SEVERITIES = ("low", "medium", "high", "critical")
@@ -45,6 +47,9 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # C0 controls other than tab and newline, DEL, and C1 controls: never legitimate in a prompt,
 # and a way to hide content from a reviewer's terminal
 _CTRL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# lone surrogates: what Python makes of bytes that are not UTF-8 (command-line arguments decode
+# with surrogateescape); no tokenizer can encode them
+_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 
 _REQUIRED = ("id", "title", "severity", "model", "prompt", "bad")
 _OPTIONAL = ("good", "counterfactual", "reference_prompts", "tags", "notes")
@@ -77,7 +82,7 @@ def _check_text(source: str, key: str, value: Any, *, max_chars: int | None = No
     if not isinstance(value, str):
         raise IncidentError(source, key, f"expected a string, got {type(value).__name__}")
     if not value.strip():
-        raise IncidentError(source, key, "must not be empty")
+        raise IncidentError(source, key, "must not be empty or only whitespace")
     if max_chars is not None and len(value) > max_chars:
         raise IncidentError(
             source, key, f"is {len(value)} characters long; the limit is {max_chars}"
@@ -86,6 +91,15 @@ def _check_text(source: str, key: str, value: Any, *, max_chars: int | None = No
     if m:
         raise IncidentError(
             source, key, f"contains control character U+{ord(m.group()):04X} at {m.start()}"
+        )
+    m = _SURROGATE_RE.search(value)
+    if m:
+        c = ord(m.group())
+        what = f"byte 0x{c - 0xDC00:02X}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        raise IncidentError(
+            source,
+            key,
+            f"is not valid UTF-8 ({what} at character {m.start()}); pass the text as UTF-8",
         )
     return value
 
@@ -135,6 +149,8 @@ class Incident:
                 _check_text(src, key, item, max_chars=MAX_PROMPT_CHARS)
         if not isinstance(self.notes, str):
             raise IncidentError(src, "notes", f"expected a string, got {type(self.notes).__name__}")
+        if self.notes:
+            _check_text(src, "notes", self.notes + ".", max_chars=MAX_PROMPT_CHARS + 1)
 
     def to_dict(self) -> dict[str, Any]:
         """The incident's fields as plain data (lists, not tuples), without its source."""
@@ -170,13 +186,33 @@ class Incident:
             key = next((k for k in ("good", "bad", "prompt") if k in str(e)), None)
             raise IncidentError(self.source, key, str(e)) from e
         n_ctx = getattr(subject.adapter, "n_ctx", None)
-        if n_ctx is not None and target.length > n_ctx:
+        if n_ctx is None:
+            return target
+        if target.length > n_ctx:
             raise IncidentError(
                 self.source,
                 "prompt",
                 f"prompt plus continuation is {target.length} tokens; the model's context is "
                 f"{n_ctx}. Shorten the prompt to the part that matters",
             )
+        cont = target.length - target.n_prompt
+        if self.counterfactual is not None:
+            n = len(subject.tokenizer(self.counterfactual)["input_ids"])
+            if n + cont > n_ctx:
+                raise IncidentError(
+                    self.source,
+                    "counterfactual",
+                    f"counterfactual plus continuation is {n + cont} tokens; the model's context "
+                    f"is {n_ctx}. Shorten it as the prompt was",
+                )
+        for i, ref in enumerate(self.reference_prompts):
+            n = len(subject.tokenizer(ref)["input_ids"])
+            if n > n_ctx:
+                raise IncidentError(
+                    self.source,
+                    "reference_prompts",
+                    f"item {i} is {n} tokens; the model's context is {n_ctx}. Shorten it",
+                )
         return target
 
 
@@ -249,6 +285,68 @@ def load_case(path: str | Path, *, check_model: bool = True, home: Path | None =
     if check_model:
         _check_model(incident, home=home)
     return incident
+
+
+def read_text_file(path: str | Path, *, key: str) -> str:
+    """A text given as a file (``--prompt-file``): UTF-8, at most MAX_PROMPT_CHARS characters.
+
+    Raises IncidentError naming the file and the field it was for.
+    """
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise IncidentError(source, key, "file not found; check the path") from None
+    except IsADirectoryError:
+        raise IncidentError(source, key, "is a directory, not a text file") from None
+    except OSError as e:
+        raise IncidentError(source, key, f"cannot read: {e.strerror}") from None
+    if len(raw) > 4 * MAX_PROMPT_CHARS:
+        raise IncidentError(source, key, f"file is over {4 * MAX_PROMPT_CHARS} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise IncidentError(
+            source, key, f"not valid UTF-8 at byte {e.start}; save the file as UTF-8"
+        ) from None
+
+
+def incident_from_flags(
+    *,
+    model: str,
+    prompt: str,
+    bad: str,
+    good: str | None = None,
+    counterfactual: str | None = None,
+    reference_prompts: tuple[str, ...] | list[str] = (),
+    id: str | None = None,  # noqa: A002 - the case file's key
+    title: str | None = None,
+    severity: str = "medium",
+) -> Incident:
+    """An incident stated on the command line instead of in a case file.
+
+    Validated exactly like a case file (source ``<flags>``). Without ``id`` the id is
+    ``adhoc-`` and the first 12 hex digits of a hash of model, prompt and continuations, so the
+    same flags give the same case id in the store.
+    """
+    if id is None:
+        blob = json.dumps([model, prompt, bad, good], ensure_ascii=False, default=str)
+        id = "adhoc-" + hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    if title is None:
+        shown = bad.strip()[:60] if isinstance(bad, str) else ""
+        title = f"ad-hoc incident: {shown!r}" if shown else "ad-hoc incident"
+    return Incident(
+        id=id,
+        title=title,
+        severity=severity,
+        model=model,
+        prompt=prompt,
+        bad=bad,
+        good=good,
+        counterfactual=counterfactual,
+        reference_prompts=tuple(reference_prompts),
+        source="<flags>",
+    )
 
 
 def _check_model(incident: Incident, *, home: Path | None) -> None:

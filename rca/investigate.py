@@ -7,6 +7,7 @@ writes the whole run to the store in one transaction at the end, or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import random
 import time
@@ -43,6 +44,7 @@ class InvestigateConfig:
     remedy: bool = True  # try fixes (a regression re-check skips them)
     seed: int = 0
     device: str = "auto"
+    max_memory: int | str | None = "auto"  # a size ("4G"), "auto" (what is free) or None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +165,7 @@ def investigate(
         baseline=cfg.baseline,
         reference_prompts=refs,
         neurons=True,
+        max_memory=cfg.max_memory,
         progress=lambda s, f: say("trace", 0.05 + 0.35 * f),
     )
     timings["trace"] = time.perf_counter() - t
@@ -170,13 +173,17 @@ def investigate(
     t = time.perf_counter()
     say("confirm", 0.4)
     base_target = att.baseline.target if att.baseline.kind == "counterfactual" else None
+    confirm_cfg = cfg.confirm
+    if att.memory is not None and att.memory.confirm_batch < confirm_cfg.batch_size:
+        # fewer variants per forward: the same numbers, within the memory budget
+        confirm_cfg = dataclasses.replace(confirm_cfg, batch_size=att.memory.confirm_batch)
     verdict = confirm(
         subject,
         att.target,
         att.components.ranked(),
         baseline=base_target,
         reference=refs,
-        config=cfg.confirm,
+        config=confirm_cfg,
         progress=lambda s, f: say("confirm", 0.4 + 0.35 * f),
     )
     timings["confirm"] = time.perf_counter() - t

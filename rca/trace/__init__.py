@@ -34,6 +34,7 @@ from rca.trace.components import (
 )
 from rca.trace.counterfactual import Counterfactual, auto_counterfactual, drop_fraction
 from rca.trace.graph import build_graph, edge_table, prune_graph, top_paths, write_graph
+from rca.trace.memory import MemoryPlan, plan_trace
 from rca.trace.tokens import SegmentScores, TokenScores, integrated_gradients, segment_ablation
 
 __all__ = [
@@ -52,6 +53,8 @@ __all__ = [
     "top_paths",
     "write_graph",
     "site_means",
+    "MemoryPlan",
+    "plan_trace",
 ]
 
 Progress = Callable[[str, float], None]
@@ -73,6 +76,7 @@ class Attribution:
     pruned: nx.DiGraph
     paths: list[dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)
+    memory: MemoryPlan | None = None
 
     def to_json(self, *, top_k: int = 20) -> dict[str, Any]:
         comps = self.components
@@ -133,7 +137,11 @@ class Attribution:
                 "pruned_edges": self.pruned.number_of_edges(),
                 "top_paths": self.paths,
             },
-            "cost": {**comps.cost, "timings": self.timings},
+            "cost": {
+                **comps.cost,
+                "timings": self.timings,
+                "memory": None if self.memory is None else self.memory.to_json(),
+            },
         }
 
 
@@ -165,6 +173,7 @@ def trace(
     neurons: bool = False,
     ig_steps: int = 32,
     min_drop: float = 0.8,
+    max_memory: int | str | None = "auto",
     progress: Progress | None = None,
 ) -> Attribution:
     """Trace an incident on a loaded model.
@@ -172,6 +181,10 @@ def trace(
     ``baseline``: ``auto`` (the case's counterfactual if it lines up, else an automatic one,
     else the mean), ``counterfactual`` (the case's or an automatic one; an error if neither
     works), or ``mean`` (mean activations over ``reference_prompts``, default the case's).
+
+    ``max_memory``: a byte count or a size such as ``"4G"``; ``"auto"`` (default) is what the
+    device has free; ``None`` turns the check off. The peak is estimated before anything runs
+    and the work is chunked to fit, or refused with the estimate (``rca.trace.memory``).
     """
     if baseline not in ("auto", "counterfactual", "mean"):
         raise TraceError(f"baseline must be auto, counterfactual or mean, got {baseline!r}")
@@ -180,9 +193,20 @@ def trace(
     t = time.perf_counter()
     target = incident.encode(subject)
     refs = list(reference_prompts if reference_prompts is not None else incident.reference_prompts)
+    plan = plan_trace(
+        subject,
+        length=target.length,
+        rows=target.rows,
+        method=method,
+        steps=steps,
+        neurons=neurons,
+        max_memory=max_memory,
+    )
 
     say("tokens", 0.0)
-    tokens = integrated_gradients(subject, target, n_steps=ig_steps)
+    tokens = integrated_gradients(
+        subject, target, n_steps=ig_steps, internal_batch_size=plan.ig_batch
+    )
     segments = segment_ablation(subject, target, prompt=incident.prompt, reference_prompts=refs)
     timings["tokens"] = time.perf_counter() - t
 
@@ -201,6 +225,7 @@ def trace(
                 reference_prompts=refs,
                 segments=segments,
                 min_drop=min_drop,
+                batch=plan.confirm_batch,
             )
             if auto.ok or cf is None:
                 cf = auto
@@ -228,7 +253,16 @@ def trace(
 
     say("components", 0.5)
     t = time.perf_counter()
-    comps = score_components(subject, target, base, method=method, steps=steps, neurons=neurons)
+    comps = score_components(
+        subject,
+        target,
+        base,
+        method=method,
+        steps=steps,
+        neurons=neurons,
+        step_chunk=plan.step_chunk,
+        head_chunk=plan.head_chunk,
+    )
     timings["components"] = time.perf_counter() - t
 
     say("graph", 0.85)
@@ -253,6 +287,7 @@ def trace(
         pruned=pruned,
         paths=paths,
         timings=timings,
+        memory=plan,
     )
 
 

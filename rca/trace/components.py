@@ -251,13 +251,17 @@ def score_components(
     edges: bool = True,
     top_neurons: int = 50,
     edge_chunk: int = 64,
+    step_chunk: int | None = None,
+    head_chunk: int | None = None,
 ) -> ComponentScores:
     """Score every head and MLP (and edges, and neurons on request) for the incident metric.
 
     ``method``: ``atp`` (gradient at the clean run) or ``eap-ig`` (mean gradient over
-    ``steps`` interpolation points, packed along the batch). ``edge_chunk`` bounds the
-    positions contracted at once, so the edge step's extra memory is about
-    ``(n_up + n_down) * rows * edge_chunk * d_model`` floats.
+    ``steps`` interpolation points, packed along the batch). Memory is bounded by three knobs,
+    none of which changes the scores beyond float summation order (``rca.trace.memory`` picks
+    them from a budget): ``step_chunk`` interpolation points share one forward and backward
+    (default all of them); ``head_chunk`` heads share one batched local VJP in the edge step
+    (default all of a layer's); ``edge_chunk`` positions are contracted at once.
     """
     if method not in ("atp", "eap-ig"):
         raise TraceError(f"method must be atp or eap-ig, got {method!r}")
@@ -273,37 +277,91 @@ def score_components(
         logits, clean = _run(subject, target.input_ids(device=dev), sites, grad=False)
         metric_clean = float(target.metric(logits)[0])
     clean = {k: v.detach() for k, v in clean.items()}
+    del logits
 
-    # the gradient pass: the clean run (AtP) or the interpolation path (EAP-IG)
+    # the gradient pass: the clean run (AtP) or the interpolation path (EAP-IG), in chunks of
+    # ``step_chunk`` points; every sum below is over points, divided by m at the end
     m = 1 if method == "atp" else steps
-    ids = target.input_ids(m, device=dev)
-    override = None
-    if method == "eap-ig":
-        alphas = (torch.arange(m, device=dev, dtype=torch.float32) + 0.5) / m  # midpoint rule
-        e_c, e_b = clean["emb"], base["emb"].expand_as(clean["emb"])
-        path = e_b.unsqueeze(0) + alphas.view(m, 1, 1, 1).to(e_c.dtype) * (e_c - e_b).unsqueeze(0)
-        # a leaf that requires grad, so that the residual stream it becomes is on the graph
-        override = path.reshape(m * rows, T, -1).detach().requires_grad_(True)
-    grad_sites = dict(sites)
-    logits, live = _run(subject, ids, grad_sites, grad=True, emb_override=override)
-    metric_sum = target.metric(logits).sum()
+    chunk = max(1, min(step_chunk or m, m))
+    hchunk = max(1, min(head_chunk or H, H))
+    alphas = (torch.arange(m, device=dev, dtype=torch.float32) + 0.5) / m  # midpoint rule
     keys = [k for k in sites if k != "emb"]
-    wrt = [live[k] for k in keys]
-    # one backward for every site; several keys may share a tensor (r0 is an0 in most archs)
-    uniq: dict[int, torch.Tensor] = {}
-    for t in wrt:
-        uniq.setdefault(id(t), t)
-    gl = torch.autograd.grad(metric_sum, list(uniq.values()), retain_graph=edges, allow_unused=True)
-    gmap = dict(zip(uniq.keys(), gl, strict=True))
-    grads_full = {k: gmap[id(live[k])] for k in keys}
+    gsum: dict[str, torch.Tensor] = {}
+    down: list[str] = []
+    if edges:
+        for layer in range(L):
+            down += [f"L{layer}.H{h}" for h in range(H)] + [f"L{layer}.MLP"]
+        down.append("LOGITS")
+    G: torch.Tensor | None = None  # (n_down, rows, pos, d): summed over points
+    n_vjp = 0
+    n_chunks = 0
+    for c0 in range(0, m, chunk):
+        k = min(chunk, m - c0)
+        n_chunks += 1
+        override = None
+        if method == "eap-ig":
+            e_c, e_b = clean["emb"], base["emb"].expand_as(clean["emb"])
+            al = alphas[c0 : c0 + k].view(k, 1, 1, 1).to(e_c.dtype)
+            path = e_b.unsqueeze(0) + al * (e_c - e_b).unsqueeze(0)
+            # a leaf that requires grad, so that the residual stream it becomes is on the graph
+            override = path.reshape(k * rows, T, -1).detach().requires_grad_(True)
+        logits, live = _run(
+            subject, target.input_ids(k, device=dev), sites, grad=True, emb_override=override
+        )
+        metric_sum = target.metric(logits).sum()
+        del logits
+        # one backward for every site; several keys may share a tensor (r0 is an0 in most archs)
+        uniq: dict[int, torch.Tensor] = {}
+        for key in keys:
+            uniq.setdefault(id(live[key]), live[key])
+        gl = torch.autograd.grad(
+            metric_sum, list(uniq.values()), retain_graph=edges, allow_unused=True
+        )
+        gmap = dict(zip(uniq.keys(), gl, strict=True))
+        del gl, uniq
+        for key in keys:
+            g = gmap[id(live[key])]
+            if g is None:
+                continue
+            s = g.view(k, rows, *g.shape[1:]).sum(0)
+            gsum[key] = gsum[key] + s if key in gsum else s
+        if edges:
+            if G is None:
+                G = torch.zeros(len(down), rows, T, a.d_model, device=dev, dtype=torch.float32)
+            j = 0
+            for layer in range(L):
+                z, an = live[f"z{layer}"], live[f"an{layer}"]
+                gz = gmap[id(z)]
+                assert gz is not None
+                for h0 in range(0, H, hchunk):
+                    hs = range(h0, min(H, h0 + hchunk))
+                    masks = torch.zeros(len(hs), 1, 1, H * a.d_head, device=dev, dtype=gz.dtype)
+                    for i, h in enumerate(hs):
+                        masks[i, ..., h * a.d_head : (h + 1) * a.d_head] = 1
+                    g_heads = _local_vjp(z, an, gz.unsqueeze(0) * masks, batched=True)
+                    G[j + h0 : j + h0 + len(hs)] += (
+                        g_heads.view(len(hs), k, rows, T, -1).sum(1).float()
+                    )
+                    del g_heads, masks
+                    n_vjp += 1
+                j += H
+                gm = gmap[id(live[f"m{layer}"])]
+                assert gm is not None
+                g_mlp = _local_vjp(
+                    live[f"m{layer}"], live[f"mn{layer}"], gm.unsqueeze(0), batched=False
+                )
+                G[j] += g_mlp[0].view(k, rows, T, -1).sum(0).float()
+                del g_mlp
+                j += 1
+                n_vjp += 1
+            g_fin = gmap[id(live["fin"])]
+            assert g_fin is not None
+            G[j] += g_fin.view(k, rows, T, -1).sum(0).float()
+        del live, gmap, metric_sum, override
 
-    def mean_steps(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-        if g is None:
-            return torch.zeros_like(like)
-        return g.view(m, rows, *g.shape[1:]).mean(0)
-
-    grads = {k: mean_steps(grads_full[k], clean[k]) for k in keys}
-    delta = {k: clean[k] - base[k] for k in base if k in clean}
+    grads = {key: (gsum[key] / m if key in gsum else torch.zeros_like(clean[key])) for key in keys}
+    del gsum
+    delta = {key: clean[key] - base[key] for key in base if key in clean}
 
     # node scores, per position: (n_nodes, pos)
     nodes = node_ids(L, H)
@@ -334,55 +392,45 @@ def score_components(
         neurons=neuron_scores,
         steps=m,
     )
-    n_vjp = 0
     if edges:
-        down: list[str] = []
-        gdown: list[torch.Tensor] = []
-        for layer in range(L):
-            z, an = live[f"z{layer}"], live[f"an{layer}"]
-            gz_full = grads_full[f"z{layer}"]
-            assert gz_full is not None
-            masks = torch.zeros(H, 1, 1, H * a.d_head, device=dev, dtype=gz_full.dtype)
-            for h in range(H):
-                masks[h, ..., h * a.d_head : (h + 1) * a.d_head] = 1
-            g_heads = _local_vjp(z, an, gz_full.unsqueeze(0) * masks, batched=True)
-            gdown += [g_heads[h] for h in range(H)]
-            down += [f"L{layer}.H{h}" for h in range(H)]
-            gm_full = grads_full[f"m{layer}"]
-            assert gm_full is not None
-            g_mlp = _local_vjp(
-                live[f"m{layer}"], live[f"mn{layer}"], gm_full.unsqueeze(0), batched=False
-            )
-            gdown.append(g_mlp[0])
-            down.append(f"L{layer}.MLP")
-            n_vjp += 2
-        g_fin = grads_full["fin"]
-        assert g_fin is not None
-        gdown.append(g_fin)
-        down.append("LOGITS")
-        G = torch.stack([g.view(m, rows, T, -1).mean(0) for g in gdown])  # (n_down, rows, pos, d)
-
-        writes = [delta["r0"].unsqueeze(0)]
-        for layer in range(L):
-            writes.append(_head_writes(subject, layer, delta[f"z{layer}"]))
-            writes.append(delta[f"m{layer}"].unsqueeze(0))
-        U = torch.cat(writes)  # (n_up, rows, pos, d)
-        E = torch.zeros(U.shape[0], G.shape[0], device=dev)
-        for p0 in range(0, T, edge_chunk):
-            E += torch.einsum(
-                "urpd,vrpd->uv",
-                U[:, :, p0 : p0 + edge_chunk].float(),
-                G[:, :, p0 : p0 + edge_chunk].float(),
-            )
+        assert G is not None
+        G /= m
+        E = torch.zeros(len(nodes), len(down), device=dev)
+        emb = torch.zeros(T, len(down), device=dev)
+        # upstream writes, one layer at a time: EMB, then each layer's heads and MLP
+        r = 0
+        for layer in range(-1, L):
+            if layer < 0:
+                U = delta["r0"].unsqueeze(0)
+            else:
+                U = torch.cat(
+                    [
+                        _head_writes(subject, layer, delta[f"z{layer}"]),
+                        delta[f"m{layer}"].unsqueeze(0),
+                    ]
+                )
+            for p0 in range(0, T, edge_chunk):
+                Gp = G[:, :, p0 : p0 + edge_chunk]
+                E[r : r + U.shape[0]] += torch.einsum(
+                    "urpd,vrpd->uv", U[:, :, p0 : p0 + edge_chunk].float(), Gp
+                )
+                if layer < 0:
+                    emb[p0 : p0 + edge_chunk] = torch.einsum(
+                        "rpd,vrpd->pv", U[0, :, p0 : p0 + edge_chunk].float(), Gp
+                    )
+            r += U.shape[0]
+            del U
         E *= _edge_mask(nodes, down, parallel=a.parallel).to(dev)
         result.up, result.down, result.edges = nodes, down, E.cpu()
-        emb = torch.einsum("rpd,vrpd->pv", delta["r0"].float(), G.float())
         result.emb_edges = emb[: target.n_prompt].cpu()
     result.cost = {
         "seconds": time.perf_counter() - t0,
         "forward_rows": rows * (2 + m),
         "backward_rows": rows * m,
         "local_vjps": n_vjp,
+        "step_chunk": chunk,
+        "head_chunk": hchunk,
+        "gradient_passes": n_chunks,
         # forward-pass equivalents: a backward costs about two forwards
         "forward_equiv": 2 + 3 * m,
     }

@@ -58,14 +58,20 @@ class Counterfactual:
 
 
 @torch.inference_mode()
-def _metrics(subject: Subject, target: Target, prompts: list[tuple[int, ...]]) -> list[float]:
-    if not prompts:
-        return []
-    ids = torch.cat(
-        [Target(p, target.bad_ids, target.good_ids, target.pad_id).input_ids() for p in prompts]
-    ).to(subject.device)
-    logits = subject.model(input_ids=ids).logits
-    return [float(v) for v in target.metric(logits)]
+def _metrics(
+    subject: Subject, target: Target, prompts: list[tuple[int, ...]], *, batch: int = 16
+) -> list[float]:
+    out: list[float] = []
+    for b0 in range(0, len(prompts), batch):
+        ids = torch.cat(
+            [
+                Target(p, target.bad_ids, target.good_ids, target.pad_id).input_ids()
+                for p in prompts[b0 : b0 + batch]
+            ]
+        ).to(subject.device)
+        logits = subject.model(input_ids=ids).logits
+        out += [float(v) for v in target.metric(logits)]
+    return out
 
 
 def auto_counterfactual(
@@ -78,6 +84,7 @@ def auto_counterfactual(
     min_drop: float = 0.8,
     max_segments: int = 3,
     max_candidates: int = 16,
+    batch: int = 16,
 ) -> Counterfactual:
     """Build a counterfactual from the segment ranking; see the module docstring."""
     tok = subject.tokenizer
@@ -105,7 +112,7 @@ def auto_counterfactual(
             if len(cands) >= max_candidates:
                 break
         variants = [tuple(current[:s] + c + current[e:]) for c in cands]
-        ms = _metrics(subject, target, variants)
+        ms = _metrics(subject, target, variants, batch=batch)
         j = min(range(len(ms)), key=lambda i: ms[i])
         current = list(variants[j])
         best_metric = ms[j]
