@@ -36,6 +36,10 @@ err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class CliError(ValueError):
+    """A bad argument to a command (an unknown run, a missing database); one line."""
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from rca.confirm import ConfirmError
     from rca.hooks import HookError
@@ -44,10 +48,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from rca.metric import MetricError
     from rca.regress import RegressError
     from rca.remedy import RemedyError
+    from rca.store import StoreError
     from rca.subject import SubjectError
     from rca.trace import TraceError
 
     return (
+        CliError,
+        StoreError,
         IncidentError,
         SubjectError,
         HookError,
@@ -582,9 +589,7 @@ def _reader(db: Path | None):
 
     path = _db(db)
     if not path.exists():
-        raise typer.BadParameter(
-            f"database {path} does not exist; run `rca demo` or `rca investigate`"
-        )
+        raise CliError(f"database {path} does not exist; run `rca demo` or `rca investigate`")
     return Store.reader(path)
 
 
@@ -602,7 +607,7 @@ def _resolve_run(reader: Any, ref: str) -> str:
     by_case = [r for r in by_case if r.get("kind") == "investigate"] or by_case
     if by_case:
         return by_case[0]["run_id"]  # newest first
-    raise typer.BadParameter(f"no run or case {ref!r} in {reader.path}; see `rca cases list`")
+    raise CliError(f"no run or case {ref!r} in {reader.path}; see `rca cases list`")
 
 
 def _investigate_one(inc, subject, store, cfg, *, show: bool):
@@ -827,7 +832,7 @@ def report_cmd(
     from rca.casefile import render_html, render_markdown
 
     if fmt not in ("md", "html"):
-        raise typer.BadParameter("--format must be md or html")
+        raise CliError("--format must be md or html")
     reader = _reader(db)
     run = reader.get_run(_resolve_run(reader, ref))
     output.write_text(render_markdown(run) if fmt == "md" else render_html(run))

@@ -21,7 +21,8 @@ Each is measured on the incident (metric and P(bad) before and after) and on the
 (benign) prompts: the mean KL divergence of the next-token distributions, original against
 fixed, and the change of the mean language-model loss. Of the fixes that bring P(bad) under
 ``p_bad_target`` while raising the benign loss by under ``max_loss_pct``, the cheapest is marked
-``recommended``; when none does both, the best trade-off is, and its note says so.
+``recommended``; when none does both, the best trade-off is, and its note says so. A fix that
+does not lower P(bad) is never recommended (``recommend``).
 
 A fix also has a patch spec (JSON) that ``apply_patch`` bakes into the weights of a model
 directory, so the fixed model can ship without rca's hooks (see ``apply_patch``).
@@ -538,25 +539,41 @@ def try_remedies(
             f"{abs(side['loss_change_pct']):.1f}% (mean KL {side['kl_mean']:.4f} nats per token)."
         )
         out.append(r)
-    # recommended: under the P(bad) target at a tolerable cost, the cheapest; else the best
-    # trade-off, with the note saying which bound it misses
+    recommend(out, p_bad_target=p_bad_target, max_loss_pct=max_loss_pct)
+    return out
+
+
+def recommend(
+    remedies: Sequence[Remedy], *, p_bad_target: float = 0.2, max_loss_pct: float = 5.0
+) -> Remedy | None:
+    """Mark the fix to recommend, and say why in its note; None when no fix lowers P(bad).
+
+    Under the P(bad) target at a tolerable cost: the cheapest. Else the best trade-off among
+    those that lower P(bad), with the note saying which bound it misses. A fix that does not
+    lower P(bad) is never recommended, whatever its cost.
+    """
+    lowers = [r for r in remedies if r.p_bad_after < r.p_bad_before]
+    if not lowers:
+        if remedies:
+            remedies[0].note += " No fix lowers P(bad): none is recommended."
+        return None
     ok = [
         r
-        for r in out
+        for r in lowers
         if r.p_bad_after < p_bad_target and r.side_effect["loss_change_pct"] < max_loss_pct
     ]
     if ok:
         best = min(ok, key=lambda r: r.side_effect["loss_change_pct"])
         best.note += " Recommended."
     else:
-        cheap = [r for r in out if r.side_effect["loss_change_pct"] < max_loss_pct]
-        best = min(cheap or out, key=lambda r: r.p_bad_after)
+        cheap = [r for r in lowers if r.side_effect["loss_change_pct"] < max_loss_pct]
+        best = min(cheap or lowers, key=lambda r: r.p_bad_after)
         best.note += (
             f" Recommended with reservations: no fix brought P(bad) under {p_bad_target} "
             f"while raising the benign loss by less than {max_loss_pct:g}%."
         )
     best.recommended = True
-    return out
+    return best
 
 
 # ---------------------------------------------------------------------------------------------

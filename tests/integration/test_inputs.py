@@ -180,3 +180,30 @@ def test_library_checks_match_the_cli(model_dir: Path) -> None:
         long.encode(s)
     # at the limit exactly: 1 <bos> + 30 words + 1 continuation token = 32
     dataclasses.replace(inc, prompt=words(*range(30))).encode(s)
+
+
+@pytest.mark.parametrize("payload", ["x' OR '1'='1", "'; DROP TABLE runs; --", 'a"b\\c'])
+def test_quote_heavy_references_and_notes_on_the_command_line(
+    tmp_path: Path, payload: str
+) -> None:
+    from rca.store import IncidentRecord, ModelRecord, RunRecord, Store
+
+    db = tmp_path / "rca.duckdb"
+    s = Store(db)
+    rid = s.record_run(
+        RunRecord(
+            incident=IncidentRecord.from_fields({"id": "case-1", "title": "t"}),
+            model=ModelRecord("a" * 64),
+            nodes=[{"node_id": "L0.H0", "score": 1.0}],
+        )
+    )
+    code, _, err = rca("cases", "show", payload, "--db", str(db))
+    one_line_error(code, err, "no run or case")
+    code, out, err = rca("notes", "add", rid, "--author", payload, "--text", payload, "--db", str(db))
+    assert code == 0, err
+    code, out, err = rca("cases", "show", rid, "--db", str(db), "--json")
+    assert code == 0, err
+    notes = json.loads(out)["notes"]
+    assert [(n["author"], n["text"]) for n in notes] == [(payload, payload)]
+    assert rca("verify", "--db", str(db))[0] == 0
+    assert Store.reader(db).counts()["runs"] == 1

@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from rca.metric import Target, evaluate
-from rca.remedy import RemedyError, _fix_context, _pack, apply_patch, try_remedies, weight_edit
+from rca.remedy import (
+    Remedy,
+    RemedyError,
+    _fix_context,
+    _pack,
+    apply_patch,
+    recommend,
+    try_remedies,
+    weight_edit,
+)
 from rca.subject import load_subject
 from tests.helpers import save_model_dir, tiny_model, word_tokenizer, words
 
@@ -160,3 +169,21 @@ def test_weight_edit_lowers_p_bad_and_stays_close_elsewhere(tmp_path: Path) -> N
     }
     zero_kl = benign_side_effect(s, held, zero)["kl_mean"]
     assert edit_kl < 0.5 * zero_kl, (edit_kl, zero_kl)
+
+
+def _fix(kind: str, before: float, after: float, loss: float) -> Remedy:
+    return Remedy(kind, ["L0.H0"], 0.0, 0.0, before, after, {"loss_change_pct": loss}, {})
+
+
+def test_a_fix_that_raises_p_bad_is_never_recommended() -> None:
+    # a random model's "incident": P(bad) is already low and the fixes only move it about
+    rs = [_fix("a", 0.01, 0.09, -0.8), _fix("b", 0.01, 0.02, 0.4)]
+    assert recommend(rs) is None
+    assert not any(r.recommended for r in rs)
+    assert "none is recommended" in rs[0].note
+    # the cheapest fix under target wins only among those that lower P(bad)
+    rs = [_fix("raise", 0.5, 0.6, -1.0), _fix("cheap", 0.5, 0.1, 2.0), _fix("dear", 0.5, 0.05, 4.0)]
+    assert recommend(rs) is rs[1] and rs[1].recommended and "Recommended." in rs[1].note
+    # none under target: the lowest P(bad) among the tolerable ones that lower it
+    rs = [_fix("x", 0.9, 0.95, 0.0), _fix("y", 0.9, 0.5, 1.0), _fix("z", 0.9, 0.3, 9.0)]
+    assert recommend(rs) is rs[1] and "with reservations" in rs[1].note

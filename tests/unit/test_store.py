@@ -691,6 +691,42 @@ def test_sql_injection_strings_are_stored_as_data(db: Path) -> None:
     assert res.ok, res.message
 
 
+QUOTES = [
+    "x' OR '1'='1",
+    'x" OR "1"="1',
+    "'; DELETE FROM notes WHERE ''='",
+    "\\'; DROP TABLE audit; --",
+    "$$; DROP TABLE runs; $$",
+    "/* */ UNION SELECT * FROM audit --",
+    "O'Brien's \"run\" `id` \u2019 \u201c",
+    "%_%' ESCAPE '\\",
+]
+
+
+@pytest.mark.parametrize("payload", QUOTES)
+def test_quote_heavy_values_are_data_in_every_reader(db: Path, payload: str) -> None:
+    """Every value a user or a model file controls goes through parameters, never into SQL."""
+    s = Store(db, actor=payload)
+    plain = run(incident=incident(1))
+    s.record_run(plain)
+    hostile = run(
+        incident=incident(2, title=payload, tags=[payload]),
+        model=model(fp=payload, path=payload),
+        nodes=[{"node_id": payload, "score": 1.0}],
+    )
+    s.record_run(hostile)
+    s.add_note(run_id=hostile.run_id, author=payload, text=payload)
+    assert s.get_run(hostile.run_id)["model_fingerprint"] == payload
+    assert s.get_run(hostile.run_id)["nodes"][0]["node_id"] == payload
+    assert s.list_runs(incident=payload) == []  # no incident has that id: nothing matches
+    assert [n["text"] for n in s.notes_for(author=payload)] == [payload]
+    assert s.notes_for(author=payload + "x") == []
+    assert {r["run_id"] for r in s.list_runs()} == {plain.run_id, hostile.run_id}
+    assert s.counts()["runs"] == 2 and s.counts()["notes"] == 1
+    res = s.verify()
+    assert res.ok, res.message
+
+
 def test_export_writes_one_parquet_file_per_table(db: Path, tmp_path: Path) -> None:
     s = Store(db)
     s.record_run(run())
