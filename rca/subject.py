@@ -471,6 +471,34 @@ def _load_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 
+def _shape_mismatches(path: Path, safes: list[Path]) -> str:
+    """Tensors whose shape in the safetensors headers differs from what config.json builds.
+
+    Reads headers only, and builds the model on the meta device (no memory); "" when the
+    shapes agree or cannot be read (then the loader's own error stands).
+    """
+    try:
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+        want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+        bad = []
+        for f in safes:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    got = tuple(h.get_slice(k).get_shape())
+                    if k in want and want[k] != got:
+                        bad.append(
+                            f"{k} is {list(got)} in {f.name}, config.json makes {list(want[k])}"
+                        )
+    except Exception:  # a header that cannot be read: the loader's error says it
+        return ""
+    return "; ".join(bad[:2]) + (" ..." if len(bad) > 2 else "")
+
+
 def load_subject(
     path: str | Path,
     *,
@@ -516,6 +544,12 @@ def load_subject(
         loaded: Any = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
         model, info = loaded
     except Exception as e:
+        shapes = _shape_mismatches(path, safes)
+        if shapes:
+            raise SubjectError(
+                f"{str(path)!r}: the weight files do not match config.json ({shapes}); the "
+                "weights belong to another model, or the config was edited"
+            ) from e
         raise SubjectError(
             f"cannot load model weights from {str(path)!r}: {_first_line(e)} (a truncated or "
             "corrupt safetensors file gives this; re-save or re-copy the model)"

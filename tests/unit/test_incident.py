@@ -168,3 +168,45 @@ def test_repo_cases_are_valid() -> None:
     for inc in incidents:
         assert inc.model == "zoo:support-bot-v1"
         assert inc.counterfactual is not None and inc.good is not None
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "$HOME/model",  # no environment variables
+        "${RCA_HOME}/zoo/x",
+        "https://huggingface.co/gpt2",  # no URLs
+        "gpt2",  # no hub names: a relative directory that is not there
+        "zoo:../../etc",  # zoo names are a fixed list, not paths
+        "zoo:support-bot-v1/../../x",
+    ],
+)
+def test_a_model_reference_means_only_what_is_documented(
+    tmp_path: Path, ref: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RCA_HOME", str(tmp_path))
+    for d in ("model", "zoo/x", "gpt2"):  # each would load if the reference were interpreted
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    case = tmp_path / "cases" / "c.toml"
+    case.parent.mkdir()
+    case.write_text(GOOD.replace('"{model}"', repr(ref).replace("'", '"')))
+    e = one_line_error(case)
+    assert e.key == "model"
+
+
+def test_relative_paths_ignore_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``model = "m"`` is the case file's sibling, never the cwd's ``m``."""
+    for where in (tmp_path / "cwd" / "m", tmp_path / "cases" / "m"):
+        where.mkdir(parents=True)
+        (where / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "cwd")
+    case = write(tmp_path / "cases", GOOD.format(model="m"))
+    assert load_case(case).model_path() == tmp_path / "cases" / "m"
+    monkeypatch.setenv("HOME", str(tmp_path / "cwd"))
+    case = write(tmp_path / "cases", GOOD.format(model="~/m"), name="tilde.toml")
+    assert load_case(case).model_path() == tmp_path / "cwd" / "m"

@@ -184,6 +184,39 @@ def test_truncated_weights(model_dir: Path) -> None:
     assert info.value.__cause__ is not None  # raised `from` the loader's error
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b"\xff" * 8 + b[8:],  # header length garbage
+        lambda b: b[:8] + b"{not json" + b[17:],  # header that is not JSON
+        lambda b: b[:8] + bytes(reversed(b[8:64])) + b[64:],  # scrambled header
+        lambda b: b"",  # empty file
+    ],
+    ids=["length", "json", "scrambled", "empty"],
+)
+def test_corrupt_weights(model_dir: Path, damage) -> None:
+    f = model_dir / "model.safetensors"
+    f.write_bytes(damage(f.read_bytes()))
+    with pytest.raises(SubjectError) as info:
+        load_subject(model_dir, device="cpu")
+    assert "\n" not in str(info.value) and "safetensors" in str(info.value)
+
+
+def test_a_tensor_of_the_wrong_shape_is_refused(model_dir: Path) -> None:
+    """A vocabulary or width that does not match the config (another model's embeddings)."""
+    from safetensors.torch import load_file, save_file
+
+    f = model_dir / "model.safetensors"
+    tensors = load_file(f)
+    emb = tensors["model.embed_tokens.weight"]
+    tensors["model.embed_tokens.weight"] = emb[: emb.shape[0] - 7].clone()
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(SubjectError) as info:
+        load_subject(model_dir, device="cpu")
+    msg = str(info.value)
+    assert "\n" not in msg and "embed_tokens" in msg, msg
+
+
 def test_a_checkpoint_missing_a_tensor_is_refused(model_dir: Path) -> None:
     """transformers fills a missing tensor with fresh random values and only logs a report;
     a root-cause analysis of such a model would analyse noise."""
