@@ -205,6 +205,7 @@ def investigate(
             bad_text=incident.bad,
             neuron_scores=att.components.neurons,
             edit_prompts=refs,
+            batch=att.memory.confirm_batch if att.memory is not None else 32,
         )
     )
     timings["remedy"] = time.perf_counter() - t

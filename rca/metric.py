@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricError", "Target", "MetricValue", "encode_target", "evaluate"]
+__all__ = ["MetricError", "Target", "MetricValue", "encode_target", "evaluate", "logits_kwargs"]
 
 
 class MetricError(ValueError):
@@ -78,6 +78,17 @@ class Target:
     def length(self) -> int:
         return self.n_prompt + max(len(c) for c in self.conts)
 
+    @property
+    def keep(self) -> int:
+        """How many final positions' logits the metric reads (``logits_to_keep``).
+
+        The logit at position t predicts token t + 1, so the metric needs positions
+        ``n_prompt - 1`` to ``length - 2``; the last ``length - n_prompt + 1`` cover them.
+        Computing only those skips the unembedding (often the largest matrix of a small model)
+        and the vocabulary-wide log-softmax at every prompt position.
+        """
+        return self.length - self.n_prompt + 1
+
     def input_ids(self, n_variants: int = 1, *, device: Any = None) -> torch.Tensor:
         """(n_variants * rows, length) token ids, right-padded."""
         rows = []
@@ -90,8 +101,15 @@ class Target:
     def logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """Summed log-probability of each continuation: (n_variants, rows).
 
-        ``logits`` is (n_variants * rows, length, vocab) from ``input_ids(n_variants)``.
+        ``logits`` is (n_variants * rows, positions, vocab) from ``input_ids(n_variants)``:
+        every position, or only the last ``keep`` or more (``logits_to_keep``).
         """
+        if logits.shape[1] < self.keep:
+            raise MetricError(
+                f"logits cover {logits.shape[1]} positions; the metric needs the last {self.keep}"
+            )
+        start = self.n_prompt - 1 - (self.length - logits.shape[1])
+        logits = logits[:, start:]  # only the positions the metric reads
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # half precision loses small log-probabilities
         logp = torch.log_softmax(logits, dim=-1)
@@ -99,7 +117,7 @@ class Target:
         for r, c in enumerate(self.conts):
             n = len(c)
             # the logit at position t predicts token t + 1
-            pred = logp[r :: self.rows, self.n_prompt - 1 : self.n_prompt - 1 + n, :]
+            pred = logp[r :: self.rows, :n, :]
             idx = torch.tensor(c, device=logits.device).expand(pred.shape[0], n)
             out.append(pred.gather(-1, idx.unsqueeze(-1)).squeeze(-1).sum(-1))
         return torch.stack(out, dim=-1)
@@ -155,11 +173,31 @@ def encode_target(tokenizer: Any, prompt: str, bad: str, good: str | None = None
     )
 
 
+_KEEPS: dict[type, bool] = {}
+
+
+def logits_kwargs(model: torch.nn.Module, target: Target) -> dict[str, int]:
+    """``{"logits_to_keep": target.keep}`` when the model's forward takes it, else ``{}``.
+
+    Every architecture rca knows takes it in transformers >= 4.50; a model that does not
+    computes all positions and ``Target.logprobs`` reads the ones it needs.
+    """
+    cls = type(model)
+    if cls not in _KEEPS:
+        import inspect
+
+        try:
+            _KEEPS[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):
+            _KEEPS[cls] = False
+    return {"logits_to_keep": target.keep} if _KEEPS[cls] else {}
+
+
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, target: Target) -> MetricValue:
     """Run the model once on the target and return the metric and its parts."""
     device = next(model.parameters()).device
-    logits = model(input_ids=target.input_ids(device=device)).logits
+    logits = model(input_ids=target.input_ids(device=device), **logits_kwargs(model, target)).logits
     lp = target.logprobs(logits)[0]
     m = target.metric(logits)[0]
     return MetricValue(

@@ -40,7 +40,7 @@ import torch
 
 from rca.incident import Incident, loads_case
 from rca.investigate import InvestigateConfig, investigate
-from rca.metric import Target, evaluate
+from rca.metric import Target, evaluate, logits_kwargs
 from rca.stats import spearman
 from rca.subject import Subject, _weight, load_subject
 
@@ -276,7 +276,8 @@ def weight_change(
             p.requires_grad_(True)
         with torch.enable_grad():
             ids = target.input_ids(device=new.device)
-            metric = target.metric(new.model(input_ids=ids, use_cache=False).logits)[0]
+            kw = logits_kwargs(new.model, target)
+            metric = target.metric(new.model(input_ids=ids, use_cache=False, **kw).logits)[0]
             metric.backward()
     finally:
         for p in frozen:

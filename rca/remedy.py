@@ -44,7 +44,7 @@ import torch
 
 from rca.hooks import ablate, mean_activations
 from rca.ids import parse_id
-from rca.metric import MetricValue, Target, evaluate
+from rca.metric import MetricValue, Target, evaluate, logits_kwargs
 from rca.subject import Subject, _weight, load_subject
 
 __all__ = [
@@ -296,9 +296,9 @@ def weight_edit(
     try:
         for _ in range(steps):
             with _weights_edited(subject, deltas):
-                lp_bad = target.logprobs(subject.model(input_ids=t_ids, use_cache=False).logits)[
-                    0, 0
-                ]
+                kw = logits_kwargs(subject.model, target)
+                logits = subject.model(input_ids=t_ids, use_cache=False, **kw).logits
+                lp_bad = target.logprobs(logits)[0, 0]
                 if float(lp_bad.detach()) < goal:
                     break
                 out = torch.log_softmax(
@@ -363,11 +363,13 @@ def _benign_stats(
 
 
 def benign_side_effect(
-    subject: Subject, prompts: Sequence[str], spec: dict[str, Any], *, base=None
+    subject: Subject, prompts: Sequence[str], spec: dict[str, Any], *, base=None, batch: int = 32
 ) -> dict[str, float]:
     """Mean KL(original || fixed) per next-token position, and the loss change, on ``prompts``."""
-    before, loss_before = base if base is not None else _benign_stats(subject, prompts)
-    after, loss_after = _benign_stats(subject, prompts, lambda: _fix_context(subject, spec))
+    before, loss_before = base if base is not None else _benign_stats(subject, prompts, batch=batch)
+    after, loss_after = _benign_stats(
+        subject, prompts, lambda: _fix_context(subject, spec), batch=batch
+    )
     kl = [float((a.exp() * (a - b)).sum(-1).mean()) for a, b in zip(before, after, strict=True)]
     return {
         "n_prompts": float(len(prompts)),
@@ -415,8 +417,12 @@ def try_remedies(
     neuron_scores: dict[str, float] | None = None,
     max_loss_pct: float = 5.0,
     edit_prompts: Sequence[str] = (),
+    batch: int = 32,
 ) -> list[Remedy]:
-    """Try each fix for ``cause_set`` and rank them; see the module docstring."""
+    """Try each fix for ``cause_set`` and rank them; see the module docstring.
+
+    ``batch``: benign prompts per forward when measuring side effects (a memory bound).
+    """
     if not cause_set:
         raise RemedyError("no cause set to remedy")
     if not reference:
@@ -512,12 +518,12 @@ def try_remedies(
                 "edit_prompts": len(held[:64]),
             }
         )
-    base = _benign_stats(subject, reference)
+    base = _benign_stats(subject, reference, batch=batch)
     out: list[Remedy] = []
     for spec in specs:
         spec = {"format": PATCH_FORMAT, "model_fingerprint": subject.fingerprint, **spec}
         after = _evaluate_with(subject, target, spec)
-        side = benign_side_effect(subject, reference, spec, base=base)
+        side = benign_side_effect(subject, reference, spec, base=base, batch=batch)
         r = Remedy(
             kind=spec["kind"],
             components=list(spec["components"]),

@@ -197,6 +197,7 @@ def trace(
         subject,
         length=target.length,
         rows=target.rows,
+        keep=target.keep,
         method=method,
         steps=steps,
         neurons=neurons,

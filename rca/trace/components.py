@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from rca.hooks import Site, _hooked
-from rca.metric import Target
+from rca.metric import Target, logits_kwargs
 from rca.subject import Subject
 
 __all__ = ["Baseline", "ComponentScores", "TraceError", "score_components", "node_ids"]
@@ -131,6 +131,13 @@ def _sites(subject: Subject, *, neurons: bool, edges: bool) -> dict[str, Site]:
     return s
 
 
+def _takes_keep(subject: Subject) -> bool:
+    return bool(logits_kwargs(subject.model, _KEEP_PROBE))
+
+
+_KEEP_PROBE = Target((0,), (0,))
+
+
 def _run(
     subject: Subject,
     input_ids: torch.Tensor,
@@ -138,8 +145,12 @@ def _run(
     *,
     grad: bool,
     emb_override: torch.Tensor | None = None,
+    keep: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward pass recording each site's tensor; returns (logits, tensors)."""
+    """One forward pass recording each site's tensor; returns (logits, tensors).
+
+    ``keep``: logits of the last ``keep`` positions only (0: all), ``Target.keep`` for a metric.
+    """
     rec: dict[str, torch.Tensor] = {}
 
     def recorder(name: str):
@@ -153,7 +164,8 @@ def _run(
         callbacks.append((sites["emb"], lambda x: emb_override))
     callbacks += [(site, recorder(name)) for name, site in sites.items()]
     with torch.set_grad_enabled(grad), _hooked(callbacks):
-        logits = subject.model(input_ids=input_ids).logits
+        kw = {"logits_to_keep": keep} if keep and _takes_keep(subject) else {}
+        logits = subject.model(input_ids=input_ids, **kw).logits
     return logits, rec
 
 
@@ -174,7 +186,7 @@ def _baseline_acts(
                 f"{target.n_prompt}: positions must line up. Give a counterfactual with the "
                 "same token count, or use the mean baseline"
             )
-        logits, rec = _run(subject, cf.input_ids(device=dev), sites, grad=False)
+        logits, rec = _run(subject, cf.input_ids(device=dev), sites, grad=False, keep=cf.keep)
         return {k: v.detach() for k, v in rec.items()}, float(cf.metric(logits)[0])
     assert baseline.means is not None
     out = {}
@@ -190,6 +202,7 @@ def _baseline_acts(
         {"emb": sites["emb"]},
         grad=False,
         emb_override=out["emb"],
+        keep=target.keep,
     )
     return out, float(target.metric(logits)[0])
 
@@ -209,7 +222,7 @@ def site_means(
     for p in prompts:
         toks = subject.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
         ids = torch.tensor([toks], device=subject.device)
-        _, rec = _run(subject, ids, sites, grad=False)
+        _, rec = _run(subject, ids, sites, grad=False, keep=1)  # logits unused
         for k, v in rec.items():
             s = v[0].float().sum(0)
             sums[k] = sums[k] + s if k in sums else s
@@ -274,7 +287,9 @@ def score_components(
     sites = _sites(subject, neurons=neurons, edges=edges)
     base, metric_base = _baseline_acts(subject, target, baseline, sites, rows)
     with torch.no_grad():
-        logits, clean = _run(subject, target.input_ids(device=dev), sites, grad=False)
+        logits, clean = _run(
+            subject, target.input_ids(device=dev), sites, grad=False, keep=target.keep
+        )
         metric_clean = float(target.metric(logits)[0])
     clean = {k: v.detach() for k, v in clean.items()}
     del logits
@@ -306,7 +321,12 @@ def score_components(
             # a leaf that requires grad, so that the residual stream it becomes is on the graph
             override = path.reshape(k * rows, T, -1).detach().requires_grad_(True)
         logits, live = _run(
-            subject, target.input_ids(k, device=dev), sites, grad=True, emb_override=override
+            subject,
+            target.input_ids(k, device=dev),
+            sites,
+            grad=True,
+            emb_override=override,
+            keep=target.keep,
         )
         metric_sum = target.metric(logits).sum()
         del logits

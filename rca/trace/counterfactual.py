@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rca.metric import Target
+from rca.metric import Target, logits_kwargs
 from rca.subject import Subject
 from rca.trace.tokens import SegmentScores, neutral_token_id, segment_ablation
 
@@ -69,7 +69,7 @@ def _metrics(
                 for p in prompts[b0 : b0 + batch]
             ]
         ).to(subject.device)
-        logits = subject.model(input_ids=ids).logits
+        logits = subject.model(input_ids=ids, **logits_kwargs(subject.model, target)).logits
         out += [float(v) for v in target.metric(logits)]
     return out
 

@@ -22,7 +22,8 @@ sequences alive in a gradient pass of length ``T`` over ``L`` layers:
 
 - autograd graph: ``R * L * T * (12 d + 4 d_mlp + 2 H T)`` (saved activations, attention
   probabilities included);
-- logits: ``3 R T V`` (logits, log-softmax and its gradient, in fp32);
+- logits: ``3 R K V`` (logits, log-softmax and its gradient, in fp32) for the ``K`` positions
+  the metric reads (``Target.keep``: the model computes no others);
 - the edge step's batched VJP: ``3.5 * head_chunk * R * H * T^2`` plus the accumulated
   gradients ``(L (H + 1) + 1) * rows * T * d``;
 - the recorded site tensors (clean, baseline, difference, mean gradient).
@@ -45,8 +46,8 @@ __all__ = [
     "plan_trace",
 ]
 
-SAFETY = 1.3  # the terms above are fitted; this covers allocator slack and what they miss
-OVERHEAD = 64 << 20  # per-stage fixed cost (kernels' scratch, small tensors), measured 30-50 MB
+SAFETY = 1.5  # the terms above are fitted; this covers allocator slack and what they miss
+OVERHEAD = 160 << 20  # fixed cost of a stage: allocator slack and scratch, measured 30-130 MB
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -136,16 +137,16 @@ def _dims(subject: Any) -> dict[str, int]:
     }
 
 
-def _graph(dm: dict[str, int], R: int, T: int) -> float:
+def _graph(dm: dict[str, int], R: int, T: int, keep: int) -> float:
     """Bytes of an autograd graph (saved activations) plus logits, for R sequences."""
     L, H, d, m, s = dm["L"], dm["H"], dm["d"], dm["dm"], dm["s"]
-    return R * L * T * (12 * d + 4 * m + 2 * H * T) * s + 3 * R * T * dm["V"] * 4
+    return R * L * T * (12 * d + 4 * m + 2 * H * T) * s + 3 * R * keep * dm["V"] * 4
 
 
-def _inference(dm: dict[str, int], R: int, T: int) -> float:
+def _inference(dm: dict[str, int], R: int, T: int, keep: int) -> float:
     """Bytes of one no-grad forward of R sequences: two layers' transients and the logits."""
     H, d, m, s = dm["H"], dm["d"], dm["dm"], dm["s"]
-    return 2 * R * T * (8 * d + 2 * m + 3 * H * T) * s + 2 * R * T * dm["V"] * 4
+    return 2 * R * T * (8 * d + 2 * m + 3 * H * T) * s + 2 * R * keep * dm["V"] * 4
 
 
 def estimate_trace(
@@ -153,6 +154,7 @@ def estimate_trace(
     *,
     length: int,
     rows: int,
+    keep: int | None = None,
     method: str = "eap-ig",
     steps: int = 8,
     neurons: bool = False,
@@ -162,24 +164,28 @@ def estimate_trace(
     ig_batch: int = 16,
     confirm_batch: int = 32,
 ) -> dict[str, int]:
-    """Estimated peak bytes of each trace stage above the loaded model, safety factor included."""
+    """Estimated peak bytes of each trace stage above the loaded model, safety factor included.
+
+    ``keep``: logit positions computed (``Target.keep``; default all ``length``).
+    """
     dm = _dims(subject)
     L, H, d, m, s = dm["L"], dm["H"], dm["d"], dm["dm"], dm["s"]
     T = length
+    kp = length if keep is None else keep
     n_steps = 1 if method == "atp" else steps
     k = max(1, min(step_chunk or n_steps, n_steps))
     hc = max(1, min(head_chunk or H, H))
     R = k * rows
     site = T * (5 * d + (m if neurons else 0))  # floats per row per layer of recorded sites
     state = 4 * rows * L * site * s  # clean, baseline, difference, mean gradient
-    comp = _graph(dm, R, T) + R * L * site * s + state
+    comp = _graph(dm, R, T, kp) + R * L * site * s + state
     if edges:
         comp += 3.5 * hc * R * H * T * T * s + hc * R * T * H * d * s
         comp += (
             (L * (H + 1) + 1) * rows * T * d * 4 * 2
         )  # accumulated gradients; one layer's writes
-    ig = _graph(dm, max(1, ig_batch) * rows, T)
-    conf = _inference(dm, max(1, confirm_batch) * rows, T) + L * rows * T * d * s * 2
+    ig = _graph(dm, max(1, ig_batch) * rows, T, kp)
+    conf = _inference(dm, max(1, confirm_batch) * rows, T, kp) + L * rows * T * d * s * 2
     return {
         name: int(SAFETY * v + OVERHEAD)
         for name, v in (("components", comp), ("tokens", ig), ("confirm", conf))
@@ -198,6 +204,7 @@ def plan_trace(
     *,
     length: int,
     rows: int,
+    keep: int | None = None,
     method: str = "eap-ig",
     steps: int = 8,
     neurons: bool = False,
@@ -225,7 +232,13 @@ def plan_trace(
     n_steps = 1 if method == "atp" else steps
     H = subject.adapter.n_heads
     kw: dict[str, Any] = dict(
-        length=length, rows=rows, method=method, steps=steps, neurons=neurons, edges=edges
+        length=length,
+        rows=rows,
+        keep=keep,
+        method=method,
+        steps=steps,
+        neurons=neurons,
+        edges=edges,
     )
 
     def est(k: int, hc: int, ig: int, cb: int) -> dict[str, int]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rca.metric import Target
+from rca.metric import Target, logits_kwargs
 from rca.subject import Subject
 
 __all__ = [
@@ -89,7 +89,8 @@ def _flat_forward(target: Target):
 
     def f(model, flat: torch.Tensor) -> torch.Tensor:
         n = flat.shape[0]
-        logits = model(input_ids=flat.reshape(n * target.rows, target.length)).logits
+        ids = flat.reshape(n * target.rows, target.length)
+        logits = model(input_ids=ids, **logits_kwargs(model, target)).logits
         # rows of one example are adjacent, so Target.metric's variant layout applies
         return target.metric(logits)
 

@@ -160,7 +160,7 @@ cf = Target(tuple(torch.randint(0, V, (T - 1,), generator=g).tolist()), (5,), (6
 with torch.no_grad():
     model(input_ids=tgt.input_ids())
 budget = None if budget == "none" else int(budget)
-plan = plan_trace(s, length=tgt.length, rows=2, max_memory=budget)
+plan = plan_trace(s, length=tgt.length, rows=2, keep=tgt.keep, max_memory=budget)
 before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 score_components(s, tgt, Baseline("counterfactual", "cf", target=cf), method="eap-ig", steps=8,
                  step_chunk=plan.step_chunk, head_chunk=plan.head_chunk)
