@@ -206,6 +206,7 @@ def investigate(
             neuron_scores=att.components.neurons,
             edit_prompts=refs,
             batch=att.memory.confirm_batch if att.memory is not None else 32,
+            grad_batch=att.memory.ig_batch * att.target.rows if att.memory is not None else 32,
         )
     )
     timings["remedy"] = time.perf_counter() - t

@@ -262,6 +262,7 @@ def weight_edit(
     lr: float = 3e-3,
     kl_weight: float = 4.0,
     seed: int = 0,
+    batch: int = 32,
 ) -> dict[str, torch.Tensor]:
     """Deltas to the write weights of ``components`` that lower P(bad) on the incident while
     keeping the next-token distributions on ``prompts`` (benign text, held apart from the
@@ -280,13 +281,19 @@ def weight_edit(
     seqs, pad = _encoded(subject, prompts)
     if not seqs:
         raise RemedyError("the edit prompts encode to fewer than two tokens each")
-    ids, mask = _padded(seqs, pad, dev)
+    # the KL term runs ``batch`` prompts at a time, its gradients accumulated: the same
+    # gradient as one batch, within the memory plan
+    chunks = [_padded(seqs[i : i + batch], pad, dev) for i in range(0, len(seqs), batch)]
     with torch.inference_mode():
-        ref = torch.log_softmax(
-            subject.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1
-        )
-    ref = ref.clone()
-    valid = mask.bool().float()
+        refs = [
+            torch.log_softmax(
+                subject.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(),
+                -1,
+            )
+            for ids, mask in chunks
+        ]
+    refs = [r.clone() for r in refs]
+    n_valid = float(sum(int(mask.sum()) for _, mask in chunks))
     t_ids = target.input_ids(device=dev)
     opt = torch.optim.Adam(list(deltas.values()), lr=lr)
     goal = math.log(p_bad_target / 2)
@@ -295,22 +302,23 @@ def weight_edit(
         p.requires_grad_(False)
     try:
         for _ in range(steps):
+            opt.zero_grad()
             with _weights_edited(subject, deltas):
                 kw = logits_kwargs(subject.model, target)
                 logits = subject.model(input_ids=t_ids, use_cache=False, **kw).logits
                 lp_bad = target.logprobs(logits)[0, 0]
                 if float(lp_bad.detach()) < goal:
                     break
-                out = torch.log_softmax(
-                    subject.model(
-                        input_ids=ids, attention_mask=mask, use_cache=False
-                    ).logits.float(),
-                    -1,
-                )
-            kl = ((ref.exp() * (ref - out)).sum(-1) * valid).sum() / valid.sum()
-            loss = -torch.log1p(-lp_bad.clamp(max=-1e-6).exp()) + kl_weight * kl
-            opt.zero_grad()
-            loss.backward()
+                (-torch.log1p(-lp_bad.clamp(max=-1e-6).exp())).backward()
+                for (ids, mask), ref in zip(chunks, refs, strict=True):
+                    out = torch.log_softmax(
+                        subject.model(
+                            input_ids=ids, attention_mask=mask, use_cache=False
+                        ).logits.float(),
+                        -1,
+                    )
+                    kl = ((ref.exp() * (ref - out)).sum(-1) * mask).sum() / n_valid
+                    (kl_weight * kl).backward()
             opt.step()
     finally:
         for p in params:
@@ -418,10 +426,12 @@ def try_remedies(
     max_loss_pct: float = 5.0,
     edit_prompts: Sequence[str] = (),
     batch: int = 32,
+    grad_batch: int = 32,
 ) -> list[Remedy]:
     """Try each fix for ``cause_set`` and rank them; see the module docstring.
 
-    ``batch``: benign prompts per forward when measuring side effects (a memory bound).
+    Memory bounds: ``batch`` benign prompts per forward when measuring side effects,
+    ``grad_batch`` edit prompts per forward and backward in the weight edit.
     """
     if not cause_set:
         raise RemedyError("no cause set to remedy")
@@ -509,7 +519,9 @@ def try_remedies(
                 )
     held = [p for p in edit_prompts if p not in set(reference)]
     if held:
-        deltas = weight_edit(subject, target, comps, held[:64], p_bad_target=p_bad_target)
+        deltas = weight_edit(
+            subject, target, comps, held[:64], p_bad_target=p_bad_target, batch=grad_batch
+        )
         specs.append(
             {
                 "kind": "weight_edit",

@@ -286,13 +286,16 @@ def score_components(
     dev = subject.device
     sites = _sites(subject, neurons=neurons, edges=edges)
     base, metric_base = _baseline_acts(subject, target, baseline, sites, rows)
-    with torch.no_grad():
-        logits, clean = _run(
-            subject, target.input_ids(device=dev), sites, grad=False, keep=target.keep
-        )
-        metric_clean = float(target.metric(logits)[0])
-    clean = {k: v.detach() for k, v in clean.items()}
-    del logits
+    clean: dict[str, torch.Tensor] = {}
+    metric_clean = float("nan")
+    if method == "eap-ig":  # AtP's gradient pass is the clean run: its tensors are taken there
+        with torch.no_grad():
+            logits, clean = _run(
+                subject, target.input_ids(device=dev), sites, grad=False, keep=target.keep
+            )
+            metric_clean = float(target.metric(logits)[0])
+        clean = {k: v.detach() for k, v in clean.items()}
+        del logits
 
     # the gradient pass: the clean run (AtP) or the interpolation path (EAP-IG), in chunks of
     # ``step_chunk`` points; every sum below is over points, divided by m at the end
@@ -329,6 +332,9 @@ def score_components(
             keep=target.keep,
         )
         metric_sum = target.metric(logits).sum()
+        if method == "atp":
+            clean = {key: v.detach() for key, v in live.items()}
+            metric_clean = float(metric_sum.detach())
         del logits
         # one backward for every site; several keys may share a tensor (r0 is an0 in most archs)
         uniq: dict[int, torch.Tensor] = {}
@@ -445,14 +451,14 @@ def score_components(
         result.emb_edges = emb[: target.n_prompt].cpu()
     result.cost = {
         "seconds": time.perf_counter() - t0,
-        "forward_rows": rows * (2 + m),
+        "forward_rows": rows * (1 + m + (method == "eap-ig")),
         "backward_rows": rows * m,
         "local_vjps": n_vjp,
         "step_chunk": chunk,
         "head_chunk": hchunk,
         "gradient_passes": n_chunks,
         # forward-pass equivalents: a backward costs about two forwards
-        "forward_equiv": 2 + 3 * m,
+        "forward_equiv": 1 + (method == "eap-ig") + 3 * m,
     }
     return result
 

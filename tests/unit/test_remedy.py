@@ -155,6 +155,9 @@ def test_weight_edit_lowers_p_bad_and_stays_close_elsewhere(tmp_path: Path) -> N
     assert evaluate(s.model, tgt).p_bad > 0.5
     train = [words(*range(i, i + 7)) for i in range(0, 70, 7)]
     deltas = weight_edit(s, tgt, ["L1.MLP"], train, p_bad_target=0.2)
+    # the KL term in chunks of 3 prompts (a memory bound) trains the same edit
+    chunked = weight_edit(s, tgt, ["L1.MLP"], train, p_bad_target=0.2, batch=3)
+    assert torch.allclose(chunked["L1.MLP"], deltas["L1.MLP"], atol=1e-5, rtol=1e-4)
     spec = {**planted, "deltas": {k: _pack(v) for k, v in deltas.items()}}
     with _fix_context(s, spec):
         assert evaluate(s.model, tgt).p_bad < 0.2
