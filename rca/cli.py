@@ -559,11 +559,19 @@ def bench_localization(
     ),
     threads: int = typer.Option(1, "--threads", help="torch threads."),
     out_file: Path | None = typer.Option(None, "--out", help="Also write the full JSON here."),
+    rescore: Path | None = typer.Option(
+        None, "--rescore", help="Re-rank a saved --out file's evidence; plant nothing."
+    ),
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Plant seeded faults in trained hosts, localize each, and report AC@1 / AC@3 / cost."""
     from rca.bench.localization import main as bench_main
+
+    if rescore is not None:
+        if not rescore.is_file():
+            raise CliError(f"--rescore: {rescore} is not a file; give a saved --out JSON")
+        raise typer.Exit(bench_main(["--rescore", str(rescore)]))
 
     argv = ["--faults", str(faults), "--seed", str(seed), "--threads", str(threads)]
     argv += ["--small"] if small else []

@@ -14,13 +14,16 @@ module runs them, many at once:
   activation patching); ``clean`` (its own clean activation, used to freeze components).
 - **Per candidate**: total effect TE (patched to the baseline), direct effect DE (patched to the
   baseline with every later component frozen at its clean value, so only its direct path to the
-  logits changes), and necessity NE (ablated by the chosen kind).
-- **Ranking**: a candidate's effect is the share of P(bad) that max(TE, NE) removes. The leading
-  group (effect within ``window`` of the largest) is ordered by min(DE, NE) where that reaches
-  ``direct_fraction`` of the gap, then by min(TE, NE); the rest follow by effect. Total effect
-  alone ranks carriers with the origin; direct effect alone ranks amplifiers first; a direct
-  effect that ablation does not confirm belongs to a clean writer of the counterfactual's
-  answer (see docs/confirm.md).
+  logits changes), necessity NE (ablated by the chosen kind) and, for the tie-break, necessity
+  under zero ablation NE0.
+- **Ranking** (``rank_candidates``): a candidate's effect is the share of P(bad) that
+  max(TE, NE) removes. The leading group (effect within ``window`` of the largest) is ordered by
+  min(DE, NE) where that reaches ``direct_fraction`` of the gap, then by min(TE, NE, NE0), the
+  smallest drop over every intervention; the rest follow by effect. Total effect alone ranks
+  carriers with the origin; direct effect alone ranks amplifiers first; a direct effect that
+  ablation does not confirm belongs to a clean writer of the counterfactual's answer; a cause
+  should be necessary whatever replaces its output, and carriers of the trigger word's identity
+  were necessary under patching and mean ablation but not under zero ablation (docs/confirm.md).
 - **Minimal cause set**: greedy in rank order until ablating the set removes ``set_fraction`` of
   the metric, measured from the prompt's metric down to the reference point (the baseline's
   metric, or 0 for a log-ratio metric whose baseline is below 0: P(bad) = P(good)); then each
@@ -55,9 +58,11 @@ __all__ = [
     "Verdict",
     "confirm",
     "empirical_p_value",
+    "rank_candidates",
 ]
 
 SOURCES = ("zero", "mean", "resample", "baseline", "clean")
+TIE_BREAKS = ("robust", "te_ne")
 Variant = dict[str, str]  # component id -> value source
 
 
@@ -333,6 +338,11 @@ class ConfirmConfig:
     window: float = 0.2  # leading group: effect within this share of the largest
     # a direct effect orders the leading group only where min(DE, NE) is this share of the gap
     direct_fraction: float = 0.05
+    # the rest of the leading group (no confirmed direct effect: carriers, upstream members of a
+    # circuit) by its smallest drop over the interventions: "robust" min(TE, NE, NE under zero
+    # ablation), which costs one more batched variant per candidate where NE is not already a
+    # zero ablation; "te_ne" min(TE, NE), the rule before (docs/confirm.md)
+    tie_break: str = "robust"
     alpha: float = 0.05  # p-value threshold against random sets
     n_random: int = 100  # random sets (>= 50)
     max_set: int = 6
@@ -343,6 +353,10 @@ class ConfirmConfig:
         if self.kind not in ("auto", "patch", "zero", "mean", "resample"):
             raise ConfirmError(
                 f"kind must be auto, patch, zero, mean or resample, got {self.kind!r}"
+            )
+        if self.tie_break not in TIE_BREAKS:
+            raise ConfirmError(
+                f"tie_break must be {' or '.join(TIE_BREAKS)}, got {self.tie_break!r}"
             )
         if self.n_random < 50:
             raise ConfirmError("n_random must be at least 50")
@@ -362,6 +376,8 @@ class CandidateEvidence:
     direct_effect: float  # ... with everything downstream frozen at clean
     necessity: float  # metric drop when ablated by the configured kind
     p_value: float  # against every other component of the same kind, ablated alike
+    # metric drop when zero-ablated (the tie-break's third intervention); None where not run
+    necessity_zero: float | None = None
     rank: int = 0
     in_set: bool = False
     verdict: str = "inconclusive"
@@ -445,6 +461,49 @@ def _share_removed(m_clean: float, m_ref: float, drop: float, *, rows: int) -> f
     that drives P(bad) to 1e-8 and the origin that drives it to 1e-4 did the same thing."""
     p0, pr = _as_probability(m_clean, rows), _as_probability(m_ref, rows)
     return (p0 - _as_probability(m_clean - drop, rows)) / max(p0 - pr, 1e-9)
+
+
+def rank_candidates(
+    evidence: Sequence[CandidateEvidence],
+    *,
+    share: Callable[[float], float],
+    gap: float,
+    config: ConfirmConfig,
+) -> list[CandidateEvidence]:
+    """The candidates in rank order (docs/confirm.md, "Ranking"); ``share`` maps a metric drop to
+    the share of the bad behaviour it removes, ``gap`` is the prompt-to-reference metric gap.
+
+    1. The leading group: effect share(max(TE, NE)) within ``window`` of the largest.
+    2. Inside it, by min(DE, NE) where that reaches ``direct_fraction`` of the gap, else 0: a
+       direct effect counts only where ablation confirms it.
+    3. Ties (no confirmed direct effect) by the smallest drop over the interventions: min(TE, NE,
+       NE0) with ``tie_break="robust"``, min(TE, NE) with ``"te_ne"``. A cause should remove
+       the behaviour whatever its output is replaced with. On the localization bench, carriers
+       of the trigger word's identity (layer-0 MLPs) did so when patched or mean-ablated but
+       not when zero-ablated; the planted components did under all three. NE0 does not veto a
+       direct effect: planted last-layer MLP writers kept the bad token when the whole MLP was
+       zeroed (NE0 near 0).
+    4. The rest by effect.
+    """
+    effect = {e.id: share(max(e.total_effect, e.necessity)) for e in evidence}
+    top = max(effect.values(), default=0.0)
+    lead = [e for e in evidence if top > 0 and effect[e.id] >= (1 - config.window) * top]
+    rest = [e for e in evidence if e not in lead]
+
+    def robust(e: CandidateEvidence) -> float:
+        drops = [e.total_effect, e.necessity]
+        if config.tie_break == "robust" and e.necessity_zero is not None:
+            drops.append(e.necessity_zero)
+        return min(drops)
+
+    def lead_key(e: CandidateEvidence) -> tuple[float, float]:
+        direct = min(e.direct_effect, e.necessity)
+        direct = direct if direct >= config.direct_fraction * gap else 0.0
+        return (-direct, -robust(e))
+
+    return sorted(lead, key=lead_key) + sorted(
+        rest, key=lambda e: (-effect[e.id], -max(e.total_effect, e.necessity))
+    )
 
 
 def _kind_of(cid: str) -> str:
@@ -550,8 +609,11 @@ def confirm(
     if not cands:
         raise ConfirmError("the trace ranked no heads or MLPs")
 
-    # TE, DE and NE of every candidate, in one batched run
+    # TE, DE and NE of every candidate (and NE0 for the tie-break), in one batched run
     say("candidates", 0.1)
+    # zero-ablation necessity: where NE is a zero ablation already, it is NE
+    zero_run = cfg.tie_break == "robust" and ablation != "zero"
+    per = 4 if zero_run else 3
     variants: list[Variant] = []
     for c in cands:
         variants.append({c: patch_src})
@@ -566,11 +628,22 @@ def confirm(
                 frozen[other] = "clean"
         variants.append(frozen)
         variants.append({c: ablation})
+        if zero_run:
+            variants.append({c: "zero"})
     ms = ab.run(variants)
+    # the zero ablations' share of that run: each recomputes from its candidate's layer up
+    n_layers = ab.a.n_layers
+    zero_cost = sum((n_layers - ab._site(c)[2]) / n_layers for c in cands) if zero_run else 0.0
     ev: list[CandidateEvidence] = []
     for i, c in enumerate(cands):
-        te, de, ne = (m_clean - float(ms[3 * i + j]) for j in range(3))
-        ev.append(CandidateEvidence(c, attr.get(c, 0.0), te, de, ne, p_value=1.0))
+        te, de, ne = (m_clean - float(ms[per * i + j]) for j in range(3))
+        if zero_run:
+            ne0: float | None = m_clean - float(ms[per * i + 3])
+        else:
+            ne0 = ne if ablation == "zero" else None
+        ev.append(
+            CandidateEvidence(c, attr.get(c, 0.0), te, de, ne, p_value=1.0, necessity_zero=ne0)
+        )
 
     # p-value of each candidate against every other component of its kind
     say("singles", 0.3)
@@ -583,23 +656,12 @@ def confirm(
         e.p_value = empirical_p_value(own, null, tol=tol)
 
     # ranking (docs/confirm.md): the leading group by the share of the bad behaviour removed,
-    # ordered by a direct effect that is also necessary, then by min(TE, NE); the rest by effect
+    # ordered by a direct effect that is also necessary, then by the smallest drop over the
+    # interventions; the rest by effect
     def share_of(drop: float) -> float:
         return _share_removed(m_clean, m_ref, drop, rows=target.rows)
 
-    effect = {e.id: share_of(max(e.total_effect, e.necessity)) for e in ev}
-    top = max(effect.values())
-    lead = [e for e in ev if effect[e.id] >= (1 - cfg.window) * top and top > 0]
-    rest = [e for e in ev if e not in lead]
-
-    def lead_key(e: CandidateEvidence) -> tuple[float, float]:
-        direct = min(e.direct_effect, e.necessity)
-        direct = direct if direct >= cfg.direct_fraction * gap else 0.0
-        return (-direct, -min(e.total_effect, e.necessity))
-
-    ordered = sorted(lead, key=lead_key) + sorted(
-        rest, key=lambda e: (-effect[e.id], -max(e.total_effect, e.necessity))
-    )
+    ordered = rank_candidates(ev, share=share_of, gap=gap, config=cfg)
     for r, e in enumerate(ordered):
         e.rank = r + 1
 
@@ -743,6 +805,7 @@ def confirm(
             "seconds": time.perf_counter() - t0,
             "variants": ab.n_forward_rows // target.rows,
             "forward_equiv": ab.forward_equiv + 2 + (1 if baseline is not None else 0),
+            "tie_break_forward_equiv": zero_cost,  # of which the tie-break's zero ablations
             "reference_prompts": len(ab.refs),
         },
     )

@@ -6,7 +6,8 @@ of two architectures, plants ``n_faults`` seeded faults across kinds and layers
 
 1. ``score_components`` (EAP-IG, 8 steps, counterfactual baseline) ranks every head and MLP;
 2. ``rca.confirm.confirm`` verifies the top candidates with exact interventions and re-ranks
-   them (leading group by max(TE, NE), ordered by direct effect).
+   them (``rca.confirm.rank_candidates``: the leading group by the share of P(bad) that
+   max(TE, NE) removes, ordered by a confirmed direct effect, then by min(TE, NE, NE0)).
 
 It scores the confirm ranking against the planted components, and does the same for two
 baselines computed on the same fault: attribution alone (rank by |EAP-IG score|) and exhaustive
@@ -356,18 +357,22 @@ def localize(
     t3 = time.perf_counter()
     # extra evidence for the ranking prototypes (not part of the pipeline's cost): each
     # candidate's sufficiency, the metric it restores when patched from the prompt into the
-    # counterfactual run (denoising), and its necessity under zero ablation
+    # counterfactual run (denoising), and its necessity under zero ablation where confirm did
+    # not measure it (tie_break="te_ne")
     cands = list(ranked)
     den = Ablator(subject, cf, baseline=target, batch_size=cc.batch_size)
     suff = den.run([{c: "baseline"} for c in cands])
-    zab = Ablator(subject, target, batch_size=cc.batch_size)
-    zero = zab.run([{c: "zero"} for c in cands])
+    extra_cost = den.forward_equiv + 2
+    ne_zero = {c.id: c.necessity_zero for c in verdict.candidates}
+    missing = [c for c in cands if ne_zero[c] is None]
+    if missing:
+        zab = Ablator(subject, target, batch_size=cc.batch_size)
+        zero = zab.run([{c: "zero"} for c in missing])
+        ne_zero |= {c: zab.metric_clean - float(z) for c, z in zip(missing, zero, strict=True)}
+        extra_cost += zab.forward_equiv + 1
     extra = {
-        c: {
-            "suff": round(float(v) - den.metric_clean, 5),
-            "ne_zero": round(zab.metric_clean - float(z), 5),
-        }
-        for c, v, z in zip(cands, suff, zero, strict=True)
+        c: {"suff": round(float(v) - den.metric_clean, 5), "ne_zero": round(ne_zero[c] or 0.0, 5)}
+        for c, v in zip(cands, suff, strict=True)
     }
     t4 = time.perf_counter()
     wc_ranked: tuple[str, ...] = ()
@@ -406,7 +411,8 @@ def localize(
             "confirm": float(verdict.cost["forward_equiv"]),
             "pipeline": float(scores.cost["forward_equiv"] + verdict.cost["forward_equiv"]),
             "exhaustive": float(ex_cost),
-            "extra_evidence": float(den.forward_equiv + zab.forward_equiv + 3),
+            "extra_evidence": float(extra_cost),
+            "tie_break": float(verdict.cost.get("tie_break_forward_equiv", 0.0)),
             "weight_change": wc_cost,
         },
         seconds={
@@ -445,7 +451,7 @@ def _lead_then_de(
     ev: Sequence[dict[str, Any]], effect: dict[str, float], *, window: float = 0.2
 ) -> list[str]:
     """The leading group (effect within ``window`` of the largest) by DE, the rest by effect:
-    rca.confirm's rule, over any notion of effect."""
+    the feasibility run's rule (issue #4), over any notion of effect."""
     top = max(effect.values())
     lead = [e for e in ev if top > 0 and effect[e["id"]] >= (1 - window) * top]
     rest = [e for e in ev if e not in lead]
@@ -468,37 +474,34 @@ def _share_removed(r: FaultResult, drop: float) -> float:
     return (p0 - _prob(r.metric["prompt"] - drop, rows)) / max(p0 - pb, 1e-9)
 
 
-def proposed_ranking(r: FaultResult, *, window: float = 0.2, delta: float = 0.05) -> list[str]:
-    """The ranking this benchmark proposes for ``rca.confirm`` (issue #4, item 4).
+def confirm_rule_ranking(r: FaultResult, *, tie_break: str = "robust") -> list[str]:
+    """``rca.confirm``'s ranking (``rank_candidates``) recomputed from the saved evidence, with
+    ``tie_break`` "robust" (min(TE, NE, NE0), the default) or "te_ne" (min(TE, NE), the rule
+    before). Saved runs without zero-ablation necessity fall back to min(TE, NE)."""
+    from rca.confirm import CandidateEvidence, ConfirmConfig, _share_removed, rank_candidates
 
-    1. A candidate's effect is the share of P(bad) that max(TE, NE) removes (``_share_removed``),
-       not the drop in log P(bad): once the bad token is gone, a carrier that drives P(bad) to
-       1e-8 and the planted component that drives it to 1e-4 have done the same thing.
-    2. The leading group is every candidate within ``window`` of the largest effect.
-    3. Within it, by min(DE, NE) where that is at least ``delta`` of the prompt-counterfactual
-       gap, else 0: a direct effect counts only from a component that is also *necessary*. A
-       clean late MLP that writes the counterfactual's answer has a large DE and TE (patching
-       it inserts that answer) but mean-ablating it changes little; the planted writer has
-       both.
-    4. Ties (no significant direct effect: upstream members, carriers) by min(TE, NE) in log
-       space: a planted upstream member is removed by patching *and* ablation, a carrier of the
-       trigger token's identity mostly by one of them.
-    5. The rest by effect.
-    """
-    ev = list(r.evidence)
-    gap = r.metric["prompt"] - r.metric["counterfactual"]
-    effect = {e["id"]: _share_removed(r, max(e["te"], e["ne"])) for e in ev}
-    top = max(effect.values())
-    lead = [e for e in ev if top > 0 and effect[e["id"]] >= (1 - window) * top]
-    rest = [e for e in ev if e not in lead]
-
-    def key(e: dict[str, Any]) -> tuple[float, float]:
-        direct = min(e["de"], e["ne"])
-        return (-(direct if direct >= delta * gap else 0.0), -min(e["te"], e["ne"]))
-
-    return [e["id"] for e in sorted(lead, key=key)] + [
-        e["id"] for e in sorted(rest, key=lambda e: (-effect[e["id"]], -max(e["te"], e["ne"])))
+    rows = int(r.metric.get("rows", 1))
+    m_clean, m_base = r.metric["prompt"], r.metric["counterfactual"]
+    m_ref = max(m_base, 0.0) if rows == 2 and m_clean > 0 else m_base
+    ev = [
+        CandidateEvidence(
+            e["id"],
+            e.get("attribution", 0.0),
+            e["te"],
+            e["de"],
+            e["ne"],
+            p_value=e.get("p", 1.0),
+            necessity_zero=e.get("ne_zero"),
+        )
+        for e in r.evidence
     ]
+    ordered = rank_candidates(
+        ev,
+        share=lambda d: _share_removed(m_clean, m_ref, d, rows=rows),
+        gap=m_clean - m_ref,
+        config=ConfirmConfig(top_k=BENCH_TOP_K, tie_break=tie_break),
+    )
+    return [e.id for e in ordered]
 
 
 RANKINGS: dict[str, Callable[[FaultResult], list[str]]] = {
@@ -519,7 +522,10 @@ RANKINGS: dict[str, Callable[[FaultResult], list[str]]] = {
         r.evidence,
         {e["id"]: _share_removed(r, max(e["te"], e["ne"])) for e in r.evidence},
     ),
-    "proposed": proposed_ranking,
+    # rca.confirm's rule recomputed: leading group by P(bad) share, ordered by a confirmed
+    # direct effect, ties by min(TE, NE, NE0) (the default) or by min(TE, NE) (the rule before)
+    "rca": confirm_rule_ranking,
+    "rca_tie_te_ne": lambda r: confirm_rule_ranking(r, tie_break="te_ne"),
 }
 
 

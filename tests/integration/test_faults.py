@@ -24,8 +24,10 @@ import torch
 from rca.bench.localization import (
     BENCH_HOSTS,
     SMALL_HOSTS,
+    FaultResult,
     ac_hits,
     build_host,
+    confirm_rule_ranking,
     fault_plan,
     run_localization,
 )
@@ -174,6 +176,12 @@ def test_localization_bench_small(home: Path, hosts: dict[str, Subject]) -> None
     assert res["exhaustive"]["cost_forward_equiv"] > 0
     for f in res["faults"]:
         assert f["fault"]["ok"] and f["fault"]["benign_kl"] <= CFG.kl_bound
+        # confirm measured zero-ablation necessity for its tie-break, at a recorded cost, and
+        # the bench's recomputation of the rule from the saved evidence is confirm's ranking
+        assert all("ne_zero" in e for e in f["evidence"]) and f["cost"]["tie_break"] > 0
+        r = FaultResult(**{k: v for k, v in f.items() if k in FaultResult.__dataclass_fields__})
+        assert confirm_rule_ranking(r) == list(r.confirm_ranked)
+    assert res["rankings"]["rca"] == res["rankings"]["confirm"]
 
 
 def test_moved_fault_is_a_new_mechanism_and_weight_change_finds_the_plant(

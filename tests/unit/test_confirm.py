@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from rca.confirm import Ablator, ConfirmConfig, ConfirmError, confirm, empirical_p_value
+from rca.confirm import (
+    Ablator,
+    CandidateEvidence,
+    ConfirmConfig,
+    ConfirmError,
+    _share_removed,
+    confirm,
+    empirical_p_value,
+    rank_candidates,
+)
 from rca.hooks import patch
 from rca.metric import Target
 from rca.subject import Subject
@@ -144,3 +154,72 @@ def test_config_is_validated() -> None:
         ConfirmConfig(n_random=10)
     with pytest.raises(ConfirmError, match="kind"):
         ConfirmConfig(kind="gaussian")
+    with pytest.raises(ConfirmError, match="tie_break"):
+        ConfirmConfig(tie_break="te")
+
+
+def _evidence(cid: str, te: float, de: float, ne: float, ne0: float) -> CandidateEvidence:
+    return CandidateEvidence(cid, 0.0, te, de, ne, p_value=1.0, necessity_zero=ne0)
+
+
+def test_tie_break_prefers_the_component_necessary_under_every_intervention() -> None:
+    # one-continuation metric: log P(bad) from about 0 on the prompt to -16.8 on the reference
+    m_clean, m_ref = -0.001, -16.8
+    gap = m_clean - m_ref
+
+    def share(drop: float) -> float:
+        return _share_removed(m_clean, m_ref, drop, rows=1)
+
+    # a carrier of the trigger's identity removes the behaviour when patched or mean-ablated,
+    # and more of it in log space than the origin does, but not when zero-ablated; the origin
+    # removes it under all three; a clean late MLP has a direct effect that ablation does not
+    # confirm. All three remove > 99% of P(bad): one leading group, no confirmed direct effect.
+    carrier = _evidence("L0.MLP", te=15.7, de=0.0, ne=12.5, ne0=0.6)
+    origin = _evidence("L2.H1", te=9.7, de=0.07, ne=8.1, ne0=8.3)
+    writer = _evidence("L4.MLP", te=6.5, de=1.8, ne=0.7, ne0=0.03)
+    ev = [carrier, writer, origin]
+    assert min(share(max(e.total_effect, e.necessity)) for e in ev) > 0.99
+    assert all(min(e.direct_effect, e.necessity) < 0.05 * gap for e in ev)
+
+    def first(tie_break: str) -> str:
+        cfg = ConfirmConfig(tie_break=tie_break)
+        return rank_candidates(ev, share=share, gap=gap, config=cfg)[0].id
+
+    # min(TE, NE) ranks the carrier first: a tie the old rule settles the wrong way
+    assert first("te_ne") == carrier.id
+    # min(TE, NE, NE0): the carrier is not necessary whatever replaces it; the origin is
+    assert first("robust") == origin.id
+    # without zero-ablation evidence the robust rule falls back to min(TE, NE)
+    no_zero = [replace(e, necessity_zero=None) for e in ev]
+    cfg = ConfirmConfig(tie_break="robust")
+    assert rank_candidates(no_zero, share=share, gap=gap, config=cfg)[0].id == carrier.id
+    # NE0 only breaks ties: a direct effect that ablation confirms still leads, even where
+    # zero-ablating the whole MLP removes little (planted last-layer MLPs on the bench)
+    late = _evidence("L5.MLP", te=16.0, de=16.0, ne=1.6, ne0=0.04)
+    ranked = rank_candidates([*ev, late], share=share, gap=gap, config=cfg)
+    assert ranked[0].id == late.id and ranked[1].id == origin.id
+
+
+@pytest.mark.parametrize("kind", ["mean", "zero"])
+def test_zero_necessity_is_the_sequential_zero_ablation(kind: str) -> None:
+    s = Subject.from_model(tiny_model("llama", seed=3).eval())
+    with torch.no_grad():
+        m = [float(t.metric(s.model(input_ids=t.input_ids()).logits)[0]) for t in (TGT, CF)]
+    prompt, base = (TGT, CF) if m[0] > m[1] else (CF, TGT)
+    ranking = [("L1.H2", 1.0), ("L0.MLP", 0.8), ("L0.H1", 0.5), ("L1.MLP", 0.3)]
+    cfg = ConfirmConfig(kind=kind, n_random=50, top_k=4)
+    v = confirm(s, prompt, ranking, baseline=base, reference=REFS, config=cfg)
+    ab = Ablator(s, prompt)
+    for e in v.candidates:
+        key, sl, _ = ab._site(e.id)
+        with patch(s, {e.id: torch.zeros_like(ab.clean[key][..., sl])}), torch.no_grad():
+            want = ab.metric_clean - float(
+                prompt.metric(s.model(input_ids=prompt.input_ids()).logits)[0]
+            )
+        assert e.necessity_zero == pytest.approx(want, abs=1e-5)
+    if kind == "zero":  # NE is a zero ablation already: no extra variants
+        assert all(e.necessity_zero == e.necessity for e in v.candidates)
+        assert v.cost["tie_break_forward_equiv"] == 0.0
+    else:  # one variant per candidate, from its layer up: L1 costs half of a 2-layer model
+        assert v.cost["tie_break_forward_equiv"] == pytest.approx(0.5 + 1 + 1 + 0.5)
+    assert v.config.tie_break == "robust" and v.to_json()["config"]["tie_break"] == "robust"
