@@ -45,7 +45,14 @@ LENGTHS = (16, 128, 512)
 SMOKE_CONFIGS, SMOKE_LENGTHS = ("2x64",), (16,)
 VOCAB = 2000
 MAX_MEMORY_GB = 14.0  # address-space limit of each measurement's subprocess
+INVESTIGATION_RSS_GB = 3.0  # issue #8's peak-memory target for a full investigation
 MAX_SECONDS = 900
+
+
+def _rss_now() -> int:
+    """Resident bytes of this process now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _peak_rss_mb() -> float:
@@ -120,11 +127,15 @@ def m_trace(cfg: str, length: int) -> dict[str, Any]:
     import torch
 
     from rca.trace.components import Baseline, score_components
+    from rca.trace.memory import plan_trace
 
     s = _subject(cfg)
     tgt, cf = _targets(length)
     base = Baseline("counterfactual", "bench", target=cf)
     ids = tgt.input_ids()
+    # the chunks rca itself would pick under this measurement's memory cap, less what is
+    # resident already (model, interpreter)
+    budget = int(MAX_MEMORY_GB * 2**30 * 0.8 - _rss_now())
 
     def fwd_bwd() -> None:
         s.model.zero_grad(set_to_none=True)
@@ -143,8 +154,31 @@ def m_trace(cfg: str, length: int) -> dict[str, Any]:
             key = f"{method}{'_edges' if edges else '_nodes'}"
             holder: dict[str, Any] = {}
 
-            def run(method: str = method, edges: bool = edges, holder: dict = holder) -> None:
-                holder["s"] = score_components(s, tgt, base, method=method, steps=8, edges=edges)
+            plan = plan_trace(
+                s,
+                length=tgt.length,
+                rows=tgt.rows,
+                keep=tgt.keep,
+                method=method,
+                steps=8,
+                edges=edges,
+                max_memory=budget,
+            )
+            out[f"{key}_chunks"] = [plan.step_chunk, plan.head_chunk]
+
+            def run(
+                method: str = method, edges: bool = edges, holder: dict = holder, plan=plan
+            ) -> None:
+                holder["s"] = score_components(
+                    s,
+                    tgt,
+                    base,
+                    method=method,
+                    steps=8,
+                    edges=edges,
+                    step_chunk=plan.step_chunk,
+                    head_chunk=plan.head_chunk,
+                )
 
             # medians of 3 on the small configs; one timed run after the warm-up on the large
             # ones, whose runs take seconds each (the 2-core machine's budget)
@@ -311,7 +345,10 @@ def m_investigation(cfg: str, length: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "rca.duckdb")
         t = time.perf_counter()
-        run = investigate(inc, subject=s, store=store, config=InvestigateConfig(device="cpu"))
+        # the target is a 3 GB peak: the trace plans its chunks within what is left of it
+        budget = int(INVESTIGATION_RSS_GB * 2**30 - _rss_now() - (256 << 20))
+        cfg_inv = InvestigateConfig(device="cpu", max_memory=budget)
+        run = investigate(inc, subject=s, store=store, config=cfg_inv)
         wall = time.perf_counter() - t
         rows = sum(store.counts().values())
     timings = run.timings
@@ -322,6 +359,8 @@ def m_investigation(cfg: str, length: int) -> dict[str, Any]:
         "stages_s": timings,
         "record_share": timings.get("record", 0.0) / wall,
         "rows_written": rows,
+        "memory_budget_mb": budget / 2**20,
+        "memory_plan": run.attribution.memory.to_json() if run.attribution.memory else None,
         "peak_rss_mb": _peak_rss_mb(),
     }
 

@@ -183,9 +183,7 @@ def test_library_checks_match_the_cli(model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("payload", ["x' OR '1'='1", "'; DROP TABLE runs; --", 'a"b\\c'])
-def test_quote_heavy_references_and_notes_on_the_command_line(
-    tmp_path: Path, payload: str
-) -> None:
+def test_quote_heavy_references_and_notes_on_the_command_line(tmp_path: Path, payload: str) -> None:
     from rca.store import IncidentRecord, ModelRecord, RunRecord, Store
 
     db = tmp_path / "rca.duckdb"
@@ -199,7 +197,9 @@ def test_quote_heavy_references_and_notes_on_the_command_line(
     )
     code, _, err = rca("cases", "show", payload, "--db", str(db))
     one_line_error(code, err, "no run or case")
-    code, out, err = rca("notes", "add", rid, "--author", payload, "--text", payload, "--db", str(db))
+    code, out, err = rca(
+        "notes", "add", rid, "--author", payload, "--text", payload, "--db", str(db)
+    )
     assert code == 0, err
     code, out, err = rca("cases", "show", rid, "--db", str(db), "--json")
     assert code == 0, err
