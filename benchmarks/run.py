@@ -265,7 +265,7 @@ def m_ablation(cfg: str, length: int) -> dict[str, Any]:
     tgt, cf = _targets(length)
     ids = tgt.input_ids()
     fwd = _median_time(lambda: s.model(input_ids=ids, use_cache=False))
-    ab = Ablator(s, tgt, baseline=cf, batch_size=32)
+    ab = Ablator(s, tgt, baseline=cf)  # the default batch for the device (confirm.auto_batch_size)
     rng = random.Random(0)
     sets = [{c: "baseline"} for c in rng.choices(ab.components, k=256)]
     before = ab.forward_equiv
@@ -288,6 +288,7 @@ def m_ablation(cfg: str, length: int) -> dict[str, Any]:
         "config": cfg,
         "length": length,
         "sets": 256,
+        "batch_size": ab.batch_size,
         "forward_s": fwd,
         "batched_s": batched,
         "sequential_s_extrapolated_from_64": seq,

@@ -390,7 +390,7 @@ def confirm_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Trace, then confirm the leading candidates by ablation against random components."""
-    from rca.confirm import ConfirmConfig, confirm
+    from rca.confirm import ConfirmConfig, auto_batch_size, confirm
     from rca.trace import trace
 
     inc, subject = _load_incident_subject(
@@ -419,7 +419,7 @@ def confirm_cmd(
             max_memory=_max_memory(max_memory),
             progress=say,
         )
-        if att.memory is not None and att.memory.confirm_batch < cfg.batch_size:
+        if att.memory is not None and att.memory.confirm_batch < auto_batch_size(subject.device):
             cfg = dataclasses.replace(cfg, batch_size=att.memory.confirm_batch)
         base = att.baseline.target if att.baseline.kind == "counterfactual" else None
         v = confirm(

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from rca.ids import parse_id
-from rca.metric import Target
+from rca.metric import Target, logits_kwargs
 from rca.subject import Subject
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "Verdict",
     "confirm",
     "empirical_p_value",
+    "auto_batch_size",
     "rank_candidates",
 ]
 
@@ -83,15 +84,31 @@ def empirical_p_value(observed: float, null: Sequence[float], *, tol: float = 0.
     return (1 + sum(1 for v in null if v >= observed - tol)) / (1 + n)
 
 
+def auto_batch_size(device: torch.device | str) -> int:
+    """Variants per batched forward when none is configured.
+
+    On a CPU batching saves little and large batches lose to cache misses: 256 single-component
+    variants of a 12 x 768 GPT-2 at 128 tokens cost 0.43 forward passes each in batches of 4,
+    0.47 in batches of 32; 6 x 256: 0.48 against 0.82 (benchmarks/, docs/benchmarks.md). On a
+    GPU a batch fills the device.
+    """
+    return 64 if torch.device(device).type == "cuda" else 4
+
+
+_NO_LOGITS = {"logits_to_keep": 1}
+
+
 class _CachedLayer(nn.Module):
     """Stands in for a decoder layer below the first ablated one: returns the clean output."""
 
-    def __init__(self, orig: nn.Module, out: torch.Tensor) -> None:
+    def __init__(self, orig: nn.Module, out: torch.Tensor | None) -> None:
         super().__init__()
         object.__setattr__(self, "_orig", orig)  # not a submodule: no double registration
         self._out = out
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._out is None:  # below another stub: what it gets is thrown away by the next
+            return hidden_states
         reps = hidden_states.shape[0] // self._out.shape[0]
         return self._out.repeat(reps, 1, 1)
 
@@ -124,13 +141,13 @@ class Ablator:
         *,
         baseline: Target | None = None,
         reference: Sequence[str] | Sequence[Sequence[int]] = (),
-        batch_size: int = 32,
+        batch_size: int = 0,
         reuse: bool = True,
         seed: int = 0,
     ) -> None:
         self.s, self.t = subject, target
         self.a = subject.adapter
-        self.batch_size = batch_size
+        self.batch_size = batch_size or auto_batch_size(subject.device)
         self.reuse = reuse
         self.seed = seed
         self.components = [
@@ -196,7 +213,8 @@ class Ablator:
                         )
                     )
                 )
-            self.s.model(input_ids=ids)
+            kw = _NO_LOGITS if logits_kwargs(self.s.model, self.t) else {}
+            self.s.model(input_ids=ids, **kw)  # the logits are not read
         finally:
             for h in handles:
                 h.remove()
@@ -204,7 +222,8 @@ class Ablator:
 
     @torch.inference_mode()
     def _metric_of(self, ids: torch.Tensor) -> float:
-        return float(self.t.metric(self.s.model(input_ids=ids).logits)[0])
+        kw = logits_kwargs(self.s.model, self.t)
+        return float(self.t.metric(self.s.model(input_ids=ids, **kw).logits)[0])
 
     # -- values ------------------------------------------------------------------------------
     def _site(self, cid: str) -> tuple[str, slice, int]:
@@ -303,11 +322,15 @@ class Ablator:
                 else:
                     handles.append(mod.register_forward_hook(lambda mm, a, o, _f=apply: _f(o)))
             if self.reuse:
-                for i in range(min(first, self.a.n_layers)):
-                    layers[i] = _CachedLayer(originals[i], self.layer_out[i])
+                top = min(first, self.a.n_layers) - 1
+                for i in range(top + 1):
+                    # only the last stub's output is read: the ones below it pass through
+                    layers[i] = _CachedLayer(originals[i], self.layer_out[i] if i == top else None)
             ids = self.t.input_ids(K, device=dev)
             # no KV cache: the stubs would leave holes in it, and nothing is generated
-            logits = self.s.model(input_ids=ids, use_cache=False).logits
+            logits = self.s.model(
+                input_ids=ids, use_cache=False, **logits_kwargs(self.s.model, self.t)
+            ).logits
         finally:
             for h in handles:
                 h.remove()
@@ -346,7 +369,7 @@ class ConfirmConfig:
     alpha: float = 0.05  # p-value threshold against random sets
     n_random: int = 100  # random sets (>= 50)
     max_set: int = 6
-    batch_size: int = 32
+    batch_size: int = 0  # variants per forward; 0: auto_batch_size (4 on a CPU, 64 on a GPU)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -364,8 +387,8 @@ class ConfirmConfig:
             v = getattr(self, name)
             if not 0 < v < 1:
                 raise ConfirmError(f"{name} must be between 0 and 1, got {v}")
-        if self.top_k < 1 or self.max_set < 1 or self.batch_size < 1:
-            raise ConfirmError("top_k, max_set and batch_size must be positive")
+        if self.top_k < 1 or self.max_set < 1 or self.batch_size < 0:
+            raise ConfirmError("top_k and max_set must be positive, batch_size 0 (auto) or more")
 
 
 @dataclass

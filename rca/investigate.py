@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rca.confirm import ConfirmConfig, Verdict, confirm
+from rca.confirm import ConfirmConfig, Verdict, auto_batch_size, confirm
 from rca.incident import Incident
 from rca.remedy import Remedy, try_remedies
 from rca.subject import Subject, load_subject
@@ -174,7 +174,8 @@ def investigate(
     say("confirm", 0.4)
     base_target = att.baseline.target if att.baseline.kind == "counterfactual" else None
     confirm_cfg = cfg.confirm
-    if att.memory is not None and att.memory.confirm_batch < confirm_cfg.batch_size:
+    batch = confirm_cfg.batch_size or auto_batch_size(subject.device)
+    if att.memory is not None and att.memory.confirm_batch < batch:
         # fewer variants per forward: the same numbers, within the memory budget
         confirm_cfg = dataclasses.replace(confirm_cfg, batch_size=att.memory.confirm_batch)
     verdict = confirm(
