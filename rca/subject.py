@@ -71,6 +71,12 @@ class ArchSpec:
     attn_norm: str  # the norm whose input is the residual stream the attention reads
     mlp_norm: str  # the norm whose input is the residual stream the MLP reads
     parallel: bool = False  # attention and MLP read the same layer input (no attn -> MLP path)
+    # the projections that read the attention norm's output, and how their output features
+    # split into heads: "split" (one module each for q, k, v, head-major), "gpt2" (one fused
+    # module, [q | k | v]), "neox" (one fused module, per head [q_h | k_h | v_h]), "fused"
+    # (Phi-3: one module, [q | k | v] with the key/value heads' widths)
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    qkv_layout: str = "split"
     note: str = ""
 
 
@@ -99,6 +105,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         mlp_down="mlp.c_proj",
         attn_norm="ln_1",
         mlp_norm="ln_2",
+        qkv=("attn.c_attn",),
+        qkv_layout="gpt2",
         note="Conv1D projections: weight is [in, out]",
     ),
     "gpt_neox": ArchSpec(
@@ -112,6 +120,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn_norm="input_layernorm",
         mlp_norm="post_attention_layernorm",
         parallel=True,
+        qkv=("attention.query_key_value",),
+        qkv_layout="neox",
         note="parallel residual by default: attention and MLP both read the layer input",
     ),
     "llama": _LLAMA_LIKE,
@@ -139,7 +149,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         parallel=True,
         note="parallel attention and MLP on one layer norm",
     ),
-    "phi3": _LLAMA_LIKE,
+    "phi3": ArchSpec(
+        **{**_LLAMA_LIKE.__dict__, "qkv": ("self_attn.qkv_proj",), "qkv_layout": "fused"}
+    ),
 }
 
 
@@ -149,6 +161,16 @@ def _get(root: nn.Module, path: str) -> nn.Module:
         if not hasattr(mod, part):
             raise SubjectError(f"module path {path!r} not found (missing {part!r})")
         mod = getattr(mod, part)
+    return mod
+
+
+def _find(root: nn.Module, path: str) -> nn.Module | None:
+    """The module at ``path`` under ``root``, or None where it has none."""
+    mod: nn.Module | None = root
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if not isinstance(mod, nn.Module):
+            return None
     return mod
 
 
@@ -194,6 +216,10 @@ class Adapter:
         self._mlp_down = [_get(layer, spec.mlp_down) for layer in self.layers]
         self._attn_norm = [_get(layer, spec.attn_norm) for layer in self.layers]
         self._mlp_norm = [_get(layer, spec.mlp_norm) for layer in self.layers]
+        self._qkv = [
+            [m for m in (_find(layer, p) for p in spec.qkv) if m is not None]
+            for layer in self.layers
+        ]
         cfg = model.config  # type: ignore[union-attr]
         self.n_layers = len(self.layers)
         self.n_heads = int(_cfg(cfg, "num_attention_heads", "n_head"))
@@ -261,6 +287,41 @@ class Adapter:
         out = proj(zm.reshape(-1, H * dh)).reshape(H, *z.shape[:-1], -1)
         bias = proj(torch.zeros(1, H * dh, device=z.device, dtype=z.dtype))
         return out - bias
+
+    def head_reads(self, layer: int) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]] | None:
+        """How each head of layer ``layer`` reads the attention norm's output.
+
+        One entry per projection that reads it (q, k, v or a fused one): ``(module, W, cols)``
+        with ``W`` its weight as (out_features, in_features) and ``cols`` (n_heads, c) the
+        output features head h alone reads, so that head h's share of the gradient at the
+        projections' common input is ``sum grad_out[..., cols[h]] @ W[cols[h]]``. None where
+        heads share features (grouped-query attention shares keys and values), where the
+        layout is not known, or where weights are offloaded (not materialised on a device).
+        """
+        mods = self._qkv[layer]
+        if self.n_kv_heads != self.n_heads or not mods or len(mods) != len(self.spec.qkv):
+            return None
+        H, dh = self.n_heads, self.d_head
+        head = torch.arange(H).view(H, 1) * dh + torch.arange(dh).view(1, dh)  # (H, dh)
+        layout = self.spec.qkv_layout
+        if layout == "split":
+            cols = [head] * len(mods)
+        elif layout in ("gpt2", "fused"):  # [q | k | v], each n_heads * d_head wide here
+            cols = [torch.cat([head + i * H * dh for i in range(3)], dim=1)]
+        elif layout == "neox":  # per head [q_h | k_h | v_h]
+            cols = [torch.arange(H).view(H, 1) * 3 * dh + torch.arange(3 * dh).view(1, -1)]
+        else:
+            return None
+        out = []
+        for mod, c in zip(mods, cols, strict=True):
+            w = _weight(mod)
+            if w.device.type == "meta":
+                return None
+            w = w.T if type(mod).__name__ == "Conv1D" else w  # (out_features, in_features)
+            if w.shape[0] != int(c.max()) + 1:
+                return None  # a width this layout does not explain: use the general path
+            out.append((mod, w, c.to(w.device)))
+        return out
 
     def attn_out_bias(self, layer: int) -> torch.Tensor | None:
         return getattr(self._attn_out[layer], "bias", None)

@@ -24,7 +24,7 @@ Node order (the docstring of every tensor here refers to it): ``EMB``, then per 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,7 +114,9 @@ def _layer_of(cid: str) -> int:
 # recording the site tensors of one forward pass
 
 
-def _sites(subject: Subject, *, neurons: bool, edges: bool) -> dict[str, Site]:
+def _sites(
+    subject: Subject, *, neurons: bool, edges: bool, fast_edges: bool = True
+) -> dict[str, Site]:
     a = subject.adapter
     full = slice(None)
     s: dict[str, Site] = {"emb": Site(a.embed, False, full), "r0": Site(a.layer(0), True, full)}
@@ -126,6 +128,14 @@ def _sites(subject: Subject, *, neurons: bool, edges: bool) -> dict[str, Site]:
         if edges:
             s[f"an{layer}"] = Site(a.attn_norm(layer), True, full)
             s[f"mn{layer}"] = Site(a.mlp_norm(layer), True, full)
+            reads = a.head_reads(layer) if fast_edges else None
+            if reads is not None:  # the norm's output as the projections read it, and theirs
+                s[f"ax{layer}"] = Site(reads[0][0], True, full)
+                for i, (mod, _, _) in enumerate(reads):
+                    s[f"qkv{layer}.{i}"] = Site(mod, False, full)
+            if fast_edges and a.spec.mlp_norm != a.spec.attn_norm:
+                # the MLP norm's output has one reader, the MLP: its gradient is the MLP's own
+                s[f"mx{layer}"] = Site(a.mlp(layer), True, full)
     if edges:
         s["fin"] = Site(a.final_norm, True, full)
     return s
@@ -253,6 +263,30 @@ def _local_vjp(
     )
 
 
+def _head_read_grads(
+    reads: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]],
+    live: dict[str, torch.Tensor],
+    gmap: Mapping[int, torch.Tensor | None],
+    layer: int,
+    hs: range,
+) -> torch.Tensor:
+    """Heads ``hs``' shares of the gradient at the q/k/v input: (len(hs), rows, pos, d_in).
+
+    ``sum_proj grad_out[..., cols[h]] @ W[cols[h]]``: head h's query, key and value features
+    are its own, so the gradient reaching them is the part of the metric's gradient that flows
+    through head h alone.
+    """
+    out: torch.Tensor | None = None
+    for i, (_, w, cols) in enumerate(reads):
+        g = gmap[id(live[f"qkv{layer}.{i}"])]
+        assert g is not None
+        c = cols[hs.start : hs.stop]  # (h, c)
+        part = torch.einsum("nthc,hci->hnti", g[..., c], w[c].to(g.dtype))
+        out = part if out is None else out + part
+    assert out is not None
+    return out
+
+
 def score_components(
     subject: Subject,
     target: Target,
@@ -266,6 +300,7 @@ def score_components(
     edge_chunk: int = 64,
     step_chunk: int | None = None,
     head_chunk: int | None = None,
+    fast_edges: bool = True,
 ) -> ComponentScores:
     """Score every head and MLP (and edges, and neurons on request) for the incident metric.
 
@@ -275,6 +310,12 @@ def score_components(
     them from a budget): ``step_chunk`` interpolation points share one forward and backward
     (default all of them); ``head_chunk`` heads share one batched local VJP in the edge step
     (default all of a layer's); ``edge_chunk`` positions are contracted at once.
+
+    ``fast_edges``: where a layer's heads each read their own q/k/v output features
+    (``Adapter.head_reads``), a head's input gradient is taken from the gradients at those
+    projections' outputs and carried back through the norm alone, so the edge step costs no
+    attention backward; False (and grouped-query layers) use the general per-head VJP through
+    the attention. Both give the same scores.
     """
     if method not in ("atp", "eap-ig"):
         raise TraceError(f"method must be atp or eap-ig, got {method!r}")
@@ -284,7 +325,7 @@ def score_components(
     a = subject.adapter
     L, H, rows, T = a.n_layers, a.n_heads, target.rows, target.length
     dev = subject.device
-    sites = _sites(subject, neurons=neurons, edges=edges)
+    sites = _sites(subject, neurons=neurons, edges=edges, fast_edges=fast_edges)
     base, metric_base = _baseline_acts(subject, target, baseline, sites, rows)
     clean: dict[str, torch.Tensor] = {}
     metric_clean = float("nan")
@@ -304,6 +345,9 @@ def score_components(
     hchunk = max(1, min(head_chunk or H, H))
     alphas = (torch.arange(m, device=dev, dtype=torch.float32) + 0.5) / m  # midpoint rule
     keys = [k for k in sites if k != "emb"]
+    # per layer, how its heads read the norm's output where the fast edge path applies
+    reads = [a.head_reads(layer) if f"ax{layer}" in sites else None for layer in range(L)]
+    node_keys = [k for k in keys if not k.startswith(("ax", "qkv", "mx"))]
     gsum: dict[str, torch.Tensor] = {}
     down: list[str] = []
     if edges:
@@ -339,13 +383,14 @@ def score_components(
         # one backward for every site; several keys may share a tensor (r0 is an0 in most archs)
         uniq: dict[int, torch.Tensor] = {}
         for key in keys:
-            uniq.setdefault(id(live[key]), live[key])
+            if not key.startswith("ax"):  # the q/k/v input: only its per-head split is used
+                uniq.setdefault(id(live[key]), live[key])
         gl = torch.autograd.grad(
             metric_sum, list(uniq.values()), retain_graph=edges, allow_unused=True
         )
         gmap = dict(zip(uniq.keys(), gl, strict=True))
         del gl, uniq
-        for key in keys:
+        for key in node_keys:
             g = gmap[id(live[key])]
             if g is None:
                 continue
@@ -361,21 +406,30 @@ def score_components(
                 assert gz is not None
                 for h0 in range(0, H, hchunk):
                     hs = range(h0, min(H, h0 + hchunk))
-                    masks = torch.zeros(len(hs), 1, 1, H * a.d_head, device=dev, dtype=gz.dtype)
-                    for i, h in enumerate(hs):
-                        masks[i, ..., h * a.d_head : (h + 1) * a.d_head] = 1
-                    g_heads = _local_vjp(z, an, gz.unsqueeze(0) * masks, batched=True)
+                    layer_reads = reads[layer]
+                    if layer_reads is None:
+                        # general path: back from each head's output through the attention
+                        masks = torch.zeros(len(hs), 1, 1, H * a.d_head, device=dev, dtype=gz.dtype)
+                        for i, h in enumerate(hs):
+                            masks[i, ..., h * a.d_head : (h + 1) * a.d_head] = 1
+                        g_heads = _local_vjp(z, an, gz.unsqueeze(0) * masks, batched=True)
+                        del masks
+                    else:
+                        # each head's share of the gradient at the q/k/v projections' input,
+                        # from the gradients at their outputs, then back through the norm only
+                        g_read = _head_read_grads(layer_reads, live, gmap, layer, hs)
+                        g_heads = _local_vjp(live[f"ax{layer}"], an, g_read, batched=True)
+                        del g_read
                     G[j + h0 : j + h0 + len(hs)] += (
                         g_heads.view(len(hs), k, rows, T, -1).sum(1).float()
                     )
-                    del g_heads, masks
+                    del g_heads
                     n_vjp += 1
                 j += H
-                gm = gmap[id(live[f"m{layer}"])]
+                out = f"mx{layer}" if f"mx{layer}" in live else f"m{layer}"
+                gm = gmap[id(live[out])]
                 assert gm is not None
-                g_mlp = _local_vjp(
-                    live[f"m{layer}"], live[f"mn{layer}"], gm.unsqueeze(0), batched=False
-                )
+                g_mlp = _local_vjp(live[out], live[f"mn{layer}"], gm.unsqueeze(0), batched=False)
                 G[j] += g_mlp[0].view(k, rows, T, -1).sum(0).float()
                 del g_mlp
                 j += 1
@@ -385,9 +439,11 @@ def score_components(
             G[j] += g_fin.view(k, rows, T, -1).sum(0).float()
         del live, gmap, metric_sum, override
 
-    grads = {key: (gsum[key] / m if key in gsum else torch.zeros_like(clean[key])) for key in keys}
+    grads = {
+        key: (gsum[key] / m if key in gsum else torch.zeros_like(clean[key])) for key in node_keys
+    }
     del gsum
-    delta = {key: clean[key] - base[key] for key in base if key in clean}
+    delta = {key: clean[key] - base[key] for key in node_keys if key in base and key in clean}
 
     # node scores, per position: (n_nodes, pos)
     nodes = node_ids(L, H)
@@ -435,10 +491,13 @@ def score_components(
                         delta[f"m{layer}"].unsqueeze(0),
                     ]
                 )
+            # downstream inputs this layer can reach start at its own MLP (heads -> MLP): the
+            # columns before it are masked to zero anyway, so they are not contracted
+            j0 = 0 if layer < 0 else layer * (H + 1) + H
             for p0 in range(0, T, edge_chunk):
                 Gp = G[:, :, p0 : p0 + edge_chunk]
-                E[r : r + U.shape[0]] += torch.einsum(
-                    "urpd,vrpd->uv", U[:, :, p0 : p0 + edge_chunk].float(), Gp
+                E[r : r + U.shape[0], j0:] += torch.einsum(
+                    "urpd,vrpd->uv", U[:, :, p0 : p0 + edge_chunk].float(), Gp[j0:]
                 )
                 if layer < 0:
                     emb[p0 : p0 + edge_chunk] = torch.einsum(

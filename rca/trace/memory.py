@@ -5,8 +5,9 @@ trace stages add on top of the loaded model, and picks the largest chunks that f
 
 - ``step_chunk``: EAP-IG interpolation points per forward+backward (the autograd graph of
   ``step_chunk * rows`` sequences is alive at once);
-- ``head_chunk``: heads per batched local VJP in the edge step (the attention backward is
-  replicated once per head in the batch: ``head_chunk * rows * step_chunk * n_heads * T^2``);
+- ``head_chunk``: heads per batched local VJP in the edge step (on grouped-query layers the
+  attention backward is replicated once per head in the batch:
+  ``head_chunk * rows * step_chunk * n_heads * T^2``; elsewhere only the norm's backward is);
 - ``ig_batch``: integrated-gradients points per forward+backward in token attribution;
 - ``confirm_batch``: ablation variants per forward in confirm (inference only).
 
@@ -24,8 +25,10 @@ sequences alive in a gradient pass of length ``T`` over ``L`` layers:
   probabilities included);
 - logits: ``3 R K V`` (logits, log-softmax and its gradient, in fp32) for the ``K`` positions
   the metric reads (``Target.keep``: the model computes no others);
-- the edge step's batched VJP: ``3.5 * head_chunk * R * H * T^2`` plus the accumulated
-  gradients ``(L (H + 1) + 1) * rows * T * d``;
+- the edge step's batched VJP: ``3.5 * head_chunk * R * H * T^2`` through the attention
+  (grouped-query layers), or ``5 * head_chunk * R * T * d`` through the norm alone where each
+  head reads its own q/k/v features (``Adapter.head_reads``), plus the accumulated gradients
+  ``(L (H + 1) + 1) * rows * T * d``;
 - the recorded site tensors (clean, baseline, difference, mean gradient).
 """
 
@@ -180,7 +183,12 @@ def estimate_trace(
     state = 4 * rows * L * site * s  # clean, baseline, difference, mean gradient
     comp = _graph(dm, R, T, kp) + R * L * site * s + state
     if edges:
-        comp += 3.5 * hc * R * H * T * T * s + hc * R * T * H * d * s
+        if subject.adapter.head_reads(0) is not None:
+            # heads' input gradients from their q/k/v features: the split gradient and the
+            # norm's batched backward, no attention backward
+            comp += 5 * hc * R * T * d * s
+        else:
+            comp += 3.5 * hc * R * H * T * T * s + hc * R * T * H * d * s
         comp += (
             (L * (H + 1) + 1) * rows * T * d * 4 * 2
         )  # accumulated gradients; one layer's writes

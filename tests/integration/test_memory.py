@@ -159,6 +159,10 @@ tgt = Target(tuple(torch.randint(0, V, (T - 1,), generator=g).tolist()), (5,), (
 cf = Target(tuple(torch.randint(0, V, (T - 1,), generator=g).tolist()), (5,), (6,))
 with torch.no_grad():
     model(input_ids=tgt.input_ids())
+# start autograd's machinery on a short input, so that its one-time allocations are not
+# counted as the trace's (their own peak stays far below the trace's)
+model(input_ids=tgt.input_ids()[:, :8]).logits.sum().backward()
+model.zero_grad(set_to_none=True)
 budget = None if budget == "none" else int(budget)
 plan = plan_trace(s, length=tgt.length, rows=2, keep=tgt.keep, max_memory=budget)
 before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -193,7 +197,9 @@ def test_the_estimate_bounds_the_measured_peak(arch: str, L: int, d: int, H: int
 
 def test_a_run_planned_under_a_budget_stays_under_it() -> None:
     full = _measure("gpt2", 2, 128, 8, 256)
-    budget = full["measured"] // 3  # a third of what the unchunked run really takes
+    # three quarters of what the unchunked run really takes: above the smallest chunks' estimate
+    # (one point, one head), below the whole run
+    budget = full["measured"] * 3 // 4
     r = _measure("gpt2", 2, 128, 8, 256, str(budget))
     assert (r["step_chunk"], r["head_chunk"]) < (8, 8)
     assert r["measured"] <= budget, r

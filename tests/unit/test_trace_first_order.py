@@ -16,16 +16,21 @@ from rca.metric import Target
 from rca.subject import Subject
 from rca.trace.components import Baseline, score_components, site_means
 from rca.trace.tokens import integrated_gradients
-from tests.helpers import tiny_model
+from tests.helpers import ARCHS, tiny_model
 
 PROMPT = (5, 6, 7, 8, 9, 10)
 CF = (5, 6, 20, 8, 9, 10)
 BAD, GOOD = (11, 12), (13,)
 
 
-def subject_of(model_type: str) -> Subject:
-    m = tiny_model(model_type, seed=1).double().eval()
+def subject_of(model_type: str, **overrides: object) -> Subject:
+    m = tiny_model(model_type, seed=1, **overrides).double().eval()
     return Subject.from_model(m)
+
+
+# the tiny Llama-family configs share keys and values (grouped-query attention), which takes
+# the general edge path; with their own keys and values each head takes the fast one
+MHA = {"num_key_value_heads": 4}
 
 
 def metric(s: Subject, t: Target) -> float:
@@ -34,8 +39,8 @@ def metric(s: Subject, t: Target) -> float:
 
 
 # RMSNorm implementations upcast to float32 inside, which floors the finite-difference noise
-EPS = {"gpt2": 1e-4, "llama": 1e-2, "phi": 1e-3, "gpt_neox": 1e-3}
-TOL = {"gpt2": 1e-6, "llama": 2e-4, "phi": 1e-5, "gpt_neox": 1e-5}
+EPS = {"gpt2": 1e-4, "llama": 1e-2, "phi": 1e-3, "gpt_neox": 1e-3, "phi3": 1e-2}
+TOL = {"gpt2": 1e-6, "llama": 2e-4, "phi": 1e-5, "gpt_neox": 1e-5, "phi3": 2e-4}
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "phi", "gpt_neox"])
@@ -76,11 +81,20 @@ def _edge_patched_metric(s: Subject, tgt: Target, v: str, d: torch.Tensor) -> fl
     a, ids = s.adapter, tgt.input_ids()
     handles = []
     add = lambda mod, args: (args[0] + d, *args[1:])  # noqa: E731
+    shared = a.spec.mlp_norm == a.spec.attn_norm  # Phi: attention and MLP read one norm
     try:
         if v == "LOGITS":
             handles.append(a.final_norm.register_forward_pre_hook(add))
         elif v.endswith("MLP"):
-            handles.append(a.mlp_norm(int(v[1:].split(".")[0])).register_forward_pre_hook(add))
+            layer = int(v[1:].split(".")[0])
+            if shared:  # the attention reading the same norm keeps its clean output
+                with capture(s, [f"L{layer}.H{h}" for h in range(a.n_heads)]) as z:
+                    with torch.no_grad():
+                        s.model(input_ids=ids)
+                clean_all = torch.cat([z[f"L{layer}.H{h}"] for h in range(a.n_heads)], dim=-1)
+                keep = lambda mod, args: (clean_all, *args[1:])  # noqa: E731
+                handles.append(a.attn_out(layer).register_forward_pre_hook(keep))
+            handles.append(a.mlp_norm(layer).register_forward_pre_hook(add))
         else:
             layer, head = int(v[1:].split(".")[0]), int(v.split(".H")[1])
             with capture(s, [f"L{layer}.H{h}" for h in range(a.n_heads)]) as z, torch.no_grad():
@@ -93,6 +107,11 @@ def _edge_patched_metric(s: Subject, tgt: Target, v: str, d: torch.Tensor) -> fl
                 out[..., sl] = args[0][..., sl]
                 return (out, *args[1:])
 
+            if shared:  # the MLP reading the same norm keeps its clean output
+                with capture(s, [f"L{layer}.MLP"]) as mo, torch.no_grad():
+                    s.model(input_ids=ids)
+                clean_m = mo[f"L{layer}.MLP"]
+                handles.append(a.mlp(layer).register_forward_hook(lambda mod, i, o: clean_m))
             handles.append(a.attn_norm(layer).register_forward_pre_hook(add))
             handles.append(a.attn_out(layer).register_forward_pre_hook(splice))
         return metric(s, tgt)
@@ -101,9 +120,22 @@ def _edge_patched_metric(s: Subject, tgt: Target, v: str, d: torch.Tensor) -> fl
             h.remove()
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
-def test_eap_edge_scores_predict_exact_edge_patching(model_type: str) -> None:
-    s = subject_of(model_type)
+@pytest.mark.parametrize(
+    ("model_type", "overrides"),
+    [
+        ("gpt2", {}),  # fused [q | k | v] Conv1D
+        ("llama", {}),  # grouped-query: the general path through the attention
+        ("llama", MHA),  # separate q, k, v projections
+        ("phi", MHA),  # parallel attention and MLP on one norm
+        ("gpt_neox", {}),  # fused per-head [q_h | k_h | v_h]
+        ("phi3", MHA),  # fused [q | k | v] Linear
+    ],
+    ids=["gpt2", "llama-gqa", "llama", "phi", "gpt_neox", "phi3"],
+)
+def test_eap_edge_scores_predict_exact_edge_patching(model_type: str, overrides: dict) -> None:
+    s = subject_of(model_type, **overrides)
+    fast = s.adapter.head_reads(0) is not None
+    assert fast == (model_type != "llama" or bool(overrides))  # both edge paths are tested
     tgt, cf = Target(PROMPT, BAD, GOOD), Target(CF, BAD, GOOD)
     res = score_components(s, tgt, Baseline("counterfactual", "cf", target=cf))
     assert res.edges is not None
@@ -191,3 +223,23 @@ def test_integrated_gradients_completeness_on_a_tiny_model(tmp_path) -> None:
     assert abs(c["metric_input"] - c["metric_baseline"]) > 1e-3
     assert c["relative_error"] < 0.05
     assert len(ts.scores) == len(PROMPT)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_fast_edge_path_equals_the_general_path(model_type: str) -> None:
+    """Heads' input gradients from their q/k/v features equal the per-head VJP through the
+    attention, and MLPs' from their own input equal the VJP through the MLP, to float64
+    rounding, on every architecture; grouped-query layers keep the general path."""
+    overrides = MHA if "num_key_value_heads" in ARCHS[model_type].config else {}
+    s = subject_of(model_type, **overrides)
+    assert s.adapter.head_reads(0) is not None
+    assert subject_of(model_type).adapter.head_reads(0) is None or not overrides
+    tgt, cf = Target(PROMPT, BAD, GOOD), Target(CF, BAD, GOOD)
+    base = Baseline("counterfactual", "cf", target=cf)
+    for method in ("atp", "eap-ig"):
+        fast = score_components(s, tgt, base, method=method, steps=3)
+        slow = score_components(s, tgt, base, method=method, steps=3, fast_edges=False)
+        assert fast.edges is not None and slow.edges is not None
+        assert slow.edges.abs().max() > 1e-3
+        torch.testing.assert_close(fast.edges, slow.edges, atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(fast.scores, slow.scores, atol=1e-12, rtol=1e-12)
