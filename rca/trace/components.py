@@ -12,10 +12,13 @@ all packed into one batch (Hanna et al. 2024); it is exact where AtP saturates.
 Edges (Syed et al. 2023): an upstream component u writes ``w_u`` into the residual stream; a
 downstream component v reads the residual stream through its own input norm. The edge score is
 ``sum (w_u(clean) - w_u(baseline)) . g_v`` with ``g_v`` the gradient of the metric with respect
-to the residual stream *as only v reads it*. For a head that is a local vector-Jacobian product
-from the head's slice of the output-projection input back to the attention norm's input, batched
-over the layer's heads; for an MLP, from its output back to the MLP norm's input; for LOGITS,
-the gradient at the final norm's input. All edges are then one batched contraction.
+to the residual stream *as only v reads it*. They come from the node scores' own backward: for a
+head with its own q/k/v features, the gradients at those features times their weight rows,
+then back through the attention norm alone (all heads in one batched norm backward); for an
+MLP, the gradient at its input back through the MLP norm; for LOGITS, the gradient at the final
+norm's input. Grouped-query heads, whose keys and values are shared, take a local VJP from the
+head's slice of the output-projection input back through the attention. All edges are then one
+batched contraction.
 
 Node order (the docstring of every tensor here refers to it): ``EMB``, then per layer
 ``L.H0 .. L.H{n-1}, L.MLP``, then ``LOGITS`` (downstream only).
@@ -129,8 +132,7 @@ def _sites(
             s[f"an{layer}"] = Site(a.attn_norm(layer), True, full)
             s[f"mn{layer}"] = Site(a.mlp_norm(layer), True, full)
             reads = a.head_reads(layer) if fast_edges else None
-            if reads is not None:  # the norm's output as the projections read it, and theirs
-                s[f"ax{layer}"] = Site(reads[0][0], True, full)
+            if reads is not None:  # the q/k/v projections' outputs, for their gradients
                 for i, (mod, _, _) in enumerate(reads):
                     s[f"qkv{layer}.{i}"] = Site(mod, False, full)
             if fast_edges and a.spec.mlp_norm != a.spec.attn_norm:
@@ -263,6 +265,22 @@ def _local_vjp(
     )
 
 
+def _norm_vjp(norm: torch.nn.Module, x: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Gradient at the norm's input ``x`` (rows, pos, d) of ``norm(x) . grads[k]`` for each k.
+
+    ``grads``: (k, rows, pos, d). The norm is run once more on ``x`` repeated k times along the
+    batch, and one backward takes every k at once: the vectorised backward of a norm falls back
+    to a loop over k, which costs more than the whole attention backward it replaces.
+    """
+    k = grads.shape[0]
+    xr = x.detach().unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
+    xr.requires_grad_(True)
+    with torch.enable_grad():
+        y = norm(xr)
+    (g,) = torch.autograd.grad(y, xr, grad_outputs=grads.reshape(y.shape).to(y.dtype))
+    return g.view(k, *x.shape)
+
+
 def _head_read_grads(
     reads: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]],
     live: dict[str, torch.Tensor],
@@ -346,8 +364,8 @@ def score_components(
     alphas = (torch.arange(m, device=dev, dtype=torch.float32) + 0.5) / m  # midpoint rule
     keys = [k for k in sites if k != "emb"]
     # per layer, how its heads read the norm's output where the fast edge path applies
-    reads = [a.head_reads(layer) if f"ax{layer}" in sites else None for layer in range(L)]
-    node_keys = [k for k in keys if not k.startswith(("ax", "qkv", "mx"))]
+    reads = [a.head_reads(layer) if f"qkv{layer}.0" in sites else None for layer in range(L)]
+    node_keys = [k for k in keys if not k.startswith(("qkv", "mx"))]
     gsum: dict[str, torch.Tensor] = {}
     down: list[str] = []
     if edges:
@@ -383,8 +401,7 @@ def score_components(
         # one backward for every site; several keys may share a tensor (r0 is an0 in most archs)
         uniq: dict[int, torch.Tensor] = {}
         for key in keys:
-            if not key.startswith("ax"):  # the q/k/v input: only its per-head split is used
-                uniq.setdefault(id(live[key]), live[key])
+            uniq.setdefault(id(live[key]), live[key])
         gl = torch.autograd.grad(
             metric_sum, list(uniq.values()), retain_graph=edges, allow_unused=True
         )
@@ -418,7 +435,7 @@ def score_components(
                         # each head's share of the gradient at the q/k/v projections' input,
                         # from the gradients at their outputs, then back through the norm only
                         g_read = _head_read_grads(layer_reads, live, gmap, layer, hs)
-                        g_heads = _local_vjp(live[f"ax{layer}"], an, g_read, batched=True)
+                        g_heads = _norm_vjp(a.attn_norm(layer), an, g_read)
                         del g_read
                     G[j + h0 : j + h0 + len(hs)] += (
                         g_heads.view(len(hs), k, rows, T, -1).sum(1).float()
@@ -426,10 +443,16 @@ def score_components(
                     del g_heads
                     n_vjp += 1
                 j += H
-                out = f"mx{layer}" if f"mx{layer}" in live else f"m{layer}"
-                gm = gmap[id(live[out])]
-                assert gm is not None
-                g_mlp = _local_vjp(live[out], live[f"mn{layer}"], gm.unsqueeze(0), batched=False)
+                if f"mx{layer}" in live:  # the gradient at the MLP's input, back through its norm
+                    gm = gmap[id(live[f"mx{layer}"])]
+                    assert gm is not None
+                    g_mlp = _norm_vjp(a.mlp_norm(layer), live[f"mn{layer}"], gm.unsqueeze(0))
+                else:
+                    gm = gmap[id(live[f"m{layer}"])]
+                    assert gm is not None
+                    g_mlp = _local_vjp(
+                        live[f"m{layer}"], live[f"mn{layer}"], gm.unsqueeze(0), batched=False
+                    )
                 G[j] += g_mlp[0].view(k, rows, T, -1).sum(0).float()
                 del g_mlp
                 j += 1
