@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,13 +68,31 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _warn_one_line(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """A warning as one line on stderr (``warning: ...``), without Python's file/line prefix."""
+    text = " ".join(str(message).split())
+    err.print(f"[yellow]warning:[/yellow] {text}", markup=True, highlight=False, soft_wrap=True)
+
+
 def friendly(fn: F) -> F:
-    """Turn the library's user-facing errors into one line on stderr and exit code 2."""
+    """Turn the library's user-facing errors into one line on stderr and exit code 2, and its
+    warnings (e.g. pickle weights loaded with --allow-pickle) into one line each."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _warn_one_line
+                # loading pickle is a security decision: say so every time, not once
+                warnings.filterwarnings("always", message="loading pickle weights")
+                return fn(*args, **kwargs)
         except _user_errors() as e:
             err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -87,6 +106,13 @@ MaxMemOpt = typer.Option(
     "--max-memory",
     help="Peak-memory budget for the trace, e.g. 4G: the work is chunked to fit, or refused "
     "with the estimate. 'auto' (default): what the device has free; 'off': no check.",
+)
+
+
+AllowPickleOpt = typer.Option(
+    False,
+    "--allow-pickle",
+    help="Load pickle weights (this runs code from the file on load; only for files you trust).",
 )
 
 
@@ -184,13 +210,14 @@ def check(
 def inspect_model(
     model: str = typer.Argument(..., help="A model directory or zoo:NAME."),
     device: str = typer.Option("cpu", help="auto, cpu, cuda or cuda:N."),
+    allow_pickle: bool = AllowPickleOpt,
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Load a model and show its architecture, dimensions and fingerprint."""
     from rca.subject import load_subject, resolve_model_ref
 
-    s = load_subject(resolve_model_ref(model, home=home), device=device)
+    s = load_subject(resolve_model_ref(model, home=home), device=device, allow_pickle=allow_pickle)
     info = {"fingerprint": s.fingerprint, **s.meta}
     if as_json:
         print(json.dumps(info, indent=2))
@@ -223,6 +250,8 @@ def _load_incident_subject(
     device: str,
     home: Path | None,
     flags: dict[str, Any] | None = None,
+    *,
+    allow_pickle: bool = False,
 ):
     """The incident (a case file, or the --prompt/--bad flags) and its loaded model."""
     from rca.incident import IncidentError, incident_from_flags, load_case, read_text_file
@@ -236,7 +265,7 @@ def _load_incident_subject(
             )
         inc = load_case(case, check_model=model is None, home=home)
         path = resolve_model_ref(model, home=home) if model else inc.model_path(home=home)
-        return inc, load_subject(path, device=device)
+        return inc, load_subject(path, device=device, allow_pickle=allow_pickle)
     if "prompt_file" in given:
         if "prompt" in given:
             raise IncidentError("<flags>", "prompt", "give --prompt or --prompt-file, not both")
@@ -260,7 +289,8 @@ def _load_incident_subject(
         reference_prompts=given.get("reference", ()),
         id=given.get("id"),
     )
-    return inc, load_subject(resolve_model_ref(inc.model, home=home), device=device)
+    path = resolve_model_ref(inc.model, home=home)
+    return inc, load_subject(path, device=device, allow_pickle=allow_pickle)
 
 
 @app.command("trace")
@@ -285,6 +315,7 @@ def trace_cmd(
     ),
     top: int = typer.Option(10, "--top", help="How many components and edges to show."),
     max_memory: str = MaxMemOpt,
+    allow_pickle: bool = AllowPickleOpt,
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -305,6 +336,7 @@ def trace_cmd(
             reference=reference,
             id=case_id,
         ),
+        allow_pickle=allow_pickle,
     )
     with _progress(not as_json) as say:
         att = trace(
@@ -386,6 +418,7 @@ def confirm_cmd(
     model: str | None = typer.Option(None, "--model", help="Override the case's model."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     max_memory: str = MaxMemOpt,
+    allow_pickle: bool = AllowPickleOpt,
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -407,6 +440,7 @@ def confirm_cmd(
             reference=reference,
             id=case_id,
         ),
+        allow_pickle=allow_pickle,
     )
     refs = _references(inc)
     cfg = ConfirmConfig(kind=kind, top_k=top_k, n_random=n_random, seed=seed)
@@ -478,6 +512,7 @@ def regress_cmd(
         None, "--report", help="Write the report here (.md or .html)."
     ),
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N."),
+    allow_pickle: bool = AllowPickleOpt,
     db: Path | None = DbOpt,
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -500,7 +535,9 @@ def regress_cmd(
 
         assert cases_dir is not None
         incidents = load_cases(cases_dir, home=home)
-    cfg = RegressConfig(investigate=InvestigateConfig(remedy=False, device=device))
+    cfg = RegressConfig(
+        investigate=InvestigateConfig(remedy=False, device=device, allow_pickle=allow_pickle)
+    )
     results = regress(
         model,
         incidents,
@@ -641,6 +678,7 @@ def investigate_cmd(
     method: str = typer.Option("eap-ig", "--method", help="Trace method: atp or eap-ig."),
     seed: int = typer.Option(0, "--seed"),
     max_memory: str = MaxMemOpt,
+    allow_pickle: bool = AllowPickleOpt,
     db: Path | None = DbOpt,
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -664,6 +702,7 @@ def investigate_cmd(
             reference=reference,
             id=case_id,
         ),
+        allow_pickle=allow_pickle,
     )
     cfg = InvestigateConfig(
         method=method,
@@ -671,6 +710,7 @@ def investigate_cmd(
         device=device,
         confirm=ConfirmConfig(seed=seed),
         max_memory=_max_memory(max_memory),
+        allow_pickle=allow_pickle,
     )
     run = _investigate_one(inc, subject, Store(_db(db)), cfg, show=not as_json)
     result = run.to_json()
@@ -712,6 +752,7 @@ def demo(
     cases_dir: Path = typer.Option(Path("cases"), "--cases", help="Directory of case files."),
     reports: Path = typer.Option(Path("reports"), "--reports", help="Where the case files go."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    allow_pickle: bool = AllowPickleOpt,
     db: Path | None = DbOpt,
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -733,10 +774,9 @@ def demo(
     for inc in incidents:
         path = inc.model_path(home=home)
         if path not in subjects:
-            subjects[path] = load_subject(path, device=device)
-        run = _investigate_one(
-            inc, subjects[path], store, InvestigateConfig(device=device), show=not as_json
-        )
+            subjects[path] = load_subject(path, device=device, allow_pickle=allow_pickle)
+        cfg = InvestigateConfig(device=device, allow_pickle=allow_pickle)
+        run = _investigate_one(inc, subjects[path], store, cfg, show=not as_json)
         r = run.to_json()
         stored = store.get_run(r["run_id"])
         (reports / f"{inc.id}.md").write_text(render_markdown(stored))
@@ -754,7 +794,11 @@ def demo(
             v1,
             store,
             baseline_model="zoo:support-bot-v1",
-            config=RegressConfig(investigate=InvestigateConfig(remedy=False, device=device)),
+            config=RegressConfig(
+                investigate=InvestigateConfig(
+                    remedy=False, device=device, allow_pickle=allow_pickle
+                )
+            ),
             home=home,
         )
         reg = [r.to_json() for r in results]
@@ -889,11 +933,13 @@ def apply_patch_cmd(
     spec: Path = typer.Argument(..., help="A patch spec (JSON) from a remedy."),
     model: Path = typer.Option(..., "--model", help="The model directory it was made for."),
     out_dir: Path = typer.Option(..., "--out", help="A new directory for the patched model."),
+    allow_pickle: bool = AllowPickleOpt,
 ) -> None:
     """Bake a recorded fix into a copy of the model's weights."""
     from rca.remedy import apply_patch
 
-    out.print(f"patched model written to {apply_patch(spec, model, out_dir)}")
+    written = apply_patch(spec, model, out_dir, allow_pickle=allow_pickle)
+    out.print(f"patched model written to {written}")
 
 
 @contextlib.contextmanager

@@ -20,8 +20,10 @@ are errors, not warnings: a typo such as ``conterfactual`` must not silently dro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -37,6 +39,7 @@ __all__ = [
     "load_case",
     "load_cases",
     "loads_case",
+    "parse_case_data",
     "read_text_file",
 ]
 
@@ -167,10 +170,32 @@ class Incident:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def model_path(self, *, home: Path | None = None) -> Path:
-        """The model directory: a zoo model under RCA_HOME, or a path relative to the case file."""
+        """The model directory: a zoo model under RCA_HOME, or a path relative to the case file.
+
+        A relative path resolves against the directory of the case file the incident was read
+        from (``load_case`` records its absolute path as the source), never the working
+        directory at call time. Only an incident stated on the command line (``<flags>``) takes
+        a relative path as the user typed it, against the working directory. Any other
+        incident without a case file (``<store>``, ``<case>``, ...) has nothing to resolve a
+        relative path against: that is an IncidentError.
+        """
         from rca.subject import resolve_model_ref
 
-        base = Path(self.source).parent if self.source != "<flags>" else None
+        src = self.source
+        if src == "<flags>":
+            base = None
+        elif _is_label(src):
+            if not self.model.startswith("zoo:") and not _is_absolute(self.model):
+                raise IncidentError(
+                    src,
+                    "model",
+                    f"incident {self.id!r}: {self.model!r} is a relative path, and the incident "
+                    "has no case file to resolve it against (rca never resolves it against the "
+                    "working directory)",
+                )
+            base = None
+        else:
+            base = Path(src).parent
         return resolve_model_ref(self.model, base=base, home=home)
 
     def encode(self, subject: Any) -> Any:
@@ -216,6 +241,21 @@ class Incident:
         return target
 
 
+def _is_label(source: str) -> bool:
+    """A source that names no file: ``<flags>``, ``<store>``, ``<case>`` and the like."""
+    return source.startswith("<") and source.endswith(">")
+
+
+def _is_absolute(model: str) -> bool:
+    return Path(os.path.expanduser(model)).is_absolute()
+
+
+def _file_source(source: str) -> str:
+    """A case file's source as an absolute path, so that the model it names resolves against
+    the file's directory whatever the working directory is later; labels stay as they are."""
+    return source if _is_label(source) else str(Path(source).absolute())
+
+
 def _parse(source: str, data: dict[str, Any]) -> Incident:
     unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
     if unknown:
@@ -230,7 +270,7 @@ def _parse(source: str, data: dict[str, Any]) -> Incident:
     for key in ("id", "title", "severity", "model", "prompt", "bad", "good", "counterfactual"):
         if key in data and not isinstance(data[key], str):
             raise IncidentError(source, key, f"expected a string, got {type(data[key]).__name__}")
-    return Incident(
+    incident = Incident(
         id=data["id"],
         title=data["title"],
         severity=data["severity"],
@@ -242,18 +282,33 @@ def _parse(source: str, data: dict[str, Any]) -> Incident:
         reference_prompts=tuple(data.get("reference_prompts", ())),
         tags=tuple(data.get("tags", ())),
         notes=data.get("notes", ""),
-        source=source,
+        source=source,  # errors name the file as the user gave it
     )
+    recorded = _file_source(source)
+    return incident if recorded == source else dataclasses.replace(incident, source=recorded)
 
 
 def loads_case(text: str, *, source: str = "<case>") -> Incident:
-    """Parse a case file's text (as the store keeps it). Raises IncidentError (one line)."""
+    """Parse a case file's text (as the store keeps it). Raises IncidentError (one line).
+
+    ``source`` is the case file's path, recorded as an absolute path (a relative ``model``
+    resolves against its directory), or a label such as ``<store>``, which keeps no directory:
+    a relative ``model`` then cannot be resolved (see ``Incident.model_path``).
+    """
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise IncidentError(source, None, f"invalid TOML: {e}") from None
     except RecursionError:
         raise IncidentError(source, None, "invalid TOML: nested too deeply") from None
+    return _parse(source, data)
+
+
+def parse_case_data(data: dict[str, Any], *, source: str = "<case>") -> Incident:
+    """An incident from a case's fields as a mapping (what a case file's TOML parses to, or
+    the fields the store keeps), with every check a case file gets. Raises IncidentError."""
+    if not isinstance(data, dict):
+        raise IncidentError(source, None, f"expected a table of fields, got {type(data).__name__}")
     return _parse(source, data)
 
 
@@ -281,9 +336,9 @@ def load_case(path: str | Path, *, check_model: bool = True, home: Path | None =
         raise IncidentError(
             source, None, f"not valid UTF-8 at byte {e.start}; save the file as UTF-8"
         ) from None
-    incident = loads_case(text, source=source)
+    incident = loads_case(text, source=source)  # recorded with the file's absolute path
     if check_model:
-        _check_model(incident, home=home)
+        _check_model(incident, home=home, shown=source)
     return incident
 
 
@@ -349,24 +404,27 @@ def incident_from_flags(
     )
 
 
-def _check_model(incident: Incident, *, home: Path | None) -> None:
+def _check_model(incident: Incident, *, home: Path | None, shown: str | None = None) -> None:
     from rca.subject import SubjectError
 
+    src = shown or incident.source
     try:
         p = incident.model_path(home=home)
+    except IncidentError:
+        raise
     except (ValueError, SubjectError) as e:
-        raise IncidentError(incident.source, "model", str(e)) from None
+        raise IncidentError(src, "model", str(e)) from None
     if incident.model.startswith("zoo:") and not (p / "config.json").is_file():
         raise IncidentError(
-            incident.source,
+            src,
             "model",
             f"zoo model {incident.model[4:]!r} is not built yet (looked in {p}); run `rca zoo "
             "build` first",
         )
     if not p.is_dir():
-        raise IncidentError(incident.source, "model", f"model directory {str(p)!r} not found")
+        raise IncidentError(src, "model", f"model directory {str(p)!r} not found")
     if not (p / "config.json").is_file():
-        raise IncidentError(incident.source, "model", f"{str(p)!r} has no config.json")
+        raise IncidentError(src, "model", f"{str(p)!r} has no config.json")
 
 
 def load_cases(

@@ -45,6 +45,7 @@ class InvestigateConfig:
     seed: int = 0
     device: str = "auto"
     max_memory: int | str | None = "auto"  # a size ("4G"), "auto" (what is free) or None
+    allow_pickle: bool = False  # load pickle weights (runs code from the file; trusted only)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,7 +150,9 @@ def investigate(
     t = time.perf_counter()
     say("ingest", 0.0)
     if subject is None:
-        subject = load_subject(incident.model_path(home=home), device=cfg.device)
+        subject = load_subject(
+            incident.model_path(home=home), device=cfg.device, allow_pickle=cfg.allow_pickle
+        )
     _seed_everything(cfg.seed)
     refs = reference_prompts(incident, cfg.n_reference, seed=cfg.seed)
     benign = reference_prompts(incident, cfg.n_benign, seed=cfg.seed + 1)

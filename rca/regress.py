@@ -29,6 +29,7 @@ numbers equal a serial run's.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -38,7 +39,7 @@ from typing import Any
 
 import torch
 
-from rca.incident import Incident, loads_case
+from rca.incident import Incident, IncidentError, loads_case, parse_case_data
 from rca.investigate import InvestigateConfig, investigate
 from rca.metric import Target, evaluate, logits_kwargs
 from rca.stats import spearman
@@ -438,17 +439,51 @@ def _was_fixed(store: Any, incident_id: str, new_fp: str) -> bool:
     return False
 
 
+def _stored_source(source: Any) -> str:
+    """The source a rebuilt incident gets: a case file's absolute path stays (its directory
+    resolves a relative ``model``); anything else becomes a label, so that a relative model is
+    refused rather than resolved against the directory ``regress`` happens to run in (a source
+    recorded as a relative path, or ``<flags>``, names no directory that can be found again)."""
+    if isinstance(source, str) and source and Path(source).is_absolute():
+        return source
+    if isinstance(source, str) and source and not source.startswith("<"):
+        return f"<store: {source}>"
+    return "<store>"
+
+
+def _stored_incident(row: dict[str, Any]) -> Incident:
+    """One stored incident version, rebuilt: from its TOML where it came from a case file, else
+    from its stored fields (an incident stated with flags, or recorded from a mapping)."""
+    source = _stored_source(row.get("source"))
+    text = row.get("case_toml")
+    if isinstance(text, str):
+        return loads_case(text, source=source)
+    data = row.get("case_data")
+    if isinstance(data, str):
+        data = json.loads(data)
+    if not isinstance(data, dict):
+        raise TypeError(f"its stored fields are {type(data).__name__}, not a mapping")
+    # to_dict() keeps absent optional fields as null; a case file leaves them out
+    return parse_case_data({k: v for k, v in data.items() if v is not None}, source=source)
+
+
 def incidents_from_store(store: Any) -> list[Incident]:
-    """The latest version of every incident the store holds, parsed from its stored TOML."""
+    """The latest version of every incident the store holds: parsed from its stored TOML, or
+    rebuilt from its stored fields where it has none (an incident recorded from flags).
+
+    Raises RegressError (one line, naming the incident) when a stored incident cannot be
+    rebuilt."""
+    latest: dict[str, dict[str, Any]] = {}
+    for row in store.list_incidents():  # oldest first: the last version of an id wins
+        latest[row["incident_id"]] = row
     out = []
-    for inc in store.list_incidents():
-        row = store.query(
-            "SELECT case_toml, source FROM incidents WHERE incident_id = ? "
-            "ORDER BY ingested_at DESC LIMIT 1",
-            [inc["incident_id"]],
-        )
-        text, source = row.iloc[0]["case_toml"], row.iloc[0]["source"]
-        out.append(loads_case(text, source=source or "<store>"))
+    for incident_id, row in latest.items():
+        try:
+            out.append(_stored_incident(row))
+        except (IncidentError, TypeError, ValueError) as e:
+            raise RegressError(
+                f"stored incident {incident_id!r} cannot be rebuilt from the store: {e}"
+            ) from None
     return out
 
 
@@ -458,9 +493,10 @@ def _remote_case(payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
 
     torch.set_num_threads(payload["threads"])
     cfg: RegressConfig = payload["config"]
-    subject = load_subject(payload["model"], device=cfg.investigate.device)
+    inv = cfg.investigate
+    subject = load_subject(payload["model"], device=inv.device, allow_pickle=inv.allow_pickle)
     baseline = (
-        load_subject(payload["baseline"], device=cfg.investigate.device)
+        load_subject(payload["baseline"], device=inv.device, allow_pickle=inv.allow_pickle)
         if payload["baseline"]
         else None
     )
@@ -514,10 +550,15 @@ def regress(
                 "--workers needs Ray, an optional extra: pip install 'rca[ray]' (or run without "
                 "--workers)"
             ) from None
+    inv = cfg.investigate
     new_path = resolve_model_ref(str(model), home=home)
-    subject = load_subject(new_path, device=cfg.investigate.device)
+    subject = load_subject(new_path, device=inv.device, allow_pickle=inv.allow_pickle)
     base_path = resolve_model_ref(str(baseline_model), home=home) if baseline_model else None
-    baseline = load_subject(base_path, device=cfg.investigate.device) if base_path else None
+    baseline = (
+        load_subject(base_path, device=inv.device, allow_pickle=inv.allow_pickle)
+        if base_path
+        else None
+    )
     own_models: dict[Path, Subject] = {}
 
     # references, in the driver (it alone writes the store)
@@ -528,9 +569,17 @@ def regress(
             if baseline is not None:
                 ref_subject = baseline
             else:
-                p = inc.model_path(home=home)
+                try:
+                    p = inc.model_path(home=home)
+                except IncidentError as e:
+                    raise RegressError(
+                        f"{inc.id}: no recorded run on another model, and its own model cannot "
+                        f"be found ({e}); give --baseline-model OLD"
+                    ) from None
                 if p not in own_models:
-                    own_models[p] = load_subject(p, device=cfg.investigate.device)
+                    own_models[p] = load_subject(
+                        p, device=inv.device, allow_pickle=inv.allow_pickle
+                    )
                 ref_subject = own_models[p]
             if ref_subject.fingerprint == subject.fingerprint:
                 raise RegressError(

@@ -724,8 +724,17 @@ def _bake(subject: Subject, spec: dict[str, Any]) -> None:
     raise RemedyError(f"unknown fix kind {spec['kind']!r}")
 
 
-def apply_patch(spec_path: str | Path, model_dir: str | Path, out_dir: str | Path) -> Path:
+def apply_patch(
+    spec_path: str | Path,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    allow_pickle: bool = False,
+) -> Path:
     """Bake a patch spec into a copy of ``model_dir`` at ``out_dir`` (safetensors).
+
+    ``allow_pickle`` loads a model whose weights are pickle (this runs code from the file; only
+    for files you trust); the patched copy is written as safetensors.
 
     The spec's model fingerprint must match the model's. Mean ablations need biases to hold
     the means (GPT-2 style); direction removal projects every write into the residual stream up
@@ -740,7 +749,7 @@ def apply_patch(spec_path: str | Path, model_dir: str | Path, out_dir: str | Pat
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise RemedyError(f"output directory {str(out)!r} is not empty; choose a new one")
-    subject = load_subject(model_dir, device="cpu")
+    subject = load_subject(model_dir, device="cpu", allow_pickle=allow_pickle)
     if spec.get("model_fingerprint") and spec["model_fingerprint"] != subject.fingerprint:
         raise RemedyError(
             f"the patch was made for model {spec['model_fingerprint'][:12]}, but {str(model_dir)!r}"

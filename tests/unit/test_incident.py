@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from rca.incident import MAX_PROMPT_CHARS, Incident, IncidentError, load_case, load_cases
+from rca.incident import (
+    MAX_PROMPT_CHARS,
+    Incident,
+    IncidentError,
+    incident_from_flags,
+    load_case,
+    load_cases,
+    loads_case,
+    parse_case_data,
+)
 
 GOOD = """\
 id = "t-1"
@@ -210,3 +219,49 @@ def test_relative_paths_ignore_the_working_directory(
     monkeypatch.setenv("HOME", str(tmp_path / "cwd"))
     case = write(tmp_path / "cases", GOOD.format(model="~/m"), name="tilde.toml")
     assert load_case(case).model_path() == tmp_path / "cwd" / "m"
+
+
+def test_a_case_records_its_absolute_path_and_errors_name_the_path_as_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cases" / "m").mkdir(parents=True)
+    (tmp_path / "cases" / "m" / "config.json").write_text("{}")
+    write(tmp_path / "cases", GOOD.format(model="m"))
+    write(tmp_path / "cases", GOOD.format(model="gone"), name="bad.toml")
+    monkeypatch.chdir(tmp_path)
+    inc = load_case("cases/case.toml")
+    assert inc.source == str(tmp_path / "cases" / "case.toml")
+    monkeypatch.chdir(tmp_path / "cases")  # the model stays the case file's sibling
+    assert inc.model_path() == tmp_path / "cases" / "m"
+    with pytest.raises(IncidentError) as ei:
+        load_case("bad.toml")
+    assert str(ei.value).startswith("bad.toml: key 'model'"), ei.value
+
+
+def test_a_relative_model_with_no_case_file_is_refused(tmp_path: Path) -> None:
+    """``<store>``, ``<case>``: no directory to resolve against, and never the cwd's."""
+    text = GOOD.format(model="model")
+    for source in ("<store>", "<case>"):
+        inc = loads_case(text, source=source)
+        assert inc.source == source
+        with pytest.raises(IncidentError) as ei:
+            inc.model_path()
+        msg = str(ei.value)
+        assert ei.value.key == "model" and "\n" not in msg and msg.startswith(source), msg
+        assert "relative path" in msg, msg
+    absolute = loads_case(GOOD.format(model=tmp_path / "model"), source="<store>")
+    assert absolute.model_path() == tmp_path / "model"
+
+
+def test_flags_take_a_relative_model_as_typed_against_the_working_directory() -> None:
+    inc = incident_from_flags(model="models/bot", prompt="p", bad=" b")
+    assert inc.source == "<flags>" and inc.model_path() == Path("models/bot")
+
+
+def test_stored_fields_rebuild_the_same_incident(tmp_path: Path, model_dir: Path) -> None:
+    inc = load_case(write(tmp_path, GOOD.format(model=model_dir)))
+    data = {k: v for k, v in inc.to_dict().items() if v is not None}
+    again = parse_case_data(data, source="<store>")
+    assert again == inc and again.sha256 == inc.sha256
+    with pytest.raises(IncidentError, match="key 'bad': is missing"):
+        parse_case_data({k: v for k, v in data.items() if k != "bad"}, source="<store>")
