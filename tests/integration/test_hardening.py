@@ -6,7 +6,6 @@ one-line warning); a second writer that really meets the first one's lock; ``--m
 chunking and refusing through the CLI; ``regress --from-db`` rebuilding incidents that have no
 stored TOML, and naming one it cannot rebuild in one line; a relative model path resolved
 against the case file, never the working directory, also after a trip through the store.
-
 """
 
 from __future__ import annotations
