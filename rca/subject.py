@@ -275,11 +275,20 @@ class Adapter:
     def head_writes(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         """Every head's write through the output projection, bias excluded.
 
-        ``z``: (..., n_heads * d_head), the projection's input -> (n_heads, ..., out). Calls the
-        projection module itself, so accelerate's offload hooks bring its weights in.
+        ``z``: (..., n_heads * d_head), the projection's input -> (n_heads, ..., out). Each head
+        is its slice times its rows of the weight; where the weights are offloaded (accelerate's
+        meta placeholders), the projection module itself is called on masked inputs, so that
+        its offload hooks bring the weights in.
         """
         proj = self._attn_out[layer]
         H, dh = self.n_heads, self.d_head
+        w = _weight(proj)
+        if w.device.type != "meta":
+            # each head's slice times its rows of the weight: (H, ..., dh) @ (H, dh, out)
+            w_in_out = w if type(proj).__name__ == "Conv1D" else w.T  # (H * dh, out)
+            zh = z.reshape(-1, H, dh).transpose(0, 1)  # (H, n, dh)
+            out = torch.bmm(zh, w_in_out.reshape(H, dh, -1).to(z.dtype))
+            return out.reshape(H, *z.shape[:-1], -1)
         mask = torch.zeros(H, H * dh, device=z.device, dtype=z.dtype)
         for h in range(H):
             mask[h, h * dh : (h + 1) * dh] = 1

@@ -152,6 +152,9 @@ def test_heads_through_output_projection_sum_to_attention_output(loaded) -> None
         total = torch.stack(parts).sum(0) + (0 if bias is None else bias)
         assert_close(total, acts[f"L{layer}.ATTN"])
         assert_close(acts[f"L{layer}.ATTN"], mine[0])
+        # every head's write at once (the edge step's upstream writes) is the same per head
+        z = torch.cat([acts[hid] for hid in heads], dim=-1)
+        assert_close(ad.head_writes(layer, z), torch.stack(parts))
 
 
 def test_head_capture_is_that_heads_pattern_times_its_values(loaded) -> None:
