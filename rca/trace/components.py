@@ -315,7 +315,6 @@ def score_components(
     neurons: bool = False,
     edges: bool = True,
     top_neurons: int = 50,
-    edge_chunk: int = 64,
     step_chunk: int | None = None,
     head_chunk: int | None = None,
     fast_edges: bool = True,
@@ -327,7 +326,7 @@ def score_components(
     none of which changes the scores beyond float summation order (``rca.trace.memory`` picks
     them from a budget): ``step_chunk`` interpolation points share one forward and backward
     (default all of them); ``head_chunk`` heads share one batched local VJP in the edge step
-    (default all of a layer's); ``edge_chunk`` positions are contracted at once.
+    (default all of a layer's).
 
     ``fast_edges``: where a layer's heads each read their own q/k/v output features
     (``Adapter.head_reads``), a head's input gradient is taken from the gradients at those
@@ -501,7 +500,7 @@ def score_components(
         assert G is not None
         G /= m
         E = torch.zeros(len(nodes), len(down), device=dev)
-        emb = torch.zeros(T, len(down), device=dev)
+        Gf = G.view(len(down), -1)  # (n_down, rows * pos * d)
         # upstream writes, one layer at a time: EMB, then each layer's heads and MLP
         r = 0
         for layer in range(-1, L):
@@ -515,17 +514,12 @@ def score_components(
                     ]
                 )
             # downstream inputs this layer can reach start at its own MLP (heads -> MLP): the
-            # columns before it are masked to zero anyway, so they are not contracted
+            # columns before it are masked to zero anyway, so they are not contracted. One
+            # matrix product over (rows, pos, d) flattened: G is contiguous that way
             j0 = 0 if layer < 0 else layer * (H + 1) + H
-            for p0 in range(0, T, edge_chunk):
-                Gp = G[:, :, p0 : p0 + edge_chunk]
-                E[r : r + U.shape[0], j0:] += torch.einsum(
-                    "urpd,vrpd->uv", U[:, :, p0 : p0 + edge_chunk].float(), Gp[j0:]
-                )
-                if layer < 0:
-                    emb[p0 : p0 + edge_chunk] = torch.einsum(
-                        "rpd,vrpd->pv", U[0, :, p0 : p0 + edge_chunk].float(), Gp
-                    )
+            E[r : r + U.shape[0], j0:] += U.reshape(U.shape[0], -1).float() @ Gf[j0:].T
+            if layer < 0:
+                emb = torch.einsum("rpd,vrpd->pv", U[0].float(), G)
             r += U.shape[0]
             del U
         E *= _edge_mask(nodes, down, parallel=a.parallel).to(dev)
