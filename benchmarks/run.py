@@ -358,6 +358,7 @@ def m_investigation(cfg: str, length: int) -> dict[str, Any]:
         "length": length,
         "wall_s": wall,
         "stages_s": timings,
+        "trace_stages_s": dict(run.attribution.timings),  # tokens, baseline, components, graph
         "record_share": timings.get("record", 0.0) / wall,
         "rows_written": rows,
         "memory_budget_mb": budget / 2**20,
@@ -558,6 +559,9 @@ def summary(res: dict[str, Any]) -> str:
             lines += ["", f"Investigation: error {r['error']}"]
             continue
         st = ", ".join(f"{k} {v:.1f} s" for k, v in r["stages_s"].items())
+        if r.get("trace_stages_s"):
+            inner = ", ".join(f"{k} {v:.1f} s" for k, v in r["trace_stages_s"].items())
+            st += f"; the trace: {inner}"
         lines += [
             "",
             f"### Full investigation, {r['config']} at {r['length']} tokens "
