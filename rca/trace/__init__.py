@@ -59,6 +59,11 @@ __all__ = [
 
 Progress = Callable[[str, float], None]
 
+# ablated prompts per forward in segment ablation (within the memory plan's inference batch),
+# by whether the device is a GPU: on 2 CPU cores, a 12 x 768 GPT-2 at 128 tokens ablated its
+# 128 words 1.6-1.9x faster 8 at a time than one at a time, with the same scores
+SEGMENT_BATCH = {False: 8, True: 64}
+
 
 @dataclass
 class Attribution:
@@ -208,7 +213,13 @@ def trace(
     tokens = integrated_gradients(
         subject, target, n_steps=ig_steps, internal_batch_size=plan.ig_batch
     )
-    segments = segment_ablation(subject, target, prompt=incident.prompt, reference_prompts=refs)
+    segments = segment_ablation(
+        subject,
+        target,
+        prompt=incident.prompt,
+        reference_prompts=refs,
+        batch=min(plan.confirm_batch, SEGMENT_BATCH[subject.device.type == "cuda"]),
+    )
     timings["tokens"] = time.perf_counter() - t
 
     say("baseline", 0.25)

@@ -11,7 +11,7 @@ prompt position are summed.
   ``internal_batch_size`` points per forward. Completeness is reported: the sum of the
   attributions against ``metric(x) - metric(baseline)``.
 - ``segment_ablation``: ``FeatureAblation`` over prompt segments (whitespace-delimited words by
-  default): each segment replaced by neutral tokens, one forward per segment.
+  default): each segment replaced by neutral tokens, ``batch`` ablated prompts per forward.
 """
 
 from __future__ import annotations
@@ -189,10 +189,13 @@ def segment_ablation(
     baseline_id: int | None = None,
     reference_prompts: Sequence[str] = (),
     template_share: float = 0.5,
+    batch: int = 1,
 ) -> SegmentScores:
     """Metric drop when each prompt segment is replaced by neutral tokens (captum FeatureAblation).
 
     Segments default to the prompt's words (``prompt`` needed for the offsets), else tokens.
+    ``batch``: ablated prompts per forward (captum's ``perturbations_per_eval``); the scores
+    do not depend on it.
     With ``reference_prompts``, a segment whose tokens occur in at least ``template_share`` of
     them is marked template (see ``SegmentScores.template``).
     """
@@ -219,6 +222,7 @@ def segment_ablation(
             x,
             baselines=neutral,
             feature_mask=mask.reshape(1, -1).to(dev),
+            perturbations_per_eval=max(1, batch),
         )
         metric = float(fwd(model, x)[0])
     attr = attr.reshape(target.rows, target.length)[0]
