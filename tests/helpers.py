@@ -262,3 +262,23 @@ def save_model_dir(path: Path, model: nn.Module, tokenizer: Any | None = None) -
 def words(*idx: int) -> str:
     """The text whose word tokens are ``w{i}`` for each i (token id i + 4)."""
     return " ".join(f"w{i}" for i in idx)
+
+
+def rca_cli(*args: str) -> tuple[int, str, str]:
+    """Run the ``rca`` command line in-process: (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from rca.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """Exit code 2 and one ``error:`` line on stderr, no traceback, naming every needle."""
+    assert code == 2, err
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)

@@ -29,6 +29,8 @@ from rca.cli import app
 from rca.incident import incident_from_flags, load_case
 from rca.regress import RegressError
 from rca.store import IncidentRecord, ModelRecord, RunRecord, Store
+from tests.helpers import assert_one_line_error as one_line_error
+from tests.helpers import rca_cli as rca
 from tests.helpers import save_model_dir, tiny_model, words
 
 runner = CliRunner()
@@ -36,19 +38,6 @@ N_CTX = 32
 PROMPT = words(1, 2, 3, 4, 5, 6, 7, 8)
 CF = words(1, 2, 3, 40, 5, 6, 7, 8)
 RCA_DIR = str(Path(store_mod.__file__).parent)
-
-
-def rca(*args: str) -> tuple[int, str, str]:
-    r = runner.invoke(app, list(args))
-    return r.exit_code, r.stdout, r.stderr
-
-
-def one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [x for x in err.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from rca.cli import app
 from rca.incident import IncidentError, incident_from_flags
 from rca.subject import load_subject
+from tests.helpers import assert_one_line_error as one_line_error
+from tests.helpers import rca_cli as rca
 from tests.helpers import save_model_dir, tiny_model, words
 
-runner = CliRunner()
 N_CTX = 32
 PROMPT = words(1, 2, 3, 4, 5, 6, 7, 8)
 CF = words(1, 2, 3, 40, 5, 6, 7, 8)
@@ -33,20 +32,6 @@ CF = words(1, 2, 3, 40, 5, 6, 7, 8)
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("inputs") / "m"
     return save_model_dir(d, tiny_model("gpt2", seed=3, n_positions=N_CTX))
-
-
-def rca(*args: str) -> tuple[int, str, str]:
-    r = runner.invoke(app, list(args))
-    return r.exit_code, r.stdout, r.stderr
-
-
-def one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [x for x in err.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 def flags(model_dir: Path, **over: str) -> list[str]:
