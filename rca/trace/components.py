@@ -343,13 +343,18 @@ def score_components(
     L, H, rows, T = a.n_layers, a.n_heads, target.rows, target.length
     dev = subject.device
     sites = _sites(subject, neurons=neurons, edges=edges, fast_edges=fast_edges)
-    base, metric_base = _baseline_acts(subject, target, baseline, sites, rows)
+    keys = [k for k in sites if k != "emb"]
+    # the sites whose activations are scored (the rest only give the edge step its gradients):
+    # only these are recorded on the baseline and the EAP-IG clean run
+    node_keys = [k for k in keys if not k.startswith(("qkv", "mx", "an", "mn", "fin"))]
+    scored = {k: sites[k] for k in ("emb", *node_keys)}
+    base, metric_base = _baseline_acts(subject, target, baseline, scored, rows)
     clean: dict[str, torch.Tensor] = {}
     metric_clean = float("nan")
     if method == "eap-ig":  # AtP's gradient pass is the clean run: its tensors are taken there
         with torch.no_grad():
             logits, clean = _run(
-                subject, target.input_ids(device=dev), sites, grad=False, keep=target.keep
+                subject, target.input_ids(device=dev), scored, grad=False, keep=target.keep
             )
             metric_clean = float(target.metric(logits)[0])
         clean = {k: v.detach() for k, v in clean.items()}
@@ -361,10 +366,8 @@ def score_components(
     chunk = max(1, min(step_chunk or m, m))
     hchunk = max(1, min(head_chunk or H, H))
     alphas = (torch.arange(m, device=dev, dtype=torch.float32) + 0.5) / m  # midpoint rule
-    keys = [k for k in sites if k != "emb"]
     # per layer, how its heads read the norm's output where the fast edge path applies
     reads = [a.head_reads(layer) if f"qkv{layer}.0" in sites else None for layer in range(L)]
-    node_keys = [k for k in keys if not k.startswith(("qkv", "mx"))]
     gsum: dict[str, torch.Tensor] = {}
     down: list[str] = []
     if edges:
