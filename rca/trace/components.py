@@ -117,9 +117,20 @@ def _layer_of(cid: str) -> int:
 # recording the site tensors of one forward pass
 
 
+_Reads = list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] | None
+
+
 def _sites(
-    subject: Subject, *, neurons: bool, edges: bool, fast_edges: bool = True
+    subject: Subject,
+    *,
+    neurons: bool,
+    edges: bool,
+    fast_edges: bool = False,
+    reads: Sequence[_Reads] = (),
 ) -> dict[str, Site]:
+    """The recorded sites. With ``edges``, also what the edge step reads: each norm's input,
+    and with ``fast_edges`` the q/k/v outputs of the layers in ``reads`` that have them
+    (``Adapter.head_reads``, one entry per layer) and the MLPs' inputs."""
     a = subject.adapter
     full = slice(None)
     s: dict[str, Site] = {"emb": Site(a.embed, False, full), "r0": Site(a.layer(0), True, full)}
@@ -131,9 +142,9 @@ def _sites(
         if edges:
             s[f"an{layer}"] = Site(a.attn_norm(layer), True, full)
             s[f"mn{layer}"] = Site(a.mlp_norm(layer), True, full)
-            reads = a.head_reads(layer) if fast_edges else None
-            if reads is not None:  # the q/k/v projections' outputs, for their gradients
-                for i, (mod, _, _) in enumerate(reads):
+            layer_reads = reads[layer] if fast_edges and reads else None
+            if layer_reads is not None:  # the q/k/v projections' outputs, for their gradients
+                for i, (mod, _, _) in enumerate(layer_reads):
                     s[f"qkv{layer}.{i}"] = Site(mod, False, full)
             if fast_edges and a.spec.mlp_norm != a.spec.attn_norm:
                 # the MLP norm's output has one reader, the MLP: its gradient is the MLP's own
@@ -342,7 +353,11 @@ def score_components(
     a = subject.adapter
     L, H, rows, T = a.n_layers, a.n_heads, target.rows, target.length
     dev = subject.device
-    sites = _sites(subject, neurons=neurons, edges=edges, fast_edges=fast_edges)
+    # per layer, how its heads read the norm's output where the fast edge path applies
+    reads: list[_Reads] = [
+        a.head_reads(layer) if edges and fast_edges else None for layer in range(L)
+    ]
+    sites = _sites(subject, neurons=neurons, edges=edges, fast_edges=fast_edges, reads=reads)
     keys = [k for k in sites if k != "emb"]
     # the sites whose activations are scored (the rest only give the edge step its gradients):
     # only these are recorded on the baseline and the EAP-IG clean run
@@ -366,8 +381,6 @@ def score_components(
     chunk = max(1, min(step_chunk or m, m))
     hchunk = max(1, min(head_chunk or H, H))
     alphas = (torch.arange(m, device=dev, dtype=torch.float32) + 0.5) / m  # midpoint rule
-    # per layer, how its heads read the norm's output where the fast edge path applies
-    reads = [a.head_reads(layer) if f"qkv{layer}.0" in sites else None for layer in range(L)]
     gsum: dict[str, torch.Tensor] = {}
     down: list[str] = []
     if edges:
