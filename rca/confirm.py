@@ -18,12 +18,14 @@ module runs them, many at once:
   under zero ablation NE0.
 - **Ranking** (``rank_candidates``): a candidate's effect is the share of P(bad) that
   max(TE, NE) removes. The leading group (effect within ``window`` of the largest) is ordered by
-  min(DE, NE) where that reaches ``direct_fraction`` of the gap, then by min(TE, NE, NE0), the
-  smallest drop over every intervention; the rest follow by effect. Total effect alone ranks
+  min(DE, NE) where that reaches ``direct_fraction`` of the gap, then by min(NE, NE0), the
+  smallest drop over both ablations; the rest follow by effect. Total effect alone ranks
   carriers with the origin; direct effect alone ranks amplifiers first; a direct effect that
   ablation does not confirm belongs to a clean writer of the counterfactual's answer; a cause
-  should be necessary whatever replaces its output, and carriers of the trigger word's identity
-  were necessary under patching and mean ablation but not under zero ablation (docs/confirm.md).
+  should be necessary whatever its output is ablated to, and carriers of the trigger word's
+  identity were necessary under mean ablation but not under zero ablation; patching does not
+  enter the tie-break, since an enabler's output is the same on the counterfactual
+  (docs/confirm.md).
 - **Minimal cause set**: greedy in rank order until ablating the set removes ``set_fraction`` of
   the metric, measured from the prompt's metric down to the reference point (the baseline's
   metric, or 0 for a log-ratio metric whose baseline is below 0: P(bad) = P(good)); then each
@@ -63,7 +65,7 @@ __all__ = [
 ]
 
 SOURCES = ("zero", "mean", "resample", "baseline", "clean")
-TIE_BREAKS = ("robust", "te_ne")
+TIE_BREAKS = ("necessity", "robust", "te_ne")
 Variant = dict[str, str]  # component id -> value source
 
 
@@ -362,10 +364,11 @@ class ConfirmConfig:
     # a direct effect orders the leading group only where min(DE, NE) is this share of the gap
     direct_fraction: float = 0.05
     # the rest of the leading group (no confirmed direct effect: carriers, upstream members of a
-    # circuit) by its smallest drop over the interventions: "robust" min(TE, NE, NE under zero
-    # ablation), which costs one more batched variant per candidate where NE is not already a
-    # zero ablation; "te_ne" min(TE, NE), the rule before (docs/confirm.md)
-    tie_break: str = "robust"
+    # circuit, enablers) by its smallest drop over the ablations: "necessity" min(NE, NE under
+    # zero ablation), which costs one more batched variant per candidate where NE is not
+    # already a zero ablation; "robust" min(TE, NE, NE0) and "te_ne" min(TE, NE), the rules
+    # before, which let counterfactual patching veto an enabler (docs/confirm.md)
+    tie_break: str = "necessity"
     alpha: float = 0.05  # p-value threshold against random sets
     n_random: int = 100  # random sets (>= 50)
     max_set: int = 6
@@ -472,18 +475,18 @@ def _summary(xs: Sequence[float]) -> dict[str, float]:
     }
 
 
-def _as_probability(m: float, rows: int) -> float:
-    """A metric value as a probability: P(bad) for log P(bad) (one row), P(bad beats good) for
-    the log-ratio (two rows)."""
-    return math.exp(min(m, 0.0)) if rows == 1 else 1.0 / (1.0 + math.exp(-m))
+def _as_probability(m: float, conts: int) -> float:
+    """A metric value as a probability: P(bad) for log P(bad) (one continuation), P(bad beats
+    good) for the log-ratio (two)."""
+    return math.exp(min(m, 0.0)) if conts == 1 else 1.0 / (1.0 + math.exp(-m))
 
 
-def _share_removed(m_clean: float, m_ref: float, drop: float, *, rows: int) -> float:
+def _share_removed(m_clean: float, m_ref: float, drop: float, *, conts: int) -> float:
     """The share of the bad behaviour a metric drop removes, in probability. Log-space drops
     beyond "the bad continuation is gone" differ only in how small P(bad) became: a carrier
     that drives P(bad) to 1e-8 and the origin that drives it to 1e-4 did the same thing."""
-    p0, pr = _as_probability(m_clean, rows), _as_probability(m_ref, rows)
-    return (p0 - _as_probability(m_clean - drop, rows)) / max(p0 - pr, 1e-9)
+    p0, pr = _as_probability(m_clean, conts), _as_probability(m_ref, conts)
+    return (p0 - _as_probability(m_clean - drop, conts)) / max(p0 - pr, 1e-9)
 
 
 def rank_candidates(
@@ -499,13 +502,15 @@ def rank_candidates(
     1. The leading group: effect share(max(TE, NE)) within ``window`` of the largest.
     2. Inside it, by min(DE, NE) where that reaches ``direct_fraction`` of the gap, else 0: a
        direct effect counts only where ablation confirms it.
-    3. Ties (no confirmed direct effect) by the smallest drop over the interventions: min(TE, NE,
-       NE0) with ``tie_break="robust"``, min(TE, NE) with ``"te_ne"``. A cause should remove
-       the behaviour whatever its output is replaced with. On the localization bench, carriers
-       of the trigger word's identity (layer-0 MLPs) did so when patched or mean-ablated but
-       not when zero-ablated; the planted components did under all three. NE0 does not veto a
-       direct effect: planted last-layer MLP writers kept the bad token when the whole MLP was
-       zeroed (NE0 near 0).
+    3. Ties (no confirmed direct effect) by the smallest drop over the ablations: min(NE, NE0)
+       with ``tie_break="necessity"`` (the default), min(TE, NE, NE0) with ``"robust"``,
+       min(TE, NE) with ``"te_ne"``. A cause should remove the behaviour whatever its output is
+       ablated to. On the localization bench, carriers of the trigger word's identity (layer-0
+       MLPs) did so when mean-ablated but not when zero-ablated; the planted components did
+       under both. Patching to the counterfactual is not an ablation: an enabler (a planted
+       head whose output is the same on the counterfactual) keeps its contribution when
+       patched, so TE would veto it. NE0 does not veto a direct effect: planted last-layer MLP
+       writers kept the bad token when the whole MLP was zeroed (NE0 near 0).
     4. The rest by effect.
     """
     effect = {e.id: share(max(e.total_effect, e.necessity)) for e in evidence}
@@ -514,8 +519,8 @@ def rank_candidates(
     rest = [e for e in evidence if e not in lead]
 
     def robust(e: CandidateEvidence) -> float:
-        drops = [e.total_effect, e.necessity]
-        if config.tie_break == "robust" and e.necessity_zero is not None:
+        drops = [e.necessity] if config.tie_break == "necessity" else [e.total_effect, e.necessity]
+        if config.tie_break != "te_ne" and e.necessity_zero is not None:
             drops.append(e.necessity_zero)
         return min(drops)
 
@@ -618,7 +623,7 @@ def confirm(
     # metric, or, for a log-ratio metric whose baseline prefers the good continuation, zero
     # (the model indifferent between the two): removing the bad behaviour is the goal, not
     # making the good one as confident as on the counterfactual
-    m_ref = max(m_base, 0.0) if target.rows == 2 and m_clean > 0 else m_base
+    m_ref = max(m_base, 0.0) if target.n_conts == 2 and m_clean > 0 else m_base
     gap = m_clean - m_ref
     if gap <= 0:
         raise ConfirmError(
@@ -632,11 +637,20 @@ def confirm(
     if not cands:
         raise ConfirmError("the trace ranked no heads or MLPs")
 
+    # every component alone, ablated as sets are: the p-values' null, and, where sets are
+    # ablated as necessity is (and deterministically), each candidate's NE as well
+    say("singles", 0.1)
+    others = [x for x in ab.components]
+    single = ab.run([{x: set_src} for x in others], index_offset=10_000)
+    single_drop = {x: m_clean - float(v) for x, v in zip(others, single, strict=True)}
+    ne_shared = set_src == ablation and ablation in ("mean", "zero")
+
     # TE, DE and NE of every candidate (and NE0 for the tie-break), in one batched run
-    say("candidates", 0.1)
+    say("candidates", 0.3)
     # zero-ablation necessity: where NE is a zero ablation already, it is NE
-    zero_run = cfg.tie_break == "robust" and ablation != "zero"
-    per = 4 if zero_run else 3
+    zero_run = cfg.tie_break != "te_ne" and ablation != "zero"
+    extra = ([] if ne_shared else [ablation]) + (["zero"] if zero_run else [])
+    per = 2 + len(extra)
     variants: list[Variant] = []
     for c in cands:
         variants.append({c: patch_src})
@@ -650,18 +664,18 @@ def confirm(
             if later:
                 frozen[other] = "clean"
         variants.append(frozen)
-        variants.append({c: ablation})
-        if zero_run:
-            variants.append({c: "zero"})
+        variants += [{c: src} for src in extra]
     ms = ab.run(variants)
     # the zero ablations' share of that run: each recomputes from its candidate's layer up
     n_layers = ab.a.n_layers
     zero_cost = sum((n_layers - ab._site(c)[2]) / n_layers for c in cands) if zero_run else 0.0
     ev: list[CandidateEvidence] = []
     for i, c in enumerate(cands):
-        te, de, ne = (m_clean - float(ms[per * i + j]) for j in range(3))
+        drops = [m_clean - float(ms[per * i + j]) for j in range(per)]
+        te, de = drops[0], drops[1]
+        ne = single_drop[c] if ne_shared else drops[2]
         if zero_run:
-            ne0: float | None = m_clean - float(ms[per * i + 3])
+            ne0: float | None = drops[-1]
         else:
             ne0 = ne if ablation == "zero" else None
         ev.append(
@@ -669,10 +683,6 @@ def confirm(
         )
 
     # p-value of each candidate against every other component of its kind
-    say("singles", 0.3)
-    others = [x for x in ab.components]
-    single = ab.run([{x: set_src} for x in others], index_offset=10_000)
-    single_drop = {x: m_clean - float(v) for x, v in zip(others, single, strict=True)}
     for e in ev:
         null = [d for x, d in single_drop.items() if x != e.id and _kind_of(x) == _kind_of(e.id)]
         own = e.total_effect if set_src == "baseline" else e.necessity
@@ -682,7 +692,7 @@ def confirm(
     # ordered by a direct effect that is also necessary, then by the smallest drop over the
     # interventions; the rest by effect
     def share_of(drop: float) -> float:
-        return _share_removed(m_clean, m_ref, drop, rows=target.rows)
+        return _share_removed(m_clean, m_ref, drop, conts=target.n_conts)
 
     ordered = rank_candidates(ev, share=share_of, gap=gap, config=cfg)
     for r, e in enumerate(ordered):

@@ -1,14 +1,21 @@
 """The incident metric: log P(bad) - log P(good), teacher-forced over every continuation token.
 
 When no good continuation is given the metric is log P(bad) alone. A ``Target`` holds the
-token ids; its rows are laid out as ``[prompt + bad, prompt + good]`` (one row when there is no
-good continuation), right-padded, and a batch of ``k`` variants stacks ``k`` such groups. Right
-padding never changes what a causal model computes at the positions the metric reads.
+token ids. Its input rows are ``prompt + continuation``, right-padded, and a batch of ``k``
+variants stacks ``k`` such groups. Right padding never changes what a causal model computes at
+the positions the metric reads.
+
+Continuations share rows where they can: the logits that score a continuation are those after
+the prompt and all but its last token, so a continuation whose tokens but the last are a prefix
+of another one's row is read from that row. Single-token bad and good continuations, the usual
+incident, need one row, not two: every forward pass of the trace, confirm and remedy stages
+runs on half the rows, with the same metric (``tests/unit/test_metric.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -66,9 +73,33 @@ class Target:
         return [self.bad_ids] if self.good_ids is None else [self.bad_ids, self.good_ids]
 
     @property
-    def rows(self) -> int:
-        """Rows per variant: 2 with a good continuation, else 1."""
+    def n_conts(self) -> int:
+        """Continuations scored: 2 with a good continuation (a log-ratio metric), else 1."""
         return len(self.conts)
+
+    @cached_property
+    def _layout(self) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+        """The input rows' continuation tokens, and the row each continuation is read from."""
+        rows: list[tuple[int, ...]] = []
+        row_of = [0] * len(self.conts)
+        # longest first, so that a shorter continuation finds the row that contains it
+        for j in sorted(range(len(self.conts)), key=lambda j: -len(self.conts[j])):
+            c = self.conts[j]
+            need = c[:-1]  # the inputs its logits depend on, after the prompt
+            for r, seq in enumerate(rows):
+                if seq[: len(need)] == need:
+                    row_of[j] = r
+                    break
+            else:
+                rows.append(c)
+                row_of[j] = len(rows) - 1
+        return tuple(rows), tuple(row_of)
+
+    @property
+    def rows(self) -> int:
+        """Input rows per variant: 1, or 2 where neither continuation's row can score the other
+        (see the module docstring)."""
+        return len(self._layout[0])
 
     @property
     def n_prompt(self) -> int:
@@ -92,14 +123,14 @@ class Target:
     def input_ids(self, n_variants: int = 1, *, device: Any = None) -> torch.Tensor:
         """(n_variants * rows, length) token ids, right-padded."""
         rows = []
-        for c in self.conts:
+        for c in self._layout[0]:
             seq = list(self.prompt_ids) + list(c)
             rows.append(seq + [self.pad_id] * (self.length - len(seq)))
         ids = torch.tensor(rows, dtype=torch.long, device=device)
         return ids.repeat(n_variants, 1)
 
     def logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Summed log-probability of each continuation: (n_variants, rows).
+        """Summed log-probability of each continuation: (n_variants, n_conts).
 
         ``logits`` is (n_variants * rows, positions, vocab) from ``input_ids(n_variants)``:
         every position, or only the last ``keep`` or more (``logits_to_keep``).
@@ -114,8 +145,9 @@ class Target:
             logits = logits.float()  # half precision loses small log-probabilities
         logp = torch.log_softmax(logits, dim=-1)
         out = []
-        for r, c in enumerate(self.conts):
-            n = len(c)
+        row_of = self._layout[1]
+        for j, c in enumerate(self.conts):
+            n, r = len(c), row_of[j]
             # the logit at position t predicts token t + 1
             pred = logp[r :: self.rows, :n, :]
             idx = torch.tensor(c, device=logits.device).expand(pred.shape[0], n)
@@ -125,7 +157,7 @@ class Target:
     def metric(self, logits: torch.Tensor) -> torch.Tensor:
         """The incident metric per variant: (n_variants,)."""
         lp = self.logprobs(logits)
-        return lp[:, 0] - lp[:, 1] if self.rows == 2 else lp[:, 0]
+        return lp[:, 0] - lp[:, 1] if self.n_conts == 2 else lp[:, 0]
 
 
 @dataclass(frozen=True)
@@ -203,5 +235,5 @@ def evaluate(model: torch.nn.Module, target: Target) -> MetricValue:
     return MetricValue(
         metric=float(m),
         logp_bad=float(lp[0]),
-        logp_good=float(lp[1]) if target.rows == 2 else None,
+        logp_good=float(lp[1]) if target.n_conts == 2 else None,
     )

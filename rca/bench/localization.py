@@ -7,7 +7,7 @@ of two architectures, plants ``n_faults`` seeded faults across kinds and layers
 1. ``score_components`` (EAP-IG, 8 steps, counterfactual baseline) ranks every head and MLP;
 2. ``rca.confirm.confirm`` verifies the top candidates with exact interventions and re-ranks
    them (``rca.confirm.rank_candidates``: the leading group by the share of P(bad) that
-   max(TE, NE) removes, ordered by a confirmed direct effect, then by min(TE, NE, NE0)).
+   max(TE, NE) removes, ordered by a confirmed direct effect, then by min(NE, NE0)).
 
 It scores the confirm ranking against the planted components, and does the same for two
 baselines computed on the same fault: attribution alone (rank by |EAP-IG score|) and exhaustive
@@ -425,7 +425,7 @@ def localize(
         metric={
             "prompt": verdict.metric_clean,
             "counterfactual": verdict.metric_baseline,
-            "rows": target.rows,
+            "rows": target.n_conts,  # continuations scored (named before rows were shared)
         },
         weight_change_ranked=wc_ranked,
     )
@@ -474,10 +474,11 @@ def _share_removed(r: FaultResult, drop: float) -> float:
     return (p0 - _prob(r.metric["prompt"] - drop, rows)) / max(p0 - pb, 1e-9)
 
 
-def confirm_rule_ranking(r: FaultResult, *, tie_break: str = "robust") -> list[str]:
+def confirm_rule_ranking(r: FaultResult, *, tie_break: str = "necessity") -> list[str]:
     """``rca.confirm``'s ranking (``rank_candidates``) recomputed from the saved evidence, with
-    ``tie_break`` "robust" (min(TE, NE, NE0), the default) or "te_ne" (min(TE, NE), the rule
-    before). Saved runs without zero-ablation necessity fall back to min(TE, NE)."""
+    ``tie_break`` "necessity" (min(NE, NE0), the default), "robust" (min(TE, NE, NE0), the rule
+    before) or "te_ne" (min(TE, NE), the first rule). Saved runs without zero-ablation
+    necessity fall back to NE, and to min(TE, NE)."""
     from rca.confirm import CandidateEvidence, ConfirmConfig, _share_removed, rank_candidates
 
     rows = int(r.metric.get("rows", 1))
@@ -497,7 +498,7 @@ def confirm_rule_ranking(r: FaultResult, *, tie_break: str = "robust") -> list[s
     ]
     ordered = rank_candidates(
         ev,
-        share=lambda d: _share_removed(m_clean, m_ref, d, rows=rows),
+        share=lambda d: _share_removed(m_clean, m_ref, d, conts=rows),
         gap=m_clean - m_ref,
         config=ConfirmConfig(top_k=BENCH_TOP_K, tie_break=tie_break),
     )
@@ -523,8 +524,10 @@ RANKINGS: dict[str, Callable[[FaultResult], list[str]]] = {
         {e["id"]: _share_removed(r, max(e["te"], e["ne"])) for e in r.evidence},
     ),
     # rca.confirm's rule recomputed: leading group by P(bad) share, ordered by a confirmed
-    # direct effect, ties by min(TE, NE, NE0) (the default) or by min(TE, NE) (the rule before)
+    # direct effect, ties by min(NE, NE0) (the default), by min(TE, NE, NE0) or by min(TE, NE)
+    # (the rules before)
     "rca": confirm_rule_ranking,
+    "rca_tie_robust": lambda r: confirm_rule_ranking(r, tie_break="robust"),
     "rca_tie_te_ne": lambda r: confirm_rule_ranking(r, tie_break="te_ne"),
 }
 

@@ -10,12 +10,18 @@ prompt position are summed.
   baseline where every prompt token is a neutral token, ``n_steps`` Gauss-Legendre points,
   ``internal_batch_size`` points per forward. Completeness is reported: the sum of the
   attributions against ``metric(x) - metric(baseline)``.
-- ``segment_ablation``: ``FeatureAblation`` over prompt segments (whitespace-delimited words by
-  default): each segment replaced by neutral tokens, ``batch`` ablated prompts per forward.
+- ``segment_ablation``: each prompt segment (whitespace-delimited words by default) replaced by
+  neutral tokens, ``batch`` ablated prompts per forward. Positions before a segment are the
+  same as in the clean prompt, so by default the clean run's key/value cache stands in for
+  them: a batch of consecutive segments recomputes only from its first segment onward, about
+  half the positions on average. Models whose cache cannot be cut back (sliding-window
+  layers, caches without ``crop``) take captum's ``FeatureAblation`` over full forwards; both
+  give the same scores (``tests/unit/test_segments.py``).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -180,6 +186,88 @@ def word_segments(tokenizer, prompt: str, prompt_ids: Sequence[int]) -> list[tup
     return segments
 
 
+def _cache_kw(model: torch.nn.Module) -> str:
+    """The forward's key/value cache argument: ``cache`` (transformers >= 5.2x), else
+    ``past_key_values``."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _prompt_cache(subject: Subject, target: Target) -> object | None:
+    """The clean prompt's key/value cache, where it can be cut back to a prefix; else None."""
+    out = subject.model(
+        input_ids=torch.tensor([target.prompt_ids], device=subject.device),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = getattr(out, "cache", None)
+    if cache is None:  # transformers before the rename
+        cache = getattr(out, "past_key_values", None)
+    if cache is None or not all(
+        callable(getattr(cache, m, None))
+        for m in ("crop", "batch_repeat_interleave", "get_seq_length")
+    ):
+        return None
+    sliding = getattr(cache, "is_sliding", False)
+    if not getattr(cache, "is_croppable", True) or (
+        any(sliding) if isinstance(sliding, (list, tuple)) else bool(sliding)
+    ):
+        return None  # sliding-window layers keep no full prefix to cut back to
+    if cache.get_seq_length() != target.n_prompt:
+        return None
+    return cache
+
+
+def _cached_segment_metrics(
+    subject: Subject,
+    target: Target,
+    segments: Sequence[tuple[int, int]],
+    neutral: int,
+    batch: int,
+) -> list[float] | None:
+    """The metric with each segment neutralised, each batch of consecutive segments run from
+    its first segment's start on a copy of the clean prompt's cache cut back to that start.
+    None where the model's cache does not allow it."""
+    if not logits_kwargs(subject.model, target):
+        return None
+    try:
+        cache = _prompt_cache(subject, target)
+    except (TypeError, ValueError, NotImplementedError):
+        return None
+    if cache is None:
+        return None
+    ids = target.input_ids(device=subject.device)  # (rows, T)
+    rows = target.rows
+    ckw = _cache_kw(subject.model)
+    order = sorted(range(len(segments)), key=lambda k: segments[k][0])
+    out = [0.0] * len(segments)
+    for c0 in range(0, len(order), batch):
+        chunk = order[c0 : c0 + batch]
+        s0 = segments[chunk[0]][0]
+        x = ids.repeat(len(chunk), 1)
+        for j, k in enumerate(chunk):
+            a, b = segments[k]
+            x[j * rows : (j + 1) * rows, a:b] = neutral
+        kw: dict[str, object] = {"use_cache": False}
+        if s0 > 0:
+            past = copy.deepcopy(cache)
+            # a negative length removes that many positions, in every transformers version
+            past.crop(s0 - target.n_prompt)  # type: ignore[attr-defined]
+            past.batch_repeat_interleave(len(chunk) * rows)  # type: ignore[attr-defined]
+            kw = {"use_cache": True, ckw: past}
+        logits = subject.model(
+            input_ids=x[:, s0:], **kw, **logits_kwargs(subject.model, target)
+        ).logits
+        for j, v in zip(chunk, target.metric(logits).tolist(), strict=True):
+            out[j] = float(v)
+    return out
+
+
 def segment_ablation(
     subject: Subject,
     target: Target,
@@ -190,12 +278,14 @@ def segment_ablation(
     reference_prompts: Sequence[str] = (),
     template_share: float = 0.5,
     batch: int = 1,
+    prefix_cache: bool = True,
 ) -> SegmentScores:
-    """Metric drop when each prompt segment is replaced by neutral tokens (captum FeatureAblation).
+    """Metric drop when each prompt segment is replaced by neutral tokens.
 
     Segments default to the prompt's words (``prompt`` needed for the offsets), else tokens.
     ``batch``: ablated prompts per forward (captum's ``perturbations_per_eval``); the scores
-    do not depend on it.
+    do not depend on it. ``prefix_cache``: reuse the clean prompt's key/value cache for the
+    positions before each batch's first segment where the model's cache allows it.
     With ``reference_prompts``, a segment whose tokens occur in at least ``template_share`` of
     them is marked template (see ``SegmentScores.template``).
     """
@@ -211,22 +301,31 @@ def segment_ablation(
             else [(i, i + 1) for i in range(target.n_prompt)]
         )
     neutral = neutral_token_id(tok) if baseline_id is None else baseline_id
-    mask = torch.full((target.rows, target.length), len(segments), dtype=torch.long)
-    for k, (s, e) in enumerate(segments):
-        mask[:, s:e] = k
     fwd = _flat_forward(target)
     x = target.input_ids(device=dev).reshape(1, -1)
-    fa = FeatureAblation(lambda ids: fwd(model, ids))
     with torch.inference_mode():
-        attr = fa.attribute(
-            x,
-            baselines=neutral,
-            feature_mask=mask.reshape(1, -1).to(dev),
-            perturbations_per_eval=max(1, batch),
-        )
         metric = float(fwd(model, x)[0])
-    attr = attr.reshape(target.rows, target.length)[0]
-    scores = [float(attr[s]) for s, _ in segments]
+        cached = (
+            _cached_segment_metrics(subject, target, segments, neutral, max(1, batch))
+            if prefix_cache
+            else None
+        )
+    if cached is not None:
+        scores = [metric - m for m in cached]
+    else:
+        mask = torch.full((target.rows, target.length), len(segments), dtype=torch.long)
+        for k, (s, e) in enumerate(segments):
+            mask[:, s:e] = k
+        fa = FeatureAblation(lambda ids: fwd(model, ids))
+        with torch.inference_mode():
+            attr = fa.attribute(
+                x,
+                baselines=neutral,
+                feature_mask=mask.reshape(1, -1).to(dev),
+                perturbations_per_eval=max(1, batch),
+            )
+        attr = attr.reshape(target.rows, target.length)[0]
+        scores = [float(attr[s]) for s, _ in segments]
     texts = [tok.decode(list(target.prompt_ids[s:e])) for s, e in segments]
     template = [False] * len(segments)
     if reference_prompts:

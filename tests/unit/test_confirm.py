@@ -168,7 +168,7 @@ def test_tie_break_prefers_the_component_necessary_under_every_intervention() ->
     gap = m_clean - m_ref
 
     def share(drop: float) -> float:
-        return _share_removed(m_clean, m_ref, drop, rows=1)
+        return _share_removed(m_clean, m_ref, drop, conts=1)
 
     # a carrier of the trigger's identity removes the behaviour when patched or mean-ablated,
     # and more of it in log space than the origin does, but not when zero-ablated; the origin
@@ -193,11 +193,42 @@ def test_tie_break_prefers_the_component_necessary_under_every_intervention() ->
     no_zero = [replace(e, necessity_zero=None) for e in ev]
     cfg = ConfirmConfig(tie_break="robust")
     assert rank_candidates(no_zero, share=share, gap=gap, config=cfg)[0].id == carrier.id
+    # the default, min(NE, NE0), settles it the same way
+    assert first("necessity") == origin.id
     # NE0 only breaks ties: a direct effect that ablation confirms still leads, even where
     # zero-ablating the whole MLP removes little (planted last-layer MLPs on the bench)
     late = _evidence("L5.MLP", te=16.0, de=16.0, ne=1.6, ne0=0.04)
     ranked = rank_candidates([*ev, late], share=share, gap=gap, config=cfg)
     assert ranked[0].id == late.id and ranked[1].id == origin.id
+
+
+def test_patching_does_not_veto_an_enabler() -> None:
+    """An enabler's output is the same on the counterfactual, so patching it there changes
+    little (small TE), yet ablating it removes the behaviour: the default tie-break ranks it
+    above carriers that only mean-ablation touches. The numbers are the bench's one AC@3 miss
+    under min(TE, NE, NE0): a GPT-2 head -> MLP circuit, its planted head L1.H1 (seed 2)."""
+    m_clean, m_ref = -0.023, -14.32
+    gap = m_clean - m_ref
+
+    def share(drop: float) -> float:
+        return _share_removed(m_clean, m_ref, drop, conts=1)
+
+    enabler = _evidence("L1.H1", te=0.82, de=0.0, ne=9.71, ne0=2.86)
+    carriers = [
+        _evidence("L2.MLP", te=4.64, de=0.18, ne=2.07, ne0=2.56),
+        _evidence("L1.MLP", te=11.12, de=0.5, ne=1.98, ne0=2.12),
+        _evidence("L0.MLP", te=12.9, de=0.05, ne=1.45, ne0=7.24),
+    ]
+    ev = [*carriers, enabler]
+    assert all(min(e.direct_effect, e.necessity) < 0.05 * gap for e in ev)
+
+    def order(tie_break: str) -> list[str]:
+        cfg = ConfirmConfig(tie_break=tie_break)
+        return [e.id for e in rank_candidates(ev, share=share, gap=gap, config=cfg)]
+
+    assert order("necessity")[0] == enabler.id
+    assert order("robust")[-1] == enabler.id  # min(TE, ...) takes its small TE
+    assert ConfirmConfig().tie_break == "necessity"
 
 
 @pytest.mark.parametrize("kind", ["mean", "zero"])
@@ -222,4 +253,5 @@ def test_zero_necessity_is_the_sequential_zero_ablation(kind: str) -> None:
         assert v.cost["tie_break_forward_equiv"] == 0.0
     else:  # one variant per candidate, from its layer up: L1 costs half of a 2-layer model
         assert v.cost["tie_break_forward_equiv"] == pytest.approx(0.5 + 1 + 1 + 0.5)
-    assert v.config.tie_break == "robust" and v.to_json()["config"]["tie_break"] == "robust"
+    assert v.config.tie_break == "necessity"
+    assert v.to_json()["config"]["tie_break"] == "necessity"

@@ -121,9 +121,36 @@ def test_metric_without_good_is_logp_bad(word) -> None:
     assert t.metric(logits).tolist() == pytest.approx([lp_bad], abs=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("bad", "good", "rows"),
+    [
+        (words(10), words(20), 1),  # single tokens: both read after the prompt
+        (BAD, GOOD, 1),  # good's one token is read at the prompt's end, in bad's row
+        (GOOD, BAD, 1),
+        (words(10, 11), words(10, 12), 1),  # good's first token is bad's: its row serves
+        (BAD, words(20, 21), 2),
+        (words(10, 11), words(12, 10, 11), 2),
+    ],
+)
+def test_continuations_share_rows_and_keep_their_metric(word, bad, good, rows) -> None:
+    """A continuation is read from another's row where that row holds every token its logits
+    depend on; the metric is still the hand computation from two separate passes."""
+    model, tok = word
+    t = encode_target(tok, PROMPT, " " + bad, " " + good)
+    assert t.rows == rows and t.n_conts == 2
+    assert t.input_ids(3).shape == (3 * rows, t.length)
+    lp_bad = hand_logp(model, list(t.prompt_ids), list(t.bad_ids))
+    lp_good = hand_logp(model, list(t.prompt_ids), list(t.good_ids or ()))
+    v = evaluate(model, t)
+    assert (v.logp_bad, v.logp_good) == pytest.approx((lp_bad, lp_good), abs=1e-4)
+    with torch.no_grad():
+        logits = model(input_ids=t.input_ids(3)).logits
+    assert t.metric(logits).tolist() == pytest.approx([lp_bad - lp_good] * 3, abs=1e-4)
+
+
 def test_padding_token_does_not_change_the_metric(word) -> None:
     model, tok = word
-    t = encode_target(tok, PROMPT, BAD, GOOD)  # good is padded by two tokens
+    t = encode_target(tok, PROMPT, BAD, words(20, 21))  # good is padded by one token
     other = Target(t.prompt_ids, t.bad_ids, t.good_ids, pad_id=57)
     assert not torch.equal(t.input_ids(), other.input_ids())
     assert evaluate(model, other).metric == pytest.approx(evaluate(model, t).metric, abs=1e-5)
