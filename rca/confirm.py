@@ -169,11 +169,11 @@ class Ablator:
                 raise ConfirmError("the baseline target must line up with the incident target")
             self.base, _ = self._record(baseline.input_ids(device=dev))
             self.metric_baseline = self._metric_of(baseline.input_ids(device=dev))
-        self.refs: list[dict[str, torch.Tensor]] = []
-        for p in reference:
-            toks = subject.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
-            acts, _ = self._record(torch.tensor([toks], device=dev))
-            self.refs.append({k: v[0] for k, v in acts.items()})  # (pos, width)
+        seqs = [
+            list(subject.tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p)
+            for p in reference
+        ]
+        self.refs: list[dict[str, torch.Tensor]] = self._record_refs([s for s in seqs if s])
         self.means: dict[str, torch.Tensor] | None = None
         if self.refs:
             self.means = {
@@ -221,6 +221,50 @@ class Ablator:
             for h in handles:
                 h.remove()
         return acts, outs
+
+    @torch.inference_mode()
+    def _record_refs(self, seqs: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+        """Each reference prompt's site activations, (pos, width), recorded a batch at a time:
+        right-padded with an attention mask, so every real position sees only its own prompt
+        (tests/unit/test_confirm.py checks them against one prompt per forward)."""
+        out: list[dict[str, torch.Tensor]] = []
+        pad = int(getattr(self.s.tokenizer, "pad_token_id", None) or 0)
+        batch = max(16, self.batch_size)
+        acts: dict[str, torch.Tensor] = {}
+        handles = []
+        try:
+            for key, mod, pre in self._site_keys():
+                if pre:
+                    handles.append(
+                        mod.register_forward_pre_hook(
+                            lambda m, a, _k=key: acts.__setitem__(_k, a[0].detach())
+                        )
+                    )
+                else:
+                    handles.append(
+                        mod.register_forward_hook(
+                            lambda m, a, o, _k=key: acts.__setitem__(_k, o.detach())
+                        )
+                    )
+            kw = _NO_LOGITS if logits_kwargs(self.s.model, self.t) else {}
+            for i in range(0, len(seqs), batch):
+                chunk = seqs[i : i + batch]
+                width = max(len(q) for q in chunk)
+                dev = self.s.device
+                ids = torch.tensor([q + [pad] * (width - len(q)) for q in chunk], device=dev)
+                mask = torch.tensor(
+                    [[1] * len(q) + [0] * (width - len(q)) for q in chunk], device=dev
+                )
+                acts.clear()
+                self.s.model(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
+                out += [
+                    {k: v[r, : len(q)].clone() for k, v in acts.items()}
+                    for r, q in enumerate(chunk)
+                ]
+        finally:
+            for h in handles:
+                h.remove()
+        return out
 
     @torch.inference_mode()
     def _metric_of(self, ids: torch.Tensor) -> float:

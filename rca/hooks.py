@@ -379,24 +379,36 @@ def mean_activations(
     ids: Iterable[ComponentId | str],
     *,
     per_position: bool = False,
+    batch: int = 16,
 ) -> dict[str, torch.Tensor]:
     """Mean activation of each component over reference prompts.
 
     Position-averaged (width,) by default; ``per_position=True`` gives (max_len, width), each
-    position averaged over the prompts long enough to have it.
+    position averaged over the prompts long enough to have it. Prompts run ``batch`` at a time,
+    right-padded with an attention mask; only each prompt's own positions are counted.
     """
     cids = [_as_cid(c).base for c in ids]
     keys = [format_id(c) for c in cids]
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
     dev = subject.device
-    for p in prompts:
-        toks = subject.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
-        ids_t = torch.tensor([toks], device=dev)
+    seqs = [
+        list(subject.tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in prompts
+    ]
+    seqs = [q for q in seqs if q]
+    pad = int(getattr(subject.tokenizer, "pad_token_id", None) or 0)
+    rows: list[dict[str, torch.Tensor]] = []  # per prompt: its own positions
+    for i in range(0, len(seqs), batch):
+        chunk = seqs[i : i + batch]
+        width = max(len(q) for q in chunk)
+        ids_t = torch.tensor([q + [pad] * (width - len(q)) for q in chunk], device=dev)
+        mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in chunk], device=dev)
         with capture(subject, cids) as acts:
-            subject.model(input_ids=ids_t)
+            subject.model(input_ids=ids_t, attention_mask=mask)
+            rows += [{k: acts[k][r, : len(q)] for k in keys} for r, q in enumerate(chunk)]
+    for row in rows:
         for k in keys:
-            a = acts[k][0].float()  # (pos, width) or (pos,)
+            a = row[k].float()  # (pos, width) or (pos,)
             if not per_position:
                 a, n = a.sum(0), torch.tensor(a.shape[0], dtype=torch.float32, device=a.device)
             else:

@@ -177,6 +177,8 @@ def trace(
     reference_prompts: Sequence[str] | None = None,
     neurons: bool = False,
     ig_steps: int = 32,
+    ig_min_steps: int = 8,
+    ig_tolerance: float = 0.05,
     min_drop: float = 0.8,
     max_memory: int | str | None = "auto",
     progress: Progress | None = None,
@@ -186,6 +188,9 @@ def trace(
     ``baseline``: ``auto`` (the case's counterfactual if it lines up, else an automatic one,
     else the mean), ``counterfactual`` (the case's or an automatic one; an error if neither
     works), or ``mean`` (mean activations over ``reference_prompts``, default the case's).
+
+    ``ig_steps``: the most integrated-gradients points; they start at ``ig_min_steps`` and
+    double until the attributions are complete within ``ig_tolerance`` (relative).
 
     ``max_memory``: a byte count or a size such as ``"4G"``; ``"auto"`` (default) is what the
     device has free; ``None`` turns the check off. The peak is estimated before anything runs
@@ -211,7 +216,12 @@ def trace(
 
     say("tokens", 0.0)
     tokens = integrated_gradients(
-        subject, target, n_steps=ig_steps, internal_batch_size=plan.ig_batch
+        subject,
+        target,
+        n_steps=ig_steps,
+        internal_batch_size=plan.ig_batch,
+        min_steps=ig_min_steps,
+        tolerance=ig_tolerance,
     )
     segments = segment_ablation(
         subject,

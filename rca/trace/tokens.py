@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -50,7 +51,7 @@ class TokenScores:
     method: str
     baseline_token: str
     n_steps: int
-    completeness: dict[str, float] = field(default_factory=dict)
+    completeness: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -118,10 +119,41 @@ def integrated_gradients(
     n_steps: int = 32,
     internal_batch_size: int | None = 16,
     baseline_id: int | None = None,
+    min_steps: int | None = None,
+    tolerance: float = 0.05,
 ) -> TokenScores:
-    """Token attribution by layer integrated gradients over the embeddings."""
+    """Token attribution by layer integrated gradients over the embeddings.
+
+    With ``min_steps``, the points start there and double up to ``n_steps`` until the
+    attributions are complete within ``tolerance`` (their sum against the metric's change from
+    the baseline, relative): a smooth path needs few Gauss-Legendre points, a sharp one gets
+    ``n_steps``. ``completeness["tries"]`` lists the point counts run; ``n_steps`` in the
+    result is the one kept.
+    """
+    steps = n_steps if min_steps is None else max(1, min(min_steps, n_steps))
+    tries: list[int] = []
+    while True:
+        out = _integrated_gradients(
+            subject, target, n_steps=steps, batch=internal_batch_size, baseline_id=baseline_id
+        )
+        tries.append(steps)
+        if steps >= n_steps or out.completeness["relative_error"] <= tolerance:
+            out.completeness["tries"] = tries
+            return out
+        steps = min(2 * steps, n_steps)
+
+
+def _integrated_gradients(
+    subject: Subject,
+    target: Target,
+    *,
+    n_steps: int,
+    batch: int | None,
+    baseline_id: int | None,
+) -> TokenScores:
     from captum.attr import LayerIntegratedGradients
 
+    internal_batch_size = batch
     model = subject.model
     dev = subject.device
     neutral = neutral_token_id(subject.tokenizer) if baseline_id is None else baseline_id

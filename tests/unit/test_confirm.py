@@ -255,3 +255,18 @@ def test_zero_necessity_is_the_sequential_zero_ablation(kind: str) -> None:
         assert v.cost["tie_break_forward_equiv"] == pytest.approx(0.5 + 1 + 1 + 0.5)
     assert v.config.tie_break == "necessity"
     assert v.to_json()["config"]["tie_break"] == "necessity"
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "llama", "gemma2", "phi"])
+def test_reference_activations_batched_equal_one_prompt_per_forward(model_type: str) -> None:
+    """The reference prompts are recorded a padded batch at a time; each prompt's activations
+    (and so the mean and resample values) are those of a forward pass of its own."""
+    s = Subject.from_model(tiny_model(model_type, seed=3).eval())
+    refs = [*REFS, (50, 51), (60, 61, 62, 63, 64, 65, 66, 67, 68, 69)]
+    ab = Ablator(s, TGT, reference=refs)
+    assert [next(iter(r.values())).shape[0] for r in ab.refs] == [len(r) for r in refs]
+    for r, rec in zip(refs, ab.refs, strict=True):
+        alone, _ = ab._record(torch.tensor([r]))
+        assert set(alone) == set(rec)
+        for k, v in alone.items():
+            torch.testing.assert_close(rec[k], v[0], atol=1e-5, rtol=1e-4)

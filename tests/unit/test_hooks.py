@@ -368,6 +368,31 @@ def test_mean_activations_of_strings_equal_those_of_their_tokens(subject: Subjec
             assert torch.equal(a[k], b[k])
 
 
+@pytest.mark.parametrize("batch", [1, 2, 16])
+def test_mean_activations_are_the_mean_over_each_prompts_own_positions(
+    subject: Subject, batch: int
+) -> None:
+    """Prompts of different lengths share a padded batch; the means count only each prompt's
+    own positions: equal to means of one-prompt forward passes, computed here by hand."""
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19]]
+    ids = ["L1.H0", "L0.MLP", "L0.N3"]
+    per: dict[str, list[torch.Tensor]] = {k: [] for k in ids}
+    for p in prompts:
+        with capture(subject, ids) as acts, torch.no_grad():
+            subject.model(input_ids=torch.tensor([p]))
+        for k in ids:
+            per[k].append(acts[k][0].float())
+    flat = {k: torch.cat(v).mean(0) for k, v in per.items()}
+    got = mean_activations(subject, prompts, ids, batch=batch)
+    pos = mean_activations(subject, prompts, ids, per_position=True, batch=batch)
+    for k in ids:
+        torch.testing.assert_close(got[k], flat[k], atol=1e-5, rtol=1e-4)
+        # position 4 exists only in the 6-token prompt; position 2 in three prompts
+        torch.testing.assert_close(pos[k][4], per[k][1][4], atol=1e-5, rtol=1e-4)
+        want2 = torch.stack([per[k][i][2] for i in (0, 1, 3)]).mean(0)
+        torch.testing.assert_close(pos[k][2], want2, atol=1e-5, rtol=1e-4)
+
+
 def test_mean_activations_needs_a_prompt(subject: Subject) -> None:
     with pytest.raises(HookError, match="at least one"):
         mean_activations(subject, [], ["L0.H0"])

@@ -225,6 +225,28 @@ def test_integrated_gradients_completeness_on_a_tiny_model(tmp_path) -> None:
     assert len(ts.scores) == len(PROMPT)
 
 
+def test_integrated_gradients_take_the_fewest_points_that_are_complete() -> None:
+    """Points double from ``min_steps`` until completeness is within the tolerance; the result
+    is the fixed-count attribution at the count it stopped at, and a looser tolerance stops
+    sooner."""
+    from tests.helpers import word_tokenizer
+
+    s = Subject.from_model(tiny_model("gpt2", seed=3), word_tokenizer())
+    tgt = Target(PROMPT, BAD, GOOD)
+    errs = {n: integrated_gradients(s, tgt, n_steps=n) for n in (1, 2, 4, 8, 16, 32)}
+    rel = {n: ts.completeness["relative_error"] for n, ts in errs.items()}
+    tol = 0.5 * (rel[1] + rel[32])  # between the worst and the best count
+    assert rel[1] > tol > rel[32]
+    want = min(n for n in (1, 2, 4, 8, 16, 32) if rel[n] <= tol)
+    ts = integrated_gradients(s, tgt, n_steps=32, min_steps=1, tolerance=tol)
+    assert ts.completeness["tries"] == [n for n in (1, 2, 4, 8, 16, 32) if n <= want]
+    assert ts.n_steps == want
+    assert ts.scores == pytest.approx(errs[want].scores, abs=1e-6)
+    # never more than n_steps, even when no count meets the tolerance
+    worst = integrated_gradients(s, tgt, n_steps=4, min_steps=1, tolerance=0.0)
+    assert worst.completeness["tries"] == [1, 2, 4] and worst.n_steps == 4
+
+
 @pytest.mark.parametrize("model_type", sorted(ARCHS))
 def test_fast_edge_path_equals_the_general_path(model_type: str) -> None:
     """Heads' input gradients from their q/k/v features equal the per-head VJP through the
