@@ -188,25 +188,27 @@ class Ablator:
             out.append((f"m{layer}", self.a.mlp(layer), False))
         return out
 
+    def _site_hooks(self, acts: dict[str, torch.Tensor], *, clone: bool) -> list[Any]:
+        """Hooks that store every site's activation in ``acts`` (detached; copied with
+        ``clone``); the caller removes them."""
+
+        def keep(key: str, x: torch.Tensor) -> None:
+            acts[key] = x.detach().clone() if clone else x.detach()
+
+        handles = []
+        for key, mod, pre in self._site_keys():
+            if pre:
+                handles.append(mod.register_forward_pre_hook(lambda m, a, _k=key: keep(_k, a[0])))
+            else:
+                handles.append(mod.register_forward_hook(lambda m, a, o, _k=key: keep(_k, o)))
+        return handles
+
     @torch.inference_mode()
     def _record(self, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         acts: dict[str, torch.Tensor] = {}
         outs: list[torch.Tensor] = []
-        handles = []
+        handles = self._site_hooks(acts, clone=True)
         try:
-            for key, mod, pre in self._site_keys():
-                if pre:
-                    handles.append(
-                        mod.register_forward_pre_hook(
-                            lambda m, a, _k=key: acts.__setitem__(_k, a[0].detach().clone())
-                        )
-                    )
-                else:
-                    handles.append(
-                        mod.register_forward_hook(
-                            lambda m, a, o, _k=key: acts.__setitem__(_k, o.detach().clone())
-                        )
-                    )
             for layer in self.a.layers:
                 handles.append(
                     layer.register_forward_hook(
@@ -231,21 +233,8 @@ class Ablator:
         pad = int(getattr(self.s.tokenizer, "pad_token_id", None) or 0)
         batch = max(16, self.batch_size)
         acts: dict[str, torch.Tensor] = {}
-        handles = []
+        handles = self._site_hooks(acts, clone=False)  # each row is cloned when sliced
         try:
-            for key, mod, pre in self._site_keys():
-                if pre:
-                    handles.append(
-                        mod.register_forward_pre_hook(
-                            lambda m, a, _k=key: acts.__setitem__(_k, a[0].detach())
-                        )
-                    )
-                else:
-                    handles.append(
-                        mod.register_forward_hook(
-                            lambda m, a, o, _k=key: acts.__setitem__(_k, o.detach())
-                        )
-                    )
             kw = _NO_LOGITS if logits_kwargs(self.s.model, self.t) else {}
             for i in range(0, len(seqs), batch):
                 chunk = seqs[i : i + batch]
