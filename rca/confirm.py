@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rca.hooks import padded_batch
 from rca.ids import parse_id
 from rca.metric import Target, logits_kwargs
 from rca.subject import Subject
@@ -238,12 +239,7 @@ class Ablator:
             kw = _NO_LOGITS if logits_kwargs(self.s.model, self.t) else {}
             for i in range(0, len(seqs), batch):
                 chunk = seqs[i : i + batch]
-                width = max(len(q) for q in chunk)
-                dev = self.s.device
-                ids = torch.tensor([q + [pad] * (width - len(q)) for q in chunk], device=dev)
-                mask = torch.tensor(
-                    [[1] * len(q) + [0] * (width - len(q)) for q in chunk], device=dev
-                )
+                ids, mask = padded_batch(chunk, pad, self.s.device)
                 acts.clear()
                 self.s.model(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
                 out += [

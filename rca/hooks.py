@@ -40,6 +40,7 @@ __all__ = [
     "ablate",
     "mean_activations",
     "Capture",
+    "padded_batch",
 ]
 
 Index = slice | int
@@ -372,6 +373,16 @@ def ablate(
         yield
 
 
+def padded_batch(
+    seqs: Sequence[Sequence[int]], pad: int, device: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists right-padded to one width, with their attention mask."""
+    width = max(len(q) for q in seqs)
+    ids = torch.tensor([list(q) + [pad] * (width - len(q)) for q in seqs], device=device)
+    mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], device=device)
+    return ids, mask
+
+
 @torch.inference_mode()
 def mean_activations(
     subject: Subject,
@@ -400,9 +411,7 @@ def mean_activations(
     rows: list[dict[str, torch.Tensor]] = []  # per prompt: its own positions
     for i in range(0, len(seqs), batch):
         chunk = seqs[i : i + batch]
-        width = max(len(q) for q in chunk)
-        ids_t = torch.tensor([q + [pad] * (width - len(q)) for q in chunk], device=dev)
-        mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in chunk], device=dev)
+        ids_t, mask = padded_batch(chunk, pad, dev)
         with capture(subject, cids) as acts:
             subject.model(input_ids=ids_t, attention_mask=mask)
             rows += [{k: acts[k][r, : len(q)] for k in keys} for r, q in enumerate(chunk)]

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from rca.hooks import ablate, mean_activations
+from rca.hooks import ablate, mean_activations, padded_batch
 from rca.ids import parse_id
 from rca.metric import MetricValue, Target, evaluate, logits_kwargs
 from rca.subject import Subject, _weight, load_subject
@@ -235,16 +235,6 @@ def _weights_edited(subject: Subject, deltas: dict[str, torch.Tensor]):
     return _on_writes(subject, {cid: add(d) for cid, d in deltas.items()}, "a weight edit")
 
 
-def _padded(
-    seqs: Sequence[Sequence[int]], pad: int, device: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists right-padded to one width, with their attention mask."""
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([list(s) + [pad] * (width - len(s)) for s in seqs], device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-    return ids, mask
-
-
 def _encoded(subject: Subject, prompts: Sequence[str]) -> tuple[list[list[int]], int]:
     """The prompts' token ids (those of at least two tokens), and the pad id."""
     seqs = [s for s in (subject.tokenizer(p)["input_ids"] for p in prompts) if len(s) >= 2]
@@ -283,7 +273,7 @@ def weight_edit(
         raise RemedyError("the edit prompts encode to fewer than two tokens each")
     # the KL term runs ``batch`` prompts at a time, its gradients accumulated: the same
     # gradient as one batch, within the memory plan
-    chunks = [_padded(seqs[i : i + batch], pad, dev) for i in range(0, len(seqs), batch)]
+    chunks = [padded_batch(seqs[i : i + batch], pad, dev) for i in range(0, len(seqs), batch)]
     with torch.inference_mode():
         refs = [
             torch.log_softmax(
@@ -356,7 +346,7 @@ def _benign_stats(
     seqs, pad = _encoded(subject, prompts)
     for i in range(0, len(seqs), batch):
         chunk = seqs[i : i + batch]
-        ids, mask = _padded(chunk, pad, dev)
+        ids, mask = padded_batch(chunk, pad, dev)
         with ctx() if ctx is not None else contextlib.nullcontext():
             logits = subject.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         for row, s in enumerate(chunk):
