@@ -134,7 +134,11 @@ def integrated_gradients(
     tries: list[int] = []
     while True:
         out = _integrated_gradients(
-            subject, target, n_steps=steps, batch=internal_batch_size, baseline_id=baseline_id
+            subject,
+            target,
+            n_steps=steps,
+            internal_batch_size=internal_batch_size,
+            baseline_id=baseline_id,
         )
         tries.append(steps)
         if steps >= n_steps or out.completeness["relative_error"] <= tolerance:
@@ -148,12 +152,11 @@ def _integrated_gradients(
     target: Target,
     *,
     n_steps: int,
-    batch: int | None,
+    internal_batch_size: int | None,
     baseline_id: int | None,
 ) -> TokenScores:
     from captum.attr import LayerIntegratedGradients
 
-    internal_batch_size = batch
     model = subject.model
     dev = subject.device
     neutral = neutral_token_id(subject.tokenizer) if baseline_id is None else baseline_id
