@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rca.hooks import padded_batch
+from rca.hooks import layers_skipped, padded_batch
 from rca.ids import parse_id
 from rca.metric import Target, logits_kwargs
 from rca.subject import Subject
@@ -101,35 +101,6 @@ def auto_batch_size(device: torch.device | str) -> int:
 _NO_LOGITS = {"logits_to_keep": 1}
 
 
-class _CachedLayer(nn.Module):
-    """Stands in for a decoder layer below the first ablated one: returns the clean output."""
-
-    def __init__(self, orig: nn.Module, out: torch.Tensor | None) -> None:
-        super().__init__()
-        object.__setattr__(self, "_orig", orig)  # not a submodule: no double registration
-        self._out = out
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._out is None:  # below another stub: what it gets is thrown away by the next
-            return hidden_states
-        reps = hidden_states.shape[0] // self._out.shape[0]
-        return self._out.repeat(reps, 1, 1)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_orig"), name)
-
-
-def _layers_list(subject: Subject) -> nn.ModuleList:
-    from rca.subject import _get
-
-    mods = _get(subject.model, subject.adapter.spec.layers)
-    assert isinstance(mods, nn.ModuleList)
-    return mods
-
-
 class Ablator:
     """Batched ablation of heads and MLPs on one incident target.
 
@@ -160,6 +131,8 @@ class Ablator:
         ]
         self.n_forward_rows = 0
         self.forward_equiv = 0.0
+        self.n_reused = 0  # variants answered from an earlier run of the same variant
+        self._memo: dict[tuple[tuple[str, str], ...], float] = {}
         dev = subject.device
         self.clean, self.layer_out = self._record(target.input_ids(device=dev))
         self.metric_clean = self._metric_of(target.input_ids(device=dev))
@@ -297,13 +270,38 @@ class Ablator:
     def first_layer(self, variant: Variant) -> int:
         return min((self._site(c)[2] for c in variant), default=self.a.n_layers)
 
+    @staticmethod
+    def _memo_key(variant: Variant) -> tuple[tuple[str, str], ...] | None:
+        """A variant's key where its metric does not depend on its index (no resample)."""
+        if any(src == "resample" for src in variant.values()):
+            return None
+        return tuple(sorted(variant.items()))
+
     @torch.inference_mode()
     def run(self, variants: Sequence[Variant], *, index_offset: int = 0) -> torch.Tensor:
-        """The metric under each variant: (len(variants),). Order is preserved."""
+        """The metric under each variant: (len(variants),). Order is preserved.
+
+        A variant already run (by this Ablator, in this call or an earlier one) is not run
+        again: a deterministic variant's metric is the same whichever batch it is in, within
+        float noise. Confirm's stages share many: a random set of one component is a single,
+        the first prefix of the cause set is its top candidate alone."""
         out = torch.empty(len(variants))
-        groups: dict[int, list[int]] = {}
+        todo: list[int] = []
+        first_of: dict[tuple[tuple[str, str], ...], int] = {}
+        copies: list[tuple[int, int]] = []  # (index, index of the same variant in this call)
         for i, v in enumerate(variants):
-            groups.setdefault(self.first_layer(v), []).append(i)
+            key = self._memo_key(v)
+            if key is not None and key in self._memo:
+                out[i] = self._memo[key]
+            elif key is not None and key in first_of:
+                copies.append((i, first_of[key]))
+            else:
+                if key is not None:
+                    first_of[key] = i
+                todo.append(i)
+        groups: dict[int, list[int]] = {}
+        for i in todo:
+            groups.setdefault(self.first_layer(variants[i]), []).append(i)
         # one group per first ablated layer, so that every pass reuses all it can
         for _, idx in sorted(groups.items()):
             for start in range(0, len(idx), self.batch_size):
@@ -312,6 +310,11 @@ class Ablator:
                     [variants[i] for i in chunk], [index_offset + i for i in chunk]
                 )
                 out[chunk] = vals
+        for key, i in first_of.items():
+            self._memo[key] = float(out[i])
+        for i, j in copies:
+            out[i] = out[j]
+        self.n_reused += len(variants) - len(todo)
         return out
 
     def _run_chunk(self, variants: list[Variant], indices: list[int]) -> torch.Tensor:
@@ -332,9 +335,8 @@ class Ablator:
                 mask[k, sl] = 1
                 values[k, ..., sl] = self._value(key, source, vidx)[..., sl]
         first = min((self.first_layer(v) for v in variants), default=self.a.n_layers)
+        first = min(first, self.a.n_layers) if self.reuse else 0
         handles = []
-        layers = _layers_list(self.s)
-        originals = list(layers)
         try:
             for key, mod, pre in self._site_keys():
                 if key not in edits:
@@ -352,23 +354,18 @@ class Ablator:
                     )
                 else:
                     handles.append(mod.register_forward_hook(lambda mm, a, o, _f=apply: _f(o)))
-            if self.reuse:
-                top = min(first, self.a.n_layers) - 1
-                for i in range(top + 1):
-                    # only the last stub's output is read: the ones below it pass through
-                    layers[i] = _CachedLayer(originals[i], self.layer_out[i] if i == top else None)
             ids = self.t.input_ids(K, device=dev)
+            below = self.layer_out[first - 1] if first > 0 else None
             # no KV cache: the stubs would leave holes in it, and nothing is generated
-            logits = self.s.model(
-                input_ids=ids, use_cache=False, **logits_kwargs(self.s.model, self.t)
-            ).logits
+            with layers_skipped(self.s, first, below):
+                logits = self.s.model(
+                    input_ids=ids, use_cache=False, **logits_kwargs(self.s.model, self.t)
+                ).logits
         finally:
             for h in handles:
                 h.remove()
-            for i, orig in enumerate(originals):
-                layers[i] = orig
         self.n_forward_rows += K * rows
-        computed = (self.a.n_layers - (first if self.reuse else 0)) / self.a.n_layers
+        computed = (self.a.n_layers - first) / self.a.n_layers
         self.forward_equiv += K * computed
         return self.t.metric(logits).float().cpu()
 
@@ -866,6 +863,7 @@ def confirm(
             "necessity_kind": ablation,
             "seconds": time.perf_counter() - t0,
             "variants": ab.n_forward_rows // target.rows,
+            "variants_reused": ab.n_reused,  # asked for again, answered from the first run
             "forward_equiv": ab.forward_equiv + 2 + (1 if baseline is not None else 0),
             "tie_break_forward_equiv": zero_cost,  # of which the tie-break's zero ablations
             "reference_prompts": len(ab.refs),

@@ -41,6 +41,10 @@ __all__ = [
     "mean_activations",
     "Capture",
     "padded_batch",
+    "layers_skipped",
+    "MeanAccumulator",
+    "stop_after",
+    "run_until",
 ]
 
 Index = slice | int
@@ -373,6 +377,54 @@ def ablate(
         yield
 
 
+class _CachedLayer(nn.Module):
+    """Stands in for a decoder layer below the first changed one (``layers_skipped``)."""
+
+    def __init__(self, orig: nn.Module, out: torch.Tensor | None) -> None:
+        super().__init__()
+        object.__setattr__(self, "_orig", orig)  # not a submodule: no double registration
+        self._out = out
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._out is None:  # below another stub: what it gets is thrown away by the next
+            return hidden_states
+        reps = hidden_states.shape[0] // self._out.shape[0]
+        return self._out.repeat(reps, 1, 1)  # a copy: a layer above may work in place
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_orig"), name)
+
+
+@contextlib.contextmanager
+def layers_skipped(subject: Subject, first: int, out: torch.Tensor | None) -> Iterator[None]:
+    """Run the decoder layers from ``first`` up only: the layers below are replaced by stubs,
+    the top one returning ``out``, the recorded output of layer ``first - 1`` (repeated along
+    the batch to fit), the ones under it passing their input through (the next stub throws it
+    away). For a forward in which nothing below ``first`` changes, the layers above then
+    compute what the whole model would. ``first`` 0 replaces none. The KV cache must be off:
+    the stubs would leave holes in it. The layers are put back on exit."""
+    from rca.subject import _get
+
+    if first <= 0:
+        yield
+        return
+    if out is None:
+        raise HookError("layers_skipped needs the output of the layer below the first one run")
+    layers = _get(subject.model, subject.adapter.spec.layers)
+    assert isinstance(layers, nn.ModuleList)
+    originals = list(layers)
+    try:
+        for i in range(first):
+            layers[i] = _CachedLayer(originals[i], out if i == first - 1 else None)
+        yield
+    finally:
+        for i, orig in enumerate(originals):
+            layers[i] = orig
+
+
 def padded_batch(
     seqs: Sequence[Sequence[int]], pad: int, device: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,6 +433,91 @@ def padded_batch(
     ids = torch.tensor([list(q) + [pad] * (width - len(q)) for q in seqs], device=device)
     mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], device=device)
     return ids, mask
+
+
+class MeanAccumulator:
+    """Running means of captured components over padded batches of prompts.
+
+    ``add(acts, lengths)`` takes a ``Capture`` of a right-padded batch and each row's own
+    length; only those positions count. ``result()`` gives each id's mean: position-averaged
+    (width,) by default, or (max_len, width) with ``per_position``, each position averaged over
+    the prompts long enough to have it.
+    """
+
+    def __init__(self, keys: Sequence[str], *, per_position: bool = False) -> None:
+        self.keys = list(keys)
+        self.per_position = per_position
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, acts: Mapping[str, torch.Tensor], lengths: Sequence[int]) -> None:
+        for k in self.keys:
+            x = acts[k]
+            for r, n_pos in enumerate(lengths):
+                self._add_one(k, x[r, :n_pos].float())  # (pos, width) or (pos,)
+
+    def _add_one(self, k: str, a: torch.Tensor) -> None:
+        if not self.per_position:
+            a, n = a.sum(0), torch.tensor(a.shape[0], dtype=torch.float32, device=a.device)
+        else:
+            n = torch.ones(a.shape[0], device=a.device)
+        sums, counts = self.sums, self.counts
+        if k in sums and self.per_position and sums[k].shape[0] < a.shape[0]:
+            extra = a.shape[0] - sums[k].shape[0]
+            sums[k] = torch.cat([sums[k], torch.zeros_like(a[:extra])])
+            counts[k] = torch.cat([counts[k], torch.zeros(extra, device=a.device)])
+        if k not in sums:
+            sums[k], counts[k] = torch.zeros_like(a), torch.zeros_like(n)
+        if self.per_position:
+            sums[k][: a.shape[0]] += a
+            counts[k][: a.shape[0]] += n
+        else:
+            sums[k] += a
+            counts[k] += n
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if not self.sums:
+            raise HookError("mean_activations needs at least one reference prompt")
+        out = {}
+        for k in self.keys:
+            c = self.counts[k].clamp(min=1)
+            s = self.sums[k]
+            out[k] = s / (c.unsqueeze(-1) if s.dim() > c.dim() else c)
+        return out
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what it records is recorded."""
+
+
+@contextlib.contextmanager
+def stop_after(subject: Subject, layer: int) -> Iterator[None]:
+    """End every forward pass inside the block once decoder layer ``layer`` has run: what
+    hooks at or below it record is complete, and nothing above it is computed. The forward
+    returns None. A layer past the last one stops nothing."""
+    layers = subject.adapter.layers
+    if layer >= len(layers) - 1:
+        yield
+        return
+
+    def stop(m: nn.Module, args: Any, out: Any) -> None:
+        raise _Stop
+
+    handle = layers[layer].register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_until(subject: Subject, layer: int, **inputs: Any) -> Any:
+    """The model's forward on ``inputs``, ended after decoder layer ``layer`` (``stop_after``):
+    the output where the model ran to the end, else None."""
+    with stop_after(subject, layer):
+        try:
+            return subject.model(**inputs)
+        except _Stop:
+            return None
 
 
 @torch.inference_mode()
@@ -396,48 +533,26 @@ def mean_activations(
 
     Position-averaged (width,) by default; ``per_position=True`` gives (max_len, width), each
     position averaged over the prompts long enough to have it. Prompts run ``batch`` at a time,
-    right-padded with an attention mask; only each prompt's own positions are counted.
+    right-padded with an attention mask; only each prompt's own positions are counted. Each
+    forward ends at the deepest layer that holds one of ``ids``.
     """
     cids = [_as_cid(c).base for c in ids]
-    keys = [format_id(c) for c in cids]
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, torch.Tensor] = {}
+    acc = MeanAccumulator([format_id(c) for c in cids], per_position=per_position)
     dev = subject.device
     seqs = [
         list(subject.tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in prompts
     ]
     seqs = [q for q in seqs if q]
     pad = int(getattr(subject.tokenizer, "pad_token_id", None) or 0)
-    rows: list[dict[str, torch.Tensor]] = []  # per prompt: its own positions
+    # EMB (no layer) is below layer 0; LOGITS needs the whole model
+    deepest = max(
+        (subject.adapter.n_layers if c.kind == "logits" else (c.layer or 0) for c in cids),
+        default=0,
+    )
     for i in range(0, len(seqs), batch):
         chunk = seqs[i : i + batch]
         ids_t, mask = padded_batch(chunk, pad, dev)
         with capture(subject, cids) as acts:
-            subject.model(input_ids=ids_t, attention_mask=mask)
-            rows += [{k: acts[k][r, : len(q)] for k in keys} for r, q in enumerate(chunk)]
-    for row in rows:
-        for k in keys:
-            a = row[k].float()  # (pos, width) or (pos,)
-            if not per_position:
-                a, n = a.sum(0), torch.tensor(a.shape[0], dtype=torch.float32, device=a.device)
-            else:
-                n = torch.ones(a.shape[0], device=a.device)
-            if k in sums and per_position and sums[k].shape[0] < a.shape[0]:
-                pad = a.shape[0] - sums[k].shape[0]
-                sums[k] = torch.cat([sums[k], torch.zeros_like(a[:pad])])
-                counts[k] = torch.cat([counts[k], torch.zeros(pad, device=a.device)])
-            if k not in sums:
-                sums[k], counts[k] = torch.zeros_like(a), torch.zeros_like(n)
-            if per_position:
-                sums[k][: a.shape[0]] += a
-                counts[k][: a.shape[0]] += n
-            else:
-                sums[k] += a
-                counts[k] += n
-    if not sums:
-        raise HookError("mean_activations needs at least one reference prompt")
-    out = {}
-    for k in keys:
-        c = counts[k].clamp(min=1)
-        out[k] = sums[k] / (c.unsqueeze(-1) if sums[k].dim() > c.dim() else c)
-    return out
+            run_until(subject, deepest, input_ids=ids_t, attention_mask=mask, use_cache=False)
+            acc.add(acts, [len(q) for q in chunk])
+    return acc.result()

@@ -35,14 +35,14 @@ import contextlib
 import json
 import math
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rca.hooks import ablate, mean_activations, padded_batch
+from rca.hooks import MeanAccumulator, ablate, capture, layers_skipped, padded_batch
 from rca.ids import parse_id
 from rca.metric import MetricValue, Target, evaluate, logits_kwargs
 from rca.subject import Subject, _weight, load_subject
@@ -187,8 +187,6 @@ def _write_directions(
     subject: Subject, target: Target, counterfactual: Target, comps: Sequence[str]
 ) -> dict[str, list[float]]:
     """Per component: its write at the last prompt position, prompt minus counterfactual."""
-    from rca.hooks import capture
-
     a, dev = subject.adapter, subject.device
     writes = []
     for t in (target, counterfactual):
@@ -333,50 +331,109 @@ def _fix_context(subject: Subject, spec: dict[str, Any]):
 # measurement
 
 
-@torch.inference_mode()
-def _benign_stats(
-    subject: Subject, prompts: Sequence[str], ctx=None, *, batch: int = 32
-) -> tuple[list, float]:
-    """Per prompt log-probabilities (for KL) and the mean next-token loss over all prompts.
+def _first_layer(spec: dict[str, Any]) -> int:
+    """The lowest decoder layer a fix changes anything in; 0 where it changes the embedding."""
+    if spec["kind"] == "direction_removal":
+        return 0  # the embedding is one of the writes it projects
+    keys = spec.get("directions") or spec.get("deltas") or spec["components"]
+    return min(parse_id(c).layer or 0 for c in keys)
 
-    Prompts run ``batch`` at a time, right-padded with an attention mask: the real positions'
-    logits are those of the prompt alone (positions count from 0 either way)."""
-    logps, total, count = [], 0.0, 0
-    dev = subject.device
-    seqs, pad = _encoded(subject, prompts)
-    for i in range(0, len(seqs), batch):
-        chunk = seqs[i : i + batch]
-        ids, mask = padded_batch(chunk, pad, dev)
-        with ctx() if ctx is not None else contextlib.nullcontext():
-            logits = subject.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        for row, s in enumerate(chunk):
-            n = len(s)
+
+class _Benign:
+    """The benign prompts of the side-effect measurement, run once without a fix.
+
+    That run gives each prompt's next-token log-probabilities and the mean loss, the means of
+    ``sites`` over the prompts' own positions (for the mean ablations), and, for each layer in
+    ``keep``, the residual stream leaving the layer below it. A fix that changes nothing below
+    layer L then runs from L up (``rca.hooks.layers_skipped``), and measures what a full
+    forward would (tests/unit/test_remedy.py). Prompts run ``batch`` at a time, right-padded
+    with an attention mask: the real positions' logits are those of the prompt alone.
+    """
+
+    @torch.inference_mode()
+    def __init__(
+        self,
+        subject: Subject,
+        prompts: Sequence[str],
+        *,
+        batch: int = 32,
+        sites: Sequence[str] = (),
+        keep: Iterable[int] = (),
+    ) -> None:
+        self.s = subject
+        seqs, pad = _encoded(subject, prompts)
+        if not seqs:
+            raise RemedyError("the reference prompts encode to fewer than two tokens each")
+        self.n_prompts = len(seqs)
+        dev = subject.device
+        self.chunks = [
+            (chunk, *padded_batch(chunk, pad, dev))
+            for chunk in (seqs[i : i + batch] for i in range(0, len(seqs), batch))
+        ]
+        self.keep = sorted({x for x in keep if 0 < x < subject.adapter.n_layers})
+        below = [f"L{x - 1}.RESID_POST" for x in self.keep]
+        acc = MeanAccumulator(list(sites))
+        self.below: dict[int, list[torch.Tensor]] = {x: [] for x in self.keep}
+        self.logps: list[torch.Tensor] = []
+        total, count = 0.0, 0
+        for chunk, ids, mask in self.chunks:
+            with capture(subject, [*sites, *below]) as acts:
+                logits = subject.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            if sites:
+                acc.add(acts, [len(q) for q in chunk])
+            for x, rid in zip(self.keep, below, strict=True):
+                self.below[x].append(acts[rid].clone())
+            lp, t = self._scored(chunk, ids, logits)
+            self.logps += lp
+            total, count = total + t, count + sum(len(q) - 1 for q in chunk)
+        self.loss = total / count
+        self.means = acc.result() if sites else {}
+
+    @staticmethod
+    def _scored(chunk, ids, logits) -> tuple[list[torch.Tensor], float]:
+        """Each row's next-token log-probabilities over its own positions, and their loss sum."""
+        lps, total = [], 0.0
+        for row, q in enumerate(chunk):
+            n = len(q)
             lp = torch.log_softmax(logits[row, : n - 1].float(), -1)
-            logps.append(lp)
+            lps.append(lp)
             total += float(-lp.gather(-1, ids[row, 1:n].unsqueeze(-1)).sum())
-            count += n - 1
-    if count == 0:
-        raise RemedyError("the reference prompts encode to fewer than two tokens each")
-    return logps, total / count
+        return lps, total
+
+    @torch.inference_mode()
+    def side_effect(self, ctx: Callable[[], Any], first: int = 0) -> dict[str, float]:
+        """Mean KL(original || fixed) per next-token position, and the loss change, with the
+        fix ``ctx()`` on; ``first``: the lowest layer it changes (``_first_layer``)."""
+        start = first if first in self.below else 0
+        kl: list[float] = []
+        total, count = 0.0, 0
+        for c, (chunk, ids, mask) in enumerate(self.chunks):
+            out = self.below[start][c] if start else None
+            with ctx(), layers_skipped(self.s, start, out):
+                logits = self.s.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            lps, t = self._scored(chunk, ids, logits)
+            before = self.logps[len(kl) : len(kl) + len(chunk)]
+            kl += [
+                float((a.exp() * (a - b)).sum(-1).mean()) for a, b in zip(before, lps, strict=True)
+            ]
+            total, count = total + t, count + sum(len(q) - 1 for q in chunk)
+        loss = total / count
+        return {
+            "n_prompts": float(self.n_prompts),
+            "kl_mean": sum(kl) / len(kl),
+            "kl_max": max(kl),
+            "loss_before": self.loss,
+            "loss_after": loss,
+            "loss_change_pct": 100.0 * (loss - self.loss) / self.loss,
+        }
 
 
 def benign_side_effect(
-    subject: Subject, prompts: Sequence[str], spec: dict[str, Any], *, base=None, batch: int = 32
+    subject: Subject, prompts: Sequence[str], spec: dict[str, Any], *, batch: int = 32
 ) -> dict[str, float]:
     """Mean KL(original || fixed) per next-token position, and the loss change, on ``prompts``."""
-    before, loss_before = base if base is not None else _benign_stats(subject, prompts, batch=batch)
-    after, loss_after = _benign_stats(
-        subject, prompts, lambda: _fix_context(subject, spec), batch=batch
-    )
-    kl = [float((a.exp() * (a - b)).sum(-1).mean()) for a, b in zip(before, after, strict=True)]
-    return {
-        "n_prompts": float(len(prompts)),
-        "kl_mean": sum(kl) / len(kl),
-        "kl_max": max(kl),
-        "loss_before": loss_before,
-        "loss_after": loss_after,
-        "loss_change_pct": 100.0 * (loss_after - loss_before) / loss_before,
-    }
+    bench = _Benign(subject, prompts, batch=batch, keep=[_first_layer(spec)])
+    return bench.side_effect(lambda: _fix_context(subject, spec), _first_layer(spec))
 
 
 def _evaluate_with(subject: Subject, target: Target, spec: dict[str, Any]) -> MetricValue:
@@ -431,7 +488,25 @@ def try_remedies(
     if not comps:
         raise RemedyError("the cause set holds no heads or MLPs")
     before = evaluate(subject.model, target)
-    means = mean_activations(subject, list(reference), comps)
+    top = top_cause if top_cause in comps else comps[0]
+    mlp_layers = {parse_id(c).layer for c in comps if parse_id(c).kind == "mlp"}
+    heads = [c for c in comps if parse_id(c).kind == "head"]
+    # the neurons that push hardest toward the bad continuation; a targeted ablation takes at
+    # most the first 32
+    ranked_neurons = sorted(
+        (n for n, v in (neuron_scores or {}).items() if parse_id(n).layer in mlp_layers and v > 0),
+        key=lambda n: -(neuron_scores or {})[n],
+    )[:32]
+    # one run over the benign prompts without a fix: the means the ablations hold sites at,
+    # and the residual stream below each layer a fix may start at
+    bench = _Benign(
+        subject,
+        reference,
+        batch=batch,
+        sites=[*comps, *ranked_neurons],
+        keep={parse_id(c).layer or 0 for c in comps},  # every fix below starts at one
+    )
+    means = {c: bench.means[c] for c in comps}
     specs: list[dict[str, Any]] = [
         {
             "kind": "mean_ablation",
@@ -439,7 +514,6 @@ def try_remedies(
             "values": {k: v.tolist() for k, v in means.items()},
         }
     ]
-    top = top_cause if top_cause in comps else comps[0]
     if len(comps) > 1:
         specs.append(
             {
@@ -448,35 +522,26 @@ def try_remedies(
                 "values": {top: means[top].tolist()},
             }
         )
-    mlp_layers = {parse_id(c).layer for c in comps if parse_id(c).kind == "mlp"}
-    if neuron_scores and mlp_layers:
-        ranked_neurons = sorted(
-            (n for n, v in neuron_scores.items() if parse_id(n).layer in mlp_layers and v > 0),
-            key=lambda n: -neuron_scores[n],
-        )
-        heads = [c for c in comps if parse_id(c).kind == "head"]
-        if ranked_neurons:
-            n_means = mean_activations(subject, list(reference), ranked_neurons)
-            trial: dict[str, Any] = {}
-            for k in (2, 4, 8, 16, 32):
-                chosen = ranked_neurons[:k]
-                trial = {
-                    "format": PATCH_FORMAT,
-                    "kind": "targeted_ablation",
-                    "components": heads + chosen,
-                    "values": {
-                        **{h: means[h].tolist() for h in heads},
-                        **{n: n_means[n].tolist() for n in chosen},
-                    },
-                }
-                if _evaluate_with(subject, target, trial).p_bad < p_bad_target:
-                    break
-                if len(chosen) == len(ranked_neurons):
-                    break
-            specs.append(trial)
+    if ranked_neurons:
+        n_means = {n: bench.means[n] for n in ranked_neurons}
+        trial: dict[str, Any] = {}
+        for k in (2, 4, 8, 16, 32):
+            chosen = ranked_neurons[:k]
+            trial = {
+                "format": PATCH_FORMAT,
+                "kind": "targeted_ablation",
+                "components": heads + chosen,
+                "values": {
+                    **{h: means[h].tolist() for h in heads},
+                    **{n: n_means[n].tolist() for n in chosen},
+                },
+            }
+            if _evaluate_with(subject, target, trial).p_bad < p_bad_target:
+                break
+            if len(chosen) == len(ranked_neurons):
+                break
+        specs.append(trial)
     if counterfactual is not None and subject.adapter.model_type != "gemma2":
-        from rca.hooks import capture
-
         dev = subject.device
         wd = _write_directions(subject, target, counterfactual, comps)
         if wd:
@@ -520,12 +585,11 @@ def try_remedies(
                 "edit_prompts": len(held[:64]),
             }
         )
-    base = _benign_stats(subject, reference, batch=batch)
     out: list[Remedy] = []
     for spec in specs:
         spec = {"format": PATCH_FORMAT, "model_fingerprint": subject.fingerprint, **spec}
         after = _evaluate_with(subject, target, spec)
-        side = benign_side_effect(subject, reference, spec, base=base, batch=batch)
+        side = bench.side_effect(lambda _s=spec: _fix_context(subject, _s), _first_layer(spec))
         r = Remedy(
             kind=spec["kind"],
             components=list(spec["components"]),

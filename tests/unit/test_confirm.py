@@ -72,6 +72,35 @@ def test_reuse_changes_nothing_but_cost() -> None:
     assert b.forward_equiv == pytest.approx(3.0)
 
 
+def test_a_variant_asked_for_again_is_answered_without_a_forward() -> None:
+    """Confirm's stages repeat variants (a random set of one is a single); the repeat costs
+    nothing and gives what a forward would, and resampling, whose values depend on the
+    variant's index, is always run."""
+    s = Subject.from_model(tiny_model("gpt2", seed=3).eval())
+    first = [{"L1.H2": "mean"}, {"L0.MLP": "zero", "L1.H0": "mean"}]
+    ab = Ablator(s, TGT, baseline=CF, reference=REFS, batch_size=2)
+    got_first = ab.run(first)
+    rows, equiv = ab.n_forward_rows, ab.forward_equiv
+    # the same two (one in another key order), a repeat within the call, and a new one
+    again = [
+        {"L1.H0": "mean", "L0.MLP": "zero"},
+        {"L1.MLP": "baseline"},
+        {"L1.H2": "mean"},
+        {"L1.MLP": "baseline"},
+    ]
+    got = ab.run(again)
+    assert ab.n_forward_rows == rows + TGT.rows  # only the new variant ran, once
+    assert ab.forward_equiv == pytest.approx(equiv + 0.5)
+    assert ab.n_reused == 3
+    fresh = Ablator(s, TGT, baseline=CF, reference=REFS, batch_size=1)
+    torch.testing.assert_close(got, fresh.run(again), atol=1e-6, rtol=0)
+    assert float(got[0]) == float(got_first[1]) and float(got[2]) == float(got_first[0])
+    # resample: run every time, under its own index
+    rows = ab.n_forward_rows
+    ab.run([{"L0.H0": "resample"}, {"L0.H0": "resample"}])
+    assert ab.n_forward_rows == rows + 2 * TGT.rows
+
+
 def test_empirical_p_value_formula() -> None:
     assert empirical_p_value(5.0, list(range(10))) == pytest.approx((1 + 5) / 11)
     assert empirical_p_value(100.0, [1.0] * 99) == pytest.approx(1 / 100)

@@ -393,6 +393,30 @@ def test_mean_activations_are_the_mean_over_each_prompts_own_positions(
         torch.testing.assert_close(pos[k][2], want2, atol=1e-5, rtol=1e-4)
 
 
+def test_mean_activations_end_each_forward_at_the_deepest_layer_they_read(
+    subject: Subject,
+) -> None:
+    """Layer-0 means leave layer 1 unrun, and equal those of a whole forward per prompt."""
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    ran: list[int] = []
+    h = subject.adapter.layer(1).register_forward_hook(lambda m, a, o: ran.append(1))
+    try:
+        got = mean_activations(subject, prompts, ["L0.H1", "L0.N3", "EMB"])
+        assert not ran
+        mean_activations(subject, prompts, ["L1.MLP"])
+        assert ran
+    finally:
+        h.remove()
+    assert live_hooks(subject.model) == []
+    for k in got:
+        per = []
+        for p in prompts:
+            with capture(subject, [k]) as acts, torch.no_grad():
+                subject.model(input_ids=torch.tensor([p]))
+            per.append(acts[k][0].float())
+        torch.testing.assert_close(got[k], torch.cat(per).mean(0), atol=1e-5, rtol=1e-4)
+
+
 def test_mean_activations_needs_a_prompt(subject: Subject) -> None:
     with pytest.raises(HookError, match="at least one"):
         mean_activations(subject, [], ["L0.H0"])

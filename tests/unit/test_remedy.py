@@ -20,7 +20,7 @@ from rca.remedy import (
     weight_edit,
 )
 from rca.subject import load_subject
-from tests.helpers import save_model_dir, tiny_model, word_tokenizer, words
+from tests.helpers import ARCHS, save_model_dir, tiny_model, word_tokenizer, words
 
 TGT = Target((1, 5, 6, 7, 8, 9, 10), (11, 12), (13,))
 CF = Target((1, 5, 6, 20, 8, 9, 10), (11, 12), (13,))
@@ -190,3 +190,47 @@ def test_a_fix_that_raises_p_bad_is_never_recommended() -> None:
     # none under target: the lowest P(bad) among the tolerable ones that lower it
     rs = [_fix("x", 0.9, 0.95, 0.0), _fix("y", 0.9, 0.5, 1.0), _fix("z", 0.9, 0.3, 9.0)]
     assert recommend(rs) is rs[1] and "with reservations" in rs[1].note
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_side_effects_run_from_the_first_changed_layer_as_full_forwards_do(arch: str) -> None:
+    """A fix that changes nothing below layer L is measured from L up on the recorded
+    residual stream; its KL and loss equal those of full forwards, on padded batches of
+    prompts of different lengths, and layer 0 is really not run. The means the run records
+    are those of mean_activations."""
+    from rca.hooks import mean_activations
+    from rca.remedy import _Benign, _first_layer
+    from rca.subject import Subject
+
+    s = Subject.from_model(tiny_model(arch, seed=4), word_tokenizer())
+    refs = [words(*range(i, i + 2 + i % 5)) for i in range(0, 40, 4)]
+    comps = ["L1.H1", "L1.MLP"]
+    bench = _Benign(s, refs, batch=3, sites=[*comps, "L1.N2"], keep=[1])
+    want = mean_activations(s, refs, [*comps, "L1.N2"])
+    for k, v in want.items():
+        torch.testing.assert_close(bench.means[k], v, atol=1e-5, rtol=1e-5)
+    specs = [
+        {
+            "kind": "mean_ablation",
+            "components": comps,
+            "values": {c: bench.means[c] for c in comps},
+        },
+        _random_edit(s, comps, seed=2),
+    ]
+    calls: list[int] = []
+    for spec in specs:
+        spec["values"] = {k: v.tolist() for k, v in spec.get("values", {}).items()}
+        assert _first_layer(spec) == 1
+        ctx = lambda _s=spec: _fix_context(s, _s)  # noqa: E731
+        calls.clear()
+        h = s.adapter.layer(0).register_forward_hook(lambda m, a, o: calls.append(1))
+        try:
+            skipped = bench.side_effect(ctx, first=1)
+            assert not calls  # layer 0 stood in for by its recorded output
+            full = bench.side_effect(ctx, first=0)
+            assert calls
+        finally:
+            h.remove()
+        assert full["kl_mean"] > 1e-4  # the fix does something
+        for key in ("kl_mean", "kl_max", "loss_after"):
+            assert skipped[key] == pytest.approx(full[key], rel=1e-4, abs=1e-6)
