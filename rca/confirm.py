@@ -67,6 +67,7 @@ __all__ = [
 
 SOURCES = ("zero", "mean", "resample", "baseline", "clean")
 TIE_BREAKS = ("necessity", "robust", "te_ne")
+ORDERS = ("origin", "direct")
 Variant = dict[str, str]  # component id -> value source
 
 
@@ -395,6 +396,11 @@ class ConfirmConfig:
     # already a zero ablation; "robust" min(TE, NE, NE0) and "te_ne" min(TE, NE), the rules
     # before, which let counterfactual patching veto an enabler (docs/confirm.md)
     tie_break: str = "necessity"
+    # how the leading group is ordered: "origin" (the latest robustly necessary candidate, then
+    # the largest direct effect) or "direct" (by a confirmed direct effect, the rule before)
+    order: str = "origin"
+    necessary_fraction: float = 0.4  # origin order: the necessary group's share of the largest
+    writer_fraction: float = 0.2  # origin order: a writer's direct effect, as a share of the gap
     alpha: float = 0.05  # p-value threshold against random sets
     n_random: int = 100  # random sets (>= 50)
     max_set: int = 6
@@ -412,7 +418,17 @@ class ConfirmConfig:
             )
         if self.n_random < 50:
             raise ConfirmError("n_random must be at least 50")
-        for name in ("set_fraction", "component_fraction", "window", "alpha", "direct_fraction"):
+        if self.order not in ORDERS:
+            raise ConfirmError(f"order must be {' or '.join(ORDERS)}, got {self.order!r}")
+        for name in (
+            "set_fraction",
+            "component_fraction",
+            "window",
+            "alpha",
+            "direct_fraction",
+            "necessary_fraction",
+            "writer_fraction",
+        ):
             v = getattr(self, name)
             if not 0 < v < 1:
                 raise ConfirmError(f"{name} must be between 0 and 1, got {v}")
@@ -515,34 +531,54 @@ def _share_removed(m_clean: float, m_ref: float, drop: float, *, conts: int) -> 
     return (p0 - _as_probability(m_clean - drop, conts)) / max(p0 - pr, 1e-9)
 
 
+def _forward_position(cid: str, *, parallel: bool) -> tuple[int, int]:
+    """Where a head or MLP computes in the forward pass: (layer, 0 for attention, 1 for the MLP
+    after it); in parallel blocks (GPT-NeoX, Phi) both read the same input: (layer, 0)."""
+    c = parse_id(cid)
+    assert c.layer is not None
+    return (c.layer, 1 if c.kind == "mlp" and not parallel else 0)
+
+
 def rank_candidates(
     evidence: Sequence[CandidateEvidence],
     *,
     share: Callable[[float], float],
     gap: float,
     config: ConfirmConfig,
+    parallel: bool = False,
 ) -> list[CandidateEvidence]:
     """The candidates in rank order (docs/confirm.md, "Ranking"); ``share`` maps a metric drop to
-    the share of the bad behaviour it removes, ``gap`` is the prompt-to-reference metric gap.
+    the share of the bad behaviour it removes, ``gap`` is the prompt-to-reference metric gap,
+    ``parallel``: the model's attention and MLP read the same input (GPT-NeoX, Phi).
 
     1. The leading group: effect share(max(TE, NE)) within ``window`` of the largest.
-    2. Inside it, by min(DE, NE) where that reaches ``direct_fraction`` of the gap, else 0: a
-       direct effect counts only where ablation confirms it.
-    3. Ties (no confirmed direct effect) by the smallest drop over the ablations: min(NE, NE0)
-       with ``tie_break="necessity"`` (the default), min(TE, NE, NE0) with ``"robust"``,
-       min(TE, NE) with ``"te_ne"``. A cause should remove the behaviour whatever its output is
-       ablated to. On the localization bench, carriers of the trigger word's identity (layer-0
-       MLPs) did so when mean-ablated but not when zero-ablated; the planted components did
-       under both. Patching to the counterfactual is not an ablation: an enabler (a planted
-       head whose output is the same on the counterfactual) keeps its contribution when
-       patched, so TE would veto it. NE0 does not veto a direct effect: planted last-layer MLP
-       writers kept the bad token when the whole MLP was zeroed (NE0 near 0).
+    2. Robust necessity, the smallest drop over the ablations: min(NE, NE0) with
+       ``tie_break="necessity"`` (the default), min(TE, NE, NE0) with ``"robust"``, min(TE, NE)
+       with ``"te_ne"``. A cause should remove the behaviour whatever its output is ablated to.
+    3. With ``order="origin"`` (the default):
+       a. the necessary group: the leading candidates whose robust necessity is at least
+          ``necessary_fraction`` of the group's largest;
+       b. first, the origin: the necessary candidate latest in the forward pass (ties by DE).
+          Carriers of the trigger's identity and enablers that every prompt needs are
+          necessary too, but they compute before the origin, which reads them; amplifiers
+          after it are not robustly necessary (the fault reaches the logits by other paths
+          when one is ablated);
+       c. second, the writer: the leading candidate with the largest direct effect, where it
+          reaches ``writer_fraction`` of the gap (a circuit's MLP that writes the bad token);
+       d. the rest of the necessary group, latest first; then the rest of the leading group
+          by robust necessity.
+       With ``order="direct"`` (the rule before): the leading group by min(DE, NE) where that
+       reaches ``direct_fraction`` of the gap, ties by robust necessity. It ranked downstream
+       amplifiers with a confirmed direct effect above a planted head (docs/confirm.md).
     4. The rest by effect.
     """
     effect = {e.id: share(max(e.total_effect, e.necessity)) for e in evidence}
     top = max(effect.values(), default=0.0)
     lead = [e for e in evidence if top > 0 and effect[e.id] >= (1 - config.window) * top]
-    rest = [e for e in evidence if e not in lead]
+    rest = sorted(
+        (e for e in evidence if e not in lead),
+        key=lambda e: (-effect[e.id], -max(e.total_effect, e.necessity)),
+    )
 
     def robust(e: CandidateEvidence) -> float:
         drops = [e.necessity] if config.tie_break == "necessity" else [e.total_effect, e.necessity]
@@ -550,14 +586,30 @@ def rank_candidates(
             drops.append(e.necessity_zero)
         return min(drops)
 
+    most = max((robust(e) for e in lead), default=0.0)
+    if config.order == "origin" and most > 0:
+        need = config.necessary_fraction * most
+        group = sorted(
+            (e for e in lead if robust(e) >= need),
+            key=lambda e: (_forward_position(e.id, parallel=parallel), e.direct_effect),
+            reverse=True,
+        )
+        out = group[:1]
+        writers = [
+            e for e in lead if e not in out and e.direct_effect >= config.writer_fraction * gap
+        ]
+        if writers:
+            out.append(max(writers, key=lambda e: e.direct_effect))
+        out += [e for e in group if e not in out]
+        out += sorted((e for e in lead if e not in out), key=lambda e: -robust(e))
+        return out + rest
+
     def lead_key(e: CandidateEvidence) -> tuple[float, float]:
         direct = min(e.direct_effect, e.necessity)
         direct = direct if direct >= config.direct_fraction * gap else 0.0
         return (-direct, -robust(e))
 
-    return sorted(lead, key=lead_key) + sorted(
-        rest, key=lambda e: (-effect[e.id], -max(e.total_effect, e.necessity))
-    )
+    return sorted(lead, key=lead_key) + rest
 
 
 def _kind_of(cid: str) -> str:
@@ -720,7 +772,7 @@ def confirm(
     def share_of(drop: float) -> float:
         return _share_removed(m_clean, m_ref, drop, conts=target.n_conts)
 
-    ordered = rank_candidates(ev, share=share_of, gap=gap, config=cfg)
+    ordered = rank_candidates(ev, share=share_of, gap=gap, config=cfg, parallel=ab.a.parallel)
     for r, e in enumerate(ordered):
         e.rank = r + 1
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -589,7 +590,7 @@ def try_remedies(
     for spec in specs:
         spec = {"format": PATCH_FORMAT, "model_fingerprint": subject.fingerprint, **spec}
         after = _evaluate_with(subject, target, spec)
-        side = bench.side_effect(lambda _s=spec: _fix_context(subject, _s), _first_layer(spec))
+        side = bench.side_effect(functools.partial(_fix_context, subject, spec), _first_layer(spec))
         r = Remedy(
             kind=spec["kind"],
             components=list(spec["components"]),

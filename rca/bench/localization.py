@@ -474,11 +474,15 @@ def _share_removed(r: FaultResult, drop: float) -> float:
     return (p0 - _prob(r.metric["prompt"] - drop, rows)) / max(p0 - pb, 1e-9)
 
 
-def confirm_rule_ranking(r: FaultResult, *, tie_break: str = "necessity") -> list[str]:
+def confirm_rule_ranking(
+    r: FaultResult, *, tie_break: str = "necessity", order: str = "origin"
+) -> list[str]:
     """``rca.confirm``'s ranking (``rank_candidates``) recomputed from the saved evidence, with
-    ``tie_break`` "necessity" (min(NE, NE0), the default), "robust" (min(TE, NE, NE0), the rule
-    before) or "te_ne" (min(TE, NE), the first rule). Saved runs without zero-ablation
-    necessity fall back to NE, and to min(TE, NE)."""
+    ``order`` "origin" (the default) or "direct" (the rule of sessions 3-5), and robust
+    necessity by ``tie_break`` "necessity" (min(NE, NE0), the default), "robust"
+    (min(TE, NE, NE0)) or "te_ne" (min(TE, NE)). Saved runs without zero-ablation necessity
+    fall back to NE, and to min(TE, NE). The bench's hosts (GPT-2, Llama) run attention and
+    MLP in sequence."""
     from rca.confirm import CandidateEvidence, ConfirmConfig, _share_removed, rank_candidates
 
     rows = int(r.metric.get("rows", 1))
@@ -500,7 +504,7 @@ def confirm_rule_ranking(r: FaultResult, *, tie_break: str = "necessity") -> lis
         ev,
         share=lambda d: _share_removed(m_clean, m_ref, d, conts=rows),
         gap=m_clean - m_ref,
-        config=ConfirmConfig(top_k=BENCH_TOP_K, tie_break=tie_break),
+        config=ConfirmConfig(top_k=BENCH_TOP_K, tie_break=tie_break, order=order),
     )
     return [e.id for e in ordered]
 
@@ -523,12 +527,14 @@ RANKINGS: dict[str, Callable[[FaultResult], list[str]]] = {
         r.evidence,
         {e["id"]: _share_removed(r, max(e["te"], e["ne"])) for e in r.evidence},
     ),
-    # rca.confirm's rule recomputed: leading group by P(bad) share, ordered by a confirmed
-    # direct effect, ties by min(NE, NE0) (the default), by min(TE, NE, NE0) or by min(TE, NE)
-    # (the rules before)
+    # rca.confirm's rule recomputed: the leading group by P(bad) share, the origin (latest
+    # robustly necessary) first, then the writer (the default); and the rule of sessions 3-5,
+    # the leading group by a confirmed direct effect, ties by min(NE, NE0), by
+    # min(TE, NE, NE0) or by min(TE, NE)
     "rca": confirm_rule_ranking,
-    "rca_tie_robust": lambda r: confirm_rule_ranking(r, tie_break="robust"),
-    "rca_tie_te_ne": lambda r: confirm_rule_ranking(r, tie_break="te_ne"),
+    "rca_direct": lambda r: confirm_rule_ranking(r, order="direct"),
+    "rca_tie_robust": lambda r: confirm_rule_ranking(r, tie_break="robust", order="direct"),
+    "rca_tie_te_ne": lambda r: confirm_rule_ranking(r, tie_break="te_ne", order="direct"),
 }
 
 

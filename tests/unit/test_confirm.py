@@ -185,6 +185,10 @@ def test_config_is_validated() -> None:
         ConfirmConfig(kind="gaussian")
     with pytest.raises(ConfirmError, match="tie_break"):
         ConfirmConfig(tie_break="te")
+    with pytest.raises(ConfirmError, match="order"):
+        ConfirmConfig(order="latest")
+    with pytest.raises(ConfirmError, match="necessary_fraction"):
+        ConfirmConfig(necessary_fraction=1.5)
 
 
 def _evidence(cid: str, te: float, de: float, ne: float, ne0: float) -> CandidateEvidence:
@@ -211,7 +215,7 @@ def test_tie_break_prefers_the_component_necessary_under_every_intervention() ->
     assert all(min(e.direct_effect, e.necessity) < 0.05 * gap for e in ev)
 
     def first(tie_break: str) -> str:
-        cfg = ConfirmConfig(tie_break=tie_break)
+        cfg = ConfirmConfig(tie_break=tie_break, order="direct")
         return rank_candidates(ev, share=share, gap=gap, config=cfg)[0].id
 
     # min(TE, NE) ranks the carrier first: a tie the old rule settles the wrong way
@@ -220,7 +224,7 @@ def test_tie_break_prefers_the_component_necessary_under_every_intervention() ->
     assert first("robust") == origin.id
     # without zero-ablation evidence the robust rule falls back to min(TE, NE)
     no_zero = [replace(e, necessity_zero=None) for e in ev]
-    cfg = ConfirmConfig(tie_break="robust")
+    cfg = ConfirmConfig(tie_break="robust", order="direct")
     assert rank_candidates(no_zero, share=share, gap=gap, config=cfg)[0].id == carrier.id
     # the default, min(NE, NE0), settles it the same way
     assert first("necessity") == origin.id
@@ -251,13 +255,108 @@ def test_patching_does_not_veto_an_enabler() -> None:
     ev = [*carriers, enabler]
     assert all(min(e.direct_effect, e.necessity) < 0.05 * gap for e in ev)
 
-    def order(tie_break: str) -> list[str]:
-        cfg = ConfirmConfig(tie_break=tie_break)
+    def order(tie_break: str, how: str = "direct") -> list[str]:
+        cfg = ConfirmConfig(tie_break=tie_break, order=how)
         return [e.id for e in rank_candidates(ev, share=share, gap=gap, config=cfg)]
 
     assert order("necessity")[0] == enabler.id
     assert order("robust")[-1] == enabler.id  # min(TE, ...) takes its small TE
+    # the origin order: a later carrier leads (the circuit's writer, L5.MLP, is not among
+    # these), and the enabler stays in the necessary group, which min(TE, ...) would drop
+    assert order("necessity", "origin").index(enabler.id) == 2
+    assert order("robust", "origin")[-1] == enabler.id
     assert ConfirmConfig().tie_break == "necessity"
+
+
+def _bench_order(m_clean: float, m_ref: float, ev: list[CandidateEvidence], how: str) -> list[str]:
+    def share(drop: float) -> float:
+        return _share_removed(m_clean, m_ref, drop, conts=1)
+
+    cfg = ConfirmConfig(order=how)
+    return [e.id for e in rank_candidates(ev, share=share, gap=m_clean - m_ref, config=cfg)]
+
+
+def test_the_origin_is_the_latest_robustly_necessary_candidate() -> None:
+    """Enablers that every prompt needs, and carriers of the trigger's identity, are necessary
+    too, but compute before the origin, which reads them. The numbers are two of the bench's
+    AC@1 misses under the direct-effect order (Llama host): a planted L0.MLP behind two layer-0
+    heads that zero- and mean-ablation both expose (seed 1), a planted L3.MLP behind the layer-0
+    head that carries the trigger word (seed 3)."""
+    enablers = [
+        _evidence("L0.MLP", te=16.32, de=0.00, ne=9.46, ne0=9.13),  # planted
+        _evidence("L0.H6", te=2.75, de=-0.00, ne=16.20, ne0=15.42),
+        _evidence("L4.MLP", te=3.40, de=0.56, ne=2.74, ne0=0.00),
+        _evidence("L3.MLP", te=4.04, de=0.07, ne=2.31, ne0=0.67),
+        _evidence("L2.MLP", te=1.24, de=0.00, ne=2.28, ne0=0.60),
+        _evidence("L3.H5", te=1.24, de=0.00, ne=6.72, ne0=1.32),
+        _evidence("L1.MLP", te=0.07, de=0.00, ne=3.39, ne0=0.02),
+        _evidence("L0.H4", te=0.01, de=-0.00, ne=14.45, ne0=15.78),
+    ]
+    assert _bench_order(-0.0027, -16.27, enablers, "direct")[0] == "L0.H6"
+    assert _bench_order(-0.0027, -16.27, enablers, "origin")[0] == "L0.MLP"
+    carrier = [
+        _evidence("L0.H0", te=16.32, de=0.00, ne=11.72, ne0=11.38),
+        _evidence("L3.MLP", te=4.64, de=0.06, ne=5.99, ne0=6.75),  # planted
+        _evidence("L0.H4", te=-0.00, de=-0.00, ne=7.21, ne0=1.46),
+        _evidence("L0.MLP", te=16.10, de=0.00, ne=4.57, ne0=0.43),
+    ]
+    assert _bench_order(-0.0014, -17.32, carrier, "direct")[0] == "L0.H0"
+    assert _bench_order(-0.0014, -17.32, carrier, "origin")[0] == "L3.MLP"
+    # under the necessary group's bar (0.4 of the largest) the latest candidate does not lead
+    low = [*carrier[:1], replace(carrier[1], necessity=4.0, necessity_zero=4.0), *carrier[2:]]
+    assert _bench_order(-0.0014, -17.32, low, "origin")[0] == "L0.H0"
+
+
+def test_amplifiers_with_direct_effects_do_not_outrank_the_planted_head() -> None:
+    """Clean later MLPs turn a planted head's feature into the bad token, so they have the
+    direct effect, but ablating them removes little of it: the direct order ranked one first
+    (seed 2, Llama, a planted L3.H3). The origin order puts the head first and the strongest
+    writer second."""
+    ev = [
+        _evidence("L4.MLP", te=11.90, de=4.21, ne=4.17, ne0=0.09),
+        _evidence("L3.H3", te=17.01, de=0.03, ne=18.51, ne0=17.31),  # planted
+        _evidence("L0.MLP", te=17.22, de=0.00, ne=0.03, ne0=9.92),
+        _evidence("L5.MLP", te=8.85, de=8.85, ne=0.84, ne0=0.01),
+        _evidence("L3.MLP", te=13.63, de=0.98, ne=0.01, ne0=0.00),
+    ]
+    assert _bench_order(-0.0005, -18.24, ev, "direct")[0] == "L4.MLP"
+    assert _bench_order(-0.0005, -18.24, ev, "origin")[:2] == ["L3.H3", "L5.MLP"]
+
+
+def test_a_circuits_writer_comes_second_though_ablation_barely_touches_it() -> None:
+    """A head -> MLP circuit whose planted last-layer MLP writes the bad token (DE = the whole
+    gap) but is not necessary (NE0 0.04): it is the writer, second behind the origin head,
+    ahead of the robustly necessary carriers (seed 1, Llama, L2.H5 + L5.MLP)."""
+    ev = [
+        _evidence("L5.MLP", te=16.07, de=16.07, ne=1.56, ne0=0.04),  # planted
+        _evidence("L1.MLP", te=20.93, de=0.00, ne=20.69, ne0=20.72),
+        _evidence("L2.H5", te=20.94, de=0.03, ne=20.58, ne0=20.18),  # planted
+        _evidence("L0.H1", te=20.88, de=0.00, ne=20.55, ne0=20.88),
+        _evidence("L0.MLP", te=20.99, de=0.00, ne=13.45, ne0=12.61),
+        _evidence("L0.H0", te=19.32, de=0.00, ne=0.63, ne0=17.68),
+    ]
+    got = _bench_order(-0.0002, -21.07, ev, "origin")
+    assert got[:2] == ["L2.H5", "L5.MLP"]
+    # later necessary members follow latest first: carriers then in forward order, backwards
+    assert got[2:5] == ["L1.MLP", "L0.MLP", "L0.H1"]
+
+
+def test_parallel_blocks_have_no_order_between_attention_and_mlp() -> None:
+    """In a parallel block (GPT-NeoX, Phi) the MLP does not read the heads of its own layer, so
+    "latest" does not separate them: the larger direct effect does."""
+    ev = [
+        _evidence("L1.H0", te=9.0, de=0.8, ne=8.0, ne0=8.0),
+        _evidence("L1.MLP", te=9.0, de=0.1, ne=8.0, ne0=8.0),
+    ]
+
+    def share(drop: float) -> float:
+        return _share_removed(0.0, -10.0, drop, conts=1)
+
+    cfg = ConfirmConfig()
+    seq = rank_candidates(ev, share=share, gap=10.0, config=cfg)
+    par = rank_candidates(ev, share=share, gap=10.0, config=cfg, parallel=True)
+    assert [e.id for e in seq] == ["L1.MLP", "L1.H0"]
+    assert [e.id for e in par] == ["L1.H0", "L1.MLP"]
 
 
 @pytest.mark.parametrize("kind", ["mean", "zero"])
