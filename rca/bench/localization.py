@@ -33,7 +33,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -717,12 +717,23 @@ def run_localization(
 
 
 def rescore(saved: dict[str, Any]) -> dict[str, Any]:
-    """The summary (and every ranking's AC@1 / AC@3) recomputed from a saved result (the JSON
-    that ``--out`` writes), so a new ranking rule can be scored without planting again."""
+    """The summary recomputed from a saved result (the JSON that ``--out`` writes), so a new
+    ranking rule can be scored without planting again. The headline AC@1 / AC@3 and the
+    failures are those of ``rca.confirm``'s ranking rule now (``confirm_rule_ranking``) on the
+    saved evidence; ``rankings.saved`` is what the run itself returned, and every other
+    ranking is recomputed as in a run."""
     fields = set(FaultResult.__dataclass_fields__)
     results = [FaultResult(**{k: v for k, v in f.items() if k in fields}) for f in saved["faults"]]
+    ran = [r.hits(r.confirm_ranked) for r in results]
+    results = [replace(r, confirm_ranked=tuple(confirm_rule_ranking(r))) for r in results]
     out = summarize(results)
+    out["rankings"]["saved"] = {
+        "ac1": _rate([h[0] for h in ran]),
+        "ac3": _rate([h[1] for h in ran]),
+    }
     out["failures"] = [_failure(r) for r in results if not all(r.hits(r.confirm_ranked))]
+    out["seed"] = saved.get("seed")
+    out["rescored_from"] = {k: saved.get(k) for k in ("seed", "seconds", "versions")}
     return out
 
 

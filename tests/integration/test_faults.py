@@ -29,6 +29,7 @@ from rca.bench.localization import (
     build_host,
     confirm_rule_ranking,
     fault_plan,
+    rescore,
     run_localization,
 )
 from rca.hooks import ablate, mean_activations
@@ -182,6 +183,10 @@ def test_localization_bench_small(home: Path, hosts: dict[str, Subject]) -> None
         r = FaultResult(**{k: v for k, v in f.items() if k in FaultResult.__dataclass_fields__})
         assert confirm_rule_ranking(r) == list(r.confirm_ranked)
     assert res["rankings"]["rca"] == res["rankings"]["confirm"]
+    # a saved run re-ranked by the rule it ran under gives its own figures back
+    again = rescore(json.loads(json.dumps(res)))
+    assert (again["ac1"], again["ac3"]) == (res["ac1"], res["ac3"])
+    assert again["rankings"]["saved"] == {"ac1": res["ac1"], "ac3": res["ac3"]}
 
 
 def test_moved_fault_is_a_new_mechanism_and_weight_change_finds_the_plant(
