@@ -690,13 +690,7 @@ def run_localization(
             f"exh {int(e1)}{int(e3)} wc {int(w1)}{int(w3)} | top {list(r.confirm_ranked[:4])} | "
             f"{fault.seconds:.1f}s plant, {sum(r.seconds.values()):.1f}s localize"
         )
-    out = summarize(results)
-    out["failures"] = [_failure(r) for r in results if not all(r.hits(r.confirm_ranked))]
-    out["per_host"] = {h.name: summarize([r for r in results if r.host == h.name]) for h in hosts}
-    out["per_kind"] = {
-        k: summarize([r for r in results if r.fault["kind"] == k])
-        for k in ("head", "mlp", "circuit")
-    }
+    out = _summary_with_breakdown(results, [h.name for h in hosts])
     out["plant_failures"] = plant_failures
     out["plant"] = {
         "mean_seconds": _mean(plant_seconds),
@@ -716,6 +710,18 @@ def run_localization(
     return out
 
 
+def _summary_with_breakdown(results: Sequence[FaultResult], hosts: Sequence[str]) -> dict[str, Any]:
+    """``summarize``, the failing faults, and the same summary per host and per kind."""
+    out = summarize(results)
+    out["failures"] = [_failure(r) for r in results if not all(r.hits(r.confirm_ranked))]
+    out["per_host"] = {h: summarize([r for r in results if r.host == h]) for h in hosts}
+    out["per_kind"] = {
+        k: summarize([r for r in results if r.fault["kind"] == k])
+        for k in ("head", "mlp", "circuit")
+    }
+    return out
+
+
 def rescore(saved: dict[str, Any]) -> dict[str, Any]:
     """The summary recomputed from a saved result (the JSON that ``--out`` writes), so a new
     ranking rule can be scored without planting again. The headline AC@1 / AC@3 and the
@@ -726,12 +732,11 @@ def rescore(saved: dict[str, Any]) -> dict[str, Any]:
     results = [FaultResult(**{k: v for k, v in f.items() if k in fields}) for f in saved["faults"]]
     ran = [r.hits(r.confirm_ranked) for r in results]
     results = [replace(r, confirm_ranked=tuple(confirm_rule_ranking(r))) for r in results]
-    out = summarize(results)
+    out = _summary_with_breakdown(results, list(dict.fromkeys(r.host for r in results)))
     out["rankings"]["saved"] = {
         "ac1": _rate([h[0] for h in ran]),
         "ac3": _rate([h[1] for h in ran]),
     }
-    out["failures"] = [_failure(r) for r in results if not all(r.hits(r.confirm_ranked))]
     out["seed"] = saved.get("seed")
     out["rescored_from"] = {k: saved.get(k) for k in ("seed", "seconds", "versions")}
     return out
