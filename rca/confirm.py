@@ -17,14 +17,14 @@ module runs them, many at once:
   logits changes), necessity NE (ablated by the chosen kind) and, for the tie-break, necessity
   under zero ablation NE0.
 - **Ranking** (``rank_candidates``): a candidate's effect is the share of P(bad) that
-  max(TE, NE) removes. The leading group (effect within ``window`` of the largest) is ordered by
-  min(DE, NE) where that reaches ``direct_fraction`` of the gap, then by min(NE, NE0), the
-  smallest drop over both ablations; the rest follow by effect. Total effect alone ranks
-  carriers with the origin; direct effect alone ranks amplifiers first; a direct effect that
-  ablation does not confirm belongs to a clean writer of the counterfactual's answer; a cause
-  should be necessary whatever its output is ablated to, and carriers of the trigger word's
-  identity were necessary under mean ablation but not under zero ablation; patching does not
-  enter the tie-break, since an enabler's output is the same on the counterfactual
+  max(TE, NE) removes; the leading group is every candidate within ``window`` of the largest.
+  Its robust necessity is min(NE, NE0), the smallest drop over both ablations. The first rank
+  goes to the origin, the robustly necessary member (at least ``necessary_fraction`` of the
+  largest) that computes latest: carriers of the trigger's identity and enablers every prompt
+  needs are as necessary, but compute before it; amplifiers after it are not robustly
+  necessary. The second goes to the writer, the member with the largest direct effect (a
+  circuit's MLP that writes the bad token). The rest follow by robust necessity, then by
+  effect. ``order="direct"`` keeps the rule before, by a direct effect that ablation confirms
   (docs/confirm.md).
 - **Minimal cause set**: greedy in rank order until ablating the set removes ``set_fraction`` of
   the metric, measured from the prompt's metric down to the reference point (the baseline's
