@@ -134,16 +134,13 @@ class Ablator:
         self.forward_equiv = 0.0
         self.n_reused = 0  # variants answered from an earlier run of the same variant
         self._memo: dict[tuple[tuple[str, str], ...], float] = {}
-        dev = subject.device
-        self.clean, self.layer_out = self._record(target.input_ids(device=dev))
-        self.metric_clean = self._metric_of(target.input_ids(device=dev))
+        self.clean, self.layer_out, self.metric_clean = self._record_target(target)
         self.base: dict[str, torch.Tensor] | None = None
         self.metric_baseline: float | None = None
         if baseline is not None:
             if baseline.n_prompt != target.n_prompt or baseline.conts != target.conts:
                 raise ConfirmError("the baseline target must line up with the incident target")
-            self.base, _ = self._record(baseline.input_ids(device=dev))
-            self.metric_baseline = self._metric_of(baseline.input_ids(device=dev))
+            self.base, _, self.metric_baseline = self._record_target(baseline)
         seqs = [
             list(subject.tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p)
             for p in reference
@@ -179,7 +176,11 @@ class Ablator:
         return handles
 
     @torch.inference_mode()
-    def _record(self, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    def _recording(
+        self, ids: torch.Tensor, **kw: Any
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], Any]:
+        """Every site's activation and every decoder layer's output from one forward pass of
+        ``ids`` (keyword arguments go to the model), and that pass's logits."""
         acts: dict[str, torch.Tensor] = {}
         outs: list[torch.Tensor] = []
         handles = self._site_hooks(acts, clone=True)
@@ -192,12 +193,26 @@ class Ablator:
                         )
                     )
                 )
-            kw = _NO_LOGITS if logits_kwargs(self.s.model, self.t) else {}
-            self.s.model(input_ids=ids, **kw)  # the logits are not read
+            logits = self.s.model(input_ids=ids, **kw).logits
         finally:
             for h in handles:
                 h.remove()
+        return acts, outs, logits
+
+    def _record(self, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """The activations of any prompt; its logits are not computed."""
+        acts, outs, _ = self._recording(
+            ids, **(_NO_LOGITS if logits_kwargs(self.s.model, self.t) else {})
+        )
         return acts, outs
+
+    def _record_target(
+        self, target: Target
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], float]:
+        """A target's activations and its metric, from one forward pass."""
+        ids = target.input_ids(device=self.s.device)
+        acts, outs, logits = self._recording(ids, **logits_kwargs(self.s.model, target))
+        return acts, outs, float(target.metric(logits)[0])
 
     @torch.inference_mode()
     def _record_refs(self, seqs: list[list[int]]) -> list[dict[str, torch.Tensor]]:
@@ -224,11 +239,6 @@ class Ablator:
             for h in handles:
                 h.remove()
         return out
-
-    @torch.inference_mode()
-    def _metric_of(self, ids: torch.Tensor) -> float:
-        kw = logits_kwargs(self.s.model, self.t)
-        return float(self.t.metric(self.s.model(input_ids=ids, **kw).logits)[0])
 
     # -- values ------------------------------------------------------------------------------
     def _site(self, cid: str) -> tuple[str, slice, int]:

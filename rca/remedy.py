@@ -371,23 +371,24 @@ class _Benign:
             (chunk, *padded_batch(chunk, pad, dev))
             for chunk in (seqs[i : i + batch] for i in range(0, len(seqs), batch))
         ]
-        self.keep = sorted({x for x in keep if 0 < x < subject.adapter.n_layers})
-        below = [f"L{x - 1}.RESID_POST" for x in self.keep]
+        layers = sorted({x for x in keep if 0 < x < subject.adapter.n_layers})
+        below = [f"L{x - 1}.RESID_POST" for x in layers]
         acc = MeanAccumulator(list(sites))
-        self.below: dict[int, list[torch.Tensor]] = {x: [] for x in self.keep}
+        self.below: dict[int, list[torch.Tensor]] = {x: [] for x in layers}
         self.logps: list[torch.Tensor] = []
-        total, count = 0.0, 0
+        self.n_scored = sum(len(q) - 1 for q in seqs)  # next-token positions the loss averages
+        total = 0.0
         for chunk, ids, mask in self.chunks:
             with capture(subject, [*sites, *below]) as acts:
                 logits = subject.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             if sites:
                 acc.add(acts, [len(q) for q in chunk])
-            for x, rid in zip(self.keep, below, strict=True):
+            for x, rid in zip(layers, below, strict=True):
                 self.below[x].append(acts[rid].clone())
             lp, t = self._scored(chunk, ids, logits)
             self.logps += lp
-            total, count = total + t, count + sum(len(q) - 1 for q in chunk)
-        self.loss = total / count
+            total += t
+        self.loss = total / self.n_scored
         self.means = acc.result() if sites else {}
 
     @staticmethod
@@ -407,7 +408,7 @@ class _Benign:
         fix ``ctx()`` on; ``first``: the lowest layer it changes (``_first_layer``)."""
         start = first if first in self.below else 0
         kl: list[float] = []
-        total, count = 0.0, 0
+        total = 0.0
         for c, (chunk, ids, mask) in enumerate(self.chunks):
             out = self.below[start][c] if start else None
             with ctx(), layers_skipped(self.s, start, out):
@@ -417,8 +418,8 @@ class _Benign:
             kl += [
                 float((a.exp() * (a - b)).sum(-1).mean()) for a, b in zip(before, lps, strict=True)
             ]
-            total, count = total + t, count + sum(len(q) - 1 for q in chunk)
-        loss = total / count
+            total += t
+        loss = total / self.n_scored
         return {
             "n_prompts": float(self.n_prompts),
             "kl_mean": sum(kl) / len(kl),

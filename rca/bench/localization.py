@@ -738,7 +738,7 @@ def rescore(saved: dict[str, Any]) -> dict[str, Any]:
         "ac3": _rate([h[1] for h in ran]),
     }
     out["seed"] = saved.get("seed")
-    out["rescored_from"] = {k: saved.get(k) for k in ("seed", "seconds", "versions")}
+    out["rescored_from"] = {k: saved.get(k) for k in ("seconds", "versions")}
     return out
 
 
