@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rca.hooks import layers_skipped, padded_batch
+from rca.hooks import layers_frozen, layers_skipped, padded_batch, top_mlp_trimmed
 from rca.ids import parse_id
 from rca.metric import Target, logits_kwargs
 from rca.subject import Subject
@@ -281,6 +281,19 @@ class Ablator:
     def first_layer(self, variant: Variant) -> int:
         return min((self._site(c)[2] for c in variant), default=self.a.n_layers)
 
+    def last_layer(self, variant: Variant) -> int:
+        """The deepest layer a variant needs run: every layer above it has each head and its
+        MLP held ``clean`` (a direct-effect variant), so it adds its clean write
+        (``rca.hooks.layers_frozen``). Never below the first ablated layer."""
+        top = self.a.n_layers - 1
+        last, floor = top, min(self.first_layer(variant), top)
+        while last > floor and all(
+            variant.get(c) == "clean"
+            for c in [f"L{last}.H{h}" for h in range(self.a.n_heads)] + [f"L{last}.MLP"]
+        ):
+            last -= 1
+        return last
+
     @staticmethod
     def _memo_key(variant: Variant) -> tuple[tuple[str, str], ...] | None:
         """A variant's key where its metric does not depend on its index (no resample)."""
@@ -310,10 +323,12 @@ class Ablator:
                 if key is not None:
                     first_of[key] = i
                 todo.append(i)
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, int], list[int]] = {}
         for i in todo:
-            groups.setdefault(self.first_layer(variants[i]), []).append(i)
-        # one group per first ablated layer, so that every pass reuses all it can
+            v = variants[i]
+            groups.setdefault((self.first_layer(v), self.last_layer(v)), []).append(i)
+        # one group per first ablated layer (and last layer run), so that every pass reuses
+        # all it can
         for _, idx in sorted(groups.items()):
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start : start + self.batch_size]
@@ -347,6 +362,7 @@ class Ablator:
                 values[k, ..., sl] = self._value(key, source, vidx)[..., sl]
         first = min((self.first_layer(v) for v in variants), default=self.a.n_layers)
         first = min(first, self.a.n_layers) if self.reuse else 0
+        last = max(self.last_layer(v) for v in variants) if self.reuse else self.a.n_layers - 1
         handles = []
         try:
             for key, mod, pre in self._site_keys():
@@ -367,8 +383,13 @@ class Ablator:
                     handles.append(mod.register_forward_hook(lambda mm, a, o, _f=apply: _f(o)))
             ids = self.t.input_ids(K, device=dev)
             below = self.layer_out[first - 1] if first > 0 else None
-            # no KV cache: the stubs would leave holes in it, and nothing is generated
-            with layers_skipped(self.s, first, below):
+            # no KV cache: the stubs would leave holes in it, and nothing is generated; the top
+            # MLP computes only the positions the metric reads
+            with (
+                layers_skipped(self.s, first, below),
+                layers_frozen(self.s, last, self.layer_out),
+                top_mlp_trimmed(self.s, self.t.keep),
+            ):
                 logits = self.s.model(
                     input_ids=ids, use_cache=False, **logits_kwargs(self.s.model, self.t)
                 ).logits
@@ -376,7 +397,7 @@ class Ablator:
             for h in handles:
                 h.remove()
         self.n_forward_rows += K * rows
-        computed = (self.a.n_layers - first) / self.a.n_layers
+        computed = max(0, last + 1 - first) / self.a.n_layers
         self.forward_equiv += K * computed
         return self.t.metric(logits).float().cpu()
 

@@ -42,6 +42,8 @@ __all__ = [
     "Capture",
     "padded_batch",
     "layers_skipped",
+    "layers_frozen",
+    "top_mlp_trimmed",
     "MeanAccumulator",
     "stop_after",
     "run_until",
@@ -419,6 +421,109 @@ def layers_skipped(subject: Subject, first: int, out: torch.Tensor | None) -> It
     try:
         for i in range(first):
             layers[i] = _CachedLayer(originals[i], out if i == first - 1 else None)
+        yield
+    finally:
+        for i, orig in enumerate(originals):
+            layers[i] = orig
+
+
+@contextlib.contextmanager
+def top_mlp_trimmed(subject: Subject, keep: int) -> Iterator[None]:
+    """The last decoder layer's MLP computes only the last ``keep`` positions; it writes zeros
+    at the others.
+
+    After the last layer nothing mixes positions: each one goes through the final norm to its
+    own logits. A forward whose metric reads only the last ``keep`` positions' logits (a
+    ``Target``'s ``keep``, with or without ``logits_to_keep``) gets the same numbers, and its
+    gradients too, while the MLP, most of the layer's work, skips the prompt. Every other
+    position of that layer's output is wrong, so only metric passes use this, with nothing
+    recorded inside that MLP. A hook already on the MLP's output (an ablation of that MLP)
+    sees the full-length output: the padding runs first. ``keep`` 0, or at least the input's
+    length, trims nothing.
+    """
+    if keep <= 0:
+        yield
+        return
+    mlp = subject.adapter.mlp(subject.adapter.n_layers - 1)
+    lengths: list[int] = []
+
+    def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        x = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] <= keep:
+            lengths.append(0)
+            return None
+        lengths.append(x.shape[1])
+        x = x[:, -keep:].contiguous()  # a view would break modules that .view() it
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x}
+
+    def post(mod: nn.Module, args: tuple, out: Any) -> Any:
+        n = lengths.pop()
+        if not n:
+            return None
+        y = out[0] if isinstance(out, tuple) else out
+        pad = y.new_zeros(y.shape[0], n - y.shape[1], *y.shape[2:])
+        y = torch.cat([pad, y], dim=1)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    handles = [
+        mlp.register_forward_pre_hook(pre, with_kwargs=True, prepend=True),
+        mlp.register_forward_hook(post, prepend=True),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _FrozenLayer(nn.Module):
+    """Stands in for a decoder layer whose every head and MLP is held at its clean value
+    (``layers_frozen``): it adds what the layer wrote into the residual stream on the clean
+    run."""
+
+    def __init__(self, orig: nn.Module, delta: torch.Tensor) -> None:
+        super().__init__()
+        object.__setattr__(self, "_orig", orig)
+        self._delta = delta
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        reps = hidden_states.shape[0] // self._delta.shape[0]
+        return hidden_states + self._delta.repeat(reps, 1, 1)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_orig"), name)
+
+
+@contextlib.contextmanager
+def layers_frozen(subject: Subject, last: int, outs: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Run no decoder layer above ``last``: each is replaced by a stub that adds its clean
+    write, ``outs[k] - outs[k - 1]`` from the clean run's recorded layer outputs ``outs``.
+
+    A layer's output is its input plus what its attention and MLP write (after their own norms,
+    where the architecture has them), so a layer whose every head and MLP is held at its clean
+    activation adds exactly its clean write, whatever its input: a direct-effect experiment,
+    which freezes everything after the patched component, computes only up to that component's
+    layer. ``last`` at the top layer or above replaces none; the layers are put back on exit.
+    """
+    from rca.subject import _get
+
+    n = subject.adapter.n_layers
+    if last >= n - 1:
+        yield
+        return
+    if last < 0:
+        raise HookError("layers_frozen needs a layer below the frozen ones to run")
+    layers = _get(subject.model, subject.adapter.spec.layers)
+    assert isinstance(layers, nn.ModuleList)
+    originals = list(layers)
+    try:
+        for k in range(last + 1, n):
+            layers[k] = _FrozenLayer(originals[k], outs[k] - outs[k - 1])
         yield
     finally:
         for i, orig in enumerate(originals):

@@ -229,6 +229,7 @@ def trace(
         prompt=incident.prompt,
         reference_prompts=refs,
         batch=min(plan.confirm_batch, SEGMENT_BATCH[subject.device.type == "cuda"]),
+        metric=tokens.completeness["metric_input"],
     )
     timings["tokens"] = time.perf_counter() - t
 

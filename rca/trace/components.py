@@ -556,16 +556,13 @@ def score_components(
 
 
 def _edge_mask(up: list[str], down: list[str], *, parallel: bool) -> torch.Tensor:
-    """1 where upstream u can reach downstream v's input, else 0: (n_up, n_down)."""
-    M = torch.zeros(len(up), len(down))
-    for j, v in enumerate(down):
-        for i, u in enumerate(up):
-            if v == "LOGITS" or u == "EMB":
-                M[i, j] = 1
-                continue
-            lu, lv = _layer_of(u), _layer_of(v)
-            if lu < lv:
-                M[i, j] = 1
-            elif lu == lv and v.endswith(".MLP") and ".H" in u and not parallel:
-                M[i, j] = 1
-    return M
+    """1 where upstream u can reach downstream v's input, else 0: (n_up, n_down).
+
+    EMB reaches everything and everything reaches LOGITS; otherwise u reaches v in a later
+    layer, and a head reaches its own layer's MLP unless the block is parallel."""
+    lu = torch.tensor([-1 if u == "EMB" else _layer_of(u) for u in up]).unsqueeze(1)
+    lv = torch.tensor([1 << 30 if v == "LOGITS" else _layer_of(v) for v in down]).unsqueeze(0)
+    u_head = torch.tensor([".H" in u for u in up]).unsqueeze(1)
+    v_mlp = torch.tensor([v.endswith(".MLP") for v in down]).unsqueeze(0)
+    same = (lu == lv) & u_head & v_mlp & (not parallel)
+    return ((lu < lv) | same).float()

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from rca.hooks import top_mlp_trimmed
 from rca.metric import Target, logits_kwargs
 from rca.subject import Subject
 
@@ -91,13 +92,15 @@ def _token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
     return [tokenizer.decode([i]) for i in ids]
 
 
-def _flat_forward(target: Target):
-    """A forward function over flattened (N, rows * T) ids giving the metric per example."""
+def _flat_forward(subject: Subject, target: Target):
+    """A forward function over flattened (N, rows * T) ids giving the metric per example; the
+    top MLP computes only the positions the metric reads (``rca.hooks.top_mlp_trimmed``)."""
 
     def f(model, flat: torch.Tensor) -> torch.Tensor:
         n = flat.shape[0]
         ids = flat.reshape(n * target.rows, target.length)
-        logits = model(input_ids=ids, **logits_kwargs(model, target)).logits
+        with top_mlp_trimmed(subject, target.keep):
+            logits = model(input_ids=ids, **logits_kwargs(model, target)).logits
         # rows of one example are adjacent, so Target.metric's variant layout applies
         return target.metric(logits)
 
@@ -132,6 +135,7 @@ def integrated_gradients(
     """
     steps = n_steps if min_steps is None else max(1, min(min_steps, n_steps))
     tries: list[int] = []
+    ends: dict[str, float] = {}  # the metric at the input and at the baseline, run once
     while True:
         out = _integrated_gradients(
             subject,
@@ -139,6 +143,7 @@ def integrated_gradients(
             n_steps=steps,
             internal_batch_size=internal_batch_size,
             baseline_id=baseline_id,
+            ends=ends,
         )
         tries.append(steps)
         if steps >= n_steps or out.completeness["relative_error"] <= tolerance:
@@ -154,13 +159,14 @@ def _integrated_gradients(
     n_steps: int,
     internal_batch_size: int | None,
     baseline_id: int | None,
+    ends: dict[str, float],
 ) -> TokenScores:
     from captum.attr import LayerIntegratedGradients
 
     model = subject.model
     dev = subject.device
     neutral = neutral_token_id(subject.tokenizer) if baseline_id is None else baseline_id
-    fwd = _flat_forward(target)
+    fwd = _flat_forward(subject, target)
     x = target.input_ids(device=dev).reshape(1, -1)
     b = _baseline_ids(target, neutral).to(dev).reshape(1, -1)
     lig = LayerIntegratedGradients(lambda ids: fwd(model, ids), subject.adapter.embed)
@@ -169,9 +175,11 @@ def _integrated_gradients(
     attr = lig.attribute(x, baselines=b, n_steps=n_steps, internal_batch_size=internal_batch_size)
     # attr: (rows, T, d_model), the embedding layer's output shape for the flattened example
     per_pos = attr.reshape(target.rows, target.length, -1).sum(-1).sum(0)[: target.n_prompt]
-    with torch.inference_mode():
-        fx = float(fwd(model, x)[0])
-        fb = float(fwd(model, b)[0])
+    if not ends:  # the same for every try: one forward each
+        with torch.inference_mode():
+            ends["input"] = float(fwd(model, x)[0])
+            ends["baseline"] = float(fwd(model, b)[0])
+    fx, fb = ends["input"], ends["baseline"]
     total = float(per_pos.sum())
     gap = fx - fb
     ids = list(target.prompt_ids)
@@ -295,9 +303,10 @@ def _cached_segment_metrics(
             past.crop(s0 - target.n_prompt)  # type: ignore[attr-defined]
             past.batch_repeat_interleave(len(chunk) * rows)  # type: ignore[attr-defined]
             kw = {"use_cache": True, ckw: past}
-        logits = subject.model(
-            input_ids=x[:, s0:], **kw, **logits_kwargs(subject.model, target)
-        ).logits
+        with top_mlp_trimmed(subject, target.keep):
+            logits = subject.model(
+                input_ids=x[:, s0:], **kw, **logits_kwargs(subject.model, target)
+            ).logits
         for j, v in zip(chunk, target.metric(logits).tolist(), strict=True):
             out[j] = float(v)
     return out
@@ -314,6 +323,7 @@ def segment_ablation(
     template_share: float = 0.5,
     batch: int = 1,
     prefix_cache: bool = True,
+    metric: float | None = None,
 ) -> SegmentScores:
     """Metric drop when each prompt segment is replaced by neutral tokens.
 
@@ -322,7 +332,8 @@ def segment_ablation(
     do not depend on it. ``prefix_cache``: reuse the clean prompt's key/value cache for the
     positions before each batch's first segment where the model's cache allows it.
     With ``reference_prompts``, a segment whose tokens occur in at least ``template_share`` of
-    them is marked template (see ``SegmentScores.template``).
+    them is marked template (see ``SegmentScores.template``). ``metric``: the clean prompt's
+    metric where the caller has it already (``TokenScores.completeness["metric_input"]``).
     """
     from captum.attr import FeatureAblation
 
@@ -336,10 +347,11 @@ def segment_ablation(
             else [(i, i + 1) for i in range(target.n_prompt)]
         )
     neutral = neutral_token_id(tok) if baseline_id is None else baseline_id
-    fwd = _flat_forward(target)
+    fwd = _flat_forward(subject, target)
     x = target.input_ids(device=dev).reshape(1, -1)
     with torch.inference_mode():
-        metric = float(fwd(model, x)[0])
+        if metric is None:
+            metric = float(fwd(model, x)[0])
         cached = (
             _cached_segment_metrics(subject, target, segments, neutral, max(1, batch))
             if prefix_cache

@@ -62,6 +62,40 @@ def test_batched_ablation_equals_sequential_hooks(model_type: str, source: str) 
     assert ab.forward_equiv < len(variants)
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma2", "phi", "gpt_neox"])
+def test_layers_held_clean_above_a_direct_effect_are_not_run(model_type: str) -> None:
+    """A direct-effect variant holds every head and MLP after its component clean: those
+    layers add their clean writes without running, and the metric is the full forward's."""
+    s = Subject.from_model(tiny_model(model_type, seed=4, num_hidden_layers=3).eval())
+    ab = Ablator(s, TGT, baseline=CF, reference=REFS, batch_size=2)
+    assert ab.a.n_layers == 3
+
+    def held(*layers: int) -> dict[str, str]:
+        return {c: "clean" for c in ab.components if int(c[1:].split(".")[0]) in layers}
+
+    variants = [
+        {"L0.H1": "baseline", "L0.MLP": "clean", **held(1, 2)},  # runs layer 0 only
+        {"L1.MLP": "zero", **held(2)},  # layer 1 only
+        {"L0.H2": "mean", **held(2)},  # layers 0 and 1
+        {"L1.H0": "resample", "L2.H1": "clean"},  # layer 2 partly held: runs
+    ]
+    ran: list[int] = []
+    hooks = [
+        s.adapter.layer(k).register_forward_hook(lambda m, a, o, _k=k: ran.append(_k))
+        for k in range(3)
+    ]
+    try:
+        got = ab.run(variants)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sorted(set(ran)) == [0, 1, 2] and ran.count(2) == 1  # layer 2 ran for one only
+    assert [ab.last_layer(v) for v in variants] == [0, 1, 1, 2]
+    torch.testing.assert_close(got, sequential(s, ab, variants), atol=1e-5, rtol=0)
+    assert (got - ab.metric_clean).abs().min() > 1e-5  # each variant did something
+    assert ab.forward_equiv == pytest.approx((1 + 1 + 2 + 2) / 3)
+
+
 def test_reuse_changes_nothing_but_cost() -> None:
     s = Subject.from_model(tiny_model("llama", seed=2).eval())
     variants = [{"L1.H1": "mean"}, {"L1.MLP": "zero"}, {"L0.H0": "resample"}]

@@ -7,6 +7,7 @@ registered), or a forward pass that raises; afterwards the model computes what i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -16,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from rca.hooks import HookError, ablate, capture, mean_activations, patch
+from rca.hooks import HookError, ablate, capture, mean_activations, patch, top_mlp_trimmed
 from rca.ids import IdError
 from rca.subject import Subject
-from tests.helpers import VOCAB, module, one_thread, tiny_model, word_tokenizer, words
+from tests.helpers import ARCHS, VOCAB, module, one_thread, tiny_model, word_tokenizer, words
 
 HOOK_DICTS = (
     "_forward_hooks",
@@ -430,3 +431,58 @@ def test_capture_names_what_it_lacks(subject: Subject) -> None:
         acts["L0.H0"]
     with pytest.raises(KeyError, match="L1.MLP was not captured"):
         acts["L1.MLP"]
+
+
+# --- the top MLP on the metric's positions only -------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", list(ARCHS))
+def test_a_trimmed_top_mlp_changes_no_kept_logit_nor_its_gradient(model_type: str) -> None:
+    """The last layer's MLP runs on the kept positions only; their logits, and the gradient of
+    a metric on them with respect to the embeddings, are those of the whole model."""
+    s = Subject.from_model(tiny_model(model_type, seed=2), word_tokenizer())
+    keep = 2
+    seen: list[int] = []  # the positions the MLP computes
+    mlp = s.adapter.mlp(s.adapter.n_layers - 1)
+    h = mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]) if a else None)
+
+    def run(trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        emb: list[torch.Tensor] = []
+
+        def grab(m: nn.Module, a: Any, o: torch.Tensor) -> None:
+            o.retain_grad()
+            emb.append(o)
+
+        g = s.adapter.embed.register_forward_hook(grab)
+        try:
+            ctx = top_mlp_trimmed(s, keep) if trim else contextlib.nullcontext()
+            with ctx:
+                out = s.model(input_ids=X).logits[:, -keep:]
+        finally:
+            g.remove()
+        out.log_softmax(-1)[..., 7].sum().backward()
+        assert emb[0].grad is not None
+        return out.detach(), emb[0].grad
+
+    try:
+        full, g_full = run(False)
+        trimmed, g_trim = run(True)
+    finally:
+        h.remove()
+    assert seen == [X.shape[1], keep]  # the trim is real: the MLP saw two positions
+    torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g_trim, g_full, atol=1e-5, rtol=1e-4)
+    assert differs(g_full, torch.zeros_like(g_full))  # the gradient is not vacuous
+    assert live_hooks(s.model) == []
+
+
+def test_an_ablation_of_the_trimmed_mlp_sees_its_whole_output(subject: Subject) -> None:
+    """A hook on the top MLP's output, registered before the trim, gets every position."""
+    top = f"L{subject.adapter.n_layers - 1}.MLP"
+    with torch.no_grad():
+        with patch(subject, {top: 0.25}):
+            want = subject.model(input_ids=X).logits[:, -2:]
+        with patch(subject, {top: 0.25}), top_mlp_trimmed(subject, 2):
+            got = subject.model(input_ids=X).logits[:, -2:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert live_hooks(subject.model) == []
