@@ -107,6 +107,9 @@ class Ablator:
 
     ``baseline``: the counterfactual target (positions aligned) for the ``baseline`` source;
     ``reference``: reference prompts (texts or id sequences) for ``mean`` and ``resample``.
+    ``reuse``: run only from the first ablated layer up (and to the last one not held clean);
+    ``memo``: answer a deterministic variant already run from that run. Neither changes a
+    metric beyond float noise; both are on by default.
     """
 
     def __init__(
@@ -118,9 +121,11 @@ class Ablator:
         reference: Sequence[str] | Sequence[Sequence[int]] = (),
         batch_size: int = 0,
         reuse: bool = True,
+        memo: bool = True,
         seed: int = 0,
     ) -> None:
         self.s, self.t = subject, target
+        self.memo = memo  # False: every variant runs, repeats too (benchmarks/)
         self.a = subject.adapter
         self.batch_size = batch_size or auto_batch_size(subject.device)
         self.reuse = reuse
@@ -314,7 +319,7 @@ class Ablator:
         first_of: dict[tuple[tuple[str, str], ...], int] = {}
         copies: list[tuple[int, int]] = []  # (index, index of the same variant in this call)
         for i, v in enumerate(variants):
-            key = self._memo_key(v)
+            key = self._memo_key(v) if self.memo else None
             if key is not None and key in self._memo:
                 out[i] = self._memo[key]
             elif key is not None and key in first_of:

@@ -133,6 +133,10 @@ def test_a_variant_asked_for_again_is_answered_without_a_forward() -> None:
     rows = ab.n_forward_rows
     ab.run([{"L0.H0": "resample"}, {"L0.H0": "resample"}])
     assert ab.n_forward_rows == rows + 2 * TGT.rows
+    # without the memo (the benchmark's ablation table), every variant runs, repeats too
+    plain = Ablator(s, TGT, baseline=CF, reference=REFS, batch_size=2, memo=False)
+    torch.testing.assert_close(plain.run(again), got, atol=1e-6, rtol=0)
+    assert plain.n_forward_rows == len(again) * TGT.rows and plain.n_reused == 0
 
 
 def test_empirical_p_value_formula() -> None:
