@@ -19,8 +19,13 @@ Sections (issue #8):
   outside the model;
 - accuracy: the localization figures, read from a saved `rca bench localization --out` file.
 
+Devices (`--device`): `auto` measures the trace, the alternatives, the ablation and the
+investigation on the CPU and, where a GPU is present, again on CUDA (each row has its
+`device`; CUDA rows add the peak memory allocated on the device and wait for its queued work
+before every clock read); `cpu` or `cuda` measures on one.
+
 Timings are medians of 3 runs after a warm-up (one run after the warm-up for the 6 x 256 and
-12 x 768 EAP-IG traces), on `torch.get_num_threads()` threads. Nothing
+12 x 768 EAP-IG traces on a CPU), on `torch.get_num_threads()` threads. Nothing
 here asserts a time: the targets are reported beside the measured values.
 """
 
@@ -59,14 +64,43 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _median_time(fn: Callable[[], Any], *, repeats: int = 3) -> float:
+def _sync(device: str) -> None:
+    """Wait for the device's queued work: a CUDA kernel launch returns before it runs."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _median_time(fn: Callable[[], Any], *, repeats: int = 3, device: str = "cpu") -> float:
     fn()  # warm-up
+    _sync(device)
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        _sync(device)
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
+
+
+def _timed(fn: Callable[[], Any], device: str) -> float:
+    """One run's wall time, the device's queued work included."""
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _peaks(device: str) -> dict[str, float]:
+    """Peak RSS of this process; on CUDA also the peak memory allocated on the device."""
+    out = {"peak_rss_mb": _peak_rss_mb()}
+    if device == "cuda":
+        import torch
+
+        out["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def _tokenizer() -> Any:
@@ -87,7 +121,7 @@ def _tokenizer() -> Any:
     )
 
 
-def _subject(name: str) -> Any:
+def _subject(name: str, device: str = "cpu") -> Any:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -103,7 +137,7 @@ def _subject(name: str) -> Any:
         n_head=heads,
         attn_implementation="eager",
     )
-    model = GPT2LMHeadModel(cfg).eval()
+    model = GPT2LMHeadModel(cfg).eval().to(device)
     return Subject.from_model(model, _tokenizer())
 
 
@@ -123,19 +157,21 @@ def _targets(length: int) -> tuple[Any, Any]:
 # one measurement each (run in a subprocess)
 
 
-def m_trace(cfg: str, length: int) -> dict[str, Any]:
+def m_trace(cfg: str, length: int, device: str = "cpu") -> dict[str, Any]:
     import torch
 
     from rca.trace.components import Baseline, score_components
     from rca.trace.memory import plan_trace
 
-    s = _subject(cfg)
+    s = _subject(cfg, device)
     tgt, cf = _targets(length)
     base = Baseline("counterfactual", "bench", target=cf)
-    ids = tgt.input_ids()
+    ids = tgt.input_ids(device=s.device)
     # the chunks rca itself would pick under this measurement's memory cap, less what is
-    # resident already (model, interpreter)
-    budget = int(MAX_MEMORY_GB * 2**30 * 0.8 - _rss_now())
+    # resident already (model, interpreter); on CUDA what the device has free (rca's default)
+    budget: int | None = int(MAX_MEMORY_GB * 2**30 * 0.8 - _rss_now())
+    if device == "cuda":
+        budget = None
 
     def fwd_bwd() -> None:
         s.model.zero_grad(set_to_none=True)
@@ -146,9 +182,9 @@ def m_trace(cfg: str, length: int) -> dict[str, Any]:
         with torch.no_grad():
             s.model(input_ids=ids, use_cache=False)
 
-    out: dict[str, Any] = {"config": cfg, "length": length}
-    out["forward_s"] = _median_time(fwd)
-    out["forward_backward_s"] = _median_time(fwd_bwd)
+    out: dict[str, Any] = {"config": cfg, "length": length, "device": device}
+    out["forward_s"] = _median_time(fwd, device=device)
+    out["forward_backward_s"] = _median_time(fwd_bwd, device=device)
     for method in ("atp", "eap-ig"):
         for edges in (False, True):
             key = f"{method}{'_edges' if edges else '_nodes'}"
@@ -182,18 +218,18 @@ def m_trace(cfg: str, length: int) -> dict[str, Any]:
 
             # medians of 3, but for EAP-IG on the large configs: one timed run after the
             # warm-up, as each takes seconds to tens of seconds (the 2-core machine's budget)
-            repeats = 3 if cfg in ("2x64", "4x128") or method == "atp" else 1
-            t = _median_time(run, repeats=repeats)
+            repeats = 3 if cfg in ("2x64", "4x128") or method == "atp" or device == "cuda" else 1
+            t = _median_time(run, repeats=repeats, device=device)
             out[f"{key}_s"] = t
             out[f"{key}_ratio"] = t / out["forward_backward_s"]
             out[f"{key}_forward_equiv"] = float(holder["s"].cost["forward_equiv"])
     n_comp = s.adapter.n_layers * (s.adapter.n_heads + 1)
     out["components"] = n_comp
-    out["peak_rss_mb"] = _peak_rss_mb()
+    out.update(_peaks(device))
     return out
 
 
-def m_alternatives(cfg: str, length: int) -> dict[str, Any]:
+def m_alternatives(cfg: str, length: int, device: str = "cpu") -> dict[str, Any]:
     """Exhaustive node patching (measured), exhaustive edge patching (extrapolated) and captum
     LayerIntegratedGradients looped over layers (a sample measured, extrapolated)."""
     import torch
@@ -202,22 +238,20 @@ def m_alternatives(cfg: str, length: int) -> dict[str, Any]:
     from rca.confirm import Ablator
     from rca.trace.components import Baseline, score_components
 
-    s = _subject(cfg)
+    s = _subject(cfg, device)
     tgt, cf = _targets(length)
     base = Baseline("counterfactual", "bench", target=cf)
     a = s.adapter
-    out: dict[str, Any] = {"config": cfg, "length": length}
+    out: dict[str, Any] = {"config": cfg, "length": length, "device": device}
     out["rca_atp_edges_s"] = _median_time(
-        lambda: score_components(s, tgt, base, method="atp", edges=True), repeats=1
+        lambda: score_components(s, tgt, base, method="atp", edges=True), repeats=1, device=device
     )
     out["rca_atp_nodes_s"] = _median_time(
-        lambda: score_components(s, tgt, base, method="atp", edges=False), repeats=1
+        lambda: score_components(s, tgt, base, method="atp", edges=False), repeats=1, device=device
     )
     ab = Ablator(s, tgt, baseline=cf, batch_size=1, reuse=False)
     comps = ab.components
-    t = time.perf_counter()
-    ab.run([{c: "baseline"} for c in comps])
-    out["exhaustive_nodes_s"] = time.perf_counter() - t
+    out["exhaustive_nodes_s"] = _timed(lambda: ab.run([{c: "baseline"} for c in comps]), device)
     out["exhaustive_nodes_forwards"] = len(comps)
     # edges: heads and MLPs upstream of each head and MLP, plus the logits
     n_edges = 0
@@ -232,28 +266,30 @@ def m_alternatives(cfg: str, length: int) -> dict[str, Any]:
         out["exhaustive_edges_s_extrapolated"] / out["rca_atp_edges_s"]
     )
     # captum LIG over each attention output and MLP, 8 steps, a sample of layers
-    ids = tgt.input_ids()[:1]
-    bids = cf.input_ids()[:1]
+    ids = tgt.input_ids(device=s.device)[:1]
+    bids = cf.input_ids(device=s.device)[:1]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         logits = s.model(input_ids=x, use_cache=False).logits
         return torch.log_softmax(logits[:, tgt.n_prompt - 1], -1)[:, tgt.bad_ids[0]]
 
     sample = sorted({0, a.n_layers - 1})
-    t = time.perf_counter()
-    for layer in sample:
-        for mod in (a.attn_out(layer), a.mlp(layer)):
-            lig = LayerIntegratedGradients(forward, mod)
-            lig.attribute(ids, baselines=bids, n_steps=8, internal_batch_size=8)
-    lig_s = time.perf_counter() - t
+
+    def lig_loop() -> None:
+        for layer in sample:
+            for mod in (a.attn_out(layer), a.mlp(layer)):
+                lig = LayerIntegratedGradients(forward, mod)
+                lig.attribute(ids, baselines=bids, n_steps=8, internal_batch_size=8)
+
+    lig_s = _timed(lig_loop, device)
     out["captum_lig_layers_measured"] = len(sample)
     out["captum_lig_s_extrapolated"] = lig_s / len(sample) * a.n_layers
     out["speedup_vs_captum_lig"] = out["captum_lig_s_extrapolated"] / out["rca_atp_nodes_s"]
-    out["peak_rss_mb"] = _peak_rss_mb()
+    out.update(_peaks(device))
     return out
 
 
-def m_ablation(cfg: str, length: int) -> dict[str, Any]:
+def m_ablation(cfg: str, length: int, device: str = "cpu") -> dict[str, Any]:
     import random
 
     import torch
@@ -261,10 +297,15 @@ def m_ablation(cfg: str, length: int) -> dict[str, Any]:
     from rca.confirm import Ablator
     from rca.hooks import patch
 
-    s = _subject(cfg)
+    s = _subject(cfg, device)
     tgt, cf = _targets(length)
-    ids = tgt.input_ids()
-    fwd = _median_time(lambda: s.model(input_ids=ids, use_cache=False))
+    ids = tgt.input_ids(device=s.device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            s.model(input_ids=ids, use_cache=False)
+
+    fwd = _median_time(forward, device=device)
     # the default batch for the device (confirm.auto_batch_size); every set runs, the repeats
     # among the 256 draws too: the memo would answer those for nothing, which is not what this
     # measures
@@ -272,37 +313,39 @@ def m_ablation(cfg: str, length: int) -> dict[str, Any]:
     rng = random.Random(0)
     sets = [{c: "baseline"} for c in rng.choices(ab.components, k=256)]
     before = ab.forward_equiv
-    t = time.perf_counter()
-    ab.run(sets)
-    batched = time.perf_counter() - t
+    batched = _timed(lambda: ab.run(sets), device)
     fe = ab.forward_equiv - before
     # sequential: one hooked forward per set, through rca.hooks.patch
     with torch.no_grad():
         with __import__("rca.hooks", fromlist=["capture"]).capture(s, ab.components) as acts:
-            s.model(input_ids=cf.input_ids(), use_cache=False)
+            s.model(input_ids=cf.input_ids(device=s.device), use_cache=False)
         cf_acts = {c: acts[c].clone() for c in ab.components}
-    t = time.perf_counter()
-    for v in sets[:64]:
-        (c,) = v
-        with torch.no_grad(), patch(s, {c: cf_acts[c]}):
-            s.model(input_ids=ids, use_cache=False)
-    seq = (time.perf_counter() - t) / 64 * 256
+
+    def sequential() -> None:
+        for v in sets[:64]:
+            (c,) = v
+            with torch.no_grad(), patch(s, {c: cf_acts[c]}):
+                s.model(input_ids=ids, use_cache=False)
+
+    seq = _timed(sequential, device) / 64 * 256
     return {
         "config": cfg,
         "length": length,
+        "device": device,
         "sets": 256,
         "batch_size": ab.batch_size,
         "forward_s": fwd,
         "batched_s": batched,
         "sequential_s_extrapolated_from_64": seq,
         "batched_per_set_over_forward": batched / 256 / fwd,
+        "batched_over_forward": batched / fwd,  # all 256 sets: the GPU target's measure
         "batched_forward_equiv_per_set": fe / 256,
         "speedup_vs_sequential": seq / batched,
-        "peak_rss_mb": _peak_rss_mb(),
+        **_peaks(device),
     }
 
 
-def m_investigation(cfg: str, length: int) -> dict[str, Any]:
+def m_investigation(cfg: str, length: int, device: str = "cpu") -> dict[str, Any]:
     import random
 
     import torch
@@ -311,7 +354,7 @@ def m_investigation(cfg: str, length: int) -> dict[str, Any]:
     from rca.investigate import InvestigateConfig, investigate
     from rca.store import Store
 
-    s = _subject(cfg)
+    s = _subject(cfg, device)
     s.fingerprint = f"bench-random-gpt2-{cfg}"  # an in-memory model: a stable label for the store
     rng = random.Random(1)
     words = [f"w{rng.randrange(VOCAB - 4)}" for _ in range(length)]
@@ -323,7 +366,9 @@ def m_investigation(cfg: str, length: int) -> dict[str, Any]:
     # the counterfactual removes the whole metric
     with torch.no_grad():
         lp = [
-            torch.log_softmax(s.model(**s.tokenizer(" ".join(t), return_tensors="pt")).logits, -1)
+            torch.log_softmax(
+                s.model(**s.tokenizer(" ".join(t), return_tensors="pt").to(s.device)).logits, -1
+            ).cpu()
             for t in (words, cf)
         ]
     p_lp, c_lp = lp[0][0, -1, 4:], lp[1][0, -1, 4:]
@@ -348,17 +393,21 @@ def m_investigation(cfg: str, length: int) -> dict[str, Any]:
     )
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "rca.duckdb")
-        t = time.perf_counter()
-        # the target is a 3 GB peak: the trace plans its chunks within what is left of it
+        # the target is a 3 GB peak: the trace plans its chunks within what is left of it; on
+        # CUDA within what the device has free
         budget = int(INVESTIGATION_RSS_GB * 2**30 - _rss_now() - (256 << 20))
-        cfg_inv = InvestigateConfig(device="cpu", max_memory=budget)
+        cfg_inv = InvestigateConfig(device=device, max_memory=budget if device == "cpu" else None)
+        _sync(device)
+        t = time.perf_counter()
         run = investigate(inc, subject=s, store=store, config=cfg_inv)
+        _sync(device)
         wall = time.perf_counter() - t
         rows = sum(store.counts().values())
     timings = run.timings
     return {
         "config": cfg,
         "length": length,
+        "device": device,
         "wall_s": wall,
         "stages_s": timings,
         "trace_stages_s": dict(run.attribution.timings),  # tokens, baseline, components, graph
@@ -366,11 +415,11 @@ def m_investigation(cfg: str, length: int) -> dict[str, Any]:
         "rows_written": rows,
         "memory_budget_mb": budget / 2**20,
         "memory_plan": run.attribution.memory.to_json() if run.attribution.memory else None,
-        "peak_rss_mb": _peak_rss_mb(),
+        **_peaks(device),
     }
 
 
-def m_store(_: str, n: int) -> dict[str, Any]:
+def m_store(_: str, n: int, device: str = "cpu") -> dict[str, Any]:
     import pyarrow as pa
 
     from rca.store import IncidentRecord, ModelRecord, RunRecord, Store
@@ -403,7 +452,7 @@ def m_store(_: str, n: int) -> dict[str, Any]:
     return {"rows": n, "seconds": wall, "rows_per_s": n / wall, "peak_rss_mb": _peak_rss_mb()}
 
 
-MEASURES: dict[str, Callable[[str, int], dict[str, Any]]] = {
+MEASURES: dict[str, Callable[[str, int, str], dict[str, Any]]] = {
     "trace": m_trace,
     "alternatives": m_alternatives,
     "ablation": m_ablation,
@@ -416,9 +465,9 @@ MEASURES: dict[str, Callable[[str, int], dict[str, Any]]] = {
 # the driver
 
 
-def _one(kind: str, cfg: str, n: int) -> dict[str, Any]:
+def _one(kind: str, cfg: str, n: int, device: str = "cpu") -> dict[str, Any]:
     """Run one measurement in a fresh interpreter (its own peak RSS)."""
-    cmd = [sys.executable, __file__, "--one", kind, cfg, str(n)]
+    cmd = [sys.executable, __file__, "--one", kind, cfg, str(n), "--device", device]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     t = time.perf_counter()
     try:
@@ -426,9 +475,19 @@ def _one(kind: str, cfg: str, n: int) -> dict[str, Any]:
             cmd, capture_output=True, text=True, env=env, check=False, timeout=MAX_SECONDS
         )
     except subprocess.TimeoutExpired:
-        return {"config": cfg, "n": n, "error": [f"over {MAX_SECONDS} s; not measured"]}
+        return {
+            "config": cfg,
+            "n": n,
+            "device": device,
+            "error": [f"over {MAX_SECONDS} s; not measured"],
+        }
     if r.returncode != 0:
-        return {"config": cfg, "n": n, "error": r.stderr.strip().splitlines()[-1:]}
+        return {
+            "config": cfg,
+            "n": n,
+            "device": device,
+            "error": r.stderr.strip().splitlines()[-1:],
+        }
     out = json.loads(r.stdout.strip().splitlines()[-1])
     out["subprocess_s"] = time.perf_counter() - t
     return out
@@ -461,10 +520,13 @@ def _plots(res: dict[str, Any], out: Path) -> list[str]:
 
     files = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    for cfg in sorted({r["config"] for r in res["trace"] if "error" not in r}, key=CONFIGS.get):
-        rows = [r for r in res["trace"] if r.get("config") == cfg and "error" not in r]
-        rows.sort(key=lambda r: r["length"])
-        ax.plot([r["length"] for r in rows], [r["atp_edges_ratio"] for r in rows], "o-", label=cfg)
+    for device, style in (("cpu", "o-"), ("cuda", "s--")):
+        on = [r for r in _on(res["trace"], device) if "error" not in r]
+        for cfg in sorted({r["config"] for r in on}, key=CONFIGS.get):
+            rows = sorted((r for r in on if r["config"] == cfg), key=lambda r: r["length"])
+            label = cfg if device == "cpu" else f"{cfg} (CUDA)"
+            ratios = [r["atp_edges_ratio"] for r in rows]
+            ax.plot([r["length"] for r in rows], ratios, style, label=label)
     ax.axhline(1.5, color="grey", ls="--", lw=1, label="target 1.5x")
     ax.set_xscale("log")
     lengths = sorted({r["length"] for r in res["trace"] if "error" not in r})
@@ -480,7 +542,10 @@ def _plots(res: dict[str, Any], out: Path) -> list[str]:
     alts = [r for r in res["alternatives"] if "error" not in r]
     if alts:
         fig, ax = plt.subplots(figsize=(6, 4))
-        labels = [f"{r['config']}@{r['length']}" for r in alts]
+        labels = [
+            f"{r['config']}@{r['length']}" + (" CUDA" if r.get("device") == "cuda" else "")
+            for r in alts
+        ]
         x = range(len(alts))
         w = 0.27
         ax.bar(
@@ -505,37 +570,46 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def summary(res: dict[str, Any]) -> str:
-    m = res["machine"]
+def _on(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """The rows measured on ``device`` (rows from before devices were recorded are CPU)."""
+    return [r for r in rows if r.get("device", "cpu") == device]
+
+
+def _trace_lines(rows: list[dict[str, Any]], cuda: bool) -> list[str]:
+    where = " on CUDA" if cuda else ""
+    mem = "peak CUDA allocated MB" if cuda else "peak RSS MB"
     lines = [
-        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m.get('memory_gib', '?')} GiB, "
-        f"torch {m['torch']} on {m['threads']} threads, CUDA: {m['cuda'] or 'none'}.",
-        "",
-        "### Trace cost (ratio to one forward+backward; target: node + edge <= 1.5)",
+        f"### Trace cost{where} (ratio to one forward+backward; target: node + edge <= 1.5)",
         "",
         "| model | tokens | fwd+bwd s | AtP nodes | AtP nodes+edges | EAP-IG nodes | "
-        "EAP-IG nodes+edges | peak RSS MB |",
+        f"EAP-IG nodes+edges | {mem} |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in res["trace"]:
+    for r in rows:
         if "error" in r:
             lines.append(f"| {r['config']} | {r['n']} | error: {r['error']} | | | | | |")
             continue
+        peak = r["peak_cuda_allocated_mb"] if cuda else r["peak_rss_mb"]
         lines.append(
             f"| {r['config']} | {r['length']} | {r['forward_backward_s']:.4f} | "
             f"{r['atp_nodes_ratio']:.2f} | {r['atp_edges_ratio']:.2f} | "
-            f"{r['eap-ig_nodes_ratio']:.2f} | {r['eap-ig_edges_ratio']:.2f} | "
-            f"{r['peak_rss_mb']:.0f} |"
+            f"{r['eap-ig_nodes_ratio']:.2f} | {r['eap-ig_edges_ratio']:.2f} | {peak:.0f} |"
         )
-    lines += [
+    return lines
+
+
+def _alternatives_lines(rows: list[dict[str, Any]], cuda: bool) -> list[str]:
+    where = " on CUDA" if cuda else ""
+    lines = [
         "",
-        "### Against the alternatives (target: >= 30x nodes, >= 1000x edges on 12x768 @ 128)",
+        f"### Against the alternatives{where} (target: >= 30x nodes, >= 1000x edges on "
+        "12x768 @ 128)",
         "",
         "| model | tokens | exhaustive nodes s | AtP nodes s | speed-up | exhaustive edges s "
         "(extrapolated) | AtP edges s | speed-up | captum LIG s (extrapolated) | speed-up |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in res["alternatives"]:
+    for r in rows:
         if "error" in r:
             continue
         lines.append(
@@ -545,38 +619,71 @@ def summary(res: dict[str, Any]) -> str:
             f"{r['rca_atp_edges_s']:.3f} | {r['speedup_edges_vs_atp_edges']:.0f}x | "
             f"{r['captum_lig_s_extrapolated']:.2f} | {r['speedup_vs_captum_lig']:.0f}x |"
         )
-    lines += [
+    return lines
+
+
+def _ablation_lines(rows: list[dict[str, Any]], cuda: bool) -> list[str]:
+    if cuda:  # the GPU target is on all 256 sets together
+        head = "### Ablation on CUDA (256 single-component sets; target: <= 5 forwards for all)"
+        col = "256 sets / forward"
+    else:
+        head = "### Ablation (256 single-component sets; target on CPU: <= 0.6 forward per set)"
+        col = "per set / forward"
+    lines = [
         "",
-        "### Ablation (256 single-component sets; target on CPU: <= 0.6 forward per set)",
+        head,
         "",
-        "| model | tokens | forward s | batched s | per set / forward | sequential s | speed-up |",
+        f"| model | tokens | forward s | batched s | {col} | sequential s | speed-up |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in res["ablation"]:
+    for r in rows:
         if "error" in r:
             continue
+        ratio = r["batched_s"] / r["forward_s"] if cuda else r["batched_per_set_over_forward"]
         lines.append(
             f"| {r['config']} | {r['length']} | {r['forward_s']:.4f} | {r['batched_s']:.2f} | "
-            f"{r['batched_per_set_over_forward']:.2f} | "
-            f"{r['sequential_s_extrapolated_from_64']:.2f} | {r['speedup_vs_sequential']:.1f}x |"
+            f"{ratio:.2f} | {r['sequential_s_extrapolated_from_64']:.2f} | "
+            f"{r['speedup_vs_sequential']:.1f}x |"
         )
-    for r in res["investigation"]:
+    return lines
+
+
+def _investigation_lines(rows: list[dict[str, Any]], cuda: bool) -> list[str]:
+    lines: list[str] = []
+    for r in rows:
         if "error" in r:
-            lines += ["", f"Investigation: error {r['error']}"]
+            lines += ["", f"Investigation{' on CUDA' if cuda else ''}: error {r['error']}"]
             continue
         st = ", ".join(f"{k} {v:.1f} s" for k, v in r["stages_s"].items())
         if r.get("trace_stages_s"):
             inner = ", ".join(f"{k} {v:.1f} s" for k, v in r["trace_stages_s"].items())
             st += f"; the trace: {inner}"
+        target = "" if cuda else " (target: <= 60 s, peak RSS <= 3 GB)"
+        mem = f"peak RSS {r['peak_rss_mb']:.0f} MB"
+        if cuda:
+            mem += f", peak CUDA allocated {r['peak_cuda_allocated_mb']:.0f} MB"
         lines += [
             "",
-            f"### Full investigation, {r['config']} at {r['length']} tokens "
-            "(target: <= 60 s, peak RSS <= 3 GB)",
+            f"### Full investigation{' on CUDA' if cuda else ''}, {r['config']} at "
+            f"{r['length']} tokens{target}",
             "",
-            f"{r['wall_s']:.1f} s wall ({st}); peak RSS {r['peak_rss_mb']:.0f} MB; "
-            f"{r['rows_written']} rows recorded; recording {100 * r['record_share']:.1f}% of "
-            "the wall time.",
+            f"{r['wall_s']:.1f} s wall ({st}); {mem}; {r['rows_written']} rows recorded; "
+            f"recording {100 * r['record_share']:.1f}% of the wall time.",
         ]
+    return lines
+
+
+def summary(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m.get('memory_gib', '?')} GiB, "
+        f"torch {m['torch']} on {m['threads']} threads, CUDA: {m['cuda'] or 'none'}.",
+        "",
+    ]
+    lines += _trace_lines(_on(res["trace"], "cpu"), False)
+    lines += _alternatives_lines(_on(res["alternatives"], "cpu"), False)
+    lines += _ablation_lines(_on(res["ablation"], "cpu"), False)
+    lines += _investigation_lines(_on(res["investigation"], "cpu"), False)
     for r in res["store"]:
         if "error" in r:
             continue
@@ -594,6 +701,12 @@ def summary(res: dict[str, Any]) -> str:
             f"{acc['attribution_only']['ac3']}; exhaustive patching {acc['exhaustive']['ac1']} / "
             f"{acc['exhaustive']['ac3']}.",
         ]
+    if any(_on(res[k], "cuda") for k in ("trace", "alternatives", "ablation", "investigation")):
+        lines += ["", f"## On CUDA: {m['cuda']}", ""]
+        lines += _trace_lines(_on(res["trace"], "cuda"), True)
+        lines += _alternatives_lines(_on(res["alternatives"], "cuda"), True)
+        lines += _ablation_lines(_on(res["ablation"], "cuda"), True)
+        lines += _investigation_lines(_on(res["investigation"], "cuda"), True)
     return "\n".join(lines) + "\n"
 
 
@@ -602,25 +715,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--smoke", action="store_true", help="the smallest size only (CI)")
     p.add_argument("--accuracy", type=Path, default=None, help="a localization --out JSON")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: the CPU, and CUDA too where a GPU is present",
+    )
     p.add_argument("--one", nargs=3, metavar=("KIND", "CONFIG", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available here; use --device cpu", file=sys.stderr)
+        return 2
     if args.one:
-        # a measurement that needs more memory than this fails with an error (recorded in the
-        # results) instead of waking the kernel's OOM killer
-        limit = int(MAX_MEMORY_GB * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         kind, cfg, n = args.one
-        print(json.dumps(MEASURES[kind](cfg, int(n))))
+        device = "cpu" if args.device == "auto" else args.device
+        if device == "cpu":
+            # a measurement that needs more memory than this fails with an error (recorded in
+            # the results) instead of waking the kernel's OOM killer. Not on CUDA: its runtime
+            # reserves far more address space than it uses
+            limit = int(MAX_MEMORY_GB * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        print(json.dumps(MEASURES[kind](cfg, int(n), device)))
         return 0
+    if args.device == "auto":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        devices = [args.device]
     configs = SMOKE_CONFIGS if args.smoke else tuple(CONFIGS)
     lengths = SMOKE_LENGTHS if args.smoke else LENGTHS
     big = configs[-1]
-    res: dict[str, Any] = {"machine": machine(), "smoke": args.smoke}
-    res["trace"] = [_one("trace", c, n) for c in configs for n in lengths]
+    res: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "devices": devices}
     alt_points = [(c, 16) for c in configs] + ([] if args.smoke else [(big, 128)])
-    res["alternatives"] = [_one("alternatives", c, n) for c, n in alt_points]
-    res["ablation"] = [_one("ablation", c, 128 if not args.smoke else 16) for c in configs]
-    res["investigation"] = [_one("investigation", big, 16 if args.smoke else 128)]
+    res["trace"] = [_one("trace", c, n, d) for d in devices for c in configs for n in lengths]
+    res["alternatives"] = [_one("alternatives", c, n, d) for d in devices for c, n in alt_points]
+    res["ablation"] = [
+        _one("ablation", c, 128 if not args.smoke else 16, d) for d in devices for c in configs
+    ]
+    n_inv = 16 if args.smoke else 128
+    res["investigation"] = [_one("investigation", big, n_inv, d) for d in devices]
     res["store"] = [_one("store", "-", 10_000 if args.smoke else 1_000_000)]
     if args.accuracy and args.accuracy.is_file():
         res["accuracy"] = {

@@ -47,3 +47,35 @@ def test_smoke_run_reports_every_section(tmp_path: Path) -> None:
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     summary = (tmp_path / "summary.md").read_text()
     assert "Trace cost" in summary and "target" in summary
+    # every row says where it ran; without a GPU that is the CPU alone
+    assert res["devices"] == ["cpu"]
+    for section in ("trace", "alternatives", "ablation", "investigation"):
+        assert {row["device"] for row in res[section]} == {"cpu"}, section
+    assert "On CUDA" not in summary
+
+    # CUDA rows (as a GPU machine's run writes them) get their own tables, the ablation's
+    # ratio taken over all 256 sets, as the GPU target reads
+    cuda = dict(res, machine=dict(res["machine"], cuda="a GPU"))
+    for section in ("trace", "alternatives", "ablation", "investigation"):
+        cuda[section] = res[section] + [
+            dict(row, device="cuda", peak_cuda_allocated_mb=123.0) for row in res[section]
+        ]
+    text = bench.summary(cuda)
+    assert "## On CUDA: a GPU" in text
+    cpu_part, cuda_part = text.split("## On CUDA")
+    abl = res["ablation"][0]
+    assert f"| {abl['batched_s'] / abl['forward_s']:.2f} |" in cuda_part
+    assert f"| {abl['batched_per_set_over_forward']:.2f} |" in cpu_part
+    assert "peak CUDA allocated MB" in cuda_part and "| 123 |" in cuda_part
+    assert cpu_part.count("### Trace cost") == 1 and cuda_part.count("### Trace cost") == 1
+
+
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return  # a GPU machine runs the CUDA rows instead
+    bench = _bench_module()
+    assert bench.main(["--smoke", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--device cuda" in err and "--device cpu" in err
