@@ -379,12 +379,26 @@ def ablate(
         yield
 
 
-class _CachedLayer(nn.Module):
+class _StubLayer(nn.Module):
+    """Stands in for a decoder layer for one forward pass; attributes the model reads off the
+    layer (an attention type, a layer index) come from the real one."""
+
+    def __init__(self, orig: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_orig", orig)  # not a submodule: no double registration
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_orig"), name)
+
+
+class _CachedLayer(_StubLayer):
     """Stands in for a decoder layer below the first changed one (``layers_skipped``)."""
 
     def __init__(self, orig: nn.Module, out: torch.Tensor | None) -> None:
-        super().__init__()
-        object.__setattr__(self, "_orig", orig)  # not a submodule: no double registration
+        super().__init__(orig)
         self._out = out
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -393,11 +407,41 @@ class _CachedLayer(nn.Module):
         reps = hidden_states.shape[0] // self._out.shape[0]
         return self._out.repeat(reps, 1, 1)  # a copy: a layer above may work in place
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_orig"), name)
+
+class _FrozenLayer(_StubLayer):
+    """Stands in for a decoder layer whose every head and MLP is held at its clean value
+    (``layers_frozen``): it adds what the layer wrote into the residual stream on the clean
+    run."""
+
+    def __init__(self, orig: nn.Module, delta: torch.Tensor) -> None:
+        super().__init__(orig)
+        self._delta = delta
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        reps = hidden_states.shape[0] // self._delta.shape[0]
+        return hidden_states + self._delta.repeat(reps, 1, 1)
+
+
+@contextlib.contextmanager
+def _layers_replaced(
+    subject: Subject, make: Callable[[int, nn.Module], nn.Module | None]
+) -> Iterator[None]:
+    """Each decoder layer i for which ``make(i, layer)`` gives a stub is replaced by it; every
+    layer is put back on exit."""
+    from rca.subject import _get
+
+    layers = _get(subject.model, subject.adapter.spec.layers)
+    assert isinstance(layers, nn.ModuleList)
+    originals = list(layers)
+    try:
+        for i, orig in enumerate(originals):
+            stub = make(i, orig)
+            if stub is not None:
+                layers[i] = stub
+        yield
+    finally:
+        for i, orig in enumerate(originals):
+            layers[i] = orig
 
 
 @contextlib.contextmanager
@@ -408,23 +452,41 @@ def layers_skipped(subject: Subject, first: int, out: torch.Tensor | None) -> It
     away). For a forward in which nothing below ``first`` changes, the layers above then
     compute what the whole model would. ``first`` 0 replaces none. The KV cache must be off:
     the stubs would leave holes in it. The layers are put back on exit."""
-    from rca.subject import _get
-
     if first <= 0:
         yield
         return
     if out is None:
         raise HookError("layers_skipped needs the output of the layer below the first one run")
-    layers = _get(subject.model, subject.adapter.spec.layers)
-    assert isinstance(layers, nn.ModuleList)
-    originals = list(layers)
-    try:
-        for i in range(first):
-            layers[i] = _CachedLayer(originals[i], out if i == first - 1 else None)
+
+    def make(i: int, orig: nn.Module) -> nn.Module | None:
+        return _CachedLayer(orig, out if i == first - 1 else None) if i < first else None
+
+    with _layers_replaced(subject, make):
         yield
-    finally:
-        for i, orig in enumerate(originals):
-            layers[i] = orig
+
+
+@contextlib.contextmanager
+def layers_frozen(subject: Subject, last: int, outs: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Run no decoder layer above ``last``: each is replaced by a stub that adds its clean
+    write, ``outs[k] - outs[k - 1]`` from the clean run's recorded layer outputs ``outs``.
+
+    A layer's output is its input plus what its attention and MLP write (after their own norms,
+    where the architecture has them), so a layer whose every head and MLP is held at its clean
+    activation adds exactly its clean write, whatever its input: a direct-effect experiment,
+    which freezes everything after the patched component, computes only up to that component's
+    layer. ``last`` at the top layer or above replaces none; the layers are put back on exit.
+    """
+    if last >= subject.adapter.n_layers - 1:
+        yield
+        return
+    if last < 0:
+        raise HookError("layers_frozen needs a layer below the frozen ones to run")
+
+    def make(i: int, orig: nn.Module) -> nn.Module | None:
+        return _FrozenLayer(orig, outs[i] - outs[i - 1]) if i > last else None
+
+    with _layers_replaced(subject, make):
+        yield
 
 
 @contextlib.contextmanager
@@ -476,58 +538,6 @@ def top_mlp_trimmed(subject: Subject, keep: int) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
-
-
-class _FrozenLayer(nn.Module):
-    """Stands in for a decoder layer whose every head and MLP is held at its clean value
-    (``layers_frozen``): it adds what the layer wrote into the residual stream on the clean
-    run."""
-
-    def __init__(self, orig: nn.Module, delta: torch.Tensor) -> None:
-        super().__init__()
-        object.__setattr__(self, "_orig", orig)
-        self._delta = delta
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        reps = hidden_states.shape[0] // self._delta.shape[0]
-        return hidden_states + self._delta.repeat(reps, 1, 1)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_orig"), name)
-
-
-@contextlib.contextmanager
-def layers_frozen(subject: Subject, last: int, outs: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Run no decoder layer above ``last``: each is replaced by a stub that adds its clean
-    write, ``outs[k] - outs[k - 1]`` from the clean run's recorded layer outputs ``outs``.
-
-    A layer's output is its input plus what its attention and MLP write (after their own norms,
-    where the architecture has them), so a layer whose every head and MLP is held at its clean
-    activation adds exactly its clean write, whatever its input: a direct-effect experiment,
-    which freezes everything after the patched component, computes only up to that component's
-    layer. ``last`` at the top layer or above replaces none; the layers are put back on exit.
-    """
-    from rca.subject import _get
-
-    n = subject.adapter.n_layers
-    if last >= n - 1:
-        yield
-        return
-    if last < 0:
-        raise HookError("layers_frozen needs a layer below the frozen ones to run")
-    layers = _get(subject.model, subject.adapter.spec.layers)
-    assert isinstance(layers, nn.ModuleList)
-    originals = list(layers)
-    try:
-        for k in range(last + 1, n):
-            layers[k] = _FrozenLayer(originals[k], outs[k] - outs[k - 1])
-        yield
-    finally:
-        for i, orig in enumerate(originals):
-            layers[i] = orig
 
 
 def padded_batch(
