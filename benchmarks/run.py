@@ -72,18 +72,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_time(fn: Callable[[], Any], *, repeats: int = 3, device: str = "cpu") -> float:
-    fn()  # warm-up
-    _sync(device)
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def _timed(fn: Callable[[], Any], device: str) -> float:
     """One run's wall time, the device's queued work included."""
     _sync(device)
@@ -91,6 +79,12 @@ def _timed(fn: Callable[[], Any], device: str) -> float:
     fn()
     _sync(device)
     return time.perf_counter() - t
+
+
+def _median_time(fn: Callable[[], Any], *, repeats: int = 3, device: str = "cpu") -> float:
+    """The median of ``repeats`` timed runs after one warm-up run."""
+    _timed(fn, device)  # warm-up
+    return statistics.median(_timed(fn, device) for _ in range(repeats))
 
 
 def _peaks(device: str) -> dict[str, float]:
@@ -469,25 +463,16 @@ def _one(kind: str, cfg: str, n: int, device: str = "cpu") -> dict[str, Any]:
     """Run one measurement in a fresh interpreter (its own peak RSS)."""
     cmd = [sys.executable, __file__, "--one", kind, cfg, str(n), "--device", device]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    failed = {"config": cfg, "n": n, "device": device}
     t = time.perf_counter()
     try:
         r = subprocess.run(
             cmd, capture_output=True, text=True, env=env, check=False, timeout=MAX_SECONDS
         )
     except subprocess.TimeoutExpired:
-        return {
-            "config": cfg,
-            "n": n,
-            "device": device,
-            "error": [f"over {MAX_SECONDS} s; not measured"],
-        }
+        return {**failed, "error": [f"over {MAX_SECONDS} s; not measured"]}
     if r.returncode != 0:
-        return {
-            "config": cfg,
-            "n": n,
-            "device": device,
-            "error": r.stderr.strip().splitlines()[-1:],
-        }
+        return {**failed, "error": r.stderr.strip().splitlines()[-1:]}
     out = json.loads(r.stdout.strip().splitlines()[-1])
     out["subprocess_s"] = time.perf_counter() - t
     return out
