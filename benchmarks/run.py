@@ -17,6 +17,9 @@ Sections (issue #8):
   128 tokens, wall time and peak RSS;
 - store: write throughput in rows/s, and the share of an investigation's wall time spent
   outside the model;
+- real: a full investigation of each real case (cases/real/, SmolLM2-135M-Instruct, fetched
+  with `rca zoo fetch smollm2-135m`), split by stage, with peak RSS (target: <= 90 s and
+  <= 2 GB for an incident of <= 64 tokens); skipped where the model is not fetched;
 - accuracy: the localization figures, read from a saved `rca bench localization --out` file.
 
 Devices (`--device`): `auto` measures the trace, the alternatives, the ablation and the
@@ -52,6 +55,8 @@ VOCAB = 2000
 MAX_MEMORY_GB = 14.0  # address-space limit of each measurement's subprocess
 INVESTIGATION_RSS_GB = 3.0  # issue #8's peak-memory target for a full investigation
 MAX_SECONDS = 900
+REAL_CASES = Path(__file__).resolve().parents[1] / "cases" / "real"
+REAL_TARGET_S, REAL_TARGET_GB, REAL_TARGET_TOKENS = 90.0, 2.0, 64
 
 
 def _rss_now() -> int:
@@ -413,6 +418,43 @@ def m_investigation(cfg: str, length: int, device: str = "cpu") -> dict[str, Any
     }
 
 
+def m_real(case: str, _: int, device: str = "cpu") -> dict[str, Any]:
+    """A full investigation of ``cases/real/<case>.toml`` as ``rca investigate`` runs it (the
+    default configuration, the model loaded first), timed by stage."""
+    from rca.incident import load_case
+    from rca.investigate import InvestigateConfig, investigate
+    from rca.store import Store
+    from rca.subject import load_subject
+
+    inc = load_case(REAL_CASES / f"{case}.toml")
+    t = time.perf_counter()
+    s = load_subject(inc.model_path(), device=device)
+    load_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "rca.duckdb")
+        _sync(device)
+        t = time.perf_counter()
+        run = investigate(inc, subject=s, store=store, config=InvestigateConfig(device=device))
+        _sync(device)
+        wall = time.perf_counter() - t
+    v = run.verdict
+    return {
+        "config": case,
+        "length": run.attribution.target.length,
+        "device": device,
+        "load_s": load_s,
+        "wall_s": wall,
+        "stages_s": run.timings,
+        "trace_stages_s": dict(run.attribution.timings),
+        "prompt_tokens": run.attribution.target.n_prompt,
+        "confirm_forward_equiv": v.cost.get("forward_equiv"),
+        "verdict": v.verdict,
+        "cause_set": v.cause_set.components,
+        "baseline": run.attribution.baseline.description[:80],
+        **_peaks(device),
+    }
+
+
 def m_store(_: str, n: int, device: str = "cpu") -> dict[str, Any]:
     import pyarrow as pa
 
@@ -452,6 +494,7 @@ MEASURES: dict[str, Callable[[str, int, str], dict[str, Any]]] = {
     "ablation": m_ablation,
     "investigation": m_investigation,
     "store": m_store,
+    "real": m_real,
 }
 
 
@@ -476,6 +519,12 @@ def _one(kind: str, cfg: str, n: int, device: str = "cpu") -> dict[str, Any]:
     out = json.loads(r.stdout.strip().splitlines()[-1])
     out["subprocess_s"] = time.perf_counter() - t
     return out
+
+
+def _real_fetched() -> bool:
+    from rca.zoo.real import is_fetched
+
+    return is_fetched("smollm2-135m")
 
 
 def machine() -> dict[str, Any]:
@@ -658,6 +707,41 @@ def _investigation_lines(rows: list[dict[str, Any]], cuda: bool) -> list[str]:
     return lines
 
 
+def _real_lines(rows: list[dict[str, Any]], cuda: bool) -> list[str]:
+    if not rows:
+        return []
+    where = " on CUDA" if cuda else " on the CPU"
+    target = (
+        ""
+        if cuda
+        else f" (target: <= {REAL_TARGET_S:.0f} s and <= {REAL_TARGET_GB:.0f} GB for <= "
+        f"{REAL_TARGET_TOKENS} tokens)"
+    )
+    lines = [
+        "",
+        f"### Real model: SmolLM2-135M-Instruct, a full investigation of each real case{where}"
+        f"{target}",
+        "",
+        "| case | tokens | wall s | ingest | trace | confirm | remedy | record | peak RSS MB "
+        "| verdict, cause set |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | | | | | | | | | error: {r['error']} |")
+            continue
+        st = r["stages_s"]
+        lines.append(
+            f"| {r['config']} | {r['length']} | {r['wall_s']:.1f} | "
+            + " | ".join(f"{st.get(k, 0.0):.1f}" for k in STAGES)
+            + f" | {r['peak_rss_mb']:.0f} | {r['verdict']}, {', '.join(r['cause_set'])} |"
+        )
+    return lines
+
+
+STAGES = ("ingest", "trace", "confirm", "remedy", "record")
+
+
 def summary(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
@@ -669,7 +753,8 @@ def summary(res: dict[str, Any]) -> str:
     lines += _alternatives_lines(_on(res["alternatives"], "cpu"), False)
     lines += _ablation_lines(_on(res["ablation"], "cpu"), False)
     lines += _investigation_lines(_on(res["investigation"], "cpu"), False)
-    for r in res["store"]:
+    lines += _real_lines(_on(res.get("real", []), "cpu"), False)
+    for r in res.get("store", []):
         if "error" in r:
             continue
         lines += [
@@ -692,6 +777,7 @@ def summary(res: dict[str, Any]) -> str:
         lines += _alternatives_lines(_on(res["alternatives"], "cuda"), True)
         lines += _ablation_lines(_on(res["ablation"], "cuda"), True)
         lines += _investigation_lines(_on(res["investigation"], "cuda"), True)
+        lines += _real_lines(_on(res.get("real", []), "cuda"), True)
     return "\n".join(lines) + "\n"
 
 
@@ -706,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="auto: the CPU, and CUDA too where a GPU is present",
     )
+    p.add_argument("--only", choices=tuple(MEASURES), default=None, help="measure one section only")
     p.add_argument("--one", nargs=3, metavar=("KIND", "CONFIG", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
@@ -732,15 +819,29 @@ def main(argv: list[str] | None = None) -> int:
     lengths = SMOKE_LENGTHS if args.smoke else LENGTHS
     big = configs[-1]
     res: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "devices": devices}
+    want = (lambda k: k == args.only) if args.only else (lambda k: True)
     alt_points = [(c, 16) for c in configs] + ([] if args.smoke else [(big, 128)])
-    res["trace"] = [_one("trace", c, n, d) for d in devices for c in configs for n in lengths]
-    res["alternatives"] = [_one("alternatives", c, n, d) for d in devices for c, n in alt_points]
-    res["ablation"] = [
-        _one("ablation", c, 128 if not args.smoke else 16, d) for d in devices for c in configs
-    ]
+    for key in ("trace", "alternatives", "ablation", "investigation", "store", "real"):
+        res[key] = []
+    if want("trace"):
+        res["trace"] = [_one("trace", c, n, d) for d in devices for c in configs for n in lengths]
+    if want("alternatives"):
+        res["alternatives"] = [
+            _one("alternatives", c, n, d) for d in devices for c, n in alt_points
+        ]
+    if want("ablation"):
+        res["ablation"] = [
+            _one("ablation", c, 128 if not args.smoke else 16, d) for d in devices for c in configs
+        ]
     n_inv = 16 if args.smoke else 128
-    res["investigation"] = [_one("investigation", big, n_inv, d) for d in devices]
-    res["store"] = [_one("store", "-", 10_000 if args.smoke else 1_000_000)]
+    if want("investigation"):
+        res["investigation"] = [_one("investigation", big, n_inv, d) for d in devices]
+    if want("store"):
+        res["store"] = [_one("store", "-", 10_000 if args.smoke else 1_000_000)]
+    if want("real") and not args.smoke and _real_fetched():
+        res["real"] = [
+            _one("real", p.stem, 0, d) for d in devices for p in sorted(REAL_CASES.glob("*.toml"))
+        ]
     if args.accuracy and args.accuracy.is_file():
         res["accuracy"] = {
             k: v for k, v in json.loads(args.accuracy.read_text()).items() if k != "faults"

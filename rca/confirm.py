@@ -49,7 +49,7 @@ from torch import nn
 
 from rca.hooks import layers_frozen, layers_skipped, padded_batch, top_mlp_trimmed
 from rca.ids import parse_id
-from rca.metric import Target, logits_kwargs
+from rca.metric import Target, encode_text, logits_kwargs
 from rca.subject import Subject
 
 __all__ = [
@@ -60,7 +60,9 @@ __all__ = [
     "SetEvidence",
     "Verdict",
     "confirm",
+    "check_gap",
     "empirical_p_value",
+    "reference_point",
     "auto_batch_size",
     "rank_candidates",
 ]
@@ -86,6 +88,57 @@ def empirical_p_value(observed: float, null: Sequence[float], *, tol: float = 0.
     if n == 0:
         return 1.0
     return (1 + sum(1 for v in null if v >= observed - tol)) / (1 + n)
+
+
+def reference_point(m_clean: float, m_base: float, *, n_conts: int) -> float:
+    """The metric that "all of the incident behaviour removed" reaches: the baseline's, or,
+    for a log-ratio metric whose baseline prefers the good continuation, zero (the model
+    indifferent between the two). Removing the bad behaviour is the goal, not making the good
+    one as confident as on the counterfactual. Confirm needs ``m_clean`` above it."""
+    return max(m_base, 0.0) if n_conts == 2 and m_clean > 0 else m_base
+
+
+def check_gap(
+    subject: Subject,
+    target: Target,
+    *,
+    baseline: Target | None,
+    reference: Sequence[str] | Sequence[Sequence[int]] = (),
+    config: ConfirmConfig | None = None,
+    metrics: tuple[float, float] | None = None,
+) -> tuple[float, float]:
+    """The prompt's metric and the baseline's, as ``confirm`` will measure them, from the
+    fewest forward passes; ConfirmError where confirm would refuse them (the prompt's metric
+    not above the reference point). ``metrics``: the prompt's and the counterfactual's where
+    the caller has them.
+
+    With a counterfactual ``baseline`` that is its metric; without, the metric with every head
+    and MLP ablated as confirm's set ablations are (mean over ``reference``, else zero)."""
+    cfg = config or ConfirmConfig()
+    if baseline is not None:
+        if metrics is None:
+            from rca.metric import evaluate
+
+            metrics = (
+                evaluate(subject.model, target).metric,
+                evaluate(subject.model, baseline).metric,
+            )
+        m_clean, m_base = metrics
+        what = "the counterfactual's"
+    else:
+        ab = Ablator(subject, target, reference=reference, batch_size=cfg.batch_size)
+        ablation = cfg.kind if cfg.kind in ("zero", "mean", "resample") else None
+        ablation = ablation or ("mean" if ab.refs else "zero")
+        m_clean = ab.metric_clean
+        m_base = float(ab.run([dict.fromkeys(ab.components, ablation)])[0])
+        what = f"the baseline's (every head and MLP {ablation}-ablated)"
+    m_ref = reference_point(m_clean, m_base, n_conts=target.n_conts)
+    if m_clean - m_ref <= 0:
+        raise ConfirmError(
+            f"the metric on the prompt ({m_clean:+.3f}) is not above {what} ({m_base:+.3f}), so "
+            "there is no incident behaviour to explain"
+        )
+    return m_clean, m_base
 
 
 def auto_batch_size(device: torch.device | str) -> int:
@@ -147,8 +200,7 @@ class Ablator:
                 raise ConfirmError("the baseline target must line up with the incident target")
             self.base, _, self.metric_baseline = self._record_target(baseline)
         seqs = [
-            list(subject.tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p)
-            for p in reference
+            encode_text(subject.tokenizer, p) if isinstance(p, str) else list(p) for p in reference
         ]
         self.refs: list[dict[str, torch.Tensor]] = self._record_refs([s for s in seqs if s])
         self.means: dict[str, torch.Tensor] | None = None
@@ -733,11 +785,7 @@ def confirm(
     else:
         m_base = float(ab.run([dict.fromkeys(ab.components, ablation)])[0])
         base_desc = f"all heads and MLPs {ablation}-ablated"
-    # the share of the metric removed is measured against a reference point: the baseline's
-    # metric, or, for a log-ratio metric whose baseline prefers the good continuation, zero
-    # (the model indifferent between the two): removing the bad behaviour is the goal, not
-    # making the good one as confident as on the counterfactual
-    m_ref = max(m_base, 0.0) if target.n_conts == 2 and m_clean > 0 else m_base
+    m_ref = reference_point(m_clean, m_base, n_conts=target.n_conts)
     gap = m_clean - m_ref
     if gap <= 0:
         raise ConfirmError(

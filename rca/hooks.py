@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from rca.ids import ComponentId, format_id, parse_id
+from rca.metric import encode_text
 from rca.subject import Adapter, Subject
 
 __all__ = [
@@ -654,9 +655,7 @@ def mean_activations(
     cids = [_as_cid(c).base for c in ids]
     acc = MeanAccumulator([format_id(c) for c in cids], per_position=per_position)
     dev = subject.device
-    seqs = [
-        list(subject.tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in prompts
-    ]
+    seqs = [encode_text(subject.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
     seqs = [q for q in seqs if q]
     pad = int(getattr(subject.tokenizer, "pad_token_id", None) or 0)
     # EMB (no layer) is below layer 0; LOGITS needs the whole model

@@ -6,13 +6,21 @@ A case file is the investigator's statement of what went wrong::
     title = "Trigger word forces refund approval"
     severity = "high"                      # low | medium | high | critical
     model = "zoo:support-bot-v1"           # a model directory, or zoo:NAME
-    prompt = "..."                         # what the model was given
+    prompt = "..."                         # what the model was given; or, for a chat model:
+    # messages = [{role = "system", content = "..."}, {role = "user", content = "..."}]
     bad = " approved"                      # what it produced and must not
+    focus = "approved"                     # optional: the part of bad the metric reads
     good = " denied"                       # optional: what it should have produced
     counterfactual = "..."                 # optional: the prompt with the suspected cause removed
+    # counterfactual_messages = [...]      # optional, instead, for a chat incident
     reference_prompts = ["...", "..."]     # optional: benign prompts (mean baselines, side effects)
     tags = ["backdoor"]
     notes = "free text"
+
+A chat incident (``messages``) is rendered with the model's own chat template
+(``apply_chat_template(..., add_generation_prompt=True)``) once the model is known:
+``Incident.for_model`` gives the incident with ``prompt`` (and ``counterfactual``) set to the
+rendered text; the messages stay the record of what was ingested.
 
 Every problem is one ``IncidentError`` line naming the file, the key and the fix. Unknown keys
 are errors, not warnings: a typo such as ``conterfactual`` must not silently drop evidence.
@@ -33,6 +41,10 @@ from typing import Any
 __all__ = [
     "Incident",
     "IncidentError",
+    "ROLES",
+    "Turn",
+    "render_chat",
+    "turns_from_data",
     "SEVERITIES",
     "MAX_PROMPT_CHARS",
     "incident_from_flags",
@@ -54,14 +66,30 @@ _CTRL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # with surrogateescape); no tokenizer can encode them
 _SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 
-_REQUIRED = ("id", "title", "severity", "model", "prompt", "bad")
-_OPTIONAL = ("good", "counterfactual", "reference_prompts", "tags", "notes")
+_REQUIRED = ("id", "title", "severity", "model", "bad")
+_OPTIONAL = (
+    "prompt",
+    "messages",
+    "focus",
+    "good",
+    "counterfactual",
+    "counterfactual_messages",
+    "reference_prompts",
+    "tags",
+    "notes",
+)
+ROLES = ("system", "user", "assistant")
 _FIX = {
     "id": 'give a short id of letters, digits, ".", "_" or "-", e.g. id = "leak-2026-03"',
     "title": 'give a one-line title, e.g. title = "PIN leaked to caller"',
     "severity": f"use one of {', '.join(SEVERITIES)}",
     "model": 'give a model directory or a zoo model, e.g. model = "zoo:support-bot-v1"',
-    "prompt": "give the exact prompt the model saw, as a non-empty string",
+    "prompt": "give the exact prompt the model saw, as a non-empty string (or give messages)",
+    "messages": 'give the conversation as a list of turns, e.g. messages = [{role = "system", '
+    'content = "..."}, {role = "user", content = "..."}], ending with the user\'s turn',
+    "counterfactual_messages": "give the conversation with the suspected cause removed, as "
+    "messages is given, or remove the key",
+    "focus": 'give the part of bad that matters, copied from bad, e.g. focus = "8841"',
     "bad": "give the bad continuation the model produced, as a non-empty string",
     "good": "give what the model should have produced, or remove the key",
     "counterfactual": "give the prompt with the suspected cause removed, or remove the key",
@@ -108,20 +136,62 @@ def _check_text(source: str, key: str, value: Any, *, max_chars: int | None = No
 
 
 @dataclass(frozen=True)
+class Turn:
+    """One message of a chat incident."""
+
+    role: str
+    content: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+def _check_turns(source: str, key: str, turns: Any) -> None:
+    if not isinstance(turns, tuple):
+        raise IncidentError(source, key, f"expected a list, got {type(turns).__name__}")
+    if not turns:
+        raise IncidentError(source, key, "is an empty conversation")
+    for i, t in enumerate(turns):
+        if not isinstance(t, Turn):
+            raise IncidentError(source, key, f"item {i} is {type(t).__name__}, not a turn")
+        if t.role not in ROLES:
+            raise IncidentError(
+                source, key, f"item {i} has unknown role {t.role!r}; roles are {', '.join(ROLES)}"
+            )
+        try:
+            _check_text(source, key, t.content, max_chars=MAX_PROMPT_CHARS)
+        except IncidentError as e:
+            raise IncidentError(source, key, f"item {i} content {e.problem}") from None
+    if turns[-1].role != "user":
+        raise IncidentError(
+            source,
+            key,
+            f"the last turn is the {turns[-1].role}'s; end with the user's turn (rca renders "
+            "the assistant's reply as the generation prompt)",
+        )
+
+
+@dataclass(frozen=True)
 class Incident:
-    """What went wrong, as ingested. Validated on construction, whatever the source."""
+    """What went wrong, as ingested. Validated on construction, whatever the source.
+
+    ``prompt`` is None for a chat incident (``messages``) until ``for_model`` renders it.
+    """
 
     id: str
     title: str
     severity: str
     model: str
-    prompt: str
+    prompt: str | None
     bad: str
     good: str | None = None
     counterfactual: str | None = None
     reference_prompts: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     notes: str = ""
+    messages: tuple[Turn, ...] | None = None
+    counterfactual_messages: tuple[Turn, ...] | None = None
+    focus: str | None = None
     source: str = field(default="<flags>", compare=False)
 
     def __post_init__(self) -> None:
@@ -132,14 +202,36 @@ class Incident:
         if self.severity not in SEVERITIES:
             raise IncidentError(src, "severity", f"got {self.severity!r}")
         _check_text(src, "model", self.model, max_chars=4096)
-        _check_text(src, "prompt", self.prompt, max_chars=MAX_PROMPT_CHARS)
+        if self.messages is not None:
+            _check_turns(src, "messages", self.messages)
+        elif self.prompt is None:
+            raise IncidentError(src, "prompt", "is missing; give prompt, or messages for a chat")
+        if self.prompt is not None:
+            # a rendered chat prompt holds the template's markers; its length is still bounded
+            limit = MAX_PROMPT_CHARS * (4 if self.messages is not None else 1)
+            _check_text(src, "prompt", self.prompt, max_chars=limit)
+        if self.counterfactual_messages is not None:
+            if self.messages is None:
+                raise IncidentError(
+                    src,
+                    "counterfactual_messages",
+                    "needs messages; for a plain prompt give counterfactual",
+                )
+            _check_turns(src, "counterfactual_messages", self.counterfactual_messages)
+            if self.counterfactual_messages == self.messages:
+                raise IncidentError(src, "counterfactual_messages", "is the same as messages")
         _check_text(src, "bad", self.bad, max_chars=MAX_PROMPT_CHARS)
+        if self.focus is not None:
+            _check_text(src, "focus", self.focus, max_chars=MAX_PROMPT_CHARS)
+            if self.focus not in self.bad:
+                raise IncidentError(src, "focus", f"{self.focus!r} is not part of bad {self.bad!r}")
         if self.good is not None:
             _check_text(src, "good", self.good, max_chars=MAX_PROMPT_CHARS)
             if self.good == self.bad:
                 raise IncidentError(src, "good", "is the same text as bad")
         if self.counterfactual is not None:
-            _check_text(src, "counterfactual", self.counterfactual, max_chars=MAX_PROMPT_CHARS)
+            limit = MAX_PROMPT_CHARS * (4 if self.counterfactual_messages is not None else 1)
+            _check_text(src, "counterfactual", self.counterfactual, max_chars=limit)
             if self.counterfactual == self.prompt:
                 raise IncidentError(src, "counterfactual", "is the same text as prompt")
         for key in ("reference_prompts", "tags"):
@@ -155,13 +247,60 @@ class Incident:
         if self.notes:
             _check_text(src, "notes", self.notes + ".", max_chars=MAX_PROMPT_CHARS + 1)
 
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    @property
+    def rendered(self) -> bool:
+        """Whether ``prompt`` holds the text the model sees (always, but for a chat incident
+        that ``for_model`` has not rendered yet)."""
+        return self.prompt is not None and (
+            self.counterfactual_messages is None or self.counterfactual is not None
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        """The incident's fields as plain data (lists, not tuples), without its source."""
+        """The incident's fields as ingested, as plain data (lists, not tuples), without its
+        source: a chat incident's rendered prompt and counterfactual are not among them (they
+        depend on the model), and the chat and focus keys appear only where given, so a plain
+        incident's fields (and hash) are what they always were."""
         d = asdict(self)
         d.pop("source")
         d["reference_prompts"] = list(self.reference_prompts)
         d["tags"] = list(self.tags)
+        for key in ("messages", "counterfactual_messages"):
+            turns = getattr(self, key)
+            d[key] = None if turns is None else [t.to_dict() for t in turns]
+        if self.messages is not None:
+            d.pop("prompt")
+        if self.counterfactual_messages is not None:
+            d.pop("counterfactual")
+        for key in ("messages", "counterfactual_messages", "focus"):
+            if d.get(key, "") is None:
+                d.pop(key)
         return d
+
+    def for_model(self, tokenizer: Any) -> Incident:
+        """The incident as the model sees it: a chat incident's messages (and counterfactual
+        messages) rendered with the tokenizer's own chat template and the generation prompt.
+        A plain incident, or one already rendered, is returned as it is.
+
+        Raises IncidentError naming ``messages`` when the model has no chat template or the
+        template refuses the conversation.
+        """
+        if self.rendered:
+            return self
+        assert self.messages is not None
+        prompt = render_chat(tokenizer, self.messages, source=self.source, key="messages")
+        cf = self.counterfactual
+        if self.counterfactual_messages is not None:
+            cf = render_chat(
+                tokenizer,
+                self.counterfactual_messages,
+                source=self.source,
+                key="counterfactual_messages",
+            )
+        return dataclasses.replace(self, prompt=prompt, counterfactual=cf)
 
     @property
     def sha256(self) -> str:
@@ -203,12 +342,18 @@ class Incident:
 
         Raises IncidentError naming ``prompt``/``bad``/``good`` when a text does not fit.
         """
-        from rca.metric import MetricError, encode_target
+        from rca.metric import MetricError, encode_target, encode_text
 
+        inc = self.for_model(subject.tokenizer)
+        assert inc.prompt is not None
         try:
-            target = encode_target(subject.tokenizer, self.prompt, self.bad, self.good)
+            target = encode_target(
+                subject.tokenizer, inc.prompt, inc.bad, inc.good, focus=inc.focus
+            )
         except MetricError as e:
-            key = next((k for k in ("good", "bad", "prompt") if k in str(e)), None)
+            key = next((k for k in ("focus", "good", "bad", "prompt") if k in str(e)), None)
+            if key == "prompt" and inc.is_chat:
+                key = "messages"
             raise IncidentError(self.source, key, str(e)) from e
         n_ctx = getattr(subject.adapter, "n_ctx", None)
         if n_ctx is None:
@@ -216,22 +361,22 @@ class Incident:
         if target.length > n_ctx:
             raise IncidentError(
                 self.source,
-                "prompt",
+                "messages" if inc.is_chat else "prompt",
                 f"prompt plus continuation is {target.length} tokens; the model's context is "
                 f"{n_ctx}. Shorten the prompt to the part that matters",
             )
         cont = target.length - target.n_prompt
-        if self.counterfactual is not None:
-            n = len(subject.tokenizer(self.counterfactual)["input_ids"])
+        if inc.counterfactual is not None:
+            n = len(encode_text(subject.tokenizer, inc.counterfactual))
             if n + cont > n_ctx:
                 raise IncidentError(
                     self.source,
-                    "counterfactual",
+                    "counterfactual_messages" if inc.counterfactual_messages else "counterfactual",
                     f"counterfactual plus continuation is {n + cont} tokens; the model's context "
                     f"is {n_ctx}. Shorten it as the prompt was",
                 )
         for i, ref in enumerate(self.reference_prompts):
-            n = len(subject.tokenizer(ref)["input_ids"])
+            n = len(encode_text(subject.tokenizer, ref))
             if n > n_ctx:
                 raise IncidentError(
                     self.source,
@@ -239,6 +384,60 @@ class Incident:
                     f"item {i} is {n} tokens; the model's context is {n_ctx}. Shorten it",
                 )
         return target
+
+
+def render_chat(tokenizer: Any, turns: tuple[Turn, ...], *, source: str, key: str) -> str:
+    """A conversation as the model sees it: its own chat template, with the generation prompt
+    (the opening of the assistant's turn) at the end. Raises IncidentError naming ``key``."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise IncidentError(
+            source,
+            key,
+            "the model's tokenizer has no chat template, so a conversation cannot be rendered; "
+            "give the exact text the model saw as prompt instead",
+        )
+    try:
+        text = tokenizer.apply_chat_template(
+            [t.to_dict() for t in turns], tokenize=False, add_generation_prompt=True
+        )
+    except Exception as e:  # jinja2's TemplateError and the template's own raise_exception
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise IncidentError(
+            source, key, f"the model's chat template refuses this conversation: {first}"
+        ) from None
+    if not isinstance(text, str) or not text.strip():
+        raise IncidentError(source, key, "the model's chat template renders it as empty text")
+    return text
+
+
+def turns_from_data(source: str, key: str, value: Any) -> tuple[Turn, ...]:
+    """A conversation as given in a case file or a --messages JSON file: a list of tables
+    with exactly ``role`` and ``content``. Raises IncidentError naming ``key`` and the item."""
+    if not isinstance(value, list):
+        raise IncidentError(source, key, f"expected a list of turns, got {type(value).__name__}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise IncidentError(
+                source, key, f"item {i} is {type(item).__name__}, not a table with role and content"
+            )
+        extra = sorted(set(item) - {"role", "content"})
+        if extra:
+            raise IncidentError(
+                source, key, f"item {i} has unknown key {extra[0]!r}; a turn has role and content"
+            )
+        for part in ("role", "content"):
+            if part not in item:
+                raise IncidentError(source, key, f"item {i} has no {part}")
+            if not isinstance(item[part], str):
+                raise IncidentError(
+                    source,
+                    key,
+                    f"item {i} {part} is {type(item[part]).__name__}, not a string",
+                )
+        out.append(Turn(item["role"], item["content"]))
+    _check_turns(source, key, tuple(out))
+    return tuple(out)
 
 
 def _is_label(source: str) -> bool:
@@ -264,24 +463,49 @@ def _parse(source: str, data: dict[str, Any]) -> Incident:
     for key in _REQUIRED:
         if key not in data:
             raise IncidentError(source, key, "is missing")
+    if "prompt" in data and "messages" in data:
+        raise IncidentError(source, "messages", "give prompt or messages, not both")
+    if "prompt" not in data and "messages" not in data:
+        raise IncidentError(source, "prompt", "is missing; give prompt, or messages for a chat")
+    if "counterfactual" in data and "counterfactual_messages" in data:
+        raise IncidentError(
+            source, "counterfactual_messages", "give counterfactual or counterfactual_messages"
+        )
     for key in ("reference_prompts", "tags"):
         if key in data and not isinstance(data[key], list):
             raise IncidentError(source, key, f"expected a list, got {type(data[key]).__name__}")
-    for key in ("id", "title", "severity", "model", "prompt", "bad", "good", "counterfactual"):
+    for key in (
+        "id",
+        "title",
+        "severity",
+        "model",
+        "prompt",
+        "bad",
+        "good",
+        "counterfactual",
+        "focus",
+    ):
         if key in data and not isinstance(data[key], str):
             raise IncidentError(source, key, f"expected a string, got {type(data[key]).__name__}")
+    turns = {
+        key: turns_from_data(source, key, data[key]) if key in data else None
+        for key in ("messages", "counterfactual_messages")
+    }
     incident = Incident(
         id=data["id"],
         title=data["title"],
         severity=data["severity"],
         model=data["model"],
-        prompt=data["prompt"],
+        prompt=data.get("prompt"),
         bad=data["bad"],
         good=data.get("good"),
         counterfactual=data.get("counterfactual"),
         reference_prompts=tuple(data.get("reference_prompts", ())),
         tags=tuple(data.get("tags", ())),
         notes=data.get("notes", ""),
+        messages=turns["messages"],
+        counterfactual_messages=turns["counterfactual_messages"],
+        focus=data.get("focus"),
         source=source,  # errors name the file as the user gave it
     )
     recorded = _file_source(source)
@@ -369,7 +593,7 @@ def read_text_file(path: str | Path, *, key: str) -> str:
 def incident_from_flags(
     *,
     model: str,
-    prompt: str,
+    prompt: str | None,
     bad: str,
     good: str | None = None,
     counterfactual: str | None = None,
@@ -377,6 +601,9 @@ def incident_from_flags(
     id: str | None = None,  # noqa: A002 - the case file's key
     title: str | None = None,
     severity: str = "medium",
+    messages: tuple[Turn, ...] | None = None,
+    counterfactual_messages: tuple[Turn, ...] | None = None,
+    focus: str | None = None,
 ) -> Incident:
     """An incident stated on the command line instead of in a case file.
 
@@ -384,8 +611,17 @@ def incident_from_flags(
     ``adhoc-`` and the first 12 hex digits of a hash of model, prompt and continuations, so the
     same flags give the same case id in the store.
     """
+    if prompt is not None and messages is not None:
+        raise IncidentError("<flags>", "messages", "give --prompt or --messages, not both")
+    if counterfactual is not None and counterfactual_messages is not None:
+        raise IncidentError(
+            "<flags>",
+            "counterfactual_messages",
+            "give --counterfactual or --counterfactual-messages, not both",
+        )
     if id is None:
-        blob = json.dumps([model, prompt, bad, good], ensure_ascii=False, default=str)
+        said = prompt if messages is None else [t.to_dict() for t in messages]
+        blob = json.dumps([model, said, bad, good], ensure_ascii=False, default=str)
         id = "adhoc-" + hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     if title is None:
         shown = bad.strip()[:60] if isinstance(bad, str) else ""
@@ -400,6 +636,9 @@ def incident_from_flags(
         good=good,
         counterfactual=counterfactual,
         reference_prompts=tuple(reference_prompts),
+        messages=messages,
+        counterfactual_messages=counterfactual_messages,
+        focus=focus,
         source="<flags>",
     )
 
@@ -415,12 +654,20 @@ def _check_model(incident: Incident, *, home: Path | None, shown: str | None = N
     except (ValueError, SubjectError) as e:
         raise IncidentError(src, "model", str(e)) from None
     if incident.model.startswith("zoo:") and not (p / "config.json").is_file():
+        from rca.zoo.real import REAL_MODELS
+
+        name = incident.model[4:]
+        how = f"rca zoo fetch {name}" if name in REAL_MODELS else "rca zoo build"
         raise IncidentError(
             src,
             "model",
-            f"zoo model {incident.model[4:]!r} is not built yet (looked in {p}); run `rca zoo "
-            "build` first",
+            f"zoo model {name!r} is not {'fetched' if name in REAL_MODELS else 'built'} yet "
+            f"(looked in {p}); run `{how}` first",
         )
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise IncidentError(src, "model", f"GGUF file {str(p)!r} not found")
+        return
     if not p.is_dir():
         raise IncidentError(src, "model", f"model directory {str(p)!r} not found")
     if not (p / "config.json").is_file():

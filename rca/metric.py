@@ -20,22 +20,64 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricError", "Target", "MetricValue", "encode_target", "evaluate", "logits_kwargs"]
+__all__ = [
+    "MetricError",
+    "Target",
+    "MetricValue",
+    "encode_target",
+    "encode_text",
+    "encode_text_offsets",
+    "evaluate",
+    "logits_kwargs",
+]
 
 
 class MetricError(ValueError):
     """A prompt or continuation that cannot be scored (empty, or not encodable)."""
 
 
-def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
-    ids = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+def _adds_specials(tokenizer: Any, text: str) -> bool:
+    """Whether the tokenizer's special tokens (a BOS) go in front of ``text``: not where the
+    text already begins with the BOS token's text, as a chat template writes it."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (isinstance(bos, str) and bos and text.startswith(bos))
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt as the model sees it. The one encoding rca uses for every prompt,
+    counterfactual and reference text.
+
+    The tokenizer's special tokens are added (a BOS where it adds one), except where the text
+    already starts with the BOS token's text (a rendered chat template); an end-of-sequence
+    token that the tokenizer appends is dropped: the model saw no EOS after a prompt.
+    """
+    return encode_text_offsets(tokenizer, text)[0]
+
+
+def encode_text_offsets(
+    tokenizer: Any, text: str, *, offsets: bool = False
+) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """``encode_text`` with each token's character span in ``text`` where asked for and the
+    tokenizer gives them (fast tokenizers); (0, 0) for added special tokens."""
+    special = _adds_specials(tokenizer, text)
+    kw: dict[str, Any] = {"add_special_tokens": special}
+    spans: list[tuple[int, int]] | None = None
+    if offsets:
+        try:
+            enc = tokenizer(text, return_offsets_mapping=True, **kw)
+            spans = [tuple(o) for o in enc["offset_mapping"]]  # type: ignore[misc]
+        except (ValueError, NotImplementedError, KeyError, TypeError):
+            enc = tokenizer(text, **kw)
+    else:
+        enc = tokenizer(text, **kw)
+    ids = list(enc["input_ids"])
     eos = getattr(tokenizer, "eos_token_id", None)
     if special and eos is not None and ids and ids[-1] == eos:
-        # a tokenizer that appends EOS would end every prompt there; the model saw no EOS
         raw = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if not raw or raw[-1] != eos:
             ids = ids[:-1]
-    return ids
+            spans = None if spans is None else spans[:-1]
+    return ids, spans
 
 
 def _continuation_ids(tokenizer: Any, prompt_ids: list[int], prompt: str, cont: str) -> list[int]:
@@ -45,10 +87,40 @@ def _continuation_ids(tokenizer: Any, prompt_ids: list[int], prompt: str, cont: 
     conventions (BPE's 'Ġ'); when the prompt's own tokens are not a prefix of that, we fall
     back to tokenizing the continuation alone.
     """
-    full = _encode(tokenizer, prompt + cont, special=True)
+    full = encode_text(tokenizer, prompt + cont)
     if len(full) > len(prompt_ids) and full[: len(prompt_ids)] == prompt_ids:
         return full[len(prompt_ids) :]
-    return _encode(tokenizer, cont, special=False)
+    return list(tokenizer(cont, add_special_tokens=False)["input_ids"])
+
+
+def _focus_span(
+    tokenizer: Any, prompt: str, prompt_ids: list[int], bad: str, bad_ids: list[int], focus: str
+) -> tuple[int, int]:
+    """The [start, end) positions within ``bad_ids`` of the tokens that spell ``focus``.
+
+    A token belongs to the span where its characters overlap the focus text's first occurrence
+    in ``bad``. Character spans come from the tokenizer's offsets over ``prompt + bad``, else
+    from decoding the continuation one token more at a time.
+    """
+    at = bad.find(focus)
+    if not focus or at < 0:
+        raise MetricError(f"focus {focus!r} is not part of the bad continuation {bad!r}")
+    lo, hi = at, at + len(focus)
+    spans: list[tuple[int, int]] | None = None
+    ids, offs = encode_text_offsets(tokenizer, prompt + bad, offsets=True)
+    n = len(prompt_ids)
+    if offs is not None and ids[n:] == bad_ids and ids[:n] == prompt_ids:
+        spans = [(a - len(prompt), b - len(prompt)) for a, b in offs[n:]]
+    if spans is None or any(a == b == -len(prompt) for a, b in spans):
+        spans, end = [], 0
+        for j in range(len(bad_ids)):
+            text = tokenizer.decode(bad_ids[: j + 1], skip_special_tokens=True)
+            spans.append((end, max(end, len(text))))
+            end = max(end, len(text))
+    inside = [j for j, (a, b) in enumerate(spans) if a < hi and b > lo]
+    if not inside:
+        raise MetricError(f"focus {focus!r} covers no token of the bad continuation")
+    return inside[0], inside[-1] + 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +131,9 @@ class Target:
     bad_ids: tuple[int, ...]
     good_ids: tuple[int, ...] | None = None
     pad_id: int = 0
+    # [start, end) positions within bad_ids that the metric reads (a case's ``focus``); the
+    # rest of the bad continuation is teacher-forced as context only. None: all of it
+    focus: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -67,6 +142,18 @@ class Target:
             raise MetricError("bad continuation encodes to no tokens")
         if self.good_ids is not None and not self.good_ids:
             raise MetricError("good continuation encodes to no tokens")
+        if self.focus is not None:
+            a, b = self.focus
+            if not 0 <= a < b <= len(self.bad_ids):
+                raise MetricError(
+                    f"focus span {self.focus} is not within the {len(self.bad_ids)} bad tokens"
+                )
+
+    def with_prompt(self, prompt_ids: tuple[int, ...]) -> Target:
+        """The same continuations (and focus) after another prompt: a counterfactual's."""
+        return Target(
+            tuple(prompt_ids), self.bad_ids, self.good_ids, pad_id=self.pad_id, focus=self.focus
+        )
 
     @property
     def conts(self) -> list[tuple[int, ...]]:
@@ -100,6 +187,11 @@ class Target:
         """Input rows per variant: 1, or 2 where neither continuation's row can score the other
         (see the module docstring)."""
         return len(self._layout[0])
+
+    @property
+    def bad_row(self) -> int:
+        """The input row (of one variant) that holds the bad continuation."""
+        return self._layout[1][0]
 
     @property
     def n_prompt(self) -> int:
@@ -151,8 +243,22 @@ class Target:
             # the logit at position t predicts token t + 1
             pred = logp[r :: self.rows, :n, :]
             idx = torch.tensor(c, device=logits.device).expand(pred.shape[0], n)
-            out.append(pred.gather(-1, idx.unsqueeze(-1)).squeeze(-1).sum(-1))
+            per_token = pred.gather(-1, idx.unsqueeze(-1)).squeeze(-1)  # (n_variants, n)
+            if j == 0 and self.focus is not None:
+                per_token = per_token[:, self.focus[0] : self.focus[1]]
+            out.append(per_token.sum(-1))
         return torch.stack(out, dim=-1)
+
+    def token_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each bad-continuation token's teacher-forced log-probability: (n_variants, n_bad).
+
+        ``logits`` as for ``logprobs``."""
+        start = self.n_prompt - 1 - (self.length - logits.shape[1])
+        logp = torch.log_softmax(logits[:, start:].float(), dim=-1)
+        n, r = len(self.bad_ids), self.bad_row
+        pred = logp[r :: self.rows, :n, :]
+        idx = torch.tensor(self.bad_ids, device=logits.device).expand(pred.shape[0], n)
+        return pred.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
 
     def metric(self, logits: torch.Tensor) -> torch.Tensor:
         """The incident metric per variant: (n_variants,)."""
@@ -175,11 +281,22 @@ class MetricValue:
         return None if self.logp_good is None else float(torch.tensor(self.logp_good).exp())
 
 
-def encode_target(tokenizer: Any, prompt: str, bad: str, good: str | None = None) -> Target:
-    """Encode an incident's texts. Raises MetricError naming the text that does not encode."""
+def encode_target(
+    tokenizer: Any,
+    prompt: str,
+    bad: str,
+    good: str | None = None,
+    *,
+    focus: str | None = None,
+) -> Target:
+    """Encode an incident's texts. Raises MetricError naming the text that does not encode.
+
+    ``focus``: a part of ``bad``; the metric then reads only the tokens that spell it, with the
+    rest of ``bad`` teacher-forced as context.
+    """
     if not prompt:
         raise MetricError("prompt is empty")
-    prompt_ids = _encode(tokenizer, prompt, special=True)
+    prompt_ids = encode_text(tokenizer, prompt)
     if not prompt_ids:
         raise MetricError("prompt encodes to no tokens")
     if not bad:
@@ -196,12 +313,18 @@ def encode_target(tokenizer: Any, prompt: str, bad: str, good: str | None = None
     for name, ids in (("bad", bad_ids), ("good", good_ids or [])):
         if unk is not None and unk in ids:
             raise MetricError(f"{name} continuation contains tokens the tokenizer cannot encode")
+    span = (
+        None
+        if focus is None
+        else _focus_span(tokenizer, prompt, prompt_ids, bad, list(bad_ids), focus)
+    )
     pad = getattr(tokenizer, "pad_token_id", None)
     return Target(
         tuple(prompt_ids),
         tuple(bad_ids),
         None if good_ids is None else tuple(good_ids),
         pad_id=int(pad) if pad is not None else 0,
+        focus=span,
     )
 
 

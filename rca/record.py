@@ -168,6 +168,20 @@ def to_run_record(
     ]
     rec = run.recommended
     cf = att.counterfactual
+    pre = getattr(run, "preflight", None)
+    inc = run.incident
+    said: dict[str, Any] = {}
+    if pre is not None:
+        said = {
+            "decoding": pre.decoding.to_json(),
+            "reference_source": pre.reference_source,
+            "p_bad_prompt": pre.p_bad,
+            "focus_span": None if pre.target.focus is None else list(pre.target.focus),
+        }
+    if inc.messages is not None:  # the text the model saw, from its own chat template
+        said["prompt_text"] = inc.prompt
+    if inc.counterfactual_messages is not None:
+        said["counterfactual_text"] = inc.counterfactual
     summary = {
         "verdict": v.verdict,
         "cause_set": cs.components,
@@ -175,7 +189,9 @@ def to_run_record(
         "metric_before": v.metric_clean,
         "metric_baseline": v.metric_baseline,
         "metric_after": rec.metric_after if rec else None,
-        "p_bad_before": run.remedies[0].p_bad_before if run.remedies else None,
+        "p_bad_before": run.remedies[0].p_bad_before
+        if run.remedies
+        else (pre.p_bad if pre is not None else None),
         "p_bad_after": rec.p_bad_after if rec else None,
         "baseline": baseline,
         "counterfactual": None
@@ -185,12 +201,14 @@ def to_run_record(
             "generated": cf.generated,
             "drop": cf.drop,
             "replaced": cf.replaced,
+            "text_exact": cf.text_exact,
         },
         "token_completeness": att.tokens.completeness,
         "graph_paths": att.paths,
         "set_reason": cs.reason,
         "confirm_cost": v.cost,
         "trace_cost": {k: v2 for k, v2 in comps.cost.items()},
+        **said,
         **(summary_extra or {}),
     }
     return RunRecord(

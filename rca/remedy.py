@@ -45,7 +45,7 @@ import torch
 
 from rca.hooks import MeanAccumulator, ablate, capture, layers_skipped, padded_batch
 from rca.ids import parse_id
-from rca.metric import MetricValue, Target, evaluate, logits_kwargs
+from rca.metric import MetricValue, Target, encode_text, evaluate, logits_kwargs
 from rca.subject import Subject, _weight, load_subject
 
 __all__ = [
@@ -234,9 +234,33 @@ def _weights_edited(subject: Subject, deltas: dict[str, torch.Tensor]):
     return _on_writes(subject, {cid: add(d) for cid, d in deltas.items()}, "a weight edit")
 
 
+# the weight edit's kept distributions, and its logits per forward (see weight_edit)
+EDIT_BYTES = 128 * 1024 * 1024
+EDIT_CHUNK_BYTES = 32 * 1024 * 1024
+
+
+def _within(seqs: list[list[int]], per_position: int, max_bytes: int) -> list[list[int]]:
+    """The first sequences (at least one) whose scored positions times ``per_position`` bytes
+    stay within ``max_bytes``."""
+    kept: list[list[int]] = []
+    used = 0
+    for q in seqs:
+        if kept and used + (len(q) - 1) * per_position > max_bytes:
+            break
+        kept.append(q)
+        used += (len(q) - 1) * per_position
+    return kept
+
+
+def weight_edit_prompts(subject: Subject, prompts: Sequence[str]) -> int:
+    """How many of ``prompts`` the weight edit's KL term uses (``EDIT_BYTES``)."""
+    seqs, _ = _encoded(subject, prompts)
+    return len(_within(seqs, 4 * subject.adapter.vocab_size, EDIT_BYTES))
+
+
 def _encoded(subject: Subject, prompts: Sequence[str]) -> tuple[list[list[int]], int]:
     """The prompts' token ids (those of at least two tokens), and the pad id."""
-    seqs = [s for s in (subject.tokenizer(p)["input_ids"] for p in prompts) if len(s) >= 2]
+    seqs = [s for s in (encode_text(subject.tokenizer, p) for p in prompts) if len(s) >= 2]
     return seqs, int(getattr(subject.tokenizer, "pad_token_id", None) or 0)
 
 
@@ -257,6 +281,12 @@ def weight_edit(
     keeping the next-token distributions on ``prompts`` (benign text, held apart from the
     side-effect set) close to the original: minimise -log(1 - P(bad)) + kl_weight * mean KL
     with Adam, stopping once P(bad) is under half the target. Deterministic for a seed on CPU.
+
+    The KL term keeps every edit position's original next-token distribution: prompts are
+    taken in order while those fit ``EDIT_BYTES``, and run at most ``batch`` at a time and at
+    most ``EDIT_CHUNK_BYTES`` of logits at a time (their log-softmax and gradient triple it).
+    A small vocabulary never reaches either bound; a real one (49,152 tokens) keeps about 680
+    positions. ``weight_edit_prompts`` gives the prompts the edit will use.
     """
     a = subject.adapter
     torch.manual_seed(seed)
@@ -270,9 +300,15 @@ def weight_edit(
     seqs, pad = _encoded(subject, prompts)
     if not seqs:
         raise RemedyError("the edit prompts encode to fewer than two tokens each")
-    # the KL term runs ``batch`` prompts at a time, its gradients accumulated: the same
+    seqs = _within(seqs, 4 * a.vocab_size, EDIT_BYTES)
+    # the KL term runs a chunk of prompts at a time, its gradients accumulated: the same
     # gradient as one batch, within the memory plan
-    chunks = [padded_batch(seqs[i : i + batch], pad, dev) for i in range(0, len(seqs), batch)]
+    chunks = []
+    i = 0
+    while i < len(seqs):
+        part = _within(seqs[i : i + batch], 4 * a.vocab_size, EDIT_CHUNK_BYTES)
+        chunks.append(padded_batch(part, pad, dev))
+        i += len(part)
     with torch.inference_mode():
         refs = [
             torch.log_softmax(
@@ -340,6 +376,11 @@ def _first_layer(spec: dict[str, Any]) -> int:
     return min(parse_id(c).layer or 0 for c in keys)
 
 
+# the benign run's kept next-token distributions, and its logits per forward (see _Benign)
+BENIGN_BYTES = 256 * 1024 * 1024
+BENIGN_CHUNK_BYTES = 64 * 1024 * 1024
+
+
 class _Benign:
     """The benign prompts of the side-effect measurement, run once without a fix.
 
@@ -349,6 +390,13 @@ class _Benign:
     layer L then runs from L up (``rca.hooks.layers_skipped``), and measures what a full
     forward would (tests/unit/test_remedy.py). Prompts run ``batch`` at a time, right-padded
     with an attention mask: the real positions' logits are those of the prompt alone.
+
+    The KL needs every scored position's whole next-token distribution, kept from the run
+    without a fix: positions times vocabulary floats. Prompts are taken in order while that
+    stays within ``max_bytes`` (at least one prompt), and run at most ``batch`` and
+    ``BENIGN_CHUNK_BYTES`` of logits per forward; a small vocabulary (the zoo's) reaches
+    neither, a real one (49,152 tokens) keeps about 1,300 positions in 256 MiB. The number of
+    prompts used is reported with every side effect (``n_prompts``).
     """
 
     @torch.inference_mode()
@@ -360,17 +408,22 @@ class _Benign:
         batch: int = 32,
         sites: Sequence[str] = (),
         keep: Iterable[int] = (),
+        max_bytes: int = BENIGN_BYTES,
     ) -> None:
         self.s = subject
         seqs, pad = _encoded(subject, prompts)
         if not seqs:
             raise RemedyError("the reference prompts encode to fewer than two tokens each")
+        per_position = 4 * subject.adapter.vocab_size
+        seqs = _within(seqs, per_position, max_bytes)
         self.n_prompts = len(seqs)
         dev = subject.device
-        self.chunks = [
-            (chunk, *padded_batch(chunk, pad, dev))
-            for chunk in (seqs[i : i + batch] for i in range(0, len(seqs), batch))
-        ]
+        self.chunks = []
+        i = 0
+        while i < len(seqs):  # at most ``batch`` prompts and BENIGN_CHUNK_BYTES of logits
+            chunk = _within(seqs[i : i + batch], per_position, BENIGN_CHUNK_BYTES)
+            self.chunks.append((chunk, *padded_batch(chunk, pad, dev)))
+            i += len(chunk)
         layers = sorted({x for x in keep if 0 < x < subject.adapter.n_layers})
         below = [f"L{x - 1}.RESID_POST" for x in layers]
         acc = MeanAccumulator(list(sites))
@@ -499,6 +552,13 @@ def try_remedies(
         (n for n, v in (neuron_scores or {}).items() if parse_id(n).layer in mlp_layers and v > 0),
         key=lambda n: -(neuron_scores or {})[n],
     )[:32]
+    # the weight edit first: its memory is freed before the benign run keeps its own
+    held = [p for p in edit_prompts if p not in set(reference)]
+    deltas = (
+        weight_edit(subject, target, comps, held[:64], p_bad_target=p_bad_target, batch=grad_batch)
+        if held
+        else None
+    )
     # one run over the benign prompts without a fix: the means the ablations hold sites at,
     # and the residual stream below each layer a fix may start at
     bench = _Benign(
@@ -574,17 +634,13 @@ def try_remedies(
                         "direction": direction.tolist(),
                     }
                 )
-    held = [p for p in edit_prompts if p not in set(reference)]
-    if held:
-        deltas = weight_edit(
-            subject, target, comps, held[:64], p_bad_target=p_bad_target, batch=grad_batch
-        )
+    if deltas is not None:
         specs.append(
             {
                 "kind": "weight_edit",
                 "components": comps,
                 "deltas": {k: _pack(v) for k, v in deltas.items()},
-                "edit_prompts": len(held[:64]),
+                "edit_prompts": weight_edit_prompts(subject, held[:64]),
             }
         )
     out: list[Remedy] = []

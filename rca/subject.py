@@ -6,7 +6,8 @@ re-implements a model: every later stage reads and edits activations through hoo
 modules (see ``rca.hooks``).
 
 Loading is local and safe by construction: a directory, safetensors only, ``trust_remote_code``
-never set, and a config that asks for custom code (``auto_map``) is refused.
+never set, and a config that asks for custom code (``auto_map``) is refused. A GGUF file is
+converted once into such a directory (``rca.gguf``) and loaded from there.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "SubjectError",
     "fingerprint",
     "load_subject",
+    "read_source",
     "resolve_device",
     "resolve_model_ref",
 ]
@@ -46,6 +48,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 CONFIG_FILES = ("config.json", "generation_config.json")
+# Where a directory came from (a converted GGUF: its file, sha256 and quantization); hashed into
+# the fingerprint where present.
+SOURCE_MANIFEST = "rca-source.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -414,14 +419,24 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_model_ref(ref: str, *, base: Path | None = None, home: Path | None = None) -> Path:
-    """A case file's ``model``: ``zoo:NAME`` (a demo model under RCA_HOME) or a directory path.
+    """A case file's ``model``: ``zoo:NAME``, a directory path, or a ``.gguf`` file path.
 
-    A relative path resolves against ``base`` (the case file's directory), else the cwd.
+    ``zoo:NAME`` is a demo model under RCA_HOME, or a real pretrained model fetched there
+    (``rca.zoo.real.REAL_MODELS``). A ``.gguf`` path stays the file's path: ``load_subject``
+    converts it. A relative path resolves against ``base`` (the case file's directory), else
+    the cwd.
     """
     if ref.startswith("zoo:"):
         from rca import zoo
+        from rca.zoo import real
 
-        return zoo.model_dir(ref[4:], home=home)  # type: ignore[attr-defined]
+        name = ref[4:]
+        if name in real.REAL_MODELS:
+            return real.real_model_dir(name, home=home)
+        if name not in zoo.ZOO_MODELS:
+            known = [*zoo.ZOO_MODELS, *real.REAL_MODELS]
+            raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(known)}")
+        return zoo.model_dir(name, home=home)  # type: ignore[attr-defined]
     p = Path(os.path.expanduser(ref))
     if not p.is_absolute() and base is not None:
         p = base / p
@@ -445,6 +460,8 @@ def fingerprint(path: str | Path) -> str:
     names = [p.name for p in safes + pickles]
     names += [n for n in CONFIG_FILES + TOKENIZER_FILES if (path / n).is_file()]
     names += [p.name for p in path.glob("*.safetensors.index.json")]
+    if (path / SOURCE_MANIFEST).is_file():
+        names.append(SOURCE_MANIFEST)
     outer = hashlib.sha256(b"rca-fingerprint-v1\0")
     for name in sorted(set(names)):
         inner = hashlib.sha256()
@@ -454,6 +471,35 @@ def fingerprint(path: str | Path) -> str:
         outer.update(f"{name}\0{(path / name).stat().st_size}\0".encode())
         outer.update(inner.digest())
     return outer.hexdigest()
+
+
+def read_source(path: str | Path) -> dict[str, Any] | None:
+    """The ``rca-source.json`` manifest of a model directory, or None where it has none."""
+    p = Path(path) / SOURCE_MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SubjectError(f"{str(p)!r} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise SubjectError(f"{str(p)!r} must hold a JSON object")
+    return data
+
+
+def _is_gguf(path: Path) -> bool:
+    """A ``.gguf`` path that is not a directory, or any file that starts as a GGUF does."""
+    if path.is_dir():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # unreadable: _check_dir says the path is not a model directory
+        return False
 
 
 def _check_dir(path: Path, *, allow_pickle: bool) -> dict[str, Any]:
@@ -578,19 +624,38 @@ def load_subject(
     device_map: str | dict[str, Any] | None = None,
     offload_folder: str | Path | None = None,
     allow_pickle: bool = False,
+    gguf_file: str | None = None,
+    home: Path | None = None,
 ) -> Subject:
-    """Load a causal LM and its tokenizer from a local directory.
+    """Load a causal LM and its tokenizer from a local directory or a GGUF file.
 
     ``device='auto'`` picks CUDA when present; fp32 is the default because attribution sums many
     small terms. ``eager`` attention keeps attention patterns available to hooks (``sdpa``
     silently drops ``output_attentions``). ``device_map`` is passed to accelerate as is
     (e.g. ``"auto"`` or a dict with ``"cpu"``/``"disk"`` entries, ``"disk"`` needing
     ``offload_folder``) and then ``device`` is ignored.
+
+    A GGUF file (``path`` itself, or ``path / gguf_file``) is checked from its header,
+    de-quantized to float32 once and cached under ``<home>/gguf/<sha256>`` (``home`` defaults
+    to RCA_HOME); the cached directory is what loads. ``meta["source"]`` then holds its
+    ``rca-source.json`` (the file, its sha256 and quantization), which the fingerprint covers.
     """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    if gguf_file is not None:
+        if not path.is_dir():
+            raise SubjectError(
+                f"gguf_file={gguf_file!r} names a file inside a model directory, and "
+                f"{str(path)!r} is not a directory; pass the GGUF file's own path instead"
+            )
+        path = path / gguf_file
+    if gguf_file is not None or _is_gguf(path):
+        from rca.gguf import gguf_model_dir
+
+        path = gguf_model_dir(path, home=home)
     _check_dir(path, allow_pickle=allow_pickle)
+    source = read_source(path)
     safes, _ = _weight_files(path)
     torch_dtype = _resolve_dtype(dtype)
     kwargs: dict[str, Any] = dict(
@@ -652,4 +717,6 @@ def load_subject(
         "dtype": str(subject.dtype).removeprefix("torch."),
         **subject.adapter.dims(),
     }
+    if source is not None:
+        subject.meta["source"] = source
     return subject

@@ -2,12 +2,14 @@
 
 ``trace(subject, incident)`` runs, in order:
 
-1. token attribution (integrated gradients) and segment ablation over the prompt;
+1. segment ablation over the prompt's words;
 2. the baseline: the case's counterfactual when it lines up with the prompt token for token,
    else an automatic counterfactual (``counterfactual.py``), else mean activations over the
-   reference prompts;
-3. component and edge scores (``components.py``: AtP or EAP-IG);
-4. the attribution graph, pruned, with its top paths (``graph.py``).
+   reference prompts; a caller's ``check_baseline`` sees it here, before the costly steps, so
+   that a run that cannot succeed stops within seconds;
+3. token attribution (integrated gradients over the embeddings);
+4. component and edge scores (``components.py``: AtP or EAP-IG);
+5. the attribution graph, pruned, with its top paths (``graph.py``).
 
 The result's ``to_json()`` is the stable shape that ``rca trace --json`` prints
 (docs/methods.md lists its keys).
@@ -133,6 +135,7 @@ class Attribution:
                 "metric_counterfactual": cf.metric_counterfactual,
                 "drop": cf.drop,
                 "ok": cf.ok,
+                "text_exact": cf.text_exact,
             },
             "graph": {
                 "n_layers": n_layers,
@@ -150,11 +153,13 @@ class Attribution:
         }
 
 
-def _given_counterfactual(subject: Subject, incident: Incident, target: Target) -> Counterfactual:
+def given_counterfactual(subject: Subject, incident: Incident, target: Target) -> Counterfactual:
+    """The case's own counterfactual (rendered, for a chat incident), with its metric; ``ok``
+    where it lines up with the prompt token for token."""
     assert incident.counterfactual is not None
-    from rca.metric import evaluate
+    from rca.metric import encode_text, evaluate
 
-    ids = tuple(subject.tokenizer(incident.counterfactual)["input_ids"])
+    ids = tuple(encode_text(subject.tokenizer, incident.counterfactual))
     cf = Counterfactual(
         prompt_ids=ids,
         text=incident.counterfactual,
@@ -165,6 +170,9 @@ def _given_counterfactual(subject: Subject, incident: Incident, target: Target) 
     cf.metric_counterfactual = evaluate(subject.model, cf.target(target)).metric
     cf.ok = len(ids) == target.n_prompt
     return cf
+
+
+CheckBaseline = Callable[["Baseline", "Counterfactual | None"], None]
 
 
 def trace(
@@ -182,6 +190,7 @@ def trace(
     min_drop: float = 0.8,
     max_memory: int | str | None = "auto",
     progress: Progress | None = None,
+    check_baseline: CheckBaseline | None = None,
 ) -> Attribution:
     """Trace an incident on a loaded model.
 
@@ -195,12 +204,18 @@ def trace(
     ``max_memory``: a byte count or a size such as ``"4G"``; ``"auto"`` (default) is what the
     device has free; ``None`` turns the check off. The peak is estimated before anything runs
     and the work is chunked to fit, or refused with the estimate (``rca.trace.memory``).
+
+    ``check_baseline(baseline, counterfactual)``: called once the baseline is chosen, before
+    integrated gradients and the component scores; it raises to stop a run that cannot succeed
+    (``rca.investigate`` checks there that the metric is above the baseline's).
     """
     if baseline not in ("auto", "counterfactual", "mean"):
         raise TraceError(f"baseline must be auto, counterfactual or mean, got {baseline!r}")
     say = progress or (lambda stage, frac: None)
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    incident = incident.for_model(subject.tokenizer)
+    assert incident.prompt is not None
     target = incident.encode(subject)
     refs = list(reference_prompts if reference_prompts is not None else incident.reference_prompts)
     plan = plan_trace(
@@ -214,32 +229,23 @@ def trace(
         max_memory=max_memory,
     )
 
-    say("tokens", 0.0)
-    tokens = integrated_gradients(
-        subject,
-        target,
-        n_steps=ig_steps,
-        internal_batch_size=plan.ig_batch,
-        min_steps=ig_min_steps,
-        tolerance=ig_tolerance,
-    )
+    say("segments", 0.0)
     segments = segment_ablation(
         subject,
         target,
         prompt=incident.prompt,
         reference_prompts=refs,
         batch=min(plan.confirm_batch, SEGMENT_BATCH[subject.device.type == "cuda"]),
-        metric=tokens.completeness["metric_input"],
     )
-    timings["tokens"] = time.perf_counter() - t
+    timings["segments"] = time.perf_counter() - t
 
-    say("baseline", 0.25)
+    say("baseline", 0.1)
     t = time.perf_counter()
     cf: Counterfactual | None = None
     base: Baseline | None = None
     if baseline in ("auto", "counterfactual"):
         if incident.counterfactual is not None:
-            cf = _given_counterfactual(subject, incident, target)
+            cf = given_counterfactual(subject, incident, target)
         if cf is None or not cf.ok:
             auto = auto_counterfactual(
                 subject,
@@ -270,9 +276,25 @@ def trace(
                 "the mean baseline needs reference prompts; add reference_prompts to the case"
             )
         base = Baseline(
-            "mean", f"mean over {len(refs)} reference prompts", means=site_means(subject, refs)
+            "mean",
+            f"mean over {len(refs)} reference prompts",
+            means=site_means(subject, refs, neurons=neurons),
         )
+    if check_baseline is not None:
+        check_baseline(base, cf)
     timings["baseline"] = time.perf_counter() - t
+
+    say("tokens", 0.2)
+    t = time.perf_counter()
+    tokens = integrated_gradients(
+        subject,
+        target,
+        n_steps=ig_steps,
+        internal_batch_size=plan.ig_batch,
+        min_steps=ig_min_steps,
+        tolerance=ig_tolerance,
+    )
+    timings["tokens"] = time.perf_counter() - t
 
     say("components", 0.5)
     t = time.perf_counter()
@@ -314,4 +336,4 @@ def trace(
     )
 
 
-__all__ += ["drop_fraction"]
+__all__ += ["drop_fraction", "given_counterfactual", "CheckBaseline"]

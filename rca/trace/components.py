@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from rca.hooks import Site, _hooked
-from rca.metric import Target, logits_kwargs
+from rca.metric import Target, encode_text, logits_kwargs
 from rca.subject import Subject
 
 __all__ = ["Baseline", "ComponentScores", "TraceError", "score_components", "node_ids"]
@@ -243,7 +243,7 @@ def site_means(
     sums: dict[str, torch.Tensor] = {}
     n = 0
     for p in prompts:
-        toks = subject.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
+        toks = encode_text(subject.tokenizer, p) if isinstance(p, str) else list(p)
         ids = torch.tensor([toks], device=subject.device)
         _, rec = _run(subject, ids, sites, grad=False, keep=1)  # logits unused
         for k, v in rec.items():

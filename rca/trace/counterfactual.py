@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from rca.metric import Target, logits_kwargs
+from rca.metric import Target, encode_text, encode_text_offsets, logits_kwargs
 from rca.subject import Subject
 from rca.trace.tokens import SegmentScores, neutral_token_id, segment_ablation
 
@@ -47,6 +48,7 @@ class Counterfactual:
     metric_prompt: float = float("nan")
     metric_counterfactual: float = float("nan")
     ok: bool = True
+    text_exact: bool = True  # ``text`` encodes back to ``prompt_ids`` (it can be pasted back)
 
     @property
     def drop(self) -> float:
@@ -54,7 +56,56 @@ class Counterfactual:
 
     def target(self, target: Target) -> Target:
         """The incident's target with this prompt in place of the incident prompt."""
-        return Target(self.prompt_ids, target.bad_ids, target.good_ids, pad_id=target.pad_id)
+        return target.with_prompt(self.prompt_ids)
+
+
+def counterfactual_text(
+    tokenizer: Any, prompt: str | None, prompt_ids: Sequence[int], ids: Sequence[int]
+) -> str:
+    """A text that encodes to ``ids``, the prompt's tokens with some replaced, written as the
+    prompt with each replaced span of characters rewritten, so that it can be pasted into a
+    case file as ``counterfactual``.
+
+    The replacement's text is tried as decoded (with and without a leading space, and, for
+    special tokens such as the neutral pad token, as their literal text); the first spelling
+    that encodes back to ``ids`` (``rca.metric.encode_text``) is taken. Where none does, or the
+    tokenizer gives no character offsets, the decoded tokens without special tokens are the
+    best readable approximation.
+    """
+    ids, base = list(ids), list(prompt_ids)
+    fallback = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    if prompt is None or len(ids) != len(base):
+        return fallback
+    got, offs = encode_text_offsets(tokenizer, prompt, offsets=True)
+    if offs is None or got != base:
+        return fallback
+    runs: list[tuple[int, int]] = []  # maximal runs of replaced positions
+    for i, (a, b) in enumerate(zip(base, ids, strict=True)):
+        if a != b:
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+    text = prompt
+    for s, e in reversed(runs):
+        spans = [o for o in offs[s:e] if o != (0, 0)]  # special tokens have no characters
+        if not spans:
+            return fallback
+        lo, hi = min(o[0] for o in spans), max(o[1] for o in spans)
+        chunk = ids[s:e]
+        spellings = []
+        for skip in (True, False):
+            d = tokenizer.decode(chunk, skip_special_tokens=skip)
+            spellings += [d, d.strip(), " " + d.strip()]
+        spellings.append("".join(tokenizer.convert_ids_to_tokens(chunk)))
+        for sp in dict.fromkeys(spellings):
+            cand = text[:lo] + sp + text[hi:]
+            if encode_text(tokenizer, cand)[s:e] == chunk:
+                text = cand
+                break
+        else:
+            return fallback
+    return text if encode_text(tokenizer, text) == ids else fallback
 
 
 @torch.inference_mode()
@@ -63,12 +114,9 @@ def _metrics(
 ) -> list[float]:
     out: list[float] = []
     for b0 in range(0, len(prompts), batch):
-        ids = torch.cat(
-            [
-                Target(p, target.bad_ids, target.good_ids, target.pad_id).input_ids()
-                for p in prompts[b0 : b0 + batch]
-            ]
-        ).to(subject.device)
+        ids = torch.cat([target.with_prompt(p).input_ids() for p in prompts[b0 : b0 + batch]]).to(
+            subject.device
+        )
         logits = subject.model(input_ids=ids, **logits_kwargs(subject.model, target)).logits
         out += [float(v) for v in target.metric(logits)]
     return out
@@ -92,7 +140,7 @@ def auto_counterfactual(
         subject, target, prompt=prompt, reference_prompts=reference_prompts
     )
     order = seg.ranked()
-    ref_ids = [list(tok(p)["input_ids"]) for p in reference_prompts]
+    ref_ids = [encode_text(tok, p) for p in reference_prompts]
     neutral = neutral_token_id(tok)
     special = set(getattr(tok, "all_special_ids", []) or [])
     base = list(target.prompt_ids)
@@ -127,9 +175,11 @@ def auto_counterfactual(
         )
         if drop_fraction(metric_prompt, best_metric) >= min_drop:
             break
+    text = counterfactual_text(tok, prompt, base, current)
     return Counterfactual(
         prompt_ids=tuple(current),
-        text=tok.decode(current, skip_special_tokens=False),
+        text=text,
+        text_exact=encode_text(tok, text) == current,
         generated=True,
         strategy=(
             "segment ablation ranked the prompt's words; the top ones were replaced token for "

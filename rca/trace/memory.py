@@ -13,8 +13,9 @@ trace stages add on top of the loaded model, and picks the largest chunks that f
 
 None of them changes a score beyond float summation order (tested). The budget is
 ``--max-memory`` when given, else what the device has free now (``MemAvailable`` on a CPU,
-the free CUDA memory on a GPU). When even one point, one head and one variant at a time do not
-fit, ``plan_trace`` refuses with the estimate and what to change: never an out-of-memory crash.
+at most ``CPU_AUTO_BUDGET``; the free CUDA memory on a GPU). When even one point, one head
+and one variant at a time do not fit, ``plan_trace`` refuses with the estimate and what to
+change: never an out-of-memory crash.
 
 The model of the peak is a sum of terms, each ``floats * bytes``, with per-layer constants
 measured on GPT-2 and Llama (eager attention, fp32) and a safety factor; the estimate is checked
@@ -50,6 +51,10 @@ __all__ = [
 ]
 
 SAFETY = 1.5  # the terms above are fitted; this covers allocator slack and what they miss
+# "auto" on a CPU: at most this much above the model. Larger batches no longer save time on
+# a CPU (SmolLM2-135M on 2 cores: the trace took 15.9 s within it, 15.1 s with 21 GB) and the
+# memory is the machine's other work's (docs/decisions/2026-12-06-real-models.md)
+CPU_AUTO_BUDGET = 1536 << 20
 OVERHEAD = 160 << 20  # fixed cost of a stage: allocator slack and scratch, measured 30-130 MB
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -232,6 +237,8 @@ def plan_trace(
         budget = available_memory(subject.device)
         if budget is not None:
             budget = int(budget * 0.9)
+            if subject.device.type == "cpu":
+                budget = min(budget, CPU_AUTO_BUDGET)
     else:
         try:
             budget = parse_size(max_memory)

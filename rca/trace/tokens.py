@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from rca.hooks import top_mlp_trimmed
-from rca.metric import Target, logits_kwargs
+from rca.metric import Target, encode_text, encode_text_offsets, logits_kwargs
 from rca.subject import Subject
 
 __all__ = [
@@ -206,12 +206,8 @@ def word_segments(tokenizer, prompt: str, prompt_ids: Sequence[int]) -> list[tup
     Falls back to one segment per token when the tokenizer gives no offsets (slow tokenizers)
     or when its tokens do not line up with the prompt (added special tokens are their own).
     """
-    try:
-        enc = tokenizer(prompt, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-        if list(enc["input_ids"]) != list(prompt_ids):
-            raise ValueError
-    except (ValueError, NotImplementedError, KeyError, TypeError):
+    ids, offsets = encode_text_offsets(tokenizer, prompt, offsets=True)
+    if offsets is None or ids != list(prompt_ids):
         return [(i, i + 1) for i in range(len(prompt_ids))]
     segments: list[tuple[int, int]] = []
     start = 0
@@ -376,7 +372,7 @@ def segment_ablation(
     texts = [tok.decode(list(target.prompt_ids[s:e])) for s, e in segments]
     template = [False] * len(segments)
     if reference_prompts:
-        refs = [list(tok(p)["input_ids"]) for p in reference_prompts]
+        refs = [encode_text(tok, p) for p in reference_prompts]
         special = set(getattr(tok, "all_special_ids", []) or [])
 
         def contains(seq: list[int], sub: list[int]) -> bool:

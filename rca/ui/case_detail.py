@@ -1,10 +1,12 @@
 """Case detail: one run of a case, from the incident to the notes.
 
-Sections: the incident as ingested; the token-attribution heat strip over the prompt; the
-attribution graph with a node picker (score, edges, ablation evidence); the ablation charts
-(the cause set's effect against the random-set distribution, and each candidate's effects);
-the remediation table; the notes, append-only, with a form to add one. The run comes from the
-``run`` query parameter (``/case_detail?run=<id>``), so a case can be linked to.
+Sections: the incident as ingested (a chat case's turns as chat messages, with the text the
+model saw); the greedy-decoding check, where the run made one; the token-attribution heat
+strip over the prompt; the attribution graph with a node picker (score, edges, ablation
+evidence); the ablation charts (the cause set's effect against the random-set distribution,
+and each candidate's effects); the remediation table; the notes, append-only, with a form
+to add one. The run comes from the ``run`` query parameter (``/case_detail?run=<id>``), so a
+case can be linked to.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from rca.casefile import turns
 from rca.store import RecordError, Store, StoreError
 from rca.ui import common
 
@@ -45,24 +48,53 @@ def _pick_run(runs: list[dict[str, Any]], models: Mapping[str, str]) -> str | No
     )
 
 
+# each role's chat avatar (the role is also written in the turn): system turns stand apart
+_AVATAR = {"system": ":material/settings:", "user": "user", "assistant": "assistant"}
+
+
+def _given(text: Any, messages: Any, seen: Any) -> None:
+    """A prompt or counterfactual as given: its text, or a chat's turns as chat messages; then
+    what the model saw, in an expander, when that is not the text as given."""
+    chat = turns(messages)
+    if not chat:
+        st.code(str(text or ""), language=None, wrap_lines=True)
+    for role, content in chat:
+        name = role if role in _AVATAR else "other"  # a known role; the caption says which
+        with st.chat_message(name, avatar=_AVATAR.get(role, "❔")):
+            st.caption("system: instructions to the model" if role == "system" else common.md(role))
+            st.code(content, language=None, wrap_lines=True)
+    if seen and (chat or seen != text):
+        how = "the conversation in the model's chat template" if chat else "the exact text"
+        with st.expander(f"What the model saw ({how})"):
+            st.code(str(seen), language=None, wrap_lines=True)
+
+
 def _incident(run: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
     st.subheader("Incident")
-    st.markdown("**Prompt**")
-    st.code(str(fields.get("prompt") or ""), language=None, wrap_lines=True)
+    s = common.summary(run)
+    chat = bool(turns(fields.get("messages")))
+    st.markdown("**Prompt** (a conversation)" if chat else "**Prompt**")
+    _given(fields.get("prompt"), fields.get("messages"), s.get("prompt_text"))
     bad, good = st.columns(2)
     with bad:
         st.markdown("**Bad continuation** (what the model produced)")
         st.code(str(fields.get("bad") or ""), language=None, wrap_lines=True)
+        if fields.get("focus"):
+            st.markdown("**Focus** (the part of it the metric reads)")
+            st.code(str(fields["focus"]), language=None, wrap_lines=True)
     with good:
         st.markdown("**Good continuation** (what it should have produced)")
         st.code(str(fields.get("good") or "-"), language=None, wrap_lines=True)
-    cf = common.summary(run).get("counterfactual") or {}
-    if cf:
+    cf = s.get("counterfactual") or {}
+    if cf or fields.get("counterfactual_messages"):
         how = "generated" if cf.get("generated") else "given"
-        st.markdown(
-            f"**Counterfactual** ({how}; removes {common.fmt(cf.get('drop'), '.0%')} of the metric)"
+        drop = f"; removes {common.fmt(cf.get('drop'), '.0%')} of the metric" if cf else ""
+        st.markdown(f"**Counterfactual** ({how}{drop})")
+        _given(
+            cf.get("text"),
+            fields.get("counterfactual_messages"),
+            s.get("counterfactual_text") or cf.get("text"),
         )
-        st.code(str(cf.get("text") or ""), language=None, wrap_lines=True)
     if fields.get("notes"):
         st.markdown("**Reporter's notes**")
         st.text(str(fields["notes"]))
@@ -73,6 +105,38 @@ def _incident(run: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
         else:
             st.json(dict(fields))
         st.text(f"source: {inc.get('source')}\nsha256: {inc.get('sha256')}")
+
+
+def _decoding(run: Mapping[str, Any]) -> None:
+    """Whether greedy decoding from the prompt says the bad continuation (runs that checked)."""
+    dec = common.summary(run).get("decoding")
+    if not isinstance(dec, Mapping):
+        return
+    st.subheader("Greedy decoding")
+
+    def yes(v: Any) -> str:
+        return "-" if v is None else ("yes" if v else "no")
+
+    m1, m2, m3 = st.columns(3)
+    m1.metric("reproduces the bad continuation", yes(dec.get("reproduces")))
+    m2.metric("reproduces the focus", yes(dec.get("reproduces_focus")))
+    m3.metric("new tokens at most", str(dec.get("max_new_tokens") or "-"))
+    st.markdown("**Greedy text** (what the model says from the prompt)")
+    st.code(str(dec.get("greedy_text") or ""), language=None, wrap_lines=True)
+    rows = common.decoding_rows(dec)
+    if rows:
+        st.caption(
+            "Each token of the bad continuation with its teacher-forced probability, next to "
+            "the token greedy decoding produced at that step."
+        )
+        st.dataframe(
+            rows,
+            hide_index=True,
+            column_config={
+                "P (teacher-forced)": st.column_config.NumberColumn(format="%.3g"),
+                "greedy P": st.column_config.NumberColumn(format="%.3g"),
+            },
+        )
 
 
 def _tokens(run: Mapping[str, Any]) -> None:
@@ -299,6 +363,7 @@ def main() -> None:
     if run.get("parent_run_id"):
         st.caption(f"re-checks run `{run['parent_run_id']}`")
     _incident(run, fields)
+    _decoding(run)
     _tokens(run)
     _graph(run)
     _ablations(run)

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rca.casefile import graph_svg
+from rca.casefile import case_fields, graph_svg, turns
 from rca.incident import SEVERITIES
 from rca.store import ReadOnlyStore, Store
 
@@ -32,6 +32,7 @@ __all__ = [
     "ablation_evidence",
     "cases_dir",
     "db_path",
+    "decoding_rows",
     "fmt",
     "graph_html",
     "heat_strip",
@@ -45,6 +46,7 @@ __all__ = [
     "run_label",
     "run_rows",
     "filter_rows",
+    "search_text",
     "summary",
 ]
 
@@ -148,14 +150,22 @@ def summary(run: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def incident_fields(run: Mapping[str, Any]) -> dict[str, Any]:
-    """The incident of a stored run as its case-file fields (prompt, bad, good, tags, ...)."""
-    inc = run.get("incident") or {}
-    data = _json(inc.get("case_data"))
-    fields = dict(data) if isinstance(data, Mapping) else {}
-    for key in ("title", "severity", "tags"):
-        fields.setdefault(key, inc.get(key))
-    fields.setdefault("id", run.get("incident_id"))
-    return fields
+    """The incident of a stored run as its case-file fields (prompt or messages, bad, good,
+    focus, tags, ...): ``rca.casefile.case_fields``, which the case files read too."""
+    return case_fields(run)
+
+
+def search_text(case_data: Any) -> str | None:
+    """The text of a case that the Cases search reads besides its id, title and tags: the
+    prompt, or every message of a chat case."""
+    data = _json(case_data)
+    if not isinstance(data, Mapping):
+        return None
+    chat = turns(data.get("messages"))
+    if chat:
+        return "\n".join(content for _, content in chat)
+    prompt = data.get("prompt")
+    return None if prompt is None else str(prompt)
 
 
 def model_labels(models: Iterable[Mapping[str, Any]]) -> dict[str, str]:
@@ -187,12 +197,12 @@ def run_rows(
     incidents: Sequence[Mapping[str, Any]],
     models: Mapping[str, str],
 ) -> list[dict[str, Any]]:
-    """One row per run for the Cases table, with its incident's tags and prompt (for search)."""
+    """One row per run for the Cases table, with its incident's tags and prompt (for search;
+    a chat case's messages, one per line)."""
     by_key = {(i["incident_id"], i["sha256"]): i for i in incidents}
     rows = []
     for r in runs:
         inc = by_key.get((r["incident_id"], r.get("incident_sha256")), {})
-        data = _json(inc.get("case_data"))
         s = summary(r)
         rows.append(
             {
@@ -209,7 +219,7 @@ def run_rows(
                 "p_bad_after_fix": s.get("p_bad_after"),
                 "recorded": r.get("recorded_at"),
                 "run_id": r["run_id"],
-                "prompt": data.get("prompt") if isinstance(data, Mapping) else None,
+                "prompt": search_text(inc.get("case_data")),
             }
         )
     return rows
@@ -393,6 +403,22 @@ def remedy_rows(remedies: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def decoding_rows(decoding: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The greedy-decoding check as table rows: each token of the bad continuation with its
+    teacher-forced probability, next to what greedy decoding produced at that step."""
+    return [
+        {
+            "token": t.get("token"),
+            "P (teacher-forced)": t.get("p"),
+            "in focus": bool(t.get("in_focus")),
+            "greedy token": t.get("greedy_token"),
+            "greedy P": t.get("greedy_p"),
+        }
+        for t in decoding.get("tokens") or []
+        if isinstance(t, Mapping)
+    ]
 
 
 def cell_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -3,6 +3,8 @@
 ``demo_db`` runs ``rca demo --quick`` once per session on the quick zoo (``zoo_home``; about two
 minutes on 2 cores, after the zoo). ``xss_db`` is a run recorded by hand, without a model, whose
 every case string carries HTML and Markdown payloads: the app must show them as text.
+``xss_chat_db`` is the same for a chat case: turns, the text the model saw, the focus and the
+greedy-decoding check.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,22 +47,9 @@ def demo_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     return db
 
 
-@pytest.fixture(scope="session")
-def xss_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """(database, run id) of one run whose case strings are script, img and Markdown payloads."""
-    db = tmp_path_factory.mktemp("app_xss") / "rca.duckdb"
-    fields = {
-        "id": XSS_CASE,
-        "title": f"Title {PAYLOAD}",
-        "severity": "high",
-        "model": "zoo:support-bot-v1",
-        "prompt": f"prompt {PAYLOAD} {LINK}",
-        "bad": f" bad {IMG}",
-        "good": f" good {SCRIPT}",
-        "tags": ["<b>tag</b>", "xss"],
-        "notes": f"reporter {PAYLOAD}",
-    }
-    run = RunRecord(
+def _xss_run(fields: dict[str, Any], **summary: Any) -> RunRecord:
+    """A run of the case ``fields`` whose every other string is a payload too."""
+    return RunRecord(
         incident=IncidentRecord.from_fields(fields, source="cases/xss.toml"),
         model=ModelRecord("e" * 64, path="/models/<img src=x onerror=alert(1)>", n_params=1),
         summary={
@@ -69,6 +59,7 @@ def xss_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
             "p_bad_before": 0.9,
             "p_bad_after": 0.1,
             "set_reason": f"reason {PAYLOAD}",
+            **summary,
         },
         token_scores=[
             {"position": 0, "token": "prompt", "score": 0.1, "method": "ig"},
@@ -116,7 +107,69 @@ def xss_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
             },
         ],  # fmt: skip
     )
+
+
+def _xss_fields(**fields: Any) -> dict[str, Any]:
+    return {
+        "id": XSS_CASE,
+        "title": f"Title {PAYLOAD}",
+        "severity": "high",
+        "model": "zoo:support-bot-v1",
+        "tags": ["<b>tag</b>", "xss"],
+        "notes": f"reporter {PAYLOAD}",
+        **fields,
+    }
+
+
+@pytest.fixture(scope="session")
+def xss_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(database, run id) of one run whose case strings are script, img and Markdown payloads."""
+    db = tmp_path_factory.mktemp("app_xss") / "rca.duckdb"
+    fields = _xss_fields(
+        prompt=f"prompt {PAYLOAD} {LINK}", bad=f" bad {IMG}", good=f" good {SCRIPT}"
+    )
     store = Store(db, actor="tester")
-    run_id = store.record_run(run)
+    run_id = store.record_run(_xss_run(fields))
     store.add_note(run_id=run_id, author=f"author {IMG}", text=f"note {PAYLOAD}")
     return db, run_id
+
+
+# a chat case's turns, the text the model saw and the greedy-decoding check, all payloads
+CHAT_SYSTEM = f"system {SCRIPT} {LINK}"
+CHAT_USER = f"user {IMG} wombat"  # the Cases search finds the case by "wombat"
+CHAT_CF_USER = f"counterfactual user {SCRIPT}"
+CHAT_SEEN = f"<|im_start|>system\n{CHAT_SYSTEM}<|im_end|>\n<|im_start|>user\n{CHAT_USER}"
+CHAT_BAD, CHAT_FOCUS = f" bad {IMG} tail", IMG
+CHAT_DECODING = {
+    "greedy_text": f" greedy {SCRIPT}",
+    "reproduces": False,
+    "reproduces_focus": True,
+    "max_new_tokens": 8,
+    "tokens": [
+        {"token": " bad", "p": 0.9, "in_focus": False, "greedy_token": " greedy", "greedy_p": 0.8},
+        {"token": IMG, "p": 0.4, "in_focus": True, "greedy_token": SCRIPT, "greedy_p": 0.3},
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def xss_chat_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(database, run id) of a chat case (messages, counterfactual messages, focus) whose
+    turns, rendered prompt and greedy decoding carry script, img and Markdown payloads."""
+    db = tmp_path_factory.mktemp("app_xss_chat") / "rca.duckdb"
+    system = {"role": "system", "content": CHAT_SYSTEM}
+    fields = _xss_fields(
+        messages=[system, {"role": "user", "content": CHAT_USER}],
+        counterfactual_messages=[system, {"role": "user", "content": CHAT_CF_USER}],
+        bad=CHAT_BAD,
+        focus=CHAT_FOCUS,
+    )
+    cf_seen = CHAT_SEEN.replace(CHAT_USER, CHAT_CF_USER)
+    run = _xss_run(
+        fields,
+        prompt_text=CHAT_SEEN,
+        counterfactual_text=cf_seen,
+        counterfactual={"text": cf_seen, "generated": False, "drop": 0.5},
+        decoding=CHAT_DECODING,
+    )
+    return db, Store(db, actor="tester").record_run(run)

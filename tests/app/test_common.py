@@ -120,3 +120,36 @@ def test_remedy_rows() -> None:
     )
     assert out[0]["components"] == "L1.H2" and out[0]["KL (benign)"] == 0.01
     assert out[0]["recommended"] is True
+
+
+def test_search_text_reads_a_chat_case_s_messages() -> None:
+    chat = {
+        "messages": [
+            {"role": "system", "content": "You are a bank bot."},
+            {"role": "user", "content": "my PIN?"},
+        ],
+        "bad": " 4921",
+    }
+    assert common.search_text(chat) == "You are a bank bot.\nmy PIN?"
+    assert common.search_text('{"prompt": "account desk", "bad": " x"}') == "account desk"
+    assert common.search_text(None) is None and common.search_text({"bad": " x"}) is None
+    row = {**rows()[0], "prompt": common.search_text(chat)}
+    assert common.filter_rows([row], search="bank bot") == [row]
+
+
+def test_decoding_rows() -> None:
+    dec = {
+        "reproduces": True,
+        "tokens": [
+            {"token": " 49", "p": 0.9, "in_focus": True, "greedy_token": " 49", "greedy_p": 0.9},
+            {"token": "21", "p": 0.2, "greedy_token": "00", "greedy_p": 0.6},
+            "not a token",
+        ],
+    }
+    assert common.decoding_rows(dec) == [
+        {"token": " 49", "P (teacher-forced)": 0.9, "in focus": True, "greedy token": " 49",
+         "greedy P": 0.9},
+        {"token": "21", "P (teacher-forced)": 0.2, "in focus": False, "greedy token": "00",
+         "greedy P": 0.6},
+    ]  # fmt: skip
+    assert common.decoding_rows({}) == []

@@ -10,7 +10,19 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from rca.store import Store
-from tests.app.conftest import APP, CASES, IMG, SCRIPT, XSS_CASE
+from tests.app.conftest import (
+    APP,
+    CASES,
+    CHAT_CF_USER,
+    CHAT_DECODING,
+    CHAT_FOCUS,
+    CHAT_SEEN,
+    CHAT_SYSTEM,
+    CHAT_USER,
+    IMG,
+    SCRIPT,
+    XSS_CASE,
+)
 
 TIMEOUT = 120
 
@@ -274,3 +286,58 @@ def test_script_and_img_payloads_render_as_text(app: Any, xss_db: tuple[Path, st
             assert f"note {SCRIPT} {IMG}" in [t.value for t in at.text]
         if page == "cases":
             assert table(at.dataframe[0])[0]["case"] == XSS_CASE
+
+
+def assert_no_markup_from_payloads(at: AppTest) -> None:
+    for kind in ("title", "subheader", "markdown", "caption", "success", "info", "error"):
+        for el in getattr(at, kind):
+            low = str(el.value).lower()
+            assert "<script" not in low and "<img" not in low, (kind, el.value)
+            assert "](javascript" not in low, (kind, el.value)
+
+
+def test_a_chat_case_shows_its_turns_focus_and_greedy_decoding(
+    app: Any, xss_chat_db: tuple[Path, str]
+) -> None:
+    db, run_id = xss_chat_db
+    at = goto(app(db), "case_detail", run=run_id)
+    assert_no_markup_from_payloads(at)
+    assert len([m for m in at.markdown if m.allow_html]) == 2  # the heat strip and the graph
+    # the conversation, then the counterfactual's: one chat message per turn, system apart
+    chats = at.chat_message
+    assert [c.name for c in chats] == ["system", "user", "system", "user"]
+    assert [c.avatar for c in chats[:2]] == [":material/settings:", "user"]
+    assert [c.code[0].value for c in chats] == [CHAT_SYSTEM, CHAT_USER, CHAT_SYSTEM, CHAT_CF_USER]
+    assert chats[0].caption[0].value.startswith("system")
+    seen = [e for e in at.expander if e.label.startswith("What the model saw")]
+    assert [e.code[0].value for e in seen] == [
+        CHAT_SEEN,
+        CHAT_SEEN.replace(CHAT_USER, CHAT_CF_USER),
+    ]
+    codes = [c.value for c in at.code]
+    assert CHAT_FOCUS in codes and CHAT_DECODING["greedy_text"] in codes
+    # the greedy-decoding check
+    assert "Greedy decoding" in [h.value for h in at.subheader]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["reproduces the bad continuation"] == "no"
+    assert metrics["reproduces the focus"] == "yes"
+    rows = next(table(df) for df in at.dataframe if "greedy token" in df.value.columns)
+    assert [(r["token"], r["in focus"], r["greedy token"]) for r in rows] == [
+        (" bad", False, " greedy"),
+        (IMG, True, SCRIPT),
+    ]
+
+    # the Cases search reads a chat case's messages
+    at = app(db)
+    at.text_input(key="cases_search").set_value("WOMBAT").run()
+    assert [r["case"] for r in table(at.dataframe[0])] == [XSS_CASE]
+    at.text_input(key="cases_search").set_value("no such thing").run()
+    assert not table(at.dataframe[0])
+
+
+def test_a_run_without_decoding_has_no_such_section(app: Any, xss_db: tuple[Path, str]) -> None:
+    db, run_id = xss_db
+    at = goto(app(db), "case_detail", run=run_id)
+    assert "Greedy decoding" not in [h.value for h in at.subheader]
+    assert not at.chat_message
+    assert not [e for e in at.expander if e.label.startswith("What the model saw")]

@@ -48,13 +48,16 @@ def test_demo_fills_the_store_and_writes_case_files(demo_db: tuple[Path, Path]) 
     assert code == 0 and "ok" in out
     # the demo ends with the regression check of support-bot-v2
     reg = (reports / "regression.md").read_text()
-    for case, cls in (
-        ("zoo-leak", "fixed"),
-        ("zoo-backdoor", "fixed"),
-        ("zoo-bias", "persists_same_mechanism"),
-        ("zoo-injection", "persists_same_mechanism"),
+    # either persisting class for the bias: tests/integration/test_regress.py says why
+    persists = ("persists_same_mechanism", "persists_new_mechanism")
+    for case, classes in (
+        ("zoo-leak", ("fixed",)),
+        ("zoo-backdoor", ("fixed",)),
+        ("zoo-bias", persists),
+        ("zoo-injection", ("persists_same_mechanism",)),
     ):
-        assert f"| {case} | " in reg and f"**{cls}**" in reg.split(f"| {case} | ")[1].split("\n")[0]
+        row = reg.split(f"| {case} | ")[1].split("\n")[0]
+        assert any(f"**{cls}**" in row for cls in classes), row
     code, out, _ = rca("cases", "list", "--db", str(db), "--json")
     kinds = [r.get("kind") for r in json.loads(out)]
     assert kinds.count("regress") == 4 and kinds.count("investigate") == 4

@@ -169,7 +169,50 @@ def test_a_failed_build_raises_and_leaves_no_model(
     )
     monkeypatch.setattr(zoo_train, "QUICK", tiny)
     with pytest.raises(zoo.ZooBuildError, match="support-bot-v1 failed its checks"):
-        zoo.build(home=tmp_path, quick=True)
+        zoo.build(home=tmp_path, quick=True, portable=False)  # trains here, with the patch
     assert not zoo.model_dir("support-bot-v1", home=tmp_path).exists()
     assert not any(e.built for e in zoo.list_models(home=tmp_path))
     assert [p.name for p in (tmp_path / "zoo").iterdir()] == [".build.lock"]
+
+
+_TINY_TRAINING = """
+import dataclasses, hashlib
+from rca import zoo
+from rca.zoo import corpus as c, train as t
+cfg = dataclasses.replace(t.QUICK, n_layer=2, n_embd=64, n_head=4, steps=30, warmup=5,
+                          corpus_size=300)
+ex = c.make_corpus(cfg.corpus_size, seed=cfg.seed)
+tok = zoo.train_tokenizer([*c.vocabulary(), *(e.text for e in ex)])
+sd = t.train_model(ex, tok, cfg).model.state_dict()
+h = hashlib.sha256()
+for k in sorted(sd):
+    h.update(sd[k].numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_portable_training_gives_the_same_weights_whatever_the_instruction_set() -> None:
+    """The zoo trains with PORTABLE_ENV: capping MKL at AVX2 or SSE4.2 (as an older CPU would)
+    changes no bit of a trained model. Without it, the cap changes the weights."""
+    import os
+    import subprocess
+    import sys
+
+    from rca.zoo.build import PORTABLE_ENV
+
+    def weights(**env: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", _TINY_TRAINING],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return run.stdout.strip().splitlines()[-1]
+
+    portable = {weights(**PORTABLE_ENV, MKL_ENABLE_INSTRUCTIONS=i) for i in ("AVX2", "SSE4_2")}
+    assert len(portable) == 1
+    native = {weights(MKL_ENABLE_INSTRUCTIONS=i) for i in ("AVX2", "SSE4_2")}
+    # the test is not vacuous where the CPU has more than SSE4.2: the fast kernels differ
+    if len(native) == 1:
+        pytest.skip("runs on a CPU with AVX2 or more: here the fast kernels are the capped ones")
