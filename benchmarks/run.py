@@ -552,7 +552,9 @@ def _plots(res: dict[str, Any], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
+    files: list[str] = []
+    if not [r for r in res["trace"] if "error" not in r]:
+        return files  # a run of other sections only (--only)
     fig, ax = plt.subplots(figsize=(6, 4))
     for device, style in (("cpu", "o-"), ("cuda", "s--")):
         on = [r for r in _on(res["trace"], device) if "error" not in r]
@@ -749,9 +751,13 @@ def summary(res: dict[str, Any]) -> str:
         f"torch {m['torch']} on {m['threads']} threads, CUDA: {m['cuda'] or 'none'}.",
         "",
     ]
-    lines += _trace_lines(_on(res["trace"], "cpu"), False)
-    lines += _alternatives_lines(_on(res["alternatives"], "cpu"), False)
-    lines += _ablation_lines(_on(res["ablation"], "cpu"), False)
+    # a run of one section (--only) leaves the others empty: their tables are left out
+    if res["trace"]:
+        lines += _trace_lines(_on(res["trace"], "cpu"), False)
+    if res["alternatives"]:
+        lines += _alternatives_lines(_on(res["alternatives"], "cpu"), False)
+    if res["ablation"]:
+        lines += _ablation_lines(_on(res["ablation"], "cpu"), False)
     lines += _investigation_lines(_on(res["investigation"], "cpu"), False)
     lines += _real_lines(_on(res.get("real", []), "cpu"), False)
     for r in res.get("store", []):
