@@ -477,6 +477,11 @@ def trace_cmd(
         allow_pickle=allow_pickle,
         gguf_file=gguf_file,
     )
+    from rca.preflight import reference_prompts
+
+    inc = inc.for_model(subject.tokenizer)
+    n_ctx = getattr(subject.adapter, "n_ctx", None)
+    refs, _ = reference_prompts(inc, 64, tokenizer=subject.tokenizer, n_ctx=n_ctx)
     with _progress(not as_json) as say:
         att = trace(
             subject,
@@ -484,6 +489,7 @@ def trace_cmd(
             method=method,
             steps=steps,
             baseline=baseline,
+            reference_prompts=refs,
             neurons=neurons,
             max_memory=_max_memory(max_memory),
             progress=say,
