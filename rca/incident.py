@@ -99,12 +99,19 @@ _FIX = {
 }
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """A value from the input, quoted for a one-line message: at most ``limit`` characters of
+    it, so that a huge value cannot turn the line into a page."""
+    text = str(value)
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
+
+
 class IncidentError(ValueError):
     """A case file or incident field that is wrong; the one-line message names the fix."""
 
     def __init__(self, source: str, key: str | None, problem: str) -> None:
         self.source, self.key, self.problem = source, key, problem
-        where = f"{source}: " + (f"key {key!r}: " if key else "")
+        where = f"{source}: " + (f"key {_short(key)}: " if key else "")
         fix = f"; fix: {_FIX[key]}" if key in _FIX else ""
         super().__init__((where + problem + fix).replace("\n", " "))
 
@@ -156,7 +163,9 @@ def _check_turns(source: str, key: str, turns: Any) -> None:
             raise IncidentError(source, key, f"item {i} is {type(t).__name__}, not a turn")
         if t.role not in ROLES:
             raise IncidentError(
-                source, key, f"item {i} has unknown role {t.role!r}; roles are {', '.join(ROLES)}"
+                source,
+                key,
+                f"item {i} has unknown role {_short(t.role)}; roles are {', '.join(ROLES)}",
             )
         try:
             _check_text(source, key, t.content, max_chars=MAX_PROMPT_CHARS)
@@ -197,10 +206,10 @@ class Incident:
     def __post_init__(self) -> None:
         src = self.source
         if not isinstance(self.id, str) or not _ID_RE.match(self.id):
-            raise IncidentError(src, "id", f"{self.id!r} is not a valid id")
+            raise IncidentError(src, "id", f"{_short(self.id)} is not a valid id")
         _check_text(src, "title", self.title, max_chars=500)
         if self.severity not in SEVERITIES:
-            raise IncidentError(src, "severity", f"got {self.severity!r}")
+            raise IncidentError(src, "severity", f"got {_short(self.severity)}")
         _check_text(src, "model", self.model, max_chars=4096)
         if self.messages is not None:
             _check_turns(src, "messages", self.messages)
@@ -224,7 +233,9 @@ class Incident:
         if self.focus is not None:
             _check_text(src, "focus", self.focus, max_chars=MAX_PROMPT_CHARS)
             if self.focus not in self.bad:
-                raise IncidentError(src, "focus", f"{self.focus!r} is not part of bad {self.bad!r}")
+                raise IncidentError(
+                    src, "focus", f"{_short(self.focus)} is not part of bad {_short(self.bad)}"
+                )
         if self.good is not None:
             _check_text(src, "good", self.good, max_chars=MAX_PROMPT_CHARS)
             if self.good == self.bad:
@@ -424,7 +435,9 @@ def turns_from_data(source: str, key: str, value: Any) -> tuple[Turn, ...]:
         extra = sorted(set(item) - {"role", "content"})
         if extra:
             raise IncidentError(
-                source, key, f"item {i} has unknown key {extra[0]!r}; a turn has role and content"
+                source,
+                key,
+                f"item {i} has unknown key {_short(extra[0])}; a turn has role and content",
             )
         for part in ("role", "content"):
             if part not in item:
@@ -686,7 +699,7 @@ def load_cases(
     for p in sorted(directory.glob("*.toml")):
         inc = load_case(p, check_model=check_model, home=home)
         if inc.id in seen:
-            raise IncidentError(str(p), "id", f"{inc.id!r} is also the id of {seen[inc.id]}")
+            raise IncidentError(str(p), "id", f"{_short(inc.id)} is also the id of {seen[inc.id]}")
         seen[inc.id] = str(p)
         out.append(inc)
     return out

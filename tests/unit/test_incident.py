@@ -265,3 +265,15 @@ def test_stored_fields_rebuild_the_same_incident(tmp_path: Path, model_dir: Path
     assert again == inc and again.sha256 == inc.sha256
     with pytest.raises(IncidentError, match="key 'bad': is missing"):
         parse_case_data({k: v for k, v in data.items() if k != "bad"}, source="<store>")
+
+
+def test_a_huge_value_is_shortened_in_the_one_line_error() -> None:
+    """A 30,000-character id (found by the fuzzer) is named, not printed whole."""
+    text = (
+        f'id = "{"a" * 30_000}"\ntitle = "t"\nseverity = "high"\nmodel = "m"\n'
+        'prompt = "p"\nbad = " b"\n'
+    )
+    with pytest.raises(IncidentError) as e:
+        loads_case(text, source="case.toml")
+    msg = str(e.value)
+    assert "key 'id'" in msg and "(30000 chars)" in msg and len(msg) < 400
