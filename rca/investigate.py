@@ -205,7 +205,7 @@ def investigate(
     def check_baseline(base: Baseline, cf: Counterfactual | None) -> None:
         """Confirm's own gap check against the baseline the trace chose, before its costly
         steps (a given counterfactual that lines up was checked in preflight already)."""
-        given = cf is not None and not cf.generated
+        given = base.kind == "counterfactual" and cf is not None and not cf.generated
         if base.kind == "counterfactual" and cf is not None:
             metrics: tuple[float, float] | None = (cf.metric_prompt, cf.metric_counterfactual)
         else:
