@@ -401,7 +401,8 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, info: GGUFInfo | None
     return out_dir
 
 
-def _is_converted(path: Path, sha256: str) -> bool:
+def is_converted(path: Path, sha256: str) -> bool:
+    """Whether ``path`` holds a complete conversion of the GGUF file with this sha256."""
     try:
         source = read_source(path)
     except SubjectError:
@@ -427,6 +428,6 @@ def gguf_model_dir(path: str | Path, *, home: Path | None = None) -> Path:
     _check_magic(path)
     sha, size = _sha256(path)
     out = zoo_home(home) / "gguf" / sha
-    if _is_converted(out, sha):
+    if is_converted(out, sha):
         return out
     return convert_gguf(path, out, info=_inspect(path, sha, size))

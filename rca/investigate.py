@@ -235,6 +235,7 @@ def investigate(
         max_memory=cfg.max_memory,
         progress=lambda s, f: say("trace", 0.05 + 0.35 * f),
         check_baseline=check_baseline,
+        plan=pre.plan,
     )
     timings["trace"] = time.perf_counter() - t
     release_memory()

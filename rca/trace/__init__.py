@@ -191,6 +191,7 @@ def trace(
     max_memory: int | str | None = "auto",
     progress: Progress | None = None,
     check_baseline: CheckBaseline | None = None,
+    plan: MemoryPlan | None = None,
 ) -> Attribution:
     """Trace an incident on a loaded model.
 
@@ -208,6 +209,9 @@ def trace(
     ``check_baseline(baseline, counterfactual)``: called once the baseline is chosen, before
     integrated gradients and the component scores; it raises to stop a run that cannot succeed
     (``rca.investigate`` checks there that the metric is above the baseline's).
+
+    ``plan``: the memory plan where the caller has made it already (``rca.preflight``, with the
+    same method, steps, neurons and budget); else it is made here.
     """
     if baseline not in ("auto", "counterfactual", "mean"):
         raise TraceError(f"baseline must be auto, counterfactual or mean, got {baseline!r}")
@@ -218,7 +222,7 @@ def trace(
     assert incident.prompt is not None
     target = incident.encode(subject)
     refs = list(reference_prompts if reference_prompts is not None else incident.reference_prompts)
-    plan = plan_trace(
+    plan = plan or plan_trace(
         subject,
         length=target.length,
         rows=target.rows,

@@ -105,16 +105,12 @@ def real_model_dir(name: str, *, home: Path | None = None) -> Path:
 
 
 def _fetched(path: Path, model: RealModel) -> bool:
-    try:
-        source = read_source(path)
-    except SubjectError:
-        return False
+    from rca.gguf import is_converted
+
+    # a complete conversion of the registry's file, made by fetch (it names the model)
     return (
-        source is not None
-        and source.get("real_model") == model.name
-        and source.get("sha256") == model.sha256
-        and (path / "config.json").is_file()
-        and any(path.glob("*.safetensors"))
+        is_converted(path, model.sha256)
+        and (read_source(path) or {}).get("real_model") == model.name
     )
 
 
