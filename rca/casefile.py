@@ -25,6 +25,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from rca.verdicts import definitions
+
 __all__ = [
     "case_fields",
     "graph_svg",
@@ -33,6 +35,7 @@ __all__ = [
     "render_regression_html",
     "render_regression_markdown",
     "render_terminal",
+    "token_warning",
     "turns",
 ]
 
@@ -81,9 +84,79 @@ def _summary(run: Mapping[str, Any]) -> dict[str, Any]:
     return dict(s) if isinstance(s, Mapping) else {}
 
 
+# the completeness tolerance of runs that did not record theirs (rca.trace.tokens)
+_TOKEN_TOLERANCE = 0.05
+
+
+def token_warning(completeness: Any) -> str | None:
+    """The warning for token attributions that do not sum to the metric's change within their
+    tolerance (``token_completeness``: ``relative_error`` against ``tolerance``, 0.05 where the
+    run recorded none); None where they do, or where no completeness was recorded."""
+    c = _j(completeness)
+    if not isinstance(c, Mapping) or c.get("relative_error") is None:
+        return None
+    try:
+        err = float(c["relative_error"])
+        tol = float(c.get("tolerance", _TOKEN_TOLERANCE))
+    except (TypeError, ValueError):
+        return None
+    try:
+        gap = float(c["metric_input"]) - float(c["metric_baseline"])
+    except (KeyError, TypeError, ValueError):
+        gap = math.nan
+    if err <= tol:  # a NaN error is no evidence of completeness: it warns
+        return None
+    return (
+        f"token attributions are incomplete: they sum to {_f(c.get('sum_attributions'))} where "
+        f"the metric moves {_f(gap)} from the baseline (relative error {_f(err, '.2f')}, "
+        f"tolerance {_f(tol, '.2f')}); read them as a ranking, not as amounts"
+    )
+
+
+_TOKEN_START = {
+    "counterfactual": "Integrated gradients from the counterfactual prompt: a position where it "
+    "has the prompt's token scores 0, and the scores sum to the metric's change from the "
+    "counterfactual.",
+    "neutral": "Integrated gradients from a prompt of neutral tokens.",
+}
+
+
+def _token_start(completeness: Any) -> str:
+    """Where the token attributions' path started, as a sentence ('' where not recorded)."""
+    c = _j(completeness)
+    return _TOKEN_START.get(str(c.get("baseline")), "") if isinstance(c, Mapping) else ""
+
+
 def _causes(run: Mapping[str, Any]) -> list[dict[str, Any]]:
     ranked = [n for n in run.get("nodes", []) if n.get("rank") is not None]
     return sorted(ranked, key=lambda n: n["rank"])
+
+
+def verdict_words(run: Mapping[str, Any]) -> dict[str, str]:
+    """The definitions of the verdict words and p-values at the run's thresholds (recorded in
+    its summary; the defaults for a run recorded without them)."""
+    return _summary(run).get("definitions") or definitions()
+
+
+def infrastructure_sentence(run: Mapping[str, Any]) -> str:
+    """The candidates that ordinary text needs as well, in words, or ''."""
+    infra = [c for c in _causes(run) if c.get("verdict") == "infrastructure"]
+    if not infra:
+        return ""
+    parts = [
+        f"{c['node_id']} (mean-ablating it raises the loss on ordinary text by "
+        f"{_pct(c.get('benign_loss_pct'))})"
+        for c in infra
+    ]
+    return (
+        "Infrastructure, necessary for ordinary text as well, so not a cause of this incident: "
+        + "; ".join(parts)
+        + ". It is shown, never blamed, and never in the cause set."
+    )
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{_f(v, '+.1f')}%"
 
 
 def _f(v: Any, spec: str = "+.3f") -> str:
@@ -417,6 +490,14 @@ def _case_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
         "",
         "## Token attribution",
         "",
+    ]
+    start = _token_start(summary.get("token_completeness"))
+    if start:
+        lines += [start, ""]
+    warn = token_warning(summary.get("token_completeness"))
+    if warn:
+        lines += [f"**Warning:** {m.text(warn)}.", ""]
+    lines += [
         "| position | token | score |",
         "|---:|---|---:|",
     ]
@@ -431,17 +512,24 @@ def _case_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
         f"Cause set: **{m.text(', '.join(summary.get('cause_set') or []) or '-')}**. "
         f"{m.text(summary.get('set_reason'))}",
         "",
-        "| rank | component | attribution | total effect | direct effect | necessity | p "
-        "| verdict |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    infra = infrastructure_sentence(run)
+    if infra:
+        lines += [m.text(infra), ""]
+    lines += [
+        "| rank | component | attribution | total effect | direct effect | necessity "
+        "| component p | benign loss | verdict |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in _causes(run):
         lines.append(
             f"| {c['rank']} | {m.text(c['node_id'])} | {_f(c.get('score'))} | "
             f"{_f(c.get('total_effect'))} | {_f(c.get('direct_effect'))} | "
             f"{_f(c.get('necessity'))} | {_f(c.get('p_value'), '.3f')} | "
-            f"{m.text(c.get('verdict'))} |"
+            f"{_pct(c.get('benign_loss_pct'))} | {m.text(c.get('verdict'))} |"
         )
+    lines += ["", "What the words mean:", ""]
+    lines += [f"- **{m.text(k)}**: {m.text(v)}" for k, v in verdict_words(run).items()]
     lines += ["", "## Remediation", ""]
     for r in run.get("remedies", []):
         mark = " (recommended)" if r.get("recommended") else ""
@@ -484,6 +572,7 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 .turn.system{border-color:#b9770e;background:#fdf6e3}.turn.system pre{background:#f7ecd0}
 .turn.assistant{border-color:#2e6fba}mark{background:#f5c6c0}
 details{margin:.5em 0}summary{cursor:pointer;color:#555}td code{white-space:pre}
+.warn{background:#fdf6e3;border-left:4px solid #b9770e;padding:.3em .6em}
 """
 _ROLE_CLASS = {"system": "system", "user": "user", "assistant": "assistant"}
 
@@ -564,13 +653,22 @@ def render_html(run: Mapping[str, Any]) -> str:
         f'{min(1.0, abs(float(t["score"])) / tmax):.2f})">{_e(t["token"])}</span>'
         for t in toks
     )
+    warn = token_warning(summary.get("token_completeness"))
+    start = _token_start(summary.get("token_completeness"))
+    token_note = (f"<p>{_e(start)}</p>" if start else "") + (
+        f'<p class="warn"><b>Warning:</b> {_e(warn)}.</p>' if warn else ""
+    )
     causes = "".join(
         f"<tr><td>{c['rank']}</td><td>{_e(c['node_id'])}</td><td>{_f(c.get('score'))}</td>"
         f"<td>{_f(c.get('total_effect'))}</td><td>{_f(c.get('direct_effect'))}</td>"
         f"<td>{_f(c.get('necessity'))}</td><td>{_f(c.get('p_value'), '.3f')}</td>"
+        f"<td>{_pct(c.get('benign_loss_pct'))}</td>"
         f"<td>{_e(c.get('verdict'))}</td><td>{_e(c.get('reason'))}</td></tr>"
         for c in _causes(run)
     )
+    infra = infrastructure_sentence(run)
+    infra_html = f"<p>{_e(infra)}</p>" if infra else ""
+    words = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in verdict_words(run).items())
     rems = "".join(
         f'<tr class="{"rec" if r.get("recommended") else ""}"><td>{_e(r["kind"])}</td>'
         f"<td>{_e(', '.join(_j(r.get('components')) or []))}</td>"
@@ -622,12 +720,14 @@ after the recommended fix.</p>
 <tr><th>device, seed</th><td>{_e(run.get("device"))}, {_e(run.get("seed"))}</td></tr>
 <tr><th>versions</th><td>{_e(json.dumps(_j(run.get("versions")) or {}, sort_keys=True))}</td></tr>
 </table>
-<h2>Token attribution</h2><p>{strip}</p>
+<h2>Token attribution</h2>{token_note}<p>{strip}</p>
 <h2>Attribution graph</h2>{svg}
 <h2>Causes</h2><p>Cause set: <b>{_e(", ".join(summary.get("cause_set") or []))}</b>.
-{_e(summary.get("set_reason"))}</p>
+{_e(summary.get("set_reason"))}</p>{infra_html}
 <table><tr><th>rank</th><th>component</th><th>attribution</th><th>TE</th><th>DE</th>
-<th>necessity</th><th>p</th><th>verdict</th><th>reason</th></tr>{causes}</table>
+<th>necessity</th><th>component p</th><th>benign loss</th><th>verdict</th><th>reason</th></tr>
+{causes}</table>
+<h3>What the words mean</h3><dl>{words}</dl>
 <h2>Remediation</h2>
 <table><tr><th>fix</th><th>components</th><th>P(bad)</th><th>benign loss</th><th>note</th></tr>
 {rems}</table>

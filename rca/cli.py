@@ -80,6 +80,16 @@ def _warn_one_line(
     err.print(f"[yellow]warning:[/yellow] {text}", markup=True, highlight=False, soft_wrap=True)
 
 
+def _warn_tokens(completeness: Any) -> None:
+    """The token attributions' completeness warning (``rca.casefile.token_warning``) as one
+    line on stderr, where they miss their tolerance."""
+    from rca.casefile import token_warning
+
+    text = token_warning(completeness)
+    if text:
+        err.print(f"[yellow]warning:[/yellow] {text}", markup=True, highlight=False, soft_wrap=True)
+
+
 def friendly(fn: F) -> F:
     """Turn the library's user-facing errors into one line on stderr and exit code 2, and its
     warnings (e.g. pickle weights loaded with --allow-pickle) into one line each."""
@@ -500,6 +510,7 @@ def trace_cmd(
     result = att.to_json(top_k=top)
     result["graph"]["file"] = str(gpath)
     result["model"] = {"path": str(subject.path), "fingerprint": subject.fingerprint}
+    _warn_tokens(result["token_completeness"])
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -511,6 +522,15 @@ def trace_cmd(
         f"metric on the prompt {result['metric']['prompt']:+.3f}, "
         f"at the baseline {result['metric']['baseline']:+.3f}"
     )
+    start = (
+        "the counterfactual" if result["token_baseline"] == "counterfactual" else "neutral tokens"
+    )
+    t = Table(
+        "token", "position", "score", title=f"prompt tokens (integrated gradients from {start})"
+    )
+    for tok in sorted(result["tokens"], key=lambda x: -abs(x["score"]))[:5]:
+        t.add_row(repr(tok["token"]), str(tok["position"]), f"{tok['score']:+.3f}")
+    out.print(t)
     t = Table("segment", "drop when removed", title="prompt segments")
     for sgm in sorted(result["segments"], key=lambda x: -x["score"])[:5]:
         t.add_row(sgm["text"], f"{sgm['score']:+.3f}")
@@ -853,6 +873,7 @@ def investigate_cmd(
         allow_pickle=allow_pickle,
     )
     run = _investigate_one(inc, subject, Store(_db(db)), cfg, show=not as_json)
+    _warn_tokens(run.attribution.tokens.completeness)
     result = run.to_json()
     if as_json:
         print(json.dumps(result, indent=2))

@@ -47,10 +47,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from rca.benign import benign_prompts
 from rca.hooks import layers_frozen, layers_skipped, padded_batch, top_mlp_trimmed
 from rca.ids import parse_id
 from rca.metric import Target, encode_text, logits_kwargs
+from rca.specificity import benign_damage
 from rca.subject import Subject
+from rca.verdicts import definitions
 
 __all__ = [
     "Ablator",
@@ -65,11 +68,10 @@ __all__ = [
     "reference_point",
     "auto_batch_size",
     "rank_candidates",
+    "verdict_definitions",
 ]
 
 SOURCES = ("zero", "mean", "resample", "baseline", "clean")
-TIE_BREAKS = ("necessity", "robust", "te_ne")
-ORDERS = ("origin", "direct")
 Variant = dict[str, str]  # component id -> value source
 
 
@@ -476,22 +478,12 @@ class ConfirmConfig:
     set_fraction: float = 0.8  # a cause set must remove this share of the prompt-baseline gap
     component_fraction: float = 0.1  # a member must carry this share within the set
     window: float = 0.2  # leading group: effect within this share of the largest
-    # a direct effect orders the leading group only where min(DE, NE) is this share of the gap
-    direct_fraction: float = 0.05
-    # the rest of the leading group (no confirmed direct effect: carriers, upstream members of a
-    # circuit, enablers) by its smallest drop over the ablations: "necessity" min(NE, NE under
-    # zero ablation), which costs one more batched variant per candidate where NE is not
-    # already a zero ablation; "robust" min(TE, NE, NE0) and "te_ne" min(TE, NE), the rules
-    # before, which let counterfactual patching veto an enabler (docs/confirm.md)
-    tie_break: str = "necessity"
-    # how the leading group is ordered: "origin" (the latest robustly necessary candidate, then
-    # the largest direct effect) or "direct" (by a confirmed direct effect, the rule before)
-    order: str = "origin"
-    necessary_fraction: float = 0.4  # origin order: the necessary group's share of the largest
-    writer_fraction: float = 0.2  # origin order: a writer's direct effect, as a share of the gap
+    necessary_fraction: float = 0.4  # the necessary group's share of the most necessary
+    writer_fraction: float = 0.2  # a writer's direct effect, as a share of the gap
     alpha: float = 0.05  # p-value threshold against random sets
     n_random: int = 100  # random sets (>= 50)
     max_set: int = 6
+    benign_prompts: int = 16  # ordinary-text prompts each candidate's benign damage is measured on
     batch_size: int = 0  # variants per forward; 0: auto_batch_size (4 on a CPU, 64 on a GPU)
     seed: int = 0
 
@@ -500,26 +492,21 @@ class ConfirmConfig:
             raise ConfirmError(
                 f"kind must be auto, patch, zero, mean or resample, got {self.kind!r}"
             )
-        if self.tie_break not in TIE_BREAKS:
-            raise ConfirmError(
-                f"tie_break must be {' or '.join(TIE_BREAKS)}, got {self.tie_break!r}"
-            )
         if self.n_random < 50:
             raise ConfirmError("n_random must be at least 50")
-        if self.order not in ORDERS:
-            raise ConfirmError(f"order must be {' or '.join(ORDERS)}, got {self.order!r}")
         for name in (
             "set_fraction",
             "component_fraction",
             "window",
             "alpha",
-            "direct_fraction",
             "necessary_fraction",
             "writer_fraction",
         ):
             v = getattr(self, name)
             if not 0 < v < 1:
                 raise ConfirmError(f"{name} must be between 0 and 1, got {v}")
+        if self.benign_prompts < 1:
+            raise ConfirmError(f"benign_prompts must be at least 1, got {self.benign_prompts}")
         if self.top_k < 1 or self.max_set < 1 or self.batch_size < 0:
             raise ConfirmError("top_k and max_set must be positive, batch_size 0 (auto) or more")
 
@@ -538,6 +525,10 @@ class CandidateEvidence:
     in_set: bool = False
     verdict: str = "inconclusive"
     reason: str = ""
+    # what mean-ablating it does to ordinary text (rca.specificity); None where not measured
+    benign_loss_pct: float | None = None  # relative change of the benign LM loss, percent
+    benign_kl: float | None = None  # mean KL(original || ablated) per benign position, nats
+    infrastructure: bool = False  # necessary for ordinary text as well: never blamed
 
 
 @dataclass
@@ -639,65 +630,142 @@ def rank_candidates(
     the share of the bad behaviour it removes, ``gap`` is the prompt-to-reference metric gap,
     ``parallel``: the model's attention and MLP read the same input (GPT-NeoX, Phi).
 
-    1. The leading group: effect share(max(TE, NE)) within ``window`` of the largest.
-    2. Robust necessity, the smallest drop over the ablations: min(NE, NE0) with
-       ``tie_break="necessity"`` (the default), min(TE, NE, NE0) with ``"robust"``, min(TE, NE)
-       with ``"te_ne"``. A cause should remove the behaviour whatever its output is ablated to.
-    3. With ``order="origin"`` (the default):
-       a. the necessary group: the leading candidates whose robust necessity is at least
+    1. Infrastructure (``CandidateEvidence.infrastructure``: necessary for ordinary text as
+       well) ranks after every specific candidate, by effect: it is never the top cause.
+    2. Of the specific candidates, the leading group: effect share(max(TE, NE)) within
+       ``window`` of the largest.
+    3. Robust necessity, the smaller drop of the two ablations: min(NE, NE0). A cause should
+       remove the behaviour whatever its output is ablated to.
+    4. In the leading group:
+       a. the necessary group: the candidates whose robust necessity is at least
           ``necessary_fraction`` of the group's largest;
        b. first, the origin: the necessary candidate latest in the forward pass (ties by DE).
-          Carriers of the trigger's identity and enablers that every prompt needs are
-          necessary too, but they compute before the origin, which reads them; amplifiers
-          after it are not robustly necessary (the fault reaches the logits by other paths
-          when one is ablated);
+          Carriers of the trigger's identity and enablers are necessary too, but they compute
+          before the origin, which reads them; amplifiers after it are not robustly necessary
+          (the behaviour reaches the logits by other paths when one is ablated);
        c. second, the writer: the leading candidate with the largest direct effect, where it
-          reaches ``writer_fraction`` of the gap (a circuit's MLP that writes the bad token);
+          reaches ``writer_fraction`` of the gap;
        d. the rest of the necessary group, latest first; then the rest of the leading group
           by robust necessity.
-       With ``order="direct"`` (the rule before): the leading group by min(DE, NE) where that
-       reaches ``direct_fraction`` of the gap, ties by robust necessity. It ranked downstream
-       amplifiers with a confirmed direct effect above a planted head (docs/confirm.md).
-    4. The rest by effect.
+    5. The rest of the specific candidates by effect, then the infrastructure.
     """
     effect = {e.id: share(max(e.total_effect, e.necessity)) for e in evidence}
-    top = max(effect.values(), default=0.0)
-    lead = [e for e in evidence if top > 0 and effect[e.id] >= (1 - config.window) * top]
+    specific = [e for e in evidence if not e.infrastructure]
+    infra = sorted(
+        (e for e in evidence if e.infrastructure),
+        key=lambda e: (-effect[e.id], -max(e.total_effect, e.necessity)),
+    )
+    top = max((effect[e.id] for e in specific), default=0.0)
+    lead = [e for e in specific if top > 0 and effect[e.id] >= (1 - config.window) * top]
     rest = sorted(
-        (e for e in evidence if e not in lead),
+        (e for e in specific if e not in lead),
         key=lambda e: (-effect[e.id], -max(e.total_effect, e.necessity)),
     )
 
     def robust(e: CandidateEvidence) -> float:
-        drops = [e.necessity] if config.tie_break == "necessity" else [e.total_effect, e.necessity]
-        if config.tie_break != "te_ne" and e.necessity_zero is not None:
-            drops.append(e.necessity_zero)
-        return min(drops)
+        return min(e.necessity, e.necessity_zero if e.necessity_zero is not None else e.necessity)
 
     most = max((robust(e) for e in lead), default=0.0)
-    if config.order == "origin" and most > 0:
-        need = config.necessary_fraction * most
-        group = sorted(
-            (e for e in lead if robust(e) >= need),
-            key=lambda e: (_forward_position(e.id, parallel=parallel), e.direct_effect),
-            reverse=True,
+    if most <= 0:
+        return sorted(lead, key=lambda e: -robust(e)) + rest + infra
+    need = config.necessary_fraction * most
+    group = sorted(
+        (e for e in lead if robust(e) >= need),
+        key=lambda e: (_forward_position(e.id, parallel=parallel), e.direct_effect),
+        reverse=True,
+    )
+    out = group[:1]
+    writers = [e for e in lead if e not in out and e.direct_effect >= config.writer_fraction * gap]
+    if writers:
+        out.append(max(writers, key=lambda e: e.direct_effect))
+    out += [e for e in group if e not in out]
+    out += sorted((e for e in lead if e not in out), key=lambda e: -robust(e))
+    return out + rest + infra
+
+
+def verdict_definitions(config: ConfirmConfig | None = None) -> dict[str, str]:
+    """Each verdict word and p-value with its definition (``rca.verdicts``), at ``config``'s
+    thresholds."""
+    return definitions(asdict(config or ConfirmConfig()))
+
+
+def _component_verdict(
+    e: CandidateEvidence,
+    *,
+    share: float,
+    contrib: dict[str, float],
+    set_verdict: str,
+    set_fraction: float,
+    gap: float,
+    cfg: ConfirmConfig,
+) -> tuple[str, str]:
+    """One candidate's verdict word (``VERDICT_WORDS``) and the reason, which names the numbers
+    it rests on and says why where the component p-value seems to disagree with the word."""
+    kind = "head" if _kind_of(e.id) == "head" else "MLP"
+    alone = f"component p = {e.p_value:.3f}"
+    if e.infrastructure:
+        return "infrastructure", (
+            f"necessary for ordinary text as well: mean-ablating it raises the loss on benign "
+            f"text by {e.benign_loss_pct or 0.0:.0f}% (KL {e.benign_kl or 0.0:.2f} nats per "
+            f"token); alone it moves the metric by {share:.0%} of the gap, as it would any "
+            "prompt's"
         )
-        out = group[:1]
-        writers = [
-            e for e in lead if e not in out and e.direct_effect >= config.writer_fraction * gap
-        ]
-        if writers:
-            out.append(max(writers, key=lambda e: e.direct_effect))
-        out += [e for e in group if e not in out]
-        out += sorted((e for e in lead if e not in out), key=lambda e: -robust(e))
-        return out + rest
+    if e.in_set:
+        c_share = contrib[e.id] / gap
+        if set_verdict == "confirmed" and c_share >= cfg.component_fraction:
+            why = (
+                f"in the confirmed set; without it the set removes {c_share:.0%} less of the gap; "
+                f"alone: TE {e.total_effect:+.2f}, necessity {e.necessity:+.2f}, {alone}"
+            )
+            if e.p_value >= cfg.alpha:
+                why += (
+                    f": alone it does not stand out from the other {kind}s, it acts with the "
+                    "rest of the set"
+                )
+            return "confirmed", why
+        if set_verdict == "confirmed":
+            return "inconclusive", (
+                f"in the set, but the rest of the set does nearly as well without it "
+                f"({c_share:.0%} of the gap; {alone})"
+            )
+        return "inconclusive", f"in a set that is {set_verdict.replace('_', ' ')} ({alone})"
+    if share < cfg.component_fraction:
+        return "not_confirmed", (
+            f"patching or ablating it moves the metric by {share:.0%} of the gap, under "
+            f"{cfg.component_fraction:.0%} ({alone})"
+        )
+    why = f"moves the metric by {share:.0%} of the gap alone ({alone})"
+    if set_verdict == "confirmed":
+        why += (
+            f", but the cause set removes {set_fraction:.0%} of the gap without it: a carrier, "
+            "an amplifier or redundant with a member"
+        )
+    else:
+        why += f", and the cause set is {set_verdict.replace('_', ' ')}"
+    return "inconclusive", why
 
-    def lead_key(e: CandidateEvidence) -> tuple[float, float]:
-        direct = min(e.direct_effect, e.necessity)
-        direct = direct if direct >= config.direct_fraction * gap else 0.0
-        return (-direct, -robust(e))
 
-    return sorted(lead, key=lead_key) + rest
+def _benign_texts(
+    reference: Sequence[str] | Sequence[Sequence[int]], cfg: ConfirmConfig
+) -> list[str] | list[list[int]]:
+    """The ordinary text benign damage is measured on: the reference prompts, else the packaged
+    corpus (``rca.benign``)."""
+    if reference:
+        return [p if isinstance(p, str) else list(p) for p in reference][: cfg.benign_prompts]  # type: ignore[return-value]
+    return benign_prompts(cfg.benign_prompts, seed=cfg.seed)
+
+
+def _benign_forward_equiv(
+    subject: Subject, texts: Sequence[Any], components: Sequence[str], length: int
+) -> float:
+    """The benign damage's cost in forward passes of the incident: one run over the prompts
+    unablated, then each component's from its own layer up."""
+    from rca.specificity import encoded
+
+    seqs, _ = encoded(subject, texts)
+    tokens = sum(len(q) for q in seqs) / max(1, length)
+    n = subject.adapter.n_layers
+    return tokens * (1 + sum((n - (parse_id(c).layer or 0)) / n for c in components))
 
 
 def _kind_of(cid: str) -> str:
@@ -807,10 +875,10 @@ def confirm(
     single_drop = {x: m_clean - float(v) for x, v in zip(others, single, strict=True)}
     ne_shared = set_src == ablation and ablation in ("mean", "zero")
 
-    # TE, DE and NE of every candidate (and NE0 for the tie-break), in one batched run
+    # TE, DE and NE of every candidate (and NE0 for robust necessity), in one batched run
     say("candidates", 0.3)
     # zero-ablation necessity: where NE is a zero ablation already, it is NE
-    zero_run = cfg.tie_break != "te_ne" and ablation != "zero"
+    zero_run = ablation != "zero"
     extra = ([] if ne_shared else [ablation]) + (["zero"] if zero_run else [])
     per = 2 + len(extra)
     variants: list[Variant] = []
@@ -844,6 +912,21 @@ def confirm(
             CandidateEvidence(c, attr.get(c, 0.0), te, de, ne, p_value=1.0, necessity_zero=ne0)
         )
 
+    # specificity: what mean-ablating each candidate does to ordinary text
+    say("specificity", 0.4)
+    t_benign = time.perf_counter()
+    texts = _benign_texts(reference, cfg)
+    damage = benign_damage(subject, cands, texts, batch=max(16, ab.batch_size))
+    benign_equiv = _benign_forward_equiv(subject, texts, cands, target.length)
+    for e in ev:
+        d = damage[e.id]
+        e.benign_loss_pct, e.benign_kl, e.infrastructure = (
+            d.loss_change_pct,
+            d.kl_mean,
+            d.infrastructure,
+        )
+    t_benign = time.perf_counter() - t_benign
+
     # p-value of each candidate against every other component of its kind
     for e in ev:
         null = [d for x, d in single_drop.items() if x != e.id and _kind_of(x) == _kind_of(e.id)]
@@ -860,11 +943,13 @@ def confirm(
     for r, e in enumerate(ordered):
         e.rank = r + 1
 
-    # the minimal cause set: greedy in rank order, then drop members the rest does without
+    # the minimal cause set, of specific candidates only: greedy in rank order, then drop
+    # members the rest does without
     say("cause set", 0.5)
     need = cfg.set_fraction * gap
     members: list[str] = []
-    prefixes = [[e.id for e in ordered[: k + 1]] for k in range(min(cfg.max_set, len(ordered)))]
+    specific = [e for e in ordered if not e.infrastructure]
+    prefixes = [[e.id for e in specific[: k + 1]] for k in range(min(cfg.max_set, len(specific)))]
     pm = ab.run([dict.fromkeys(p, set_src) for p in prefixes], index_offset=20_000)
     for prefix, v in zip(prefixes, pm, strict=True):
         members = prefix
@@ -896,12 +981,25 @@ def confirm(
     suff_den = m_clean - m_all
     suff_frac = (m_suff - m_all) / suff_den if abs(suff_den) > 1e-9 else float("nan")
     min_p = 1 / (1 + len(rdrops))
-    if frac < cfg.set_fraction:
+    infra = [e.id for e in ordered if e.infrastructure]
+    infra_note = (
+        f"; infrastructure ({', '.join(infra[:3])}{', ...' if len(infra) > 3 else ''}) is "
+        "never a member"
+        if infra
+        else ""
+    )
+    if not members:
+        sv, why = (
+            "not_confirmed",
+            "no candidate is specific to the incident: every one is infrastructure, necessary "
+            "for ordinary text as well",
+        )
+    elif frac < cfg.set_fraction:
         sv, why = (
             "not_confirmed",
             (
-                f"ablating the {len(members)} leading candidates removes {frac:.0%} of the gap, "
-                f"under the {cfg.set_fraction:.0%} required"
+                f"ablating the {len(members)} leading specific candidates removes {frac:.0%} of "
+                f"the gap, under the {cfg.set_fraction:.0%} required{infra_note}"
             ),
         )
     elif p < cfg.alpha:
@@ -909,7 +1007,7 @@ def confirm(
             "confirmed",
             (
                 f"ablating the set removes {frac:.0%} of the gap (>= {cfg.set_fraction:.0%}) and "
-                f"beats {scope} with p = {p:.3f} < {cfg.alpha}"
+                f"beats {scope} with set p = {p:.3f} < {cfg.alpha}"
             ),
         )
     elif min_p >= cfg.alpha:
@@ -923,7 +1021,7 @@ def confirm(
     else:
         sv, why = (
             "not_confirmed",
-            (f"the set removes {frac:.0%} of the gap, but random sets do as well (p = {p:.3f})"),
+            f"the set removes {frac:.0%} of the gap, but random sets do as well (set p = {p:.3f})",
         )
     cause = SetEvidence(
         components=members,
@@ -939,7 +1037,7 @@ def confirm(
         reason=why,
     )
 
-    # per-component verdicts: does the set need it?
+    # per-component verdicts (VERDICT_WORDS): does the set need it, is it specific?
     say("verdicts", 0.9)
     loo = ab.run(
         [dict.fromkeys([x for x in members if x != c], set_src) for c in members],
@@ -948,43 +1046,15 @@ def confirm(
     contrib = {c: float(v) - m_set for c, v in zip(members, loo, strict=True)}
     for e in ev:
         e.in_set = e.id in members
-        share = max(e.total_effect, e.necessity) / gap
-        if e.in_set:
-            c_share = contrib[e.id] / gap
-            if sv == "confirmed" and c_share >= cfg.component_fraction:
-                e.verdict, e.reason = (
-                    "confirmed",
-                    (
-                        f"in the confirmed set; without it the set removes {c_share:.0%} less of "
-                        f"the gap; alone: TE {e.total_effect:+.2f}, necessity {e.necessity:+.2f}"
-                    ),
-                )
-            elif sv == "confirmed":
-                e.verdict, e.reason = (
-                    "inconclusive",
-                    (
-                        f"in the set, but the rest of the set does nearly as well without it "
-                        f"({c_share:.0%} of the gap)"
-                    ),
-                )
-            else:
-                e.verdict, e.reason = "inconclusive", f"in a set that is {sv.replace('_', ' ')}"
-        elif share < cfg.component_fraction:
-            e.verdict, e.reason = (
-                "not_confirmed",
-                (
-                    f"patching or ablating it moves the metric by {share:.0%} of the gap, under "
-                    f"{cfg.component_fraction:.0%}"
-                ),
-            )
-        else:
-            e.verdict, e.reason = (
-                "inconclusive",
-                (
-                    f"moves the metric by {share:.0%} of the gap alone but the cause set does not "
-                    "need it (a carrier, an amplifier or redundant)"
-                ),
-            )
+        e.verdict, e.reason = _component_verdict(
+            e,
+            share=max(e.total_effect, e.necessity) / gap,
+            contrib=contrib,
+            set_verdict=sv,
+            set_fraction=frac,
+            gap=gap,
+            cfg=cfg,
+        )
     say("done", 1.0)
     return Verdict(
         metric_clean=m_clean,
@@ -1001,7 +1071,10 @@ def confirm(
             "variants": ab.n_forward_rows // target.rows,
             "variants_reused": ab.n_reused,  # asked for again, answered from the first run
             "forward_equiv": ab.forward_equiv + 2 + (1 if baseline is not None else 0),
-            "tie_break_forward_equiv": zero_cost,  # of which the tie-break's zero ablations
+            "zero_ablation_forward_equiv": zero_cost,  # of which the zero ablations (NE0)
+            "benign_forward_equiv": benign_equiv,  # the benign damage, not in forward_equiv
+            "benign_seconds": t_benign,
+            "benign_prompts": len(texts),
             "reference_prompts": len(ab.refs),
         },
     )

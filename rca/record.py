@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from rca.confirm import verdict_definitions
 from rca.store import IncidentRecord, ModelRecord, RunRecord
 
 __all__ = ["to_run_record"]
@@ -52,6 +53,8 @@ def to_run_record(
                 "verdict": e.verdict if e else None,
                 "reason": e.reason if e else None,
                 "rank": e.rank if e else None,
+                "benign_loss_pct": e.benign_loss_pct if e else None,
+                "benign_kl": e.benign_kl if e else None,
             }
         )
     for cid, score in comps.neurons.items():
@@ -206,6 +209,13 @@ def to_run_record(
         "token_completeness": att.tokens.completeness,
         "graph_paths": att.paths,
         "set_reason": cs.reason,
+        "set_p_value": cs.p_value,
+        "definitions": verdict_definitions(v.config),
+        "infrastructure": [
+            {"id": c.id, "benign_loss_pct": c.benign_loss_pct, "benign_kl": c.benign_kl}
+            for c in v.ranked()
+            if c.infrastructure
+        ],
         "confirm_cost": v.cost,
         "trace_cost": {k: v2 for k, v2 in comps.cost.items()},
         **said,

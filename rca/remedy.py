@@ -36,16 +36,17 @@ import functools
 import json
 import math
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rca.hooks import MeanAccumulator, ablate, capture, layers_skipped, padded_batch
+from rca.hooks import ablate, capture, padded_batch
 from rca.ids import parse_id
-from rca.metric import MetricValue, Target, encode_text, evaluate, logits_kwargs
+from rca.metric import MetricValue, Target, evaluate, logits_kwargs
+from rca.specificity import BenignError, BenignRun, encoded, within
 from rca.subject import Subject, _weight, load_subject
 
 __all__ = [
@@ -239,29 +240,10 @@ EDIT_BYTES = 128 * 1024 * 1024
 EDIT_CHUNK_BYTES = 32 * 1024 * 1024
 
 
-def _within(seqs: list[list[int]], per_position: int, max_bytes: int) -> list[list[int]]:
-    """The first sequences (at least one) whose scored positions times ``per_position`` bytes
-    stay within ``max_bytes``."""
-    kept: list[list[int]] = []
-    used = 0
-    for q in seqs:
-        if kept and used + (len(q) - 1) * per_position > max_bytes:
-            break
-        kept.append(q)
-        used += (len(q) - 1) * per_position
-    return kept
-
-
 def weight_edit_prompts(subject: Subject, prompts: Sequence[str]) -> int:
     """How many of ``prompts`` the weight edit's KL term uses (``EDIT_BYTES``)."""
-    seqs, _ = _encoded(subject, prompts)
-    return len(_within(seqs, 4 * subject.adapter.vocab_size, EDIT_BYTES))
-
-
-def _encoded(subject: Subject, prompts: Sequence[str]) -> tuple[list[list[int]], int]:
-    """The prompts' token ids (those of at least two tokens), and the pad id."""
-    seqs = [s for s in (encode_text(subject.tokenizer, p) for p in prompts) if len(s) >= 2]
-    return seqs, int(getattr(subject.tokenizer, "pad_token_id", None) or 0)
+    seqs, _ = encoded(subject, prompts)
+    return len(within(seqs, 4 * subject.adapter.vocab_size, EDIT_BYTES))
 
 
 def weight_edit(
@@ -297,16 +279,16 @@ def weight_edit(
         assert c.layer is not None
         rows = a.d_head if c.kind == "head" else a.d_mlp
         deltas[cid] = torch.zeros(rows, a.d_model, device=dev, requires_grad=True)
-    seqs, pad = _encoded(subject, prompts)
+    seqs, pad = encoded(subject, prompts)
     if not seqs:
         raise RemedyError("the edit prompts encode to fewer than two tokens each")
-    seqs = _within(seqs, 4 * a.vocab_size, EDIT_BYTES)
+    seqs = within(seqs, 4 * a.vocab_size, EDIT_BYTES)
     # the KL term runs a chunk of prompts at a time, its gradients accumulated: the same
     # gradient as one batch, within the memory plan
     chunks = []
     i = 0
     while i < len(seqs):
-        part = _within(seqs[i : i + batch], 4 * a.vocab_size, EDIT_CHUNK_BYTES)
+        part = within(seqs[i : i + batch], 4 * a.vocab_size, EDIT_CHUNK_BYTES)
         chunks.append(padded_batch(part, pad, dev))
         i += len(part)
     with torch.inference_mode():
@@ -376,118 +358,11 @@ def _first_layer(spec: dict[str, Any]) -> int:
     return min(parse_id(c).layer or 0 for c in keys)
 
 
-# the benign run's kept next-token distributions, and its logits per forward (see _Benign)
-BENIGN_BYTES = 256 * 1024 * 1024
-BENIGN_CHUNK_BYTES = 64 * 1024 * 1024
-
-
-class _Benign:
-    """The benign prompts of the side-effect measurement, run once without a fix.
-
-    That run gives each prompt's next-token log-probabilities and the mean loss, the means of
-    ``sites`` over the prompts' own positions (for the mean ablations), and, for each layer in
-    ``keep``, the residual stream leaving the layer below it. A fix that changes nothing below
-    layer L then runs from L up (``rca.hooks.layers_skipped``), and measures what a full
-    forward would (tests/unit/test_remedy.py). Prompts run ``batch`` at a time, right-padded
-    with an attention mask: the real positions' logits are those of the prompt alone.
-
-    The KL needs every scored position's whole next-token distribution, kept from the run
-    without a fix: positions times vocabulary floats. Prompts are taken in order while that
-    stays within ``max_bytes`` (at least one prompt), and run at most ``batch`` and
-    ``BENIGN_CHUNK_BYTES`` of logits per forward; a small vocabulary (the zoo's) reaches
-    neither, a real one (49,152 tokens) keeps about 1,300 positions in 256 MiB. The number of
-    prompts used is reported with every side effect (``n_prompts``).
-    """
-
-    @torch.inference_mode()
-    def __init__(
-        self,
-        subject: Subject,
-        prompts: Sequence[str],
-        *,
-        batch: int = 32,
-        sites: Sequence[str] = (),
-        keep: Iterable[int] = (),
-        max_bytes: int = BENIGN_BYTES,
-    ) -> None:
-        self.s = subject
-        seqs, pad = _encoded(subject, prompts)
-        if not seqs:
-            raise RemedyError("the reference prompts encode to fewer than two tokens each")
-        per_position = 4 * subject.adapter.vocab_size
-        seqs = _within(seqs, per_position, max_bytes)
-        self.n_prompts = len(seqs)
-        dev = subject.device
-        self.chunks = []
-        i = 0
-        while i < len(seqs):  # at most ``batch`` prompts and BENIGN_CHUNK_BYTES of logits
-            chunk = _within(seqs[i : i + batch], per_position, BENIGN_CHUNK_BYTES)
-            self.chunks.append((chunk, *padded_batch(chunk, pad, dev)))
-            i += len(chunk)
-        layers = sorted({x for x in keep if 0 < x < subject.adapter.n_layers})
-        below = [f"L{x - 1}.RESID_POST" for x in layers]
-        acc = MeanAccumulator(list(sites))
-        self.below: dict[int, list[torch.Tensor]] = {x: [] for x in layers}
-        self.logps: list[torch.Tensor] = []
-        self.n_scored = sum(len(q) - 1 for q in seqs)  # next-token positions the loss averages
-        total = 0.0
-        for chunk, ids, mask in self.chunks:
-            with capture(subject, [*sites, *below]) as acts:
-                logits = subject.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            if sites:
-                acc.add(acts, [len(q) for q in chunk])
-            for x, rid in zip(layers, below, strict=True):
-                self.below[x].append(acts[rid].clone())
-            lp, t = self._scored(chunk, ids, logits)
-            self.logps += lp
-            total += t
-        self.loss = total / self.n_scored
-        self.means = acc.result() if sites else {}
-
-    @staticmethod
-    def _scored(chunk, ids, logits) -> tuple[list[torch.Tensor], float]:
-        """Each row's next-token log-probabilities over its own positions, and their loss sum."""
-        lps, total = [], 0.0
-        for row, q in enumerate(chunk):
-            n = len(q)
-            lp = torch.log_softmax(logits[row, : n - 1].float(), -1)
-            lps.append(lp)
-            total += float(-lp.gather(-1, ids[row, 1:n].unsqueeze(-1)).sum())
-        return lps, total
-
-    @torch.inference_mode()
-    def side_effect(self, ctx: Callable[[], Any], first: int = 0) -> dict[str, float]:
-        """Mean KL(original || fixed) per next-token position, and the loss change, with the
-        fix ``ctx()`` on; ``first``: the lowest layer it changes (``_first_layer``)."""
-        start = first if first in self.below else 0
-        kl: list[float] = []
-        total = 0.0
-        for c, (chunk, ids, mask) in enumerate(self.chunks):
-            out = self.below[start][c] if start else None
-            with ctx(), layers_skipped(self.s, start, out):
-                logits = self.s.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            lps, t = self._scored(chunk, ids, logits)
-            before = self.logps[len(kl) : len(kl) + len(chunk)]
-            kl += [
-                float((a.exp() * (a - b)).sum(-1).mean()) for a, b in zip(before, lps, strict=True)
-            ]
-            total += t
-        loss = total / self.n_scored
-        return {
-            "n_prompts": float(self.n_prompts),
-            "kl_mean": sum(kl) / len(kl),
-            "kl_max": max(kl),
-            "loss_before": self.loss,
-            "loss_after": loss,
-            "loss_change_pct": 100.0 * (loss - self.loss) / self.loss,
-        }
-
-
 def benign_side_effect(
     subject: Subject, prompts: Sequence[str], spec: dict[str, Any], *, batch: int = 32
 ) -> dict[str, float]:
     """Mean KL(original || fixed) per next-token position, and the loss change, on ``prompts``."""
-    bench = _Benign(subject, prompts, batch=batch, keep=[_first_layer(spec)])
+    bench = BenignRun(subject, prompts, batch=batch, keep=[_first_layer(spec)])
     return bench.side_effect(lambda: _fix_context(subject, spec), _first_layer(spec))
 
 
@@ -561,13 +436,16 @@ def try_remedies(
     )
     # one run over the benign prompts without a fix: the means the ablations hold sites at,
     # and the residual stream below each layer a fix may start at
-    bench = _Benign(
-        subject,
-        reference,
-        batch=batch,
-        sites=[*comps, *ranked_neurons],
-        keep={parse_id(c).layer or 0 for c in comps},  # every fix below starts at one
-    )
+    try:
+        bench = BenignRun(
+            subject,
+            reference,
+            batch=batch,
+            sites=[*comps, *ranked_neurons],
+            keep={parse_id(c).layer or 0 for c in comps},  # every fix below starts at one
+        )
+    except BenignError as e:
+        raise RemedyError(str(e)) from None
     means = {c: bench.means[c] for c in comps}
     specs: list[dict[str, Any]] = [
         {

@@ -164,6 +164,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
         rehash=("runs", "remedies"),
     ),
+    Migration(
+        3,
+        "nodes.benign_loss_pct and nodes.benign_kl: what mean-ablating a component does to "
+        "ordinary text (its benign damage)",
+        (
+            "ALTER TABLE nodes ADD COLUMN benign_loss_pct DOUBLE",
+            "ALTER TABLE nodes ADD COLUMN benign_kl DOUBLE",
+        ),
+        rehash=("nodes",),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -792,6 +802,8 @@ BULK_COLUMNS: dict[str, dict[str, tuple[str, bool]]] = {
         "verdict": ("str", False),
         "reason": ("str", False),
         "rank": ("int", False),
+        "benign_loss_pct": ("float", False),
+        "benign_kl": ("float", False),
     },
     "edges": {"source": ("str", True), "target": ("str", True), "score": ("float", True)},
     "ablations": {

@@ -358,7 +358,7 @@ def localize(
     # extra evidence for the ranking prototypes (not part of the pipeline's cost): each
     # candidate's sufficiency, the metric it restores when patched from the prompt into the
     # counterfactual run (denoising), and its necessity under zero ablation where confirm did
-    # not measure it (tie_break="te_ne")
+    # not measure it (where its necessity is a zero ablation already)
     cands = list(ranked)
     den = Ablator(subject, cf, baseline=target, batch_size=cc.batch_size)
     suff = den.run([{c: "baseline"} for c in cands])
@@ -399,6 +399,8 @@ def localize(
                 "ne": round(c.necessity, 5),
                 "p": round(c.p_value, 4),
                 "verdict": c.verdict,
+                "benign_loss_pct": round(c.benign_loss_pct or 0.0, 3),
+                "infrastructure": c.infrastructure,
                 **extra[c.id],
             }
             for c in verdict.ranked()
@@ -412,7 +414,8 @@ def localize(
             "pipeline": float(scores.cost["forward_equiv"] + verdict.cost["forward_equiv"]),
             "exhaustive": float(ex_cost),
             "extra_evidence": float(extra_cost),
-            "tie_break": float(verdict.cost.get("tie_break_forward_equiv", 0.0)),
+            "zero_ablation": float(verdict.cost.get("zero_ablation_forward_equiv", 0.0)),
+            "benign_damage": float(verdict.cost.get("benign_forward_equiv", 0.0)),
             "weight_change": wc_cost,
         },
         seconds={
@@ -474,15 +477,10 @@ def _share_removed(r: FaultResult, drop: float) -> float:
     return (p0 - _prob(r.metric["prompt"] - drop, rows)) / max(p0 - pb, 1e-9)
 
 
-def confirm_rule_ranking(
-    r: FaultResult, *, tie_break: str = "necessity", order: str = "origin"
-) -> list[str]:
-    """``rca.confirm``'s ranking (``rank_candidates``) recomputed from the saved evidence, with
-    ``order`` "origin" (the default) or "direct" (the rule of sessions 3-5), and robust
-    necessity by ``tie_break`` "necessity" (min(NE, NE0), the default), "robust"
-    (min(TE, NE, NE0)) or "te_ne" (min(TE, NE)). Saved runs without zero-ablation necessity
-    fall back to NE, and to min(TE, NE). The bench's hosts (GPT-2, Llama) run attention and
-    MLP in sequence."""
+def confirm_rule_ranking(r: FaultResult) -> list[str]:
+    """``rca.confirm``'s ranking (``rank_candidates``) recomputed from the saved evidence.
+    Saved runs without zero-ablation necessity fall back to NE, without benign damage to no
+    infrastructure. The bench's hosts (GPT-2, Llama) run attention and MLP in sequence."""
     from rca.confirm import CandidateEvidence, ConfirmConfig, _share_removed, rank_candidates
 
     rows = int(r.metric.get("rows", 1))
@@ -497,6 +495,7 @@ def confirm_rule_ranking(
             e["ne"],
             p_value=e.get("p", 1.0),
             necessity_zero=e.get("ne_zero"),
+            infrastructure=bool(e.get("infrastructure", False)),
         )
         for e in r.evidence
     ]
@@ -504,7 +503,7 @@ def confirm_rule_ranking(
         ev,
         share=lambda d: _share_removed(m_clean, m_ref, d, conts=rows),
         gap=m_clean - m_ref,
-        config=ConfirmConfig(top_k=BENCH_TOP_K, tie_break=tie_break, order=order),
+        config=ConfirmConfig(top_k=BENCH_TOP_K),
     )
     return [e.id for e in ordered]
 
@@ -527,14 +526,9 @@ RANKINGS: dict[str, Callable[[FaultResult], list[str]]] = {
         r.evidence,
         {e["id"]: _share_removed(r, max(e["te"], e["ne"])) for e in r.evidence},
     ),
-    # rca.confirm's rule recomputed: the leading group by P(bad) share, the origin (latest
-    # robustly necessary) first, then the writer (the default); and the rule of sessions 3-5,
-    # the leading group by a confirmed direct effect, ties by min(NE, NE0), by
-    # min(TE, NE, NE0) or by min(TE, NE)
+    # rca.confirm's rule recomputed: infrastructure last, the leading group by P(bad) share,
+    # the origin (latest robustly necessary) first, then the writer
     "rca": confirm_rule_ranking,
-    "rca_direct": lambda r: confirm_rule_ranking(r, order="direct"),
-    "rca_tie_robust": lambda r: confirm_rule_ranking(r, tie_break="robust", order="direct"),
-    "rca_tie_te_ne": lambda r: confirm_rule_ranking(r, tie_break="te_ne", order="direct"),
 }
 
 

@@ -7,7 +7,8 @@
    else an automatic counterfactual (``counterfactual.py``), else mean activations over the
    reference prompts; a caller's ``check_baseline`` sees it here, before the costly steps, so
    that a run that cannot succeed stops within seconds;
-3. token attribution (integrated gradients over the embeddings);
+3. token attribution (integrated gradients over the embeddings, from the counterfactual prompt
+   where the baseline is one, else from neutral tokens);
 4. component and edge scores (``components.py``: AtP or EAP-IG);
 5. the attribution graph, pruned, with its top paths (``graph.py``).
 
@@ -107,6 +108,7 @@ class Attribution:
                 {"position": i, "token": t, "score": s}
                 for i, (t, s) in enumerate(zip(self.tokens.tokens, self.tokens.scores, strict=True))
             ],
+            "token_baseline": self.tokens.baseline,
             "token_completeness": self.tokens.completeness,
             "segments": [
                 {"start": s, "end": e, "text": t, "score": v, "template": tm}
@@ -200,7 +202,9 @@ def trace(
     works), or ``mean`` (mean activations over ``reference_prompts``, default the case's).
 
     ``ig_steps``: the most integrated-gradients points; they start at ``ig_min_steps`` and
-    double until the attributions are complete within ``ig_tolerance`` (relative).
+    double until the attributions are complete within ``ig_tolerance`` (relative). The token
+    path starts at the counterfactual prompt with a counterfactual baseline, else at neutral
+    tokens (``TokenScores.baseline``).
 
     ``max_memory``: a byte count or a size such as ``"4G"``; ``"auto"`` (default) is what the
     device has free; ``None`` turns the check off. The peak is estimated before anything runs
@@ -295,6 +299,9 @@ def trace(
         target,
         n_steps=ig_steps,
         internal_batch_size=plan.ig_batch,
+        # from the counterfactual, so that the scores split metric(prompt) - metric(cf) over
+        # the tokens it changes; the mean baseline has no prompt to start from
+        counterfactual=base.target if base.kind == "counterfactual" else None,
         min_steps=ig_min_steps,
         tolerance=ig_tolerance,
     )

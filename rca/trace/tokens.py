@@ -6,10 +6,12 @@ tokens stay fixed. captum attributes one example at a time, and our metric reads
 id tensor; the forward function folds it back into rows. Per-row attributions of the same
 prompt position are summed.
 
-- ``integrated_gradients``: ``LayerIntegratedGradients`` on the token embedding, from a
-  baseline where every prompt token is a neutral token, ``n_steps`` Gauss-Legendre points,
-  ``internal_batch_size`` points per forward. Completeness is reported: the sum of the
-  attributions against ``metric(x) - metric(baseline)``.
+- ``integrated_gradients``: ``LayerIntegratedGradients`` on the token embedding, from the
+  counterfactual prompt where one lines up with the incident's (only the positions where the
+  two differ move along the path, so every other position scores exactly 0), else from a
+  prompt of neutral tokens; ``n_steps`` Gauss-Legendre points, ``internal_batch_size`` points
+  per forward. Completeness is reported: the sum of the attributions against
+  ``metric(x) - metric(baseline)``, with the tolerance it was held to.
 - ``segment_ablation``: each prompt segment (whitespace-delimited words by default) replaced by
   neutral tokens, ``batch`` ablated prompts per forward. Positions before a segment are the
   same as in the clean prompt, so by default the clean run's key/value cache stands in for
@@ -39,12 +41,23 @@ __all__ = [
     "segment_ablation",
     "word_segments",
     "neutral_token_id",
+    "DEFAULT_TOLERANCE",
 ]
+
+# the relative completeness error integrated gradients are held to by default
+DEFAULT_TOLERANCE = 0.05
 
 
 @dataclass
 class TokenScores:
-    """Per prompt position: token text and attribution (positive pushes toward bad)."""
+    """Per prompt position: token text and attribution (positive pushes toward bad).
+
+    ``baseline``: where the attribution path starts, ``"counterfactual"`` (the counterfactual
+    prompt's tokens, ``baseline_ids``) or ``"neutral"`` (the neutral token at every prompt
+    position). ``baseline_token``: the neutral token's text, or the counterfactual prompt's.
+    ``completeness`` (integrated gradients): ``sum_attributions``, ``metric_input``,
+    ``metric_baseline``, ``delta``, ``relative_error``, ``tolerance``, ``baseline``, ``tries``.
+    """
 
     ids: list[int]
     tokens: list[str]
@@ -53,6 +66,8 @@ class TokenScores:
     baseline_token: str
     n_steps: int
     completeness: dict[str, Any] = field(default_factory=dict)
+    baseline: str = "neutral"
+    baseline_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -115,6 +130,17 @@ def _baseline_ids(target: Target, neutral: int, positions: Sequence[int] | None 
     return ids
 
 
+def _lines_up(target: Target, other: Target) -> bool:
+    """Whether ``other`` is ``target`` with another prompt of the same length: the same
+    continuations and focus, so that its input rows match position for position."""
+    return (
+        other.n_prompt == target.n_prompt
+        and other.conts == target.conts
+        and other.focus == target.focus
+        and other.pad_id == target.pad_id
+    )
+
+
 def integrated_gradients(
     subject: Subject,
     target: Target,
@@ -122,17 +148,30 @@ def integrated_gradients(
     n_steps: int = 32,
     internal_batch_size: int | None = 16,
     baseline_id: int | None = None,
+    counterfactual: Target | None = None,
     min_steps: int | None = None,
-    tolerance: float = 0.05,
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> TokenScores:
     """Token attribution by layer integrated gradients over the embeddings.
+
+    The path starts at ``counterfactual`` where given (the incident's target with the
+    counterfactual prompt, ``Counterfactual.target``; it must line up with ``target``): a
+    position where the two prompts hold the same token does not move and scores exactly 0,
+    and the scores sum to ``metric(prompt) - metric(counterfactual)``. Without one it starts at
+    the prompt with every token replaced by ``baseline_id`` (default ``neutral_token_id``).
 
     With ``min_steps``, the points start there and double up to ``n_steps`` until the
     attributions are complete within ``tolerance`` (their sum against the metric's change from
     the baseline, relative): a smooth path needs few Gauss-Legendre points, a sharp one gets
     ``n_steps``. ``completeness["tries"]`` lists the point counts run; ``n_steps`` in the
-    result is the one kept.
+    result is the one kept; ``completeness["tolerance"]`` is ``tolerance``, which the kept
+    count may still miss (``rca.casefile.token_warning`` says so).
     """
+    if counterfactual is not None and not _lines_up(target, counterfactual):
+        raise ValueError(
+            f"the counterfactual ({counterfactual.n_prompt} prompt tokens) does not line up "
+            f"with the incident ({target.n_prompt} prompt tokens, the same continuations)"
+        )
     steps = n_steps if min_steps is None else max(1, min(min_steps, n_steps))
     tries: list[int] = []
     ends: dict[str, float] = {}  # the metric at the input and at the baseline, run once
@@ -143,10 +182,12 @@ def integrated_gradients(
             n_steps=steps,
             internal_batch_size=internal_batch_size,
             baseline_id=baseline_id,
+            counterfactual=counterfactual,
             ends=ends,
         )
         tries.append(steps)
         if steps >= n_steps or out.completeness["relative_error"] <= tolerance:
+            out.completeness["tolerance"] = tolerance
             out.completeness["tries"] = tries
             return out
         steps = min(2 * steps, n_steps)
@@ -159,16 +200,26 @@ def _integrated_gradients(
     n_steps: int,
     internal_batch_size: int | None,
     baseline_id: int | None,
+    counterfactual: Target | None,
     ends: dict[str, float],
 ) -> TokenScores:
     from captum.attr import LayerIntegratedGradients
 
     model = subject.model
     dev = subject.device
-    neutral = neutral_token_id(subject.tokenizer) if baseline_id is None else baseline_id
     fwd = _flat_forward(subject, target)
     x = target.input_ids(device=dev).reshape(1, -1)
-    b = _baseline_ids(target, neutral).to(dev).reshape(1, -1)
+    if counterfactual is not None:
+        kind = "counterfactual"
+        start = list(counterfactual.prompt_ids)
+        b = counterfactual.input_ids(device=dev).reshape(1, -1)
+        start_text = subject.tokenizer.decode(start)
+    else:
+        kind = "neutral"
+        neutral = neutral_token_id(subject.tokenizer) if baseline_id is None else baseline_id
+        start = [neutral] * target.n_prompt
+        b = _baseline_ids(target, neutral).to(dev).reshape(1, -1)
+        start_text = subject.tokenizer.decode([neutral])
     lig = LayerIntegratedGradients(lambda ids: fwd(model, ids), subject.adapter.embed)
     # captum's own convergence delta assumes one attribution row per example; ours has
     # ``rows`` per example, so completeness is computed below from the two end points
@@ -188,7 +239,7 @@ def _integrated_gradients(
         tokens=_token_texts(subject.tokenizer, ids),
         scores=[float(v) for v in per_pos.detach().cpu()],
         method="integrated-gradients",
-        baseline_token=subject.tokenizer.decode([neutral]),
+        baseline_token=start_text,
         n_steps=n_steps,
         completeness={
             "sum_attributions": total,
@@ -196,7 +247,10 @@ def _integrated_gradients(
             "metric_baseline": fb,
             "delta": total - gap,
             "relative_error": abs(total - gap) / max(abs(gap), 1e-9),
+            "baseline": kind,
         },
+        baseline=kind,
+        baseline_ids=start,
     )
 
 

@@ -20,7 +20,8 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from rca.casefile import turns
+from rca import casefile
+from rca.casefile import token_warning, turns
 from rca.store import RecordError, Store, StoreError
 from rca.ui import common
 
@@ -150,6 +151,9 @@ def _tokens(run: Mapping[str, Any]) -> None:
     if len(methods) > 1:
         method = st.selectbox("Method", methods, key="detail_token_method")
     picked = [t for t in scores if str(t.get("method")) == method]
+    warn = token_warning(common.summary(run).get("token_completeness"))
+    if warn and method == "integrated-gradients":
+        st.warning(common.md(warn[:1].upper() + warn[1:]) + ".")
     st.caption(
         "Each prompt token shaded by how much it pushes toward the bad continuation (red) or "
         "against it (blue); hover for the score."
@@ -185,11 +189,13 @@ def _graph(run: Mapping[str, Any]) -> None:
     if node is None:
         return
     n = by_id[node]
-    m1, m2, m3, m4 = st.columns(4)
+    m1, m2, m3, m4, m5 = st.columns(5)
     m1.metric("attribution", common.fmt(n.get("score")))
     m2.metric("total effect", common.fmt(n.get("total_effect")))
     m3.metric("necessity", common.fmt(n.get("necessity")))
-    m4.metric("verdict", str(n.get("verdict") or "-"))
+    loss = n.get("benign_loss_pct")
+    m4.metric("benign loss", "-" if loss is None else common.fmt(loss, "+.1f") + "%")
+    m5.metric("verdict", str(n.get("verdict") or "-"))
     if n.get("reason"):
         st.text(str(n["reason"]))
     left, right = st.columns(2)
@@ -360,6 +366,12 @@ def main() -> None:
         st.code(", ".join(s["cause_set"]), language=None)
     if s.get("set_reason"):
         st.text(str(s["set_reason"]))
+    infra = casefile.infrastructure_sentence(run)
+    if infra:
+        st.info(infra)
+    with st.expander("What the verdict words mean"):
+        for word, meaning in casefile.verdict_words(run).items():
+            st.markdown(f"**{common.md(word)}**: {common.md(meaning)}")
     if run.get("parent_run_id"):
         st.caption(f"re-checks run `{run['parent_run_id']}`")
     _incident(run, fields)

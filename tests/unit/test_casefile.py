@@ -22,6 +22,7 @@ from rich.console import Console
 from rca.casefile import _md, _md_code, _md_line, render_html, render_markdown, render_terminal
 from rca.listing import runs_table
 from rca.store import IncidentRecord, ModelRecord, RunRecord, Store
+from rca.verdicts import definitions
 
 PROMPT = "caller : what is my pin ?\nagent :"
 BAD, GOOD, FOCUS = " 4921 is your pin", " I cannot share that", "4921"
@@ -49,7 +50,12 @@ DECODING = {
 MD = MarkdownIt("commonmark").enable("table")
 
 
-def record(db: Path, fields: dict[str, Any], summary: dict[str, Any] | None = None) -> dict:
+def record(
+    db: Path,
+    fields: dict[str, Any],
+    summary: dict[str, Any] | None = None,
+    nodes: list[dict[str, Any]] | None = None,
+) -> dict:
     """Record a run of a case with ``fields`` and return it as ``get_run`` reads it back."""
     base = {"title": "PIN leaked to caller", "severity": "high", "model": "zoo:support-bot-v1"}
     run = RunRecord(
@@ -57,7 +63,7 @@ def record(db: Path, fields: dict[str, Any], summary: dict[str, Any] | None = No
         model=ModelRecord("a" * 64, path="/models/v1", architecture="gpt2", n_params=10),
         summary={"verdict": "confirmed", "cause_set": ["L1.H2"], **(summary or {})},
         token_scores=[{"position": 0, "token": "caller", "score": 0.5, "method": "ig"}],
-        nodes=[{"node_id": "L1.H2", "score": 1.0, "rank": 1, "verdict": "confirmed"}],
+        nodes=nodes or [{"node_id": "L1.H2", "score": 1.0, "rank": 1, "verdict": "confirmed"}],
     )
     store = Store(db, actor="tester")
     return Store.reader(db).get_run(store.record_run(run))
@@ -195,6 +201,62 @@ def test_focus_and_greedy_decoding(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- escaping
+
+
+def test_infrastructure_and_the_verdict_words_are_stated(tmp_path: Path) -> None:
+    """A component ordinary text needs is named as such, with its benign damage, and every
+    verdict word is defined next to the table; the definitions are the run's thresholds."""
+    nodes = [
+        {
+            "node_id": "L23.H3",
+            "rank": 1,
+            "verdict": "confirmed",
+            "p_value": 0.067,
+            "benign_loss_pct": 0.4,
+        },
+        {
+            "node_id": "L10.H6",
+            "rank": 2,
+            "verdict": "inconclusive",
+            "p_value": 0.004,
+            "benign_loss_pct": 1.2,
+        },
+        {
+            "node_id": "L0.MLP",
+            "rank": 3,
+            "verdict": "infrastructure",
+            "p_value": 0.01,
+            "benign_loss_pct": 172.4,
+        },
+    ]
+    words = definitions({"component_fraction": 0.25})
+    run = record(
+        tmp_path / "a.duckdb",
+        {"id": "a", "prompt": PROMPT, "bad": BAD},
+        {"definitions": words},
+        nodes,
+    )
+    md = render_markdown(run)
+    assert "Infrastructure, necessary for ordinary text as well" in md
+    assert "L0.MLP (mean-ablating it raises the loss on ordinary text by +172.4%)" in md
+    assert "| +0.4% |" in md and "| +172.4% |" in md
+    for word in (
+        "confirmed",
+        "inconclusive",
+        "not_confirmed",
+        "infrastructure",
+        "component p",
+        "set p",
+    ):
+        assert f"**{_md(word)}**:" in md, word
+    assert "at least 25% less of the gap" in md  # the run's threshold, not the default
+    page = Page(render_html(run))
+    text = page.all_text()
+    assert "Infrastructure, necessary for ordinary text as well" in text
+    assert "What the words mean" in text and "at least 25% less" in text
+    # a run recorded without definitions gets the defaults
+    old = record(tmp_path / "b.duckdb", {"id": "b", "prompt": PROMPT, "bad": BAD}, None, nodes)
+    assert "at least 10% less of the gap" in render_markdown(old)
 
 
 def test_markdown_text_is_readable(tmp_path: Path) -> None:

@@ -221,10 +221,6 @@ def test_config_is_validated() -> None:
         ConfirmConfig(n_random=10)
     with pytest.raises(ConfirmError, match="kind"):
         ConfirmConfig(kind="gaussian")
-    with pytest.raises(ConfirmError, match="tie_break"):
-        ConfirmConfig(tie_break="te")
-    with pytest.raises(ConfirmError, match="order"):
-        ConfirmConfig(order="latest")
     with pytest.raises(ConfirmError, match="necessary_fraction"):
         ConfirmConfig(necessary_fraction=1.5)
 
@@ -233,7 +229,7 @@ def _evidence(cid: str, te: float, de: float, ne: float, ne0: float) -> Candidat
     return CandidateEvidence(cid, 0.0, te, de, ne, p_value=1.0, necessity_zero=ne0)
 
 
-def test_tie_break_prefers_the_component_necessary_under_every_intervention() -> None:
+def test_robust_necessity_prefers_the_component_necessary_under_both_ablations() -> None:
     # one-continuation metric: log P(bad) from about 0 on the prompt to -16.8 on the reference
     m_clean, m_ref = -0.001, -16.8
     gap = m_clean - m_ref
@@ -243,34 +239,26 @@ def test_tie_break_prefers_the_component_necessary_under_every_intervention() ->
 
     # a carrier of the trigger's identity removes the behaviour when patched or mean-ablated,
     # and more of it in log space than the origin does, but not when zero-ablated; the origin
-    # removes it under all three; a clean late MLP has a direct effect that ablation does not
-    # confirm. All three remove > 99% of P(bad): one leading group, no confirmed direct effect.
+    # removes it under both ablations; a clean late MLP has a direct effect that ablation does
+    # not confirm. All three remove > 99% of P(bad): one leading group.
     carrier = _evidence("L0.MLP", te=15.7, de=0.0, ne=12.5, ne0=0.6)
     origin = _evidence("L2.H1", te=9.7, de=0.07, ne=8.1, ne0=8.3)
     writer = _evidence("L4.MLP", te=6.5, de=1.8, ne=0.7, ne0=0.03)
     ev = [carrier, writer, origin]
     assert min(share(max(e.total_effect, e.necessity)) for e in ev) > 0.99
-    assert all(min(e.direct_effect, e.necessity) < 0.05 * gap for e in ev)
+    cfg = ConfirmConfig()
 
-    def first(tie_break: str) -> str:
-        cfg = ConfirmConfig(tie_break=tie_break, order="direct")
-        return rank_candidates(ev, share=share, gap=gap, config=cfg)[0].id
+    def ranked(xs: list[CandidateEvidence]) -> list[str]:
+        return [e.id for e in rank_candidates(xs, share=share, gap=gap, config=cfg)]
 
-    # min(TE, NE) ranks the carrier first: a tie the old rule settles the wrong way
-    assert first("te_ne") == carrier.id
-    # min(TE, NE, NE0): the carrier is not necessary whatever replaces it; the origin is
-    assert first("robust") == origin.id
-    # without zero-ablation evidence the robust rule falls back to min(TE, NE)
-    no_zero = [replace(e, necessity_zero=None) for e in ev]
-    cfg = ConfirmConfig(tie_break="robust", order="direct")
-    assert rank_candidates(no_zero, share=share, gap=gap, config=cfg)[0].id == carrier.id
-    # the default, min(NE, NE0), settles it the same way
-    assert first("necessity") == origin.id
-    # NE0 only breaks ties: a direct effect that ablation confirms still leads, even where
-    # zero-ablating the whole MLP removes little (planted last-layer MLPs on the bench)
+    # min(NE, NE0): the carrier is not necessary whatever replaces it; the origin is
+    assert ranked(ev) == [origin.id, carrier.id, writer.id]
+    # without zero-ablation evidence both are necessary, and the origin computes later
+    assert ranked([replace(e, necessity_zero=None) for e in ev])[0] == origin.id
+    # a direct effect of the whole gap makes a writer, second, even where zero-ablating the
+    # whole MLP removes little (planted last-layer MLPs on the bench)
     late = _evidence("L5.MLP", te=16.0, de=16.0, ne=1.6, ne0=0.04)
-    ranked = rank_candidates([*ev, late], share=share, gap=gap, config=cfg)
-    assert ranked[0].id == late.id and ranked[1].id == origin.id
+    assert ranked([*ev, late])[:2] == [origin.id, late.id]
 
 
 def test_patching_does_not_veto_an_enabler() -> None:
@@ -293,31 +281,24 @@ def test_patching_does_not_veto_an_enabler() -> None:
     ev = [*carriers, enabler]
     assert all(min(e.direct_effect, e.necessity) < 0.05 * gap for e in ev)
 
-    def order(tie_break: str, how: str = "direct") -> list[str]:
-        cfg = ConfirmConfig(tie_break=tie_break, order=how)
-        return [e.id for e in rank_candidates(ev, share=share, gap=gap, config=cfg)]
-
-    assert order("necessity")[0] == enabler.id
-    assert order("robust")[-1] == enabler.id  # min(TE, ...) takes its small TE
-    # the origin order: a later carrier leads (the circuit's writer, L5.MLP, is not among
-    # these), and the enabler stays in the necessary group, which min(TE, ...) would drop
-    assert order("necessity", "origin").index(enabler.id) == 2
-    assert order("robust", "origin")[-1] == enabler.id
-    assert ConfirmConfig().tie_break == "necessity"
+    got = [e.id for e in rank_candidates(ev, share=share, gap=gap, config=ConfirmConfig())]
+    # a later carrier leads (the circuit's writer, L5.MLP, is not among these), and the enabler
+    # stays in the necessary group, which a rule taking its small TE would drop to the end
+    assert got.index(enabler.id) == 2
 
 
-def _bench_order(m_clean: float, m_ref: float, ev: list[CandidateEvidence], how: str) -> list[str]:
+def _bench_order(m_clean: float, m_ref: float, ev: list[CandidateEvidence]) -> list[str]:
     def share(drop: float) -> float:
         return _share_removed(m_clean, m_ref, drop, conts=1)
 
-    cfg = ConfirmConfig(order=how)
+    cfg = ConfirmConfig()
     return [e.id for e in rank_candidates(ev, share=share, gap=m_clean - m_ref, config=cfg)]
 
 
 def test_the_origin_is_the_latest_robustly_necessary_candidate() -> None:
     """Enablers that every prompt needs, and carriers of the trigger's identity, are necessary
-    too, but compute before the origin, which reads them. The numbers are two of the bench's
-    AC@1 misses under the direct-effect order (Llama host): a planted L0.MLP behind two layer-0
+    too, but compute before the origin, which reads them. The numbers are two bench faults
+    (Llama host) that a ranking by direct effect gets wrong: a planted L0.MLP behind two layer-0
     heads that zero- and mean-ablation both expose (seed 1), a planted L3.MLP behind the layer-0
     head that carries the trigger word (seed 3)."""
     enablers = [
@@ -330,25 +311,23 @@ def test_the_origin_is_the_latest_robustly_necessary_candidate() -> None:
         _evidence("L1.MLP", te=0.07, de=0.00, ne=3.39, ne0=0.02),
         _evidence("L0.H4", te=0.01, de=-0.00, ne=14.45, ne0=15.78),
     ]
-    assert _bench_order(-0.0027, -16.27, enablers, "direct")[0] == "L0.H6"
-    assert _bench_order(-0.0027, -16.27, enablers, "origin")[0] == "L0.MLP"
+    assert _bench_order(-0.0027, -16.27, enablers)[0] == "L0.MLP"
     carrier = [
         _evidence("L0.H0", te=16.32, de=0.00, ne=11.72, ne0=11.38),
         _evidence("L3.MLP", te=4.64, de=0.06, ne=5.99, ne0=6.75),  # planted
         _evidence("L0.H4", te=-0.00, de=-0.00, ne=7.21, ne0=1.46),
         _evidence("L0.MLP", te=16.10, de=0.00, ne=4.57, ne0=0.43),
     ]
-    assert _bench_order(-0.0014, -17.32, carrier, "direct")[0] == "L0.H0"
-    assert _bench_order(-0.0014, -17.32, carrier, "origin")[0] == "L3.MLP"
+    assert _bench_order(-0.0014, -17.32, carrier)[0] == "L3.MLP"
     # under the necessary group's bar (0.4 of the largest) the latest candidate does not lead
     low = [*carrier[:1], replace(carrier[1], necessity=4.0, necessity_zero=4.0), *carrier[2:]]
-    assert _bench_order(-0.0014, -17.32, low, "origin")[0] == "L0.H0"
+    assert _bench_order(-0.0014, -17.32, low)[0] == "L0.H0"
 
 
 def test_amplifiers_with_direct_effects_do_not_outrank_the_planted_head() -> None:
     """Clean later MLPs turn a planted head's feature into the bad token, so they have the
-    direct effect, but ablating them removes little of it: the direct order ranked one first
-    (seed 2, Llama, a planted L3.H3). The origin order puts the head first and the strongest
+    direct effect, but ablating them removes little of it: a ranking by direct effect puts one
+    first (seed 2, Llama, a planted L3.H3). The rule puts the head first and the strongest
     writer second."""
     ev = [
         _evidence("L4.MLP", te=11.90, de=4.21, ne=4.17, ne0=0.09),
@@ -357,8 +336,7 @@ def test_amplifiers_with_direct_effects_do_not_outrank_the_planted_head() -> Non
         _evidence("L5.MLP", te=8.85, de=8.85, ne=0.84, ne0=0.01),
         _evidence("L3.MLP", te=13.63, de=0.98, ne=0.01, ne0=0.00),
     ]
-    assert _bench_order(-0.0005, -18.24, ev, "direct")[0] == "L4.MLP"
-    assert _bench_order(-0.0005, -18.24, ev, "origin")[:2] == ["L3.H3", "L5.MLP"]
+    assert _bench_order(-0.0005, -18.24, ev)[:2] == ["L3.H3", "L5.MLP"]
 
 
 def test_a_circuits_writer_comes_second_though_ablation_barely_touches_it() -> None:
@@ -373,7 +351,7 @@ def test_a_circuits_writer_comes_second_though_ablation_barely_touches_it() -> N
         _evidence("L0.MLP", te=20.99, de=0.00, ne=13.45, ne0=12.61),
         _evidence("L0.H0", te=19.32, de=0.00, ne=0.63, ne0=17.68),
     ]
-    got = _bench_order(-0.0002, -21.07, ev, "origin")
+    got = _bench_order(-0.0002, -21.07, ev)
     assert got[:2] == ["L2.H5", "L5.MLP"]
     # later necessary members follow latest first: carriers then in forward order, backwards
     assert got[2:5] == ["L1.MLP", "L0.MLP", "L0.H1"]
@@ -416,11 +394,9 @@ def test_zero_necessity_is_the_sequential_zero_ablation(kind: str) -> None:
         assert e.necessity_zero == pytest.approx(want, abs=1e-5)
     if kind == "zero":  # NE is a zero ablation already: no extra variants
         assert all(e.necessity_zero == e.necessity for e in v.candidates)
-        assert v.cost["tie_break_forward_equiv"] == 0.0
+        assert v.cost["zero_ablation_forward_equiv"] == 0.0
     else:  # one variant per candidate, from its layer up: L1 costs half of a 2-layer model
-        assert v.cost["tie_break_forward_equiv"] == pytest.approx(0.5 + 1 + 1 + 0.5)
-    assert v.config.tie_break == "necessity"
-    assert v.to_json()["config"]["tie_break"] == "necessity"
+        assert v.cost["zero_ablation_forward_equiv"] == pytest.approx(0.5 + 1 + 1 + 0.5)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "llama", "gemma2", "phi"])

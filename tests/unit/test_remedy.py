@@ -199,13 +199,14 @@ def test_side_effects_run_from_the_first_changed_layer_as_full_forwards_do(arch:
     prompts of different lengths, and layer 0 is really not run. The means the run records
     are those of mean_activations."""
     from rca.hooks import mean_activations
-    from rca.remedy import _Benign, _first_layer
+    from rca.remedy import _first_layer
+    from rca.specificity import BenignRun
     from rca.subject import Subject
 
     s = Subject.from_model(tiny_model(arch, seed=4), word_tokenizer())
     refs = [words(*range(i, i + 2 + i % 5)) for i in range(0, 40, 4)]
     comps = ["L1.H1", "L1.MLP"]
-    bench = _Benign(s, refs, batch=3, sites=[*comps, "L1.N2"], keep=[1])
+    bench = BenignRun(s, refs, batch=3, sites=[*comps, "L1.N2"], keep=[1])
     want = mean_activations(s, refs, [*comps, "L1.N2"])
     for k, v in want.items():
         torch.testing.assert_close(bench.means[k], v, atol=1e-5, rtol=1e-5)

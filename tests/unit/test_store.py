@@ -153,13 +153,13 @@ def test_fresh_store_has_every_table_and_the_current_version(db: Path) -> None:
     s = Store(db, actor="tester")
     names = {r[0] for r in raw(db, "SELECT table_name FROM duckdb_tables()")}
     assert set(TABLES) <= names
-    assert s.schema_version() == SCHEMA_VERSION == 2
-    assert [r[0] for r in raw(db, "SELECT version FROM schema_version ORDER BY 1")] == [1, 2]
+    assert s.schema_version() == SCHEMA_VERSION == 3
+    assert [r[0] for r in raw(db, "SELECT version FROM schema_version ORDER BY 1")] == [1, 2, 3]
     res = s.verify()
     assert res.ok, res.message
-    assert res.records == 2  # one audit record per applied migration
+    assert res.records == 3  # one audit record per applied migration
     Store(db)  # reopening an up-to-date file writes nothing
-    assert s.verify().records == 2
+    assert s.verify().records == 3
 
 
 # The v1 schema as released, frozen here: the migration must work on files written by it.
@@ -248,19 +248,20 @@ def test_v1_file_is_migrated_in_place_and_stays_verifiable(db: Path) -> None:
         Store.reader(db).list_runs()
     before = {r[0]: r for r in raw(db, "SELECT run_id, summary, seed FROM runs")}
     s = Store(db, actor="migrator")
-    assert s.schema_version() == 2
+    assert s.schema_version() == 3
     got = s.get_run(V1_RUN)
     assert got["kind"] == "investigate" and got["parent_run_id"] is None
     assert got["summary"] == {"verdict": "confirmed"} and got["seed"] == 1
     assert [n["node_id"] for n in got["nodes"]] == ["L1.H2", "L0.MLP"]
+    assert got["nodes"][0]["benign_loss_pct"] is None  # not measured before version 3
     assert got["remedies"][0]["patch_spec"] is None
     assert {r[0]: r for r in raw(db, "SELECT run_id, summary, seed FROM runs")} == before
     res = s.verify()
     assert res.ok, res.message
-    # the runs row changed (kind filled in), so the migration audited it; remedies did not
-    # change (patch_spec is NULL, and NULL columns do not enter the digest)
+    # the runs row changed (kind filled in), so the migration audited it; remedies and nodes
+    # did not change (the new columns are NULL, and NULL columns do not enter the digest)
     migrated = raw(db, "SELECT table_name, entity FROM audit WHERE actor = 'migrator' ORDER BY seq")
-    assert migrated == [("runs", V1_RUN), ("schema_version", "2")]
+    assert migrated == [("runs", V1_RUN), ("schema_version", "2"), ("schema_version", "3")]
     # and the migrated file takes new runs
     s.record_run(run(parent_run_id=V1_RUN, kind="regress"))
     assert s.verify().ok
@@ -288,11 +289,12 @@ def test_a_failing_migration_leaves_the_file_as_it_was(
 ) -> None:
     Store(db).record_run(run())
     before = snapshot(db)
+    nxt = store_mod.SCHEMA_VERSION + 1
     broken = Migration(
-        3, "broken", ("ALTER TABLE runs ADD COLUMN extra INTEGER", "SELECT * FROM no_such_table")
+        nxt, "broken", ("ALTER TABLE runs ADD COLUMN extra INTEGER", "SELECT * FROM no_such_table")
     )
     monkeypatch.setattr(store_mod, "MIGRATIONS", (*store_mod.MIGRATIONS, broken))
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", nxt)
     with pytest.raises(StoreError, match="rolled back, nothing was written"):
         Store(db)
     monkeypatch.undo()
@@ -365,7 +367,7 @@ def test_record_run_round_trips_every_table(db: Path) -> None:
 
     frames = s.get_run(r.run_id, frames=True)
     assert isinstance(frames["edges"], pd.DataFrame) and len(frames["edges"]) == 2
-    assert s.counts()["audit"] == 2 + 8  # migrations, then model, incident, run and 5 tables
+    assert s.counts()["audit"] == 3 + 8  # migrations, then model, incident, run and 5 tables
     assert s.verify().ok
 
 

@@ -1,0 +1,121 @@
+"""Benign damage (rca.specificity) and how confirm treats infrastructure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rca.confirm
+import rca.specificity as specificity
+from rca.confirm import ConfirmConfig, confirm
+from rca.hooks import ablate, mean_activations
+from rca.specificity import Damage, benign_damage, is_infrastructure
+from rca.subject import Subject
+from tests.helpers import tiny_model, word_tokenizer
+from tests.unit.test_confirm import CF, TGT, one_head_model
+
+REFS = [
+    (20, 21, 22, 23, 24),
+    (30, 31, 32),
+    (40, 41, 42, 43, 44, 45, 46, 47),
+    (7, 3, 9, 11, 2, 5),
+]
+
+
+def _direct(s: Subject, cid: str, refs: list[tuple[int, ...]]) -> tuple[float, float]:
+    """The loss change (percent) and mean KL of mean-ablating ``cid``, one prompt per forward,
+    the whole model run each time."""
+    means = mean_activations(s, refs, [cid])
+    nll_before = nll_after = 0.0
+    n = 0
+    kls = []
+    with torch.no_grad():
+        for q in refs:
+            ids = torch.tensor([q])
+            before = torch.log_softmax(s.model(input_ids=ids).logits[0, :-1].float(), -1)
+            with ablate(s, [cid], kind="mean", means=means):
+                after = torch.log_softmax(s.model(input_ids=ids).logits[0, :-1].float(), -1)
+            nxt = ids[0, 1:].unsqueeze(-1)
+            nll_before -= float(before.gather(-1, nxt).sum())
+            nll_after -= float(after.gather(-1, nxt).sum())
+            n += len(q) - 1
+            kls.append(float((before.exp() * (before - after)).sum(-1).mean()))
+    return 100 * (nll_after - nll_before) / nll_before, sum(kls) / len(kls)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_benign_damage_is_what_mean_ablation_does_to_each_prompt(model_type: str) -> None:
+    """Batched (padded, two prompts per forward) and run from the component's layer up, the
+    damage equals one full forward per prompt with the component mean-ablated."""
+    s = Subject.from_model(tiny_model(model_type, seed=3).eval())
+    comps = ["L0.H1", "L1.H0", "L0.MLP", "L1.MLP"]
+    got = benign_damage(s, comps, REFS, batch=2)
+    for c in comps:
+        pct, kl = _direct(s, c, REFS)
+        assert got[c].loss_change_pct == pytest.approx(pct, rel=1e-4, abs=1e-5)
+        assert got[c].kl_mean == pytest.approx(kl, rel=1e-4, abs=1e-7)
+        assert got[c].n_prompts == len(REFS)
+    assert any(abs(got[c].loss_change_pct) > 0.01 for c in comps)  # the check has teeth
+
+
+def test_inert_components_do_no_benign_damage() -> None:
+    s = one_head_model()
+    got = benign_damage(s, ["L0.H0", "L1.MLP", "L1.H2"], REFS)
+    assert abs(got["L0.H0"].loss_change_pct) < 1e-6 and got["L0.H0"].kl_mean < 1e-9
+    assert abs(got["L1.MLP"].loss_change_pct) < 1e-6
+    assert got["L1.H2"].kl_mean > 1e-6  # the only component that writes anything
+
+
+def test_the_bound_decides_infrastructure() -> None:
+    bound = specificity.INFRASTRUCTURE_LOSS_PCT
+    assert is_infrastructure(Damage(bound, 0.1, 8))
+    assert not is_infrastructure(Damage(bound - 0.01, 0.1, 8))
+    assert is_infrastructure({"loss_change_pct": bound + 1})
+    assert not is_infrastructure(None)
+
+
+def _incident(s: Subject):
+    with torch.no_grad():
+        m = [float(t.metric(s.model(input_ids=t.input_ids()).logits)[0]) for t in (TGT, CF)]
+    return (TGT, CF) if m[0] > m[1] else (CF, TGT)
+
+
+def test_infrastructure_is_reported_but_never_blamed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one component that carries the incident, given the benign damage of a layer-0 MLP
+    in a real model: it keeps its evidence and gets the verdict word infrastructure, ranks
+    last, and the cause set is made of specific components only (none of which can explain
+    the incident here)."""
+    s = one_head_model()
+    prompt, base = _incident(s)
+    ranking = [("L1.H2", 1.0), ("L0.H0", 0.5), ("L1.MLP", 0.1)]
+    cfg = ConfirmConfig(kind="patch", n_random=50, top_k=3)
+    plain = confirm(s, prompt, ranking, baseline=base, reference=REFS, config=cfg)
+    assert plain.ranked()[0].id == "L1.H2" and plain.cause_set.components == ["L1.H2"]
+    assert not any(c.infrastructure for c in plain.candidates)
+
+    measured = rca.confirm.benign_damage
+
+    def damage(*args, **kw):
+        out = measured(*args, **kw)
+        return out | {"L1.H2": Damage(172.0, 1.3, out["L1.H2"].n_prompts)}
+
+    monkeypatch.setattr(rca.confirm, "benign_damage", damage)
+    v = confirm(s, prompt, ranking, baseline=base, reference=REFS, config=cfg)
+    ev = {c.id: c for c in v.candidates}
+    assert ev["L1.H2"].infrastructure and ev["L1.H2"].verdict == "infrastructure"
+    assert "ordinary text" in ev["L1.H2"].reason and "172%" in ev["L1.H2"].reason
+    assert v.ranked()[-1].id == "L1.H2"
+    assert "L1.H2" not in v.cause_set.components
+    assert v.cause_set.verdict == "not_confirmed"
+    assert "infrastructure (L1.H2)" in v.cause_set.reason
+    # its measurements are those of the plain run
+    assert ev["L1.H2"].total_effect == pytest.approx(plain.ranked()[0].total_effect)
+
+
+def test_benign_damage_uses_the_packaged_corpus_without_reference_prompts() -> None:
+    s = Subject.from_model(one_head_model().model, word_tokenizer())
+    prompt, base = _incident(s)
+    cfg = ConfirmConfig(kind="patch", n_random=50, top_k=2, benign_prompts=5)
+    v = confirm(s, prompt, [("L1.H2", 1.0), ("L0.H0", 0.5)], baseline=base, config=cfg)
+    assert v.cost["benign_prompts"] == 5
+    assert all(c.benign_loss_pct is not None for c in v.candidates)
