@@ -20,7 +20,11 @@ Sections (issue #8):
 - real: a full investigation of each real case (cases/real/, SmolLM2-135M-Instruct, fetched
   with `rca zoo fetch smollm2-135m`), split by stage, with peak RSS (target: <= 90 s and
   <= 2 GB for an incident of <= 64 tokens); skipped where the model is not fetched;
-- accuracy: the localization figures, read from a saved `rca bench localization --out` file.
+- accuracy: the localization figures, read from a saved `rca bench localization --out` file;
+- natural (`--only natural` only; default `--out benchmarks/results-natural`): indirect-object
+  identification incidents on SmolLM2-135M-Instruct, each head's and MLP's exact direct effect
+  against rca's verdict (`rca.bench.natural`: `natural.json`, `natural.md`); skipped with a
+  message where the model is not fetched.
 
 Devices (`--device`): `auto` measures the trace, the alternatives, the ablation and the
 investigation on the CPU and, where a GPU is present, again on CUDA (each row has its
@@ -55,6 +59,7 @@ VOCAB = 2000
 MAX_MEMORY_GB = 14.0  # address-space limit of each measurement's subprocess
 INVESTIGATION_RSS_GB = 3.0  # issue #8's peak-memory target for a full investigation
 MAX_SECONDS = 900
+NATURAL_N, NATURAL_MAX_SECONDS = 12, 3 * 3600  # the benign table alone is minutes on a CPU
 REAL_CASES = Path(__file__).resolve().parents[1] / "cases" / "real"
 REAL_TARGET_S, REAL_TARGET_GB, REAL_TARGET_TOKENS = 90.0, 2.0, 64
 
@@ -455,6 +460,33 @@ def m_real(case: str, _: int, device: str = "cpu") -> dict[str, Any]:
     }
 
 
+def m_natural(out: str, n: int, device: str = "cpu") -> dict[str, Any]:
+    """``rca.bench.natural`` on SmolLM2-135M-Instruct: ``n`` IOI incidents, written to ``out``
+    (natural.json, natural.md, and the benign-damage cache that a rerun reuses)."""
+    from rca.bench.natural import run_natural
+    from rca.zoo.real import real_model_dir
+
+    result = run_natural(real_model_dir("smollm2-135m"), out, n=n, device=device)
+    return {
+        "config": out,
+        "n": result["n"],
+        "device": device,
+        "wall_s": result["seconds"],
+        "summary": result["summary"],
+        "incidents": [
+            {
+                "prompt": r["prompt"],
+                "exact_top3": [t["id"] for t in r["exact"]["top3"]],
+                "cause_set": r["rca"].get("cause_set"),
+                "writers": [w["id"] for w in r["rca"].get("writers", [])],
+                "seconds": r["seconds"],
+            }
+            for r in result["incidents"]
+        ],
+        **_peaks(device),
+    }
+
+
 def m_store(_: str, n: int, device: str = "cpu") -> dict[str, Any]:
     import pyarrow as pa
 
@@ -495,6 +527,7 @@ MEASURES: dict[str, Callable[[str, int, str], dict[str, Any]]] = {
     "investigation": m_investigation,
     "store": m_store,
     "real": m_real,
+    "natural": m_natural,
 }
 
 
@@ -502,7 +535,9 @@ MEASURES: dict[str, Callable[[str, int, str], dict[str, Any]]] = {
 # the driver
 
 
-def _one(kind: str, cfg: str, n: int, device: str = "cpu") -> dict[str, Any]:
+def _one(
+    kind: str, cfg: str, n: int, device: str = "cpu", *, timeout: float = MAX_SECONDS
+) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter (its own peak RSS)."""
     cmd = [sys.executable, __file__, "--one", kind, cfg, str(n), "--device", device]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -510,10 +545,10 @@ def _one(kind: str, cfg: str, n: int, device: str = "cpu") -> dict[str, Any]:
     t = time.perf_counter()
     try:
         r = subprocess.run(
-            cmd, capture_output=True, text=True, env=env, check=False, timeout=MAX_SECONDS
+            cmd, capture_output=True, text=True, env=env, check=False, timeout=timeout
         )
     except subprocess.TimeoutExpired:
-        return {**failed, "error": [f"over {MAX_SECONDS} s; not measured"]}
+        return {**failed, "error": [f"over {timeout:.0f} s; not measured"]}
     if r.returncode != 0:
         return {**failed, "error": r.stderr.strip().splitlines()[-1:]}
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -744,6 +779,27 @@ def _real_lines(rows: list[dict[str, Any]], cuda: bool) -> list[str]:
 STAGES = ("ingest", "trace", "confirm", "remedy", "record")
 
 
+def _natural_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in rows:
+        head = "### Natural incidents: IOI on SmolLM2-135M-Instruct, exact direct effects"
+        if "error" in r:
+            lines += ["", head, "", f"error: {r['error']}"]
+            continue
+        s = r["summary"]
+        lines += [
+            "",
+            f"{head} ({r['device']})",
+            "",
+            f"{r['n']} incidents, {r['wall_s']:.0f} s in all, peak RSS {r['peak_rss_mb']:.0f} MB. "
+            f"rca's top writer is in the exact top 3 by direct effect in "
+            f"{s.get('top_writer_in_exact_top3', 0)} of {s.get('with_writer', 0)} incidents with "
+            f"a writer; the cause set holds infrastructure in {s.get('infra_in_set', 0)} of "
+            f"{s.get('n_verdicts', 0)}. Per incident: {r['config']}/natural.md.",
+        ]
+    return lines
+
+
 def summary(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
@@ -760,6 +816,7 @@ def summary(res: dict[str, Any]) -> str:
         lines += _ablation_lines(_on(res["ablation"], "cpu"), False)
     lines += _investigation_lines(_on(res["investigation"], "cpu"), False)
     lines += _real_lines(_on(res.get("real", []), "cpu"), False)
+    lines += _natural_lines(res.get("natural", []))
     for r in res.get("store", []):
         if "error" in r:
             continue
@@ -789,7 +846,12 @@ def summary(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="benchmarks/results; with --only natural, benchmarks/results-natural",
+    )
     p.add_argument("--smoke", action="store_true", help="the smallest size only (CI)")
     p.add_argument("--accuracy", type=Path, default=None, help="a localization --out JSON")
     p.add_argument(
@@ -801,6 +863,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=tuple(MEASURES), default=None, help="measure one section only")
     p.add_argument("--one", nargs=3, metavar=("KIND", "CONFIG", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = Path(
+            "benchmarks/results-natural" if args.only == "natural" else "benchmarks/results"
+        )
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -827,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "devices": devices}
     want = (lambda k: k == args.only) if args.only else (lambda k: True)
     alt_points = [(c, 16) for c in configs] + ([] if args.smoke else [(big, 128)])
-    for key in ("trace", "alternatives", "ablation", "investigation", "store", "real"):
+    for key in ("trace", "alternatives", "ablation", "investigation", "store", "real", "natural"):
         res[key] = []
     if want("trace"):
         res["trace"] = [_one("trace", c, n, d) for d in devices for c in configs for n in lengths]
@@ -848,6 +914,25 @@ def main(argv: list[str] | None = None) -> int:
         res["real"] = [
             _one("real", p.stem, 0, d) for d in devices for p in sorted(REAL_CASES.glob("*.toml"))
         ]
+    # asked for by name only: twelve investigations and the benign table take long on a CPU
+    if args.only == "natural" and not args.smoke:
+        if _real_fetched():
+            # once, on the last device listed (CUDA where there is one): an accuracy figure
+            res["natural"] = [
+                _one(
+                    "natural",
+                    str(args.out),
+                    NATURAL_N,
+                    devices[-1],
+                    timeout=NATURAL_MAX_SECONDS,
+                )
+            ]
+        else:
+            print(
+                "natural: skipped, SmolLM2-135M-Instruct is not fetched; run "
+                "`rca zoo fetch smollm2-135m` first",
+                file=sys.stderr,
+            )
     if args.accuracy and args.accuracy.is_file():
         res["accuracy"] = {
             k: v for k, v in json.loads(args.accuracy.read_text()).items() if k != "faults"

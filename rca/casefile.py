@@ -365,6 +365,107 @@ def graph_svg(
     return "".join(parts)
 
 
+_ROLE_Y = {"entry": 0.2, "route": 0.45, "writer": 0.7, "infrastructure": 0.92}
+_ROLE_FILL = {
+    "entry": "#f5b041",
+    "route": "#85c1e9",
+    "writer": "#c0392b",
+    "infrastructure": "#d5d8dc",
+}
+
+
+def circuit_of(run: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The run's circuit as recorded in its summary, or None (runs recorded without one)."""
+    c = _summary(run).get("circuit")
+    return c if isinstance(c, Mapping) and c.get("members") is not None else None  # type: ignore[return-value]
+
+
+def circuit_svg(
+    circuit: Mapping[str, Any],
+    edges: Sequence[Mapping[str, Any]] = (),
+    *,
+    width: int = 900,
+    height: int = 260,
+) -> str:
+    """Inline SVG of the circuit alone: its members left to right in forward order, one row per
+    role (entry, route, writer; infrastructure greyed below), the writers joined to LOGITS, and
+    the recorded edges between members (red toward the bad continuation, blue against)."""
+    members = list(circuit.get("members") or [])
+
+    def where(cid: str) -> tuple[int, float, int]:
+        m = re.match(r"L(\d+)\.(H(\d+)|MLP)", cid)
+        if not m:
+            return (0, 0.0, 0)
+        return (int(m.group(1)), 0.5 if m.group(2) == "MLP" else 0.0, int(m.group(3) or 0))
+
+    ordered = sorted(members, key=lambda m: where(str(m["id"])))
+    n = max(1, len(ordered))
+    pos: dict[str, tuple[float, float]] = {}
+    for i, m in enumerate(ordered):
+        x = 60 + (width - 200) * (i / max(1, n - 1)) if n > 1 else width / 2 - 70
+        pos[str(m["id"])] = (x, height * _ROLE_Y.get(str(m.get("role")), 0.45))
+    logits = (width - 50.0, height * _ROLE_Y["writer"])
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="circuit">',
+        f'<rect width="{width}" height="{height}" fill="#fafafa"/>',
+    ]
+    inside = [e for e in edges if e.get("source") in pos and e.get("target") in pos]
+    wmax = max((abs(float(e["score"])) for e in inside), default=1.0) or 1.0
+    for e in inside:
+        (x1, y1), (x2, y2) = pos[str(e["source"])], pos[str(e["target"])]
+        sc = float(e["score"])
+        parts.append(
+            f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" '
+            f'stroke="{"#c0392b" if sc > 0 else "#2e6fba"}" '
+            f'stroke-width="{0.5 + 4 * abs(sc) / wmax:.2f}" stroke-opacity="0.5">'
+            f"<title>{_e(e['source'])} &#8594; {_e(e['target'])}: {sc:+.4f}</title></line>"
+        )
+    for m in ordered:
+        if m.get("role") == "writer":
+            x, y = pos[str(m["id"])]
+            parts.append(
+                f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{logits[0]:.1f}" y2="{logits[1]:.1f}" '
+                'stroke="#c0392b" stroke-width="2" stroke-opacity="0.6"/>'
+            )
+    parts.append(
+        f'<text x="{logits[0]:.1f}" y="{logits[1] + 4:.1f}" font-size="12" text-anchor="middle" '
+        'font-family="sans-serif" font-weight="bold">LOGITS</text>'
+    )
+    for m in ordered:
+        x, y = pos[str(m["id"])]
+        role = str(m.get("role"))
+        de = m.get("direct_effect")
+        tip = f"{m['id']} ({role}): TE {_f(m.get('total_effect'))}, DE {_f(de)}"
+        parts.append(
+            f'<rect x="{x - 34:.1f}" y="{y - 11:.1f}" width="68" height="22" rx="5" '
+            f'fill="{_ROLE_FILL.get(role, "#eee")}" stroke="#333"><title>{_e(tip)}</title></rect>'
+        )
+        parts.append(
+            f'<text x="{x:.1f}" y="{y + 4:.1f}" font-size="11" text-anchor="middle" '
+            f'font-family="sans-serif">{_e(m["id"])}</text>'
+        )
+        parts.append(
+            f'<text x="{x:.1f}" y="{y + 24:.1f}" font-size="9" text-anchor="middle" '
+            f'font-family="sans-serif" fill="#555">{_e(role)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def circuit_lines(circuit: Mapping[str, Any]) -> list[str]:
+    """The circuit in words: faithfulness, then each role's members, then the curve's rows
+    (markdown table rows: k, the circuit's first k, the attribution ranking's top k)."""
+    out = [
+        f"Faithfulness {_f(circuit.get('faithfulness'), '.0%')}: {circuit.get('reason', '')}.",
+    ]
+    for role in ("entry", "route", "writer", "infrastructure"):
+        ids = [str(m["id"]) for m in circuit.get("members") or [] if m.get("role") == role]
+        if ids:
+            out.append(f"{role}: {', '.join(ids)}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # the case file as text: Markdown, or a terminal's
 
@@ -530,6 +631,26 @@ def _case_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
         )
     lines += ["", "What the words mean:", ""]
     lines += [f"- **{m.text(k)}**: {m.text(v)}" for k, v in verdict_words(run).items()]
+    circuit = circuit_of(run)
+    if circuit is not None:
+        text = circuit_lines(circuit)
+        lines += ["", "## Circuit", "", m.text(text[0]), ""]
+        lines += [f"- {m.text(t)}" for t in text[1:]]
+        curve = circuit.get("curve") or []
+        if curve:
+            lines += [
+                "",
+                "Faithfulness of the first k components (the circuit's order, and the trace's "
+                "attribution ranking):",
+                "",
+                "| k | circuit | attribution top-k |",
+                "|---:|---:|---:|",
+            ]
+            lines += [
+                f"| {int(r['k'])} | {_f(r.get('circuit'), '.0%')} | "
+                f"{_f(r.get('attribution'), '.0%')} |"
+                for r in curve
+            ]
     lines += ["", "## Remediation", ""]
     for r in run.get("remedies", []):
         mark = " (recommended)" if r.get("recommended") else ""
@@ -668,6 +789,24 @@ def render_html(run: Mapping[str, Any]) -> str:
     )
     infra = infrastructure_sentence(run)
     infra_html = f"<p>{_e(infra)}</p>" if infra else ""
+    circuit = circuit_of(run)
+    circuit_html = ""
+    if circuit is not None:
+        text = circuit_lines(circuit)
+        rows = "".join(
+            f"<tr><td>{int(r['k'])}</td><td>{_f(r.get('circuit'), '.0%')}</td>"
+            f"<td>{_f(r.get('attribution'), '.0%')}</td></tr>"
+            for r in circuit.get("curve") or []
+        )
+        circuit_html = (
+            f"<h2>Circuit</h2><p>{_e(text[0])}</p>"
+            + circuit_svg(circuit, run.get("edges", []))
+            + "<ul>"
+            + "".join(f"<li>{_e(t)}</li>" for t in text[1:])
+            + "</ul><table><tr><th>k</th><th>circuit</th><th>attribution top-k</th></tr>"
+            + rows
+            + "</table>"
+        )
     words = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in verdict_words(run).items())
     rems = "".join(
         f'<tr class="{"rec" if r.get("recommended") else ""}"><td>{_e(r["kind"])}</td>'
@@ -728,6 +867,7 @@ after the recommended fix.</p>
 <th>necessity</th><th>component p</th><th>benign loss</th><th>verdict</th><th>reason</th></tr>
 {causes}</table>
 <h3>What the words mean</h3><dl>{words}</dl>
+{circuit_html}
 <h2>Remediation</h2>
 <table><tr><th>fix</th><th>components</th><th>P(bad)</th><th>benign loss</th><th>note</th></tr>
 {rems}</table>

@@ -60,6 +60,8 @@ __all__ = [
     "ConfirmConfig",
     "ConfirmError",
     "CandidateEvidence",
+    "Circuit",
+    "CircuitMember",
     "SetEvidence",
     "Verdict",
     "confirm",
@@ -483,6 +485,8 @@ class ConfirmConfig:
     alpha: float = 0.05  # p-value threshold against random sets
     n_random: int = 100  # random sets (>= 50)
     max_set: int = 6
+    max_circuit: int = 8  # the most specific members a circuit grows to
+    faithful_fraction: float = 0.8  # a circuit must remove this share of the gap, patched alone
     benign_prompts: int = 16  # ordinary-text prompts each candidate's benign damage is measured on
     batch_size: int = 0  # variants per forward; 0: auto_batch_size (4 on a CPU, 64 on a GPU)
     seed: int = 0
@@ -496,6 +500,7 @@ class ConfirmConfig:
             raise ConfirmError("n_random must be at least 50")
         for name in (
             "set_fraction",
+            "faithful_fraction",
             "component_fraction",
             "window",
             "alpha",
@@ -507,8 +512,10 @@ class ConfirmConfig:
                 raise ConfirmError(f"{name} must be between 0 and 1, got {v}")
         if self.benign_prompts < 1:
             raise ConfirmError(f"benign_prompts must be at least 1, got {self.benign_prompts}")
-        if self.top_k < 1 or self.max_set < 1 or self.batch_size < 0:
-            raise ConfirmError("top_k and max_set must be positive, batch_size 0 (auto) or more")
+        if self.top_k < 1 or self.max_set < 1 or self.max_circuit < 1 or self.batch_size < 0:
+            raise ConfirmError(
+                "top_k, max_set and max_circuit must be positive, batch_size 0 (auto) or more"
+            )
 
 
 @dataclass
@@ -547,6 +554,38 @@ class SetEvidence:
 
 
 @dataclass
+class CircuitMember:
+    id: str
+    role: str  # entry | route | writer | infrastructure (ROLES)
+    total_effect: float
+    direct_effect: float
+    benign_loss_pct: float | None = None
+
+
+@dataclass
+class Circuit:
+    """The verdict as a small subgraph: the specific components that carry the incident, each
+    with its role, and the infrastructure beside them (``docs/confirm.md``, "The circuit")."""
+
+    members: list[CircuitMember]
+    # the share of the gap removed when only the specific members are patched to the baseline
+    # (the counterfactual; the set ablation where there is none)
+    faithfulness: float
+    patch: str  # "counterfactual" or the ablation kind
+    # faithfulness of the first k components, in the circuit's order and in the attribution
+    # ranking's (EAP-IG's top k, infrastructure included): [{"k", "circuit", "attribution"}]
+    curve: list[dict[str, float | None]]
+    reason: str
+
+    def ids(self, role: str | None = None) -> list[str]:
+        return [m.id for m in self.members if role is None or m.role == role]
+
+    @property
+    def specific(self) -> list[str]:
+        return [m.id for m in self.members if m.role != "infrastructure"]
+
+
+@dataclass
 class Verdict:
     """The confirm stage's answer for one incident."""
 
@@ -558,6 +597,7 @@ class Verdict:
     cause_set: SetEvidence
     config: ConfirmConfig
     cost: dict[str, Any] = field(default_factory=dict)
+    circuit: Circuit | None = None
 
     @property
     def verdict(self) -> str:
@@ -580,6 +620,7 @@ class Verdict:
             | {"random_drops_summary": _summary(self.cause_set.random_drops)},
             "config": asdict(self.config),
             "cost": self.cost,
+            "circuit": None if self.circuit is None else asdict(self.circuit),
         }
 
 
@@ -766,6 +807,98 @@ def _benign_forward_equiv(
     tokens = sum(len(q) for q in seqs) / max(1, length)
     n = subject.adapter.n_layers
     return tokens * (1 + sum((n - (parse_id(c).layer or 0)) / n for c in components))
+
+
+ROLES = ("entry", "route", "writer", "infrastructure")
+
+
+def _circuit(
+    ab: Ablator,
+    ordered: Sequence[CandidateEvidence],
+    attribution: Sequence[str],
+    *,
+    src: str,
+    m_clean: float,
+    gap: float,
+    cfg: ConfirmConfig,
+    parallel: bool,
+) -> Circuit:
+    """The circuit: the specific candidates, in rank order, grown until patching them alone to
+    the baseline (``src``) removes ``faithful_fraction`` of the gap (at most ``max_circuit``),
+    then each member dropped that the rest does without. Roles: a writer has a direct effect
+    of at least ``writer_fraction`` of the gap; the entry is the member that computes first
+    (the earliest place the prompt's difference matters), where it is not a writer; the rest
+    route. The infrastructure among the candidates is listed beside them. Faithfulness is also
+    measured for the first k components of the circuit's order and of the attribution ranking,
+    k = 1 .. ``max_circuit``."""
+    specific = [e for e in ordered if not e.infrastructure]
+    by_id = {e.id: e for e in ordered}
+
+    def removed(sets: Sequence[Sequence[str]]) -> list[float]:
+        """The share of the gap each set removes, patched to the baseline alone."""
+        vals = ab.run([dict.fromkeys(x, src) for x in sets], index_offset=60_000)
+        return [(m_clean - float(v)) / gap for v in vals]
+
+    order = [e.id for e in specific[: cfg.max_circuit]]
+    prefixes = [order[: k + 1] for k in range(len(order))]
+    fr = removed(prefixes) if prefixes else []
+    members: list[str] = []
+    for p, f in zip(prefixes, fr, strict=True):
+        members = p
+        if f >= cfg.faithful_fraction:
+            break
+    if len(members) > 1 and max(fr, default=0.0) >= cfg.faithful_fraction:
+        for c in list(members):
+            rest = [x for x in members if x != c]
+            if removed([rest])[0] >= cfg.faithful_fraction:
+                members = rest
+    faith = removed([members])[0] if members else 0.0
+    top = [c for c in attribution][: cfg.max_circuit]
+    ks = range(1, max(len(order), len(top)) + 1)
+    ours = removed([order[:k] for k in ks if k <= len(order)])
+    theirs = removed([top[:k] for k in ks if k <= len(top)])
+    curve = [
+        {
+            "k": k,
+            "circuit": ours[k - 1] if k <= len(ours) else None,
+            "attribution": theirs[k - 1] if k <= len(theirs) else None,
+        }
+        for k in ks
+    ]
+    writers = [c for c in members if by_id[c].direct_effect >= cfg.writer_fraction * gap]
+    first = min(members, key=lambda c: _forward_position(c, parallel=parallel), default=None)
+    out: list[CircuitMember] = []
+    for c in sorted(members, key=lambda c: _forward_position(c, parallel=parallel)):
+        e = by_id[c]
+        role = "writer" if c in writers else ("entry" if c == first else "route")
+        out.append(CircuitMember(c, role, e.total_effect, e.direct_effect, e.benign_loss_pct))
+    for e in ordered:
+        if e.infrastructure:
+            out.append(
+                CircuitMember(
+                    e.id, "infrastructure", e.total_effect, e.direct_effect, e.benign_loss_pct
+                )
+            )
+    how = "patched to the counterfactual" if src == "baseline" else f"{src}-ablated"
+    if not members:
+        reason = "no candidate is specific to the incident"
+    elif faith >= cfg.faithful_fraction:
+        reason = (
+            f"its {len(members)} specific members, {how} alone, remove {faith:.0%} of the gap "
+            f"(>= {cfg.faithful_fraction:.0%})"
+        )
+    else:
+        reason = (
+            f"its {len(members)} specific members, {how} alone, remove {faith:.0%} of the gap, "
+            f"under the {cfg.faithful_fraction:.0%} a faithful circuit needs"
+        )
+    return Circuit(
+        out,
+        faith,
+        "counterfactual" if src == "baseline" else src,
+        curve,
+        reason,
+    )
 
 
 def _kind_of(cid: str) -> str:
@@ -1055,6 +1188,17 @@ def confirm(
             gap=gap,
             cfg=cfg,
         )
+    say("circuit", 0.95)
+    circuit = _circuit(
+        ab,
+        ordered,
+        [c for c, _ in ranking if c in set(ab.components)],
+        src=patch_src,
+        m_clean=m_clean,
+        gap=gap,
+        cfg=cfg,
+        parallel=ab.a.parallel,
+    )
     say("done", 1.0)
     return Verdict(
         metric_clean=m_clean,
@@ -1064,6 +1208,7 @@ def confirm(
         candidates=ev,
         cause_set=cause,
         config=cfg,
+        circuit=circuit,
         cost={
             "set_kind": "patch" if set_src == "baseline" else set_src,
             "necessity_kind": ablation,

@@ -7,6 +7,7 @@ pipeline's objects, the store knows only rows.
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict
 from typing import Any
 
 from rca.confirm import verdict_definitions
@@ -35,6 +36,7 @@ def to_run_record(
         for i, (t, sc) in enumerate(zip(att.tokens.tokens, att.tokens.scores, strict=True))
     ]
     evidence = {c.id: c for c in v.candidates}
+    roles = {m.id: m.role for m in v.circuit.members} if v.circuit is not None else {}
     nodes = []
     for cid, score in zip(comps.nodes, comps.scores.tolist(), strict=True):
         e = evidence.get(cid)
@@ -55,6 +57,7 @@ def to_run_record(
                 "rank": e.rank if e else None,
                 "benign_loss_pct": e.benign_loss_pct if e else None,
                 "benign_kl": e.benign_kl if e else None,
+                "role": roles.get(cid),
             }
         )
     for cid, score in comps.neurons.items():
@@ -210,6 +213,7 @@ def to_run_record(
         "graph_paths": att.paths,
         "set_reason": cs.reason,
         "set_p_value": cs.p_value,
+        "circuit": None if v.circuit is None else asdict(v.circuit),
         "definitions": verdict_definitions(v.config),
         "infrastructure": [
             {"id": c.id, "benign_loss_pct": c.benign_loss_pct, "benign_kl": c.benign_kl}

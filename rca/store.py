@@ -167,10 +167,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         3,
         "nodes.benign_loss_pct and nodes.benign_kl: what mean-ablating a component does to "
-        "ordinary text (its benign damage)",
+        "ordinary text (its benign damage); nodes.role: its role in the circuit",
         (
             "ALTER TABLE nodes ADD COLUMN benign_loss_pct DOUBLE",
             "ALTER TABLE nodes ADD COLUMN benign_kl DOUBLE",
+            "ALTER TABLE nodes ADD COLUMN role VARCHAR",
         ),
         rehash=("nodes",),
     ),
@@ -804,6 +805,7 @@ BULK_COLUMNS: dict[str, dict[str, tuple[str, bool]]] = {
         "rank": ("int", False),
         "benign_loss_pct": ("float", False),
         "benign_kl": ("float", False),
+        "role": ("str", False),
     },
     "edges": {"source": ("str", True), "target": ("str", True), "score": ("float", True)},
     "ablations": {

@@ -166,12 +166,41 @@ def _tokens(run: Mapping[str, Any]) -> None:
         )
 
 
+def _circuit(run: Mapping[str, Any]) -> bool:
+    """The circuit, drawn with its roles; False where the run recorded none."""
+    circuit = casefile.circuit_of(run)
+    if circuit is None:
+        return False
+    st.subheader("Circuit")
+    text = casefile.circuit_lines(circuit)
+    st.markdown(common.md(text[0]))
+    svg = casefile.circuit_svg(circuit, list(run.get("edges") or []))
+    st.markdown(
+        '<div class="rca-graph" style="overflow-x:auto">' + svg + "</div>",
+        unsafe_allow_html=True,
+    )
+    for line in text[1:]:
+        st.markdown("- " + common.md(line))
+    curve = circuit.get("curve") or []
+    if curve:
+        st.caption(
+            "Faithfulness of the first k components: the circuit's order against the trace's "
+            "attribution ranking."
+        )
+        st.dataframe(pd.DataFrame(curve), hide_index=True)
+    return True
+
+
 def _graph(run: Mapping[str, Any]) -> None:
-    st.subheader("Attribution graph")
+    has_circuit = _circuit(run)
     nodes, edges = list(run.get("nodes") or []), list(run.get("edges") or [])
     if not nodes:
+        st.subheader("Attribution graph")
         st.caption("This run recorded no graph.")
         return
+    if has_circuit and not st.toggle("Show the full attribution graph", key="full_graph"):
+        return
+    st.subheader("Attribution graph")
     st.caption(
         "The strongest edges, layers left to right (token embeddings first, the logits last); "
         "red pushes toward the bad continuation, blue against it. Pick a node below."

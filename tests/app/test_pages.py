@@ -133,12 +133,20 @@ def test_case_detail_shows_the_evidence(app: Any, demo_db: Path) -> None:
     at = goto(app(demo_db), "case_detail", run=run["run_id"])
     page = texts(at)
     assert "Support bot reveals" in at.title[0].value
-    for section in ("Incident", "Token attribution", "Attribution graph", "Ablations",
-                    "Remediation", "Notes"):  # fmt: skip
+    for section in ("Incident", "Token attribution", "Circuit", "Ablations", "Remediation",
+                    "Notes"):  # fmt: skip
         assert section in [h.value for h in at.subheader], section
     assert "account desk. request: pin. account: 7305. agent:" in page  # the prompt, as text
     html_blocks = [m.value for m in at.markdown if m.allow_html]
     assert any('class="rca-strip"' in b and "rca-tok" in b for b in html_blocks)
+    # the circuit is drawn, with its roles; the full graph waits behind a toggle
+    members = run["summary"]["circuit"]["members"]
+    drawn = next(b for b in html_blocks if 'aria-label="circuit"' in b)
+    assert all(m["id"] in drawn and m["role"] in drawn for m in members)
+    assert not any('aria-label="attribution graph"' in b for b in html_blocks)
+    at.toggle(key="full_graph").set_value(True).run()
+    assert "Attribution graph" in [h.value for h in at.subheader]
+    html_blocks = [m.value for m in at.markdown if m.allow_html]
     assert any('aria-label="attribution graph"' in b and "<circle" in b for b in html_blocks)
 
     # the node picker: ranked causes first; each node shows its edges and ablations

@@ -119,3 +119,70 @@ def test_benign_damage_uses_the_packaged_corpus_without_reference_prompts() -> N
     v = confirm(s, prompt, [("L1.H2", 1.0), ("L0.H0", 0.5)], baseline=base, config=cfg)
     assert v.cost["benign_prompts"] == 5
     assert all(c.benign_loss_pct is not None for c in v.candidates)
+
+
+def _patched_metric(s: Subject, prompt, base, ids: list[str]) -> float:
+    """The prompt's metric with ``ids`` patched to their activations on ``base``, by plain
+    hooks (one full forward)."""
+    from rca.confirm import Ablator
+    from rca.hooks import patch
+
+    ab = Ablator(s, prompt, baseline=base)
+    values = {}
+    for c in ids:
+        key, sl, _ = ab._site(c)
+        assert ab.base is not None
+        values[c] = ab.base[key][..., sl]
+    with patch(s, values), torch.no_grad():
+        return float(prompt.metric(s.model(input_ids=prompt.input_ids()).logits)[0])
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_the_circuits_faithfulness_is_what_patching_it_alone_does(model_type: str) -> None:
+    s = Subject.from_model(tiny_model(model_type, seed=3).eval())
+    prompt, base = _incident(s)
+    ranking = [("L1.H2", 1.0), ("L0.MLP", 0.8), ("L0.H1", 0.5), ("L1.MLP", 0.3), ("L1.H0", 0.2)]
+    cfg = ConfirmConfig(kind="patch", n_random=50, top_k=5, max_circuit=4)
+    v = confirm(s, prompt, ranking, baseline=base, reference=REFS, config=cfg)
+    c = v.circuit
+    assert c is not None and c.patch == "counterfactual" and c.specific
+    gap = v.metric_clean - v.metric_reference
+    want = (v.metric_clean - _patched_metric(s, prompt, base, c.specific)) / gap
+    assert c.faithfulness == pytest.approx(want, abs=1e-4)
+    # the curve: the first k of each order, patched alone
+    ours = [e.id for e in v.ranked() if not e.infrastructure]
+    for row in c.curve:
+        k = int(row["k"])
+        if row["circuit"] is not None:
+            got = (v.metric_clean - _patched_metric(s, prompt, base, ours[:k])) / gap
+            assert row["circuit"] == pytest.approx(got, abs=1e-4)
+        if row["attribution"] is not None:
+            top = [x for x, _ in ranking][:k]
+            got = (v.metric_clean - _patched_metric(s, prompt, base, top)) / gap
+            assert row["attribution"] == pytest.approx(got, abs=1e-4)
+    # roles follow their definitions
+    ev = {e.id: e for e in v.candidates}
+    for m in c.members:
+        if m.role == "writer":
+            assert ev[m.id].direct_effect >= cfg.writer_fraction * gap
+        elif m.role in ("entry", "route"):
+            assert ev[m.id].direct_effect < cfg.writer_fraction * gap
+    if c.faithfulness >= cfg.faithful_fraction:  # minimal: no member can go
+        for m in c.specific:
+            rest = [x for x in c.specific if x != m]
+            left = (v.metric_clean - _patched_metric(s, prompt, base, rest)) / gap
+            assert left < cfg.faithful_fraction
+
+
+def test_a_one_head_incident_is_a_one_writer_circuit() -> None:
+    s = one_head_model()
+    prompt, base = _incident(s)
+    cfg = ConfirmConfig(kind="patch", n_random=50, top_k=3)
+    ranking = [("L0.H0", 1.0), ("L1.H2", 0.5), ("L1.MLP", 0.1)]
+    v = confirm(s, prompt, ranking, baseline=base, reference=REFS, config=cfg)
+    assert v.circuit is not None
+    assert [(m.id, m.role) for m in v.circuit.members] == [("L1.H2", "writer")]
+    assert v.circuit.faithfulness == pytest.approx(1.0, abs=1e-4)
+    # the attribution ranking's top 1 (an inert head) removes nothing; its top 2 all of it
+    assert v.circuit.curve[0]["attribution"] == pytest.approx(0.0, abs=1e-4)
+    assert v.circuit.curve[1]["attribution"] == pytest.approx(1.0, abs=1e-4)
