@@ -16,22 +16,27 @@ module runs them, many at once:
   baseline with every later component frozen at its clean value, so only its direct path to the
   logits changes), necessity NE (ablated by the chosen kind) and, for the tie-break, necessity
   under zero ablation NE0.
-- **Ranking** (``rank_candidates``): a candidate's effect is the share of P(bad) that
-  max(TE, NE) removes; the leading group is every candidate within ``window`` of the largest.
-  Its robust necessity is min(NE, NE0), the smallest drop over both ablations. The first rank
-  goes to the origin, the robustly necessary member (at least ``necessary_fraction`` of the
-  largest) that computes latest: carriers of the trigger's identity and enablers every prompt
-  needs are as necessary, but compute before it; amplifiers after it are not robustly
-  necessary. The second goes to the writer, the member with the largest direct effect (a
-  circuit's MLP that writes the bad token). The rest follow by robust necessity, then by
-  effect. ``order="direct"`` keeps the rule before, by a direct effect that ablation confirms
-  (docs/confirm.md).
-- **Minimal cause set**: greedy in rank order until ablating the set removes ``set_fraction`` of
-  the metric, measured from the prompt's metric down to the reference point (the baseline's
-  metric, or 0 for a log-ratio metric whose baseline is below 0: P(bad) = P(good)); then each
-  member is dropped if the rest still reaches it.
+- **Specificity**: each candidate's benign damage, the LM-loss change and KL on ordinary text
+  when it is mean-ablated (``rca.specificity``); a component that ordinary text needs as well
+  (``rca.verdicts.INFRASTRUCTURE_LOSS_PCT``) is *infrastructure*: reported, never blamed.
+- **Ranking** (``rank_candidates``): infrastructure last; of the rest, a candidate's effect is
+  the share of P(bad) that max(TE, NE) removes, and the leading group is every candidate within
+  ``window`` of the largest. Its robust necessity is min(NE, NE0), the smaller drop of both
+  ablations. The first rank goes to the origin, the robustly necessary member (at least
+  ``necessary_fraction`` of the largest) that computes latest: carriers of the trigger's
+  identity and enablers are as necessary, but compute before it; amplifiers after it are not
+  robustly necessary. The second goes to the writer, the member with the largest direct effect.
+  The rest follow by robust necessity, then by effect (docs/confirm.md).
+- **Minimal cause set**: specific candidates, greedy in rank order until ablating the set removes
+  ``set_fraction`` of the metric, measured from the prompt's metric down to the reference point
+  (the baseline's metric, or 0 for a log-ratio metric whose baseline is below 0: P(bad) =
+  P(good)); then each member is dropped if the rest still reaches it.
 - **Necessity and sufficiency** of the set, and **random sets** of the same size and kind for an
-  empirical p-value. Verdicts carry their reasons and the thresholds used.
+  empirical p-value. Verdicts carry their reasons and the thresholds used; the words are
+  defined in ``rca.verdicts``.
+- **The circuit** (``Circuit``): the specific candidates that, patched alone to the baseline,
+  remove ``faithful_fraction`` of the gap, each with a role (entry, route, writer), the
+  infrastructure beside them, the faithfulness and its curve against the attribution ranking.
 """
 
 from __future__ import annotations
@@ -823,14 +828,14 @@ def _circuit(
     cfg: ConfirmConfig,
     parallel: bool,
 ) -> Circuit:
-    """The circuit: the specific candidates, in rank order, grown until patching them alone to
-    the baseline (``src``) removes ``faithful_fraction`` of the gap (at most ``max_circuit``),
-    then each member dropped that the rest does without. Roles: a writer has a direct effect
-    of at least ``writer_fraction`` of the gap; the entry is the member that computes first
-    (the earliest place the prompt's difference matters), where it is not a writer; the rest
-    route. The infrastructure among the candidates is listed beside them. Faithfulness is also
-    measured for the first k components of the circuit's order and of the attribution ranking,
-    k = 1 .. ``max_circuit``."""
+    """The circuit: the specific writers (direct effect at least ``writer_fraction`` of the
+    gap), then the other specific candidates in rank order, grown until patching them alone to
+    the baseline (``src``) removes ``faithful_fraction`` of the gap (at most ``max_circuit``);
+    then each member but a writer is dropped that the rest does without. Roles: writer; the
+    entry is the member that computes first (the earliest place the prompt's difference
+    matters), where it is not a writer; the rest route. The infrastructure among the
+    candidates is listed beside them. Faithfulness is also measured for the first k components
+    of the circuit's order and of the attribution ranking, k = 1 .. ``max_circuit``."""
     specific = [e for e in ordered if not e.infrastructure]
     by_id = {e.id: e for e in ordered}
 
@@ -839,8 +844,13 @@ def _circuit(
         vals = ab.run([dict.fromkeys(x, src) for x in sets], index_offset=60_000)
         return [(m_clean - float(v)) / gap for v in vals]
 
-    order = [e.id for e in specific[: cfg.max_circuit]]
-    prefixes = [order[: k + 1] for k in range(len(order))]
+    # the writers first: the specific candidates whose direct effect reaches writer_fraction of
+    # the gap put the bad continuation on the logits, and a circuit without them is not one
+    need = cfg.writer_fraction * gap
+    writers = [e.id for e in specific if e.direct_effect >= need][: cfg.max_circuit]
+    order = (writers + [e.id for e in specific if e.id not in writers])[: cfg.max_circuit]
+    start = max(1, len(writers))
+    prefixes = [order[:k] for k in range(start, len(order) + 1)]
     fr = removed(prefixes) if prefixes else []
     members: list[str] = []
     for p, f in zip(prefixes, fr, strict=True):
@@ -848,7 +858,7 @@ def _circuit(
         if f >= cfg.faithful_fraction:
             break
     if len(members) > 1 and max(fr, default=0.0) >= cfg.faithful_fraction:
-        for c in list(members):
+        for c in [x for x in members if x not in writers]:
             rest = [x for x in members if x != c]
             if removed([rest])[0] >= cfg.faithful_fraction:
                 members = rest
@@ -865,7 +875,6 @@ def _circuit(
         }
         for k in ks
     ]
-    writers = [c for c in members if by_id[c].direct_effect >= cfg.writer_fraction * gap]
     first = min(members, key=lambda c: _forward_position(c, parallel=parallel), default=None)
     out: list[CircuitMember] = []
     for c in sorted(members, key=lambda c: _forward_position(c, parallel=parallel)):

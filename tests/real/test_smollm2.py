@@ -144,3 +144,31 @@ def test_each_real_case_states_what_was_measured(model_dir: Path, case: Path) ->
     assert float(stated.group(1)) == pytest.approx(float(m.group(1)), abs=0.002)
     reproduces = "greedy decoding reproduces the bad continuation" in out
     assert ("greedy decoding reproduces it" in notes.lower()) == reproduces, (notes, out)
+
+
+def test_the_ioi_verdict_is_a_specific_faithful_circuit(model_dir: Path) -> None:
+    """The IOI case against brute force: rca's writers are among the three largest exact direct
+    effects, no member of the cause set or of the circuit is infrastructure by its own benign
+    damage, the layer-0 MLP is never blamed, and patching the circuit alone removes >= 80% of
+    the gap."""
+    from rca.bench.natural import ground_truth, writers
+    from rca.benign import benign_prompts
+    from rca.investigate import InvestigateConfig, investigate
+    from rca.specificity import benign_damage
+    from rca.subject import load_subject
+
+    subject = load_subject(model_dir, device="cpu")
+    incident = load_case(CASES / "ioi.toml")
+    truth = ground_truth(subject, incident)
+    run = investigate(incident, subject=subject, config=InvestigateConfig(remedy=False))
+    v = run.verdict
+    assert v.circuit is not None
+    top3 = [c for c, _ in truth.top(3)]
+    found = writers(v)
+    assert found and all(w in top3 for w in found), (found, top3)
+    members = set(v.cause_set.components) | set(v.circuit.specific)
+    damage = benign_damage(subject, sorted(members | {"L0.MLP"}), benign_prompts(16, seed=0))
+    assert damage["L0.MLP"].infrastructure  # what every prompt needs
+    assert not any(damage[c].infrastructure for c in members), members
+    assert "L0.MLP" not in members and v.ranked()[0].id != "L0.MLP"
+    assert v.circuit.faithfulness >= 0.8, v.circuit.reason
