@@ -14,8 +14,8 @@ module runs them, many at once:
   activation patching); ``clean`` (its own clean activation, used to freeze components).
 - **Per candidate**: total effect TE (patched to the baseline), direct effect DE (patched to the
   baseline with every later component frozen at its clean value, so only its direct path to the
-  logits changes), necessity NE (ablated by the chosen kind) and, for the tie-break, necessity
-  under zero ablation NE0.
+  logits changes), necessity NE (ablated by the chosen kind) and, for robust necessity,
+  necessity under zero ablation NE0.
 - **Specificity**: each candidate's benign damage, the LM-loss change and KL on ordinary text
   when it is mean-ablated (``rca.specificity``); a component that ordinary text needs as well
   (``rca.verdicts.INFRASTRUCTURE_LOSS_PCT``) is *infrastructure*: reported, never blamed.
@@ -56,7 +56,7 @@ from rca.benign import benign_prompts
 from rca.hooks import layers_frozen, layers_skipped, padded_batch, top_mlp_trimmed
 from rca.ids import parse_id
 from rca.metric import Target, encode_text, logits_kwargs
-from rca.specificity import benign_damage
+from rca.specificity import BenignError, benign_damage, encoded
 from rca.subject import Subject
 from rca.verdicts import definitions
 
@@ -531,7 +531,7 @@ class CandidateEvidence:
     direct_effect: float  # ... with everything downstream frozen at clean
     necessity: float  # metric drop when ablated by the configured kind
     p_value: float  # against every other component of the same kind, ablated alike
-    # metric drop when zero-ablated (the tie-break's third intervention); None where not run
+    # metric drop when zero-ablated (robust necessity's second ablation); None where not run
     necessity_zero: float | None = None
     rank: int = 0
     in_set: bool = False
@@ -806,8 +806,6 @@ def _benign_forward_equiv(
 ) -> float:
     """The benign damage's cost in forward passes of the incident: one run over the prompts
     unablated, then each component's from its own layer up."""
-    from rca.specificity import encoded
-
     seqs, _ = encoded(subject, texts)
     tokens = sum(len(q) for q in seqs) / max(1, length)
     n = subject.adapter.n_layers
@@ -1058,7 +1056,12 @@ def confirm(
     say("specificity", 0.4)
     t_benign = time.perf_counter()
     texts = _benign_texts(reference, cfg)
-    damage = benign_damage(subject, cands, texts, batch=max(16, ab.batch_size))
+    try:
+        damage = benign_damage(subject, cands, texts, batch=max(16, ab.batch_size))
+    except BenignError as err:
+        raise ConfirmError(
+            f"benign damage: {err}; give reference prompts of 2 tokens or more"
+        ) from None
     benign_equiv = _benign_forward_equiv(subject, texts, cands, target.length)
     for e in ev:
         d = damage[e.id]
@@ -1075,9 +1078,8 @@ def confirm(
         own = e.total_effect if set_src == "baseline" else e.necessity
         e.p_value = empirical_p_value(own, null, tol=tol)
 
-    # ranking (docs/confirm.md): the leading group by the share of the bad behaviour removed,
-    # ordered by a direct effect that is also necessary, then by the smallest drop over the
-    # interventions; the rest by effect
+    # ranking (docs/confirm.md): infrastructure last; the leading group by the share of the bad
+    # behaviour removed, the origin first, then the writer; the rest by effect
     def share_of(drop: float) -> float:
         return _share_removed(m_clean, m_ref, drop, conts=target.n_conts)
 
@@ -1228,7 +1230,7 @@ def confirm(
             "zero_ablation_forward_equiv": zero_cost,  # of which the zero ablations (NE0)
             "benign_forward_equiv": benign_equiv,  # the benign damage, not in forward_equiv
             "benign_seconds": t_benign,
-            "benign_prompts": len(texts),
+            "benign_prompts": max((d.n_prompts for d in damage.values()), default=0),
             "reference_prompts": len(ab.refs),
         },
     )

@@ -263,9 +263,10 @@ def investigate(
     t = time.perf_counter()
     say("remedy", 0.75)
     ranked = verdict.ranked()
+    # a cause set of no specific component (every candidate is infrastructure) has no fix to try
     remedies = (
         []
-        if not cfg.remedy
+        if not cfg.remedy or not verdict.cause_set.components
         else try_remedies(
             subject,
             att.target,

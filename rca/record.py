@@ -10,8 +10,8 @@ import uuid
 from dataclasses import asdict
 from typing import Any
 
-from rca.confirm import verdict_definitions
 from rca.store import IncidentRecord, ModelRecord, RunRecord
+from rca.verdicts import definitions
 
 __all__ = ["to_run_record"]
 
@@ -214,7 +214,7 @@ def to_run_record(
         "set_reason": cs.reason,
         "set_p_value": cs.p_value,
         "circuit": None if v.circuit is None else asdict(v.circuit),
-        "definitions": verdict_definitions(v.config),
+        "definitions": definitions(asdict(v.config)),
         "infrastructure": [
             {"id": c.id, "benign_loss_pct": c.benign_loss_pct, "benign_kl": c.benign_kl}
             for c in v.ranked()

@@ -43,12 +43,15 @@ from typing import Any
 
 import torch
 
-from rca.confirm import Ablator, Variant, Verdict, reference_point
+from rca.confirm import Ablator, ConfirmConfig, Variant, Verdict, reference_point
 from rca.ids import parse_id
 from rca.incident import Incident
 from rca.metric import encode_text, evaluate
 from rca.specificity import INFRASTRUCTURE_LOSS_PCT, Damage
 from rca.subject import Subject
+
+# what a faithful circuit removes, patched alone (the confirm default it is scored against)
+FAITHFUL = ConfirmConfig().faithful_fraction
 
 __all__ = [
     "NAMES",
@@ -385,12 +388,20 @@ def evaluate_incident(
     ev = {c.id: c for c in v.candidates}
     members = list(v.cause_set.components)
     infra_members = [c for c in members if _infra(damage, c)]
-    circuit = getattr(v, "circuit", None)
+    circuit = v.circuit
+    circuit_infra = [] if circuit is None else [c for c in circuit.specific if _infra(damage, c)]
     row["rca"] = {
         "verdict": v.verdict,
         "cause_set": members,
         "necessity_fraction": v.cause_set.necessity_fraction,
         "faithfulness": None if circuit is None else circuit.faithfulness,
+        "circuit": None
+        if circuit is None
+        else {
+            "members": [[m.id, m.role] for m in circuit.members],
+            "curve": circuit.curve,
+            "infra_members": circuit_infra,
+        },
         "writers": [
             {
                 "id": w,
@@ -409,6 +420,7 @@ def evaluate_incident(
         "seconds": seconds,
         "stages_s": dict(run.timings),
         "confirm_forward_equiv": v.cost.get("forward_equiv"),
+        "benign_forward_equiv": v.cost.get("benign_forward_equiv"),
         "trace_forward_equiv": _trace_forward_equiv(run),
     }
     return row
@@ -498,6 +510,13 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "top_writer_in_exact_top3": sum(w["in_top3"] for w in first),
         "top_writer_is_exact_top1": sum(w["exact_rank"] == 1 for w in first),
         "infra_in_set": sum(r["rca"]["infra_in_set"] for r in ok),
+        "all_writers_in_top3": sum(
+            bool(r["rca"]["writers"]) and all(w["in_top3"] for w in r["rca"]["writers"]) for r in ok
+        ),
+        "faithful": sum((r["rca"].get("faithfulness") or 0.0) >= FAITHFUL for r in ok),
+        "infra_in_circuit": sum(
+            bool((r["rca"].get("circuit") or {}).get("infra_members")) for r in ok
+        ),
         "mean_seconds": sum(r["seconds"] for r in rows) / len(rows),
     }
 
@@ -526,6 +545,10 @@ def markdown(result: dict[str, Any]) -> str:
             f"{s['with_writer']} incidents with a writer (exact top 1: "
             f"{s['top_writer_is_exact_top1']}); the cause set holds infrastructure in "
             f"{s['infra_in_set']} of {s['n_verdicts']}; {s['mean_seconds']:.0f} s per incident.",
+            f"Every writer is in the exact top 3 in {s.get('all_writers_in_top3', '-')} of "
+            f"{s['n_verdicts']}; the circuit is faithful (patched alone, it removes >= "
+            f"{FAITHFUL:.0%} of the gap) in {s.get('faithful', '-')} of {s['n_verdicts']} and "
+            f"holds infrastructure in {s.get('infra_in_circuit', '-')}.",
             "",
         ]
     lines += [
@@ -560,6 +583,29 @@ def markdown(result: dict[str, Any]) -> str:
             + ("-" if faith is None else f"{faith:.2f}")
             + f" | {r['seconds']:.0f} |"
         )
+    lines += [
+        "",
+        "Circuits: the members with their roles, and the faithfulness of the first k components "
+        "in the circuit's order against the trace's attribution ranking (EAP-IG), k = 1, 2, 3.",
+        "",
+        "| incident | circuit | k=1 | k=2 | k=3 |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["incidents"]:
+        c = (r.get("rca") or {}).get("circuit")
+        if not c:
+            continue
+        members = ", ".join(f"{cid} ({role})" for cid, role in c["members"])
+        cells = []
+        for row in c["curve"][:3]:
+            ours, theirs = row.get("circuit"), row.get("attribution")
+            cells.append(
+                ("-" if ours is None else f"{ours:.0%}")
+                + " / "
+                + ("-" if theirs is None else f"{theirs:.0%}")
+            )
+        cells += ["-"] * (3 - len(cells))
+        lines.append(f"| {r['id']} | {_md(members)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

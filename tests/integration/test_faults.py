@@ -177,9 +177,12 @@ def test_localization_bench_small(home: Path, hosts: dict[str, Subject]) -> None
     assert res["exhaustive"]["cost_forward_equiv"] > 0
     for f in res["faults"]:
         assert f["fault"]["ok"] and f["fault"]["benign_kl"] <= CFG.kl_bound
-        # confirm measured zero-ablation necessity for its tie-break, at a recorded cost, and
-        # the bench's recomputation of the rule from the saved evidence is confirm's ranking
-        assert all("ne_zero" in e for e in f["evidence"]) and f["cost"]["tie_break"] > 0
+        # confirm measured zero-ablation necessity for robust necessity and each candidate's
+        # benign damage, at recorded costs, and the bench's recomputation of the rule from the
+        # saved evidence is confirm's ranking
+        assert all("ne_zero" in e for e in f["evidence"]) and f["cost"]["zero_ablation"] > 0
+        assert all("benign_loss_pct" in e for e in f["evidence"])
+        assert f["cost"]["benign_damage"] > 0
         r = FaultResult(**{k: v for k, v in f.items() if k in FaultResult.__dataclass_fields__})
         assert confirm_rule_ranking(r) == list(r.confirm_ranked)
     assert res["rankings"]["rca"] == res["rankings"]["confirm"]

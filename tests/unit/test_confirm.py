@@ -263,9 +263,9 @@ def test_robust_necessity_prefers_the_component_necessary_under_both_ablations()
 
 def test_patching_does_not_veto_an_enabler() -> None:
     """An enabler's output is the same on the counterfactual, so patching it there changes
-    little (small TE), yet ablating it removes the behaviour: the default tie-break ranks it
-    above carriers that only mean-ablation touches. The numbers are the bench's one AC@3 miss
-    under min(TE, NE, NE0): a GPT-2 head -> MLP circuit, its planted head L1.H1 (seed 2)."""
+    little (small TE), yet ablating it removes the behaviour: robust necessity, min(NE, NE0),
+    keeps it in the necessary group. The numbers are a bench fault that a rule taking
+    min(TE, NE, NE0) misses: a GPT-2 head -> MLP circuit, its planted head L1.H1 (seed 2)."""
     m_clean, m_ref = -0.023, -14.32
     gap = m_clean - m_ref
 

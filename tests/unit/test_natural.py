@@ -285,7 +285,9 @@ def test_rca_direct_effects_are_the_exact_ones_and_the_row_renders() -> None:
         assert w["in_top3"] == (w["exact_rank"] <= 3)
         assert w["de_rca"] >= 0.2 * row["gap"]
     assert row["rca"]["infra_in_set"] is False
-    assert 0.0 <= row["rca"]["faithfulness"] <= 1.5  # a share of the gap, recorded
+    circuit = row["rca"]["circuit"]  # recorded with its roles, writers among them
+    assert isinstance(row["rca"]["faithfulness"], float) and circuit["curve"]
+    assert {w["id"] for w in ws} <= {cid for cid, role in circuit["members"] if role == "writer"}
     row["seconds"] = 1.0
     result = {
         "model": "m",
