@@ -454,8 +454,8 @@ def circuit_svg(
 
 
 def circuit_lines(circuit: Mapping[str, Any]) -> list[str]:
-    """The circuit in words: faithfulness, then each role's members, then the curve's rows
-    (markdown table rows: k, the circuit's first k, the attribution ranking's top k)."""
+    """The circuit in words: its faithfulness and reason, then one line per role with its
+    members."""
     out = [
         f"Faithfulness {_f(circuit.get('faithfulness'), '.0%')}: {circuit.get('reason', '')}.",
     ]

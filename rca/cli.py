@@ -631,7 +631,17 @@ def confirm_cmd(
         f"  necessity {cs.necessity:+.3f} ({cs.necessity_fraction:.0%} of the gap), "
         f"sufficiency {cs.sufficiency_fraction:.0%}, p = {cs.p_value:.3f}"
     )
-    t = Table("rank", "component", "attribution", "TE", "DE", "necessity", "p", "verdict")
+    t = Table(
+        "rank",
+        "component",
+        "attribution",
+        "TE",
+        "DE",
+        "necessity",
+        "component p",
+        "benign loss",
+        "verdict",
+    )
     for c in v.ranked():
         t.add_row(
             str(c.rank),
@@ -641,9 +651,27 @@ def confirm_cmd(
             f"{c.direct_effect:+.3f}",
             f"{c.necessity:+.3f}",
             f"{c.p_value:.3f}",
+            _pct(c.benign_loss_pct),
             c.verdict,
         )
     out.print(t)
+    _print_circuit(result.get("circuit"))
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.1f}%"
+
+
+def _print_circuit(circuit: dict[str, Any] | None) -> None:
+    """The circuit in words (``rca.casefile.circuit_lines``), where the run has one."""
+    if not circuit:
+        return
+    from rca.casefile import circuit_lines
+
+    first, *roles = circuit_lines(circuit)
+    out.print(f"  circuit: {first}", highlight=False)
+    for line in roles:
+        out.print(f"    {line}", highlight=False)
 
 
 DbOpt = typer.Option(None, "--db", help="Database file (default: $RCA_DB or ./rca.duckdb).")
@@ -887,7 +915,7 @@ def _print_run_summary(r: dict[str, Any]) -> None:
         f"{', '.join(r['cause_set'])}",
         highlight=False,
     )
-    t = Table("component", "TE", "DE", "necessity", "p", "verdict")
+    t = Table("component", "TE", "DE", "necessity", "component p", "benign loss", "verdict")
     for c in r["causes"]:
         t.add_row(
             c["id"],
@@ -895,9 +923,11 @@ def _print_run_summary(r: dict[str, Any]) -> None:
             f"{c['direct_effect']:+.3f}",
             f"{c['necessity']:+.3f}",
             f"{c['p_value']:.3f}",
+            _pct(c.get("benign_loss_pct")),
             c["verdict"],
         )
     out.print(t)
+    _print_circuit(r.get("circuit"))
     for rem in r["remedies"]:
         out.print(
             ("[green]* [/green]" if rem["recommended"] else "  ") + rem["note"], highlight=False

@@ -676,10 +676,10 @@ def rank_candidates(
     the share of the bad behaviour it removes, ``gap`` is the prompt-to-reference metric gap,
     ``parallel``: the model's attention and MLP read the same input (GPT-NeoX, Phi).
 
-    1. Infrastructure (``CandidateEvidence.infrastructure``: necessary for ordinary text as
-       well) ranks after every specific candidate, by effect: it is never the top cause.
-    2. Of the specific candidates, the leading group: effect share(max(TE, NE)) within
-       ``window`` of the largest.
+    1. The leading group: effect share(max(TE, NE)) within ``window`` of the largest.
+    2. Infrastructure (``CandidateEvidence.infrastructure``: necessary for ordinary text as
+       well) is never the top cause: where the rule below puts it first, the first specific
+       candidate takes rank 1 and the rest keep their order.
     3. Robust necessity, the smaller drop of the two ablations: min(NE, NE0). A cause should
        remove the behaviour whatever its output is ablated to.
     4. In the leading group:
@@ -693,18 +693,29 @@ def rank_candidates(
           reaches ``writer_fraction`` of the gap;
        d. the rest of the necessary group, latest first; then the rest of the leading group
           by robust necessity.
-    5. The rest of the specific candidates by effect, then the infrastructure.
+    5. The rest by effect.
     """
+    ordered = _rule_order(evidence, share=share, gap=gap, config=config, parallel=parallel)
+    first = next((e for e in ordered if not e.infrastructure), None)
+    if first is not None and ordered[0].infrastructure:
+        ordered = [first] + [e for e in ordered if e is not first]
+    return ordered
+
+
+def _rule_order(
+    evidence: Sequence[CandidateEvidence],
+    *,
+    share: Callable[[float], float],
+    gap: float,
+    config: ConfirmConfig,
+    parallel: bool,
+) -> list[CandidateEvidence]:
+    """Steps 1 and 3-5 of ``rank_candidates``, over every candidate."""
     effect = {e.id: share(max(e.total_effect, e.necessity)) for e in evidence}
-    specific = [e for e in evidence if not e.infrastructure]
-    infra = sorted(
-        (e for e in evidence if e.infrastructure),
-        key=lambda e: (-effect[e.id], -max(e.total_effect, e.necessity)),
-    )
-    top = max((effect[e.id] for e in specific), default=0.0)
-    lead = [e for e in specific if top > 0 and effect[e.id] >= (1 - config.window) * top]
+    top = max(effect.values(), default=0.0)
+    lead = [e for e in evidence if top > 0 and effect[e.id] >= (1 - config.window) * top]
     rest = sorted(
-        (e for e in specific if e not in lead),
+        (e for e in evidence if e not in lead),
         key=lambda e: (-effect[e.id], -max(e.total_effect, e.necessity)),
     )
 
@@ -713,7 +724,7 @@ def rank_candidates(
 
     most = max((robust(e) for e in lead), default=0.0)
     if most <= 0:
-        return sorted(lead, key=lambda e: -robust(e)) + rest + infra
+        return sorted(lead, key=lambda e: -robust(e)) + rest
     need = config.necessary_fraction * most
     group = sorted(
         (e for e in lead if robust(e) >= need),
@@ -726,7 +737,7 @@ def rank_candidates(
         out.append(max(writers, key=lambda e: e.direct_effect))
     out += [e for e in group if e not in out]
     out += sorted((e for e in lead if e not in out), key=lambda e: -robust(e))
-    return out + rest + infra
+    return out + rest
 
 
 def verdict_definitions(config: ConfirmConfig | None = None) -> dict[str, str]:

@@ -100,9 +100,12 @@ class CaseRun:
                     "p_value": c.p_value,
                     "verdict": c.verdict,
                     "reason": c.reason,
+                    "benign_loss_pct": c.benign_loss_pct,
+                    "infrastructure": c.infrastructure,
                 }
                 for c in self.verdict.ranked()
             ],
+            "circuit": None if self.verdict.circuit is None else asdict(self.verdict.circuit),
             "remedies": [
                 {
                     "kind": r.kind,

@@ -123,6 +123,17 @@ def idle(driver: Any) -> None:
          "the script run did not finish")  # fmt: skip
 
 
+def toggle(driver: Any, label: str) -> Any:
+    """The clickable label of a Streamlit toggle or checkbox."""
+    return wait(
+        driver,
+        lambda d: next(
+            (e for e in d.find_elements("css selector", "label") if label in e.text), None
+        ),
+        f"no toggle {label!r}",
+    )
+
+
 def button(driver: Any, label: str) -> Any:
     return wait(
         driver,
@@ -148,6 +159,11 @@ def test_open_a_case_see_the_graph_and_add_a_note(demo_db: Path, driver: Any) ->
         button(driver, "Open case").click()
 
         wait(driver, lambda d: "run=" in d.current_url, "Open case did not open the case")
+        # the circuit first, its members as labelled boxes; the full graph behind a toggle
+        circuit = wait(driver, css('svg[aria-label="circuit"]'), "no circuit")[0]
+        assert circuit.find_elements("css selector", "rect[rx]")
+        assert "writer" in circuit.text or "entry" in circuit.text or "route" in circuit.text
+        toggle(driver, "Show the full attribution graph").click()
         svg = wait(driver, css('svg[aria-label="attribution graph"]'), "no graph")[0]
         assert svg.find_elements("css selector", "circle") and svg.find_elements(
             "css selector", "line"
@@ -187,7 +203,8 @@ def test_script_and_img_payloads_render_as_text(xss_db: tuple[Path, str], driver
     db, run_id = xss_db
     with serve(db) as url:
         driver.get(f"{url}/case_detail?run={run_id}")
-        wait(driver, css('svg[aria-label="attribution graph"]'), "no graph")
+        wait(driver, css('svg[aria-label="circuit"], svg[aria-label="attribution graph"]'),
+             "no graph")  # fmt: skip
         wait(driver, body_has(XSS_CASE), "the case did not render")
         idle(driver)
         body = driver.find_element("tag name", "body").text

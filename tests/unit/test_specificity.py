@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -82,9 +84,9 @@ def _incident(s: Subject):
 
 def test_infrastructure_is_reported_but_never_blamed(monkeypatch: pytest.MonkeyPatch) -> None:
     """The one component that carries the incident, given the benign damage of a layer-0 MLP
-    in a real model: it keeps its evidence and gets the verdict word infrastructure, ranks
-    last, and the cause set is made of specific components only (none of which can explain
-    the incident here)."""
+    in a real model: it keeps its evidence and gets the verdict word infrastructure, is not
+    the top cause, and the cause set is made of specific components only (none of which can
+    explain the incident here)."""
     s = one_head_model()
     prompt, base = _incident(s)
     ranking = [("L1.H2", 1.0), ("L0.H0", 0.5), ("L1.MLP", 0.1)]
@@ -104,7 +106,7 @@ def test_infrastructure_is_reported_but_never_blamed(monkeypatch: pytest.MonkeyP
     ev = {c.id: c for c in v.candidates}
     assert ev["L1.H2"].infrastructure and ev["L1.H2"].verdict == "infrastructure"
     assert "ordinary text" in ev["L1.H2"].reason and "172%" in ev["L1.H2"].reason
-    assert v.ranked()[-1].id == "L1.H2"
+    assert v.ranked()[0].id != "L1.H2" and v.ranked()[1].id == "L1.H2"  # second, not first
     assert "L1.H2" not in v.cause_set.components
     assert v.cause_set.verdict == "not_confirmed"
     assert "infrastructure (L1.H2)" in v.cause_set.reason
@@ -190,3 +192,39 @@ def test_a_one_head_incident_is_a_one_writer_circuit() -> None:
     # the attribution ranking's top 1 (an inert head) removes nothing; its top 2 all of it
     assert v.circuit.curve[0]["attribution"] == pytest.approx(0.0, abs=1e-4)
     assert v.circuit.curve[1]["attribution"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_infrastructure_is_never_first_and_otherwise_keeps_its_rank() -> None:
+    """The IOI pattern in SmolLM2: the layer-0 MLP is the latest robustly necessary member of
+    the leading group that every prompt also needs; the head that writes the answer takes the
+    first rank, and the MLP keeps the place the rule gives it (second), not the last."""
+    from rca.confirm import CandidateEvidence, _share_removed, rank_candidates
+
+    def ev(cid: str, te: float, de: float, ne: float, ne0: float, infra: bool = False):
+        return CandidateEvidence(
+            cid, 0.0, te, de, ne, p_value=1.0, necessity_zero=ne0, infrastructure=infra
+        )
+
+    m_clean, m_ref = 6.1, 0.0
+    gap = m_clean - m_ref
+
+    def share(d: float) -> float:
+        return _share_removed(m_clean, m_ref, d, conts=2)
+
+    cands = [
+        ev("L0.MLP", te=11.6, de=0.0, ne=9.4, ne0=9.0, infra=True),
+        ev("L23.H3", te=6.0, de=6.19, ne=5.5, ne0=3.0),
+        ev("L12.H4", te=0.5, de=0.0, ne=0.6, ne0=0.2),
+    ]
+    cfg = ConfirmConfig()
+    plain = [replace(e, infrastructure=False) for e in cands]
+    assert [e.id for e in rank_candidates(plain, share=share, gap=gap, config=cfg)] == [
+        "L0.MLP",
+        "L23.H3",
+        "L12.H4",
+    ]
+    assert [e.id for e in rank_candidates(cands, share=share, gap=gap, config=cfg)] == [
+        "L23.H3",
+        "L0.MLP",
+        "L12.H4",
+    ]
