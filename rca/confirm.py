@@ -19,8 +19,8 @@ module runs them, many at once:
 - **Specificity**: each candidate's benign damage, the LM-loss change and KL on ordinary text
   when it is mean-ablated (``rca.specificity``); a component that ordinary text needs as well
   (``rca.verdicts.INFRASTRUCTURE_LOSS_PCT``) is *infrastructure*: reported, never blamed.
-- **Ranking** (``rank_candidates``): infrastructure last; of the rest, a candidate's effect is
-  the share of P(bad) that max(TE, NE) removes, and the leading group is every candidate within
+- **Ranking** (``rank_candidates``): infrastructure is never first; a candidate's effect is the
+  share of P(bad) that max(TE, NE) removes, and the leading group is every candidate within
   ``window`` of the largest. Its robust necessity is min(NE, NE0), the smaller drop of both
   ablations. The first rank goes to the origin, the robustly necessary member (at least
   ``necessary_fraction`` of the largest) that computes latest: carriers of the trigger's
@@ -1089,8 +1089,8 @@ def confirm(
         own = e.total_effect if set_src == "baseline" else e.necessity
         e.p_value = empirical_p_value(own, null, tol=tol)
 
-    # ranking (docs/confirm.md): infrastructure last; the leading group by the share of the bad
-    # behaviour removed, the origin first, then the writer; the rest by effect
+    # ranking (docs/confirm.md): the leading group by the share of the bad behaviour removed,
+    # the origin first, then the writer, the rest by effect; infrastructure never first
     def share_of(drop: float) -> float:
         return _share_removed(m_clean, m_ref, drop, conts=target.n_conts)
 
