@@ -25,6 +25,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from rca.circuit import site_label
 from rca.verdicts import definitions
 
 __all__ = [
@@ -380,6 +381,20 @@ def circuit_of(run: Mapping[str, Any]) -> dict[str, Any] | None:
     return c if isinstance(c, Mapping) and c.get("members") is not None else None  # type: ignore[return-value]
 
 
+def member_label(m: Mapping[str, Any]) -> str:
+    """A circuit member's id at its positions (``L3.H2@7``, ``L3.H2@{5,7}``)."""
+    return site_label(str(m["id"]), [int(p) for p in m.get("positions") or []])
+
+
+def _where(circuit: Mapping[str, Any], positions: Sequence[int]) -> str:
+    """``position 9 (' John')`` or ``positions 5, 6 (' a', ' b')``, with the tokens recorded."""
+    toks = circuit.get("tokens") or {}
+    words = [repr(toks[str(p)]) for p in positions if str(p) in toks]
+    at = ", ".join(str(p) for p in positions)
+    head = f"position {at}" if len(positions) == 1 else f"positions {at}"
+    return f"{head} ({', '.join(words)})" if len(words) == len(positions) else head
+
+
 def circuit_svg(
     circuit: Mapping[str, Any],
     edges: Sequence[Mapping[str, Any]] = (),
@@ -387,82 +402,138 @@ def circuit_svg(
     width: int = 900,
     height: int = 260,
 ) -> str:
-    """Inline SVG of the circuit alone: its members left to right in forward order, one row per
-    role (entry, route, writer; infrastructure greyed below), the writers joined to LOGITS, and
-    the recorded edges between members (red toward the bad continuation, blue against)."""
+    """Inline SVG of the circuit alone: its members at their positions, left to right in
+    forward order, one row per role (entry, route, writer; infrastructure greyed below), each
+    with its position's token; its path-patched edges (verified ones drawn, width by the share
+    of the gap, red toward the bad continuation, blue against) and the writers' edges to
+    LOGITS. A circuit recorded without edges of its own draws ``edges`` (the trace's) between
+    its members."""
     members = list(circuit.get("members") or [])
+    toks = circuit.get("tokens") or {}
 
-    def where(cid: str) -> tuple[int, float, int]:
-        m = re.match(r"L(\d+)\.(H(\d+)|MLP)", cid)
-        if not m:
+    def where(m: Mapping[str, Any]) -> tuple[int, float, int]:
+        g = re.match(r"L(\d+)\.(H(\d+)|MLP)", str(m["id"]))
+        if not g:
             return (0, 0.0, 0)
-        return (int(m.group(1)), 0.5 if m.group(2) == "MLP" else 0.0, int(m.group(3) or 0))
+        return (int(g.group(1)), 0.5 if g.group(2) == "MLP" else 0.0, int(g.group(3) or 0))
 
-    ordered = sorted(members, key=lambda m: where(str(m["id"])))
+    ordered = sorted(members, key=where)
     n = max(1, len(ordered))
     pos: dict[str, tuple[float, float]] = {}
     for i, m in enumerate(ordered):
-        x = 60 + (width - 200) * (i / max(1, n - 1)) if n > 1 else width / 2 - 70
-        pos[str(m["id"])] = (x, height * _ROLE_Y.get(str(m.get("role")), 0.45))
+        x = 70 + (width - 220) * (i / max(1, n - 1)) if n > 1 else width / 2 - 70
+        pos[member_label(m)] = (x, height * _ROLE_Y.get(str(m.get("role")), 0.45))
+    by_id = {str(m["id"]): member_label(m) for m in ordered}
     logits = (width - 50.0, height * _ROLE_Y["writer"])
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="circuit">',
         f'<rect width="{width}" height="{height}" fill="#fafafa"/>',
     ]
-    inside = [e for e in edges if e.get("source") in pos and e.get("target") in pos]
-    wmax = max((abs(float(e["score"])) for e in inside), default=1.0) or 1.0
-    for e in inside:
-        (x1, y1), (x2, y2) = pos[str(e["source"])], pos[str(e["target"])]
-        sc = float(e["score"])
+    own = list(circuit.get("edges") or [])
+    if own:
+        lines = [
+            (str(e["source"]), str(e["target"]), float(e["share"]), float(e["effect"]))
+            for e in own
+            if e.get("verified")
+        ]
+    else:  # the trace's edges between the members
+        lines = [
+            (by_id[str(e["source"])], by_id[str(e["target"])], float(e["score"]), float(e["score"]))
+            for e in edges
+            if e.get("source") in by_id and e.get("target") in by_id
+        ]
+        lines += [
+            (member_label(m), "LOGITS", 1.0, 0.0) for m in ordered if m.get("role") == "writer"
+        ]
+    wmax = max((abs(w) for *_, w, _ in lines), default=1.0) or 1.0
+    for src, dst, w, eff in lines:
+        if src not in pos or (dst not in pos and dst != "LOGITS"):
+            continue
+        (x1, y1), (x2, y2) = pos[src], (logits if dst == "LOGITS" else pos[dst])
+        tip = f"{src} -> {dst}" + (f": {w:.0%} of the gap ({eff:+.3f})" if own else f": {w:+.4f}")
         parts.append(
             f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" '
-            f'stroke="{"#c0392b" if sc > 0 else "#2e6fba"}" '
-            f'stroke-width="{0.5 + 4 * abs(sc) / wmax:.2f}" stroke-opacity="0.5">'
-            f"<title>{_e(e['source'])} &#8594; {_e(e['target'])}: {sc:+.4f}</title></line>"
+            f'stroke="{"#c0392b" if w > 0 else "#2e6fba"}" '
+            f'stroke-width="{0.8 + 4 * abs(w) / wmax:.2f}" stroke-opacity="0.55">'
+            f"<title>{_e(tip)}</title></line>"
         )
-    for m in ordered:
-        if m.get("role") == "writer":
-            x, y = pos[str(m["id"])]
-            parts.append(
-                f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{logits[0]:.1f}" y2="{logits[1]:.1f}" '
-                'stroke="#c0392b" stroke-width="2" stroke-opacity="0.6"/>'
-            )
     parts.append(
         f'<text x="{logits[0]:.1f}" y="{logits[1] + 4:.1f}" font-size="12" text-anchor="middle" '
         'font-family="sans-serif" font-weight="bold">LOGITS</text>'
     )
     for m in ordered:
-        x, y = pos[str(m["id"])]
+        label = member_label(m)
+        x, y = pos[label]
         role = str(m.get("role"))
         de = m.get("direct_effect")
-        tip = f"{m['id']} ({role}): TE {_f(m.get('total_effect'))}, DE {_f(de)}"
+        tip = f"{label} ({role}): TE {_f(m.get('total_effect'))}, DE {_f(de)}"
+        if m.get("position_effect") is not None and m.get("positions"):
+            tip += f", at its positions alone {_f(m.get('position_effect'))}"
+        w = max(68, 7 * len(label) + 12)
         parts.append(
-            f'<rect x="{x - 34:.1f}" y="{y - 11:.1f}" width="68" height="22" rx="5" '
+            f'<rect x="{x - w / 2:.1f}" y="{y - 11:.1f}" width="{w}" height="22" rx="5" '
             f'fill="{_ROLE_FILL.get(role, "#eee")}" stroke="#333"><title>{_e(tip)}</title></rect>'
         )
         parts.append(
             f'<text x="{x:.1f}" y="{y + 4:.1f}" font-size="11" text-anchor="middle" '
-            f'font-family="sans-serif">{_e(m["id"])}</text>'
+            f'font-family="sans-serif">{_e(label)}</text>'
         )
+        words = [repr(toks[str(p)]) for p in m.get("positions") or [] if str(p) in toks]
+        under = role + (f" · {' '.join(words)}" if words else "")
         parts.append(
             f'<text x="{x:.1f}" y="{y + 24:.1f}" font-size="9" text-anchor="middle" '
-            f'font-family="sans-serif" fill="#555">{_e(role)}</text>'
+            f'font-family="sans-serif" fill="#555">{_e(under)}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
 
 
 def circuit_lines(circuit: Mapping[str, Any]) -> list[str]:
-    """The circuit in words: its faithfulness and reason, then one line per role with its
-    members."""
+    """The circuit in words: its faithfulness and reason; where the incident enters and where
+    the bad continuation is written; one line per role with its members at their positions;
+    the edges that path patching verified."""
+    members = list(circuit.get("members") or [])
     out = [
         f"Faithfulness {_f(circuit.get('faithfulness'), '.0%')}: {circuit.get('reason', '')}.",
     ]
+    entry = [int(p) for p in circuit.get("entry_positions") or []]
+    if entry:
+        at = [m for m in members if m.get("positions") and set(m["positions"]) <= set(entry)]
+        line = (
+            f"The incident enters at {_where(circuit, entry)}, where the prompt differs from "
+            "its counterfactual"
+        )
+        specific = [member_label(m) for m in at if m.get("role") != "infrastructure"]
+        infra = [member_label(m) for m in at if m.get("role") == "infrastructure"]
+        if specific:
+            line += f"; there it is carried by {', '.join(specific)}"
+        if infra:
+            line += f"; infrastructure there: {', '.join(infra)}"
+        out.append(line)
+    writers = [m for m in members if m.get("role") == "writer"]
+    wpos = sorted({int(p) for m in writers for p in m.get("positions") or []})
+    if writers and wpos:
+        out.append(
+            f"The bad continuation is written at {_where(circuit, wpos)} by "
+            f"{', '.join(member_label(m) for m in writers)}"
+        )
     for role in ("entry", "route", "writer", "infrastructure"):
-        ids = [str(m["id"]) for m in circuit.get("members") or [] if m.get("role") == role]
+        ids = [member_label(m) for m in members if m.get("role") == role]
         if ids:
             out.append(f"{role}: {', '.join(ids)}")
+    edges = [e for e in circuit.get("edges") or [] if e.get("target") != "LOGITS"]
+    if edges:
+        ok = sorted((e for e in edges if e.get("verified")), key=lambda e: -float(e["share"]))
+        text = "; ".join(
+            f"{e['source']} -> {e['target']} {float(e['share']):.0%} of the gap" for e in ok
+        )
+        rest = len(edges) - len(ok)
+        out.append(
+            "edges, each path patched alone: "
+            + (text or "none carries its share")
+            + (f" ({rest} other pair{'s' if rest != 1 else ''} below the bound)" if rest else "")
+        )
     return out
 
 
@@ -643,12 +714,13 @@ def _case_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
                 "Faithfulness of the first k components (the circuit's order, and the trace's "
                 "attribution ranking):",
                 "",
-                "| k | circuit | attribution top-k |",
-                "|---:|---:|---:|",
+                "| k | circuit | attribution top-k | attribution top-k, infrastructure left out |",
+                "|---:|---:|---:|---:|",
             ]
             lines += [
                 f"| {int(r['k'])} | {_f(r.get('circuit'), '.0%')} | "
-                f"{_f(r.get('attribution'), '.0%')} |"
+                f"{_f(r.get('attribution'), '.0%')} | "
+                f"{_f(r.get('attribution_specific'), '.0%')} |"
                 for r in curve
             ]
     lines += ["", "## Remediation", ""]
@@ -795,7 +867,8 @@ def render_html(run: Mapping[str, Any]) -> str:
         text = circuit_lines(circuit)
         rows = "".join(
             f"<tr><td>{int(r['k'])}</td><td>{_f(r.get('circuit'), '.0%')}</td>"
-            f"<td>{_f(r.get('attribution'), '.0%')}</td></tr>"
+            f"<td>{_f(r.get('attribution'), '.0%')}</td>"
+            f"<td>{_f(r.get('attribution_specific'), '.0%')}</td></tr>"
             for r in circuit.get("curve") or []
         )
         circuit_html = (
@@ -803,7 +876,8 @@ def render_html(run: Mapping[str, Any]) -> str:
             + circuit_svg(circuit, run.get("edges", []))
             + "<ul>"
             + "".join(f"<li>{_e(t)}</li>" for t in text[1:])
-            + "</ul><table><tr><th>k</th><th>circuit</th><th>attribution top-k</th></tr>"
+            + "</ul><table><tr><th>k</th><th>circuit</th><th>attribution top-k</th>"
+            + "<th>attribution top-k, infrastructure left out</th></tr>"
             + rows
             + "</table>"
         )

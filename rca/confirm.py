@@ -47,18 +47,22 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from rca.benign import benign_prompts
-from rca.hooks import layers_frozen, layers_skipped, padded_batch, top_mlp_trimmed
+from rca.circuit import Circuit, CircuitMember, build_circuit, forward_position
+from rca.hooks import layers_frozen, layers_skipped, padded_batch, run_until, top_mlp_trimmed
 from rca.ids import parse_id
 from rca.metric import Target, encode_text, logits_kwargs
 from rca.specificity import BenignError, benign_damage, encoded
 from rca.subject import Subject
 from rca.verdicts import definitions
+
+if TYPE_CHECKING:
+    from rca.trace.components import ComponentScores
 
 __all__ = [
     "Ablator",
@@ -201,6 +205,8 @@ class Ablator:
         self.forward_equiv = 0.0
         self.n_reused = 0  # variants answered from an earlier run of the same variant
         self._memo: dict[tuple[tuple[str, str], ...], float] = {}
+        # named values beyond SOURCES: source name -> site key -> (rows, pos, width)
+        self.sources: dict[str, dict[str, torch.Tensor]] = {}
         self.clean, self.layer_out, self.metric_clean = self._record_target(target)
         self.base: dict[str, torch.Tensor] | None = None
         self.metric_baseline: float | None = None
@@ -309,6 +315,8 @@ class Ablator:
     # -- values ------------------------------------------------------------------------------
     def _site(self, cid: str) -> tuple[str, slice, int]:
         c = parse_id(cid)
+        if c.pos is not None and c.pos >= self.t.length:
+            raise ConfirmError(f"{cid}: position out of range 0..{self.t.length - 1}")
         if c.kind == "head":
             assert c.layer is not None and c.index is not None
             d = self.a.d_head
@@ -321,6 +329,8 @@ class Ablator:
     def _value(self, key: str, source: str, variant_index: int) -> torch.Tensor:
         """The replacement for one site, shaped to broadcast to (rows, pos, width)."""
         clean = self.clean[key]
+        if source in self.sources:
+            return self.sources[source][key]
         if source == "zero":
             return torch.zeros_like(clean)
         if source == "clean":
@@ -409,44 +419,56 @@ class Ablator:
         self.n_reused += len(variants) - len(todo)
         return out
 
-    def _run_chunk(self, variants: list[Variant], indices: list[int]) -> torch.Tensor:
+    def _edit_hooks(self, variants: list[Variant], indices: list[int]) -> list[Any]:
+        """Hooks that set each batch element's sites to its variant's values; the caller
+        removes them."""
         K, rows = len(variants), self.t.rows
         dev = self.s.device
-        # per site: mask (K, width) and values (K, rows, pos, width)
+        # per site: mask (K, pos, width) and values (K, rows, pos, width); an id with a
+        # position ("L3.H2@7") edits that position only
         edits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for k, (variant, vidx) in enumerate(zip(variants, indices, strict=True)):
             for cid, source in variant.items():
                 key, sl, _ = self._site(cid)
+                pos = parse_id(cid).pos
+                at = slice(None) if pos is None else slice(pos, pos + 1)
                 clean = self.clean[key]
                 if key not in edits:
                     edits[key] = (
-                        torch.zeros(K, clean.shape[-1], device=dev, dtype=clean.dtype),
+                        torch.zeros(K, *clean.shape[1:], device=dev, dtype=clean.dtype),
                         torch.zeros(K, *clean.shape, device=dev, dtype=clean.dtype),
                     )
                 mask, values = edits[key]
-                mask[k, sl] = 1
-                values[k, ..., sl] = self._value(key, source, vidx)[..., sl]
+                mask[k, at, sl] = 1
+                values[k, :, at, sl] = self._value(key, source, vidx)[..., at, sl]
+        handles = []
+        for key, mod, pre in self._site_keys():
+            if key not in edits:
+                continue
+            mask, values = edits[key]
+
+            def apply(x: torch.Tensor, _m=mask, _v=values) -> torch.Tensor:
+                xv = x.view(K, rows, *x.shape[1:])
+                m = _m.unsqueeze(1)  # (K, 1, pos, width)
+                return (xv * (1 - m) + _v * m).view_as(x)
+
+            if pre:
+                handles.append(
+                    mod.register_forward_pre_hook(lambda mm, a, _f=apply: (_f(a[0]), *a[1:]))
+                )
+            else:
+                handles.append(mod.register_forward_hook(lambda mm, a, o, _f=apply: _f(o)))
+        return handles
+
+    def _run_chunk(self, variants: list[Variant], indices: list[int]) -> torch.Tensor:
+        K, rows = len(variants), self.t.rows
+        dev = self.s.device
         first = min((self.first_layer(v) for v in variants), default=self.a.n_layers)
         first = min(first, self.a.n_layers) if self.reuse else 0
         last = max(self.last_layer(v) for v in variants) if self.reuse else self.a.n_layers - 1
         handles = []
         try:
-            for key, mod, pre in self._site_keys():
-                if key not in edits:
-                    continue
-                mask, values = edits[key]
-
-                def apply(x: torch.Tensor, _m=mask, _v=values) -> torch.Tensor:
-                    xv = x.view(K, rows, *x.shape[1:])
-                    m = _m.view(K, 1, 1, -1)
-                    return (xv * (1 - m) + _v * m).view_as(x)
-
-                if pre:
-                    handles.append(
-                        mod.register_forward_pre_hook(lambda mm, a, _f=apply: (_f(a[0]), *a[1:]))
-                    )
-                else:
-                    handles.append(mod.register_forward_hook(lambda mm, a, o, _f=apply: _f(o)))
+            handles = self._edit_hooks(variants, indices)
             ids = self.t.input_ids(K, device=dev)
             below = self.layer_out[first - 1] if first > 0 else None
             # no KV cache: the stubs would leave holes in it, and nothing is generated; the top
@@ -466,6 +488,96 @@ class Ablator:
         computed = max(0, last + 1 - first) / self.a.n_layers
         self.forward_equiv += K * computed
         return self.t.metric(logits).float().cpu()
+
+    # -- path patching -----------------------------------------------------------------------
+    def _write_hook(self, out: list[torch.Tensor]) -> Callable[..., None]:
+        def keep(m: nn.Module, a: Any, o: Any) -> None:
+            out.append((o[0] if isinstance(o, tuple) else o).detach().clone())
+
+        return keep
+
+    @torch.inference_mode()
+    def write_delta(self, sites: Sequence[str], source: str) -> torch.Tensor:
+        """What one component writes into the residual stream when ``sites`` (its id, or its
+        id at positions) are set to ``source``, minus what it writes on the clean run:
+        (rows, pos, d_model). Only its own layer runs; a head's MLP in a sequential layer is
+        held clean, so the difference is the head's write alone, after any norm the
+        architecture applies to it before the add."""
+        c = parse_id(sites[0])
+        layer = self._site(sites[0])[2]
+        variant: Variant = dict.fromkeys(sites, source)
+        if c.kind == "head" and not self.a.parallel:
+            variant[f"L{layer}.MLP"] = "clean"
+        out: list[torch.Tensor] = []
+        handles = self._edit_hooks([variant], [0])
+        handles.append(self.a.layer(layer).register_forward_hook(self._write_hook(out)))
+        try:
+            below = self.layer_out[layer - 1] if layer > 0 else None
+            with layers_skipped(self.s, layer, below):
+                run_until(
+                    self.s,
+                    layer,
+                    input_ids=self.t.input_ids(1, device=self.s.device),
+                    use_cache=False,
+                )
+        finally:
+            for h in handles:
+                h.remove()
+        self.forward_equiv += 1 / self.a.n_layers
+        return out[0] - self.layer_out[layer]
+
+    @torch.inference_mode()
+    def read_through(self, sites: Sequence[str], delta: torch.Tensor, name: str) -> None:
+        """Register, as the value source ``name``, what the component of ``sites`` computes when
+        the residual stream it reads (the input of its attention or MLP norm) carries ``delta``
+        on top of the clean run, everything else clean. Setting ``sites`` to ``name`` then
+        patches the path from the writer of ``delta`` to this component alone: path patching."""
+        c = parse_id(sites[0])
+        key, _, layer = self._site(sites[0])
+        norm = self.a.attn_norm(layer) if c.kind == "head" else self.a.mlp_norm(layer)
+
+        def add(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if args:
+                return (args[0] + delta.to(args[0].dtype), *args[1:]), kwargs
+            x = kwargs["hidden_states"]
+            return args, {**kwargs, "hidden_states": x + delta.to(x.dtype)}
+
+        acts: dict[str, torch.Tensor] = {}
+        handles = [norm.register_forward_pre_hook(add, with_kwargs=True)]
+        handles += self._site_hooks(acts, clone=True)
+        try:
+            below = self.layer_out[layer - 1] if layer > 0 else None
+            with layers_skipped(self.s, layer, below):
+                run_until(
+                    self.s,
+                    layer,
+                    input_ids=self.t.input_ids(1, device=self.s.device),
+                    use_cache=False,
+                )
+        finally:
+            for h in handles:
+                h.remove()
+        self.forward_equiv += 1 / self.a.n_layers
+        self.sources[name] = {key: acts[key]}
+
+    def path_effects(
+        self, pairs: Sequence[tuple[Sequence[str], Sequence[str]]], source: str
+    ) -> list[float]:
+        """The metric drop when only the path from each pair's first component to its second
+        is patched: the first's sites set to ``source`` as the second reads them, nothing else
+        changed. ``pairs``: (sites of the upstream component, sites of the downstream one), each
+        a component id or that id at positions."""
+        deltas: dict[tuple[str, ...], torch.Tensor] = {}
+        variants: list[Variant] = []
+        for up, down in pairs:
+            u = tuple(up)
+            if u not in deltas:
+                deltas[u] = self.write_delta(u, source)
+            name = f"path:{'+'.join(u)}>{'+'.join(down)}:{source}"
+            self.read_through(down, deltas[u], name)
+            variants.append(dict.fromkeys(down, name))
+        vals = self.run(variants) if variants else torch.empty(0)
+        return [self.metric_clean - float(v) for v in vals]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,6 +604,8 @@ class ConfirmConfig:
     max_set: int = 6
     max_circuit: int = 8  # the most specific members a circuit grows to
     faithful_fraction: float = 0.8  # a circuit must remove this share of the gap, patched alone
+    # a member resolved to positions keeps this share of its total effect patched there alone
+    position_fraction: float = 0.8
     benign_prompts: int = 16  # ordinary-text prompts each candidate's benign damage is measured on
     batch_size: int = 0  # variants per forward; 0: auto_batch_size (4 on a CPU, 64 on a GPU)
     seed: int = 0
@@ -506,6 +620,7 @@ class ConfirmConfig:
         for name in (
             "set_fraction",
             "faithful_fraction",
+            "position_fraction",
             "component_fraction",
             "window",
             "alpha",
@@ -556,38 +671,6 @@ class SetEvidence:
     random_scope: str
     verdict: str = "inconclusive"
     reason: str = ""
-
-
-@dataclass
-class CircuitMember:
-    id: str
-    role: str  # entry | route | writer | infrastructure (ROLES)
-    total_effect: float
-    direct_effect: float
-    benign_loss_pct: float | None = None
-
-
-@dataclass
-class Circuit:
-    """The verdict as a small subgraph: the specific components that carry the incident, each
-    with its role, and the infrastructure beside them (``docs/confirm.md``, "The circuit")."""
-
-    members: list[CircuitMember]
-    # the share of the gap removed when only the specific members are patched to the baseline
-    # (the counterfactual; the set ablation where there is none)
-    faithfulness: float
-    patch: str  # "counterfactual" or the ablation kind
-    # faithfulness of the first k components, in the circuit's order and in the attribution
-    # ranking's (EAP-IG's top k, infrastructure included): [{"k", "circuit", "attribution"}]
-    curve: list[dict[str, float | None]]
-    reason: str
-
-    def ids(self, role: str | None = None) -> list[str]:
-        return [m.id for m in self.members if role is None or m.role == role]
-
-    @property
-    def specific(self) -> list[str]:
-        return [m.id for m in self.members if m.role != "infrastructure"]
 
 
 @dataclass
@@ -656,14 +739,6 @@ def _share_removed(m_clean: float, m_ref: float, drop: float, *, conts: int) -> 
     return (p0 - _as_probability(m_clean - drop, conts)) / max(p0 - pr, 1e-9)
 
 
-def _forward_position(cid: str, *, parallel: bool) -> tuple[int, int]:
-    """Where a head or MLP computes in the forward pass: (layer, 0 for attention, 1 for the MLP
-    after it); in parallel blocks (GPT-NeoX, Phi) both read the same input: (layer, 0)."""
-    c = parse_id(cid)
-    assert c.layer is not None
-    return (c.layer, 1 if c.kind == "mlp" and not parallel else 0)
-
-
 def rank_candidates(
     evidence: Sequence[CandidateEvidence],
     *,
@@ -728,7 +803,7 @@ def _rule_order(
     need = config.necessary_fraction * most
     group = sorted(
         (e for e in lead if robust(e) >= need),
-        key=lambda e: (_forward_position(e.id, parallel=parallel), e.direct_effect),
+        key=lambda e: (forward_position(e.id, parallel=parallel), e.direct_effect),
         reverse=True,
     )
     out = group[:1]
@@ -823,100 +898,26 @@ def _benign_forward_equiv(
     return tokens * (1 + sum((n - (parse_id(c).layer or 0)) / n for c in components))
 
 
-ROLES = ("entry", "route", "writer", "infrastructure")
+def _trace_views(
+    scores: ComponentScores | None,
+) -> tuple[dict[str, list[float]] | None, Callable[[str, str], float | None] | None]:
+    """The trace's position-resolved attribution (component -> score per position) and its
+    edge scores, where it has them."""
+    if scores is None:
+        return None, None
+    per_position = {n: scores.per_position[i].tolist() for i, n in enumerate(scores.nodes)}
+    if scores.edges is None:
+        return per_position, None
+    up = {n: i for i, n in enumerate(scores.up)}
+    down = {n: j for j, n in enumerate(scores.down)}
+    edges = scores.edges
 
+    def edge_score(u: str, d: str) -> float | None:
+        if u not in up or d not in down:
+            return None
+        return float(edges[up[u], down[d]])
 
-def _circuit(
-    ab: Ablator,
-    ordered: Sequence[CandidateEvidence],
-    attribution: Sequence[str],
-    *,
-    src: str,
-    m_clean: float,
-    gap: float,
-    cfg: ConfirmConfig,
-    parallel: bool,
-) -> Circuit:
-    """The circuit: the specific writers (direct effect at least ``writer_fraction`` of the
-    gap), then the other specific candidates in rank order, grown until patching them alone to
-    the baseline (``src``) removes ``faithful_fraction`` of the gap (at most ``max_circuit``);
-    then each member but a writer is dropped that the rest does without. Roles: writer; the
-    entry is the member that computes first (the earliest place the prompt's difference
-    matters), where it is not a writer; the rest route. The infrastructure among the
-    candidates is listed beside them. Faithfulness is also measured for the first k components
-    of the circuit's order and of the attribution ranking, k = 1 .. ``max_circuit``."""
-    specific = [e for e in ordered if not e.infrastructure]
-    by_id = {e.id: e for e in ordered}
-
-    def removed(sets: Sequence[Sequence[str]]) -> list[float]:
-        """The share of the gap each set removes, patched to the baseline alone."""
-        vals = ab.run([dict.fromkeys(x, src) for x in sets], index_offset=60_000)
-        return [(m_clean - float(v)) / gap for v in vals]
-
-    # the writers first: the specific candidates whose direct effect reaches writer_fraction of
-    # the gap put the bad continuation on the logits, and a circuit without them is not one
-    need = cfg.writer_fraction * gap
-    writers = [e.id for e in specific if e.direct_effect >= need][: cfg.max_circuit]
-    order = (writers + [e.id for e in specific if e.id not in writers])[: cfg.max_circuit]
-    start = max(1, len(writers))
-    prefixes = [order[:k] for k in range(start, len(order) + 1)]
-    fr = removed(prefixes) if prefixes else []
-    members: list[str] = []
-    for p, f in zip(prefixes, fr, strict=True):
-        members = p
-        if f >= cfg.faithful_fraction:
-            break
-    if len(members) > 1 and max(fr, default=0.0) >= cfg.faithful_fraction:
-        for c in [x for x in members if x not in writers]:
-            rest = [x for x in members if x != c]
-            if removed([rest])[0] >= cfg.faithful_fraction:
-                members = rest
-    faith = removed([members])[0] if members else 0.0
-    top = [c for c in attribution][: cfg.max_circuit]
-    ks = range(1, max(len(order), len(top)) + 1)
-    ours = removed([order[:k] for k in ks if k <= len(order)])
-    theirs = removed([top[:k] for k in ks if k <= len(top)])
-    curve = [
-        {
-            "k": k,
-            "circuit": ours[k - 1] if k <= len(ours) else None,
-            "attribution": theirs[k - 1] if k <= len(theirs) else None,
-        }
-        for k in ks
-    ]
-    first = min(members, key=lambda c: _forward_position(c, parallel=parallel), default=None)
-    out: list[CircuitMember] = []
-    for c in sorted(members, key=lambda c: _forward_position(c, parallel=parallel)):
-        e = by_id[c]
-        role = "writer" if c in writers else ("entry" if c == first else "route")
-        out.append(CircuitMember(c, role, e.total_effect, e.direct_effect, e.benign_loss_pct))
-    for e in ordered:
-        if e.infrastructure:
-            out.append(
-                CircuitMember(
-                    e.id, "infrastructure", e.total_effect, e.direct_effect, e.benign_loss_pct
-                )
-            )
-    how = "patched to the counterfactual" if src == "baseline" else f"{src}-ablated"
-    if not members:
-        reason = "no candidate is specific to the incident"
-    elif faith >= cfg.faithful_fraction:
-        reason = (
-            f"its {len(members)} specific members, {how} alone, remove {faith:.0%} of the gap "
-            f"(>= {cfg.faithful_fraction:.0%})"
-        )
-    else:
-        reason = (
-            f"its {len(members)} specific members, {how} alone, remove {faith:.0%} of the gap, "
-            f"under the {cfg.faithful_fraction:.0%} a faithful circuit needs"
-        )
-    return Circuit(
-        out,
-        faith,
-        "counterfactual" if src == "baseline" else src,
-        curve,
-        reason,
-    )
+    return per_position, edge_score
 
 
 def _kind_of(cid: str) -> str:
@@ -967,12 +968,15 @@ def confirm(
     reference: Sequence[str] | Sequence[Sequence[int]] = (),
     config: ConfirmConfig | None = None,
     progress: Callable[[str, float], None] | None = None,
+    scores: ComponentScores | None = None,
 ) -> Verdict:
     """Verify the ranked candidates of a trace and find a minimal confirmed cause set.
 
     ``ranking``: (component id, attribution score) from the trace, best first; ids other than
     heads and MLPs are skipped. ``baseline``: the counterfactual target the trace used (None for
-    a mean baseline, when TE and DE use the mean too).
+    a mean baseline, when TE and DE use the mean too). ``scores``: the trace's scores, whose
+    position-resolved attribution places the circuit's members and whose edge scores go with
+    its edges (without them, members are placed by patching alone and edges carry no score).
     """
     cfg = config or ConfirmConfig()
     say = progress or (lambda stage, frac: None)
@@ -1211,7 +1215,19 @@ def confirm(
             cfg=cfg,
         )
     say("circuit", 0.95)
-    circuit = _circuit(
+    fe_circuit, t_circuit = ab.forward_equiv, time.perf_counter()
+    per_position, edge_score = _trace_views(scores)
+    differing = (
+        [
+            p
+            for p, (a, b) in enumerate(zip(target.prompt_ids, baseline.prompt_ids, strict=True))
+            if a != b
+        ]
+        if baseline is not None
+        else []
+    )
+    ids = target.input_ids(1)[0].tolist()
+    circuit = build_circuit(
         ab,
         ordered,
         [c for c, _ in ranking if c in set(ab.components)],
@@ -1219,8 +1235,16 @@ def confirm(
         m_clean=m_clean,
         gap=gap,
         cfg=cfg,
-        parallel=ab.a.parallel,
+        per_position=per_position,
+        edge_score=edge_score,
+        differing=differing,
+        token_text=(
+            (lambda p: str(subject.tokenizer.decode([ids[p]])))
+            if subject.tokenizer is not None
+            else None
+        ),
     )
+    fe_circuit, t_circuit = ab.forward_equiv - fe_circuit, time.perf_counter() - t_circuit
     say("done", 1.0)
     return Verdict(
         metric_clean=m_clean,
@@ -1240,6 +1264,8 @@ def confirm(
             "forward_equiv": ab.forward_equiv + 2 + (1 if baseline is not None else 0),
             "zero_ablation_forward_equiv": zero_cost,  # of which the zero ablations (NE0)
             "benign_forward_equiv": benign_equiv,  # the benign damage, not in forward_equiv
+            "circuit_forward_equiv": fe_circuit,  # of forward_equiv: the circuit's experiments
+            "circuit_seconds": t_circuit,
             "benign_seconds": t_benign,
             "benign_prompts": max((d.n_prompts for d in damage.values()), default=0),
             "reference_prompts": len(ab.refs),

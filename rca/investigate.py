@@ -259,6 +259,7 @@ def investigate(
         reference=refs,
         config=confirm_cfg,
         progress=lambda s, f: say("confirm", 0.4 + 0.35 * f),
+        scores=att.components,
     )
     timings["confirm"] = time.perf_counter() - t
     release_memory()

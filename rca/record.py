@@ -20,6 +20,47 @@ def _layer(cid: str) -> int | None:
     return int(cid[1:].split(".")[0]) if cid.startswith("L") else None
 
 
+def _circuit_ablations(circuit: Any, metric_clean: float, kind: str) -> list[dict[str, Any]]:
+    """The circuit's own experiments: each member patched at its positions alone, the
+    specific members together (faithfulness), and each edge's path patched alone."""
+    out: list[dict[str, Any]] = [
+        {
+            "experiment": "position_patch",
+            "components": m.sites,
+            "kind": kind,
+            "metric": metric_clean - m.position_effect,
+            "effect": m.position_effect,
+            "details": {"role": m.role, "total_effect": m.total_effect},
+        }
+        for m in circuit.members
+        if m.positions and m.position_effect is not None
+    ]
+    out.append(
+        {
+            "experiment": "circuit",
+            "components": [
+                x for m in circuit.members if m.role != "infrastructure" for x in m.sites
+            ],
+            "kind": kind,
+            "effect": circuit.faithfulness,
+            "details": {"what": "specific members patched alone; effect = share of the gap"},
+        }
+    )
+    out += [
+        {
+            "experiment": "path_patch",
+            "components": [e.source, e.target],
+            "kind": kind,
+            "metric": metric_clean - e.effect,
+            "effect": e.effect,
+            "details": {"share": e.share, "verified": e.verified, "trace_score": e.score},
+        }
+        for e in circuit.edges
+        if e.target != "LOGITS"
+    ]
+    return out
+
+
 def to_run_record(
     run: Any,
     *,
@@ -36,7 +77,7 @@ def to_run_record(
         for i, (t, sc) in enumerate(zip(att.tokens.tokens, att.tokens.scores, strict=True))
     ]
     evidence = {c.id: c for c in v.candidates}
-    roles = {m.id: m.role for m in v.circuit.members} if v.circuit is not None else {}
+    members = {m.id: m for m in v.circuit.members} if v.circuit is not None else {}
     nodes = []
     for cid, score in zip(comps.nodes, comps.scores.tolist(), strict=True):
         e = evidence.get(cid)
@@ -57,7 +98,8 @@ def to_run_record(
                 "rank": e.rank if e else None,
                 "benign_loss_pct": e.benign_loss_pct if e else None,
                 "benign_kl": e.benign_kl if e else None,
-                "role": roles.get(cid),
+                "role": members[cid].role if cid in members else None,
+                "sites": members[cid].sites if cid in members else None,
             }
         )
     for cid, score in comps.neurons.items():
@@ -156,6 +198,8 @@ def to_run_record(
                 "details": {"index": k, "scope": cs.random_scope},
             }
         )
+    if v.circuit is not None:
+        ablations += _circuit_ablations(v.circuit, v.metric_clean, kind_)
     remedies = [
         {
             "remedy_id": str(uuid.uuid4()),

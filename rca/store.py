@@ -175,6 +175,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
         rehash=("nodes",),
     ),
+    Migration(
+        4,
+        "nodes.sites: a circuit member's ids at the positions where it acts (L3.H2@7)",
+        ("ALTER TABLE nodes ADD COLUMN sites VARCHAR[]",),
+        rehash=("nodes",),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -806,6 +812,7 @@ BULK_COLUMNS: dict[str, dict[str, tuple[str, bool]]] = {
         "benign_loss_pct": ("float", False),
         "benign_kl": ("float", False),
         "role": ("str", False),
+        "sites": ("list", False),
     },
     "edges": {"source": ("str", True), "target": ("str", True), "score": ("float", True)},
     "ablations": {

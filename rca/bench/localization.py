@@ -347,6 +347,7 @@ def localize(
         baseline=cf,
         reference=list(fault.reference),
         config=cc,
+        scores=scores,
     )
     t2 = time.perf_counter()
     ranked = tuple(c.id for c in verdict.ranked())

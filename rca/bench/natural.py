@@ -399,6 +399,23 @@ def evaluate_incident(
         if circuit is None
         else {
             "members": [[m.id, m.role] for m in circuit.members],
+            "sites": [m.label for m in circuit.members],
+            # the entry member, and whether it sits where the prompt differs from its
+            # counterfactual (the repeated name)
+            "entry": next((m.label for m in circuit.members if m.role == "entry"), None),
+            "entry_at_differing": any(
+                m.role == "entry"
+                and bool(m.positions)
+                and set(m.positions) <= set(circuit.entry_positions)
+                for m in circuit.members
+            ),
+            "entry_positions": circuit.entry_positions,
+            "edges": [
+                [e.source, e.target, e.share]
+                for e in circuit.edges
+                if e.verified and e.target != "LOGITS"
+            ],
+            "n_edges_tested": sum(e.target != "LOGITS" for e in circuit.edges),
             "curve": circuit.curve,
             "infra_members": circuit_infra,
         },
@@ -517,6 +534,9 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "infra_in_circuit": sum(
             bool((r["rca"].get("circuit") or {}).get("infra_members")) for r in ok
         ),
+        "entry_at_differing": sum(
+            bool((r["rca"].get("circuit") or {}).get("entry_at_differing")) for r in ok
+        ),
         "mean_seconds": sum(r["seconds"] for r in rows) / len(rows),
     }
 
@@ -548,7 +568,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"Every writer is in the exact top 3 in {s.get('all_writers_in_top3', '-')} of "
             f"{s['n_verdicts']}; the circuit is faithful (patched alone, it removes >= "
             f"{FAITHFUL:.0%} of the gap) in {s.get('faithful', '-')} of {s['n_verdicts']} and "
-            f"holds infrastructure in {s.get('infra_in_circuit', '-')}.",
+            f"holds infrastructure in {s.get('infra_in_circuit', '-')}. Its entry sits at the "
+            f"repeated name (the token where prompt and counterfactual differ) in "
+            f"{s.get('entry_at_differing', '-')} of {s['n_verdicts']}.",
             "",
         ]
     lines += [
@@ -585,27 +607,30 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Circuits: the members with their roles, and the faithfulness of the first k components "
-        "in the circuit's order against the trace's attribution ranking (EAP-IG), k = 1, 2, 3.",
+        "Circuits: the members at their positions with their roles; the edges path patching "
+        "verified (share of the gap; of all member pairs tested); and the faithfulness of the "
+        "first k components, k = 1, 2, 3, in the circuit's order / the trace's attribution "
+        "ranking (EAP-IG) / that ranking with the infrastructure left out.",
         "",
-        "| incident | circuit | k=1 | k=2 | k=3 |",
-        "|---|---|---|---|---|",
+        "| incident | circuit | verified edges | k=1 | k=2 | k=3 |",
+        "|---|---|---|---|---|---|",
     ]
     for r in result["incidents"]:
         c = (r.get("rca") or {}).get("circuit")
         if not c:
             continue
-        members = ", ".join(f"{cid} ({role})" for cid, role in c["members"])
+        sites = c.get("sites") or [cid for cid, _ in c["members"]]
+        members = ", ".join(
+            f"{site} ({role})" for site, (_, role) in zip(sites, c["members"], strict=True)
+        )
+        edges = "; ".join(f"{a} → {b} {x:.0%}" for a, b, x in c.get("edges") or [])
+        edges = (edges or "none") + f" (of {c.get('n_edges_tested', '-')})"
         cells = []
         for row in c["curve"][:3]:
-            ours, theirs = row.get("circuit"), row.get("attribution")
-            cells.append(
-                ("-" if ours is None else f"{ours:.0%}")
-                + " / "
-                + ("-" if theirs is None else f"{theirs:.0%}")
-            )
+            vals = [row.get("circuit"), row.get("attribution"), row.get("attribution_specific")]
+            cells.append(" / ".join("-" if v is None else f"{v:.0%}" for v in vals))
         cells += ["-"] * (3 - len(cells))
-        lines.append(f"| {r['id']} | {_md(members)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['id']} | {_md(members)} | {_md(edges)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -143,6 +143,12 @@ def test_case_detail_shows_the_evidence(app: Any, demo_db: Path) -> None:
     members = run["summary"]["circuit"]["members"]
     drawn = next(b for b in html_blocks if 'aria-label="circuit"' in b)
     assert all(m["id"] in drawn and m["role"] in drawn for m in members)
+    # each at its positions, where it was resolved to some
+    from rca.casefile import member_label
+
+    assert all(member_label(m) in drawn for m in members)
+    if run["summary"]["circuit"].get("entry_positions"):
+        assert "The incident enters at position" in texts(at)
     assert not any('aria-label="attribution graph"' in b for b in html_blocks)
     at.toggle(key="full_graph").set_value(True).run()
     assert "Attribution graph" in [h.value for h in at.subheader]

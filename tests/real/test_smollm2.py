@@ -172,3 +172,22 @@ def test_the_ioi_verdict_is_a_specific_faithful_circuit(model_dir: Path) -> None
     assert not any(damage[c].infrastructure for c in members), members
     assert "L0.MLP" not in members and v.ranked()[0].id != "L0.MLP"
     assert v.circuit.faithfulness >= 0.8, v.circuit.reason
+    # positions: the incident enters at the repeated name, the one token where the prompt and
+    # its counterfactual differ; the entry member acts there, and patching it there alone
+    # moves the metric; the writers write at the last prompt position
+    tokens = subject.tokenizer(incident.prompt, add_special_tokens=False)["input_ids"]
+    cf = subject.tokenizer(incident.counterfactual, add_special_tokens=False)["input_ids"]
+    (repeated,) = [p for p, (a, b) in enumerate(zip(tokens, cf, strict=True)) if a != b]
+    assert v.circuit.entry_positions == [repeated]
+    assert v.circuit.tokens[str(repeated)] == " John"
+    (entry,) = [m for m in v.circuit.members if m.role == "entry"]
+    assert entry.positions == [repeated], entry
+    assert entry.position_effect is not None and entry.position_effect >= 0.1 * truth.gap
+    for m in v.circuit.members:
+        if m.role == "writer":
+            assert m.positions == [len(tokens) - 1], m
+    l0 = next(m for m in v.circuit.members if m.id == "L0.MLP")
+    assert l0.role == "infrastructure" and l0.positions == [repeated]
+    # edges: each path patched alone; at least one into a writer carries its share
+    into_writers = {m.label for m in v.circuit.members if m.role == "writer"}
+    assert any(e.verified and e.target in into_writers for e in v.circuit.edges), v.circuit.edges

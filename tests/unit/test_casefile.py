@@ -353,3 +353,64 @@ def test_the_runs_table_uses_the_width_it_has(width: int) -> None:
     out = console.export_text()
     assert max(len(line) for line in out.splitlines()) <= width and "…" not in out
     assert (run_id in out) == (width == 200)  # on one line when it fits
+
+
+def test_the_circuit_says_where_the_incident_enters_and_is_written(tmp_path: Path) -> None:
+    """The IOI circuit as confirm records it: the report names the entry token and the members
+    there, the position the writers write at, each member at its positions, and the edges
+    path patching verified (not the ones it did not)."""
+    circuit = {
+        "members": [
+            {"id": "L17.H4", "role": "entry", "positions": [9], "total_effect": 1.0},
+            {"id": "L21.MLP", "role": "route", "positions": [9], "total_effect": 1.5},
+            {"id": "L23.H3", "role": "writer", "positions": [13], "total_effect": 7.1},
+            {"id": "L20.H0", "role": "route", "positions": [10, 13], "total_effect": 1.9},
+            {"id": "L0.MLP", "role": "infrastructure", "positions": [9], "total_effect": 11.6},
+        ],
+        "faithfulness": 1.75,
+        "patch": "counterfactual",
+        "curve": [{"k": 1, "circuit": 1.1, "attribution": 1.9, "attribution_specific": 1.1}],
+        "reason": "its 4 specific members remove 175% of the gap",
+        "edges": [
+            {
+                "source": "L21.MLP@9",
+                "target": "L23.H3@13",
+                "score": 1.5,
+                "effect": 1.25,
+                "share": 0.2,
+                "verified": True,
+            },  # fmt: skip
+            {
+                "source": "L17.H4@9",
+                "target": "L21.MLP@9",
+                "score": 0.0,
+                "effect": -0.07,
+                "share": -0.01,
+                "verified": False,
+            },  # fmt: skip
+            {
+                "source": "L23.H3@13",
+                "target": "LOGITS",
+                "score": None,
+                "effect": 6.2,
+                "share": 1.0,
+                "verified": True,
+            },  # fmt: skip
+        ],
+        "entry_positions": [9],
+        "tokens": {"9": " John", "10": " gave", "13": " to"},
+    }
+    run = record(
+        tmp_path / "c.duckdb", {"id": "c", "prompt": PROMPT, "bad": BAD}, {"circuit": circuit}, []
+    )
+    md = render_markdown(run)
+    assert "The incident enters at position 9 (' John')" in md
+    assert "carried by L17.H4@9, L21.MLP@9; infrastructure there: L0.MLP@9" in md
+    assert "written at position 13 (' to') by L23.H3@13" in md
+    assert "route: L21.MLP@9, L20.H0@{10,13}" in md.replace("\\", "")
+    assert "L21.MLP@9 -> L23.H3@13 20% of the gap (1 other pair below the bound)" in md
+    assert "L17.H4@9 -> L21.MLP@9" not in md
+    page = Page(render_html(run))
+    drawn = "".join(page.within.get("svg", []))
+    assert "L20.H0@{10,13}" in drawn and "' John'" in drawn  # members at positions, tokens
+    assert "The incident enters at position 9" in page.all_text()

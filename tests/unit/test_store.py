@@ -89,7 +89,15 @@ def run(**overrides: Any) -> RunRecord:
             {"position": 1, "token": " pin", "score": 2.5, "method": "ig"},
         ],
         nodes=[
-            {"node_id": "L1.H2", "score": 1.75, "verdict": "confirmed", "rank": 1, "p_value": 0.01},
+            {
+                "node_id": "L1.H2",
+                "score": 1.75,
+                "verdict": "confirmed",
+                "rank": 1,
+                "p_value": 0.01,
+                "role": "writer",
+                "sites": ["L1.H2@4", "L1.H2@5"],
+            },
             {"node_id": "L0.MLP", "score": -0.25, "method": "atp", "baseline": "mean"},
             {"node_id": "L1.N7", "score": 0.5},
         ],
@@ -153,13 +161,13 @@ def test_fresh_store_has_every_table_and_the_current_version(db: Path) -> None:
     s = Store(db, actor="tester")
     names = {r[0] for r in raw(db, "SELECT table_name FROM duckdb_tables()")}
     assert set(TABLES) <= names
-    assert s.schema_version() == SCHEMA_VERSION == 3
-    assert [r[0] for r in raw(db, "SELECT version FROM schema_version ORDER BY 1")] == [1, 2, 3]
+    assert s.schema_version() == SCHEMA_VERSION == 4
+    assert [r[0] for r in raw(db, "SELECT version FROM schema_version ORDER BY 1")] == [1, 2, 3, 4]
     res = s.verify()
     assert res.ok, res.message
-    assert res.records == 3  # one audit record per applied migration
+    assert res.records == 4  # one audit record per applied migration
     Store(db)  # reopening an up-to-date file writes nothing
-    assert s.verify().records == 3
+    assert s.verify().records == 4
 
 
 # The v1 schema as released, frozen here: the migration must work on files written by it.
@@ -248,12 +256,13 @@ def test_v1_file_is_migrated_in_place_and_stays_verifiable(db: Path) -> None:
         Store.reader(db).list_runs()
     before = {r[0]: r for r in raw(db, "SELECT run_id, summary, seed FROM runs")}
     s = Store(db, actor="migrator")
-    assert s.schema_version() == 3
+    assert s.schema_version() == 4
     got = s.get_run(V1_RUN)
     assert got["kind"] == "investigate" and got["parent_run_id"] is None
     assert got["summary"] == {"verdict": "confirmed"} and got["seed"] == 1
     assert [n["node_id"] for n in got["nodes"]] == ["L1.H2", "L0.MLP"]
     assert got["nodes"][0]["benign_loss_pct"] is None  # not measured before version 3
+    assert got["nodes"][0]["sites"] is None  # not placed before version 4
     assert got["remedies"][0]["patch_spec"] is None
     assert {r[0]: r for r in raw(db, "SELECT run_id, summary, seed FROM runs")} == before
     res = s.verify()
@@ -261,7 +270,12 @@ def test_v1_file_is_migrated_in_place_and_stays_verifiable(db: Path) -> None:
     # the runs row changed (kind filled in), so the migration audited it; remedies and nodes
     # did not change (the new columns are NULL, and NULL columns do not enter the digest)
     migrated = raw(db, "SELECT table_name, entity FROM audit WHERE actor = 'migrator' ORDER BY seq")
-    assert migrated == [("runs", V1_RUN), ("schema_version", "2"), ("schema_version", "3")]
+    assert migrated == [
+        ("runs", V1_RUN),
+        ("schema_version", "2"),
+        ("schema_version", "3"),
+        ("schema_version", "4"),
+    ]
     # and the migrated file takes new runs
     s.record_run(run(parent_run_id=V1_RUN, kind="regress"))
     assert s.verify().ok
@@ -353,6 +367,8 @@ def test_record_run_round_trips_every_table(db: Path) -> None:
     assert (nodes["L1.N7"]["kind"], nodes["L1.N7"]["layer"]) == ("neuron", 1)
     assert nodes["L1.H2"]["verdict"] == "confirmed" and nodes["L1.H2"]["rank"] == 1
     assert nodes["L0.MLP"]["baseline"] == "mean" and nodes["L0.MLP"]["score"] == -0.25
+    assert nodes["L1.H2"]["role"] == "writer" and nodes["L1.H2"]["sites"] == ["L1.H2@4", "L1.H2@5"]
+    assert nodes["L0.MLP"]["sites"] is None
     assert got["nodes"][0]["node_id"] == "L1.H2"  # ranked first
     assert {(e["source"], e["target"], e["score"]) for e in got["edges"]} == {
         ("EMB", "L0.MLP", 0.5),
@@ -367,7 +383,7 @@ def test_record_run_round_trips_every_table(db: Path) -> None:
 
     frames = s.get_run(r.run_id, frames=True)
     assert isinstance(frames["edges"], pd.DataFrame) and len(frames["edges"]) == 2
-    assert s.counts()["audit"] == 3 + 8  # migrations, then model, incident, run and 5 tables
+    assert s.counts()["audit"] == 4 + 8  # migrations, then model, incident, run and 5 tables
     assert s.verify().ok
 
 
