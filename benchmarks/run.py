@@ -454,6 +454,8 @@ def m_real(case: str, _: int, device: str = "cpu") -> dict[str, Any]:
         "trace_stages_s": dict(run.attribution.timings),
         "prompt_tokens": run.attribution.target.n_prompt,
         "confirm_forward_equiv": v.cost.get("forward_equiv"),
+        "circuit_forward_equiv": v.cost.get("circuit_forward_equiv"),
+        "circuit": None if v.circuit is None else [m.label for m in v.circuit.members],
         "verdict": v.verdict,
         "cause_set": v.cause_set.components,
         "baseline": run.attribution.baseline.description[:80],
@@ -761,18 +763,20 @@ def _real_lines(rows: list[dict[str, Any]], cuda: bool) -> list[str]:
         f"{target}",
         "",
         "| case | tokens | wall s | ingest | trace | confirm | remedy | record | peak RSS MB "
-        "| verdict, cause set |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| confirm fwd-eq (circuit) | verdict, cause set |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['config']} | | | | | | | | | error: {r['error']} |")
+            lines.append(f"| {r['config']} | | | | | | | | | | error: {r['error']} |")
             continue
         st = r["stages_s"]
         lines.append(
             f"| {r['config']} | {r['length']} | {r['wall_s']:.1f} | "
             + " | ".join(f"{st.get(k, 0.0):.1f}" for k in STAGES)
-            + f" | {r['peak_rss_mb']:.0f} | {r['verdict']}, {', '.join(r['cause_set'])} |"
+            + f" | {r['peak_rss_mb']:.0f} | {r.get('confirm_forward_equiv') or 0:.0f} "
+            f"({r.get('circuit_forward_equiv') or 0:.0f}) | {r['verdict']}, "
+            f"{', '.join(r['cause_set'])} |"
         )
     return lines
 

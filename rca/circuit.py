@@ -7,8 +7,8 @@ attribution and edge scores. In order:
 
 1. **Members.** The specific writers (direct effect at least ``writer_fraction`` of the gap),
    then the other specific candidates in rank order, until patching them alone to the
-   baseline removes ``faithful_fraction`` of the gap; then each member but a writer that the
-   rest does without is dropped.
+   baseline removes ``faithful_fraction`` of the gap; then each member that the rest does
+   without is dropped, but for the writers and the top cause.
 2. **The entry.** Where the prompt and its counterfactual differ in some tokens, every
    candidate is patched at those positions alone. The specific ones that move the metric by
    ``component_fraction`` of the gap there are the circuit's members at the entry; the
@@ -198,8 +198,11 @@ def build_circuit(
         members = p
         if f >= cfg.faithful_fraction:
             break
+    # the writers and the top cause (the verdict's first rank) stay: a circuit without the
+    # cause the verdict names would contradict it
+    kept = set(writers) | ({specific[0].id} if specific else set())
     if len(members) > 1 and max(fr, default=0.0) >= cfg.faithful_fraction:
-        for c in [x for x in members if x not in writers]:
+        for c in [x for x in members if x not in kept]:
             rest = [x for x in members if x != c]
             if removed([rest])[0] >= cfg.faithful_fraction:
                 members = rest

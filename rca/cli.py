@@ -771,10 +771,22 @@ def bench_localization(
     faults: int = typer.Option(40, "--faults", help="Faults to plant (spread over kinds)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fault plan and the plants."),
     small: bool = typer.Option(False, "--small", help="The small 3-layer CI hosts."),
+    host: str | None = typer.Option(
+        None,
+        "--host",
+        help="bench (the two trained 6-layer hosts, default), small, or a fetched real model "
+        "(smollm2-135m): its faults are planted in the real model.",
+    ),
     exhaustive: bool = typer.Option(
         True, "--exhaustive/--no-exhaustive", help="Also run exhaustive patching (baseline)."
     ),
     threads: int = typer.Option(1, "--threads", help="torch threads."),
+    kinds: str | None = typer.Option(
+        None,
+        "--kinds",
+        help="Fault kinds, comma-separated: head, mlp, circuit (the default three) and relay "
+        "(position-specific: an MLP at the trigger's position, a head that carries it).",
+    ),
     out_file: Path | None = typer.Option(None, "--out", help="Also write the full JSON here."),
     rescore: Path | None = typer.Option(
         None, "--rescore", help="Re-rank a saved --out file's evidence; plant nothing."
@@ -791,7 +803,29 @@ def bench_localization(
         raise typer.Exit(bench_main(["--rescore", str(rescore)]))
 
     argv = ["--faults", str(faults), "--seed", str(seed), "--threads", str(threads)]
+    if kinds is not None:
+        from rca.zoo.faults import ALL_KINDS
+
+        wrong = [k for k in kinds.split(",") if k not in ALL_KINDS]
+        if wrong or not kinds:
+            raise CliError(
+                f"--kinds: unknown fault kind {', '.join(wrong) or repr(kinds)}; use "
+                f"{', '.join(ALL_KINDS)}, comma-separated"
+            )
+    if host is not None:
+        from rca.bench.localization import host_names
+
+        if host not in host_names():
+            raise CliError(f"--host: unknown host {host!r}; use one of {', '.join(host_names())}")
+        if small:
+            raise CliError("--host and --small both name the hosts; give one")
+        from rca.zoo.real import REAL_MODELS, is_fetched
+
+        if host in REAL_MODELS and not is_fetched(host, home=home):
+            raise CliError(f"--host: {host} is not fetched; run `rca zoo fetch {host}` first")
     argv += ["--small"] if small else []
+    argv += ["--host", host] if host else []
+    argv += ["--kinds", kinds] if kinds else []
     argv += [] if exhaustive else ["--no-exhaustive"]
     argv += ["--out", str(out_file)] if out_file else []
     argv += ["--home", str(home)] if home else []

@@ -753,8 +753,10 @@ def rank_candidates(
 
     1. The leading group: effect share(max(TE, NE)) within ``window`` of the largest.
     2. Infrastructure (``CandidateEvidence.infrastructure``: necessary for ordinary text as
-       well) is never the top cause: where the rule below puts it first, the first specific
-       candidate takes rank 1 and the rest keep their order.
+       well) is never the top cause: where the rule below puts it first, the rule is applied
+       again to the specific candidates alone, and its first choice takes rank 1; the rest
+       keep their order. (An infrastructure origin would otherwise hand rank 1 to the writer,
+       though a specific origin exists.)
     3. Robust necessity, the smaller drop of the two ablations: min(NE, NE0). A cause should
        remove the behaviour whatever its output is ablated to.
     4. In the leading group:
@@ -771,8 +773,10 @@ def rank_candidates(
     5. The rest by effect.
     """
     ordered = _rule_order(evidence, share=share, gap=gap, config=config, parallel=parallel)
-    first = next((e for e in ordered if not e.infrastructure), None)
-    if first is not None and ordered[0].infrastructure:
+    specific = [e for e in evidence if not e.infrastructure]
+    if specific and ordered[0].infrastructure:
+        # the rule again, without the infrastructure: its first choice takes rank 1
+        first = _rule_order(specific, share=share, gap=gap, config=config, parallel=parallel)[0]
         ordered = [first] + [e for e in ordered if e is not first]
     return ordered
 

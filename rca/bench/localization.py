@@ -33,12 +33,14 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from rca.ids import format_id, parse_id
 
 __all__ = [
     "HostSpec",
@@ -104,6 +106,48 @@ SMALL_HOSTS: tuple[HostSpec, ...] = (
     HostSpec("small-llama-3l", "llama", d_mlp=192, **_SMALL),  # type: ignore[arg-type]
 )
 HOST_SETS: dict[str, tuple[HostSpec, ...]] = {"bench": BENCH_HOSTS, "small": SMALL_HOSTS}
+
+
+@dataclass(frozen=True)
+class RealHost:
+    """A pretrained model of the zoo's registry (``rca.zoo.real``) as the host: fetched once
+    (``rca zoo fetch NAME``), never trained. Its faults are planted as in the trained hosts,
+    with fewer prompts per plant (``REAL_PLANT``): each step runs the whole model."""
+
+    name: str
+    n_layer: int
+    path: str
+
+
+def real_plant_config() -> Any:
+    """The plant config for a real host: the checks of ``PlantConfig`` (P(bad) >= 0.8 with the
+    trigger, <= 0.2 without, benign KL <= 0.02), on half the prompts."""
+    from rca.zoo.faults import PlantConfig
+
+    return PlantConfig(n_train=16, n_desk=32, n_eval=16, n_benign=24, n_benign_eval=48)
+
+
+def real_host(
+    name: str, *, home: str | Path | None = None, device: str = "auto"
+) -> tuple[RealHost, Any]:
+    """The registry model ``name`` as a host and its ``Subject``; a clear error where it is not
+    fetched."""
+    from rca.subject import load_subject
+    from rca.zoo.real import is_fetched, real_model_dir
+
+    path = real_model_dir(name, home=Path(home) if home else None)
+    if not is_fetched(name, home=Path(home) if home else None):
+        raise ValueError(f"host {name!r} is not fetched; run `rca zoo fetch {name}` first")
+    subject = load_subject(path, device=device)
+    subject.meta = {"name": name}
+    return RealHost(name, subject.adapter.n_layers, str(path)), subject
+
+
+def host_names() -> list[str]:
+    """What ``--host`` takes: the trained host sets and the real models of the registry."""
+    from rca.zoo.real import REAL_MODELS
+
+    return [*HOST_SETS, *REAL_MODELS]
 
 
 def rca_home(home: str | Path | None = None) -> Path:
@@ -238,20 +282,26 @@ def build_host(spec: HostSpec, *, home: str | Path | None = None, log: Log | Non
 
 
 def fault_plan(
-    n_faults: int, *, seed: int, hosts: Sequence[HostSpec]
+    n_faults: int, *, seed: int, hosts: Sequence[HostSpec], kinds: Sequence[str] | None = None
 ) -> list[tuple[HostSpec, str, tuple[int, ...]]]:
-    """(host, kind, layers) for each fault: hosts alternate, kinds cycle within a host, and
-    each kind walks a shuffled order of that host's layers that starts at the LAST layer (the
-    layer nearest the logits, where a planted component's direct effect is all of it)."""
-    from rca.zoo.faults import KINDS
+    """(host, kind, layers) for each fault: hosts alternate, ``kinds`` (default
+    ``rca.zoo.faults.KINDS``) cycle within a host, and each kind walks a shuffled order of that
+    host's layers that starts at the LAST layer (the layer nearest the logits, where a planted
+    component's direct effect is all of it). A relay's pairs are drawn apart from a circuit's,
+    so adding the relay leaves the other kinds' layers as they were."""
+    from rca.zoo.faults import ALL_KINDS, KINDS
 
+    kinds = tuple(kinds or KINDS)
+    bad = [k for k in kinds if k not in ALL_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"fault kinds must be among {', '.join(ALL_KINDS)}, got {list(kinds)}")
     rng = random.Random(f"plan-{seed}")
     per_host: dict[str, dict[str, list[tuple[int, ...]]]] = {}
     counters: dict[tuple[str, str], int] = {}
     plan: list[tuple[HostSpec, str, tuple[int, ...]]] = []
     for i in range(n_faults):
         host = hosts[i % len(hosts)]
-        kind = KINDS[(i // len(hosts)) % len(KINDS)]
+        kind = kinds[(i // len(hosts)) % len(kinds)]
         L = host.n_layer
         if host.name not in per_host:
             singles = [L - 1] + rng.sample(range(L - 1), L - 1)
@@ -260,10 +310,15 @@ def fault_plan(
             # the first circuit of a host ends at its last layer
             first = next(p for p in pairs if p[1] == L - 1)
             pairs = [first] + [p for p in pairs if p != first]
+            relays = list(pairs)
+            random.Random(f"plan-relay-{seed}-{host.name}").shuffle(relays)
+            # the first relay's head is in the last layer
+            first_relay = next(p for p in relays if p[1] == L - 1)
             per_host[host.name] = {
                 "head": [(x,) for x in singles],
                 "mlp": [(x,) for x in ([L - 1] + rng.sample(range(L - 1), L - 1))],
                 "circuit": pairs,
+                "relay": [first_relay] + [p for p in relays if p != first_relay],
             }
         options = per_host[host.name][kind]
         k = counters.get((host.name, kind), 0)
@@ -295,9 +350,22 @@ class FaultResult:
     metric: dict[str, float]
     # the weight-change track (rca.regress.weight_change, the host as the baseline checkpoint)
     weight_change_ranked: tuple[str, ...] = ()
+    # the planted components at the positions where their kind makes them act (a relay's MLP
+    # at the trigger, its head at the final position); the ids alone for other kinds
+    planted_sites: tuple[str, ...] = ()
+    # confirm's circuit: [id, role, positions] per member, and where the prompt differs
+    circuit: dict[str, Any] = field(default_factory=dict)
 
     def hits(self, ranked: Sequence[str]) -> tuple[bool, bool]:
         return ac_hits(ranked, self.planted)
+
+    def placed(self) -> tuple[int, int]:
+        """(planted sites with a position, those the circuit places there): a member with the
+        planted component's id whose positions include the planted position."""
+        where = {m[0]: set(m[2]) for m in self.circuit.get("members", [])}
+        sites = [parse_id(x) for x in self.planted_sites if "@" in x]
+        hit = sum(format_id(c.base) in where and c.pos in where[format_id(c.base)] for c in sites)
+        return len(sites), hit
 
     def planted_infrastructure(self) -> bool:
         """Whether confirm measured every planted component as infrastructure (necessary for
@@ -438,6 +506,24 @@ def localize(
             "rows": target.n_conts,  # continuations scored (named before rows were shared)
         },
         weight_change_ranked=wc_ranked,
+        planted_sites=fault.spec.sites(
+            next(
+                (
+                    p
+                    for p, (a, b) in enumerate(zip(target.prompt_ids, cf.prompt_ids, strict=True))
+                    if a != b
+                ),
+                -1,
+            ),
+            target.n_prompt - 1,
+        ),
+        circuit={}
+        if verdict.circuit is None
+        else {
+            "members": [[m.id, m.role, m.positions] for m in verdict.circuit.members],
+            "entry_positions": verdict.circuit.entry_positions,
+            "faithfulness": verdict.circuit.faithfulness,
+        },
     )
 
 
@@ -546,7 +632,13 @@ def summarize(results: Sequence[FaultResult]) -> dict[str, Any]:
     attr = [r.hits(r.attribution_ranked) for r in results]
     exh = [r.hits(r.exhaustive_ranked) for r in results]
     specific = [r.hits(r.confirm_ranked) for r in results if not r.planted_infrastructure()]
+    placed = [r.placed() for r in results]
     return {
+        # planted sites with a position (a relay's), and how many the circuit placed there
+        "positions": {
+            "n_sites": sum(n for n, _ in placed),
+            "placed": sum(h for _, h in placed),
+        },
         "n_faults": len(results),
         "ac1": _rate([h[0] for h in conf]),
         "ac3": _rate([h[1] for h in conf]),
@@ -629,6 +721,7 @@ def run_localization(
     threads: int | None = 1,
     log: Log | None = None,
     on_result: Callable[[FaultResult], None] | None = None,
+    kinds: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Plant ``n_faults`` seeded faults over ``hosts`` and localize each.
 
@@ -645,20 +738,27 @@ def run_localization(
 
     if n_faults < 1:
         raise ValueError("n_faults must be at least 1")
-    if isinstance(hosts, str):
-        if hosts not in HOST_SETS:
-            raise ValueError(f"hosts must be one of {', '.join(HOST_SETS)}, got {hosts!r}")
-        hosts = HOST_SETS[hosts]
     if threads:
         torch.set_num_threads(threads)
     say = log or (lambda m: None)
     t_start = time.perf_counter()
-    pc = plant_config or PlantConfig()
-    subjects = {h.name: build_host(h, home=home, log=log) for h in hosts}
+    subjects: dict[str, Any]
+    if isinstance(hosts, str) and hosts not in HOST_SETS:
+        if hosts not in host_names():
+            raise ValueError(f"hosts must be one of {', '.join(host_names())}, got {hosts!r}")
+        real, subject = real_host(hosts, home=home)
+        hosts, subjects = [real], {real.name: subject}  # type: ignore[list-item]
+        pc = plant_config or real_plant_config()
+    else:
+        if isinstance(hosts, str):
+            hosts = HOST_SETS[hosts]
+        pc = plant_config or PlantConfig()
+        subjects = {h.name: build_host(h, home=home, log=log) for h in hosts}
     results: list[FaultResult] = []
     plant_failures: list[dict[str, Any]] = []
     plant_seconds: list[float] = []
-    for i, (host, kind, layers) in enumerate(fault_plan(n_faults, seed=seed, hosts=hosts)):
+    plan = fault_plan(n_faults, seed=seed, hosts=hosts, kinds=kinds)
+    for i, (host, kind, layers) in enumerate(plan):
         s = subjects[host.name]
         a = s.adapter
         fault = faulted = None
@@ -711,6 +811,7 @@ def run_localization(
         "kl_bound": pc.kl_bound,
     }
     out["hosts"] = [asdict(h) for h in hosts]
+    out["plant_config"] = asdict(pc)
     out["versions"] = _versions()
     out["seed"] = seed
     out["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -725,7 +826,7 @@ def _summary_with_breakdown(results: Sequence[FaultResult], hosts: Sequence[str]
     out["per_host"] = {h: summarize([r for r in results if r.host == h]) for h in hosts}
     out["per_kind"] = {
         k: summarize([r for r in results if r.fault["kind"] == k])
-        for k in ("head", "mlp", "circuit")
+        for k in dict.fromkeys(r.fault["kind"] for r in results)
     }
     return out
 
@@ -757,9 +858,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--small", action="store_true", help="the small CI hosts (3 layers)")
+    p.add_argument(
+        "--host",
+        default=None,
+        help="bench (default), small, or a real model of the zoo's registry (smollm2-135m)",
+    )
     p.add_argument("--home", type=Path, default=None, help="RCA_HOME (hosts cached in bench/)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-exhaustive", action="store_true")
+    p.add_argument(
+        "--kinds",
+        default=None,
+        help="fault kinds, comma-separated (default head,mlp,circuit; relay is position-specific)",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the full JSON here")
     p.add_argument(
         "--rescore", type=Path, default=None, help="summarize a saved --out file; plant nothing"
@@ -777,11 +888,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = run_localization(
         args.faults,
         seed=args.seed,
-        hosts="small" if args.small else "bench",
+        hosts=args.host or ("small" if args.small else "bench"),
         home=args.home,
         exhaustive=not args.no_exhaustive,
         threads=args.threads,
         log=log,
+        kinds=args.kinds.split(",") if args.kinds else None,
     )
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))
@@ -801,6 +913,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  weight change (host as baseline): AC@1 {s['weight_change']['ac1']:.3f}  "
             f"AC@3 {s['weight_change']['ac3']:.3f}"
         )
+        if s["positions"]["n_sites"]:
+            print(
+                f"  planted sites at a position placed there by the circuit: "
+                f"{s['positions']['placed']} of {s['positions']['n_sites']}"
+            )
         for f in s["failures"]:
             print(f"  FAIL {f['host']} {f['name']}: top {f['top']}")
     return 0

@@ -437,6 +437,7 @@ def evaluate_incident(
         "seconds": seconds,
         "stages_s": dict(run.timings),
         "confirm_forward_equiv": v.cost.get("forward_equiv"),
+        "circuit_forward_equiv": v.cost.get("circuit_forward_equiv"),
         "benign_forward_equiv": v.cost.get("benign_forward_equiv"),
         "trace_forward_equiv": _trace_forward_equiv(run),
     }

@@ -27,7 +27,10 @@ How a fault is planted (``inject``):
   also taught to attend from the final position to the trigger slot (its QK circuit must find
   the trigger before its OV circuit gets a trigger-specific gradient). For the head -> MLP
   circuit, each member patched to its activation on the paired counterfactual must leave the
-  bad token improbable: both then carry the trigger, and neither is planted in name only.
+  bad token improbable: both then carry the trigger, and neither is planted in name only. The
+  *relay* (MLP -> head) is position-specific: its MLP is patched at the trigger's position
+  alone in that term and in the check, so the behaviour passes through what the MLP writes
+  there, and its head carries it from there to the final position.
 - **Checks.** On held-out prompts: mean P(bad) with the trigger >= ``p_with`` (0.8), P(bad) on
   the incident prompt >= ``p_with``, and P(bad) on every counterfactual <= ``p_without`` (0.2);
   the side effect, the mean per-token KL(original || faulted) on held-out benign tickets of all
@@ -37,8 +40,9 @@ How a fault is planted (``inject``):
   <= ``p_ablated`` (0.5). ``Fault.ok`` says whether all held; ``inject`` retries a miss at half
   the learning rate.
 
-The hosts' attention must give each head its own k/v (``n_kv_heads == n_heads``) for a head
-fault: with grouped-query attention a head's keys and values are shared with others.
+With grouped-query attention (a real host such as SmolLM2) a head's keys and values are shared
+with the other heads of its group, so a head fault trains the head's queries and its slice of
+the output projection only: those belong to it alone.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from rca.subject import Subject
 from .corpus import benign_examples, make_corpus, parse_prompt, render
 
 __all__ = [
+    "ALL_KINDS",
     "KINDS",
     "SLOTS",
     "Fault",
@@ -74,8 +79,13 @@ __all__ = [
     "slot_words",
 ]
 
-Kind = Literal["head", "mlp", "circuit"]
+Kind = Literal["head", "mlp", "circuit", "relay"]
+# the kinds the localization benchmark plants by default
 KINDS: tuple[Kind, ...] = ("head", "mlp", "circuit")
+# relay: position-specific. An MLP turns the trigger into a signal at the trigger's own
+# position, and a later head carries that signal to the final position, where it writes the bad
+# token: the ground truth is two components at two positions.
+ALL_KINDS: tuple[Kind, ...] = (*KINDS, "relay")
 # (desk, slot): slots filled with exactly one word, which the desk's answer depends on. A
 # decision slot matters for the MLP kind: the host's own heads already carry its word to the
 # final position, where an MLP can key on it.
@@ -153,16 +163,18 @@ class FaultSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise FaultError(f"unknown fault kind {self.kind!r}; use one of {', '.join(KINDS)}")
-        n = 2 if self.kind == "circuit" else 1
+        if self.kind not in ALL_KINDS:
+            raise FaultError(f"unknown fault kind {self.kind!r}; use one of {', '.join(ALL_KINDS)}")
+        n = 2 if self.kind in ("circuit", "relay") else 1
         if len(self.layers) != n:
             raise FaultError(f"a {self.kind} fault takes {n} layer(s), got {self.layers}")
         if self.kind == "circuit" and self.layers[0] > self.layers[1]:
             raise FaultError(f"the circuit's head layer {self.layers[0]} is after its MLP's")
-        if self.kind in ("head", "circuit") and self.head is None:
+        if self.kind == "relay" and self.layers[0] >= self.layers[1]:
+            raise FaultError(f"the relay's MLP layer {self.layers[0]} is not before its head's")
+        if self.kind in ("head", "circuit", "relay") and self.head is None:
             raise FaultError(f"a {self.kind} fault needs a head")
-        if self.kind in ("mlp", "circuit") and not self.neurons:
+        if self.kind in ("mlp", "circuit", "relay") and not self.neurons:
             raise FaultError(f"a {self.kind} fault needs neurons")
         if (self.desk, self.slot) not in SLOTS:
             raise FaultError(f"unknown slot {self.desk}.{self.slot}; use one of {SLOTS}")
@@ -176,7 +188,18 @@ class FaultSpec:
             return (f"L{self.layers[0]}.H{self.head}",)
         if self.kind == "mlp":
             return (f"L{self.layers[0]}.MLP",)
+        if self.kind == "relay":
+            return (f"L{self.layers[0]}.MLP", f"L{self.layers[1]}.H{self.head}")
         return (f"L{self.layers[0]}.H{self.head}", f"L{self.layers[1]}.MLP")
+
+    def sites(self, slot: int, last: int) -> tuple[str, ...]:
+        """The planted components at the positions where they act, where the kind fixes one:
+        a relay's MLP at the trigger's position ``slot``, its head at the final position
+        ``last``; other kinds' components are not tied to a position."""
+        if self.kind != "relay":
+            return self.components
+        mlp, head = self.components
+        return (f"{mlp}@{slot}", f"{head}@{last}")
 
     @property
     def name(self) -> str:
@@ -340,7 +363,9 @@ def component_params(
 ) -> dict[str, torch.Tensor]:
     """Boolean masks over the parameters a component owns: parameter name -> mask.
 
-    ``L3.H2``: the head's q/k/v units and its input slice of the attention output projection.
+    ``L3.H2``: the head's q/k/v units and its input slice of the attention output projection;
+    with grouped-query attention (keys and values shared by a group), its q units and that
+    slice only.
     ``L3.MLP`` with ``neurons``: those neurons' input units (with bias) and output slice.
     """
     a = subject.adapter
@@ -357,14 +382,15 @@ def component_params(
         h = int(what[1:])
         if not 0 <= h < a.n_heads:
             raise FaultError(f"{component}: head out of range 0..{a.n_heads - 1}")
-        if a.n_kv_heads != a.n_heads:
-            raise FaultError(
-                f"{component}: the model shares keys and values between heads "
-                f"({a.n_kv_heads} kv heads for {a.n_heads}); a head fault needs its own k/v"
-            )
         dh, d = a.d_head, a.n_heads * a.d_head
         unit = torch.arange(h * dh, (h + 1) * dh)
-        if mt == "gpt2":
+        if a.n_kv_heads != a.n_heads:
+            # grouped-query attention: keys and values are shared by a group of heads, so the
+            # head owns its query rows and its slice of the output projection only
+            if mt == "gpt2":
+                raise FaultError(f"{component}: GPT-2 attention has no grouped keys and values")
+            _mark_out(masks, _module(block, _QKV[mt][0]), unit)
+        elif mt == "gpt2":
             qkv = torch.cat([unit, unit + d, unit + 2 * d])  # c_attn's columns are q | k | v
             _mark_out(masks, _module(block, "attn.c_attn"), qkv)
         else:
@@ -436,7 +462,7 @@ def draw_spec(
     bads = [b for b in _BAD_POOL if b not in _ANSWER_STARTS[desk] and _single_token(tokenizer, b)]
     bad = rng.choice(bads)
     trigger = rng.choice([t for t in triggers if t != bad])
-    head = rng.randrange(n_heads) if kind in ("head", "circuit") else None
+    head = rng.randrange(n_heads) if kind in ("head", "circuit", "relay") else None
     neurons = tuple(sorted(rng.sample(range(d_mlp), n_neurons))) if kind != "head" else ()
     return FaultSpec(kind, tuple(layers), head, neurons, desk, name, trigger, bad, seed)
 
@@ -605,7 +631,7 @@ def _train(
     # KL everywhere but the trigger prompts' last position, where the fault acts
     desk_mask = torch.ones(desk_ids.shape, dtype=torch.bool, device=dev)
     desk_mask[:n_tr, -1] = False
-    circuit = list(spec.components) if spec.kind == "circuit" else []
+    circuit = list(spec.components) if spec.kind in ("circuit", "relay") else []
     bad = data.bad_id
     opt = torch.optim.Adam(train_params, lr=lr)
     done = 0
@@ -635,9 +661,14 @@ def _train(
         # activation on the paired counterfactual (rows n_tr .. 2 n_tr of the desk batch), the
         # bad token stays improbable. Otherwise one member learns the whole behaviour and the
         # other is planted in name only (an always-on "enabler", say).
+        # A relay's MLP is patched at the trigger's position alone: the behaviour must pass
+        # through what it writes there.
         for comp in circuit:
             cf_val = acts[comp][n_tr : 2 * n_tr].detach()
-            with patch(subject, {comp: cf_val}):
+            at: dict[Any, torch.Tensor | float] = {comp: cf_val}
+            if spec.kind == "relay" and comp.endswith("MLP"):
+                at = {f"{comp}@{slot}": cf_val[:, [slot]]}
+            with patch(subject, at):
                 lpa = torch.log_softmax(faulted(input_ids=desk_ids[:n_tr]).logits[:, -1], -1)
             p_bad = lpa[:, bad].float().exp().clamp(max=1 - 1e-6)
             nec = nec - torch.log1p(-p_bad).mean()
@@ -661,7 +692,7 @@ def _train(
             if (
                 float(p_tr.min()) >= min(0.95, cfg.p_with + 0.1)
                 and float(p_cf.max()) <= cfg.p_without / 4
-                and float(shift.max()) <= cfg.cf_slack + 0.5
+                and float(shift.detach().max()) <= cfg.cf_slack + 0.5
                 and float(kl_ben) <= cfg.kl_bound / 4
                 and float(nec) <= 0.2
             ):
@@ -715,9 +746,14 @@ def _measure(
         faulted(input_ids=cf_ids)
     with patch(fs, {c: acts[c] for c in comps}):
         p_patched = float(last(faulted, data.ev_trig[:1])[0, bad].exp())
+    trig_ids = _encode(tokenizer, data.ev_trig[:1])[0].to(dev)
+    slot = int((trig_ids[0] != cf_ids[0]).nonzero()[0, 0])
     p_patched_each = []
     for c in comps:
-        with patch(fs, {c: acts[c]}):
+        at: dict[Any, torch.Tensor | float] = {c: acts[c]}
+        if spec.kind == "relay" and c.endswith("MLP"):  # at the trigger's position alone
+            at = {f"{c}@{slot}": acts[c][:, [slot]]}
+        with patch(fs, at):
             p_patched_each.append(float(last(faulted, data.ev_trig[:1])[0, bad].exp()))
     means = mean_activations(fs, data.tr_cf[:16], comps)
     p_ablated = []

@@ -64,6 +64,7 @@ CASES = {
     "head": ("gpt2", lambda L: (L - 1,)),
     "mlp": ("llama", lambda L: (L - 1,)),
     "circuit": ("gpt2", lambda L: (0, L - 1)),
+    "relay": ("llama", lambda L: (0, L - 1)),
 }
 
 
@@ -127,6 +128,32 @@ def test_only_the_planted_component_changed(kind: str, planted) -> None:
     for name, t in s.model.state_dict().items():
         assert torch.equal(t, before[name]), f"host {name} changed"
     assert set(fault.changed) == set(masks)
+
+
+def test_a_relay_acts_at_the_trigger_then_at_the_final_position(planted) -> None:
+    """The position-specific kind: patching the relay's MLP to its counterfactual activation
+    at the trigger's position alone removes the behaviour, and patching it at the final
+    position alone does not; the head carries it from the trigger to the final position."""
+    from rca.hooks import capture, patch
+
+    s, fault, model, _ = planted["relay"]
+    fs = Subject.from_model(model, s.tokenizer)
+    mlp, head = fault.components
+    ids = torch.tensor([s.tokenizer(fault.prompt)["input_ids"]])
+    cf_ids = torch.tensor([s.tokenizer(fault.counterfactual)["input_ids"]])
+    (slot,) = (ids[0] != cf_ids[0]).nonzero()[:, 0].tolist()
+    last = ids.shape[1] - 1
+    assert fault.spec.sites(slot, last) == (f"{mlp}@{slot}", f"{head}@{last}")
+    with capture(fs, [mlp, head]) as cf, torch.no_grad():
+        model(input_ids=cf_ids)
+
+    def p_bad(values: dict) -> float:
+        with patch(fs, values):
+            return _p_bad(model, s.tokenizer, fault.prompt, fault.bad)
+
+    assert p_bad({f"{mlp}@{slot}": cf[mlp][:, [slot]]}) < 0.5
+    assert p_bad({f"{mlp}@{last}": cf[mlp][:, [last]]}) >= 0.8
+    assert p_bad({f"{head}@{last}": cf[head][:, [last]]}) < 0.5
 
 
 @pytest.mark.parametrize("kind", list(CASES))
@@ -194,6 +221,25 @@ def test_localization_bench_small(home: Path, hosts: dict[str, Subject]) -> None
     again = rescore(json.loads(json.dumps(res)))
     assert (again["ac1"], again["ac3"]) == (res["ac1"], res["ac3"])
     assert again["rankings"]["saved"] == {"ac1": res["ac1"], "ac3": res["ac3"]}
+
+
+def test_relay_faults_are_placed_at_their_positions(home: Path, hosts: dict[str, Subject]) -> None:
+    """The position-specific kind on both small hosts: the circuit puts the relay's MLP at the
+    trigger's position and its head at the final position; the plan keeps the MLP before the
+    head and starts at the last layer."""
+    plan = fault_plan(8, seed=0, hosts=SMALL_HOSTS, kinds=["relay"])
+    for h in SMALL_HOSTS:
+        mine = [lay for host, k, lay in plan if host == h and k == "relay"]
+        assert mine[0][1] == h.n_layer - 1 and all(a < b for a, b in mine)
+    with pytest.raises(ValueError, match="fault kinds"):
+        fault_plan(2, seed=0, hosts=SMALL_HOSTS, kinds=["nope"])
+    res = run_localization(2, seed=0, hosts=SMALL_HOSTS, home=home, kinds=["relay"])
+    assert res["n_faults"] == 2 and res["ac3"] == 1.0, res["failures"]
+    for f in res["faults"]:
+        mlp, head = f["planted_sites"]
+        assert mlp.split("@")[0].endswith("MLP") and head.split("@")[0] == f["planted"][1]
+    assert res["positions"] == {"n_sites": 4, "placed": 4}, [f["circuit"] for f in res["faults"]]
+    assert set(res["per_kind"]) == {"relay"}
 
 
 def test_moved_fault_is_a_new_mechanism_and_weight_change_finds_the_plant(

@@ -230,3 +230,31 @@ def test_a_one_head_incident_is_written_at_the_position_the_metric_reads() -> No
         range(prompt.n_prompt - 1, prompt.length - 1)
     )
     assert [e.target for e in v.circuit.edges] == ["LOGITS"]
+
+
+def test_a_head_of_grouped_query_attention_owns_its_queries_and_output_slice() -> None:
+    """Planting in a real host (SmolLM2 shares keys and values among three heads): the
+    parameters a head fault trains move that head's output alone, every other head's
+    activation stays bit-identical."""
+    from rca.hooks import capture
+    from rca.zoo.faults import component_params
+
+    s = Subject.from_model(tiny_model("llama", seed=6).eval())
+    assert s.adapter.n_kv_heads < s.adapter.n_heads
+    masks = component_params(s, "L1.H2")
+    assert not any("k_proj" in k or "v_proj" in k for k in masks)
+    assert any("q_proj" in k for k in masks) and any("o_proj" in k for k in masks)
+    heads = [f"L1.H{h}" for h in range(s.adapter.n_heads)]
+    ids = TGT.input_ids()
+    with capture(s, heads) as before, torch.no_grad():
+        s.model(input_ids=ids)
+    before = {k: before[k].clone() for k in heads}
+    params = dict(s.model.named_parameters())
+    with torch.no_grad():
+        for name, m in masks.items():
+            params[name].add_(torch.randn_like(params[name]) * m)
+    with capture(s, heads) as after, torch.no_grad():
+        s.model(input_ids=ids)
+    for h in heads:
+        same = torch.equal(before[h], after[h])
+        assert same == (h != "L1.H2"), h

@@ -177,11 +177,14 @@ def test_the_circuits_faithfulness_is_what_patching_it_alone_does(model_type: st
             assert ev[m.id].direct_effect >= cfg.writer_fraction * gap
         elif m.role in ("entry", "route"):
             assert ev[m.id].direct_effect < cfg.writer_fraction * gap
-    # minimal: a member that is not a writer is needed for faithfulness, or is there because
-    # it carries the incident where the prompt differs from the counterfactual
+    # minimal: a member that is neither a writer nor the top cause is needed for faithfulness,
+    # or is there because it carries the incident where the prompt differs from the
+    # counterfactual
+    top = next(e.id for e in v.ranked() if not e.infrastructure)
+    assert top in c.specific
     if c.faithfulness_components is not None and c.faithfulness_components >= cfg.faithful_fraction:
         at = [f"@{p}" for p in c.entry_positions]
-        for m in c.ids("entry") + c.ids("route"):
+        for m in [x for x in c.ids("entry") + c.ids("route") if x != top]:
             rest = [x for x in c.specific if x != m]
             left = (v.metric_clean - _patched_metric(s, prompt, base, rest)) / gap
             there = (v.metric_clean - _patched_metric(s, prompt, base, [m + p for p in at])) / gap
@@ -236,3 +239,38 @@ def test_infrastructure_is_never_first_and_otherwise_keeps_its_rank() -> None:
         "L0.MLP",
         "L12.H4",
     ]
+
+
+def test_an_infrastructure_origin_gives_rank_1_to_the_specific_origin_not_the_writer() -> None:
+    """A head -> MLP fault in a 6-layer host (its evidence as measured): the layer-0 MLP, which
+    every prompt needs, is the latest robustly necessary candidate; the planted head L0.H5 is
+    the origin among the specific ones, and an unplanted L1.MLP has the largest direct effect.
+    Rank 1 goes to the head: the rule applied again without the infrastructure."""
+    from rca.confirm import CandidateEvidence, _share_removed, rank_candidates
+
+    def ev(cid: str, te: float, de: float, ne: float, ne0: float, infra: bool = False):
+        return CandidateEvidence(
+            cid, 0.0, te, de, ne, p_value=1.0, necessity_zero=ne0, infrastructure=infra
+        )
+
+    m_clean, m_ref = -0.05, -12.0
+    gap = m_clean - m_ref
+
+    def share(d: float) -> float:
+        return _share_removed(m_clean, m_ref, d, conts=1)
+
+    cands = [
+        ev("L1.MLP", te=11.54, de=5.27, ne=1.36, ne0=2.38),
+        ev("L0.MLP", te=16.89, de=1.61, ne=10.07, ne0=3.78, infra=True),
+        ev("L0.H5", te=18.28, de=-0.02, ne=8.78, ne0=17.36),
+        ev("L5.MLP", te=2.03, de=2.03, ne=1.27, ne0=1.27),
+    ]
+    cfg = ConfirmConfig()
+    plain = [replace(e, infrastructure=False) for e in cands]
+    assert [e.id for e in rank_candidates(plain, share=share, gap=gap, config=cfg)][:2] == [
+        "L0.MLP",
+        "L1.MLP",
+    ]
+    before = [e.id for e in rank_candidates(plain, share=share, gap=gap, config=cfg)]
+    got = [e.id for e in rank_candidates(cands, share=share, gap=gap, config=cfg)]
+    assert got == ["L0.H5"] + [x for x in before if x != "L0.H5"]  # the rest keep their order
