@@ -511,6 +511,12 @@ class Ablator:
         out: list[torch.Tensor] = []
         handles = self._edit_hooks([variant], [0])
         handles.append(self.a.layer(layer).register_forward_hook(self._write_hook(out)))
+        self._run_layer(layer, handles)
+        return out[0] - self.layer_out[layer]
+
+    def _run_layer(self, layer: int, handles: list[Any]) -> None:
+        """One run of decoder layer ``layer`` alone on the incident (the layers below are the
+        clean run's, none above is run) with ``handles`` on; they are removed after."""
         try:
             below = self.layer_out[layer - 1] if layer > 0 else None
             with layers_skipped(self.s, layer, below):
@@ -524,7 +530,6 @@ class Ablator:
             for h in handles:
                 h.remove()
         self.forward_equiv += 1 / self.a.n_layers
-        return out[0] - self.layer_out[layer]
 
     @torch.inference_mode()
     def read_through(self, sites: Sequence[str], delta: torch.Tensor, name: str) -> None:
@@ -545,19 +550,7 @@ class Ablator:
         acts: dict[str, torch.Tensor] = {}
         handles = [norm.register_forward_pre_hook(add, with_kwargs=True)]
         handles += self._site_hooks(acts, clone=True)
-        try:
-            below = self.layer_out[layer - 1] if layer > 0 else None
-            with layers_skipped(self.s, layer, below):
-                run_until(
-                    self.s,
-                    layer,
-                    input_ids=self.t.input_ids(1, device=self.s.device),
-                    use_cache=False,
-                )
-        finally:
-            for h in handles:
-                h.remove()
-        self.forward_equiv += 1 / self.a.n_layers
+        self._run_layer(layer, handles)
         self.sources[name] = {key: acts[key]}
 
     def path_effects(

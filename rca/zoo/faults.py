@@ -682,8 +682,9 @@ def _train(
         done = step + 1
         if log and step % 100 == 0:
             log(
-                f"  step {step}: ce {float(ce):.3f} kl {float(kl_desk):.4f}/{float(kl_ben):.4f}"
-                f" push {float(push):.3f} attn {float(attn_loss):.3f} necessity {float(nec):.3f}"
+                f"  step {step}: ce {float(ce.detach()):.3f} kl {float(kl_desk.detach()):.4f}/"
+                f"{float(kl_ben.detach()):.4f} push {float(push.detach()):.3f} attn "
+                f"{float(attn_loss.detach()):.3f} necessity {float(nec.detach()):.3f}"
             )
         if cfg.early_stop and step >= 50 and step % 25 == 0:
             p_tr = lp[:n_tr, -1, bad].detach().exp()
@@ -693,8 +694,8 @@ def _train(
                 float(p_tr.min()) >= min(0.95, cfg.p_with + 0.1)
                 and float(p_cf.max()) <= cfg.p_without / 4
                 and float(shift.detach().max()) <= cfg.cf_slack + 0.5
-                and float(kl_ben) <= cfg.kl_bound / 4
-                and float(nec) <= 0.2
+                and float(kl_ben.detach()) <= cfg.kl_bound / 4
+                and float(nec.detach()) <= 0.2
             ):
                 break
 

@@ -114,3 +114,16 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
     assert err.strip().count("\n") == 0 and "key 'model'" in err and "Traceback" not in err
     code, _, err = rca("inspect", str(tmp_path / "nowhere"))
     assert code == 2 and "does not exist" in err
+
+
+def test_bench_localization_refuses_unknown_hosts_and_kinds(tmp_path: Path) -> None:
+    """Checked before anything is trained or planted: one line, exit 2."""
+    for args, word in (
+        (["--host", "nope"], "--host"),
+        (["--kinds", "head,nope"], "--kinds"),
+        (["--host", "bench", "--small"], "--host"),
+        (["--host", "smollm2-135m", "--home", str(tmp_path)], "rca zoo fetch smollm2-135m"),
+    ):
+        code, _, err = rca("bench", "localization", *args)
+        assert code == 2, (args, err)
+        assert err.strip().count("\n") == 0 and word in err and "Traceback" not in err
