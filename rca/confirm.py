@@ -34,9 +34,11 @@ module runs them, many at once:
 - **Necessity and sufficiency** of the set, and **random sets** of the same size and kind for an
   empirical p-value. Verdicts carry their reasons and the thresholds used; the words are
   defined in ``rca.verdicts``.
-- **The circuit** (``Circuit``): the specific candidates that, patched alone to the baseline,
-  remove ``faithful_fraction`` of the gap, each with a role (entry, route, writer), the
-  infrastructure beside them, the faithfulness and its curve against the attribution ranking.
+- **The circuit** (``rca.circuit``): the specific candidates that, patched alone to the
+  baseline, remove ``faithful_fraction`` of the gap, and those that carry the incident where the
+  prompt differs from its counterfactual, each at its positions and with a role (entry, route,
+  writer); the infrastructure beside them; the edges between members, each path-patched alone
+  (``Ablator.path_effects``); the faithfulness and its curve against the attribution ranking.
 """
 
 from __future__ import annotations
