@@ -160,19 +160,10 @@ def test_direct_effects_equal_plain_hook_patching_at_the_answer_position(model_t
 
 
 def one_head_model() -> Subject:
-    """A GPT-2 whose output depends on L1.H2 alone: every other head writes nothing and both
-    MLPs output exactly zero."""
-    m = tiny_model("gpt2", seed=4)
-    a = Subject.from_model(m).adapter
-    with torch.no_grad():
-        for layer in range(a.n_layers):
-            proj = a.attn_out(layer)
-            for h in range(a.n_heads):
-                if (layer, h) != (1, 2):
-                    proj.weight[h * a.d_head : (h + 1) * a.d_head, :] = 0
-            a.mlp_down(layer).weight.zero_()
-            a.mlp_down(layer).bias.zero_()
-    return Subject.from_model(m, word_tokenizer())
+    """test_confirm's model whose output depends on L1.H2 alone, with a word tokenizer."""
+    from tests.unit.test_confirm import one_head_model as bare
+
+    return Subject.from_model(bare().model, word_tokenizer())
 
 
 def test_the_only_writing_head_has_the_whole_direct_effect() -> None:
