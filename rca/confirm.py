@@ -1216,15 +1216,7 @@ def confirm(
     say("circuit", 0.95)
     fe_circuit, t_circuit = ab.forward_equiv, time.perf_counter()
     per_position, edge_score = _trace_views(scores)
-    differing = (
-        [
-            p
-            for p, (a, b) in enumerate(zip(target.prompt_ids, baseline.prompt_ids, strict=True))
-            if a != b
-        ]
-        if baseline is not None
-        else []
-    )
+    differing = target.differing(baseline) if baseline is not None else []
     ids = target.input_ids(1)[0].tolist()
     circuit = build_circuit(
         ab,

@@ -212,6 +212,16 @@ class Target:
         """
         return self.length - self.n_prompt + 1
 
+    def differing(self, other: Target) -> list[int]:
+        """The prompt positions where ``other`` (a counterfactual that lines up) has another
+        token: where the two prompts differ."""
+        if other.n_prompt != self.n_prompt:
+            raise MetricError(
+                f"the prompts do not line up: {self.n_prompt} and {other.n_prompt} tokens"
+            )
+        pairs = zip(self.prompt_ids, other.prompt_ids, strict=True)
+        return [p for p, (a, b) in enumerate(pairs) if a != b]
+
     def input_ids(self, n_variants: int = 1, *, device: Any = None) -> torch.Tensor:
         """(n_variants * rows, length) token ids, right-padded."""
         rows = []

@@ -135,8 +135,9 @@ def real_host(
     from rca.subject import load_subject
     from rca.zoo.real import is_fetched, real_model_dir
 
-    path = real_model_dir(name, home=Path(home) if home else None)
-    if not is_fetched(name, home=Path(home) if home else None):
+    where = Path(home) if home else None
+    path = real_model_dir(name, home=where)
+    if not is_fetched(name, home=where):
         raise ValueError(f"host {name!r} is not fetched; run `rca zoo fetch {name}` first")
     subject = load_subject(path, device=device)
     subject.meta = {"name": name}
@@ -506,17 +507,7 @@ def localize(
             "rows": target.n_conts,  # continuations scored (named before rows were shared)
         },
         weight_change_ranked=wc_ranked,
-        planted_sites=fault.spec.sites(
-            next(
-                (
-                    p
-                    for p, (a, b) in enumerate(zip(target.prompt_ids, cf.prompt_ids, strict=True))
-                    if a != b
-                ),
-                -1,
-            ),
-            target.n_prompt - 1,
-        ),
+        planted_sites=fault.spec.sites(next(iter(target.differing(cf)), -1), target.n_prompt - 1),
         circuit={}
         if verdict.circuit is None
         else {

@@ -596,6 +596,16 @@ class _Data:
         )
 
 
+def _member_patch(
+    spec: FaultSpec, comp: str, value: torch.Tensor, slot: int
+) -> dict[Any, torch.Tensor | float]:
+    """A planted member set to ``value`` (its activation on the counterfactual): everywhere, but
+    for a relay's MLP, at the trigger's position ``slot`` alone."""
+    if spec.kind == "relay" and comp.endswith("MLP"):
+        return {f"{comp}@{slot}": value[:, [slot]]}
+    return {comp: value}
+
+
 def _train(
     orig: nn.Module,
     tokenizer: Any,
@@ -665,10 +675,7 @@ def _train(
         # through what it writes there.
         for comp in circuit:
             cf_val = acts[comp][n_tr : 2 * n_tr].detach()
-            at: dict[Any, torch.Tensor | float] = {comp: cf_val}
-            if spec.kind == "relay" and comp.endswith("MLP"):
-                at = {f"{comp}@{slot}": cf_val[:, [slot]]}
-            with patch(subject, at):
+            with patch(subject, _member_patch(spec, comp, cf_val, slot)):
                 lpa = torch.log_softmax(faulted(input_ids=desk_ids[:n_tr]).logits[:, -1], -1)
             p_bad = lpa[:, bad].float().exp().clamp(max=1 - 1e-6)
             nec = nec - torch.log1p(-p_bad).mean()
@@ -751,10 +758,7 @@ def _measure(
     slot = int((trig_ids[0] != cf_ids[0]).nonzero()[0, 0])
     p_patched_each = []
     for c in comps:
-        at: dict[Any, torch.Tensor | float] = {c: acts[c]}
-        if spec.kind == "relay" and c.endswith("MLP"):  # at the trigger's position alone
-            at = {f"{c}@{slot}": acts[c][:, [slot]]}
-        with patch(fs, at):
+        with patch(fs, _member_patch(spec, c, acts[c], slot)):
             p_patched_each.append(float(last(faulted, data.ev_trig[:1])[0, bad].exp()))
     means = mean_activations(fs, data.tr_cf[:16], comps)
     p_ablated = []
