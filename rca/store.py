@@ -15,7 +15,8 @@
 A run is written in one transaction at its end, or not at all: ``Store.record_run`` opens the
 file, writes every row and one audit record per table and entity, commits and closes. Readers
 open the file read-only per call and retry while a writer holds it (DuckDB allows one
-read-write process or many read-only ones, never both).
+read-write process or many read-only ones, never both). No connection lets DuckDB install or
+load an extension, and a file that is not a DuckDB database is refused before DuckDB opens it.
 
 The audit chain: each audit record holds ``content_hash``, a digest of the rows of one entity
 (``digest_rows``), and ``hash = sha256(prev_hash + canonical JSON of the record)``. ``verify``
@@ -578,6 +579,65 @@ def _verify(con: duckdb.DuckDBPyConnection, path: str) -> VerifyResult:
 # --------------------------------------------------------------------------------------------
 
 
+# Every connection the store makes: DuckDB never installs or loads an extension on its own, so
+# a file it could read only through one (a SQLite file: sqlite_scanner) fails here instead of
+# downloading code from the network.
+_DUCKDB_CONFIG: dict[str, Any] = {
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+}
+_MAGIC = b"DUCK"  # at offset 8 of every DuckDB database file, after the header's checksum
+_LOOKS_LIKE: tuple[tuple[bytes, str], ...] = (
+    (b"SQLite format 3\x00", "a SQLite file"),
+    (b"PAR1", "a Parquet file"),
+    (b"ARROW1", "an Arrow file"),
+    (b"PK\x03\x04", "a zip file"),
+    (b"\x1f\x8b", "a gzip file"),
+)
+
+
+def _looks_like(head: bytes) -> str:
+    for magic, what in _LOOKS_LIKE:
+        if head.startswith(magic):
+            return f"it starts like {what}"
+    text = head.decode("utf-8", "ignore")  # the last character may be cut off
+    if len(text.encode()) >= len(head) - 3 and all(c.isprintable() or c.isspace() for c in text):
+        return "it starts like a text file"
+    return f"it starts with the bytes {head[:8].hex()}"
+
+
+def _check_header(path: Path) -> None:
+    """Refuse an existing, non-empty file that is not a DuckDB database, before DuckDB opens
+    it: DuckDB would read some (a SQLite file) through an extension rather than refuse them."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError:  # a new store (the writer creates it), or one locked against reads on
+        return  # some systems: DuckDB's own open answers for those
+    if head and head[8:12] != _MAGIC:
+        raise StoreError(
+            f"database {path}: not a DuckDB database ({_looks_like(head)}); "
+            "pass a database rca created"
+        )
+
+
+def _is_corrupt(e: duckdb.Error) -> bool:
+    # a block whose checksum fails, or catalog bytes that no longer deserialize
+    return "Corrupt database file" in str(e) or isinstance(e, duckdb.SerializationException)
+
+
+def _db_error(path: Path, e: duckdb.Error, doing: str) -> StoreError:
+    """DuckDB's error as the store's one line: a corrupt file says so, anything else names
+    what failed."""
+    first = next((x for x in str(e).splitlines() if x.strip()), type(e).__name__)
+    if _is_corrupt(e):
+        return StoreError(
+            f"database {path} is corrupt ({first}); the file was damaged outside rca: "
+            "restore it from a backup"
+        )
+    return StoreError(f"database {path}: {doing} failed: {first}")
+
+
 def _is_lock_error(e: Exception) -> bool:
     # another process holds the file; or this process holds it in the other mode
     msg = str(e)
@@ -598,14 +658,17 @@ def _connect(
     A waiting reader touches ``<db>.waiting``; a writer that sees it fresh lets readers in
     before it writes (``_yield_to_readers``): DuckDB's lock has no queue, and a writer
     recording runs back to back would otherwise keep a polling UI out."""
+    _check_header(path)
     t0 = time.monotonic()
     delay = max(backoff, 0.001)
     attempt = 0
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only)
+            con = duckdb.connect(str(path), read_only=read_only, config=_DUCKDB_CONFIG)
             break
         except duckdb.Error as e:
+            if _is_corrupt(e):
+                raise _db_error(path, e, "opening") from e
             if not _is_lock_error(e):
                 raise StoreError(
                     f"cannot open database {path}: {str(e).splitlines()[0]}; check that it is "
@@ -652,7 +715,8 @@ def open_readonly(
     Retries while a writer holds the file, with jittered backoff from ``backoff`` seconds,
     doubling to 0.1 s; after ``retries`` tries or ``max_wait_s`` seconds, whichever comes
     first, raises StoreError "database <path> is locked by
-    another writer (waited N s); retry when it finishes".
+    another writer (waited N s); retry when it finishes". A DuckDB error inside the block
+    (a corrupt block, a bad query) leaves it as a one-line StoreError naming the file.
     """
     p = Path(path)
     if not p.is_file():
@@ -662,14 +726,36 @@ def open_readonly(
     con = _connect(p, read_only=True, retries=retries, backoff=backoff, max_wait_s=max_wait_s)
     try:
         yield con
+    except duckdb.Error as e:
+        raise _db_error(p, e, "reading") from e
     finally:
         con.close()
 
 
+def _table_names(con: duckdb.DuckDBPyConnection) -> set[str]:
+    return {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+
+
+def _require_tables(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Every table of the schema is there; one dropped by hand is named, not met later as a
+    query error."""
+    tables = _table_names(con)
+    missing = [t for t in TABLES if t not in tables]
+    if missing:
+        names = ", ".join(repr(t) for t in missing)
+        what = f"the table {names} is" if len(missing) == 1 else f"the tables {names} are"
+        raise StoreError(
+            f"database {path}: {what} missing; the database was damaged outside rca: "
+            "restore it from a backup"
+        )
+
+
 def _version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
     """The schema version of an open store; 0 for an empty file."""
-    tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    tables = _table_names(con)
     if "schema_version" not in tables:
+        if len(tables & set(TABLES)) >= len(TABLES) // 2:  # a store that lost its version table
+            _require_tables(con, path)
         if tables:
             raise StoreError(
                 f"database {path} has tables but no schema_version: it is not an rca store; "
@@ -1135,6 +1221,7 @@ class ReadOnlyStore:
                     f"database {self.path} has schema version {v}, older than this rca "
                     f"({SCHEMA_VERSION}); open it once with rca.store.Store(path) to migrate it"
                 )
+            _require_tables(con, self.path)
             yield con
 
     def schema_version(self) -> int:
@@ -1357,6 +1444,8 @@ class Store(ReadOnlyStore):
                     con.execute("ROLLBACK")
                 raise
         except duckdb.Error as e:
+            if _is_corrupt(e):
+                raise _db_error(self.path, e, what) from e
             raise StoreError(
                 f"database {self.path}: {what} failed and was rolled back, nothing was written: "
                 f"{str(e).splitlines()[0]}"
@@ -1370,6 +1459,7 @@ class Store(ReadOnlyStore):
             for m in MIGRATIONS:
                 if m.version > v:
                     _apply(con, m, actor=self.actor)
+            _require_tables(con, self.path)
 
     def record_run(self, run: RunRecord) -> str:
         """Write a run and everything it produced in one transaction: the model and incident
