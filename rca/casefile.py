@@ -4,21 +4,22 @@ Input is the dict ``ReadOnlyStore.get_run`` returns, so a report is always of wh
 recorded. Sections that need keys older runs lack (a chat case's ``messages``, ``focus``, the
 summary's ``prompt_text`` and ``decoding``) are left out for them.
 
-Every string that came from a prompt, a model or a case file is data, never markup, and is
-escaped for the medium it lands in:
+Every string that came from a prompt, a model, a case file or a note is data, never markup,
+and is escaped for the medium it lands in (``rca.textsafe``); in every medium, control,
+bidirectional and invisible characters are shown as their escapes (``\\x1b``, ``\\u202e``):
 
 - Markdown: backslash escapes for the characters that open inline markup or end a table cell,
-  newlines folded to spaces, code spans and fenced blocks delimited by a backtick run longer
-  than any inside. What a CommonMark renderer makes of it holds no element from the data.
-- terminal: the text as it is, but control characters are shown as their escapes (``\\x1b``),
-  so a payload cannot move the cursor or change colours.
+  newlines folded to spaces, a URL or e-mail address a renderer would link in a code span,
+  code spans and fenced blocks delimited by a backtick run longer than any inside. What a
+  CommonMark or GFM renderer makes of it holds no element from the data.
+- terminal: the text as it is otherwise, so a payload cannot move the cursor, clear the
+  screen, change colours or make a hyperlink.
 - HTML: ``html.escape``. The page has no external asset (no script, no stylesheet link, no
   font) and draws the attribution graph as inline SVG (layers left to right).
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import re
@@ -26,6 +27,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from rca.circuit import site_label
+from rca.textsafe import code_span as _md_code
+from rca.textsafe import fence
+from rca.textsafe import html_text as _e
+from rca.textsafe import markdown_line as _md_line
+from rca.textsafe import markdown_text as _md
+from rca.textsafe import visible as _visible
 from rca.verdicts import definitions
 
 __all__ = [
@@ -182,73 +189,7 @@ def _token(v: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# escaping, one medium at a time
-
-
-def _e(v: Any) -> str:
-    """Text for HTML, element content or a quoted attribute."""
-    return html.escape("" if v is None else str(v), quote=True)
-
-
-# What opens inline markup in CommonMark (code, emphasis, links and images, raw HTML and
-# autolinks, entities, escapes) or ends a table cell. ' " > are left as they are: inline they
-# are plain text, so "P(' Mary') >= 0.5" stays readable.
-# ``_`` between two letters or digits cannot start or end emphasis (CommonMark's flanking
-# rules), so ``not_confirmed`` is left as typed
-_MD_INLINE = re.compile(r"[\\`*\[\]<&|]|_(?![^\W_])|(?<![^\W_])_")
-# what makes a line a block (heading, quote, list, rule, setext underline, fence) at its start
-_MD_BLOCK_START = re.compile(r"^(?:([#>+=~-])|(\d{1,9})([.)]))")
-
-
-def _md(v: Any) -> str:
-    """Inline Markdown text, a table cell included: shown as typed, never as markup.
-    Newlines become spaces, so the text cannot start a block or end a row; a trailing run of
-    ``#`` is escaped, so a heading's closing sequence cannot eat it."""
-    text = _MD_INLINE.sub(r"\\\g<0>", _NEWLINE.sub(" ", "" if v is None else str(v)))
-    return re.sub(r"#+(?=[ \t]*$)", r"\\\g<0>", text)
-
-
-def _md_line(v: Any) -> str:
-    """Markdown text that starts a line of its own: ``_md`` without leading blanks (they
-    would make it code), and a first character that would make the line a heading, quote,
-    list, rule or fence escaped."""
-    return _MD_BLOCK_START.sub(
-        lambda m: f"\\{m.group(1)}" if m.group(1) else f"{m.group(2)}\\{m.group(3)}",
-        _md(v).lstrip(" \t"),
-    )
-
-
-def _md_code(v: Any, *, cell: bool = False) -> str:
-    """A Markdown code span: delimited by a backtick run longer than any inside, padded with a
-    space where the text starts or ends with a backtick, or both starts and ends with a space
-    (a renderer strips one space from each side then). In a table ``cell`` a ``|`` is
-    escaped: GFM tables split rows before they find code spans."""
-    text = _NEWLINE.sub(" ", "" if v is None else str(v))
-    if not text:
-        return ""
-    if cell:
-        text = text.replace("|", "\\|")
-    ticks = "`" * (max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
-    edge = text[0] == "`" or text[-1] == "`" or (text[0] == text[-1] == " ")
-    pad = " " if edge and text.strip(" ") else ""
-    return f"{ticks}{pad}{text}{pad}{ticks}"
-
-
-def _fence(text: str) -> str:
-    """A fenced block longer than any backtick run in ``text``, so it cannot be closed early."""
-    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    f = "`" * max(3, longest + 1)
-    return f"{f}text\n{text}\n{f}"
-
-
-# C0 but tab and newline, DEL, C1: what a terminal acts on (ESC starts every escape sequence;
-# CR and BS overwrite what was printed)
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def _visible(v: Any) -> str:
-    """Text for a terminal as it is, but each control character is shown as its escape."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", "" if v is None else str(v))
+# escaping, one medium at a time (rca.textsafe)
 
 
 class _Medium(Protocol):
@@ -275,7 +216,7 @@ class _Markdown:
         return _md_code(v, cell=cell)
 
     def block(self, v: Any) -> str:
-        return _fence("" if v is None else str(v))
+        return fence(v)
 
 
 class _Terminal:
@@ -288,7 +229,7 @@ class _Terminal:
         return f"`{self.text(v)}`"
 
     def block(self, v: Any) -> str:
-        return _fence(_visible(v))
+        return fence(_visible(v))  # a carriage return shown, not read as a line break
 
 
 # ---------------------------------------------------------------------------------------------
@@ -745,8 +686,9 @@ def render_markdown(run: Mapping[str, Any]) -> str:
 
 def render_terminal(run: Mapping[str, Any]) -> str:
     """The case file for a terminal: the Markdown case file's content with every string as it
-    is, but control characters (C0 other than newline and tab, DEL, C1) shown as escapes
-    (``\\x1b``), so nothing in it moves the cursor, clears the screen or changes colours."""
+    is, but control characters (C0 other than newline and tab, DEL, C1), bidirectional and
+    invisible characters shown as escapes (``\\x1b``, ``\\u202e``), so nothing in it moves
+    the cursor, clears the screen, changes colours or reorders what is shown."""
     return "\n".join(_case_lines(run, _Terminal())) + "\n"
 
 

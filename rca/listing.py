@@ -16,7 +16,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from rca.casefile import _visible
+from rca.textsafe import visible as _visible
 
 __all__ = ["runs_table"]
 

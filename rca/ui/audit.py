@@ -29,10 +29,12 @@ def main() -> None:
     else:
         st.error(f"Audit chain broken. {common.md(result)}")
         st.dataframe(
-            [
-                {"seq": p.seq, "table": p.table, "entity": p.entity, "problem": p.what}
-                for p in result.problems
-            ],
+            common.cell_rows(
+                [
+                    {"seq": p.seq, "table": p.table, "entity": p.entity, "problem": p.what}
+                    for p in result.problems
+                ]
+            ),
             hide_index=True,
             width="stretch",
         )
@@ -66,7 +68,11 @@ def main() -> None:
         [{"table": t, "rows": n} for t, n in counts.items()], hide_index=True, width="content"
     )
     st.subheader("Latest audit records")
-    st.dataframe(recent, hide_index=True, width="stretch")
+    st.dataframe(
+        recent.map(lambda v: common.plain(v) if isinstance(v, str) else v),
+        hide_index=True,
+        width="stretch",
+    )
 
 
 main()

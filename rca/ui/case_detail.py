@@ -12,6 +12,7 @@ case can be linked to.
 from __future__ import annotations
 
 import getpass
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -58,16 +59,16 @@ def _given(text: Any, messages: Any, seen: Any) -> None:
     what the model saw, in an expander, when that is not the text as given."""
     chat = turns(messages)
     if not chat:
-        st.code(str(text or ""), language=None, wrap_lines=True)
+        st.code(common.plain(text), language=None, wrap_lines=True)
     for role, content in chat:
         name = role if role in _AVATAR else "other"  # a known role; the caption says which
         with st.chat_message(name, avatar=_AVATAR.get(role, "❔")):
             st.caption("system: instructions to the model" if role == "system" else common.md(role))
-            st.code(content, language=None, wrap_lines=True)
+            st.code(common.plain(content), language=None, wrap_lines=True)
     if seen and (chat or seen != text):
         how = "the conversation in the model's chat template" if chat else "the exact text"
         with st.expander(f"What the model saw ({how})"):
-            st.code(str(seen), language=None, wrap_lines=True)
+            st.code(common.plain(seen), language=None, wrap_lines=True)
 
 
 def _incident(run: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
@@ -79,13 +80,13 @@ def _incident(run: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
     bad, good = st.columns(2)
     with bad:
         st.markdown("**Bad continuation** (what the model produced)")
-        st.code(str(fields.get("bad") or ""), language=None, wrap_lines=True)
+        st.code(common.plain(fields.get("bad")), language=None, wrap_lines=True)
         if fields.get("focus"):
             st.markdown("**Focus** (the part of it the metric reads)")
-            st.code(str(fields["focus"]), language=None, wrap_lines=True)
+            st.code(common.plain(fields["focus"]), language=None, wrap_lines=True)
     with good:
         st.markdown("**Good continuation** (what it should have produced)")
-        st.code(str(fields.get("good") or "-"), language=None, wrap_lines=True)
+        st.code(common.plain(fields.get("good") or "-"), language=None, wrap_lines=True)
     cf = s.get("counterfactual") or {}
     if cf or fields.get("counterfactual_messages"):
         how = "generated" if cf.get("generated") else "given"
@@ -98,14 +99,15 @@ def _incident(run: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
         )
     if fields.get("notes"):
         st.markdown("**Reporter's notes**")
-        st.text(str(fields["notes"]))
+        st.text(common.plain(fields["notes"]))
     inc = run.get("incident") or {}
     with st.expander("Case file as ingested"):
         if inc.get("case_toml"):
-            st.code(str(inc["case_toml"]), language="toml")
+            st.code(common.plain(inc["case_toml"]), language="toml")
         else:
-            st.json(dict(fields))
-        st.text(f"source: {inc.get('source')}\nsha256: {inc.get('sha256')}")
+            text = json.dumps(dict(fields), indent=2, ensure_ascii=False, default=str)
+            st.code(common.plain(text), language="json")
+        st.text(common.plain(f"source: {inc.get('source')}\nsha256: {inc.get('sha256')}"))
 
 
 def _decoding(run: Mapping[str, Any]) -> None:
@@ -123,7 +125,7 @@ def _decoding(run: Mapping[str, Any]) -> None:
     m2.metric("reproduces the focus", yes(dec.get("reproduces_focus")))
     m3.metric("new tokens at most", str(dec.get("max_new_tokens") or "-"))
     st.markdown("**Greedy text** (what the model says from the prompt)")
-    st.code(str(dec.get("greedy_text") or ""), language=None, wrap_lines=True)
+    st.code(common.plain(dec.get("greedy_text")), language=None, wrap_lines=True)
     rows = common.decoding_rows(dec)
     if rows:
         st.caption(
@@ -131,7 +133,7 @@ def _decoding(run: Mapping[str, Any]) -> None:
             "the token greedy decoding produced at that step."
         )
         st.dataframe(
-            rows,
+            common.cell_rows(rows),
             hide_index=True,
             column_config={
                 "P (teacher-forced)": st.column_config.NumberColumn(format="%.3g"),
@@ -160,10 +162,10 @@ def _tokens(run: Mapping[str, Any]) -> None:
     )
     st.markdown(common.heat_strip(picked), unsafe_allow_html=True)
     with st.expander("Token scores"):
-        st.dataframe(
-            [{"position": t["position"], "token": t["token"], "score": t["score"]} for t in picked],
-            hide_index=True,
-        )
+        rows = [
+            {"position": t["position"], "token": t["token"], "score": t["score"]} for t in picked
+        ]
+        st.dataframe(common.cell_rows(rows), hide_index=True)
 
 
 def _circuit(run: Mapping[str, Any]) -> bool:
@@ -212,7 +214,7 @@ def _graph(run: Mapping[str, Any]) -> None:
     def label(nid: str) -> str:
         n = by_id[nid]
         rank = f"rank {n['rank']}, " if n.get("rank") is not None else ""
-        return f"{nid} ({rank}score {common.fmt(n.get('score'))})"
+        return common.plain(f"{nid} ({rank}score {common.fmt(n.get('score'))})")
 
     node = st.selectbox("Node", options, format_func=label, key="detail_node")
     if node is None:
@@ -224,21 +226,21 @@ def _graph(run: Mapping[str, Any]) -> None:
     m3.metric("necessity", common.fmt(n.get("necessity")))
     loss = n.get("benign_loss_pct")
     m4.metric("benign loss", "-" if loss is None else common.fmt(loss, "+.1f") + "%")
-    m5.metric("verdict", str(n.get("verdict") or "-"))
+    m5.metric("verdict", common.plain(n.get("verdict") or "-"))
     if n.get("reason"):
-        st.text(str(n["reason"]))
+        st.text(common.plain(n["reason"]))
     left, right = st.columns(2)
     incoming, outgoing = common.node_edges(edges, node)
     with left:
         st.markdown(f"**Edges into {common.md(node)}** ({len(incoming)})")
-        st.dataframe(incoming, hide_index=True, height=220)
+        st.dataframe(common.cell_rows(incoming), hide_index=True, height=220)
     with right:
         st.markdown(f"**Edges out of {common.md(node)}** ({len(outgoing)})")
-        st.dataframe(outgoing, hide_index=True, height=220)
+        st.dataframe(common.cell_rows(outgoing), hide_index=True, height=220)
     st.markdown(f"**Ablation evidence for {common.md(node)}**")
     evidence = common.node_ablations(list(run.get("ablations") or []), node)
     if evidence:
-        st.dataframe(evidence, hide_index=True)
+        st.dataframe(common.cell_rows(evidence), hide_index=True)
     else:
         st.caption("No ablation included this node (it was not a confirmation candidate).")
     with st.expander("All stored fields of the node"):
@@ -300,7 +302,7 @@ def _remedies(run: Mapping[str, Any]) -> None:
         st.caption("No fix was tried in this run (a regression re-check skips them).")
         return
     st.dataframe(
-        rows,
+        common.cell_rows(rows),
         hide_index=True,
         width="stretch",
         column_config={
@@ -331,7 +333,7 @@ def _notes(run: Mapping[str, Any]) -> None:
                 else str(when)[:19].replace("T", " ") + " UTC"
             )
             st.caption(f"note {n['note_id']} · {common.md(when_s)} · **{common.md(n['author'])}**")
-            st.text(str(n["text"]))
+            st.text(common.plain(n["text"]))
     if not notes:
         st.caption("No notes on this run yet.")
     done = st.session_state.pop("detail_note_added", None)
@@ -380,8 +382,8 @@ def main() -> None:
         f"{common.md(run.get('device'))} · tags {common.md(', '.join(fields.get('tags') or []))}"
     )
     m1, m2, m3, m4 = st.columns(4)
-    m1.metric("verdict", str(s.get("verdict") or "-"))
-    m2.metric("top cause", str(s.get("top_cause") or "-"))
+    m1.metric("verdict", common.plain(s.get("verdict") or "-"))
+    m2.metric("top cause", common.plain(s.get("top_cause") or "-"))
     m3.metric("P(bad)", common.fmt(s.get("p_bad_before"), ".3f"))
     m4.metric("P(bad) after the fix", common.fmt(s.get("p_bad_after"), ".3f"))
     if s.get("classification"):
@@ -392,12 +394,12 @@ def main() -> None:
         )
     if s.get("cause_set"):
         st.markdown("**Cause set**")
-        st.code(", ".join(s["cause_set"]), language=None)
+        st.code(common.plain(", ".join(s["cause_set"])), language=None)
     if s.get("set_reason"):
-        st.text(str(s["set_reason"]))
+        st.text(common.plain(s["set_reason"]))
     infra = casefile.infrastructure_sentence(run)
     if infra:
-        st.info(infra)
+        st.info(common.md(infra))
     with st.expander("What the verdict words mean"):
         for word, meaning in casefile.verdict_words(run).items():
             st.markdown(f"**{common.md(word)}**: {common.md(meaning)}")

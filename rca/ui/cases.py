@@ -31,20 +31,35 @@ def main() -> None:
     )
     c1, c2, c3, c4, c5 = st.columns(5)
     severity = c1.multiselect(
-        "Severity", common.severity_order(r["severity"] for r in rows), key="cases_severity"
+        "Severity",
+        common.severity_order(r["severity"] for r in rows),
+        format_func=common.plain,
+        key="cases_severity",
     )
-    status = c2.multiselect("Status", sorted({str(r["status"]) for r in rows}), key="cases_status")
-    model = c3.multiselect("Model", sorted({r["model"] for r in rows}), key="cases_model")
-    tag = c4.multiselect("Tag", sorted({t for r in rows for t in r["tags"]}), key="cases_tag")
-    kind = c5.multiselect("Kind", sorted({str(r["kind"]) for r in rows}), key="cases_kind")
+    status = c2.multiselect(
+        "Status",
+        sorted({str(r["status"]) for r in rows}),
+        format_func=common.plain,
+        key="cases_status",
+    )
+    model = c3.multiselect(
+        "Model", sorted({r["model"] for r in rows}), format_func=common.plain, key="cases_model"
+    )
+    tag = c4.multiselect(
+        "Tag",
+        sorted({t for r in rows for t in r["tags"]}),
+        format_func=common.plain,
+        key="cases_tag",
+    )
+    kind = c5.multiselect(
+        "Kind", sorted({str(r["kind"]) for r in rows}), format_func=common.plain, key="cases_kind"
+    )
     shown = common.filter_rows(
         rows, severity=severity, status=status, model=model, tag=tag, kind=kind, search=search
     )
     n_cases = len({r["case"] for r in shown})
     st.caption(f"{len(shown)} of {len(rows)} runs, {n_cases} cases")
-    table = [{k: v for k, v in r.items() if k != "prompt"} for r in shown]
-    for r in table:
-        r["tags"] = ", ".join(r["tags"])
+    table = common.cell_rows([{k: v for k, v in r.items() if k != "prompt"} for r in shown])
     st.dataframe(
         table,
         hide_index=True,

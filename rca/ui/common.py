@@ -3,18 +3,20 @@
 Nothing here draws: the functions take the dicts ``ReadOnlyStore`` returns and give back rows
 for ``st.dataframe``, escaped text for the widgets that interpret Markdown, or HTML whose every
 string from a case, a prompt or a model went through ``html.escape``. The pages test cleanly
-against them, and the escaping lives in one place.
+against them, and the escaping lives in one place (``rca.textsafe``).
 
-Escaping rule of the app: ``st.text``, ``st.code`` and ``st.dataframe`` show strings as they
-are; every widget that renders Markdown (``st.markdown``, ``st.caption``, headers, alerts)
-gets case strings through ``md``; HTML is built here, escaped by construction (``heat_strip``,
-``graph_html``), and is the only thing shown with ``unsafe_allow_html``.
+Escaping rule of the app: ``st.text``, ``st.code``, ``st.dataframe`` cells and option labels
+show case strings through ``plain`` (as they are, but control, bidirectional and invisible
+characters shown as escapes, ``\\x1b``, ``\\u202e``; ``cell_rows`` does it for a table);
+every widget that renders Markdown (``st.markdown``, ``st.caption``, titles, headers, alerts,
+expander and status labels) gets them through ``md``; HTML is built here, escaped by
+construction (``heat_strip``, ``graph_html``), and is the only thing shown with
+``unsafe_allow_html``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import html
 import json
 import math
 import os
@@ -26,6 +28,7 @@ from typing import Any
 from rca.casefile import case_fields, graph_svg, turns
 from rca.incident import SEVERITIES
 from rca.store import ReadOnlyStore, Store
+from rca.textsafe import html_text, streamlit_markdown, visible
 
 __all__ = [
     "PAGES",
@@ -41,6 +44,7 @@ __all__ = [
     "model_labels",
     "node_edges",
     "node_options",
+    "plain",
     "reader",
     "remedy_rows",
     "run_label",
@@ -88,21 +92,20 @@ def reader() -> ReadOnlyStore:
 # ---------------------------------------------------------------------------------------------
 # text
 
-# Markdown punctuation (CommonMark lets any of it be backslash-escaped), plus Streamlit's own
-# syntax: ``$`` opens LaTeX, ``:`` emoji and colour directives.
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~:$=^])")
-
 
 def md(value: Any, *, one_line: bool = True) -> str:
-    """A case string for a widget that renders Markdown: shown as typed, never as markup.
+    """A case string for a widget that renders Markdown: shown as typed, never as markup
+    (``rca.textsafe.streamlit_markdown``: HTML escaped, Markdown and Streamlit syntax
+    backslash-escaped, URLs defanged, hidden characters shown as escapes; with ``one_line``
+    newlines become spaces, so a value cannot start a new block)."""
+    return streamlit_markdown(value, one_line=one_line)
 
-    HTML is escaped (``<script>`` stays text), Markdown and Streamlit syntax is
-    backslash-escaped (no link, image, emphasis or formula), and with ``one_line`` newlines
-    become spaces so a value cannot start a new block."""
-    text = "" if value is None else str(value)
-    if one_line:
-        text = " ".join(text.splitlines())
-    return html.escape(_MD_SPECIAL.sub(r"\\\1", text), quote=True)
+
+def plain(value: Any) -> str:
+    """A case string for a widget that shows text as it is (``st.text``, ``st.code``, a table
+    cell, an option label): control, bidirectional and invisible characters shown as escapes
+    (``\\x1b``, ``\\u202e``), so what is shown is what is there (``rca.textsafe.visible``)."""
+    return visible(value)
 
 
 def fmt(value: Any, spec: str = "+.3f") -> str:
@@ -126,12 +129,15 @@ def _json(value: Any) -> Any:
 
 
 def _cell(value: Any) -> Any:
-    """A value for a dataframe cell of mixed type: numbers and text stay, the rest is JSON."""
-    if value is None or isinstance(value, bool | int | float | str | dt.datetime):
+    """A value for a dataframe cell of mixed type: numbers stay, text is ``plain``, a list is
+    joined, the rest is JSON."""
+    if value is None or isinstance(value, bool | int | float | dt.datetime):
         return value
+    if isinstance(value, str):
+        return plain(value)
     if isinstance(value, list | tuple):
-        return ", ".join(str(v) for v in value)
-    return json.dumps(value, default=str, sort_keys=True)
+        return plain(", ".join(str(v) for v in value))
+    return plain(json.dumps(value, default=str, sort_keys=True))
 
 
 def _text(value: Any) -> str:
@@ -189,7 +195,7 @@ def run_label(run: Mapping[str, Any], models: Mapping[str, str] | None = None) -
     else:  # ISO text, as the store decodes it
         when_s = str(when or "")[:16].replace("T", " ")
     rid = str(run["run_id"])[:8]
-    return f"{run.get('incident_id')} · {run.get('kind')} · {model} · {when_s} · {rid}"
+    return plain(f"{run.get('incident_id')} · {run.get('kind')} · {model} · {when_s} · {rid}")
 
 
 def run_rows(
@@ -276,14 +282,14 @@ def severity_order(values: Iterable[str | None]) -> list[str]:
 def heat_strip(token_scores: Sequence[Mapping[str, Any]]) -> str:
     """The prompt as a strip of tokens shaded by attribution (red toward the bad continuation,
     blue against), as HTML. Tokens are escaped; newlines show as ⏎ so the strip stays one
-    HTML block that Markdown leaves alone."""
+    HTML block that Markdown leaves alone, control and invisible characters as escapes."""
     toks = sorted(token_scores, key=lambda t: int(t["position"]))
     vmax = max((abs(float(t["score"] or 0.0)) for t in toks), default=1.0) or 1.0
     spans = []
     for t in toks:
         s = float(t["score"] or 0.0)
         alpha = min(1.0, abs(s) / vmax)
-        text = html.escape(str(t["token"]), quote=True).replace("\r", "").replace("\n", "⏎")
+        text = html_text(re.sub(r"\r\n|\r|\n", "⏎", str(t["token"])))
         spans.append(
             f'<span class="rca-tok" title="{int(t["position"])}: {s:+.4f}" '
             f'style="background:rgba({POSITIVE if s > 0 else NEGATIVE},{alpha:.2f});'
@@ -422,5 +428,6 @@ def decoding_rows(decoding: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def cell_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Rows with every value made dataframe-safe (lists joined, dicts as JSON)."""
+    """Rows with every value made dataframe-safe (text ``plain``, lists joined, dicts as
+    JSON)."""
     return [{k: _cell(v) for k, v in r.items()} for r in rows]

@@ -30,7 +30,9 @@ def _from_file() -> Incident | None:
     if not files:
         st.info(f"No case files (*.toml) in {common.md(folder)}; set RCA_CASES or use the form.")
         return None
-    path = st.selectbox("Case file", files, format_func=lambda p: p.name, key="new_case_file")
+    path = st.selectbox(
+        "Case file", files, format_func=lambda p: common.plain(p.name), key="new_case_file"
+    )
     if path is None:
         return None
     try:
@@ -38,8 +40,8 @@ def _from_file() -> Incident | None:
     except IncidentError as e:
         st.error(common.md(e))
         return None
-    with st.expander(f"{path.name}: {incident.id}", expanded=False):
-        st.code(Path(path).read_text(encoding="utf-8"), language="toml")
+    with st.expander(f"{common.md(path.name)}: {common.md(incident.id)}", expanded=False):
+        st.code(common.plain(Path(path).read_text(encoding="utf-8")), language="toml")
     return incident
 
 
@@ -90,14 +92,15 @@ def _model(incident: Incident | None, from_file: bool) -> str | None:
 
 
 def _run(incident: Incident, device: str) -> None:
-    status = st.status(f"Investigating {incident.id} ...", expanded=True)
+    case = common.md(incident.id)
+    status = st.status(f"Investigating {case} ...", expanded=True)
     with status:
         bar = st.progress(0.0, text="starting")
 
         def progress(stage: str, frac: float) -> None:
             frac = min(1.0, max(0.0, float(frac)))
             bar.progress(frac, text=f"{stage} ({frac:.0%})")
-            status.update(label=f"Investigating {incident.id}: {stage}")
+            status.update(label=f"Investigating {case}: {common.md(stage)}")
 
         from rca.investigate import InvestigateConfig, investigate
 
@@ -110,10 +113,10 @@ def _run(incident: Incident, device: str) -> None:
                 home=common.rca_home(),
             )
         except Exception as e:  # shown to the user, who can fix the case or the model
-            status.update(label=f"{incident.id}: failed", state="error")
+            status.update(label=f"{case}: failed", state="error")
             st.error(common.md(f"{type(e).__name__}: {e}"))
             return
-    status.update(label=f"{incident.id}: recorded", state="complete", expanded=False)
+    status.update(label=f"{case}: recorded", state="complete", expanded=False)
     st.session_state["rca_run"] = run.run_id
     st.session_state["new_last_run"] = run.run_id
     st.success(

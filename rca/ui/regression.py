@@ -32,18 +32,23 @@ def _column(run: Mapping[str, Any], mech: Mechanism, models: Mapping[str, str], 
         f" · {common.md(run.get('kind'))} run `{str(run['run_id'])[:8]}`"
     )
     a, b = st.columns(2)
-    a.metric("verdict", str(s.get("verdict") or "-"))
-    b.metric("classification", str(s.get("classification") or "-"))
+    a.metric("verdict", common.plain(s.get("verdict") or "-"))
+    b.metric("classification", common.plain(s.get("classification") or "-"))
     c, d = st.columns(2)
     c.metric("P(bad)", common.fmt(s.get("p_bad_before"), ".3f"))
     d.metric("metric", common.fmt(s.get("metric_before")))
     st.markdown("**Cause set**")
-    st.code(", ".join(mech.cause_set) or "(none)", language=None)
+    st.code(common.plain(", ".join(mech.cause_set) or "(none)"), language=None)
     st.markdown(f"**Top {k} components** by |attribution|")
     top = mech.top(k)
     if top:
         st.dataframe(
-            [{"rank": i + 1, "component": c, "score": mech.scores[c]} for i, c in enumerate(top)],
+            common.cell_rows(
+                [
+                    {"rank": i + 1, "component": c, "score": mech.scores[c]}
+                    for i, c in enumerate(top)
+                ]
+            ),
             hide_index=True,
             width="stretch",
         )
@@ -52,7 +57,7 @@ def _column(run: Mapping[str, Any], mech: Mechanism, models: Mapping[str, str], 
     reg = s.get("regress")
     if isinstance(reg, Mapping) and reg.get("reason"):
         st.markdown("**Regression check**")
-        st.text(str(reg["reason"]))
+        st.text(common.plain(reg["reason"]))
 
 
 def main() -> None:
@@ -73,7 +78,9 @@ def main() -> None:
     regress = [r for r in runs if r.get("kind") == "regress"]
     persisting = [r for r in regress if common.summary(r).get("classification") != "fixed"]
     first = str((persisting or regress or runs)[0]["incident_id"])
-    case = st.selectbox("Case", cases, index=cases.index(first), key="reg_case")
+    case = st.selectbox(
+        "Case", cases, index=cases.index(first), format_func=common.plain, key="reg_case"
+    )
     case_runs = [r for r in runs if r["incident_id"] == case]
     labels = {str(r["run_id"]): common.run_label(r, models) for r in case_runs}
     ids = list(labels)
@@ -125,10 +132,12 @@ def main() -> None:
     if shared:
         with st.expander(f"Attribution scores of the {len(shared)} components both runs traced"):
             st.dataframe(
-                [
-                    {"component": c, "reference": ref.scores[c], "new": new.scores[c]}
-                    for c in sorted(shared, key=lambda c: -abs(ref.scores[c]))
-                ],
+                common.cell_rows(
+                    [
+                        {"component": c, "reference": ref.scores[c], "new": new.scores[c]}
+                        for c in sorted(shared, key=lambda c: -abs(ref.scores[c]))
+                    ]
+                ),
                 hide_index=True,
                 width="stretch",
             )

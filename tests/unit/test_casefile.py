@@ -19,9 +19,12 @@ from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 from rich.console import Console
 
-from rca.casefile import _md, _md_code, _md_line, render_html, render_markdown, render_terminal
+from rca.casefile import render_html, render_markdown, render_terminal
 from rca.listing import runs_table
 from rca.store import IncidentRecord, ModelRecord, RunRecord, Store
+from rca.textsafe import code_span as _md_code
+from rca.textsafe import markdown_line as _md_line
+from rca.textsafe import markdown_text as _md
 from rca.verdicts import definitions
 
 PROMPT = "caller : what is my pin ?\nagent :"
