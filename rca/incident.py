@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rca.paths import PathError, input_path, read_bounded_json, read_bounded_text, show
+
 __all__ = [
     "Incident",
     "IncidentError",
@@ -52,16 +54,27 @@ __all__ = [
     "load_cases",
     "loads_case",
     "parse_case_data",
+    "read_json_file",
     "read_text_file",
+    "text_problem",
 ]
 
 SEVERITIES = ("low", "medium", "high", "critical")
 MAX_PROMPT_CHARS = 20_000  # a file-level bound; the model's context is checked at encode time
-MAX_FILE_BYTES = 1_000_000
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_FILE_BYTES = 1_000_000  # a case file
+MAX_TEXT_FILE_BYTES = 4 * MAX_PROMPT_CHARS  # --prompt-file, --messages: UTF-8 takes <= 4 bytes
+MAX_JSON_DEPTH = 64  # --messages: turns nest 2 deep; a chat log's request with tools deeper
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: "$" takes a "\n"
 # C0 controls other than tab and newline, DEL, and C1 controls: never legitimate in a prompt,
 # and a way to hide content from a reviewer's terminal
 _CTRL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# bidirectional embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069, and the
+# Arabic letter mark U+061C): they reorder how a text is shown, so a reviewer reads another
+# text than the model got ("Trojan Source")
+_BIDI_RE = re.compile("[\u061c\u202a-\u202e\u2066-\u2069]")
+# zero-width and invisible characters (U+200B-U+200F, U+2060-U+2064, U+FEFF): they hide
+# tokens from a reviewer. A file's leading byte-order mark is dropped when it is read.
+_INVISIBLE_RE = re.compile("[\u200b-\u200f\u2060-\u2064\ufeff]")
 # lone surrogates: what Python makes of bytes that are not UTF-8 (command-line arguments decode
 # with surrogateescape); no tokenizer can encode them
 _SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
@@ -116,6 +129,30 @@ class IncidentError(ValueError):
         super().__init__((where + problem + fix).replace("\n", " "))
 
 
+def text_problem(value: str) -> str | None:
+    """What makes a text unfit to record or show, as the rest of a one-line message, or None:
+    a control character (all but tab and newline), a bidirectional override or isolate, a
+    zero-width character, a lone surrogate (bytes that were not UTF-8). Case-file texts, the
+    command line's incident flags and ``rca notes add`` all check this one rule."""
+    for pattern, what in (
+        (_CTRL_RE, "control character"),
+        (_BIDI_RE, "bidirectional control character"),
+        (_INVISIBLE_RE, "zero-width character"),
+    ):
+        m = pattern.search(value)
+        if m:
+            return (
+                f"contains {what} U+{ord(m.group()):04X} at {m.start()}; remove it (it can hide "
+                "or reorder text on a reviewer's screen)"
+            )
+    m = _SURROGATE_RE.search(value)
+    if m:
+        c = ord(m.group())
+        what = f"byte 0x{c - 0xDC00:02X}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        return f"is not valid UTF-8 ({what} at character {m.start()}); pass the text as UTF-8"
+    return None
+
+
 def _check_text(source: str, key: str, value: Any, *, max_chars: int | None = None) -> str:
     if not isinstance(value, str):
         raise IncidentError(source, key, f"expected a string, got {type(value).__name__}")
@@ -125,20 +162,9 @@ def _check_text(source: str, key: str, value: Any, *, max_chars: int | None = No
         raise IncidentError(
             source, key, f"is {len(value)} characters long; the limit is {max_chars}"
         )
-    m = _CTRL_RE.search(value)
-    if m:
-        raise IncidentError(
-            source, key, f"contains control character U+{ord(m.group()):04X} at {m.start()}"
-        )
-    m = _SURROGATE_RE.search(value)
-    if m:
-        c = ord(m.group())
-        what = f"byte 0x{c - 0xDC00:02X}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
-        raise IncidentError(
-            source,
-            key,
-            f"is not valid UTF-8 ({what} at character {m.start()}); pass the text as UTF-8",
-        )
+    problem = text_problem(value)
+    if problem:
+        raise IncidentError(source, key, problem)
     return value
 
 
@@ -205,7 +231,7 @@ class Incident:
 
     def __post_init__(self) -> None:
         src = self.source
-        if not isinstance(self.id, str) or not _ID_RE.match(self.id):
+        if not isinstance(self.id, str) or not _ID_RE.fullmatch(self.id):
             raise IncidentError(src, "id", f"{_short(self.id)} is not a valid id")
         _check_text(src, "title", self.title, max_chars=500)
         if self.severity not in SEVERITIES:
@@ -369,14 +395,25 @@ class Incident:
         n_ctx = getattr(subject.adapter, "n_ctx", None)
         if n_ctx is None:
             return target
+        cont = target.length - target.n_prompt
         if target.length > n_ctx:
+            prompt_key = "messages" if inc.is_chat else "prompt"
+            if cont < target.n_prompt:
+                raise IncidentError(
+                    self.source,
+                    prompt_key,
+                    f"prompt plus continuation is {target.length} tokens; the model's context "
+                    f"is {n_ctx}. Shorten the prompt to the part that matters",
+                )
+            # the continuation is the larger part: name the one that is longest
+            longest = "good" if len(target.good_ids or ()) > len(target.bad_ids) else "bad"
             raise IncidentError(
                 self.source,
-                "messages" if inc.is_chat else "prompt",
-                f"prompt plus continuation is {target.length} tokens; the model's context is "
-                f"{n_ctx}. Shorten the prompt to the part that matters",
+                longest,
+                f"{longest} is {cont} tokens; with the {prompt_key} ({target.n_prompt}) that is "
+                f"{target.length}, and the model's context is {n_ctx}. Shorten {longest} to the "
+                "tokens that matter",
             )
-        cont = target.length - target.n_prompt
         if inc.counterfactual is not None:
             n = len(encode_text(subject.tokenizer, inc.counterfactual))
             if n + cont > n_ctx:
@@ -558,21 +595,9 @@ def load_case(path: str | Path, *, check_model: bool = True, home: Path | None =
     path = Path(path)
     source = str(path)
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise IncidentError(source, None, "file not found; check the path") from None
-    except IsADirectoryError:
-        raise IncidentError(source, None, "is a directory, not a case file") from None
-    except OSError as e:
-        raise IncidentError(source, None, f"cannot read: {e.strerror}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise IncidentError(source, None, f"file is over {MAX_FILE_BYTES} bytes")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise IncidentError(
-            source, None, f"not valid UTF-8 at byte {e.start}; save the file as UTF-8"
-        ) from None
+        text = read_bounded_text(path, what="case file", max_bytes=MAX_FILE_BYTES)
+    except PathError as e:
+        raise IncidentError(source, None, _file_problem(e)) from None
     incident = loads_case(text, source=source)  # recorded with the file's absolute path
     if check_model:
         _check_model(incident, home=home, shown=source)
@@ -580,27 +605,31 @@ def load_case(path: str | Path, *, check_model: bool = True, home: Path | None =
 
 
 def read_text_file(path: str | Path, *, key: str) -> str:
-    """A text given as a file (``--prompt-file``): UTF-8, at most MAX_PROMPT_CHARS characters.
+    """A text given as a file (``--prompt-file``): a regular UTF-8 file of at most
+    MAX_TEXT_FILE_BYTES (``rca.paths.read_bounded_text``).
 
     Raises IncidentError naming the file and the field it was for.
     """
-    source = str(path)
     try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise IncidentError(source, key, "file not found; check the path") from None
-    except IsADirectoryError:
-        raise IncidentError(source, key, "is a directory, not a text file") from None
-    except OSError as e:
-        raise IncidentError(source, key, f"cannot read: {e.strerror}") from None
-    if len(raw) > 4 * MAX_PROMPT_CHARS:
-        raise IncidentError(source, key, f"file is over {4 * MAX_PROMPT_CHARS} bytes")
+        return read_bounded_text(path, what=key, max_bytes=MAX_TEXT_FILE_BYTES)
+    except PathError as e:
+        raise IncidentError(str(path), key, _file_problem(e)) from None
+
+
+def _file_problem(e: PathError) -> str:
+    """A file's PathError as the rest of an IncidentError, which names the file itself."""
+    return "file not found; check the path" if e.missing else e.problem
+
+
+def read_json_file(path: str | Path, *, key: str) -> Any:
+    """JSON given as a file (``--messages``): read as ``read_text_file`` reads, nested at most
+    MAX_JSON_DEPTH deep (``rca.paths.read_bounded_json``). Raises IncidentError."""
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise IncidentError(
-            source, key, f"not valid UTF-8 at byte {e.start}; save the file as UTF-8"
-        ) from None
+        return read_bounded_json(
+            path, what=key, max_bytes=MAX_TEXT_FILE_BYTES, max_depth=MAX_JSON_DEPTH
+        )
+    except PathError as e:
+        raise IncidentError(str(path), key, _file_problem(e)) from None
 
 
 def incident_from_flags(
@@ -666,6 +695,10 @@ def _check_model(incident: Incident, *, home: Path | None, shown: str | None = N
         raise
     except (ValueError, SubjectError) as e:
         raise IncidentError(src, "model", str(e)) from None
+    try:  # a name over 255 bytes, a parent that is a file, a link loop: before any lookup
+        input_path(p, what="model", kind="any", must_exist=False)
+    except PathError as e:
+        raise IncidentError(src, "model", f"{show(p)} {e.problem}") from None
     if incident.model.startswith("zoo:") and not (p / "config.json").is_file():
         from rca.zoo.real import REAL_MODELS
 
