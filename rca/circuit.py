@@ -53,11 +53,13 @@ MAX_POSITIONS = 3  # the most positions a member is resolved to
 
 
 def forward_position(cid: str, *, parallel: bool) -> tuple[int, int]:
-    """Where a head or MLP computes in the forward pass: (layer, 0 for attention, 1 for the MLP
-    after it); in parallel blocks (GPT-NeoX, Phi) both read the same input: (layer, 0)."""
+    """Where a head or MLP (or MLP neurons) computes in the forward pass: (layer, 0 for
+    attention, 1 for the MLP after it); in parallel blocks (GPT-NeoX, Phi) both read the same
+    input: (layer, 0)."""
     c = parse_id(cid)
     assert c.layer is not None
-    return (c.layer, 1 if c.kind == "mlp" and not parallel else 0)
+    mlp = c.kind in ("mlp", "neuron", "neurons")
+    return (c.layer, 1 if mlp and not parallel else 0)
 
 
 def site_label(cid: str, positions: Sequence[int]) -> str:

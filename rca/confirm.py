@@ -47,7 +47,7 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +57,9 @@ from torch import nn
 from rca.benign import benign_prompts
 from rca.circuit import Circuit, CircuitMember, build_circuit, forward_position
 from rca.hooks import layers_frozen, layers_skipped, padded_batch, run_until, top_mlp_trimmed
-from rca.ids import parse_id
+from rca.ids import neuron_group, parse_id
 from rca.metric import Target, encode_text, logits_kwargs
-from rca.specificity import BenignError, benign_damage, encoded
+from rca.specificity import BenignError, Damage, benign_damage, encoded
 from rca.subject import Subject
 from rca.verdicts import definitions
 
@@ -209,9 +209,12 @@ class Ablator:
         self._memo: dict[tuple[tuple[str, str], ...], float] = {}
         # named values beyond SOURCES: source name -> site key -> (rows, pos, width)
         self.sources: dict[str, dict[str, torch.Tensor]] = {}
+        # layers whose MLP neurons (the down projection's input) are sites too: record_neurons
+        self.neuron_layers: set[int] = set()
         self.clean, self.layer_out, self.metric_clean = self._record_target(target)
         self.base: dict[str, torch.Tensor] | None = None
         self.metric_baseline: float | None = None
+        self._baseline = baseline
         if baseline is not None:
             if baseline.n_prompt != target.n_prompt or baseline.conts != target.conts:
                 raise ConfirmError("the baseline target must line up with the incident target")
@@ -219,12 +222,59 @@ class Ablator:
         seqs = [
             encode_text(subject.tokenizer, p) if isinstance(p, str) else list(p) for p in reference
         ]
-        self.refs: list[dict[str, torch.Tensor]] = self._record_refs([s for s in seqs if s])
+        self._ref_seqs = [s for s in seqs if s]
+        self.refs: list[dict[str, torch.Tensor]] = self._record_refs(self._ref_seqs)
         self.means: dict[str, torch.Tensor] | None = None
         if self.refs:
             self.means = {
                 k: torch.cat([r[k] for r in self.refs]).mean(0) for k in self.refs[0]
             }  # (width,)
+
+    @torch.inference_mode()
+    def record_neurons(self, layers: Iterable[int]) -> None:
+        """Make the MLP neurons of ``layers`` ablatable (``L3.N5``, ``L3.N5+17``): their
+        values on the incident, the baseline and the reference prompts are recorded by forward
+        passes that end at the deepest of ``layers`` (counted in ``forward_equiv``, the
+        reference prompts by their padded tokens)."""
+        new = sorted({x for x in layers if x not in self.neuron_layers})
+        if not new:
+            return
+        self.neuron_layers |= set(new)
+        top = new[-1]
+        share = (top + 1) / self.a.n_layers
+        acts: dict[str, torch.Tensor] = {}
+
+        def run(passes: float = 1.0, **inputs: Any) -> dict[str, torch.Tensor]:
+            acts.clear()
+            handles = [
+                self.a.mlp_down(x).register_forward_pre_hook(
+                    lambda m, a, _k=f"n{x}": acts.__setitem__(_k, a[0].detach().clone())
+                )
+                for x in new
+            ]
+            try:
+                run_until(self.s, top, use_cache=False, **inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+            self.forward_equiv += share * passes
+            return dict(acts)
+
+        self.clean |= run(input_ids=self.t.input_ids(device=self.s.device))
+        if self._baseline is not None and self.base is not None:
+            self.base |= run(input_ids=self._baseline.input_ids(device=self.s.device))
+        if not self.refs:
+            return
+        pad = int(getattr(self.s.tokenizer, "pad_token_id", None) or 0)
+        batch = max(16, self.batch_size)
+        for i in range(0, len(self._ref_seqs), batch):
+            chunk = self._ref_seqs[i : i + batch]
+            ids, mask = padded_batch(chunk, pad, self.s.device)
+            got = run(ids.numel() / self.t.length, input_ids=ids, attention_mask=mask)
+            for r, q in enumerate(chunk):
+                self.refs[i + r] |= {k: v[r, : len(q)].clone() for k, v in got.items()}
+        assert self.means is not None
+        self.means |= {f"n{x}": torch.cat([r[f"n{x}"] for r in self.refs]).mean(0) for x in new}
 
     # -- recording ---------------------------------------------------------------------------
     def _site_keys(self) -> list[tuple[str, nn.Module, bool]]:
@@ -232,6 +282,8 @@ class Ablator:
         for layer in range(self.a.n_layers):
             out.append((f"z{layer}", self.a.attn_out(layer), True))
             out.append((f"m{layer}", self.a.mlp(layer), False))
+            if layer in self.neuron_layers:
+                out.append((f"n{layer}", self.a.mlp_down(layer), True))
         return out
 
     def _site_hooks(self, acts: dict[str, torch.Tensor], *, clone: bool) -> list[Any]:
@@ -315,7 +367,7 @@ class Ablator:
         return out
 
     # -- values ------------------------------------------------------------------------------
-    def _site(self, cid: str) -> tuple[str, slice, int]:
+    def _site(self, cid: str) -> tuple[str, slice | list[int], int]:
         c = parse_id(cid)
         if c.pos is not None and c.pos >= self.t.length:
             raise ConfirmError(f"{cid}: position out of range 0..{self.t.length - 1}")
@@ -326,7 +378,14 @@ class Ablator:
         if c.kind == "mlp":
             assert c.layer is not None
             return f"m{c.layer}", slice(None), c.layer
-        raise ConfirmError(f"{cid}: only heads and MLPs can be ablated here")
+        if c.kind in ("neuron", "neurons"):
+            assert c.layer is not None
+            if c.layer not in self.neuron_layers:
+                raise ConfirmError(f"{cid}: record_neurons([{c.layer}]) first")
+            if c.neurons[-1] >= self.a.d_mlp:
+                raise ConfirmError(f"{cid}: neurons out of range 0..{self.a.d_mlp - 1}")
+            return f"n{c.layer}", list(c.neurons), c.layer
+        raise ConfirmError(f"{cid}: only heads, MLPs and MLP neurons can be ablated here")
 
     def _value(self, key: str, source: str, variant_index: int) -> torch.Tensor:
         """The replacement for one site, shaped to broadcast to (rows, pos, width)."""
@@ -441,8 +500,9 @@ class Ablator:
                         torch.zeros(K, *clean.shape, device=dev, dtype=clean.dtype),
                     )
                 mask, values = edits[key]
-                mask[k, at, sl] = 1
-                values[k, :, at, sl] = self._value(key, source, vidx)[..., at, sl]
+                # views first: an index list beside the batch index would move its axis
+                mask[k][at][..., sl] = 1
+                values[k][:, at][..., sl] = self._value(key, source, vidx)[:, at][..., sl]
         handles = []
         for key, mod, pre in self._site_keys():
             if key not in edits:
@@ -474,11 +534,13 @@ class Ablator:
             ids = self.t.input_ids(K, device=dev)
             below = self.layer_out[first - 1] if first > 0 else None
             # no KV cache: the stubs would leave holes in it, and nothing is generated; the top
-            # MLP computes only the positions the metric reads
+            # MLP computes only the positions the metric reads, unless its neurons are edited
+            top = f"n{self.a.n_layers - 1}"
+            edits_top = any(self._site(c)[0] == top for v in variants for c in v)
             with (
                 layers_skipped(self.s, first, below),
                 layers_frozen(self.s, last, self.layer_out),
-                top_mlp_trimmed(self.s, self.t.keep),
+                top_mlp_trimmed(self.s, 0 if edits_top else self.t.keep),
             ):
                 logits = self.s.model(
                     input_ids=ids, use_cache=False, **logits_kwargs(self.s.model, self.t)
@@ -599,6 +661,10 @@ class ConfirmConfig:
     max_set: int = 6
     max_circuit: int = 8  # the most specific members a circuit grows to
     faithful_fraction: float = 0.8  # a circuit must remove this share of the gap, patched alone
+    # an infrastructure MLP is resolved to at most this many of its neurons ("Specific
+    # neurons"), where they keep this share of its effect on the incident
+    max_neurons: int = 16
+    neuron_fraction: float = 0.8
     # a member resolved to positions keeps this share of its total effect patched there alone
     position_fraction: float = 0.8
     benign_prompts: int = 16  # ordinary-text prompts each candidate's benign damage is measured on
@@ -616,6 +682,7 @@ class ConfirmConfig:
             "set_fraction",
             "faithful_fraction",
             "position_fraction",
+            "neuron_fraction",
             "component_fraction",
             "window",
             "alpha",
@@ -627,9 +694,13 @@ class ConfirmConfig:
                 raise ConfirmError(f"{name} must be between 0 and 1, got {v}")
         if self.benign_prompts < 1:
             raise ConfirmError(f"benign_prompts must be at least 1, got {self.benign_prompts}")
-        if self.top_k < 1 or self.max_set < 1 or self.max_circuit < 1 or self.batch_size < 0:
+        if (
+            min(self.top_k, self.max_set, self.max_circuit, self.max_neurons) < 1
+            or self.batch_size < 0
+        ):
             raise ConfirmError(
-                "top_k, max_set and max_circuit must be positive, batch_size 0 (auto) or more"
+                "top_k, max_set, max_circuit and max_neurons must be positive, batch_size 0 "
+                "(auto) or more"
             )
 
 
@@ -958,6 +1029,95 @@ def _random_sets(
     return out, f"{n} random sets of {len(members)} components of any kind (too few kind-matched)"
 
 
+@dataclass(frozen=True)
+class NeuronGroup:
+    """An infrastructure MLP's neurons that carry its effect on the incident."""
+
+    parent: str  # the MLP, infrastructure as a whole
+    attribution: float  # the neurons' summed attribution in the trace
+    effect: float  # metric drop when they alone are patched as the MLP was for its TE
+    damage: Damage  # what mean-ablating them alone does to ordinary text
+
+    def describe(self, share: Callable[[float], float], parent: CandidateEvidence) -> str:
+        return (
+            f"neurons of {self.parent}, which is infrastructure as a whole (benign loss "
+            f"{parent.benign_loss_pct or 0.0:+.0f}%); patched alone they remove "
+            f"{share(self.effect):.0%} of the bad behaviour, the whole MLP "
+            f"{share(parent.total_effect):.0%}, and mean-ablating them changes the benign loss "
+            f"by {self.damage.loss_change_pct:+.1f}%"
+        )
+
+
+def _specific_neurons(
+    ab: Ablator,
+    evidence: Sequence[CandidateEvidence],
+    neuron_scores: Mapping[str, float],
+    *,
+    src: str,
+    ablation: str,
+    m_clean: float,
+    share: Callable[[float], float],
+    cfg: ConfirmConfig,
+    damage_of: Callable[[list[str]], Mapping[str, Damage]],
+) -> dict[str, NeuronGroup]:
+    """The neuron groups that stand in for infrastructure MLPs (docs/confirm.md, "Specific
+    neurons"), by group id.
+
+    For each infrastructure MLP whose patch (to ``src``) removes at least
+    ``component_fraction`` of the bad behaviour: its neurons by their positive attribution in
+    the trace (``neuron_scores``), best first; the smallest group of the first 1, 2, 4, ...
+    ``max_neurons`` that carries the MLP's effect both ways: patched alone, it removes at least
+    ``neuron_fraction`` of the share the whole MLP's patch removes, and ablated alone (by
+    ``ablation`` and by zero, the smaller), at least ``neuron_fraction`` of its own patch's
+    (a part that others back up is not the mechanism). The group stands in for the MLP where
+    mean-ablating it alone on ordinary text does not make it infrastructure."""
+    sizes = [1 << i for i in range(cfg.max_neurons.bit_length()) if 1 << i <= cfg.max_neurons]
+    tried: list[tuple[CandidateEvidence, str, float]] = []
+    for e in evidence:
+        c = parse_id(e.id)
+        if (
+            not e.infrastructure
+            or c.kind != "mlp"
+            or share(e.total_effect) < cfg.component_fraction
+        ):
+            continue
+        assert c.layer is not None
+        best = sorted(
+            (
+                (v, n.neurons[0])
+                for k, v in neuron_scores.items()
+                if v > 0 and (n := parse_id(k)).kind == "neuron" and n.layer == c.layer
+            ),
+            key=lambda t: (-t[0], t[1]),
+        )[: cfg.max_neurons]
+        for k in sizes:
+            if k <= len(best):
+                top = best[:k]
+                tried.append(
+                    (e, neuron_group(c.layer, [n for _, n in top]), sum(v for v, _ in top))
+                )
+    if not tried:
+        return {}
+    ab.record_neurons({parse_id(g).layer or 0 for _, g, _ in tried})
+    ways = [src, ablation, "zero"]
+    vals = ab.run([{g: w} for _, g, _ in tried for w in ways], index_offset=70_000)
+    chosen: dict[str, tuple[str, float, float]] = {}  # MLP -> (group, attribution, effect)
+    for i, (e, g, a) in enumerate(tried):
+        drop, ne, ne0 = (m_clean - float(v) for v in vals[3 * i : 3 * i + 3])
+        carries = share(drop) >= cfg.neuron_fraction * share(e.total_effect)
+        needed = share(min(ne, ne0)) >= cfg.neuron_fraction * share(drop)
+        if e.id not in chosen and carries and needed:
+            chosen[e.id] = (g, a, drop)
+    if not chosen:
+        return {}
+    damage = damage_of([g for g, _, _ in chosen.values()])
+    return {
+        g: NeuronGroup(mlp, a, drop, damage[g])
+        for mlp, (g, a, drop) in chosen.items()
+        if not damage[g].infrastructure
+    }
+
+
 def confirm(
     subject: Subject,
     target: Target,
@@ -1033,38 +1193,48 @@ def confirm(
     say("candidates", 0.3)
     # zero-ablation necessity: where NE is a zero ablation already, it is NE
     zero_run = ablation != "zero"
-    extra = ([] if ne_shared else [ablation]) + (["zero"] if zero_run else [])
-    per = 2 + len(extra)
-    variants: list[Variant] = []
-    for c in cands:
-        variants.append({c: patch_src})
-        _, _, layer = ab._site(c)
-        frozen: Variant = {c: patch_src}
-        for other in ab.components:
-            _, _, lo = ab._site(other)
-            later = lo > layer or (
-                lo == layer and other.endswith("MLP") and ".H" in c and not ab.a.parallel
+
+    def measure(ids: Sequence[str], *, shared: bool) -> tuple[list[CandidateEvidence], float]:
+        """Each id's evidence (TE, DE, NE, NE0) from one batched run, and the zero
+        ablations' share of its cost; ``shared``: NE is read from the singles' run."""
+        extra = ([] if shared else [ablation]) + (["zero"] if zero_run else [])
+        per = 2 + len(extra)
+        variants: list[Variant] = []
+        for c in ids:
+            variants.append({c: patch_src})
+            _, _, layer = ab._site(c)
+            frozen: Variant = {c: patch_src}
+            for other in ab.components:
+                _, _, lo = ab._site(other)
+                later = lo > layer or (
+                    lo == layer and other.endswith("MLP") and ".H" in c and not ab.a.parallel
+                )
+                if later:
+                    frozen[other] = "clean"
+            variants.append(frozen)
+            variants += [{c: src} for src in extra]
+        ms = ab.run(variants)
+        # the zero ablations' share of that run: each recomputes from its layer up
+        n_layers = ab.a.n_layers
+        cost = sum((n_layers - ab._site(c)[2]) / n_layers for c in ids) if zero_run else 0.0
+        out: list[CandidateEvidence] = []
+        for i, c in enumerate(ids):
+            drops = [m_clean - float(ms[per * i + j]) for j in range(per)]
+            te, de = drops[0], drops[1]
+            ne = single_drop[c] if shared else drops[2]
+            if zero_run:
+                ne0: float | None = drops[-1]
+            else:
+                ne0 = ne if ablation == "zero" else None
+            out.append(
+                CandidateEvidence(c, attr.get(c, 0.0), te, de, ne, p_value=1.0, necessity_zero=ne0)
             )
-            if later:
-                frozen[other] = "clean"
-        variants.append(frozen)
-        variants += [{c: src} for src in extra]
-    ms = ab.run(variants)
-    # the zero ablations' share of that run: each recomputes from its candidate's layer up
-    n_layers = ab.a.n_layers
-    zero_cost = sum((n_layers - ab._site(c)[2]) / n_layers for c in cands) if zero_run else 0.0
-    ev: list[CandidateEvidence] = []
-    for i, c in enumerate(cands):
-        drops = [m_clean - float(ms[per * i + j]) for j in range(per)]
-        te, de = drops[0], drops[1]
-        ne = single_drop[c] if ne_shared else drops[2]
-        if zero_run:
-            ne0: float | None = drops[-1]
-        else:
-            ne0 = ne if ablation == "zero" else None
-        ev.append(
-            CandidateEvidence(c, attr.get(c, 0.0), te, de, ne, p_value=1.0, necessity_zero=ne0)
-        )
+        return out, cost
+
+    ev, zero_cost = measure(cands, shared=ne_shared)
+
+    def share_of(drop: float) -> float:
+        return _share_removed(m_clean, m_ref, drop, conts=target.n_conts)
 
     # specificity: what mean-ablating each candidate does to ordinary text
     say("specificity", 0.4)
@@ -1086,17 +1256,41 @@ def confirm(
         )
     t_benign = time.perf_counter() - t_benign
 
+    # specific neurons: an infrastructure MLP whose effect on the incident a few of its neurons
+    # carry, and that ordinary text does not need, is resolved to them (a candidate of its own)
+    say("neurons", 0.45)
+    fe_neurons = ab.forward_equiv
+    groups = _specific_neurons(
+        ab,
+        ev,
+        scores.neurons if scores is not None else {},
+        src=patch_src,
+        ablation=ablation,
+        m_clean=m_clean,
+        share=share_of,
+        cfg=cfg,
+        damage_of=lambda ids: benign_damage(subject, ids, texts, batch=max(16, ab.batch_size)),
+    )
+    if groups:
+        more, more_zero = measure(list(groups), shared=False)
+        zero_cost += more_zero
+        for e in more:
+            g = groups[e.id]
+            e.attribution = g.attribution
+            e.benign_loss_pct, e.benign_kl = g.damage.loss_change_pct, g.damage.kl_mean
+        ev += more
+        benign_equiv += _benign_forward_equiv(subject, texts, list(groups), target.length)
+    fe_neurons = ab.forward_equiv - fe_neurons
+
     # p-value of each candidate against every other component of its kind
     for e in ev:
-        null = [d for x, d in single_drop.items() if x != e.id and _kind_of(x) == _kind_of(e.id)]
+        whole = groups[e.id].parent if e.id in groups else e.id
+        null = [d for x, d in single_drop.items() if x != whole and _kind_of(x) == _kind_of(e.id)]
         own = e.total_effect if set_src == "baseline" else e.necessity
         e.p_value = empirical_p_value(own, null, tol=tol)
 
     # ranking (docs/confirm.md): the leading group by the share of the bad behaviour removed,
     # the origin first, then the writer, the rest by effect; infrastructure never first
-    def share_of(drop: float) -> float:
-        return _share_removed(m_clean, m_ref, drop, conts=target.n_conts)
-
     ordered = rank_candidates(ev, share=share_of, gap=gap, config=cfg, parallel=ab.a.parallel)
     for r, e in enumerate(ordered):
         e.rank = r + 1
@@ -1202,6 +1396,7 @@ def confirm(
         index_offset=50_000,
     )
     contrib = {c: float(v) - m_set for c, v in zip(members, loo, strict=True)}
+    by_id = {e.id: e for e in ev}
     for e in ev:
         e.in_set = e.id in members
         e.verdict, e.reason = _component_verdict(
@@ -1213,6 +1408,9 @@ def confirm(
             gap=gap,
             cfg=cfg,
         )
+    for e in ev:
+        if e.id in groups:
+            e.reason += "; " + groups[e.id].describe(share_of, by_id[groups[e.id].parent])
     say("circuit", 0.95)
     fe_circuit, t_circuit = ab.forward_equiv, time.perf_counter()
     per_position, edge_score = _trace_views(scores)
@@ -1256,6 +1454,7 @@ def confirm(
             "zero_ablation_forward_equiv": zero_cost,  # of which the zero ablations (NE0)
             "benign_forward_equiv": benign_equiv,  # the benign damage, not in forward_equiv
             "circuit_forward_equiv": fe_circuit,  # of forward_equiv: the circuit's experiments
+            "neurons_forward_equiv": fe_neurons,  # of forward_equiv: resolving MLPs to neurons
             "circuit_seconds": t_circuit,
             "benign_seconds": t_benign,
             "benign_prompts": max((d.n_prompts for d in damage.values()), default=0),

@@ -50,7 +50,7 @@ __all__ = [
     "run_until",
 ]
 
-Index = slice | int
+Index = slice | int | list[int]
 
 
 class HookError(ValueError):
@@ -111,6 +111,13 @@ def site_of(adapter: Adapter, cid: ComponentId | str) -> Site:
                 f"0..{adapter.d_mlp - 1}"
             )
         return Site(adapter.mlp_down(c.layer), True, c.index)
+    if c.kind == "neurons":
+        if c.indices[-1] >= adapter.d_mlp:
+            raise HookError(
+                f"{format_id(c)}: neuron {c.indices[-1]} out of range; layer {c.layer} has "
+                f"neurons 0..{adapter.d_mlp - 1}"
+            )
+        return Site(adapter.mlp_down(c.layer), True, list(c.indices))
     if c.kind == "resid_pre":
         return Site(adapter.layer(c.layer), True, full)
     if c.kind == "resid_post":
@@ -157,6 +164,9 @@ def _apply_edits(x: torch.Tensor, edits: list[_Edit]) -> torch.Tensor:
     x = x.clone()  # never write into a tensor autograd or the caller may still need
     for e in edits:
         pos: Any = slice(None) if e.positions is None else list(e.positions)
+        if isinstance(e.index, list) and isinstance(pos, list):
+            # two index lists would pair up; a column of positions crosses them instead
+            pos = torch.tensor(pos, device=x.device).unsqueeze(-1)
         new = e.fn(x[:, pos, e.index])
         x[:, pos, e.index] = new.to(x.dtype)
     return x

@@ -237,11 +237,15 @@ def benign_damage(
     batch: int = 32,
     run: BenignRun | None = None,
 ) -> dict[str, Damage]:
-    """Each head's or MLP's benign damage: mean-ablated at every position of every prompt, a
-    whole batch of prompts per forward, each from its own layer up (the layers below are the
-    unablated run's). ``run``: a ``BenignRun`` over ``prompts`` with the components' means and
-    layers, where the caller has one."""
-    comps = [c for c in dict.fromkeys(components) if parse_id(c).kind in ("head", "mlp")]
+    """Each head's, MLP's or MLP neuron group's benign damage: mean-ablated at every position of
+    every prompt, a whole batch of prompts per forward, each from its own layer up (the layers
+    below are the unablated run's). ``run``: a ``BenignRun`` over ``prompts`` with the
+    components' means and layers, where the caller has one."""
+    comps = [
+        c
+        for c in dict.fromkeys(components)
+        if parse_id(c).kind in ("head", "mlp", "neuron", "neurons")
+    ]
     if not comps:
         return {}
     layers = {parse_id(c).layer or 0 for c in comps}

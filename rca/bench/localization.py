@@ -378,8 +378,17 @@ class FaultResult:
         return asdict(self)
 
 
+def component_of(cid: str) -> str:
+    """The head or MLP an id belongs to: an MLP's neurons belong to the MLP."""
+    c = parse_id(cid)
+    return f"L{c.layer}.MLP" if c.neurons else cid
+
+
 def ac_hits(ranked: Sequence[str], planted: Sequence[str]) -> tuple[bool, bool]:
-    """(AC@1, AC@3): rank 1 is planted; every planted one is within the top |planted| + 2."""
+    """(AC@1, AC@3): rank 1 is planted; every planted one is within the top |planted| + 2.
+    An MLP's neurons (a candidate of their own where the MLP is infrastructure) count as the
+    MLP, once."""
+    ranked = list(dict.fromkeys(component_of(c) for c in ranked))
     top = list(ranked[: len(planted) + 2])
     return (bool(ranked) and ranked[0] in planted, all(p in top for p in planted))
 
@@ -407,7 +416,9 @@ def localize(
     cf = encode_target(tok, fault.counterfactual, " " + fault.bad)
     base = Baseline("counterfactual", f"counterfactual: {fault.counterfactual}", target=cf)
     t0 = time.perf_counter()
-    scores = score_components(subject, target, base, method="eap-ig", steps=8, edges=False)
+    scores = score_components(
+        subject, target, base, method="eap-ig", steps=8, edges=False, neurons=True
+    )
     t1 = time.perf_counter()
     verdict = confirm(
         subject,
@@ -436,13 +447,16 @@ def localize(
     # counterfactual run (denoising), and its necessity under zero ablation where confirm did
     # not measure it (where its necessity is a zero ablation already)
     cands = list(ranked)
+    neuron_layers = {parse_id(c).layer or 0 for c in cands if parse_id(c).neurons}
     den = Ablator(subject, cf, baseline=target, batch_size=cc.batch_size)
+    den.record_neurons(neuron_layers)
     suff = den.run([{c: "baseline"} for c in cands])
     extra_cost = den.forward_equiv + 2
     ne_zero = {c.id: c.necessity_zero for c in verdict.candidates}
     missing = [c for c in cands if ne_zero[c] is None]
     if missing:
         zab = Ablator(subject, target, batch_size=cc.batch_size)
+        zab.record_neurons(neuron_layers)
         zero = zab.run([{c: "zero"} for c in missing])
         ne_zero |= {c: zab.metric_clean - float(z) for c, z in zip(missing, zero, strict=True)}
         extra_cost += zab.forward_equiv + 1

@@ -33,6 +33,7 @@ from rca.bench.localization import (
     run_localization,
 )
 from rca.hooks import ablate, mean_activations
+from rca.ids import parse_id
 from rca.metric import encode_target, evaluate
 from rca.subject import Subject
 from rca.zoo.faults import (
@@ -204,6 +205,20 @@ def test_localization_bench_small(home: Path, hosts: dict[str, Subject]) -> None
     assert all(f["planted_infrastructure"] for f in res["failures"] if not f["ac1"])
     assert res["ac1_specific"] == 1.0, res["failures"]
     assert res["ac1"] >= 0.5, res["failures"]
+    # an MLP fault in an MLP that ordinary text needs is named by its neurons: the planted ones
+    # lead the group at rank 1, which ordinary text does not need
+    infra_mlp = [
+        f
+        for f in res["faults"]
+        if f["fault"]["kind"] == "mlp"
+        and any(e["infrastructure"] and e["id"] in f["planted"] for e in f["evidence"])
+    ]
+    assert infra_mlp, [(f["planted"], f["confirm_ranked"][:3]) for f in res["faults"]]
+    for f in infra_mlp:
+        top = parse_id(f["confirm_ranked"][0])
+        assert f"L{top.layer}.MLP" in f["planted"] and top.neurons, f["confirm_ranked"]
+        assert set(top.neurons) & set(f["fault"]["neurons"]), (top, f["fault"]["neurons"])
+        assert not f["evidence"][0]["infrastructure"]
     assert res["cost_forward_equiv"] > res["attribution_only"]["cost_forward_equiv"] > 0
     assert res["exhaustive"]["cost_forward_equiv"] > 0
     for f in res["faults"]:

@@ -258,3 +258,32 @@ def test_a_head_of_grouped_query_attention_owns_its_queries_and_output_slice() -
     for h in heads:
         same = torch.equal(before[h], after[h])
         assert same == (h != "L1.H2"), h
+
+
+@pytest.mark.parametrize("model_type", ALL)
+def test_a_neuron_group_patches_as_hooks_on_its_neurons_do(model_type: str) -> None:
+    """MLP neurons taken together (``L0.N1+3+6``), whole or at a position, beside a head, are
+    the same edits as plain hooks on each neuron; a group must be recorded before it is used."""
+    s = Subject.from_model(tiny_model(model_type, seed=1).eval())
+    ab = Ablator(s, TGT, baseline=CF, reference=REFS, batch_size=3)
+    with pytest.raises(ValueError, match="record_neurons"):
+        ab.run([{"L0.N1+3+6": "baseline"}])
+    ab.record_neurons([0, 1])
+    neurons = ["L0.N1", "L0.N3", "L0.N6"]
+    base = _acts(s, CF.input_ids(), neurons)
+    got = ab.run(
+        [
+            {"L0.N1+3+6": "baseline"},
+            {"L0.N1+3+6@2": "baseline", "L1.H0": "zero"},
+            {"L0.N3": "zero"},
+            {"L1.N2+5": "zero"},  # the top layer, whose MLP is otherwise trimmed
+        ]
+    )
+    want = [
+        _metric(s, {n: base[n] for n in neurons}),
+        _metric(s, {**{f"{n}@2": base[n][:, [2]] for n in neurons}, "L1.H0": 0.0}),
+        _metric(s, {"L0.N3": 0.0}),
+        _metric(s, {"L1.N2": 0.0, "L1.N5": 0.0}),
+    ]
+    torch.testing.assert_close(got, torch.tensor(want), atol=1e-5, rtol=0)
+    assert all(abs(float(g) - ab.metric_clean) > 1e-5 for g in got)  # each edit did something

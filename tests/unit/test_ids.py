@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rca.ids import KINDS, ComponentId, IdError, format_id, parse_id, with_pos
+from rca.ids import KINDS, ComponentId, IdError, format_id, neuron_group, parse_id, with_pos
 
 NAT = st.integers(min_value=0, max_value=10**6)
 OPT_POS = st.none() | NAT
@@ -17,11 +17,13 @@ OPT_POS = st.none() | NAT
 def component_ids(draw: st.DrawFn) -> ComponentId:
     kind = draw(st.sampled_from(sorted(KINDS)))
     in_layer, indexed = KINDS[kind]
+    group = sorted(draw(st.sets(NAT, min_size=2, max_size=5))) if kind == "neurons" else []
     return ComponentId(
         kind,
         draw(NAT) if in_layer else None,
         draw(NAT) if indexed else None,
         draw(OPT_POS),
+        tuple(group),
     )
 
 
@@ -30,9 +32,13 @@ def id_texts(draw: st.DrawFn) -> tuple[str, ComponentId]:
     """A valid id string written from the grammar, with the id it must parse to."""
     layer, index, pos = draw(NAT), draw(NAT), draw(OPT_POS)
     form = draw(
-        st.sampled_from(["EMB", "LOGITS", "H", "N", "ATTN", "MLP", "RESID_PRE", "RESID_POST"])
+        st.sampled_from(["EMB", "LOGITS", "H", "N", "N+", "ATTN", "MLP", "RESID_PRE", "RESID_POST"])
     )
-    if form in ("EMB", "LOGITS"):
+    if form == "N+":  # a neuron group: two or more, ascending
+        group = sorted(draw(st.sets(NAT, min_size=2, max_size=5)))
+        text = f"L{layer}.N" + "+".join(map(str, group))
+        cid = ComponentId("neurons", layer, None, pos, tuple(group))
+    elif form in ("EMB", "LOGITS"):
         text, cid = form, ComponentId(form.lower(), pos=pos)
     elif form in ("H", "N"):
         text = f"L{layer}.{form}{index}"
@@ -126,6 +132,13 @@ BAD_TEXTS = [
     "L 3.H5",
     "L3.H５",  # a full-width digit
     "L3.H٣",  # an Arabic-Indic digit
+    "L3.N5+5",  # a neuron group: distinct, ascending, no leading zeros, no empty member
+    "L3.N7+5",
+    "L3.N5+",
+    "L3.N+5",
+    "L3.N5+05",
+    "L3.N5++6",
+    "L3.H1+2",  # heads do not group
 ]
 
 
@@ -166,6 +179,10 @@ INVALID_FIELDS = [
     (("head", 1, 0), {"pos": False}, "pos"),
     (("head", 1.0, 0), {}, "layer"),
     (("neuron", 1, "5"), {}, "index"),
+    (("neurons", 1), {}, "needs indices"),
+    (("neurons", 1, None, None, (5,)), {}, "two or more"),
+    (("neurons", 1, None, None, (7, 5)), {}, "ascending"),
+    (("mlp", 1, None, None, (1, 2)), {}, "takes no indices"),
 ]
 
 
@@ -182,3 +199,12 @@ def test_component_ids_are_frozen_and_hashable() -> None:
         cid.layer = 4  # type: ignore[misc]
     assert {cid: 1}[parse_id("L3.H5@7")] == 1
     assert cid != parse_id("L3.H5") and cid.base == parse_id("L3.H5")
+
+
+def test_a_neuron_group_is_named_by_its_members_in_ascending_order() -> None:
+    assert neuron_group(3, [230, 5, 17, 5]) == "L3.N5+17+230"
+    assert neuron_group(3, [9]) == "L3.N9"  # one neuron is a neuron
+    assert parse_id("L3.N5+17+230@4").neurons == (5, 17, 230)
+    assert parse_id("L3.N9").neurons == (9,) and parse_id("L3.MLP").neurons == ()
+    with pytest.raises(IdError):
+        neuron_group(3, [])
