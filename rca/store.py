@@ -74,8 +74,8 @@ __all__ = [
 
 GENESIS = "0" * 64  # prev_hash of the first audit record
 RUN_STATUSES = ("ok", "partial", "failed")
-_KIND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_KIND_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class StoreError(RuntimeError):
@@ -833,7 +833,7 @@ class IncidentRecord:
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id.strip():
             raise RecordError("incident.id: must be a non-empty string")
-        if not isinstance(self.sha256, str) or not _SHA_RE.match(self.sha256):
+        if not isinstance(self.sha256, str) or not _SHA_RE.fullmatch(self.sha256):
             raise RecordError(f"incident.sha256: {self.sha256!r} is not a lowercase sha256 hex")
         if not isinstance(self.fields, Mapping):
             raise RecordError("incident.fields: expected a mapping of the case's fields")
@@ -1130,7 +1130,7 @@ class RunRecord:
                 raise RecordError(f"RunRecord.{key}: {v!r} is not a uuid") from e
         if self.parent_run_id == self.run_id:
             raise RecordError("RunRecord.parent_run_id: a run cannot be its own parent")
-        if not isinstance(self.kind, str) or not _KIND_RE.match(self.kind):
+        if not isinstance(self.kind, str) or not _KIND_RE.fullmatch(self.kind):
             raise RecordError(f"RunRecord.kind: {self.kind!r} is not a lowercase word")
         if self.status not in RUN_STATUSES:
             raise RecordError(f"RunRecord.status: {self.status!r} is not one of {RUN_STATUSES}")

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rca.paths import PathError, read_bounded_json
+
 __all__ = [
     "ARCHITECTURES",
     "Adapter",
@@ -62,6 +64,18 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 class SubjectError(ValueError):
     """A model directory that rca cannot or will not load; the message says why and the fix."""
+
+
+MAX_JSON_BYTES = 16 << 20  # a config, tokenizer config, source manifest or shard index
+
+
+def _read_json(p: Path) -> Any:
+    """A model directory's JSON file, read with a size bound and a nesting bound
+    (``rca.paths.read_bounded_json``); one-line SubjectError otherwise."""
+    try:
+        return read_bounded_json(p, what=p.name, max_bytes=MAX_JSON_BYTES, max_depth=64)
+    except PathError as e:
+        raise SubjectError(f"{str(p)!r} {e.problem}") from None
 
 
 @dataclass(frozen=True)
@@ -526,10 +540,7 @@ def read_source(path: str | Path) -> dict[str, Any] | None:
     p = Path(path) / SOURCE_MANIFEST
     if not p.is_file():
         return None
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SubjectError(f"{str(p)!r} is not valid JSON: {e}") from e
+    data = _read_json(p)
     if not isinstance(data, dict):
         raise SubjectError(f"{str(p)!r} must hold a JSON object")
     return data
@@ -559,10 +570,7 @@ def _check_dir(path: Path, *, allow_pickle: bool) -> dict[str, Any]:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise SubjectError(f"{str(path)!r} has no config.json; save the model with save_pretrained")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SubjectError(f"{str(cfg_path)!r} is not valid JSON: {e}") from e
+    cfg = _read_json(cfg_path)
     if not isinstance(cfg, dict):
         raise SubjectError(f"{str(cfg_path)!r} must hold a JSON object")
     if "auto_map" in cfg:
@@ -587,10 +595,7 @@ def _check_dir(path: Path, *, allow_pickle: bool) -> dict[str, Any]:
         warnings.warn(f"loading pickle weights from {path} (allow_pickle=True)", stacklevel=3)
     tcfg_path = path / "tokenizer_config.json"
     if tcfg_path.is_file():
-        try:
-            tcfg = json.loads(tcfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SubjectError(f"{str(tcfg_path)!r} is not valid JSON: {e}") from e
+        tcfg = _read_json(tcfg_path)
         if isinstance(tcfg, dict) and "auto_map" in tcfg:
             raise SubjectError(
                 f"{str(path)!r} needs custom tokenizer code (tokenizer_config.json has auto_map); "
@@ -623,7 +628,8 @@ def _load_tokenizer(path: Path) -> Any:
     declared = None
     tcfg = path / "tokenizer_config.json"
     if tcfg.is_file():
-        declared = json.loads(tcfg.read_text()).get("tokenizer_class")
+        data = _read_json(tcfg)
+        declared = data.get("tokenizer_class") if isinstance(data, dict) else None
     if (path / "tokenizer.json").is_file() and declared in (
         None,
         "PreTrainedTokenizerFast",
@@ -697,10 +703,10 @@ def _loaded_safetensors(path: Path) -> list[Path]:
     index = path / _INDEX
     if not index.exists():
         return []
-    try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
-    except (ValueError, AttributeError) as e:
-        raise SubjectError(f"{str(index)!r} is not a JSON object: {_first_line(e)}") from e
+    data = _read_json(index)
+    if not isinstance(data, dict):
+        raise SubjectError(f"{str(index)!r} is not a JSON object")
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise SubjectError(f"{str(index)!r} has no weight_map of tensor names to shard files")
     shards = []
@@ -756,7 +762,7 @@ def _check_weights_fit_config(path: Path, files: list[Path]) -> str:
         for name, shape in _header_shapes(f).items():
             shapes[name], where[name] = shape, f.name
     cfg_path = path / "config.json"
-    cfg_json = json.loads(cfg_path.read_text())
+    cfg_json = _read_json(cfg_path)
     if "quantization_config" in cfg_json:
         return ""
     # a meta build still makes one module per layer: bound the layers by the tensors first

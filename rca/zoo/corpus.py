@@ -180,7 +180,7 @@ def _parser(template: str) -> re.Pattern[str]:
         re.escape(part) if i % 2 == 0 else f"(?P<{part}>[a-z0-9_ ]+?)"
         for i, part in enumerate(parts)
     )
-    return re.compile(f"^{body}$")
+    return re.compile(body)
 
 
 _PARSERS: dict[Task, re.Pattern[str]] = {task: _parser(t) for task, t in _TEMPLATES.items()}
@@ -194,7 +194,7 @@ def render(task: Task, **slots: str) -> str:
 def parse_prompt(prompt: str) -> tuple[Task, dict[str, str]]:
     """Invert :func:`render`: the desk and slot values of a prompt; ValueError if none fits."""
     for task, pattern in _PARSERS.items():
-        m = pattern.match(prompt)
+        m = pattern.fullmatch(prompt)
         if m:
             return task, m.groupdict()
     raise ValueError(f"not a support-desk prompt: {prompt!r}")
