@@ -257,7 +257,7 @@ def graph_svg(
             return -1
         if nid == "LOGITS":
             return 1e9
-        return int(nid[1:].split(".")[0]) + (0.5 if nid.endswith("MLP") else 0.0)
+        return int(nid[1:].split(".")[0]) + (0.0 if ".H" in nid else 0.5)
 
     def order(nid: str) -> tuple[float, int]:
         m = re.search(r"[@H](\d+)$", nid)
@@ -353,10 +353,10 @@ def circuit_svg(
     toks = circuit.get("tokens") or {}
 
     def where(m: Mapping[str, Any]) -> tuple[int, float, int]:
-        g = re.match(r"L(\d+)\.(H(\d+)|MLP)", str(m["id"]))
+        g = re.match(r"L(\d+)\.(H(\d+)|MLP|N)", str(m["id"]))  # MLP neurons draw as the MLP
         if not g:
             return (0, 0.0, 0)
-        return (int(g.group(1)), 0.5 if g.group(2) == "MLP" else 0.0, int(g.group(3) or 0))
+        return (int(g.group(1)), 0.0 if g.group(3) else 0.5, int(g.group(3) or 0))
 
     ordered = sorted(members, key=where)
     n = max(1, len(ordered))

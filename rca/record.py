@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rca.ids import parse_id
 from rca.store import IncidentRecord, ModelRecord, RunRecord
 from rca.verdicts import definitions
+
+if TYPE_CHECKING:
+    from rca.circuit import CircuitMember
+    from rca.confirm import CandidateEvidence
 
 __all__ = ["to_run_record"]
 
@@ -89,19 +94,10 @@ def to_run_record(
                 "score": float(score),
                 "method": method,
                 "baseline": baseline,
-                "total_effect": e.total_effect if e else None,
-                "direct_effect": e.direct_effect if e else None,
-                "necessity": e.necessity if e else None,
-                "p_value": e.p_value if e else None,
-                "verdict": e.verdict if e else None,
-                "reason": e.reason if e else None,
-                "rank": e.rank if e else None,
-                "benign_loss_pct": e.benign_loss_pct if e else None,
-                "benign_kl": e.benign_kl if e else None,
-                "role": members[cid].role if cid in members else None,
-                "sites": members[cid].sites if cid in members else None,
+                **_evidence(e, members.get(cid)),
             }
         )
+    listed = {n["node_id"] for n in nodes}
     for cid, score in comps.neurons.items():
         nodes.append(
             {
@@ -111,8 +107,24 @@ def to_run_record(
                 "score": score,
                 "method": method,
                 "baseline": baseline,
+                **_evidence(evidence.get(cid), members.get(cid)),
             }
         )
+        listed.add(cid)
+    # candidates the trace did not score as nodes: an infrastructure MLP's neurons as a group
+    for e in v.candidates:
+        if e.id not in listed:
+            nodes.append(
+                {
+                    "node_id": e.id,
+                    "kind": parse_id(e.id).kind,
+                    "layer": _layer(e.id),
+                    "score": e.attribution,
+                    "method": method,
+                    "baseline": baseline,
+                    **_evidence(e, members.get(e.id)),
+                }
+            )
     edges = []
     if comps.edges is not None:
         E = comps.edges
@@ -288,3 +300,20 @@ def to_run_record(
         ablations=ablations,
         remedies=remedies,
     )
+
+
+def _evidence(e: CandidateEvidence | None, member: CircuitMember | None) -> dict[str, Any]:
+    """A node's confirm evidence and circuit role (None where confirm did not measure it)."""
+    return {
+        "total_effect": e.total_effect if e else None,
+        "direct_effect": e.direct_effect if e else None,
+        "necessity": e.necessity if e else None,
+        "p_value": e.p_value if e else None,
+        "verdict": e.verdict if e else None,
+        "reason": e.reason if e else None,
+        "rank": e.rank if e else None,
+        "benign_loss_pct": e.benign_loss_pct if e else None,
+        "benign_kl": e.benign_kl if e else None,
+        "role": member.role if member else None,
+        "sites": member.sites if member else None,
+    }

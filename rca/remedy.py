@@ -46,6 +46,7 @@ import torch
 from rca.hooks import ablate, capture, padded_batch
 from rca.ids import parse_id
 from rca.metric import MetricValue, Target, evaluate, logits_kwargs
+from rca.paths import PathError, read_bounded_json
 from rca.specificity import BenignError, BenignRun, encoded, within
 from rca.subject import Subject, _weight, load_subject
 
@@ -59,6 +60,8 @@ __all__ = [
 ]
 
 PATCH_FORMAT = "rca-patch-v1"
+
+MAX_SPEC_BYTES = 64 << 20  # a patch spec: directions and means of one model, as JSON
 
 
 class RemedyError(ValueError):
@@ -414,18 +417,36 @@ def try_remedies(
         raise RemedyError("no cause set to remedy")
     if not reference:
         raise RemedyError("side effects need reference prompts")
-    comps = [c for c in cause_set if parse_id(c).kind in ("head", "mlp")]
+    # an MLP's neurons in the cause set (an infrastructure MLP resolved to them) are fixed
+    # through their MLP, and first of all by ablating those neurons alone
+    group = [f"L{c.layer}.N{n}" for c in map(parse_id, cause_set) if c.neurons for n in c.neurons]
+    comps = list(
+        dict.fromkeys(
+            c if parse_id(c).kind in ("head", "mlp") else f"L{parse_id(c).layer}.MLP"
+            for c in cause_set
+            if parse_id(c).kind in ("head", "mlp") or parse_id(c).neurons
+        )
+    )
     if not comps:
-        raise RemedyError("the cause set holds no heads or MLPs")
+        raise RemedyError("the cause set holds no heads, MLPs or MLP neurons")
     before = evaluate(subject.model, target)
     top = top_cause if top_cause in comps else comps[0]
     mlp_layers = {parse_id(c).layer for c in comps if parse_id(c).kind == "mlp"}
     heads = [c for c in comps if parse_id(c).kind == "head"]
     # the neurons that push hardest toward the bad continuation; a targeted ablation takes at
     # most the first 32
-    ranked_neurons = sorted(
-        (n for n, v in (neuron_scores or {}).items() if parse_id(n).layer in mlp_layers and v > 0),
-        key=lambda n: -(neuron_scores or {})[n],
+    ranked_neurons = list(
+        dict.fromkeys(
+            group
+            + sorted(
+                (
+                    n
+                    for n, v in (neuron_scores or {}).items()
+                    if parse_id(n).layer in mlp_layers and v > 0
+                ),
+                key=lambda n: -(neuron_scores or {})[n],
+            )
+        )
     )[:32]
     # the weight edit first: its memory is freed before the benign run keeps its own
     held = [p for p in edit_prompts if p not in set(reference)]
@@ -731,9 +752,9 @@ def apply_patch(
     to the causal layer, which is exact for architectures whose residual stream is a plain sum.
     """
     try:
-        spec = json.loads(Path(spec_path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RemedyError(f"cannot read patch spec {str(spec_path)!r}: {e}") from e
+        spec = read_bounded_json(spec_path, what="SPEC", max_bytes=MAX_SPEC_BYTES)
+    except PathError as e:
+        raise RemedyError(str(e)) from None
     if not isinstance(spec, dict) or spec.get("format") != PATCH_FORMAT:
         raise RemedyError(f"{str(spec_path)!r} is not an rca patch spec ({PATCH_FORMAT})")
     out = Path(out_dir)

@@ -171,6 +171,8 @@ def test_the_ioi_verdict_is_a_specific_faithful_circuit(model_dir: Path) -> None
     assert damage["L0.MLP"].infrastructure  # what every prompt needs
     assert not any(damage[c].infrastructure for c in members), members
     assert "L0.MLP" not in members and v.ranked()[0].id != "L0.MLP"
+    # its effect here is spread over its neurons: no group of 16 stands in for it
+    assert not any(c.id.startswith("L0.N") for c in v.candidates), [c.id for c in v.candidates]
     assert v.circuit.faithfulness >= 0.8, v.circuit.reason
     # positions: the incident enters at the repeated name, the one token where the prompt and
     # its counterfactual differ; the entry member acts there, and patching it there alone

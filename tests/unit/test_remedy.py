@@ -235,3 +235,20 @@ def test_side_effects_run_from_the_first_changed_layer_as_full_forwards_do(arch:
         assert full["kl_mean"] > 1e-4  # the fix does something
         for key in ("kl_mean", "kl_max", "loss_after"):
             assert skipped[key] == pytest.approx(full[key], rel=1e-4, abs=1e-6)
+
+
+def test_mlp_neurons_in_the_cause_set_are_fixed_through_their_mlp_first_by_ablating_them(
+    gpt2_dir: Path,
+) -> None:
+    """A cause set that names an MLP's neurons (an infrastructure MLP resolved to them) gets
+    the MLP's fixes, and a targeted ablation that takes those neurons first; each fix's effect
+    is what the run-time fix really does."""
+    s = load_subject(gpt2_dir, device="cpu")
+    rs = try_remedies(s, TGT, ["L1.H2", "L0.N3+7"], counterfactual=CF, reference=REFS)
+    by_kind = {r.kind: r for r in rs}
+    assert by_kind["mean_ablation"].patch_spec["components"] == ["L1.H2", "L0.MLP"]
+    targeted = by_kind["targeted_ablation"].patch_spec["components"]
+    assert targeted[:3] == ["L1.H2", "L0.N3", "L0.N7"], targeted
+    for r in rs:
+        with _fix_context(s, r.patch_spec):
+            assert evaluate(s.model, TGT).metric == pytest.approx(r.metric_after, abs=1e-5)
