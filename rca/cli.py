@@ -100,6 +100,10 @@ def _warn_tokens(completeness: Any) -> None:
         )
 
 
+# every character str.splitlines() breaks a line at, as its escape (\n, \x85, \u2028, ...)
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
 def friendly(fn: F) -> F:
     """Turn the library's user-facing errors into one line on stderr and exit code 2, and its
     warnings (e.g. pickle weights loaded with --allow-pickle) into one line each."""
@@ -113,7 +117,8 @@ def friendly(fn: F) -> F:
                 warnings.filterwarnings("always", message="loading pickle weights")
                 return fn(*args, **kwargs)
         except _user_errors() as e:
-            text = escape(str(e))  # a path or text from the user is not markup
+            # a path or text from the user is not markup, and its line breaks stay on the line
+            text = escape(str(e).translate(_LINE_BREAKS))
             err.print(f"[red]error:[/red] {text}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 

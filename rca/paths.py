@@ -3,8 +3,9 @@
 Every path a command takes (``--db``, ``-o``, ``--graph``, a case file's ``model``) goes
 through ``input_path`` or ``output_path`` first, so a path that cannot work (a name over 255
 bytes, a parent that is a file, a symbolic-link loop, no permission, a missing directory, a
-directory where a file is written) is one ``PathError`` line naming the flag and the fix, not
-an ``OSError`` traceback after the model has loaded.
+directory, a FIFO or a device where a file is written) is one ``PathError`` line naming the
+flag and the fix, not an ``OSError`` traceback (or a write that blocks) after the model has
+loaded.
 
 A file the user hands over as content (a case file, ``--prompt-file``, ``--messages``, a JSON
 config) is read with ``read_bounded``: a regular file only (a FIFO would block the reader,
@@ -109,7 +110,9 @@ def _os_problem(e: OSError, path: Path) -> str:
 
 def _check_names(path: Path, what: str) -> None:
     """Refuse what no file system takes, before asking one: a NUL byte, a name (one path
-    component) over NAME_MAX bytes, a path over PATH_MAX bytes, text that is not a file name."""
+    component) over NAME_MAX bytes, a path over PATH_MAX bytes, text that is not a file name;
+    and a name that is not UTF-8 (an undecodable byte in argv), which rca could not open with
+    DuckDB or pyarrow, nor print."""
     text = str(path)
     if "\x00" in text:
         raise PathError(what, path, "contains a NUL byte; check the path")
@@ -117,6 +120,12 @@ def _check_names(path: Path, what: str) -> None:
         raw = os.fsencode(text)
     except UnicodeEncodeError:
         raise PathError(what, path, "is not a valid file name; check the path") from None
+    try:
+        text.encode("utf-8")  # DuckDB, pyarrow and the terminal take UTF-8 only
+    except UnicodeEncodeError:
+        raise PathError(
+            what, path, "has bytes that are not UTF-8 in its name; rename it in UTF-8"
+        ) from None
     for part in path.parts:
         n = len(os.fsencode(part))
         if n > NAME_MAX:
@@ -178,11 +187,11 @@ def output_path(
     parent_must_exist: bool = True,
 ) -> Path:
     """A path the command writes: a file (or, with ``kind="dir"``, a directory it writes
-    into). An existing one must be that kind and writable, and is refused unless
-    ``overwrite`` (for a directory: unless it may already exist). A new one needs its
-    directory to exist (or, without ``parent_must_exist``, the nearest existing ancestor to
-    be a directory, as the command creates the rest) and to be writable.
-    Raises PathError naming ``what``."""
+    into). An existing one must be that kind (a file is a regular file: writing a FIFO
+    blocks, and a device is no store) and writable, and is refused unless ``overwrite`` (for
+    a directory: unless it may already exist). A new one needs its directory to exist (or,
+    without ``parent_must_exist``, the nearest existing ancestor to be a directory, as the
+    command creates the rest) and to be writable. Raises PathError naming ``what``."""
     path = Path(p)
     _check_names(path, what)
     st = _stat(path, what)
@@ -190,6 +199,10 @@ def output_path(
         is_dir = stat.S_ISDIR(st.st_mode)
         if kind == "file" and is_dir:
             raise PathError(what, path, "is a directory; give a file name")
+        if kind == "file" and not stat.S_ISREG(st.st_mode):
+            raise PathError(
+                what, path, f"is a {_file_type(st.st_mode)}, not a regular file; give a file name"
+            )
         if kind == "dir" and not is_dir:
             raise PathError(
                 what, path, f"is a {_file_type(st.st_mode)}, not a directory; give a directory"
