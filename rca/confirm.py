@@ -59,7 +59,7 @@ from rca.circuit import Circuit, CircuitMember, build_circuit, forward_position
 from rca.hooks import layers_frozen, layers_skipped, padded_batch, run_until, top_mlp_trimmed
 from rca.ids import neuron_group, parse_id
 from rca.metric import Target, encode_text, logits_kwargs
-from rca.specificity import BenignError, Damage, benign_damage, encoded
+from rca.specificity import BenignError, BenignRun, Damage, benign_damage, encoded
 from rca.subject import Subject
 from rca.verdicts import definitions
 
@@ -1048,6 +1048,22 @@ class NeuronGroup:
         )
 
 
+def _group_damage(
+    subject: Subject,
+    groups: Sequence[str],
+    texts: Any,
+    run: BenignRun,
+    whole: Mapping[int, str],
+) -> dict[str, Damage]:
+    """The benign damage of MLP neuron groups, from ``run``'s means of their MLPs' neurons
+    (``whole``: layer -> the id of all its neurons)."""
+    for g in groups:
+        c = parse_id(g)
+        assert c.layer is not None
+        run.means[g] = run.means[whole[c.layer]][list(c.neurons)]
+    return benign_damage(subject, list(groups), texts, run=run)
+
+
 def _specific_neurons(
     ab: Ablator,
     evidence: Sequence[CandidateEvidence],
@@ -1240,8 +1256,22 @@ def confirm(
     say("specificity", 0.4)
     t_benign = time.perf_counter()
     texts = _benign_texts(reference, cfg)
+    # one unablated run over the benign text serves every candidate, and every group of MLP
+    # neurons tried below: it keeps the mean of each candidate MLP's neurons too
+    whole = {
+        c.layer: neuron_group(c.layer, range(ab.a.d_mlp))
+        for c in map(parse_id, cands)
+        if c.kind == "mlp" and c.layer is not None and ab.a.d_mlp > 1
+    }
     try:
-        damage = benign_damage(subject, cands, texts, batch=max(16, ab.batch_size))
+        run0 = BenignRun(
+            subject,
+            texts,
+            batch=max(16, ab.batch_size),
+            sites=[*cands, *whole.values()],
+            keep={parse_id(c).layer or 0 for c in cands},
+        )
+        damage = benign_damage(subject, cands, texts, run=run0)
     except BenignError as err:
         raise ConfirmError(
             f"benign damage: {err}; give reference prompts of 2 tokens or more"
@@ -1269,7 +1299,7 @@ def confirm(
         m_clean=m_clean,
         share=share_of,
         cfg=cfg,
-        damage_of=lambda ids: benign_damage(subject, ids, texts, batch=max(16, ab.batch_size)),
+        damage_of=lambda ids: _group_damage(subject, ids, texts, run0, whole),
     )
     if groups:
         more, more_zero = measure(list(groups), shared=False)
@@ -1279,13 +1309,16 @@ def confirm(
             e.attribution = g.attribution
             e.benign_loss_pct, e.benign_kl = g.damage.loss_change_pct, g.damage.kl_mean
         ev += more
-        benign_equiv += _benign_forward_equiv(subject, texts, list(groups), target.length)
+        # their side effects only: the unablated run is the candidates'
+        benign_equiv += _benign_forward_equiv(
+            subject, texts, list(groups), target.length
+        ) - _benign_forward_equiv(subject, texts, [], target.length)
     fe_neurons = ab.forward_equiv - fe_neurons
 
     # p-value of each candidate against every other component of its kind
     for e in ev:
-        whole = groups[e.id].parent if e.id in groups else e.id
-        null = [d for x, d in single_drop.items() if x != whole and _kind_of(x) == _kind_of(e.id)]
+        own_id = groups[e.id].parent if e.id in groups else e.id
+        null = [d for x, d in single_drop.items() if x != own_id and _kind_of(x) == _kind_of(e.id)]
         own = e.total_effect if set_src == "baseline" else e.necessity
         e.p_value = empirical_p_value(own, null, tol=tol)
 
