@@ -9,6 +9,7 @@ ablation moves the logits. Module paths in ``ARCHS`` are written out independent
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,3 +302,18 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert "Traceback" not in err
     for n in needles:
         assert n in err, (n, err)
+
+
+# what a reader of rca's reports must never meet live (tests of rca.textsafe and the reports)
+# C0 but tab and newline, DEL, C1; bidi marks, embeddings, overrides and isolates; zero-width
+HIDDEN = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]"
+)
+# what GFM links in text without brackets: extended www, url, e-mail and protocol autolinks
+GFM_BARE = re.compile(
+    r"(?:www\.|(?:https?|ftp)://)[\w-]|(?:mailto:|xmpp:)?[\w.+-]+@[\w-]+\.[\w-]", re.I
+)
+# what Streamlit links in the text it parsed, its escapes resolved (its bundle's
+# mdast-util-gfm-autolink-literal)
+ST_URL = re.compile(r"(https?://|www(?=\.))([-.\w]+)([^ \t\r\n]*)", re.I)
+ST_EMAIL = re.compile(r"([-.\w+]+)@([-\w]+(?:\.[-\w]+)+)")

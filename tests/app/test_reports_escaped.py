@@ -15,7 +15,6 @@ text Streamlit would link. Ordinary text comes through as typed.
 
 from __future__ import annotations
 
-import re
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from tests.app.conftest import (
     _xss_fields,
     _xss_run,
 )
+from tests.helpers import GFM_BARE, HIDDEN, ST_EMAIL, ST_URL
 
 MARKDOWN = MarkdownIt("commonmark").enable("table")
 # every element the Markdown case files write themselves
@@ -182,19 +182,6 @@ SHOWN = {
     "zero_width": r"zero\u200bwidth\ufeff\u2060",
 }
 PLAIN_TITLE, PLAIN_NOTE = "PIN leaked to the caller", "PIN rotated today, see ticket 4521."
-
-# C0 but tab and newline, DEL, C1; bidi marks, embeddings, overrides and isolates; zero-width
-HIDDEN = re.compile(
-    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]"
-)
-# what GFM links in text without brackets: extended www, url, e-mail and protocol autolinks
-GFM_BARE = re.compile(
-    r"(?:www\.|(?:https?|ftp)://)[\w-]|(?:mailto:|xmpp:)?[\w.+-]+@[\w-]+\.[\w-]", re.I
-)
-# what Streamlit links in the text it parsed, its escapes resolved (its bundle's
-# mdast-util-gfm-autolink-literal)
-ST_URL = re.compile(r"(https?://|www(?=\.))([-.\w]+)([^ \t\r\n]*)", re.I)
-ST_EMAIL = re.compile(r"([-.\w+]+)@([-\w]+(?:\.[-\w]+)+)")
 
 
 @pytest.fixture(scope="module")

@@ -27,20 +27,10 @@ from rca.textsafe import (
     streamlit_markdown,
     visible,
 )
+from tests.helpers import GFM_BARE, HIDDEN, ST_EMAIL, ST_URL
 
 MD = MarkdownIt("commonmark").enable(["table", "strikethrough"])
 
-# C0 but tab and newline, DEL, C1; bidi marks, embeddings, overrides and isolates; zero-width
-HIDDEN = re.compile(
-    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]"
-)
-# what GFM links in text without brackets: extended www, url, e-mail and protocol autolinks
-GFM_BARE = re.compile(
-    r"(?:www\.|(?:https?|ftp)://)[\w-]|(?:mailto:|xmpp:)?[\w.+-]+@[\w-]+\.[\w-]", re.I
-)
-# what Streamlit links in the text it parsed (its escapes resolved)
-ST_URL = re.compile(r"(https?://|www(?=\.))([-.\w]+)([^ \t\r\n]*)", re.I)
-ST_EMAIL = re.compile(r"([-.\w+]+)@([-\w]+(?:\.[-\w]+)+)")
 LIVE = {"link_open", "image", "html_inline", "html_block", "s_open"}
 
 OSC8 = "\x1b]8;;http://evil.example\x07click\x1b]8;;\x07"
