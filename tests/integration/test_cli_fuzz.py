@@ -1,4 +1,4 @@
-"""The command line fuzzed with hypothesis (issue #19 item 8): no argv gives a traceback.
+"""The command line fuzzed with hypothesis: no argv gives a traceback.
 
 Each generated argv is a command (and subcommand) followed by a shuffled mix of that command's
 real options and arguments with hostile values: paths over 255 bytes or over PATH_MAX, paths
