@@ -5,10 +5,11 @@ edges checked by path patching (``docs/confirm.md``, "The circuit").
 total and direct effect, its benign damage, the rank order) and on the trace's position-resolved
 attribution and edge scores. In order:
 
-1. **Members.** The specific writers (direct effect at least ``writer_fraction`` of the gap),
-   then the other specific candidates in rank order, until patching them alone to the
-   baseline removes ``faithful_fraction`` of the gap; then each member that the rest does
-   without is dropped, but for the writers and the top cause.
+1. **Members.** The specific writers (``writer_ids``: a direct effect of at least
+   ``writer_fraction`` of the gap and ``writer_share`` of the largest one), then the other
+   specific candidates in rank order, until patching them alone to the baseline removes
+   ``faithful_fraction`` of the gap; then each member that the rest does without is dropped,
+   but for the writers and the top cause.
 2. **The entry.** Where the prompt and its counterfactual differ in some tokens, every
    candidate is patched at those positions alone. The specific ones that move the metric by
    ``component_fraction`` of the gap there are the circuit's members at the entry; the
@@ -44,6 +45,7 @@ __all__ = [
     "CircuitMember",
     "attributed_positions",
     "build_circuit",
+    "writer_ids",
     "forward_position",
     "site_label",
 ]
@@ -151,6 +153,17 @@ def attributed_positions(
     return sorted(out)
 
 
+def writer_ids(specific: Sequence[CandidateEvidence], gap: float, cfg: ConfirmConfig) -> list[str]:
+    """The writers among ``specific`` (candidates that are not infrastructure), in their order:
+    those whose direct effect reaches ``writer_fraction`` of the gap and ``writer_share`` of
+    the largest direct effect among them. The first bound asks that a writer put a real share
+    of the incident on the logits; the second that it write on the scale of the main writer,
+    so that components writing a fraction of what it writes are not named beside it."""
+    top = max((e.direct_effect for e in specific), default=0.0)
+    need = max(cfg.writer_fraction * gap, cfg.writer_share * top)
+    return [e.id for e in specific if e.direct_effect >= need]
+
+
 def build_circuit(
     ab: Ablator,
     ordered: Sequence[CandidateEvidence],
@@ -189,8 +202,7 @@ def build_circuit(
         return forward_position(c, parallel=parallel)
 
     # 1. members: the writers first (a circuit without them is not one), then rank order
-    need = cfg.writer_fraction * gap
-    writers = [e.id for e in specific if e.direct_effect >= need][: cfg.max_circuit]
+    writers = writer_ids(specific, gap, cfg)[: cfg.max_circuit]
     order = (writers + [e.id for e in specific if e.id not in writers])[: cfg.max_circuit]
     start = max(1, len(writers))
     prefixes = [order[:k] for k in range(start, len(order) + 1)]

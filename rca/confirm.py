@@ -656,6 +656,7 @@ class ConfirmConfig:
     window: float = 0.2  # leading group: effect within this share of the largest
     necessary_fraction: float = 0.4  # the necessary group's share of the most necessary
     writer_fraction: float = 0.2  # a writer's direct effect, as a share of the gap
+    writer_share: float = 0.4  # and as a share of the largest writer's (the circuit's writers)
     alpha: float = 0.05  # p-value threshold against random sets
     n_random: int = 100  # random sets (>= 50)
     max_set: int = 6
@@ -688,6 +689,7 @@ class ConfirmConfig:
             "alpha",
             "necessary_fraction",
             "writer_fraction",
+            "writer_share",
         ):
             v = getattr(self, name)
             if not 0 < v < 1:

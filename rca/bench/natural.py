@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from rca.circuit import writer_ids
 from rca.confirm import Ablator, ConfirmConfig, Variant, Verdict, reference_point
 from rca.ids import parse_id
 from rca.incident import Incident
@@ -323,16 +324,17 @@ def benign_table(
 
 def writers(verdict: Verdict) -> list[str]:
     """rca's writers of the bad answer, largest direct effect first: the circuit's members with
-    the writer role, or, for a verdict without a circuit, the candidates that are not
-    infrastructure whose direct effect reaches ``config.writer_fraction`` of the gap from the
-    prompt's metric to the reference point."""
+    the writer role, or, for a verdict without a circuit, the writers among the candidates that
+    are not infrastructure, by the circuit's definition (``rca.circuit.writer_ids``) with the
+    gap from the prompt's metric to the reference point."""
     by_id = {c.id: c for c in verdict.candidates}
     if verdict.circuit is not None:
         named = verdict.circuit.ids("writer")
         return sorted(named, key=lambda c: -by_id[c].direct_effect if c in by_id else 0.0)
-    need = verdict.config.writer_fraction * (verdict.metric_clean - verdict.metric_reference)
-    picked = [c for c in verdict.candidates if not c.infrastructure and c.direct_effect >= need]
-    return [c.id for c in sorted(picked, key=lambda c: -c.direct_effect)]
+    gap = verdict.metric_clean - verdict.metric_reference
+    specific = [c for c in verdict.candidates if not c.infrastructure]
+    picked = set(writer_ids(specific, gap, verdict.config))
+    return [c.id for c in sorted(specific, key=lambda c: -c.direct_effect) if c.id in picked]
 
 
 def _trace_forward_equiv(run: Any) -> float | None:

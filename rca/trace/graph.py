@@ -82,16 +82,13 @@ def build_graph(
         layer=n_layers,
         score=comps.metric_clean - comps.metric_baseline,
     )
-    E = comps.edges
+    E = comps.edges.double().T.tolist()  # (down, up), as Python floats
+    emb = comps.emb_edges.double().T.tolist()  # (down, prompt positions)
     for j, v in enumerate(comps.down):
-        for i, u in enumerate(comps.up):
-            if u == "EMB":
-                continue
-            w = float(E[i, j])
-            if w != 0.0:
+        for u, w in zip(comps.up, E[j], strict=True):
+            if u != "EMB" and w != 0.0:
                 g.add_edge(u, v, weight=w)
-        for p in range(n_prompt):
-            w = float(comps.emb_edges[p, j])
+        for p, w in enumerate(emb[j][:n_prompt]):
             if w != 0.0:
                 g.add_edge(f"EMB@{p}", v, weight=w)
     return g
@@ -142,10 +139,11 @@ def prune_graph(
     keep.add(sink)
     sub = g.subgraph(keep).copy()
     infl_sub = influence(sub, sink)
-    edge_items = []
-    for u, v, d in sub.edges(data=True):
-        total = sum(abs(sub[x][v]["weight"]) for x in sub.predecessors(v))
-        edge_items.append(((u, v), infl_sub[v] * abs(d["weight"]) / total if total else 0.0))
+    into = {v: sum(abs(sub[x][v]["weight"]) for x in sub.predecessors(v)) for v in sub.nodes}
+    edge_items = [
+        ((u, v), infl_sub[v] * abs(d["weight"]) / into[v] if into[v] else 0.0)
+        for u, v, d in sub.edges(data=True)
+    ]
     keep_edges = set(_smallest_cover(edge_items, edge_threshold))
     sub.remove_edges_from([e for e in list(sub.edges) if e not in keep_edges])
     sub.remove_nodes_from([n for n in list(sub.nodes) if n != sink and sub.degree(n) == 0])

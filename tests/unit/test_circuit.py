@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rca.circuit import attributed_positions, circuit_from_json, site_label
+from rca.circuit import attributed_positions, circuit_from_json, site_label, writer_ids
 from rca.confirm import Ablator, ConfirmConfig, confirm
 from rca.hooks import capture, patch
 from rca.metric import Target
@@ -185,7 +185,7 @@ def test_the_circuit_is_placed_and_wired_where_patching_says(model_type: str, se
     specific = [e for e in v.candidates if not e.infrastructure]
     for e in specific:
         at = (v.metric_clean - _patched(s, prompt, cf, [f"{e.id}@2"])) / gap
-        writer = e.direct_effect >= cfg.writer_fraction * gap
+        writer = e.id in writer_ids(specific, gap, cfg)
         if at >= cfg.component_fraction + 1e-6 and not writer and len(c.specific) < 6:
             assert e.id in c.specific
     # the entry, where there is one at the differing token, is the earliest member there

@@ -191,18 +191,22 @@ def _cand(cid: str, de: float, *, infra: bool = False) -> CandidateEvidence:
     return CandidateEvidence(cid, 0.0, de, de, de, 0.5, infrastructure=infra)
 
 
-def test_writers_are_specific_candidates_whose_direct_effect_reaches_the_fraction() -> None:
-    # gap 2.0, writer_fraction 0.2: a writer needs DE >= 0.4
+def test_writers_are_specific_candidates_whose_direct_effect_reaches_both_bounds() -> None:
+    # gap 2.0, writer_fraction 0.2: a writer needs DE >= 0.4; the largest specific DE is 1.2,
+    # writer_share 0.4: and DE >= 0.48 (infrastructure, however large, sets neither)
     v = _verdict(
         [
             _cand("L3.H1", 0.5),
             _cand("L2.MLP", 0.39),
             _cand("L0.MLP", 1.9, infra=True),
             _cand("L5.H0", 1.2),
-            _cand("L4.H4", 0.4),
+            _cand("L4.H4", 0.47),
         ]
     )
-    assert writers(v) == ["L5.H0", "L3.H1", "L4.H4"]
+    assert writers(v) == ["L5.H0", "L3.H1"]
+    # without the large writer the gap bound decides: 0.47 and 0.5 both reach 0.4
+    v = _verdict([_cand("L3.H1", 0.5), _cand("L2.MLP", 0.39), _cand("L4.H4", 0.47)])
+    assert writers(v) == ["L3.H1", "L4.H4"]
     # the gap is to the reference point, not to the counterfactual: with it at 1.0, DE >= 0.2
     assert writers(_verdict([_cand("L3.H1", 0.3)], clean=2.0, ref=1.0)) == ["L3.H1"]
     assert writers(_verdict([_cand("L3.H1", 0.3)], clean=2.0, ref=0.0)) == []
@@ -294,5 +298,6 @@ def test_rca_direct_effects_are_the_exact_ones_and_the_row_renders() -> None:
     }
     assert result["summary"]["top_writer_in_exact_top3"] == int(ws[0]["in_top3"])
     md = natural.markdown(result).splitlines()
-    assert sum(line.startswith("| w5 w6") for line in md) == 1
-    assert ws[0]["id"] in md[-1] and ", ".join(row["rca"]["cause_set"]) in md[-1]
+    rows = [line for line in md if line.startswith("| w5 w6")]
+    assert len(rows) == 1
+    assert ws[0]["id"] in rows[0] and ", ".join(row["rca"]["cause_set"]) in rows[0]
