@@ -63,7 +63,7 @@ NATURAL_N, NATURAL_MAX_SECONDS = 12, 3 * 3600  # the benign table alone is minut
 REAL_CASES = Path(__file__).resolve().parents[1] / "cases" / "real"
 REAL_TARGET_S, REAL_TARGET_GB, REAL_TARGET_TOKENS = 90.0, 2.0, 64
 # the IOI draw scored: seed 0 was seen while building it, seed 1 while building the circuit
-NATURAL_SEED = 2
+NATURAL_SEED = 3
 
 
 def _rss_now() -> int:
