@@ -58,7 +58,13 @@ from rca.benign import benign_prompts
 from rca.circuit import Circuit, CircuitMember, build_circuit, forward_position
 from rca.hooks import layers_frozen, layers_skipped, padded_batch, run_until, top_mlp_trimmed
 from rca.ids import neuron_group, parse_id
-from rca.metric import Target, encode_text, logits_kwargs
+from rca.metric import (
+    Target,
+    encode_text,
+    logits_kwargs,
+    reference_point,
+    share_removed,
+)
 from rca.specificity import BenignError, BenignRun, Damage, benign_damage, encoded
 from rca.subject import Subject
 from rca.verdicts import definitions
@@ -103,14 +109,6 @@ def empirical_p_value(observed: float, null: Sequence[float], *, tol: float = 0.
     if n == 0:
         return 1.0
     return (1 + sum(1 for v in null if v >= observed - tol)) / (1 + n)
-
-
-def reference_point(m_clean: float, m_base: float, *, n_conts: int) -> float:
-    """The metric that "all of the incident behaviour removed" reaches: the baseline's, or,
-    for a log-ratio metric whose baseline prefers the good continuation, zero (the model
-    indifferent between the two). Removing the bad behaviour is the goal, not making the good
-    one as confident as on the counterfactual. Confirm needs ``m_clean`` above it."""
-    return max(m_base, 0.0) if n_conts == 2 and m_clean > 0 else m_base
 
 
 def check_gap(
@@ -793,20 +791,6 @@ def _summary(xs: Sequence[float]) -> dict[str, float]:
     }
 
 
-def _as_probability(m: float, conts: int) -> float:
-    """A metric value as a probability: P(bad) for log P(bad) (one continuation), P(bad beats
-    good) for the log-ratio (two)."""
-    return math.exp(min(m, 0.0)) if conts == 1 else 1.0 / (1.0 + math.exp(-m))
-
-
-def _share_removed(m_clean: float, m_ref: float, drop: float, *, conts: int) -> float:
-    """The share of the bad behaviour a metric drop removes, in probability. Log-space drops
-    beyond "the bad continuation is gone" differ only in how small P(bad) became: a carrier
-    that drives P(bad) to 1e-8 and the origin that drives it to 1e-4 did the same thing."""
-    p0, pr = _as_probability(m_clean, conts), _as_probability(m_ref, conts)
-    return (p0 - _as_probability(m_clean - drop, conts)) / max(p0 - pr, 1e-9)
-
-
 def rank_candidates(
     evidence: Sequence[CandidateEvidence],
     *,
@@ -1252,7 +1236,7 @@ def confirm(
     ev, zero_cost = measure(cands, shared=ne_shared)
 
     def share_of(drop: float) -> float:
-        return _share_removed(m_clean, m_ref, drop, conts=target.n_conts)
+        return share_removed(m_clean, m_ref, drop, conts=target.n_conts)
 
     # specificity: what mean-ablating each candidate does to ordinary text
     say("specificity", 0.4)

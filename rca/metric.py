@@ -14,6 +14,7 @@ runs on half the rows, with the same metric (``tests/unit/test_metric.py``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -29,6 +30,9 @@ __all__ = [
     "encode_text_offsets",
     "evaluate",
     "logits_kwargs",
+    "reference_point",
+    "as_probability",
+    "share_removed",
 ]
 
 
@@ -370,3 +374,29 @@ def evaluate(model: torch.nn.Module, target: Target) -> MetricValue:
         logp_bad=float(lp[0]),
         logp_good=float(lp[1]) if target.n_conts == 2 else None,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the gap: how much of the incident behaviour an intervention removes
+
+
+def reference_point(m_clean: float, m_base: float, *, n_conts: int) -> float:
+    """The metric that "all of the incident behaviour removed" reaches: the baseline's, or,
+    for a log-ratio metric whose baseline prefers the good continuation, zero (the model
+    indifferent between the two). Removing the bad behaviour is the goal, not making the good
+    one as confident as on the counterfactual. Confirm needs ``m_clean`` above it."""
+    return max(m_base, 0.0) if n_conts == 2 and m_clean > 0 else m_base
+
+
+def as_probability(m: float, conts: int) -> float:
+    """A metric value as a probability: P(bad) for log P(bad) (one continuation), P(bad beats
+    good) for the log-ratio (two)."""
+    return math.exp(min(m, 0.0)) if conts == 1 else 1.0 / (1.0 + math.exp(-m))
+
+
+def share_removed(m_clean: float, m_ref: float, drop: float, *, conts: int) -> float:
+    """The share of the bad behaviour a metric drop removes, in probability. Log-space drops
+    beyond "the bad continuation is gone" differ only in how small P(bad) became: a carrier
+    that drives P(bad) to 1e-8 and the origin that drives it to 1e-4 did the same thing."""
+    p0, pr = as_probability(m_clean, conts), as_probability(m_ref, conts)
+    return (p0 - as_probability(m_clean - drop, conts)) / max(p0 - pr, 1e-9)

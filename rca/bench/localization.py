@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from rca.ids import format_id, parse_id
+from rca.metric import share_removed
 
 __all__ = [
     "HostSpec",
@@ -561,25 +562,19 @@ def _lead_then_de(
     ]
 
 
-def _prob(m: float, rows: int) -> float:
-    """The metric as a probability: P(bad) for log P(bad), P(bad beats good) for a log-ratio."""
-    return math.exp(min(m, 0.0)) if rows == 1 else 1 / (1 + math.exp(-m))
-
-
 def _share_removed(r: FaultResult, drop: float) -> float:
-    """The share of the bad behaviour a metric drop removes, in probability: log-space drops
-    beyond "the bad token is gone" differ only in how small P(bad) became, which says nothing
-    about which component is the cause."""
+    """The share of the bad behaviour a metric drop removes (``rca.metric.share_removed``),
+    from the counterfactual's metric saved with a fault."""
     rows = int(r.metric.get("rows", 1))
-    p0, pb = _prob(r.metric["prompt"], rows), _prob(r.metric["counterfactual"], rows)
-    return (p0 - _prob(r.metric["prompt"] - drop, rows)) / max(p0 - pb, 1e-9)
+    m_ref = r.metric["counterfactual"]
+    return share_removed(r.metric["prompt"], m_ref, drop, conts=rows)
 
 
 def confirm_rule_ranking(r: FaultResult) -> list[str]:
     """``rca.confirm``'s ranking (``rank_candidates``) recomputed from the saved evidence.
     Saved runs without zero-ablation necessity fall back to NE, without benign damage to no
     infrastructure. The bench's hosts (GPT-2, Llama) run attention and MLP in sequence."""
-    from rca.confirm import CandidateEvidence, ConfirmConfig, _share_removed, rank_candidates
+    from rca.confirm import CandidateEvidence, ConfirmConfig, rank_candidates
 
     rows = int(r.metric.get("rows", 1))
     m_clean, m_base = r.metric["prompt"], r.metric["counterfactual"]
@@ -599,7 +594,7 @@ def confirm_rule_ranking(r: FaultResult) -> list[str]:
     ]
     ordered = rank_candidates(
         ev,
-        share=lambda d: _share_removed(m_clean, m_ref, d, conts=rows),
+        share=lambda d: share_removed(m_clean, m_ref, d, conts=rows),
         gap=m_clean - m_ref,
         config=ConfirmConfig(top_k=BENCH_TOP_K),
     )

@@ -44,10 +44,10 @@ from typing import Any
 import torch
 
 from rca.circuit import writer_ids
-from rca.confirm import Ablator, ConfirmConfig, Variant, Verdict, reference_point
+from rca.confirm import Ablator, ConfirmConfig, Variant, Verdict
 from rca.ids import parse_id
 from rca.incident import Incident
-from rca.metric import encode_text, evaluate
+from rca.metric import encode_text, evaluate, reference_point
 from rca.specificity import INFRASTRUCTURE_LOSS_PCT, Damage
 from rca.subject import Subject
 

@@ -13,13 +13,12 @@ from rca.confirm import (
     CandidateEvidence,
     ConfirmConfig,
     ConfirmError,
-    _share_removed,
     confirm,
     empirical_p_value,
     rank_candidates,
 )
 from rca.hooks import patch
-from rca.metric import Target
+from rca.metric import Target, share_removed
 from rca.subject import Subject
 from tests.helpers import tiny_model
 
@@ -235,7 +234,7 @@ def test_robust_necessity_prefers_the_component_necessary_under_both_ablations()
     gap = m_clean - m_ref
 
     def share(drop: float) -> float:
-        return _share_removed(m_clean, m_ref, drop, conts=1)
+        return share_removed(m_clean, m_ref, drop, conts=1)
 
     # a carrier of the trigger's identity removes the behaviour when patched or mean-ablated,
     # and more of it in log space than the origin does, but not when zero-ablated; the origin
@@ -270,7 +269,7 @@ def test_patching_does_not_veto_an_enabler() -> None:
     gap = m_clean - m_ref
 
     def share(drop: float) -> float:
-        return _share_removed(m_clean, m_ref, drop, conts=1)
+        return share_removed(m_clean, m_ref, drop, conts=1)
 
     enabler = _evidence("L1.H1", te=0.82, de=0.0, ne=9.71, ne0=2.86)
     carriers = [
@@ -289,7 +288,7 @@ def test_patching_does_not_veto_an_enabler() -> None:
 
 def _bench_order(m_clean: float, m_ref: float, ev: list[CandidateEvidence]) -> list[str]:
     def share(drop: float) -> float:
-        return _share_removed(m_clean, m_ref, drop, conts=1)
+        return share_removed(m_clean, m_ref, drop, conts=1)
 
     cfg = ConfirmConfig()
     return [e.id for e in rank_candidates(ev, share=share, gap=m_clean - m_ref, config=cfg)]
@@ -366,7 +365,7 @@ def test_parallel_blocks_have_no_order_between_attention_and_mlp() -> None:
     ]
 
     def share(drop: float) -> float:
-        return _share_removed(0.0, -10.0, drop, conts=1)
+        return share_removed(0.0, -10.0, drop, conts=1)
 
     cfg = ConfirmConfig()
     seq = rank_candidates(ev, share=share, gap=10.0, config=cfg)

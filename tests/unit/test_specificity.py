@@ -212,7 +212,8 @@ def test_infrastructure_is_never_first_and_otherwise_keeps_its_rank() -> None:
     """The IOI pattern in SmolLM2: the layer-0 MLP is the latest robustly necessary member of
     the leading group that every prompt also needs; the head that writes the answer takes the
     first rank, and the MLP keeps the place the rule gives it (second), not the last."""
-    from rca.confirm import CandidateEvidence, _share_removed, rank_candidates
+    from rca.confirm import CandidateEvidence, rank_candidates
+    from rca.metric import share_removed
 
     def ev(cid: str, te: float, de: float, ne: float, ne0: float, infra: bool = False):
         return CandidateEvidence(
@@ -223,7 +224,7 @@ def test_infrastructure_is_never_first_and_otherwise_keeps_its_rank() -> None:
     gap = m_clean - m_ref
 
     def share(d: float) -> float:
-        return _share_removed(m_clean, m_ref, d, conts=2)
+        return share_removed(m_clean, m_ref, d, conts=2)
 
     cands = [
         ev("L0.MLP", te=11.6, de=0.0, ne=9.4, ne0=9.0, infra=True),
@@ -249,7 +250,8 @@ def test_an_infrastructure_origin_gives_rank_1_to_the_specific_origin_not_the_wr
     every prompt needs, is the latest robustly necessary candidate; the planted head L0.H5 is
     the origin among the specific ones, and an unplanted L1.MLP has the largest direct effect.
     Rank 1 goes to the head: the rule applied again without the infrastructure."""
-    from rca.confirm import CandidateEvidence, _share_removed, rank_candidates
+    from rca.confirm import CandidateEvidence, rank_candidates
+    from rca.metric import share_removed
 
     def ev(cid: str, te: float, de: float, ne: float, ne0: float, infra: bool = False):
         return CandidateEvidence(
@@ -260,7 +262,7 @@ def test_an_infrastructure_origin_gives_rank_1_to_the_specific_origin_not_the_wr
     gap = m_clean - m_ref
 
     def share(d: float) -> float:
-        return _share_removed(m_clean, m_ref, d, conts=1)
+        return share_removed(m_clean, m_ref, d, conts=1)
 
     cands = [
         ev("L1.MLP", te=11.54, de=5.27, ne=1.36, ne0=2.38),
