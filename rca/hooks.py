@@ -439,9 +439,9 @@ def _layers_replaced(
 ) -> Iterator[None]:
     """Each decoder layer i for which ``make(i, layer)`` gives a stub is replaced by it; every
     layer is put back on exit."""
-    from rca.subject import _get
+    from rca.subject import module_at
 
-    layers = _get(subject.model, subject.adapter.spec.layers)
+    layers = module_at(subject.model, subject.adapter.spec.layers)
     assert isinstance(layers, nn.ModuleList)
     originals = list(layers)
     try:

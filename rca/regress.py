@@ -43,7 +43,7 @@ from rca.incident import Incident, IncidentError, loads_case, parse_case_data
 from rca.investigate import InvestigateConfig, investigate
 from rca.metric import Target, evaluate, logits_kwargs
 from rca.stats import spearman
-from rca.subject import Subject, _weight, load_subject
+from rca.subject import Subject, load_subject, weight_of
 
 __all__ = [
     "CLASSES",
@@ -205,7 +205,7 @@ def component_masks(subject: Subject) -> dict[str, dict[str, torch.Tensor]]:
     dh = a.d_head
     for layer in range(a.n_layers):
         o = a.attn_out(layer)
-        ow = _weight(o)
+        ow = weight_of(o)
         conv = type(o).__name__ == "Conv1D"
         attn = getattr(a.layer(layer), "attn", None) or getattr(a.layer(layer), "self_attn", None)
         for h in range(a.n_heads):

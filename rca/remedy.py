@@ -48,7 +48,7 @@ from rca.ids import parse_id
 from rca.metric import MetricValue, Target, evaluate, logits_kwargs
 from rca.paths import PathError, read_bounded_json
 from rca.specificity import BenignError, BenignRun, encoded, within
-from rca.subject import Subject, _weight, load_subject
+from rca.subject import Subject, load_subject, weight_of
 
 __all__ = [
     "RemedyError",
@@ -631,7 +631,7 @@ def _bake(subject: Subject, spec: dict[str, Any]) -> None:
                 proj = a.attn_out(c.layer)
                 assert c.index is not None
                 # a constant head output z: its write W_h z moves into the bias, W_h becomes 0
-                w = _weight(proj)
+                w = weight_of(proj)
                 const = a.head_result(c.layer, c.index, mean.to(w.dtype))
                 bias = _bias_of(proj, f"{cid}'s output projection")
                 sl = slice(c.index * a.d_head, (c.index + 1) * a.d_head)
@@ -643,13 +643,13 @@ def _bake(subject: Subject, spec: dict[str, Any]) -> None:
             elif c.kind == "mlp":
                 down = a.mlp_down(c.layer)
                 bias = _bias_of(down, f"{cid}'s down projection")
-                _weight(down).zero_()
+                weight_of(down).zero_()
                 bias.copy_(mean.to(bias.dtype))
             elif c.kind == "neuron":
                 assert c.index is not None
                 down = a.mlp_down(c.layer)
                 bias = _bias_of(down, f"{cid}'s down projection")
-                w = _weight(down)
+                w = weight_of(down)
                 # a constant activation: its write moves into the bias, its weights become 0
                 if type(down).__name__ == "Conv1D":
                     bias += mean.to(w.dtype) * w[c.index, :]
@@ -668,12 +668,12 @@ def _bake(subject: Subject, spec: dict[str, Any]) -> None:
         P = torch.eye(d.numel()) - torch.outer(d, d)  # (d_model, d_model), symmetric
         writers = _residual_writers(subject, int(spec["layer"]))
         un = a.unembed
-        if _weight(un) is _weight(a.embed):
+        if weight_of(un) is weight_of(a.embed):
             # tied embeddings: the fix changes what is written, not how logits are read
-            un.weight = torch.nn.Parameter(_weight(a.embed).detach().clone())
+            un.weight = torch.nn.Parameter(weight_of(a.embed).detach().clone())
             subject.model.config.tie_word_embeddings = False  # type: ignore[union-attr]
         for mod in writers:
-            w = _weight(mod)
+            w = weight_of(mod)
             Pw = P.to(w.dtype)
             if isinstance(mod, torch.nn.Embedding) or type(mod).__name__ == "Conv1D":
                 w.copy_(w @ Pw)  # rows are written vectors: (n, d_model) or Conv1D (in, d_model)
@@ -691,7 +691,7 @@ def _bake(subject: Subject, spec: dict[str, Any]) -> None:
             if c.kind == "head":
                 assert c.index is not None
                 proj = a.attn_out(c.layer)
-                w = _weight(proj)
+                w = weight_of(proj)
                 sl = slice(c.index * a.d_head, (c.index + 1) * a.d_head)
                 if type(proj).__name__ == "Conv1D":
                     w[sl, :] += delta.to(w.dtype)
@@ -699,7 +699,7 @@ def _bake(subject: Subject, spec: dict[str, Any]) -> None:
                     w[:, sl] += delta.T.to(w.dtype)
             elif c.kind == "mlp":
                 down = a.mlp_down(c.layer)
-                w = _weight(down)
+                w = weight_of(down)
                 w += (delta if type(down).__name__ == "Conv1D" else delta.T).to(w.dtype)
             else:
                 raise RemedyError(f"cannot bake a weight edit of {cid}")
@@ -713,7 +713,7 @@ def _bake(subject: Subject, spec: dict[str, Any]) -> None:
             if c.kind == "head":
                 assert c.index is not None
                 proj = a.attn_out(c.layer)
-                w = _weight(proj)
+                w = weight_of(proj)
                 sl = slice(c.index * a.d_head, (c.index + 1) * a.d_head)
                 if type(proj).__name__ == "Conv1D":
                     w[sl, :] = w[sl, :] @ P.to(w.dtype)  # (d_head, d_model)
@@ -721,7 +721,7 @@ def _bake(subject: Subject, spec: dict[str, Any]) -> None:
                     w[:, sl] = P.to(w.dtype) @ w[:, sl]  # (d_model, d_head)
             elif c.kind == "mlp":
                 down = a.mlp_down(c.layer)
-                w = _weight(down)
+                w = weight_of(down)
                 if type(down).__name__ == "Conv1D":
                     w.copy_(w @ P.to(w.dtype))
                 else:

@@ -39,6 +39,8 @@ __all__ = [
     "SubjectError",
     "fingerprint",
     "load_subject",
+    "module_at",
+    "weight_of",
     "read_source",
     "resolve_device",
     "resolve_model_ref",
@@ -180,7 +182,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
-def _get(root: nn.Module, path: str) -> nn.Module:
+def module_at(root: nn.Module, path: str) -> nn.Module:
+    """The module at the dotted attribute ``path`` under ``root``; a SubjectError naming the
+    missing part where there is none."""
     mod = root
     for part in path.split("."):
         if not hasattr(mod, part):
@@ -199,7 +203,9 @@ def _find(root: nn.Module, path: str) -> nn.Module | None:
     return mod
 
 
-def _weight(mod: nn.Module) -> torch.Tensor:
+def weight_of(mod: nn.Module) -> torch.Tensor:
+    """A module's weight tensor, as stored (GPT-2's Conv1D keeps [in, out], nn.Linear
+    [out, in]); a SubjectError where it has none."""
     w = getattr(mod, "weight", None)
     if not isinstance(w, torch.Tensor):
         raise SubjectError(f"{type(mod).__name__} has no weight tensor")
@@ -208,7 +214,7 @@ def _weight(mod: nn.Module) -> torch.Tensor:
 
 def _in_features(mod: nn.Module) -> int:
     """Input width of a projection: nn.Linear weight is [out, in], GPT-2's Conv1D is [in, out]."""
-    w = _weight(mod)
+    w = weight_of(mod)
     return int(w.shape[0] if type(mod).__name__ == "Conv1D" else w.shape[1])
 
 
@@ -232,15 +238,15 @@ class Adapter:
         self.model = model
         self.spec = spec
         self.model_type = model_type
-        self.layers: list[nn.Module] = list(_get(model, spec.layers).children())
-        self.embed = _get(model, spec.embed)
-        self.final_norm = _get(model, spec.final_norm)
-        self.unembed = _get(model, spec.unembed)
-        self._attn_out = [_get(layer, spec.attn_out) for layer in self.layers]
-        self._mlp = [_get(layer, spec.mlp) for layer in self.layers]
-        self._mlp_down = [_get(layer, spec.mlp_down) for layer in self.layers]
-        self._attn_norm = [_get(layer, spec.attn_norm) for layer in self.layers]
-        self._mlp_norm = [_get(layer, spec.mlp_norm) for layer in self.layers]
+        self.layers: list[nn.Module] = list(module_at(model, spec.layers).children())
+        self.embed = module_at(model, spec.embed)
+        self.final_norm = module_at(model, spec.final_norm)
+        self.unembed = module_at(model, spec.unembed)
+        self._attn_out = [module_at(layer, spec.attn_out) for layer in self.layers]
+        self._mlp = [module_at(layer, spec.mlp) for layer in self.layers]
+        self._mlp_down = [module_at(layer, spec.mlp_down) for layer in self.layers]
+        self._attn_norm = [module_at(layer, spec.attn_norm) for layer in self.layers]
+        self._mlp_norm = [module_at(layer, spec.mlp_norm) for layer in self.layers]
         self._qkv = [
             [m for m in (_find(layer, p) for p in spec.qkv) if m is not None]
             for layer in self.layers
@@ -256,9 +262,9 @@ class Adapter:
             )
         # read from the module, not hidden_size // n_heads: Gemma's head_dim differs
         self.d_head = width // self.n_heads
-        self.d_model = int(_weight(self.embed).shape[1])
+        self.d_model = int(weight_of(self.embed).shape[1])
         self.d_mlp = _in_features(self._mlp_down[0])
-        self.vocab_size = int(_weight(self.embed).shape[0])
+        self.vocab_size = int(weight_of(self.embed).shape[0])
         self.n_ctx = _cfg(cfg, "max_position_embeddings", "n_positions")
         # GPT-NeoX makes the parallel residual a config choice
         self.parallel = bool(_cfg(cfg, "use_parallel_residual", default=spec.parallel))
@@ -287,7 +293,7 @@ class Adapter:
         """The slice of the output projection that head ``head`` writes through: (d_head, out)."""
         proj = self._attn_out[layer]
         sl = slice(head * self.d_head, (head + 1) * self.d_head)
-        w = _weight(proj)
+        w = weight_of(proj)
         return w[sl, :] if type(proj).__name__ == "Conv1D" else w[:, sl].T
 
     def head_result(self, layer: int, head: int, z: torch.Tensor) -> torch.Tensor:
@@ -307,7 +313,7 @@ class Adapter:
         """
         proj = self._attn_out[layer]
         H, dh = self.n_heads, self.d_head
-        w = _weight(proj)
+        w = weight_of(proj)
         if w.device.type != "meta":
             # each head's slice times its rows of the weight: (H, ..., dh) @ (H, dh, out)
             w_in_out = w if type(proj).__name__ == "Conv1D" else w.T  # (H * dh, out)
@@ -348,7 +354,7 @@ class Adapter:
             return None
         out = []
         for mod, c in zip(mods, cols, strict=True):
-            w = _weight(mod)
+            w = weight_of(mod)
             if w.device.type == "meta":
                 return None
             w = w.T if type(mod).__name__ == "Conv1D" else w  # (out_features, in_features)
@@ -386,11 +392,11 @@ class Subject:
     @property
     def device(self) -> torch.device:
         # the input device: with an accelerate device_map, where the embeddings live
-        return _weight(self.adapter.embed).device
+        return weight_of(self.adapter.embed).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return _weight(self.adapter.embed).dtype
+        return weight_of(self.adapter.embed).dtype
 
     @property
     def architecture(self) -> str:
