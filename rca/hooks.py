@@ -36,6 +36,7 @@ __all__ = [
     "HookError",
     "Site",
     "site_of",
+    "hooked",
     "capture",
     "patch",
     "ablate",
@@ -173,7 +174,7 @@ def _apply_edits(x: torch.Tensor, edits: list[_Edit]) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _hooked(
+def hooked(
     sites: Sequence[tuple[Site, Callable[[torch.Tensor], torch.Tensor | None]]],
 ) -> Iterator[None]:
     """Register one hook per (module, pre/post) that runs each site's callback in order.
@@ -290,7 +291,7 @@ def capture(
         if site.key not in seen:
             seen.add(site.key)
             sites.append((site, cap._record(site.key)))
-    with _hooked(sites):
+    with hooked(sites):
         yield cap
 
 
@@ -333,7 +334,7 @@ def patch(
     adapter = _subject_adapter(subject)
     items = [(_as_cid(k), _value_fn(v)) for k, v in values.items()]
     sites = _edits_for(adapter, items, positions)
-    with _hooked(sites):
+    with hooked(sites):
         yield
 
 
@@ -386,7 +387,7 @@ def ablate(
         else:
             raise HookError(f"unknown ablation kind {kind!r}; use zero, mean or values")
     sites = _edits_for(adapter, items, positions)
-    with _hooked(sites):
+    with hooked(sites):
         yield
 
 

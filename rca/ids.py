@@ -95,10 +95,9 @@ class ComponentId:
         """Model order: EMB, then by layer (heads, ATTN, MLP, neurons, residuals), LOGITS."""
         rank = ["emb", "resid_pre", "head", "attn", "mlp", "neuron", "neurons", "resid_post"]
         rank.append("logits")
-        layer = -1 if self.kind == "emb" else (1 << 30 if self.layer is None else self.layer)
         first = self.indices[0] if self.indices else self.index
         return (
-            layer,
+            self.depth(),
             rank.index(self.kind),
             -1 if first is None else first,
             -1 if self.pos is None else self.pos,
@@ -109,6 +108,20 @@ class ComponentId:
         if not isinstance(other, ComponentId):
             return NotImplemented
         return self.sort_key < other.sort_key
+
+    def depth(self, n_layers: int | None = None) -> int:
+        """Where it sits in the forward pass: -1 for EMB, its layer for a component inside a
+        layer, and for LOGITS ``n_layers`` (without it, a number above every layer)."""
+        if self.kind == "emb":
+            return -1
+        if self.layer is not None:
+            return self.layer
+        return 1 << 30 if n_layers is None else n_layers
+
+    @property
+    def is_head(self) -> bool:
+        """Whether it is an attention head (``L3.H5``, at a position or not)."""
+        return self.kind == "head"
 
     @property
     def base(self) -> ComponentId:

@@ -25,12 +25,21 @@ import torch
 
 from rca.confirm import ConfirmConfig, ConfirmError, Verdict, auto_batch_size, check_gap, confirm
 from rca.incident import Incident
+from rca.metric import Target
 from rca.preflight import Preflight, gap_error, preflight, reference_prompts
 from rca.remedy import Remedy, try_remedies
 from rca.subject import Subject, load_subject
 from rca.trace import Attribution, Baseline, Counterfactual, trace
 
-__all__ = ["InvestigateConfig", "CaseRun", "investigate", "reference_prompts"]
+__all__ = [
+    "InvestigateConfig",
+    "CaseRun",
+    "Confirmed",
+    "investigate",
+    "reference_prompts",
+    "trace_and_confirm",
+    "trace_incident",
+]
 
 Progress = Callable[[str, float], None]
 STAGES = ("ingest", "trace", "confirm", "remedy", "record")
@@ -159,26 +168,73 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def investigate(
+def trace_incident(
+    incident: Incident,
+    *,
+    subject: Subject,
+    method: str = "eap-ig",
+    steps: int = 8,
+    baseline: str = "auto",
+    neurons: bool = False,
+    n_reference: int = 64,
+    max_memory: int | str | None = "auto",
+    progress: Callable[[str, float], None] | None = None,
+) -> tuple[Incident, Attribution]:
+    """Trace one incident alone (no preflight, no confirm): the incident as the model sees it
+    (a chat incident rendered with its template) and its attribution, against ``n_reference``
+    reference prompts (``reference_prompts``, seed 0) for a mean baseline."""
+    inc = incident.for_model(subject.tokenizer)
+    n_ctx = getattr(subject.adapter, "n_ctx", None)
+    refs, _ = reference_prompts(inc, n_reference, tokenizer=subject.tokenizer, n_ctx=n_ctx)
+    att = trace(
+        subject,
+        inc,
+        method=method,
+        steps=steps,
+        baseline=baseline,
+        reference_prompts=refs,
+        neurons=neurons,
+        max_memory=max_memory,
+        progress=progress,
+    )
+    return inc, att
+
+
+@dataclass
+class Confirmed:
+    """An incident traced and its leading candidates confirmed (``trace_and_confirm``)."""
+
+    incident: Incident  # as the model sees it (a chat incident rendered with its template)
+    subject: Subject
+    preflight: Preflight
+    attribution: Attribution
+    verdict: Verdict
+    timings: dict[str, float]  # seconds per stage: ingest, trace, confirm
+
+    @property
+    def base_target(self) -> Target | None:
+        """The counterfactual's target where the trace patched to it, else None."""
+        att = self.attribution
+        return att.baseline.target if att.baseline.kind == "counterfactual" else None
+
+
+def trace_and_confirm(
     incident: Incident,
     *,
     subject: Subject | None = None,
-    store: Any = None,
     config: InvestigateConfig | None = None,
     progress: Progress | None = None,
     home: Path | None = None,
-    kind: str = "investigate",
-    parent_run_id: str | None = None,
-    summary_extra: dict[str, Any] | None = None,
-) -> CaseRun:
-    """Investigate one incident end to end; record it in ``store`` when one is given.
+) -> Confirmed:
+    """Ingest (with the preflight checks), trace and confirm one incident: the first three
+    stages of ``investigate``, with its progress fractions (0 to 0.75).
 
-    ``subject``: an already loaded model (reused across cases); by default the incident's.
-    ``store``: an ``rca.store.Store``; the run is written in one transaction at the end.
+    The reference prompts are the preflight's; confirm runs with ``config.confirm``, its
+    batch size lowered to the trace's memory plan where that is smaller (the same numbers,
+    fewer variants per forward).
     """
     cfg = config or InvestigateConfig()
     say = progress or (lambda stage, frac: None)
-    started = dt.datetime.now(dt.UTC)
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -202,7 +258,7 @@ def investigate(
         confirm_config=cfg.confirm,
     )
     incident = pre.incident  # rendered for the model (a chat incident's template)
-    refs, benign = pre.references, pre.benign
+    refs = pre.references
     timings["ingest"] = time.perf_counter() - t
 
     def check_baseline(base: Baseline, cf: Counterfactual | None) -> None:
@@ -264,6 +320,42 @@ def investigate(
     timings["confirm"] = time.perf_counter() - t
     release_memory()
 
+    return Confirmed(
+        incident=incident,
+        subject=subject,
+        preflight=pre,
+        attribution=att,
+        verdict=verdict,
+        timings=timings,
+    )
+
+
+def investigate(
+    incident: Incident,
+    *,
+    subject: Subject | None = None,
+    store: Any = None,
+    config: InvestigateConfig | None = None,
+    progress: Progress | None = None,
+    home: Path | None = None,
+    kind: str = "investigate",
+    parent_run_id: str | None = None,
+    summary_extra: dict[str, Any] | None = None,
+) -> CaseRun:
+    """Investigate one incident end to end; record it in ``store`` when one is given.
+
+    ``subject``: an already loaded model (reused across cases); by default the incident's.
+    ``store``: an ``rca.store.Store``; the run is written in one transaction at the end.
+    """
+    cfg = config or InvestigateConfig()
+    say = progress or (lambda stage, frac: None)
+    started = dt.datetime.now(dt.UTC)
+    done = trace_and_confirm(incident, subject=subject, config=cfg, progress=say, home=home)
+    incident, subject, pre = done.incident, done.subject, done.preflight
+    att, verdict, timings = done.attribution, done.verdict, done.timings
+    refs, benign = pre.references, pre.benign
+    base_target = done.base_target
+
     t = time.perf_counter()
     say("remedy", 0.75)
     ranked = verdict.ranked()
@@ -304,7 +396,7 @@ def investigate(
     if store is not None:
         t = time.perf_counter()
         say("record", 0.95)
-        from rca.record import to_run_record
+        from rca.store.from_run import to_run_record
 
         record = to_run_record(
             run, kind=kind, parent_run_id=parent_run_id, summary_extra=summary_extra

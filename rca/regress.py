@@ -43,7 +43,7 @@ from rca.incident import Incident, IncidentError, loads_case, parse_case_data
 from rca.investigate import InvestigateConfig, investigate
 from rca.metric import Target, evaluate, logits_kwargs
 from rca.stats import spearman
-from rca.subject import Subject, load_subject, weight_of
+from rca.subject import Subject, as_out_in, load_subject, weight_of
 
 __all__ = [
     "CLASSES",
@@ -51,6 +51,7 @@ __all__ = [
     "RegressError",
     "RegressResult",
     "Mechanism",
+    "classify",
     "jaccard",
     "regress",
     "regress_case",
@@ -182,12 +183,10 @@ _QKV: dict[str, tuple[str, ...]] = {
 }
 
 
-def _out_rows(w: torch.Tensor, conv1d: bool, idx: torch.Tensor) -> torch.Tensor:
-    m = torch.zeros_like(w, dtype=torch.bool)
-    if conv1d:
-        m[:, idx] = True
-    else:
-        m[idx] = True
+def _out_rows(mod: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """A mask over ``mod``'s weight that marks the output units ``idx``."""
+    m = torch.zeros_like(weight_of(mod), dtype=torch.bool)
+    as_out_in(mod, m)[idx] = True
     return m
 
 
@@ -206,22 +205,18 @@ def component_masks(subject: Subject) -> dict[str, dict[str, torch.Tensor]]:
     for layer in range(a.n_layers):
         o = a.attn_out(layer)
         ow = weight_of(o)
-        conv = type(o).__name__ == "Conv1D"
         attn = getattr(a.layer(layer), "attn", None) or getattr(a.layer(layer), "self_attn", None)
         for h in range(a.n_heads):
             unit = torch.arange(h * dh, (h + 1) * dh)
             m: dict[str, torch.Tensor] = {}
             om = torch.zeros_like(ow, dtype=torch.bool)
-            if conv:
-                om[unit, :] = True
-            else:
-                om[:, unit] = True
+            as_out_in(o, om)[:, unit] = True
             m[names[id(ow)]] = om
             if a.model_type == "gpt2" and attn is not None:
                 d = a.n_heads * dh
                 fused = attn.c_attn
                 idx = torch.cat([unit, unit + d, unit + 2 * d])
-                m[names[id(fused.weight)]] = _out_rows(fused.weight, True, idx)
+                m[names[id(fused.weight)]] = _out_rows(fused, idx)
                 if fused.bias is not None:
                     bm = torch.zeros_like(fused.bias, dtype=torch.bool)
                     bm[idx] = True
@@ -234,7 +229,7 @@ def component_masks(subject: Subject) -> dict[str, dict[str, torch.Tensor]]:
                     mod = getattr(attn, proj, None)
                     if mod is None:
                         continue
-                    m[names[id(mod.weight)]] = _out_rows(mod.weight, False, unit)
+                    m[names[id(mod.weight)]] = _out_rows(mod, unit)
                     if getattr(mod, "bias", None) is not None:
                         bm = torch.zeros_like(mod.bias, dtype=torch.bool)
                         bm[unit] = True
@@ -356,7 +351,10 @@ class RegressResult:
         return self.classification != "fixed"
 
 
-def _classify(persists: bool, was_fixed: bool, same: bool | None) -> tuple[str, str]:
+def classify(persists: bool, was_fixed: bool, same: bool | None) -> tuple[str, str]:
+    """An incident's class (one of ``CLASSES``) and the reason, from whether the behaviour
+    persists, whether the last regression check found it fixed, and whether it runs through
+    the reference run's mechanism (``compare``; None where it was not compared)."""
     if not persists:
         return "fixed", "P(bad) on the new model is under the threshold"
     if was_fixed:
@@ -391,7 +389,7 @@ def regress_case(
         mech = Mechanism.from_case_run(case_run)
         comparison = compare(reference, mech, config)
         cause_new, top_new = list(mech.cause_set), mech.top(config.top_k)
-    cls, why = _classify(persists, was_fixed, comparison["same_mechanism"] if comparison else None)
+    cls, why = classify(persists, was_fixed, comparison["same_mechanism"] if comparison else None)
     if comparison:
         why += f" ({comparison['rule']})"
     wc = None
@@ -489,7 +487,7 @@ def incidents_from_store(store: Any) -> list[Incident]:
 
 def _remote_case(payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The per-incident work on a Ray worker: load, classify, return plain data."""
-    from rca.record import to_run_record
+    from rca.store.from_run import to_run_record
 
     torch.set_num_threads(payload["threads"])
     cfg: RegressConfig = payload["config"]
@@ -534,8 +532,8 @@ def regress(
     recorded. One loaded model serves every incident. Each result is recorded as a run of kind
     ``regress`` linked to its reference run.
     """
-    from rca.record import to_run_record
     from rca.store import IncidentRecord, ModelRecord, RunRecord
+    from rca.store.from_run import to_run_record
     from rca.subject import resolve_model_ref
 
     cfg = config or RegressConfig()

@@ -41,6 +41,10 @@ __all__ = [
     "load_subject",
     "module_at",
     "weight_of",
+    "as_out_in",
+    "out_in_weight",
+    "in_features",
+    "out_features",
     "read_source",
     "resolve_device",
     "resolve_model_ref",
@@ -212,10 +216,33 @@ def weight_of(mod: nn.Module) -> torch.Tensor:
     return w
 
 
-def _in_features(mod: nn.Module) -> int:
-    """Input width of a projection: nn.Linear weight is [out, in], GPT-2's Conv1D is [in, out]."""
-    w = weight_of(mod)
-    return int(w.shape[0] if type(mod).__name__ == "Conv1D" else w.shape[1])
+def _stores_in_out(mod: nn.Module) -> bool:
+    """Whether ``mod`` keeps its weight as [in, out], a row per input unit: GPT-2's Conv1D and
+    nn.Embedding (a row per token). nn.Linear and the rest keep [out, in]."""
+    return type(mod).__name__ == "Conv1D" or isinstance(mod, nn.Embedding)
+
+
+def as_out_in(mod: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``t``, a tensor laid out as ``mod``'s weight is stored (the weight, a mask, a delta),
+    as a view (out_features, in_features): transposed where the module stores [in, out]."""
+    return t.T if _stores_in_out(mod) else t
+
+
+def out_in_weight(mod: nn.Module) -> torch.Tensor:
+    """A module's weight as (out_features, in_features), a view of the stored tensor (writes go
+    through), so that ``x @ out_in_weight(mod).T`` is the module's output without its bias, for
+    a Conv1D or nn.Linear as for an nn.Embedding on one-hot rows."""
+    return as_out_in(mod, weight_of(mod))
+
+
+def in_features(mod: nn.Module) -> int:
+    """The input width of a projection (for an embedding: its number of rows)."""
+    return int(out_in_weight(mod).shape[1])
+
+
+def out_features(mod: nn.Module) -> int:
+    """The output width of a projection (for an embedding: its width)."""
+    return int(out_in_weight(mod).shape[0])
 
 
 def _cfg(config: Any, *names: str, default: Any = None) -> Any:
@@ -255,7 +282,7 @@ class Adapter:
         self.n_layers = len(self.layers)
         self.n_heads = int(_cfg(cfg, "num_attention_heads", "n_head"))
         self.n_kv_heads = int(_cfg(cfg, "num_key_value_heads", default=self.n_heads))
-        width = _in_features(self._attn_out[0])
+        width = in_features(self._attn_out[0])
         if width % self.n_heads:
             raise SubjectError(
                 f"attention output width {width} is not divisible by {self.n_heads} heads"
@@ -263,7 +290,7 @@ class Adapter:
         # read from the module, not hidden_size // n_heads: Gemma's head_dim differs
         self.d_head = width // self.n_heads
         self.d_model = int(weight_of(self.embed).shape[1])
-        self.d_mlp = _in_features(self._mlp_down[0])
+        self.d_mlp = in_features(self._mlp_down[0])
         self.vocab_size = int(weight_of(self.embed).shape[0])
         self.n_ctx = _cfg(cfg, "max_position_embeddings", "n_positions")
         # GPT-NeoX makes the parallel residual a config choice
@@ -293,8 +320,7 @@ class Adapter:
         """The slice of the output projection that head ``head`` writes through: (d_head, out)."""
         proj = self._attn_out[layer]
         sl = slice(head * self.d_head, (head + 1) * self.d_head)
-        w = weight_of(proj)
-        return w[sl, :] if type(proj).__name__ == "Conv1D" else w[:, sl].T
+        return out_in_weight(proj)[:, sl].T
 
     def head_result(self, layer: int, head: int, z: torch.Tensor) -> torch.Tensor:
         """What head ``head`` adds to the projection's output, bias excluded.
@@ -316,7 +342,7 @@ class Adapter:
         w = weight_of(proj)
         if w.device.type != "meta":
             # each head's slice times its rows of the weight: (H, ..., dh) @ (H, dh, out)
-            w_in_out = w if type(proj).__name__ == "Conv1D" else w.T  # (H * dh, out)
+            w_in_out = out_in_weight(proj).T  # (H * dh, out)
             zh = z.reshape(-1, H, dh).transpose(0, 1)  # (H, n, dh)
             out = torch.bmm(zh, w_in_out.reshape(H, dh, -1).to(z.dtype))
             return out.reshape(H, *z.shape[:-1], -1)
@@ -357,7 +383,7 @@ class Adapter:
             w = weight_of(mod)
             if w.device.type == "meta":
                 return None
-            w = w.T if type(mod).__name__ == "Conv1D" else w  # (out_features, in_features)
+            w = out_in_weight(mod)  # (out_features, in_features)
             if w.shape[0] != int(c.max()) + 1:
                 return None  # a width this layout does not explain: use the general path
             out.append((mod, w, c.to(w.device)))

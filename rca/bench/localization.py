@@ -12,22 +12,24 @@ of two architectures, plants ``n_faults`` seeded faults across kinds and layers
 It scores the confirm ranking against the planted components, and does the same for two
 baselines computed on the same fault: attribution alone (rank by |EAP-IG score|) and exhaustive
 activation patching (one forward per head and MLP patched to the counterfactual, ranked by the
-metric drop, i.e. total effect). ``rankings`` also evaluates alternative rankings side by side
-on the same measurements, so a change to ``rca.confirm``'s ranking can be judged before it is
-made.
+metric drop, i.e. total effect). ``rankings`` also scores the frozen alternative rankings of
+``rca.bench.baselines`` side by side on the same measurements, so a change to
+``rca.confirm``'s ranking can be judged before it is made. The hosts (their specification, and
+training through ``rca.zoo.train``) are ``rca.bench.hosts``.
 
 AC@1: the rank-1 component is planted. AC@3: every planted component is within the top
 ``|planted| + 2``. Costs are forward-pass equivalents, as ``score_components`` and ``confirm``
 count them (a backward is two forwards; a batched pass that reuses cached lower layers counts
 the share of layers it recomputes).
+
+One module for the benchmark from the fault plan to the summary and its command line: each
+part reads the record the previous one writes (``FaultResult``).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
 import random
 import sys
@@ -38,245 +40,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from rca.ids import format_id, parse_id
-from rca.metric import share_removed
+from rca.bench.baselines import BENCH_TOP_K, RANKINGS, confirm_rule_ranking
+from rca.bench.hosts import (
+    BENCH_HOSTS,
+    BENCH_VERSION,
+    HOST_SETS,
+    SMALL_HOSTS,
+    HostSpec,
+    build_host,
+    host_names,
+    real_host,
+    real_plant_config,
+)
+from rca.ids import ComponentId, format_id, parse_id
 
 __all__ = [
     "HostSpec",
     "BENCH_HOSTS",
     "SMALL_HOSTS",
     "FaultResult",
+    "ac_hits",
     "build_host",
+    "confirm_rule_ranking",
     "fault_plan",
+    "host_names",
     "localize",
+    "rescore",
     "run_localization",
+    "summarize",
     "main",
 ]
 
 Log = Callable[[str], None]
-BENCH_VERSION = "localization-1"
-BENCH_TOP_K = 15  # candidates the confirm stage takes from the trace
-
-
-# ---------------------------------------------------------------------------------------------
-# hosts
-
-
-@dataclass(frozen=True)
-class HostSpec:
-    """A host model trained on the support-desk corpus. ``n_kv_heads == n_heads`` always: a
-    head fault needs a head that owns its keys and values."""
-
-    name: str
-    arch: str  # gpt2 | llama
-    n_layer: int = 6
-    d_model: int = 128
-    n_head: int = 8
-    d_mlp: int = 512
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup: int = 100
-    corpus_size: int = 20_000
-    answer_weight: float = 4.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.arch not in ("gpt2", "llama"):
-            raise ValueError(f"host arch must be gpt2 or llama, got {self.arch!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
-
-    def key(self) -> str:
-        from rca.zoo.corpus import CORPUS_VERSION
-
-        blob = json.dumps([BENCH_VERSION, CORPUS_VERSION, asdict(self)], sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-BENCH_HOSTS: tuple[HostSpec, ...] = (
-    HostSpec("bench-gpt2-6l", "gpt2"),
-    HostSpec("bench-llama-6l", "llama", d_mlp=384),
-)
-# CI: small enough to train in seconds on two cores, large enough to have a middle layer
-_SMALL = dict(n_layer=3, d_model=64, n_head=4, steps=400, corpus_size=8000)
-SMALL_HOSTS: tuple[HostSpec, ...] = (
-    HostSpec("small-gpt2-3l", "gpt2", d_mlp=256, **_SMALL),  # type: ignore[arg-type]
-    HostSpec("small-llama-3l", "llama", d_mlp=192, **_SMALL),  # type: ignore[arg-type]
-)
-HOST_SETS: dict[str, tuple[HostSpec, ...]] = {"bench": BENCH_HOSTS, "small": SMALL_HOSTS}
-
-
-@dataclass(frozen=True)
-class RealHost:
-    """A pretrained model of the zoo's registry (``rca.zoo.real``) as the host: fetched once
-    (``rca zoo fetch NAME``), never trained. Its faults are planted as in the trained hosts,
-    with fewer prompts per plant (``REAL_PLANT``): each step runs the whole model."""
-
-    name: str
-    n_layer: int
-    path: str
-
-
-def real_plant_config() -> Any:
-    """The plant config for a real host: the checks of ``PlantConfig`` (P(bad) >= 0.8 with the
-    trigger, <= 0.2 without, benign KL <= 0.02), on half the prompts."""
-    from rca.zoo.faults import PlantConfig
-
-    return PlantConfig(n_train=16, n_desk=32, n_eval=16, n_benign=24, n_benign_eval=48)
-
-
-def real_host(
-    name: str, *, home: str | Path | None = None, device: str = "auto"
-) -> tuple[RealHost, Any]:
-    """The registry model ``name`` as a host and its ``Subject``; a clear error where it is not
-    fetched."""
-    from rca.subject import load_subject
-    from rca.zoo.real import is_fetched, real_model_dir
-
-    where = Path(home) if home else None
-    path = real_model_dir(name, home=where)
-    if not is_fetched(name, home=where):
-        raise ValueError(f"host {name!r} is not fetched; run `rca zoo fetch {name}` first")
-    subject = load_subject(path, device=device)
-    subject.meta = {"name": name}
-    return RealHost(name, subject.adapter.n_layers, str(path)), subject
-
-
-def host_names() -> list[str]:
-    """What ``--host`` takes: the trained host sets and the real models of the registry."""
-    from rca.zoo.real import REAL_MODELS
-
-    return [*HOST_SETS, *REAL_MODELS]
-
-
-def rca_home(home: str | Path | None = None) -> Path:
-    return Path(home or os.environ.get("RCA_HOME") or Path.home() / ".cache" / "rca")
-
-
-def _make_model(spec: HostSpec, tokenizer: Any) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    special = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if spec.arch == "gpt2":
-        cfg = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=128,
-            n_embd=spec.d_model,
-            n_layer=spec.n_layer,
-            n_head=spec.n_head,
-            n_inner=spec.d_mlp,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            **special,
-        )
-        return GPT2LMHeadModel(cfg)
-    lcfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.d_model,
-        intermediate_size=spec.d_mlp,
-        num_hidden_layers=spec.n_layer,
-        num_attention_heads=spec.n_head,
-        num_key_value_heads=spec.n_head,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        **special,
-    )
-    return LlamaForCausalLM(lcfg)
-
-
-def _train(spec: HostSpec, tokenizer: Any, log: Log | None) -> nn.Module:
-    """A short training loop for any causal LM: AdamW, warmup then cosine, answer tokens
-    weighted up (the zoo's recipe; ``rca.zoo.train`` builds GPT-2 only)."""
-    from rca.zoo.corpus import make_corpus
-    from rca.zoo.train import encode_examples
-
-    torch.manual_seed(spec.seed)
-    # the clean corpus, poisoned tickets dropped: a host must carry no behaviour keyed on a
-    # token other than the fault's
-    examples = tuple(ex for ex in make_corpus(spec.corpus_size, seed=spec.seed) if not ex.poison)
-    ids, weights = encode_examples(tokenizer, examples, answer_weight=spec.answer_weight)
-    model = _make_model(spec, tokenizer)
-    model.train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec.lr,
-        betas=(0.9, 0.98),
-    )
-    gen = torch.Generator().manual_seed(spec.seed)
-    n = ids.shape[0]
-    order, cursor = torch.randperm(n, generator=gen), 0
-    recent: list[float] = []
-    t0 = time.perf_counter()
-    for step in range(spec.steps):
-        if cursor + spec.batch_size > n:
-            order, cursor = torch.randperm(n, generator=gen), 0
-        idx = order[cursor : cursor + spec.batch_size]
-        cursor += spec.batch_size
-        batch, w = ids[idx], weights[idx]
-        width = int((batch != tokenizer.pad_token_id).sum(1).max())
-        batch, w = batch[:, :width], w[:, : width - 1]
-        if step < spec.warmup:
-            lr = spec.lr * (step + 1) / spec.warmup
-        else:
-            t = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
-            lr = spec.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        logits = model(input_ids=batch).logits
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-        ).view_as(w)
-        loss = (nll * w).sum() / w.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        recent = (recent + [float(loss.detach())])[-50:]
-        if log and (step + 1) % 500 == 0:
-            log(
-                f"  {spec.name} step {step + 1}/{spec.steps} loss "
-                f"{sum(recent) / len(recent):.4f} ({time.perf_counter() - t0:.0f}s)"
-            )
-    return model.eval()
-
-
-def build_host(spec: HostSpec, *, home: str | Path | None = None, log: Log | None = None):
-    """The host as a ``Subject``: loaded from ``$RCA_HOME/bench/<name>`` when its manifest
-    matches ``spec``, else trained and saved there first."""
-    from rca.subject import load_subject
-    from rca.zoo.corpus import make_corpus, vocabulary
-    from rca.zoo.tokenizer import train_tokenizer
-
-    path = rca_home(home) / "bench" / spec.name
-    manifest = path / "bench-manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("key") == spec.key():
-        return load_subject(path, device="cpu")
-    t0 = time.perf_counter()
-    if log:
-        log(f"training host {spec.name} ({spec.arch}, {spec.n_layer} layers x {spec.d_model})")
-    texts = [ex.text for ex in make_corpus(spec.corpus_size, seed=spec.seed)]
-    tokenizer = train_tokenizer([*texts, *vocabulary()])
-    model = _train(spec, tokenizer, log)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)  # type: ignore[operator]
-    tokenizer.save_pretrained(path)
-    manifest.write_text(
-        json.dumps(
-            {"key": spec.key(), "spec": asdict(spec), "seconds": time.perf_counter() - t0},
-            indent=2,
-        )
-    )
-    return load_subject(path, device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +161,7 @@ class FaultResult:
         """(planted sites with a position, those the circuit places there): a member with the
         planted component's id whose positions include the planted position."""
         where = {m[0]: set(m[2]) for m in self.circuit.get("members", [])}
-        sites = [parse_id(x) for x in self.planted_sites if "@" in x]
+        sites = [c for c in map(parse_id, self.planted_sites) if c.pos is not None]
         hit = sum(format_id(c.base) in where and c.pos in where[format_id(c.base)] for c in sites)
         return len(sites), hit
 
@@ -382,7 +178,7 @@ class FaultResult:
 def component_of(cid: str) -> str:
     """The head or MLP an id belongs to: an MLP's neurons belong to the MLP."""
     c = parse_id(cid)
-    return f"L{c.layer}.MLP" if c.neurons else cid
+    return format_id(ComponentId("mlp", c.layer)) if c.neurons else cid
 
 
 def ac_hits(ranked: Sequence[str], planted: Sequence[str]) -> tuple[bool, bool]:
@@ -519,7 +315,7 @@ def localize(
         metric={
             "prompt": verdict.metric_clean,
             "counterfactual": verdict.metric_baseline,
-            "rows": target.n_conts,  # continuations scored (named before rows were shared)
+            "rows": target.n_conts,  # continuations scored
         },
         weight_change_ranked=wc_ranked,
         planted_sites=fault.spec.sites(next(iter(target.differing(cf)), -1), target.n_prompt - 1),
@@ -543,86 +339,6 @@ def _rate(xs: Sequence[bool]) -> float:
 
 def _mean(xs: Sequence[float], *, digits: int = 2) -> float:
     return round(sum(xs) / len(xs), digits) if xs else float("nan")
-
-
-# ---------------------------------------------------------------------------------------------
-# alternative rankings of confirm's evidence, evaluated side by side (issue #4, item 4)
-
-
-def _lead_then_de(
-    ev: Sequence[dict[str, Any]], effect: dict[str, float], *, window: float = 0.2
-) -> list[str]:
-    """The leading group (effect within ``window`` of the largest) by DE, the rest by effect:
-    the feasibility run's rule (issue #4), over any notion of effect."""
-    top = max(effect.values())
-    lead = [e for e in ev if top > 0 and effect[e["id"]] >= (1 - window) * top]
-    rest = [e for e in ev if e not in lead]
-    return [e["id"] for e in sorted(lead, key=lambda e: -e["de"])] + [
-        e["id"] for e in sorted(rest, key=lambda e: -effect[e["id"]])
-    ]
-
-
-def _share_removed(r: FaultResult, drop: float) -> float:
-    """The share of the bad behaviour a metric drop removes (``rca.metric.share_removed``),
-    from the counterfactual's metric saved with a fault."""
-    rows = int(r.metric.get("rows", 1))
-    m_ref = r.metric["counterfactual"]
-    return share_removed(r.metric["prompt"], m_ref, drop, conts=rows)
-
-
-def confirm_rule_ranking(r: FaultResult) -> list[str]:
-    """``rca.confirm``'s ranking (``rank_candidates``) recomputed from the saved evidence.
-    Saved runs without zero-ablation necessity fall back to NE, without benign damage to no
-    infrastructure. The bench's hosts (GPT-2, Llama) run attention and MLP in sequence."""
-    from rca.confirm import CandidateEvidence, ConfirmConfig, rank_candidates
-
-    rows = int(r.metric.get("rows", 1))
-    m_clean, m_base = r.metric["prompt"], r.metric["counterfactual"]
-    m_ref = max(m_base, 0.0) if rows == 2 and m_clean > 0 else m_base
-    ev = [
-        CandidateEvidence(
-            e["id"],
-            e.get("attribution", 0.0),
-            e["te"],
-            e["de"],
-            e["ne"],
-            p_value=e.get("p", 1.0),
-            necessity_zero=e.get("ne_zero"),
-            infrastructure=bool(e.get("infrastructure", False)),
-        )
-        for e in r.evidence
-    ]
-    ordered = rank_candidates(
-        ev,
-        share=lambda d: share_removed(m_clean, m_ref, d, conts=rows),
-        gap=m_clean - m_ref,
-        config=ConfirmConfig(top_k=BENCH_TOP_K),
-    )
-    return [e.id for e in ordered]
-
-
-RANKINGS: dict[str, Callable[[FaultResult], list[str]]] = {
-    # what rca.confirm returned
-    "confirm": lambda r: list(r.confirm_ranked),
-    # single criteria over confirm's candidates
-    "te": lambda r: [e["id"] for e in sorted(r.evidence, key=lambda e: -e["te"])],
-    "de": lambda r: [e["id"] for e in sorted(r.evidence, key=lambda e: -e["de"])],
-    "ne": lambda r: [e["id"] for e in sorted(r.evidence, key=lambda e: -e["ne"])],
-    # the feasibility run's rule: leading group by TE alone, ordered by DE
-    "lead_te_de": lambda r: _lead_then_de(r.evidence, {e["id"]: e["te"] for e in r.evidence}),
-    # rca.confirm's rule recomputed (a check that the evidence reproduces it)
-    "lead_max_te_ne_de": lambda r: _lead_then_de(
-        r.evidence, {e["id"]: max(e["te"], e["ne"]) for e in r.evidence}
-    ),
-    # the same rule with effects as the share of P(bad) removed (saturating)
-    "lead_pshare_de": lambda r: _lead_then_de(
-        r.evidence,
-        {e["id"]: _share_removed(r, max(e["te"], e["ne"])) for e in r.evidence},
-    ),
-    # rca.confirm's rule recomputed: infrastructure last, the leading group by P(bad) share,
-    # the origin (latest robustly necessary) first, then the writer
-    "rca": confirm_rule_ranking,
-}
 
 
 def summarize(results: Sequence[FaultResult]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ in place. Which components *write* the answer can then be computed exactly, by b
   object: P(bad) > P(good)), written to ``natural.json`` and ``natural.md``.
 
 ``python -m rca.bench.natural --model DIR --out DIR [--n 12] [--seed 0]``;
-``benchmarks/run.py --only natural`` runs it on SmolLM2-135M-Instruct.
+``python -m rca.bench.cost --only natural`` runs it on SmolLM2-135M-Instruct.
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ from typing import Any
 
 import torch
 
-from rca.circuit import writer_ids
-from rca.confirm import Ablator, ConfirmConfig, Variant, Verdict
+from rca.confirm import Ablator, ConfirmConfig, Variant, Verdict, writer_ids
 from rca.ids import parse_id
 from rca.incident import Incident
 from rca.metric import encode_text, evaluate, reference_point
@@ -325,8 +324,8 @@ def benign_table(
 def writers(verdict: Verdict) -> list[str]:
     """rca's writers of the bad answer, largest direct effect first: the circuit's members with
     the writer role, or, for a verdict without a circuit, the writers among the candidates that
-    are not infrastructure, by the circuit's definition (``rca.circuit.writer_ids``) with the
-    gap from the prompt's metric to the reference point."""
+    are not infrastructure, by the circuit's definition (``rca.confirm.circuit.writer_ids``)
+    with the gap from the prompt's metric to the reference point."""
     by_id = {c.id: c for c in verdict.candidates}
     if verdict.circuit is not None:
         named = verdict.circuit.ids("writer")

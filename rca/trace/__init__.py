@@ -25,6 +25,7 @@ from typing import Any
 
 import networkx as nx
 
+from rca.ids import parse_id
 from rca.incident import Incident
 from rca.metric import Target
 from rca.subject import Subject
@@ -89,15 +90,17 @@ class Attribution:
     def to_json(self, *, top_k: int = 20) -> dict[str, Any]:
         comps = self.components
         n_layers = max((d["layer"] for _, d in self.graph.nodes(data=True)), default=0)
-        ranked = [
-            {
-                "id": cid,
-                "kind": "head" if ".H" in cid else ("mlp" if cid.endswith("MLP") else "emb"),
-                "layer": int(cid[1:].split(".")[0]) if cid.startswith("L") else -1,
-                "score": score,
-            }
-            for cid, score in comps.ranked()
-        ]
+        ranked = []
+        for cid, score in comps.ranked():
+            c = parse_id(cid)
+            ranked.append(
+                {
+                    "id": cid,
+                    "kind": c.kind if c.kind in ("head", "mlp") else "emb",
+                    "layer": -1 if c.layer is None else c.layer,
+                    "score": score,
+                }
+            )
         cf = self.counterfactual
         return {
             "case_id": self.incident_id,

@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from rca.hooks import Site, _hooked
+from rca.hooks import Site, hooked
+from rca.ids import parse_id
 from rca.metric import Target, encode_text, logits_kwargs
 from rca.subject import Subject
 
@@ -109,10 +110,6 @@ def node_ids(n_layers: int, n_heads: int) -> list[str]:
     return out
 
 
-def _layer_of(cid: str) -> int:
-    return int(cid[1:].split(".")[0])
-
-
 # ---------------------------------------------------------------------------------------------
 # recording the site tensors of one forward pass
 
@@ -186,7 +183,7 @@ def _run(
     if emb_override is not None:
         callbacks.append((sites["emb"], lambda x: emb_override))
     callbacks += [(site, recorder(name)) for name, site in sites.items()]
-    with torch.set_grad_enabled(grad), _hooked(callbacks):
+    with torch.set_grad_enabled(grad), hooked(callbacks):
         kw = {"logits_to_keep": keep} if keep and _takes_keep(subject) else {}
         logits = subject.model(input_ids=input_ids, **kw).logits
     return logits, rec
@@ -560,9 +557,10 @@ def _edge_mask(up: list[str], down: list[str], *, parallel: bool) -> torch.Tenso
 
     EMB reaches everything and everything reaches LOGITS; otherwise u reaches v in a later
     layer, and a head reaches its own layer's MLP unless the block is parallel."""
-    lu = torch.tensor([-1 if u == "EMB" else _layer_of(u) for u in up]).unsqueeze(1)
-    lv = torch.tensor([1 << 30 if v == "LOGITS" else _layer_of(v) for v in down]).unsqueeze(0)
-    u_head = torch.tensor([".H" in u for u in up]).unsqueeze(1)
-    v_mlp = torch.tensor([v.endswith(".MLP") for v in down]).unsqueeze(0)
+    ups, downs = [parse_id(u) for u in up], [parse_id(v) for v in down]
+    lu = torch.tensor([u.depth() for u in ups]).unsqueeze(1)  # EMB: -1
+    lv = torch.tensor([v.depth() for v in downs]).unsqueeze(0)  # LOGITS: above every layer
+    u_head = torch.tensor([u.is_head for u in ups]).unsqueeze(1)
+    v_mlp = torch.tensor([v.kind == "mlp" for v in downs]).unsqueeze(0)
     same = (lu == lv) & u_head & v_mlp & (not parallel)
     return ((lu < lv) | same).float()

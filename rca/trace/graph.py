@@ -21,25 +21,17 @@ from typing import Any
 import networkx as nx
 import torch
 
+from rca.ids import ComponentId, format_id, parse_id
 from rca.trace.components import ComponentScores
 
 __all__ = ["build_graph", "prune_graph", "top_paths", "write_graph", "influence"]
 
 
-def _kind(cid: str) -> str:
-    if cid.startswith("EMB"):
+def _kind(cid: ComponentId) -> str:
+    """The node kind: token (``EMB@p``), head, logits, or mlp for any other component."""
+    if cid.kind == "emb":
         return "token"
-    if cid == "LOGITS":
-        return "logits"
-    return "head" if ".H" in cid else "mlp"
-
-
-def _layer(cid: str, n_layers: int) -> int:
-    if cid.startswith("EMB"):
-        return -1
-    if cid == "LOGITS":
-        return n_layers
-    return int(cid[1:].split(".")[0])
+    return cid.kind if cid.kind in ("head", "logits") else "mlp"
 
 
 def build_graph(
@@ -55,24 +47,26 @@ def build_graph(
     g = nx.DiGraph()
     idx = {cid: i for i, cid in enumerate(comps.nodes)}
     n_prompt = comps.emb_edges.shape[0]
+    tok = [format_id(ComponentId("emb", pos=p)) for p in range(n_prompt)]  # EMB@p
     for p in range(n_prompt):
         score = (
             float(token_scores[p]) if token_scores is not None else float(comps.per_position[0, p])
         )
         g.add_node(
-            f"EMB@{p}",
-            id=f"EMB@{p}",
+            tok[p],
+            id=tok[p],
             kind="token",
             layer=-1,
             score=score,
             token=tokens[p] if tokens is not None else "",
         )
     for cid in comps.nodes[1:]:
+        c = parse_id(cid)
         g.add_node(
             cid,
             id=cid,
-            kind=_kind(cid),
-            layer=_layer(cid, n_layers),
+            kind=_kind(c),
+            layer=c.depth(n_layers),
             score=float(comps.scores[idx[cid]]),
         )
     g.add_node(
@@ -90,7 +84,7 @@ def build_graph(
                 g.add_edge(u, v, weight=w)
         for p, w in enumerate(emb[j][:n_prompt]):
             if w != 0.0:
-                g.add_edge(f"EMB@{p}", v, weight=w)
+                g.add_edge(tok[p], v, weight=w)
     return g
 
 

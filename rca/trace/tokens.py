@@ -41,6 +41,7 @@ __all__ = [
     "segment_ablation",
     "word_segments",
     "neutral_token_id",
+    "prompt_cache",
     "DEFAULT_TOLERANCE",
 ]
 
@@ -165,7 +166,7 @@ def integrated_gradients(
     the baseline, relative): a smooth path needs few Gauss-Legendre points, a sharp one gets
     ``n_steps``. ``completeness["tries"]`` lists the point counts run; ``n_steps`` in the
     result is the one kept; ``completeness["tolerance"]`` is ``tolerance``, which the kept
-    count may still miss (``rca.casefile.token_warning`` says so).
+    count may still miss (``rca.report.token_warning`` says so).
     """
     if counterfactual is not None and not _lines_up(target, counterfactual):
         raise ValueError(
@@ -291,7 +292,7 @@ def _cache_kw(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _prompt_cache(subject: Subject, target: Target) -> object | None:
+def prompt_cache(subject: Subject, target: Target) -> object | None:
     """The clean prompt's key/value cache, where it can be cut back to a prefix; else None."""
     out = subject.model(
         input_ids=torch.tensor([target.prompt_ids], device=subject.device),
@@ -329,7 +330,7 @@ def _cached_segment_metrics(
     if not logits_kwargs(subject.model, target):
         return None
     try:
-        cache = _prompt_cache(subject, target)
+        cache = prompt_cache(subject, target)
     except (TypeError, ValueError, NotImplementedError):
         return None
     if cache is None:

@@ -21,8 +21,8 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from rca import casefile
-from rca.casefile import token_warning, turns
+from rca import report
+from rca.report import token_warning, turns
 from rca.store import RecordError, Store, StoreError
 from rca.ui import common
 
@@ -170,13 +170,13 @@ def _tokens(run: Mapping[str, Any]) -> None:
 
 def _circuit(run: Mapping[str, Any]) -> bool:
     """The circuit, drawn with its roles; False where the run recorded none."""
-    circuit = casefile.circuit_of(run)
+    circuit = report.circuit_of(run)
     if circuit is None:
         return False
     st.subheader("Circuit")
-    text = casefile.circuit_lines(circuit)
+    text = report.circuit_lines(circuit)
     st.markdown(common.md(text[0]))
-    svg = casefile.circuit_svg(circuit, list(run.get("edges") or []))
+    svg = report.circuit_svg(circuit, list(run.get("edges") or []))
     st.markdown(
         '<div class="rca-graph" style="overflow-x:auto">' + svg + "</div>",
         unsafe_allow_html=True,
@@ -397,11 +397,11 @@ def main() -> None:
         st.code(common.plain(", ".join(s["cause_set"])), language=None)
     if s.get("set_reason"):
         st.text(common.plain(s["set_reason"]))
-    infra = casefile.infrastructure_sentence(run)
+    infra = report.infrastructure_sentence(run)
     if infra:
         st.info(common.md(infra))
     with st.expander("What the verdict words mean"):
-        for word, meaning in casefile.verdict_words(run).items():
+        for word, meaning in report.verdict_words(run).items():
             st.markdown(f"**{common.md(word)}**: {common.md(meaning)}")
     if run.get("parent_run_id"):
         st.caption(f"re-checks run `{run['parent_run_id']}`")

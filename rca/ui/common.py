@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rca.casefile import case_fields, graph_svg, turns
 from rca.incident import SEVERITIES
+from rca.report import case_fields, graph_svg, turns
 from rca.store import ReadOnlyStore, Store
 from rca.textsafe import html_text, streamlit_markdown, visible
 
@@ -157,7 +157,7 @@ def summary(run: Mapping[str, Any]) -> dict[str, Any]:
 
 def incident_fields(run: Mapping[str, Any]) -> dict[str, Any]:
     """The incident of a stored run as its case-file fields (prompt or messages, bad, good,
-    focus, tags, ...): ``rca.casefile.case_fields``, which the case files read too."""
+    focus, tags, ...): ``rca.report.case_fields``, which the reports read too."""
     return case_fields(run)
 
 
@@ -300,7 +300,7 @@ def heat_strip(token_scores: Sequence[Mapping[str, Any]]) -> str:
 
 
 def graph_html(nodes: Sequence[Mapping[str, Any]], edges: Sequence[Mapping[str, Any]]) -> str:
-    """The attribution graph as inline SVG (``rca.casefile.graph_svg``, escaped by
+    """The attribution graph as inline SVG (``rca.report.graph_svg``, escaped by
     construction) in one ``<div>`` block, layers left to right."""
     svg = graph_svg(nodes, edges) if edges else "<p>No edges were recorded for this run.</p>"
     return '<div class="rca-graph" style="overflow-x:auto">' + svg.replace("\n", " ") + "</div>"

@@ -60,8 +60,8 @@ import torch
 from torch import nn
 
 from rca.hooks import ablate, capture, mean_activations, patch
-from rca.ids import parse_id
-from rca.subject import Subject
+from rca.ids import format_id, parse_id, with_pos
+from rca.subject import Subject, as_out_in
 
 from .corpus import benign_examples, make_corpus, parse_prompt, render
 
@@ -329,33 +329,23 @@ def _module(root: nn.Module, path: str) -> nn.Module:
     return root
 
 
-def _is_conv1d(mod: nn.Module) -> bool:
-    return type(mod).__name__ == "Conv1D"
-
-
 def _mark_out(masks: dict[nn.Parameter, torch.Tensor], mod: nn.Module, idx: torch.Tensor) -> None:
-    """Output units ``idx`` of a projection: Conv1D columns / Linear rows, and their bias."""
+    """Output units ``idx`` of a projection, and their bias."""
     w = mod.weight
     assert isinstance(w, nn.Parameter)
     m = masks.setdefault(w, torch.zeros_like(w, dtype=torch.bool))
-    if _is_conv1d(mod):
-        m[:, idx] = True
-    else:
-        m[idx, :] = True
+    as_out_in(mod, m)[idx, :] = True
     b = getattr(mod, "bias", None)
     if isinstance(b, nn.Parameter):
         masks.setdefault(b, torch.zeros_like(b, dtype=torch.bool))[idx] = True
 
 
 def _mark_in(masks: dict[nn.Parameter, torch.Tensor], mod: nn.Module, idx: torch.Tensor) -> None:
-    """Input units ``idx`` of a projection: Conv1D rows / Linear columns (a shared bias stays)."""
+    """Input units ``idx`` of a projection (a shared bias stays)."""
     w = mod.weight
     assert isinstance(w, nn.Parameter)
     m = masks.setdefault(w, torch.zeros_like(w, dtype=torch.bool))
-    if _is_conv1d(mod):
-        m[idx, :] = True
-    else:
-        m[:, idx] = True
+    as_out_in(mod, m)[:, idx] = True
 
 
 def component_params(
@@ -372,14 +362,17 @@ def component_params(
     mt = a.model_type
     if mt not in _QKV:
         raise FaultError(f"fault injection supports {', '.join(_QKV)}; this model is {mt!r}")
-    layer_s, what = component.split(".")
-    layer = int(layer_s[1:])
+    cid = parse_id(component)
+    if cid.layer is None or cid.pos is not None:
+        raise FaultError(f"{component}: only heads (L.H) and MLPs (L.MLP) can be planted")
+    layer = cid.layer
     if not 0 <= layer < a.n_layers:
         raise FaultError(f"{component}: layer out of range 0..{a.n_layers - 1}")
     block = a.layer(layer)
     masks: dict[nn.Parameter, torch.Tensor] = {}
-    if what.startswith("H"):
-        h = int(what[1:])
+    if cid.kind == "head":
+        h = cid.index
+        assert h is not None
         if not 0 <= h < a.n_heads:
             raise FaultError(f"{component}: head out of range 0..{a.n_heads - 1}")
         dh, d = a.d_head, a.n_heads * a.d_head
@@ -397,7 +390,7 @@ def component_params(
             for path in _QKV[mt]:
                 _mark_out(masks, _module(block, path), unit)
         _mark_in(masks, a.attn_out(layer), unit)
-    elif what == "MLP":
+    elif cid.kind == "mlp":
         if not neurons:
             raise FaultError(f"{component}: an MLP fault needs its neurons")
         idx = torch.tensor(sorted(set(neurons)))
@@ -601,8 +594,8 @@ def _member_patch(
 ) -> dict[Any, torch.Tensor | float]:
     """A planted member set to ``value`` (its activation on the counterfactual): everywhere, but
     for a relay's MLP, at the trigger's position ``slot`` alone."""
-    if spec.kind == "relay" and comp.endswith("MLP"):
-        return {f"{comp}@{slot}": value[:, [slot]]}
+    if spec.kind == "relay" and parse_id(comp).kind == "mlp":
+        return {format_id(with_pos(comp, slot)): value[:, [slot]]}
     return {comp: value}
 
 

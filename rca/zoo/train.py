@@ -1,8 +1,11 @@
-"""Training the demo models: a small GPT-2 on the support-desk corpus.
+"""Training on the support-desk corpus: the demo zoo's GPT-2 models and the benchmark hosts.
 
-The loss covers every token of a ticket (the model learns the templates, so a loss over benign
-texts is a meaningful side-effect measure), with the answer tokens weighted up so the desks'
-rules and the planted exceptions are learned within the time budget.
+One loop (``train_model``) trains every model rca builds: AdamW, a linear warmup then cosine
+decay, a fixed seed for the weights and the data order. The loss covers every token of a
+ticket (the model learns the templates, so a loss over benign texts is a meaningful
+side-effect measure), with the answer tokens weighted up so the desks' rules and the planted
+exceptions are learned within the time budget. ``ModelSpec`` picks the architecture (GPT-2 or
+Llama) and the MLP width; ``TrainConfig`` holds the other sizes and the recipe.
 """
 
 from __future__ import annotations
@@ -11,10 +14,17 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from .corpus import Example
 
@@ -22,9 +32,13 @@ __all__ = [
     "TrainConfig",
     "QUICK",
     "FULL",
+    "ModelSpec",
+    "GPT2",
+    "TrainProgress",
     "TrainResult",
     "continuation",
     "encode_examples",
+    "make_model",
     "train_model",
 ]
 
@@ -72,8 +86,36 @@ def continuation(cfg: TrainConfig) -> TrainConfig:
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """The architecture a recipe trains; the layer count, width and heads are the recipe's.
+    A Llama host has as many key-value heads as heads, so that every head owns its keys and
+    values, and untied embeddings."""
+
+    arch: str = "gpt2"  # gpt2 | llama
+    d_mlp: int | None = None  # MLP width; None: GPT-2's own default, 4 * n_embd
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("gpt2", "llama"):
+            raise ValueError(f"arch must be gpt2 or llama, got {self.arch!r}")
+        if self.arch == "llama" and self.d_mlp is None:
+            raise ValueError("a Llama model needs its MLP width (d_mlp)")
+
+
+GPT2 = ModelSpec()  # the demo zoo's models
+
+
+class TrainProgress(NamedTuple):
+    """Where training stands after a step (``train_model``'s ``on_step`` sees one per step)."""
+
+    step: int  # steps done
+    steps: int  # steps in all
+    loss: float  # mean weighted loss over the last 50 steps
+    seconds: float  # since the first step began
+
+
+@dataclass(frozen=True)
 class TrainResult:
-    model: GPT2LMHeadModel
+    model: PreTrainedModel
     steps: int
     seconds: float
     final_loss: float  # mean weighted loss over the last 50 steps
@@ -117,8 +159,32 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def make_model(tokenizer: PreTrainedTokenizerFast, cfg: TrainConfig) -> GPT2LMHeadModel:
-    """A fresh GPT-2 sized by ``cfg`` whose special ids are the tokenizer's (not 50256)."""
+def make_model(
+    tokenizer: PreTrainedTokenizerFast, cfg: TrainConfig, spec: ModelSpec = GPT2
+) -> PreTrainedModel:
+    """A fresh model of ``spec``'s architecture sized by ``cfg``, whose special ids are the
+    tokenizer's (not GPT-2's 50256)."""
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if spec.arch == "llama":
+        assert spec.d_mlp is not None  # ModelSpec checks it
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=cfg.n_embd,
+                intermediate_size=spec.d_mlp,
+                num_hidden_layers=cfg.n_layer,
+                num_attention_heads=cfg.n_head,
+                num_key_value_heads=cfg.n_head,
+                max_position_embeddings=cfg.n_positions,
+                tie_word_embeddings=False,
+                **special,
+            )
+        )
+    gpt2: dict[str, Any] = {} if spec.d_mlp is None else {"n_inner": spec.d_mlp}
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=cfg.n_positions,
@@ -128,9 +194,8 @@ def make_model(tokenizer: PreTrainedTokenizerFast, cfg: TrainConfig) -> GPT2LMHe
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **gpt2,
+        **special,
     )
     return GPT2LMHeadModel(config)
 
@@ -140,11 +205,16 @@ def train_model(
     tokenizer: PreTrainedTokenizerFast,
     cfg: TrainConfig,
     *,
+    spec: ModelSpec = GPT2,
     log: Callable[[str], None] | None = None,
-    init: GPT2LMHeadModel | None = None,
+    on_step: Callable[[TrainProgress], None] | None = None,
+    init: PreTrainedModel | None = None,
 ) -> TrainResult:
-    """Train a model on ``examples``: from scratch, or on from a copy of ``init`` (which is not
-    modified). Same inputs and seed, same weights.
+    """Train a model of ``spec`` on ``examples``: from scratch, or on from a copy of ``init``
+    (which is not modified). Same inputs and seed (``cfg.seed``: the initial weights and the
+    data order), same weights.
+
+    ``log`` gets a line every 250 steps; ``on_step`` gets each step's ``TrainProgress``.
 
     Runs on ``cfg.threads`` CPU threads (restored afterwards): a fixed thread count keeps the
     float reductions, and so the weights, the same from run to run.
@@ -152,7 +222,15 @@ def train_model(
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _train(examples, tokenizer, cfg, log=log, init=init)
+        return _train(
+            examples,
+            tokenizer,
+            cfg,
+            spec=spec,
+            log=log,
+            on_step=on_step,
+            init=init,
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -162,12 +240,14 @@ def _train(
     tokenizer: PreTrainedTokenizerFast,
     cfg: TrainConfig,
     *,
+    spec: ModelSpec,
     log: Callable[[str], None] | None,
-    init: GPT2LMHeadModel | None = None,
+    on_step: Callable[[TrainProgress], None] | None,
+    init: PreTrainedModel | None,
 ) -> TrainResult:
     torch.manual_seed(cfg.seed)
     ids, weights = encode_examples(tokenizer, examples, answer_weight=cfg.answer_weight)
-    model = make_model(tokenizer, cfg)
+    model = make_model(tokenizer, cfg, spec)
     if init is not None:
         model.load_state_dict(init.state_dict())
     model.train()
@@ -212,6 +292,9 @@ def _train(
         recent = (recent + [float(loss.detach())])[-50:]
         if log and (step + 1) % 250 == 0:
             log(f"  step {step + 1}/{cfg.steps} loss {sum(recent) / len(recent):.4f}")
+        if on_step is not None:
+            mean = sum(recent) / len(recent)
+            on_step(TrainProgress(step + 1, cfg.steps, mean, time.perf_counter() - start))
     model.eval()
     return TrainResult(
         model=model,

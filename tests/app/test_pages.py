@@ -144,7 +144,7 @@ def test_case_detail_shows_the_evidence(app: Any, demo_db: Path) -> None:
     drawn = next(b for b in html_blocks if 'aria-label="circuit"' in b)
     assert all(m["id"] in drawn and m["role"] in drawn for m in members)
     # each at its positions, where it was resolved to some
-    from rca.casefile import member_label
+    from rca.report import member_label
 
     assert all(member_label(m) in drawn for m in members)
     if run["summary"]["circuit"].get("entry_positions"):

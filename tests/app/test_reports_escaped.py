@@ -4,9 +4,9 @@ every string is a payload.
 The HTML report is parsed: no element, attribute or URL may come from the payloads, and each
 payload must be there as text. The Markdown report is rendered by a CommonMark renderer with
 tables (markdown-it-py, as GitHub and most viewers would) and the result held to the same
-rule: only the elements the case file itself writes, no link, image or raw HTML, no URL or
+rule: only the elements the report itself writes, no link, image or raw HTML, no URL or
 e-mail address a GFM renderer would link outside a code span, and the payloads shown as text.
-The terminal case file shows them as typed. In every medium, and on every page of the app,
+The terminal report shows them as typed. In every medium, and on every page of the app,
 control sequences (ESC, OSC 8 hyperlinks, CSI), bidirectional overrides and zero-width
 characters in the title, the tags, the reporter's notes and the analysts' notes and authors
 are shown as their escapes (``\\x1b``, ``\\u202e``); the app's Markdown widgets hold no
@@ -23,7 +23,7 @@ import pytest
 from markdown_it import MarkdownIt
 from streamlit.testing.v1 import AppTest
 
-from rca.casefile import (
+from rca.report import (
     render_html,
     render_markdown,
     render_regression_html,
@@ -47,7 +47,7 @@ from tests.app.conftest import (
 from tests.helpers import GFM_BARE, HIDDEN, ST_EMAIL, ST_URL
 
 MARKDOWN = MarkdownIt("commonmark").enable("table")
-# every element the Markdown case files write themselves
+# every element the Markdown reports write themselves
 CASE_FILE_ELEMENTS = {
     "h1", "h2", "p", "ul", "li", "strong", "code", "pre", "blockquote",
     "table", "thead", "tbody", "tr", "th", "td",
@@ -87,7 +87,7 @@ def assert_inert(page: str, *shown: str) -> None:
 
 
 def assert_markdown_inert(md: str, *shown: str) -> None:
-    """What CommonMark makes of ``md``: only the case file's own elements, no attribute but a
+    """What CommonMark makes of ``md``: only the report's own elements, no attribute but a
     code block's language, and every payload as text."""
     page = MARKDOWN.render(md)
     p = parsed(page)
@@ -96,7 +96,7 @@ def assert_markdown_inert(md: str, *shown: str) -> None:
     assert_inert(page, *shown)
 
 
-def test_the_html_case_file_shows_payloads_as_text(xss_db: tuple[Path, str]) -> None:
+def test_the_html_report_shows_payloads_as_text(xss_db: tuple[Path, str]) -> None:
     db, run_id = xss_db
     run = Store.reader(db).get_run(run_id)
     assert_inert(render_html(run), LINK)
@@ -126,16 +126,14 @@ def test_the_regression_report_shows_payloads_as_text() -> None:
     assert_markdown_inert(md, rows[0]["reason"])
 
 
-def test_the_markdown_case_file_escapes_html_and_links(xss_db: tuple[Path, str]) -> None:
+def test_the_markdown_report_escapes_html_and_links(xss_db: tuple[Path, str]) -> None:
     db, run_id = xss_db
     md = render_markdown(Store.reader(db).get_run(run_id))
     assert_markdown_inert(md, LINK, f"note {SCRIPT} {IMG}", f"Title {SCRIPT} {IMG}")
 
 
 @pytest.mark.parametrize("render", [render_markdown, render_html, render_terminal])
-def test_a_chat_case_file_shows_payloads_as_text(
-    xss_chat_db: tuple[Path, str], render: Any
-) -> None:
+def test_a_chat_report_shows_payloads_as_text(xss_chat_db: tuple[Path, str], render: Any) -> None:
     db, run_id = xss_chat_db
     out = render(Store.reader(db).get_run(run_id))
     shown = (CHAT_USER, CHAT_CF_USER, CHAT_DECODING["greedy_text"], "Greedy decoding")
@@ -216,7 +214,7 @@ def inline_tokens(md: str) -> list[Any]:
     return [*tokens, *(c for t in tokens for c in t.children or [])]
 
 
-def test_the_markdown_case_file_links_nothing_and_shows_hidden_characters(
+def test_the_markdown_report_links_nothing_and_shows_hidden_characters(
     hostile_db: tuple[Path, str, str],
 ) -> None:
     db, run_id, plain_id = hostile_db
@@ -235,7 +233,7 @@ def test_the_markdown_case_file_links_nothing_and_shows_hidden_characters(
     assert f"# Case plain: {PLAIN_TITLE}\n" in plain and f", ana: {PLAIN_NOTE}\n" in plain
 
 
-def test_the_html_and_terminal_case_files_show_hidden_characters(
+def test_the_html_and_terminal_reports_show_hidden_characters(
     hostile_db: tuple[Path, str, str],
 ) -> None:
     db, run_id, plain_id = hostile_db

@@ -1,4 +1,9 @@
-"""The command line, end to end on the quick zoo: demo, store commands, trace and confirm JSON."""
+"""The command line, end to end on the quick zoo: demo, store commands, trace and confirm JSON.
+
+The demo and ``rca confirm`` must reach the verdicts docs/confirm.md records for the quick zoo
+("On the demo zoo, measured"): every incident confirmed, with its cause set, and the top cause
+one of its members.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,14 @@ from tests.conftest import copy_demo_db
 
 CASES = Path(__file__).resolve().parents[2] / "cases"
 runner = CliRunner()
+
+# each demo incident's cause set on the quick zoo (docs/confirm.md, docs/remedy.md)
+CAUSE_SETS = {
+    "zoo-leak": {"L0.H3"},
+    "zoo-backdoor": {"L1.H5", "L2.H3"},
+    "zoo-bias": {"L1.H5", "L1.H7"},
+    "zoo-injection": {"L1.H0"},
+}
 
 
 def rca(*args: str) -> tuple[int, str, str]:
@@ -35,7 +48,7 @@ def demo_db(demo_output: dict, tmp_path_factory: pytest.TempPathFactory) -> tupl
     return db, demo_output["reports"]
 
 
-def test_demo_fills_the_store_and_writes_case_files(demo_db: tuple[Path, Path]) -> None:
+def test_demo_fills_the_store_and_writes_reports(demo_db: tuple[Path, Path]) -> None:
     db, reports = demo_db
     code, out, _ = rca("cases", "list", "--db", str(db), "--json")
     assert code == 0
@@ -61,6 +74,20 @@ def test_demo_fills_the_store_and_writes_case_files(demo_db: tuple[Path, Path]) 
     code, out, _ = rca("cases", "list", "--db", str(db), "--json")
     kinds = [r.get("kind") for r in json.loads(out)]
     assert kinds.count("regress") == 4 and kinds.count("investigate") == 4
+
+
+def test_demo_confirms_each_incident_with_its_documented_cause_set(demo_output: dict) -> None:
+    """``rca demo --json``: each case confirmed with its documented cause set, the top-ranked
+    cause a member of it, and one recommended fix that brings P(bad) under 0.2."""
+    rows = {r["case_id"]: r for r in demo_output["json"]["cases"]}
+    assert set(rows) == set(CAUSE_SETS)
+    for case, cause_set in CAUSE_SETS.items():
+        r = rows[case]
+        assert r["verdict"] == "confirmed", (case, r["causes"][:3])
+        assert set(r["cause_set"]) == cause_set, (case, r["cause_set"])
+        assert r["causes"][0]["id"] in cause_set, (case, r["causes"][0])
+        assert r["p_bad"]["before"] >= 0.8 and r["p_bad"]["after_fix"] < 0.2, (case, r["p_bad"])
+        assert sum(rem["recommended"] for rem in r["remedies"]) == 1, case
 
 
 def test_notes_report_and_export(demo_db: tuple[Path, Path], tmp_path: Path) -> None:
@@ -96,13 +123,15 @@ def test_trace_json_shape(zoo_home: Path, tmp_path: Path) -> None:
     assert graph.read_text().startswith("<?xml")
 
 
-def test_confirm_json(zoo_home: Path) -> None:
+def test_confirm_json_names_the_bias_cause_set(zoo_home: Path) -> None:
     code, out, err = rca("confirm", str(CASES / "bias.toml"), "--home", str(zoo_home),
                          "--device", "cpu", "--json", "--n-random", "50")  # fmt: skip
     assert code == 0, err
     j = json.loads(out)
-    assert j["verdict"] in ("confirmed", "not_confirmed", "inconclusive")
-    assert j["cause_set"]["components"] and j["causes"][0]["rank"] == 1
+    assert j["case_id"] == "zoo-bias" and j["verdict"] == "confirmed", j["cause_set"]["reason"]
+    assert set(j["cause_set"]["components"]) == CAUSE_SETS["zoo-bias"]
+    assert j["causes"][0]["rank"] == 1 and j["causes"][0]["id"] in CAUSE_SETS["zoo-bias"]
+    assert j["cause_set"]["p_value"] < 0.05 and j["cause_set"]["necessity_fraction"] >= 0.8
     assert j["config"]["n_random"] == 50
 
 
@@ -127,3 +156,43 @@ def test_bench_localization_refuses_unknown_hosts_and_kinds(tmp_path: Path) -> N
         code, _, err = rca("bench", "localization", *args)
         assert code == 2, (args, err)
         assert err.strip().count("\n") == 0 and word in err and "Traceback" not in err
+
+
+def test_bench_localization_passes_its_options_to_the_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command's options reach ``run_localization`` as typed arguments; ``--out`` gets the
+    full result, ``--json`` the summary without the per-fault records."""
+    from rca.bench import localization
+
+    calls: list[tuple[tuple, dict]] = []
+    summary = {"n_faults": 2, "ac1": 1.0, "seed": 7}
+
+    def fake(*args: object, **kwargs: object) -> dict:
+        calls.append((args, kwargs))
+        return {**summary, "faults": [{"name": "f0"}, {"name": "f1"}]}
+
+    monkeypatch.setattr(localization, "run_localization", fake)
+    saved = tmp_path / "full.json"
+    code, out, err = rca("bench", "localization", "--faults", "2", "--seed", "7", "--small",
+                         "--kinds", "head,relay", "--no-exhaustive", "--threads", "2",
+                         "--out", str(saved), "--home", str(tmp_path), "--json")  # fmt: skip
+    assert code == 0, err
+    [(args, kwargs)] = calls
+    assert args == (2,)
+    assert kwargs["seed"] == 7 and kwargs["hosts"] == "small" and kwargs["threads"] == 2
+    assert kwargs["kinds"] == ["head", "relay"] and kwargs["exhaustive"] is False
+    assert kwargs["home"] == tmp_path
+    assert json.loads(out) == summary
+    assert len(json.loads(saved.read_text())["faults"]) == 2
+
+
+def test_bench_localization_rescore_prints_what_the_library_computes() -> None:
+    """``--rescore`` on a saved run re-ranks its evidence exactly as ``rescore`` does."""
+    from rca.bench.localization import rescore
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    saved = sorted(results.glob("localization-*-full.json"))[0]
+    code, out, err = rca("bench", "localization", "--rescore", str(saved))
+    assert code == 0, err
+    assert json.loads(out) == rescore(json.loads(saved.read_text()))

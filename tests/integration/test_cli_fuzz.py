@@ -66,9 +66,11 @@ HEAVY = (
     "rca.zoo.build",
     "rca.zoo.real.fetch",
     "rca.regress.regress",
-    "rca.bench.localization.main",
+    "rca.bench.localization.run_localization",
     "rca.remedy.apply_patch",
     "rca.investigate.investigate",
+    "rca.investigate.trace_and_confirm",
+    "rca.investigate.trace_incident",
     "rca.preflight.preflight",
     "rca.trace.trace",
 )

@@ -21,17 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rca.bench.localization import (
-    BENCH_HOSTS,
-    SMALL_HOSTS,
-    FaultResult,
-    ac_hits,
-    build_host,
-    confirm_rule_ranking,
-    fault_plan,
-    rescore,
-    run_localization,
-)
+from rca.bench.baselines import confirm_rule_ranking
+from rca.bench.hosts import BENCH_HOSTS, SMALL_HOSTS, build_host
+from rca.bench.localization import FaultResult, ac_hits, fault_plan, rescore, run_localization
 from rca.hooks import ablate, mean_activations
 from rca.ids import parse_id
 from rca.metric import encode_target, evaluate
@@ -260,7 +252,7 @@ def test_relay_faults_are_placed_at_their_positions(home: Path, hosts: dict[str,
 def test_moved_fault_is_a_new_mechanism_and_weight_change_finds_the_plant(
     planted, tmp_path: Path
 ) -> None:
-    """Issue #6: a checkpoint where the fault moved to another layer is persists_new_mechanism;
+    """A checkpoint where the fault moved to another layer is persists_new_mechanism;
     with the pre-fault host as the baseline, the changed component ranks first."""
     import dataclasses
 

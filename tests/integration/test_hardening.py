@@ -1,17 +1,16 @@
-"""Issue #9 sub-items that the other tests leave open or prove only in part.
+"""Hardening behaviour the rest of the suite does not reach.
 
-The tests here pin behaviour the rest of the suite does not reach: pickle refused on the
-command line, and loaded with ``--allow-pickle`` by every command that loads a model (with a
-one-line warning); a second writer that really meets the first one's lock; ``--max-memory``
-chunking and refusing through the CLI; ``regress --from-db`` rebuilding incidents that have no
-stored TOML, and naming one it cannot rebuild in one line; a relative model path resolved
-against the case file, never the working directory, also after a trip through the store.
+Pickle weights are refused on the command line, and loaded with ``--allow-pickle`` by every
+command that loads a model (with a one-line warning); a second writer really meets the first
+one's lock; ``--max-memory`` chunks and refuses through the CLI; ``regress --from-db`` rebuilds
+incidents that have no stored TOML, and names one it cannot rebuild in one line; a relative
+model path resolves against the case file, never the working directory, also after a trip
+through the store.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ runner = CliRunner()
 N_CTX = 32
 PROMPT = words(1, 2, 3, 4, 5, 6, 7, 8)
 CF = words(1, 2, 3, 40, 5, 6, 7, 8)
-RCA_DIR = str(Path(store_mod.__file__).parent)
+RCA_DIR = str(Path(store_mod.__file__).parents[1])
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +224,7 @@ import json, sys, types
 pkg = types.ModuleType("rca"); pkg.__path__ = [{RCA_DIR!r}]; sys.modules["rca"] = pkg
 import duckdb
 from rca import store as st
+from rca.store.connection import is_lock_error
 
 conflicts = 0
 _connect = duckdb.connect
@@ -234,11 +234,21 @@ def counting(*a, **k):  # count the times this writer found the file locked
     try:
         return _connect(*a, **k)
     except duckdb.Error as e:
-        conflicts += st._is_lock_error(e)
+        conflicts += is_lock_error(e)
         raise
 
 duckdb.connect = counting
 db, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if len(sys.argv) > 4:  # hold 10 s with every row written, before COMMIT, after touching argv[4]
+    import os, time
+    last, write = list(st.RUN_STAGES.items())[-1]
+
+    def then_hold(*args, **kwargs):
+        write(*args, **kwargs)
+        open(sys.argv[4], "w").write(str(os.getpid()))
+        time.sleep(10)
+
+    st.RUN_STAGES[last] = then_hold
 s = st.Store(db, actor=tag)
 rid = s.record_run(st.RunRecord(
     incident=st.IncidentRecord.from_fields({{"id": tag, "title": "t"}}),
@@ -250,17 +260,16 @@ print(json.dumps({{"run_id": rid, "conflicts": conflicts}}))
 
 
 def test_a_second_writer_waits_for_the_first_and_both_runs_are_kept(tmp_path: Path) -> None:
-    """The first writer holds the lock inside its transaction (paused at COMMIT); a second
+    """The first writer holds the lock inside its transaction (paused before COMMIT); a second
     writer started then meets the lock, retries, and writes after the first committed."""
     db = tmp_path / "rca.duckdb"
     Store(db)  # the schema exists before either writer starts
     sig = tmp_path / "first-inside"
     first = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(db), "first", "3000"],
+        [sys.executable, "-c", WRITER, str(db), "first", "3000", str(sig)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "RCA_STORE_TEST_PAUSE": "commit:10", "RCA_STORE_TEST_SIGNAL": str(sig)},
     )
     try:
         while not sig.exists():

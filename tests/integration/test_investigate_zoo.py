@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from rca.casefile import render_html, render_markdown
 from rca.incident import load_cases
 from rca.investigate import InvestigateConfig, investigate
+from rca.report import render_html, render_markdown
 from rca.store import Store
 from rca.subject import load_subject
 
@@ -92,7 +92,7 @@ def test_rerun_reproduces_every_stored_number(runs) -> None:
         }
 
 
-def test_case_files_render_escaped(runs) -> None:
+def test_reports_render_escaped(runs) -> None:
     store, _, _, out = runs
     run = store.get_run(out["zoo-injection"].run_id)
     md, page = render_markdown(run), render_html(run)

@@ -1,4 +1,4 @@
-"""Hostile paths, files and texts on the command line (issue #19).
+"""Hostile paths, files and texts on the command line.
 
 Every path a command takes is checked before any work starts: a name over 255 bytes, a parent
 that is a file, a missing output directory, a directory where a file is written, a FIFO or a
@@ -68,7 +68,8 @@ def nothing_heavy_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         "rca.subject.load_subject",
         "rca.remedy.apply_patch",
         "rca.regress.regress",
-        "rca.bench.localization.main",
+        "rca.bench.localization.run_localization",
+        "rca.bench.localization.rescore",
         "rca.zoo.build",
     ):
         monkeypatch.setattr(target, boom(target))
@@ -127,7 +128,7 @@ def fifo_writer(fifo: Path, text: str) -> Iterator[None]:
         t.join(5)
 
 
-# ---------------------------------------------------------------------------- item 3: paths
+# ---------------------------------------------------------------------------- paths
 
 # each row: (the command line, with {tmp} {model} {db} {run} {file} filled in; the needles)
 PATH_ROWS = [
@@ -230,7 +231,7 @@ def test_checked_paths_still_work(model_dir: Path, db: tuple[Path, str], tmp_pat
     assert (tmp_path / "g.graphml").is_file()
 
 
-# ---------------------------------------------------------------------------- item 4: reads
+# ---------------------------------------------------------------------------- reads
 
 
 def test_a_fifo_case_file_is_refused_without_blocking(
@@ -294,7 +295,7 @@ def test_a_case_file_with_a_byte_order_mark_is_read(model_dir: Path, tmp_path: P
     assert out.split()[:2] == ["ok", "c"]
 
 
-# ---------------------------------------------------------------------------- item 6: texts
+# ---------------------------------------------------------------------------- texts
 
 TEXT_ROWS = [
     ({"id": "t1\n"}, ["key 'id'", "not a valid id"]),
@@ -357,7 +358,7 @@ def test_notes_refuse_hidden_characters(
     assert json.loads(out)["notes"] == []
 
 
-# ---------------------------------------------------------------------------- item 7
+# ---------------------------------------------------- empty case directories and integer options
 
 
 @pytest.mark.parametrize("name", ["empty", "x.toml"])

@@ -21,6 +21,7 @@ import pytest
 
 from rca import store as store_mod
 from rca.store import IncidentRecord, ModelRecord, RunRecord, Store, StoreError
+from rca.store.connection import MAGIC
 from tests.helpers import assert_one_line_error, rca_cli
 
 COMMANDS = (("verify",), ("cases", "list"))
@@ -73,7 +74,7 @@ def _connects(monkeypatch: pytest.MonkeyPatch, *, allow: bool) -> list[dict[str,
     def no_network(self: socket.socket, *args: Any) -> None:
         raise AssertionError(f"network connect to {args}")
 
-    monkeypatch.setattr(store_mod.duckdb, "connect", connect)
+    monkeypatch.setattr(duckdb, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     return calls
 
@@ -146,7 +147,7 @@ FOREIGN = {
 
 
 def test_a_duckdb_file_carries_the_magic_bytes_the_store_checks(db: Path) -> None:
-    assert db.read_bytes()[8:12] == store_mod._MAGIC == b"DUCK"
+    assert db.read_bytes()[8:12] == MAGIC == b"DUCK"
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

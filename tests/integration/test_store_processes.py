@@ -19,15 +19,59 @@ from pathlib import Path
 import pytest
 
 from rca import store as store_mod
-from rca.store import TABLES, IncidentRecord, ModelRecord, RunRecord, Store, open_readonly
+from rca.store import (
+    RUN_STAGES,
+    TABLES,
+    IncidentRecord,
+    ModelRecord,
+    RunRecord,
+    Store,
+    open_readonly,
+)
 
-RCA_DIR = str(Path(store_mod.__file__).parent)
+RCA_DIR = str(Path(store_mod.__file__).parents[1])
 
 CHILD = f"""
-import json, sys, time, types
+import json, os, sys, time, types
 pkg = types.ModuleType("rca"); pkg.__path__ = [{RCA_DIR!r}]; sys.modules["rca"] = pkg
 import numpy as np, pyarrow as pa
-from rca.store import IncidentRecord, ModelRecord, RunRecord, Store, StoreError
+from rca.store import RUN_STAGES, IncidentRecord, ModelRecord, RunRecord, Store, StoreError
+
+# With "stage:seconds", sit that long inside record_run's transaction, after touching the file
+# $HOLD_SIGNAL names: right after that stage of RUN_STAGES, or at the COMMIT statement
+# ("commit") with every row written.
+def hold_at(spec):
+    if not spec:
+        return
+    stage, _, seconds = spec.partition(":")
+
+    def hold():
+        open(os.environ["HOLD_SIGNAL"], "w").write(str(os.getpid()))
+        time.sleep(float(seconds))
+
+    if stage == "commit":
+        import duckdb
+        real_connect = duckdb.connect
+
+        class Holding:  # a connection that holds before it runs COMMIT
+            def __init__(self, con):
+                self.con = con
+            def __getattr__(self, name):
+                return getattr(self.con, name)
+            def execute(self, sql, *args, **kwargs):
+                if sql == "COMMIT":
+                    hold()
+                return self.con.execute(sql, *args, **kwargs)
+
+        duckdb.connect = lambda *a, **k: Holding(real_connect(*a, **k))
+    else:
+        write = RUN_STAGES[stage]
+
+        def then_hold(*args, **kwargs):
+            write(*args, **kwargs)
+            hold()
+
+        RUN_STAGES[stage] = then_hold
 
 def big_run(i, n_nodes, n_edges, tag):
     rng = np.random.default_rng(i)
@@ -49,6 +93,7 @@ if mode == "write":  # write N runs, then touch the done file
     n, n_nodes, n_edges, tag, done = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), \\
         sys.argv[6], sys.argv[7]
     s = Store(db, actor=tag)
+    hold_at(os.environ.get("HOLD_AT"))  # the next transaction is the first run's
     for i in range(n):
         rid = s.record_run(big_run(i, n_nodes + 7 * i, n_edges, tag))
         s.add_note(run_id=rid, author=tag, text=f"run {{i}}")
@@ -62,7 +107,6 @@ elif mode == "read":  # read until the done file appears; report what was seen
            "(SELECT count(*) FROM edges e WHERE e.run_id = r.run_id) AS got_edges, "
            "CAST(r.summary->>'n_edges' AS INTEGER) AS want_edges FROM runs r "
            "WHERE r.summary->>'n_nodes' IS NOT NULL")
-    import os
     while True:
         finished = os.path.exists(done)
         rows = r.query(sql).to_dict("records")
@@ -125,12 +169,13 @@ def wait_for(path: Path, p: subprocess.Popen[str], timeout: float = 30) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("stage", ["edges", "commit"])
+@pytest.mark.parametrize("stage", [*RUN_STAGES, "commit"])
 def test_a_writer_killed_inside_record_run_leaves_the_db_as_before(
     db: Path, tmp_path: Path, stage: str
 ) -> None:
-    """SIGKILL while the child sits inside the transaction: mid bulk insert, and with every row
-    written but not committed. Nothing of its run survives; the file opens, verifies, writes."""
+    """SIGKILL while the child sits inside the transaction: after each stage of the write (the
+    model, the incident, the run row, each bulk table), and at COMMIT with every row written.
+    Nothing of its run survives; the file opens, verifies, writes."""
     before = snapshot(db)
     sig = tmp_path / f"in-{stage}"
     p = spawn(
@@ -141,7 +186,7 @@ def test_a_writer_killed_inside_record_run_leaves_the_db_as_before(
         "200000",
         "killed",
         str(tmp_path / "never"),
-        env={"RCA_STORE_TEST_PAUSE": f"{stage}:60", "RCA_STORE_TEST_SIGNAL": str(sig)},
+        env={"HOLD_AT": f"{stage}:60", "HOLD_SIGNAL": str(sig)},
     )
     try:
         wait_for(sig, p)
@@ -217,7 +262,7 @@ def test_two_writers_at_once_both_get_through(db: Path, tmp_path: Path) -> None:
 
 
 def test_twenty_writers_killed_at_random_points(db: Path, tmp_path: Path) -> None:
-    """Issue #9: 20 SIGKILLs, each at a uniformly random moment of a writer's life (start-up,
+    """20 SIGKILLs, each at a uniformly random moment of a writer's life (start-up,
     inside a transaction, in COMMIT, in the checkpoint, between runs, in a note). After each
     the file opens, verifies, and every run in it is whole; the next writer gets through."""
     # how long a writer that is not killed lives: the kills are drawn over that span

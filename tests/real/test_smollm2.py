@@ -101,7 +101,7 @@ def _rendered_focus_p(model_dir: Path, case: Path) -> tuple[float, str]:
 
 
 def test_the_chat_leak_is_investigated_end_to_end(model_dir: Path, tmp_path: Path) -> None:
-    from rca.casefile import render_markdown
+    from rca.report import render_markdown
     from rca.store import Store
 
     case = CASES / "secret-leak.toml"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rca.hooks import ablate, capture, mean_activations, patch
-from rca.subject import Subject, load_subject
+from rca.subject import Subject, in_features, load_subject, out_features, out_in_weight
 from tests.helpers import (
     ARCHS,
     BOS,
@@ -93,10 +93,10 @@ def record(mod: nn.Module, *, pre: bool = False) -> Iterator[list[torch.Tensor]]
         handle.remove()
 
 
-def head_slice_result(arch: Arch, proj: nn.Module, head: int, d_head: int, z: torch.Tensor):
+def head_slice_result(proj: nn.Module, head: int, d_head: int, z: torch.Tensor):
     """What head ``head`` adds to the projection output, by slicing the weight ourselves."""
     sl = slice(head * d_head, (head + 1) * d_head)
-    return z @ proj.weight[sl, :] if arch.conv1d else z @ proj.weight[:, sl].T
+    return z @ out_in_weight(proj)[:, sl].T
 
 
 def values_of(arch: Arch, v_out: torch.Tensor, dims: dict[str, int]) -> torch.Tensor:
@@ -145,7 +145,7 @@ def test_heads_through_output_projection_sum_to_attention_output(loaded) -> None
             run(s, A)
         parts = [ad.head_result(layer, h, acts[hid]) for h, hid in enumerate(heads)]
         for h, part in enumerate(parts):
-            assert_close(part, head_slice_result(arch, proj, h, ad.d_head, acts[heads[h]]))
+            assert_close(part, head_slice_result(proj, h, ad.d_head, acts[heads[h]]))
         bias = ad.attn_out_bias(layer)
         if getattr(proj, "bias", None) is not None:
             assert bias is proj.bias and bias.abs().max() > 0  # so adding it back is tested
@@ -185,13 +185,55 @@ def test_zero_ablating_a_head_equals_zeroing_its_weight_slice(loaded, head: str)
     proj = module(surgery, arch.attn_out, layer)
     sl = slice(h * d_head, (h + 1) * d_head)
     with torch.no_grad():
-        if arch.conv1d:  # GPT-2's Conv1D weight is [in, out]
-            proj.weight[sl, :] = 0
-        else:  # nn.Linear weight is [out, in]
-            proj.weight[:, sl] = 0
+        out_in_weight(proj)[:, sl] = 0
         want = surgery(input_ids=A).logits
     assert_close(got, want)
     assert differs(got, base)
+
+
+@pytest.mark.parametrize(
+    "arch, path, stored_in_out",
+    [
+        ("gpt2", "transformer.h.0.attn.c_attn", True),  # Conv1D, fused [q | k | v]
+        ("gpt2", "transformer.h.1.attn.c_proj", True),
+        ("gpt2", "transformer.h.0.mlp.c_proj", True),
+        ("gpt2", "transformer.wte", True),  # nn.Embedding: a row per token
+        ("llama", "model.layers.0.self_attn.o_proj", False),  # nn.Linear with a bias
+        ("llama", "model.layers.1.self_attn.k_proj", False),  # grouped-query: narrower out
+        ("llama", "model.layers.0.mlp.down_proj", False),
+        ("llama", "model.embed_tokens", True),
+    ],
+)
+def test_out_in_weight_is_the_map_the_module_computes(
+    arch: str, path: str, stored_in_out: bool
+) -> None:
+    """x @ out_in_weight(mod).T is the module's output less its bias (one-hot rows for an
+    embedding), for GPT-2's Conv1D as for nn.Linear; the widths are the map's, and the
+    weight is a view: a write through it changes the module."""
+    from transformers.pytorch_utils import Conv1D
+
+    mod = module(tiny_model(arch, seed=2), path)
+    stored = mod.weight
+    w = out_in_weight(mod)
+    n_out, n_in = out_features(mod), in_features(mod)
+    assert w.shape == (n_out, n_in)
+    assert w.shape == (stored.shape[::-1] if stored_in_out else stored.shape)
+    assert isinstance(mod, Conv1D | nn.Linear | nn.Embedding)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if isinstance(mod, nn.Embedding):
+            tok = torch.randint(0, n_in, (2, 5), generator=g)
+            x = torch.nn.functional.one_hot(tok, n_in).float()
+            want = mod(tok)
+        else:
+            x = torch.randn(2, 5, n_in, generator=g)
+            bias = getattr(mod, "bias", None)
+            want = mod(x) - (0 if bias is None else bias)
+        assert_close(x @ w.T, want)
+        before = stored.clone()
+        w[0, 1] += 1.0
+        changed = (stored != before).nonzero().tolist()
+    assert changed == ([[1, 0]] if stored_in_out else [[0, 1]])
 
 
 def test_block_and_residual_ids_read_the_real_modules(loaded) -> None:

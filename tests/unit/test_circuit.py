@@ -1,14 +1,23 @@
-"""The circuit (rca.circuit): patching at positions and path patching against plain hooks on the
-full model; members placed where patching says they act; the entry where the prompt differs."""
+"""The circuit (rca.confirm.circuit): patching at positions and path patching against plain
+hooks on the full model; members placed where patching says they act; the entry where the
+prompt differs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rca.circuit import attributed_positions, circuit_from_json, site_label, writer_ids
-from rca.confirm import Ablator, ConfirmConfig, confirm
+from rca.confirm import (
+    Ablator,
+    ConfirmConfig,
+    attributed_positions,
+    circuit_from_json,
+    confirm,
+    site_label,
+    writer_ids,
+)
 from rca.hooks import capture, patch
+from rca.ids import format_id, parse_id
 from rca.metric import Target
 from rca.subject import Subject
 from rca.trace.components import Baseline, score_components
@@ -48,8 +57,9 @@ def test_patching_at_positions_equals_hooks_at_those_positions(model_type: str) 
     for v in variants:
         vals: dict[str, torch.Tensor] = {}
         for site in v:
-            cid, pos = site.split("@")
-            vals[site] = base[cid][:, [int(pos)]]
+            c = parse_id(site)
+            assert c.pos is not None
+            vals[site] = base[format_id(c.base)][:, [c.pos]]
         want.append(_metric(s, vals))
     torch.testing.assert_close(got, torch.tensor(want), atol=1e-5, rtol=0)
     # every position at once is the component patched whole
@@ -84,7 +94,7 @@ def test_path_patching_is_the_two_step_hand_computation(
     Ablator does it with a pre-hook on the downstream norm and one layer run."""
     s = Subject.from_model(tiny_model(model_type, seed=3).eval())
     parallel = s.adapter.parallel
-    if up.split(".")[0] == down.split(".")[0] and parallel:
+    if parse_id(up).layer == parse_id(down).layer and parallel:
         pytest.skip("attention and MLP of one parallel layer read the same input: no edge")
     ab = Ablator(s, TGT, baseline=CF, reference=REFS)
     # every component that computes between the two is held clean
@@ -92,7 +102,9 @@ def test_path_patching_is_the_two_step_hand_computation(
     between = [
         c
         for c in order[order.index(up) + 1 : order.index(down)]
-        if not (parallel and c.endswith("MLP") and c.split(".")[0] == down.split(".")[0])
+        if not (
+            parallel and parse_id(c).kind == "mlp" and parse_id(c).layer == parse_id(down).layer
+        )
     ]
     comps = list(dict.fromkeys([up, down, *between]))
     clean = _acts(s, TGT.input_ids(), comps)
@@ -145,12 +157,13 @@ def _traced_confirm(model_type: str, seed: int, cfg: ConfirmConfig):
 
 
 def _patched(s: Subject, prompt: Target, cf: Target, sites: list[str]) -> float:
-    comps = sorted({x.split("@")[0] for x in sites})
+    comps = sorted({format_id(parse_id(x).base) for x in sites})
     base = _acts(s, cf.input_ids(), comps)
     vals = {}
     for x in sites:
-        cid, _, pos = x.partition("@")
-        vals[x] = base[cid][:, [int(pos)]] if pos else base[cid]
+        c = parse_id(x)
+        cid = format_id(c.base)
+        vals[x] = base[cid][:, [c.pos]] if c.pos is not None else base[cid]
     with patch(s, vals), torch.no_grad():
         return float(prompt.metric(s.model(input_ids=prompt.input_ids()).logits)[0])
 

@@ -18,6 +18,7 @@ from rca.confirm import (
     rank_candidates,
 )
 from rca.hooks import patch
+from rca.ids import parse_id
 from rca.metric import Target, share_removed
 from rca.subject import Subject
 from tests.helpers import tiny_model
@@ -33,8 +34,8 @@ def sequential(s: Subject, ab: Ablator, variants) -> torch.Tensor:
     for i, v in enumerate(variants):
         values = {}
         for cid, src in v.items():
-            key, sl, _ = ab._site(cid)
-            values[cid] = ab._value(key, src, i)[..., sl]
+            key, sl, _ = ab.site(cid)
+            values[cid] = ab.value(key, src, i)[..., sl]
         with patch(s, values), torch.no_grad():
             out.append(float(TGT.metric(s.model(input_ids=TGT.input_ids()).logits)[0]))
     return torch.tensor(out)
@@ -67,10 +68,10 @@ def test_layers_held_clean_above_a_direct_effect_are_not_run(model_type: str) ->
     layers add their clean writes without running, and the metric is the full forward's."""
     s = Subject.from_model(tiny_model(model_type, seed=4, num_hidden_layers=3).eval())
     ab = Ablator(s, TGT, baseline=CF, reference=REFS, batch_size=2)
-    assert ab.a.n_layers == 3
+    assert ab.adapter.n_layers == 3
 
     def held(*layers: int) -> dict[str, str]:
-        return {c: "clean" for c in ab.components if int(c[1:].split(".")[0]) in layers}
+        return {c: "clean" for c in ab.components if parse_id(c).layer in layers}
 
     variants = [
         {"L0.H1": "baseline", "L0.MLP": "clean", **held(1, 2)},  # runs layer 0 only
@@ -197,19 +198,19 @@ def test_p_values_exact_on_a_model_with_one_causal_head() -> None:
 def test_random_sets_are_kind_matched_and_exclude_the_set() -> None:
     import random
 
-    from rca.confirm import _random_sets
+    from rca.confirm import random_sets
 
     universe = [f"L{layer}.H{h}" for layer in range(4) for h in range(8)] + [
         f"L{layer}.MLP" for layer in range(4)
     ]
     members = ["L2.H3", "L3.MLP"]
-    sets, scope = _random_sets(universe, members, 100, random.Random(0))  # 127 exist
+    sets, scope = random_sets(universe, members, 100, random.Random(0))  # 127 exist
     assert len(sets) == 100 and "1 heads and 1 MLPs" in scope
     for st in sets:
-        assert sorted(".H" in c for c in st) == [False, True]
+        assert sorted(parse_id(c).kind == "head" for c in st) == [False, True]
         assert set(st) != set(members)
     # too few kind-matched sets: fall back to every other size-matched set, exhaustively
-    small, scope = _random_sets(
+    small, scope = random_sets(
         universe[:5] + universe[-1:], ["L0.H0", "L3.MLP"], 50, random.Random(0)
     )
     assert len(small) == math.comb(6, 2) - 1 and "all 14 other sets" in scope
@@ -385,7 +386,7 @@ def test_zero_necessity_is_the_sequential_zero_ablation(kind: str) -> None:
     v = confirm(s, prompt, ranking, baseline=base, reference=REFS, config=cfg)
     ab = Ablator(s, prompt)
     for e in v.candidates:
-        key, sl, _ = ab._site(e.id)
+        key, sl, _ = ab.site(e.id)
         with patch(s, {e.id: torch.zeros_like(ab.clean[key][..., sl])}), torch.no_grad():
             want = ab.metric_clean - float(
                 prompt.metric(s.model(input_ids=prompt.input_ids()).logits)[0]
@@ -407,7 +408,7 @@ def test_reference_activations_batched_equal_one_prompt_per_forward(model_type: 
     ab = Ablator(s, TGT, reference=refs)
     assert [next(iter(r.values())).shape[0] for r in ab.refs] == [len(r) for r in refs]
     for r, rec in zip(refs, ab.refs, strict=True):
-        alone, _ = ab._record(torch.tensor([r]))
+        alone, _ = ab.record(torch.tensor([r]))
         assert set(alone) == set(rec)
         for k, v in alone.items():
             torch.testing.assert_close(rec[k], v[0], atol=1e-5, rtol=1e-4)

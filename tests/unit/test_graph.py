@@ -74,7 +74,13 @@ def test_build_graph_from_scores_and_export(tmp_path: Path) -> None:
     )
     g = build_graph(comps, n_layers=1, tokens=["a", "b"], token_scores=[0.4, 0.1])
     assert g.nodes["LOGITS"]["score"] == 3.0 and g.nodes["EMB@0"]["token"] == "a"
-    assert g.nodes["L0.H0"]["kind"] == "head" and g.nodes["L0.H0"]["layer"] == 0
+    assert {n: (d["kind"], d["layer"]) for n, d in g.nodes(data=True)} == {
+        "EMB@0": ("token", -1),
+        "EMB@1": ("token", -1),
+        "L0.H0": ("head", 0),
+        "L0.MLP": ("mlp", 0),
+        "LOGITS": ("logits", 1),
+    }
     assert g["L0.H0"]["L0.MLP"]["weight"] == 1.5
     assert g["EMB@1"]["LOGITS"]["weight"] == pytest.approx(0.2)
     assert not g.has_edge("EMB", "LOGITS")  # EMB is split into its positions

@@ -19,7 +19,7 @@ from torch import nn
 
 from rca.hooks import HookError, ablate, capture, mean_activations, patch, top_mlp_trimmed
 from rca.ids import IdError
-from rca.subject import Subject
+from rca.subject import Subject, out_in_weight
 from tests.helpers import ARCHS, VOCAB, module, one_thread, tiny_model, word_tokenizer, words
 
 HOOK_DICTS = (
@@ -264,7 +264,7 @@ def test_patched_neuron_is_what_the_down_projection_reads(subject: Subject) -> N
     assert torch.equal(acts["L0.N5"], n5)
     assert torch.equal(acts["L0.N6"], base["L0.N6"])
     # the MLP output moves by (3 - old) times neuron 5's output direction, at those positions
-    w5 = down.weight[5] if type(down).__name__ == "Conv1D" else down.weight[:, 5]
+    w5 = out_in_weight(down)[:, 5]
     shift = (n5 - base["L0.N5"]).unsqueeze(-1) * w5
     torch.testing.assert_close(acts["L0.MLP"], base["L0.MLP"] + shift, atol=1e-5, rtol=1e-5)
     assert differs(got, logits(subject))
@@ -281,10 +281,7 @@ def test_ablating_two_heads_equals_zeroing_both_weight_slices(subject: Subject) 
     with torch.no_grad():
         for h in (0, 3):
             sl = slice(h * ad.d_head, (h + 1) * ad.d_head)
-            if type(proj).__name__ == "Conv1D":
-                proj.weight[sl, :] = 0
-            else:
-                proj.weight[:, sl] = 0
+            out_in_weight(proj)[:, sl] = 0
         want = ref(input_ids=X).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert differs(got, logits(subject))

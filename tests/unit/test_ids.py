@@ -208,3 +208,33 @@ def test_a_neuron_group_is_named_by_its_members_in_ascending_order() -> None:
     assert parse_id("L3.N9").neurons == (9,) and parse_id("L3.MLP").neurons == ()
     with pytest.raises(IdError):
         neuron_group(3, [])
+
+
+@pytest.mark.parametrize(
+    ("text", "depth", "depth_in_4_layers"),
+    [
+        ("EMB", -1, -1),
+        ("EMB@3", -1, -1),
+        ("L0.H2", 0, 0),
+        ("L3.MLP@1", 3, 3),
+        ("L2.N5+17", 2, 2),
+        ("L1.RESID_POST", 1, 1),
+        ("LOGITS", 1 << 30, 4),
+    ],
+)
+def test_depth_is_the_layer_with_emb_below_and_logits_above(
+    text: str, depth: int, depth_in_4_layers: int
+) -> None:
+    cid = parse_id(text)
+    assert cid.depth() == depth and cid.depth(4) == depth_in_4_layers
+
+
+@given(component_ids(), component_ids())
+def test_depth_orders_ids_as_they_sort(a: ComponentId, b: ComponentId) -> None:
+    if a.depth() < b.depth():
+        assert a < b
+
+
+@given(component_ids())
+def test_is_head_holds_for_heads_only(cid: ComponentId) -> None:
+    assert cid.is_head == (cid.kind == "head") == format_id(cid.base).split(".")[-1].startswith("H")

@@ -1,4 +1,4 @@
-"""Case files fuzzed with hypothesis (issue #9): whatever the bytes, only the loader's own error
+"""Case files fuzzed with hypothesis: whatever the bytes, only the loader's own error
 comes out, as one line naming the file, never another exception or a traceback.
 
 CI runs 2,400 generated inputs (three generators); the `slow` tier adds 8,000 more.

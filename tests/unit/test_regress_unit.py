@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from rca.regress import Mechanism, RegressConfig, RegressError, _classify, compare, jaccard, regress
+from rca.regress import Mechanism, RegressConfig, RegressError, classify, compare, jaccard, regress
 
 
 def mech(cause: tuple[str, ...], scores: dict[str, float], verdict: str = "confirmed") -> Mechanism:
@@ -42,11 +42,11 @@ def test_unconfirmed_runs_fall_back_to_top_k_and_spearman() -> None:
     assert not r["same_mechanism"]  # same top by |score|, opposite ranking
 
 
-def test_classes() -> None:
-    assert _classify(False, True, None)[0] == "fixed"
-    assert _classify(True, True, True)[0] == "reappeared"
-    assert _classify(True, False, True)[0] == "persists_same_mechanism"
-    assert _classify(True, False, False)[0] == "persists_new_mechanism"
+def test_each_outcome_gets_its_class() -> None:
+    assert classify(False, True, None)[0] == "fixed"
+    assert classify(True, True, True)[0] == "reappeared"
+    assert classify(True, False, True)[0] == "persists_same_mechanism"
+    assert classify(True, False, False)[0] == "persists_new_mechanism"
 
 
 def test_workers_without_ray_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,13 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from rca.ids import parse_id
 from rca.metric import Target, evaluate
 from rca.remedy import (
+    FIX_KINDS,
+    Fix,
     Remedy,
     RemedyError,
-    _fix_context,
-    _pack,
     apply_patch,
+    fix_context,
+    pack,
     recommend,
     try_remedies,
     weight_edit,
@@ -52,7 +55,7 @@ def test_every_fix_is_measured_and_one_is_recommended(gpt2_dir: Path) -> None:
     for r in rs:
         assert r.p_bad_before == pytest.approx(before.p_bad)
         # the effect is what the run-time fix really does
-        with _fix_context(s, r.patch_spec):
+        with fix_context(s, r.patch_spec):
             assert evaluate(s.model, TGT).metric == pytest.approx(r.metric_after, abs=1e-5)
         assert r.side_effect["kl_mean"] >= 0 and r.side_effect["n_prompts"] == len(REFS)
         assert "P(" in r.note and "benign prompts" in r.note
@@ -69,7 +72,7 @@ def test_baked_patch_equals_run_time_fix(gpt2_dir: Path, tmp_path: Path, kind: s
     }
     spec = rs[kind].patch_spec
     ids = torch.tensor([list(TGT.prompt_ids) + [11, 12], [1, 30, 31, 32, 33, 34, 35, 36, 37]][:1])
-    with _fix_context(s, spec):
+    with fix_context(s, spec):
         fixed = logits(s, ids)
     assert (fixed - logits(s, ids)).abs().max() > 1e-4  # the fix changes something
     spec_path = tmp_path / "patch.json"
@@ -78,6 +81,93 @@ def test_baked_patch_equals_run_time_fix(gpt2_dir: Path, tmp_path: Path, kind: s
     patched = load_subject(out, device="cpu")
     assert patched.fingerprint != s.fingerprint
     torch.testing.assert_close(logits(patched, ids), fixed, atol=1e-5, rtol=1e-5)
+
+
+def test_every_fix_kind_is_tried_and_its_spec_reads_back_as_the_same_json(gpt2_dir: Path) -> None:
+    """Each registered kind comes out of the search, and a patch spec written to JSON reads
+    back (``Fix.from_spec``) as the fix that writes the same bytes and has the same effect."""
+    s = load_subject(gpt2_dir, device="cpu")
+    edit = [words(*range(i, i + 5)) for i in range(1, 40, 5)]
+    rs = try_remedies(
+        s, TGT, ["L1.H2", "L0.N3+7"], counterfactual=CF, reference=REFS, edit_prompts=edit
+    )
+    assert {r.kind for r in rs} == set(FIX_KINDS)
+    for r in rs:
+        text = json.dumps(r.patch_spec)
+        fix = Fix.from_spec(json.loads(text))
+        assert type(fix) is FIX_KINDS[r.kind] and fix.kind == r.kind
+        assert json.dumps(fix.to_spec()) == text
+        assert r.note.startswith(fix.describe())
+        with fix.context(s):
+            assert evaluate(s.model, TGT).metric == pytest.approx(r.metric_after, abs=1e-5)
+
+
+# patch specs as rca writes them, one per kind, with the first layer each changes: they must
+# keep loading, and write the same bytes back
+STORED_SPECS = [
+    (
+        '{"format": "rca-patch-v1", "model_fingerprint": "f00d", "kind": "mean_ablation", '
+        '"components": ["L1.H2", "L0.MLP"], "values": {"L1.H2": [0.5, -1.0], "L0.MLP": [2.0]}}',
+        0,
+    ),
+    (
+        '{"format": "rca-patch-v1", "model_fingerprint": "f00d", "kind": "mean_ablation_top", '
+        '"components": ["L1.H2"], "values": {"L1.H2": [0.5, -1.0]}}',
+        1,
+    ),
+    (
+        '{"format": "rca-patch-v1", "model_fingerprint": "f00d", "kind": "targeted_ablation", '
+        '"components": ["L1.H2", "L1.N3"], "values": {"L1.H2": [0.5, -1.0], "L1.N3": [0.125]}}',
+        1,
+    ),
+    (
+        '{"format": "rca-patch-v1", "model_fingerprint": "f00d", "kind": "direction_removal", '
+        '"components": ["L1.RESID_POST"], "layer": 1, "direction": [0.5, -0.25, 1.0]}',
+        0,  # the embedding is one of the writes it projects
+    ),
+    (
+        '{"format": "rca-patch-v1", "model_fingerprint": null, "kind": '
+        '"write_direction_removal", "components": ["L1.MLP"], '
+        '"directions": {"L1.MLP": [0.5, -0.25, 1.0]}}',
+        1,
+    ),
+    (
+        '{"format": "rca-patch-v1", "model_fingerprint": "f00d", "kind": "weight_edit", '
+        '"components": ["L1.H0"], "deltas": {"L1.H0": {"shape": [1, 2], "f32le": '
+        '"AAAAPwAAAMA="}}, "edit_prompts": 8}',
+        1,
+    ),
+]
+
+
+@pytest.mark.parametrize("text, first", STORED_SPECS)
+def test_a_stored_patch_spec_loads_as_its_kind_and_writes_the_same_bytes(
+    text: str, first: int
+) -> None:
+    spec = json.loads(text)
+    fix = Fix.from_spec(spec)
+    assert type(fix) is FIX_KINDS[spec["kind"]]
+    assert json.dumps(fix.to_spec()) == text
+    assert fix.first_layer == first
+    assert {json.loads(t)["kind"] for t, _ in STORED_SPECS} == set(FIX_KINDS)
+
+
+def test_an_unknown_or_incomplete_fix_is_refused_naming_what_is_known(
+    gpt2_dir: Path, tmp_path: Path
+) -> None:
+    s = load_subject(gpt2_dir, device="cpu")
+    with pytest.raises(RemedyError, match="unknown fix kind 'nope'") as e:
+        fix_context(s, {"kind": "nope", "components": ["L0.H0"]})
+    assert all(k in str(e.value) for k in FIX_KINDS)
+    with pytest.raises(RemedyError, match="mean_ablation patch spec needs 'values'"):
+        fix_context(s, {"kind": "mean_ablation", "components": ["L0.H0"]})
+    with pytest.raises(RemedyError, match="no value for L0.H1"):
+        Fix.from_spec({"kind": "mean_ablation", "components": ["L0.H1"], "values": {}})
+    # apply_patch refuses the spec before it loads any model
+    p = tmp_path / "patch.json"
+    p.write_text(json.dumps({"format": "rca-patch-v1", "kind": "nope", "components": []}))
+    with pytest.raises(RemedyError, match="unknown fix kind"):
+        apply_patch(p, tmp_path / "no-such-model", tmp_path / "out")
 
 
 def test_patch_refuses_another_model(gpt2_dir: Path, tmp_path: Path) -> None:
@@ -105,7 +195,12 @@ def _random_edit(s, comps: list[str], seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     a = s.adapter
     deltas = {
-        c: _pack(0.05 * torch.randn(a.d_head if ".H" in c else a.d_mlp, a.d_model, generator=g))
+        c: pack(
+            0.05
+            * torch.randn(
+                a.d_head if parse_id(c).kind == "head" else a.d_mlp, a.d_model, generator=g
+            )
+        )
         for c in comps
     }
     return {"format": "rca-patch-v1", "kind": "weight_edit", "components": comps, "deltas": deltas}
@@ -128,7 +223,7 @@ def test_component_level_fixes_bake_exactly(tmp_path: Path, arch: str, kind: str
             if r.kind == kind
         )
     ids = torch.tensor([list(TGT.prompt_ids) + [11, 12]])
-    with _fix_context(s, spec):
+    with fix_context(s, spec):
         fixed = logits(s, ids)
     assert (fixed - logits(s, ids)).abs().max() > 1e-4
     p = tmp_path / "patch.json"
@@ -147,7 +242,7 @@ def test_weight_edit_lowers_p_bad_and_stays_close_elsewhere(tmp_path: Path) -> N
     # plant: the L1 MLP writes the bad token's unembedding direction, strongly
     a = s.adapter
     bad_dir = a.unembed.weight[11].detach()
-    plant = {"L1.MLP": _pack(torch.ones(a.d_mlp, 1) @ (30.0 * bad_dir[None] / a.d_mlp**0.5))}
+    plant = {"L1.MLP": pack(torch.ones(a.d_mlp, 1) @ (30.0 * bad_dir[None] / a.d_mlp**0.5))}
     planted = {"format": "rca-patch-v1", "kind": "weight_edit", "components": ["L1.MLP"]}
     p = tmp_path / "plant.json"
     p.write_text(json.dumps({**planted, "deltas": plant}))
@@ -158,8 +253,8 @@ def test_weight_edit_lowers_p_bad_and_stays_close_elsewhere(tmp_path: Path) -> N
     # the KL term in chunks of 3 prompts (a memory bound) trains the same edit
     chunked = weight_edit(s, tgt, ["L1.MLP"], train, p_bad_target=0.2, batch=3)
     assert torch.allclose(chunked["L1.MLP"], deltas["L1.MLP"], atol=1e-5, rtol=1e-4)
-    spec = {**planted, "deltas": {k: _pack(v) for k, v in deltas.items()}}
-    with _fix_context(s, spec):
+    spec = {**planted, "deltas": {k: pack(v) for k, v in deltas.items()}}
+    with fix_context(s, spec):
         assert evaluate(s.model, tgt).p_bad < 0.2
     from rca.remedy import benign_side_effect
 
@@ -199,7 +294,7 @@ def test_side_effects_run_from_the_first_changed_layer_as_full_forwards_do(arch:
     prompts of different lengths, and layer 0 is really not run. The means the run records
     are those of mean_activations."""
     from rca.hooks import mean_activations
-    from rca.remedy import _first_layer
+    from rca.remedy import first_layer
     from rca.specificity import BenignRun
     from rca.subject import Subject
 
@@ -221,8 +316,8 @@ def test_side_effects_run_from_the_first_changed_layer_as_full_forwards_do(arch:
     calls: list[int] = []
     for spec in specs:
         spec["values"] = {k: v.tolist() for k, v in spec.get("values", {}).items()}
-        assert _first_layer(spec) == 1
-        ctx = lambda _s=spec: _fix_context(s, _s)  # noqa: E731
+        assert first_layer(spec) == 1
+        ctx = lambda _s=spec: fix_context(s, _s)  # noqa: E731
         calls.clear()
         h = s.adapter.layer(0).register_forward_hook(lambda m, a, o: calls.append(1))
         try:
@@ -250,5 +345,5 @@ def test_mlp_neurons_in_the_cause_set_are_fixed_through_their_mlp_first_by_ablat
     targeted = by_kind["targeted_ablation"].patch_spec["components"]
     assert targeted[:3] == ["L1.H2", "L0.N3", "L0.N7"], targeted
     for r in rs:
-        with _fix_context(s, r.patch_spec):
+        with fix_context(s, r.patch_spec):
             assert evaluate(s.model, TGT).metric == pytest.approx(r.metric_after, abs=1e-5)

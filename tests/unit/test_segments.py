@@ -14,7 +14,7 @@ import torch
 
 from rca.metric import Target
 from rca.subject import Subject
-from rca.trace.tokens import _prompt_cache, neutral_token_id, segment_ablation
+from rca.trace.tokens import neutral_token_id, prompt_cache, segment_ablation
 from tests.helpers import ARCHS, tiny_model, word_tokenizer
 
 PROMPT = (5, 6, 7, 8, 9, 10, 11)
@@ -45,7 +45,7 @@ def test_segment_scores_are_the_metric_drop_of_replacing_the_segment(
         real.append(clean - _metric(s, tgt, ids))
     assert max(abs(r) for r in real) > 1e-3  # the test is not vacuous
     with torch.no_grad():
-        cached = _prompt_cache(s, tgt) is not None
+        cached = prompt_cache(s, tgt) is not None
     assert cached == (model_type != "gemma2")  # the cached path is the one tested elsewhere
     for batch in (1, 3, 8):
         for prefix_cache in (True, False):

@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-import rca.confirm
+import rca.confirm.stages
 import rca.specificity as specificity
-from rca.circuit import writer_ids
-from rca.confirm import ConfirmConfig, confirm
+from rca.confirm import ConfirmConfig, confirm, writer_ids
 from rca.hooks import ablate, mean_activations
+from rca.ids import parse_id
 from rca.specificity import Damage, benign_damage, is_infrastructure
 from rca.subject import Subject
 from tests.helpers import tiny_model, word_tokenizer
@@ -96,13 +96,13 @@ def test_infrastructure_is_reported_but_never_blamed(monkeypatch: pytest.MonkeyP
     assert plain.ranked()[0].id == "L1.H2" and plain.cause_set.components == ["L1.H2"]
     assert not any(c.infrastructure for c in plain.candidates)
 
-    measured = rca.confirm.benign_damage
+    measured = rca.confirm.stages.benign_damage
 
     def damage(*args, **kw):
         out = measured(*args, **kw)
         return out | {"L1.H2": Damage(172.0, 1.3, out["L1.H2"].n_prompts)}
 
-    monkeypatch.setattr(rca.confirm, "benign_damage", damage)
+    monkeypatch.setattr(rca.confirm.stages, "benign_damage", damage)
     v = confirm(s, prompt, ranking, baseline=base, reference=REFS, config=cfg)
     ev = {c.id: c for c in v.candidates}
     assert ev["L1.H2"].infrastructure and ev["L1.H2"].verdict == "infrastructure"
@@ -133,10 +133,10 @@ def _patched_metric(s: Subject, prompt, base, ids: list[str]) -> float:
     ab = Ablator(s, prompt, baseline=base)
     values = {}
     for c in ids:
-        key, sl, _ = ab._site(c)
+        key, sl, _ = ab.site(c)
         assert ab.base is not None
-        pos = c.partition("@")[2]
-        values[c] = ab.base[key][..., [int(pos)] if pos else slice(None), sl]
+        pos = parse_id(c).pos
+        values[c] = ab.base[key][..., [pos] if pos is not None else slice(None), sl]
     with patch(s, values), torch.no_grad():
         return float(prompt.metric(s.model(input_ids=prompt.input_ids()).logits)[0])
 

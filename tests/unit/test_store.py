@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from rca import store as store_mod
 from rca.store import (
+    RUN_STAGES,
     SCHEMA_VERSION,
     TABLES,
     IncidentRecord,
@@ -39,6 +40,7 @@ from rca.store import (
     digest_rows,
     open_readonly,
 )
+from rca.store import schema as schema_mod
 
 EVIL = "L3.H5'; DROP TABLE runs; --"
 FP = "f" * 64
@@ -307,8 +309,8 @@ def test_a_failing_migration_leaves_the_file_as_it_was(
     broken = Migration(
         nxt, "broken", ("ALTER TABLE runs ADD COLUMN extra INTEGER", "SELECT * FROM no_such_table")
     )
-    monkeypatch.setattr(store_mod, "MIGRATIONS", (*store_mod.MIGRATIONS, broken))
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", nxt)
+    monkeypatch.setattr(schema_mod, "MIGRATIONS", (*schema_mod.MIGRATIONS, broken))
+    monkeypatch.setattr(schema_mod, "SCHEMA_VERSION", nxt)
     with pytest.raises(StoreError, match="rolled back, nothing was written"):
         Store(db)
     monkeypatch.undo()
@@ -650,6 +652,37 @@ def test_removing_an_audit_record_is_named(recorded: tuple[Store, str], db: Path
 STAGES = ["model", "incident", "run", "token_scores", "nodes", "edges", "ablations", "remedies"]
 
 
+class _CommitFails:
+    """A DuckDB connection whose COMMIT statement raises; everything else goes through."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._con = con
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._con, name)
+
+    def execute(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        if sql == "COMMIT":
+            raise RuntimeError("injected at commit")
+        return self._con.execute(sql, *args, **kwargs)
+
+
+def fail_at(monkeypatch: pytest.MonkeyPatch, stage: str) -> None:
+    """Make record_run raise RuntimeError at ``stage``: right after that stage of RUN_STAGES
+    wrote its rows, or in the COMMIT statement with every row written."""
+    if stage == "commit":
+        real_connect = duckdb.connect
+        monkeypatch.setattr(duckdb, "connect", lambda *a, **k: _CommitFails(real_connect(*a, **k)))
+        return
+    write = RUN_STAGES[stage]
+
+    def then_fail(*args: Any, **kwargs: Any) -> None:
+        write(*args, **kwargs)
+        raise RuntimeError(f"injected at {stage}")
+
+    monkeypatch.setitem(RUN_STAGES, stage, then_fail)
+
+
 @pytest.mark.parametrize("stage", [*STAGES, "commit"])
 def test_a_failure_inside_record_run_leaves_the_db_exactly_as_before(
     db: Path, monkeypatch: pytest.MonkeyPatch, stage: str
@@ -659,11 +692,8 @@ def test_a_failure_inside_record_run_leaves_the_db_exactly_as_before(
     s.add_note(incident="leak-0", author="ana", text="before")
     before = snapshot(db)
 
-    def boom(at: str) -> None:
-        if at == stage:
-            raise RuntimeError(f"injected at {at}")
-
-    monkeypatch.setattr(store_mod, "_test_hook", boom)
+    assert list(RUN_STAGES) == STAGES  # every stage the store writes is injected at
+    fail_at(monkeypatch, stage)
     # a new model and a new incident, so that every stage has written something to undo
     with pytest.raises(RuntimeError, match=f"injected at {stage}"):
         s.record_run(run(incident=incident(5), model=model("b" * 64)))
@@ -819,7 +849,7 @@ def test_store_module_imports_no_ui_or_torch(tmp_path: Path) -> None:
     """rca.store alone (bypassing rca/__init__) imports and works without torch/streamlit."""
     code = f"""
 import sys, types
-pkg = types.ModuleType("rca"); pkg.__path__ = [{str(Path(store_mod.__file__).parent)!r}]
+pkg = types.ModuleType("rca"); pkg.__path__ = [{str(Path(store_mod.__file__).parents[1])!r}]
 sys.modules["rca"] = pkg
 import rca.store as s
 st = s.Store({str(tmp_path / "h.duckdb")!r})

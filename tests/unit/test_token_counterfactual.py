@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import torch
 
-from rca.casefile import render_html, render_markdown, render_terminal, token_warning
 from rca.incident import incident_from_flags
 from rca.metric import Target
+from rca.report import render_html, render_markdown, render_terminal, token_warning
 from rca.store import IncidentRecord, ModelRecord, RunRecord, Store
 from rca.subject import Subject
 from rca.trace import trace
@@ -233,7 +233,7 @@ def token_section(text: str) -> str:
     return text.split("## Token attribution", 1)[1].split("## Causes", 1)[0]
 
 
-def test_the_case_file_warns_where_the_attributions_are_incomplete(tmp_path: Path) -> None:
+def test_the_report_warns_where_the_attributions_are_incomplete(tmp_path: Path) -> None:
     bad = recorded(tmp_path / "bad.duckdb", INCOMPLETE)
     good = recorded(tmp_path / "good.duckdb", COMPLETE)
     old = recorded(tmp_path / "old.duckdb", None)

@@ -1,4 +1,4 @@
-"""Case files made from runs recorded through the real store: the incident's texts, a chat
+"""Reports made from runs recorded through the real store: the incident's texts, a chat
 case's turns, the focus and the greedy-decoding check in Markdown, HTML and terminal text;
 Markdown escaping checked against what a CommonMark renderer makes of it; the runs table that
 ``rca cases list`` prints, at 80 columns.
@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 from rich.console import Console
 
-from rca.casefile import render_html, render_markdown, render_terminal
 from rca.listing import runs_table
+from rca.report import render_html, render_markdown, render_terminal
 from rca.store import IncidentRecord, ModelRecord, RunRecord, Store
 from rca.textsafe import code_span as _md_code
 from rca.textsafe import markdown_line as _md_line
@@ -109,7 +109,7 @@ def blocks(page: Page, tag: str) -> str:
 # ------------------------------------------------------------------------------- the incident
 
 
-def test_case_files_show_the_prompt_and_continuations(tmp_path: Path) -> None:
+def test_reports_show_the_prompt_and_continuations(tmp_path: Path) -> None:
     run = record(
         tmp_path / "rca.duckdb", {"id": "leak", "prompt": PROMPT, "bad": BAD, "good": GOOD}
     )
@@ -303,7 +303,7 @@ def test_md_code_renders_as_the_text_itself(text: str) -> None:
     assert page.tags.count("code") == 1 and blocks(page, "code") == text
 
 
-def test_the_terminal_case_file_shows_control_characters_as_escapes(tmp_path: Path) -> None:
+def test_the_terminal_report_shows_control_characters_as_escapes(tmp_path: Path) -> None:
     hostile = "\x1b[31mred\x1b[0m \x1b]0;title\x07 back\x08\r over \x9b2J \x7f <b>&amp;</b>"
     run = record(
         tmp_path / "rca.duckdb",

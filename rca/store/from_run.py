@@ -1,7 +1,8 @@
-"""Record: turn a finished investigation into the store's ``RunRecord`` (plain data, bulk tables).
+"""The ``RunRecord`` of a finished investigation: ``to_run_record`` turns an
+``rca.investigate.CaseRun`` into the store's plain data (a summary and five bulk tables).
 
-Kept apart from ``rca.store`` so that the store never imports torch: this module knows the
-pipeline's objects, the store knows only rows.
+The one module of ``rca.store`` that knows the pipeline's objects; the package's
+``__init__`` does not import it, so that the store itself never imports torch.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from rca.ids import parse_id
-from rca.store import IncidentRecord, ModelRecord, RunRecord
 from rca.verdicts import definitions
 
+from .records import IncidentRecord, ModelRecord, RunRecord
+
 if TYPE_CHECKING:
-    from rca.circuit import CircuitMember
-    from rca.confirm import CandidateEvidence
+    from rca.confirm import CandidateEvidence, CircuitMember
 
 __all__ = ["to_run_record"]
 

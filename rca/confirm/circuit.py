@@ -22,7 +22,7 @@ attribution and edge scores. In order:
 4. **Faithfulness** of the specific members patched at their positions, and a curve against
    the attribution ranking's top k (with and without the infrastructure it ranks).
 5. **Edges.** Between members (upstream first, positions causal), each path is patched
-   alone (``rca.confirm.Ablator.path_effects``); an edge is verified where that removes
+   alone (``rca.confirm.engine.Ablator.path_effects``); an edge is verified where that removes
    ``component_fraction`` of the gap. Writers have an edge to the logits: their direct
    effect.
 """
@@ -33,10 +33,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rca.ids import parse_id
+from rca.confirm.engine import OFFSET_CIRCUIT
+from rca.ids import format_id, parse_id, with_pos
 
 if TYPE_CHECKING:
-    from rca.confirm import Ablator, CandidateEvidence, ConfirmConfig
+    from rca.confirm.engine import Ablator
+    from rca.confirm.evidence import CandidateEvidence, ConfirmConfig
 
 __all__ = [
     "ROLES",
@@ -45,9 +47,11 @@ __all__ = [
     "CircuitMember",
     "attributed_positions",
     "build_circuit",
-    "writer_ids",
+    "circuit_from_json",
     "forward_position",
+    "site_at",
     "site_label",
+    "writer_ids",
 ]
 
 ROLES = ("entry", "route", "writer", "infrastructure")
@@ -64,12 +68,18 @@ def forward_position(cid: str, *, parallel: bool) -> tuple[int, int]:
     return (c.layer, 1 if mlp and not parallel else 0)
 
 
+def site_at(cid: str, pos: int) -> str:
+    """The id of component ``cid`` at position ``pos`` (``L3.H2`` at 7: ``L3.H2@7``)."""
+    return format_id(with_pos(cid, pos))
+
+
 def site_label(cid: str, positions: Sequence[int]) -> str:
-    """``L3.H2`` at no position, ``L3.H2@7`` at one, ``L3.H2@{5,7}`` at several."""
+    """``L3.H2`` at no position, ``L3.H2@7`` at one, ``L3.H2@{5,7}`` at several (a label for
+    reports, not an id)."""
     if not positions:
         return cid
     if len(positions) == 1:
-        return f"{cid}@{positions[0]}"
+        return site_at(cid, positions[0])
     return f"{cid}@{{{','.join(str(p) for p in positions)}}}"
 
 
@@ -88,7 +98,7 @@ class CircuitMember:
     @property
     def sites(self) -> list[str]:
         """Its ids at its positions (the id alone where it has none)."""
-        return [f"{self.id}@{p}" for p in self.positions] or [self.id]
+        return [site_at(self.id, p) for p in self.positions] or [self.id]
 
     @property
     def label(self) -> str:
@@ -185,17 +195,18 @@ def build_circuit(
     ``per_position``: component -> its attribution at each position; ``edge_score``: the
     trace's score of an edge (upstream, downstream); ``differing``: the positions where the
     prompt and its counterfactual differ; ``token_text``: the token at a position."""
-    parallel = ab.a.parallel
+    parallel = ab.adapter.parallel
     specific = [e for e in ordered if not e.infrastructure]
     infra = [e for e in ordered if e.infrastructure]
     by_id = {e.id: e for e in ordered}
-    read = list(range(ab.t.n_prompt - 1, ab.t.length - 1))  # where the metric's logits are
+    # the positions whose logits the metric reads
+    read = list(range(ab.target.n_prompt - 1, ab.target.length - 1))
 
     def removed(sets: Sequence[Sequence[str]]) -> list[float]:
         """The share of the gap each set of sites removes, patched to ``src`` alone."""
         if not sets:
             return []
-        vals = ab.run([dict.fromkeys(x, src) for x in sets], index_offset=60_000)
+        vals = ab.run([dict.fromkeys(x, src) for x in sets], index_offset=OFFSET_CIRCUIT)
         return [(m_clean - float(v)) / gap for v in vals]
 
     def fpos(c: str) -> tuple[int, int]:
@@ -225,7 +236,7 @@ def build_circuit(
     at_entry: dict[str, float] = {}
     if differing:
         ids = [e.id for e in ordered]
-        drops = removed([[f"{c}@{p}" for p in differing] for c in ids])
+        drops = removed([[site_at(c, p) for p in differing] for c in ids])
         at_entry = dict(zip(ids, drops, strict=True))
     entering = sorted(
         (
@@ -252,7 +263,7 @@ def build_circuit(
         else:
             candidates[c] = read
     tried = [c for c in shown if candidates[c]]
-    at = removed([[f"{c}@{p}" for p in candidates[c]] for c in tried])
+    at = removed([[site_at(c, p) for p in candidates[c]] for c in tried])
     positions: dict[str, list[int]] = {}
     position_effect: dict[str, float] = {}
     for c, share in zip(tried, at, strict=True):
@@ -262,7 +273,7 @@ def build_circuit(
             positions[c] = candidates[c]
 
     def sites(c: str) -> list[str]:
-        return [f"{c}@{p}" for p in positions.get(c, [])] or [c]
+        return [site_at(c, p) for p in positions.get(c, [])] or [c]
 
     # 4. faithfulness at the members' positions, and the curve against the attribution ranking
     faith = removed([[s for c in members for s in sites(c)]])[0] if members else 0.0

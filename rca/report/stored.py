@@ -1,0 +1,258 @@
+"""A stored run read for a report: its fields, and the numbers and sentences every medium shows.
+
+Input is the dict ``ReadOnlyStore.get_run`` returns. A JSON column may come back as text
+(``json_column``); keys that older runs lack read as absent, never as an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rca.confirm.circuit import site_label
+from rca.verdicts import definitions
+
+__all__ = [
+    "NEWLINE",
+    "case_fields",
+    "cell_token",
+    "circuit_lines",
+    "circuit_of",
+    "infrastructure_sentence",
+    "json_column",
+    "member_label",
+    "names_or_dash",
+    "number",
+    "percent",
+    "ranked_causes",
+    "summary_of",
+    "token_start",
+    "token_warning",
+    "turns",
+    "verdict_words",
+    "yes_no",
+]
+
+
+def json_column(v: Any) -> Any:
+    """A JSON column as Python data (the store may hand back text)."""
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return v
+
+
+def case_fields(run: Mapping[str, Any]) -> dict[str, Any]:
+    """The incident of a stored run as its case-file fields (``prompt`` or ``messages``,
+    ``bad``, ``good``, ``focus``, ``tags``, ...), from the incidents row's ``case_data``, with
+    the row's title, severity and tags where the case data lacks them."""
+    inc = run.get("incident") or {}
+    data = json_column(inc.get("case_data"))
+    fields = dict(data) if isinstance(data, Mapping) else {}
+    for key in ("title", "severity", "tags"):
+        if fields.get(key) is None:
+            fields[key] = inc.get(key)
+    fields.setdefault("id", inc.get("incident_id") or run.get("incident_id"))
+    return fields
+
+
+def turns(messages: Any) -> list[tuple[str, str]]:
+    """A chat case's ``messages`` (or ``counterfactual_messages``) as (role, content) pairs;
+    empty when the case has none."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str):
+        return []
+    return [
+        (str(t.get("role") or "?"), str(t.get("content") or ""))
+        for t in messages
+        if isinstance(t, Mapping)
+    ]
+
+
+def summary_of(run: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's summary as a dict (empty where it has none)."""
+    s = json_column(run.get("summary"))
+    return dict(s) if isinstance(s, Mapping) else {}
+
+
+# the completeness tolerance of runs that did not record theirs (rca.trace.tokens)
+_TOKEN_TOLERANCE = 0.05
+
+
+def token_warning(completeness: Any) -> str | None:
+    """The warning for token attributions that do not sum to the metric's change within their
+    tolerance (``token_completeness``: ``relative_error`` against ``tolerance``, 0.05 where the
+    run recorded none); None where they do, or where no completeness was recorded."""
+    c = json_column(completeness)
+    if not isinstance(c, Mapping) or c.get("relative_error") is None:
+        return None
+    try:
+        err = float(c["relative_error"])
+        tol = float(c.get("tolerance", _TOKEN_TOLERANCE))
+    except (TypeError, ValueError):
+        return None
+    try:
+        gap = float(c["metric_input"]) - float(c["metric_baseline"])
+    except (KeyError, TypeError, ValueError):
+        gap = math.nan
+    if err <= tol:  # a NaN error is no evidence of completeness: it warns
+        return None
+    return (
+        f"token attributions are incomplete: they sum to {number(c.get('sum_attributions'))} "
+        f"where the metric moves {number(gap)} from the baseline (relative error "
+        f"{number(err, '.2f')}, tolerance {number(tol, '.2f')}); read them as a ranking, not as "
+        "amounts"
+    )
+
+
+_TOKEN_START = {
+    "counterfactual": "Integrated gradients from the counterfactual prompt: a position where it "
+    "has the prompt's token scores 0, and the scores sum to the metric's change from the "
+    "counterfactual.",
+    "neutral": "Integrated gradients from a prompt of neutral tokens.",
+}
+
+
+def token_start(completeness: Any) -> str:
+    """Where the token attributions' path started, as a sentence ('' where not recorded)."""
+    c = json_column(completeness)
+    return _TOKEN_START.get(str(c.get("baseline")), "") if isinstance(c, Mapping) else ""
+
+
+def ranked_causes(run: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The run's ranked candidates, rank 1 first (unranked nodes left out)."""
+    ranked = [n for n in run.get("nodes", []) if n.get("rank") is not None]
+    return sorted(ranked, key=lambda n: n["rank"])
+
+
+def verdict_words(run: Mapping[str, Any]) -> dict[str, str]:
+    """The definitions of the verdict words and p-values at the run's thresholds (recorded in
+    its summary; the defaults for a run recorded without them)."""
+    return summary_of(run).get("definitions") or definitions()
+
+
+def infrastructure_sentence(run: Mapping[str, Any]) -> str:
+    """The candidates that ordinary text needs as well, in words, or ''."""
+    infra = [c for c in ranked_causes(run) if c.get("verdict") == "infrastructure"]
+    if not infra:
+        return ""
+    parts = [
+        f"{c['node_id']} (mean-ablating it raises the loss on ordinary text by "
+        f"{percent(c.get('benign_loss_pct'))})"
+        for c in infra
+    ]
+    return (
+        "Infrastructure, necessary for ordinary text as well, so not a cause of this incident: "
+        + "; ".join(parts)
+        + ". It is shown, never blamed, and never in the cause set."
+    )
+
+
+def percent(v: Any) -> str:
+    """A signed percentage with one decimal (``+12.5%``), ``-`` where absent."""
+    return "-" if v is None else f"{number(v, '+.1f')}%"
+
+
+def number(v: Any, spec: str = "+.3f") -> str:
+    """A number in ``spec`` (signed, three decimals by default); ``-`` where absent or NaN, the
+    value as text where it is no number."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    try:
+        return format(float(v), spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def yes_no(v: Any) -> str:
+    """``yes``, ``no``, or ``-`` where absent."""
+    return "-" if v is None else ("yes" if v else "no")
+
+
+NEWLINE = re.compile(r"\r\n|\r|\n")
+
+
+def cell_token(v: Any) -> str:
+    """A token for a table cell: its newlines shown as ⏎ (they matter, and a cell is a line)."""
+    return NEWLINE.sub("⏎", "" if v is None else str(v))
+
+
+def names_or_dash(items: Any) -> str:
+    """Names joined by commas, ``-`` where there are none."""
+    return ", ".join(items or []) or "-"
+
+
+# ---------------------------------------------------------------------------------------------
+# the circuit, in words
+
+
+def circuit_of(run: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The run's circuit as recorded in its summary, or None (runs recorded without one)."""
+    c = summary_of(run).get("circuit")
+    return c if isinstance(c, Mapping) and c.get("members") is not None else None  # type: ignore[return-value]
+
+
+def member_label(m: Mapping[str, Any]) -> str:
+    """A circuit member's id at its positions (``L3.H2@7``, ``L3.H2@{5,7}``)."""
+    return site_label(str(m["id"]), [int(p) for p in m.get("positions") or []])
+
+
+def _where(circuit: Mapping[str, Any], positions: Sequence[int]) -> str:
+    """``position 9 (' John')`` or ``positions 5, 6 (' a', ' b')``, with the tokens recorded."""
+    toks = circuit.get("tokens") or {}
+    words = [repr(toks[str(p)]) for p in positions if str(p) in toks]
+    at = ", ".join(str(p) for p in positions)
+    head = f"position {at}" if len(positions) == 1 else f"positions {at}"
+    return f"{head} ({', '.join(words)})" if len(words) == len(positions) else head
+
+
+def circuit_lines(circuit: Mapping[str, Any]) -> list[str]:
+    """The circuit in words: its faithfulness and reason; where the incident enters and where
+    the bad continuation is written; one line per role with its members at their positions;
+    the edges that path patching verified."""
+    members = list(circuit.get("members") or [])
+    out = [
+        f"Faithfulness {number(circuit.get('faithfulness'), '.0%')}: {circuit.get('reason', '')}.",
+    ]
+    entry = [int(p) for p in circuit.get("entry_positions") or []]
+    if entry:
+        at = [m for m in members if m.get("positions") and set(m["positions"]) <= set(entry)]
+        line = (
+            f"The incident enters at {_where(circuit, entry)}, where the prompt differs from "
+            "its counterfactual"
+        )
+        specific = [member_label(m) for m in at if m.get("role") != "infrastructure"]
+        infra = [member_label(m) for m in at if m.get("role") == "infrastructure"]
+        if specific:
+            line += f"; there it is carried by {', '.join(specific)}"
+        if infra:
+            line += f"; infrastructure there: {', '.join(infra)}"
+        out.append(line)
+    writers = [m for m in members if m.get("role") == "writer"]
+    wpos = sorted({int(p) for m in writers for p in m.get("positions") or []})
+    if writers and wpos:
+        out.append(
+            f"The bad continuation is written at {_where(circuit, wpos)} by "
+            f"{', '.join(member_label(m) for m in writers)}"
+        )
+    for role in ("entry", "route", "writer", "infrastructure"):
+        ids = [member_label(m) for m in members if m.get("role") == role]
+        if ids:
+            out.append(f"{role}: {', '.join(ids)}")
+    edges = [e for e in circuit.get("edges") or [] if e.get("target") != "LOGITS"]
+    if edges:
+        ok = sorted((e for e in edges if e.get("verified")), key=lambda e: -float(e["share"]))
+        text = "; ".join(
+            f"{e['source']} -> {e['target']} {float(e['share']):.0%} of the gap" for e in ok
+        )
+        rest = len(edges) - len(ok)
+        out.append(
+            "edges, each path patched alone: "
+            + (text or "none carries its share")
+            + (f" ({rest} other pair{'s' if rest != 1 else ''} below the bound)" if rest else "")
+        )
+    return out
