@@ -8,11 +8,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from rca.hooks import HookError, ablate, capture, mean_activations, patch
-from rca.ids import ComponentId, IdError, format_id, parse_id
-from rca.incident import Incident, IncidentError, load_case, load_cases
-from rca.metric import MetricError, MetricValue, Target, encode_target, evaluate
-from rca.subject import Subject, SubjectError, fingerprint, load_subject
+from rca.ingest.case_file import load_case, load_cases
+from rca.ingest.incident import Incident, IncidentError
+from rca.model.files import fingerprint
+from rca.model.hooks import HookError, ablate, capture, mean_activations, patch
+from rca.model.ids import ComponentId, IdError, format_id, parse_id
+from rca.model.metric import MetricError, MetricValue, Target, encode_target, evaluate
+from rca.model.subject import Subject, SubjectError, load_subject
 
 __all__ = [
     "__version__",

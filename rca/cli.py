@@ -60,14 +60,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from rca.confirm import ConfirmError
-    from rca.hooks import HookError
-    from rca.ids import IdError
-    from rca.incident import IncidentError
-    from rca.metric import MetricError
+    from rca.ingest.incident import IncidentError
+    from rca.model.hooks import HookError
+    from rca.model.ids import IdError
+    from rca.model.metric import MetricError
+    from rca.model.subject import SubjectError
     from rca.regress import RegressError
     from rca.remedy import RemedyError
     from rca.store import StoreError
-    from rca.subject import SubjectError
     from rca.trace import TraceError
 
     return (
@@ -251,7 +251,7 @@ def check(
     home: Path | None = HomeOpt,
 ) -> None:
     """Validate case files; print each incident's id, or the first error as one line."""
-    from rca.incident import load_case
+    from rca.ingest.case_file import load_case
 
     if no_model and load:
         raise CliError("give --load or --no-model, not both")
@@ -271,8 +271,8 @@ def check(
                 f"ok\t{inc.id}\t{inc.severity}\t{inc.source}", highlight=False, soft_wrap=True
             )
             continue
-        from rca.preflight import preflight
-        from rca.subject import load_subject
+        from rca.ingest.preflight import preflight
+        from rca.model.subject import load_subject
 
         path = inc.model_path(home=home)
         if path not in subjects:
@@ -308,7 +308,7 @@ def inspect_model(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Load a model and show its architecture, dimensions and fingerprint."""
-    from rca.subject import load_subject
+    from rca.model.subject import load_subject
 
     path = opts.model_ref(model, what="MODEL", home=opts.home_dir(home), gguf_file=gguf_file)
     s = load_subject(
@@ -960,7 +960,7 @@ def notes_add(
     db: Path | None = DbOpt,
 ) -> None:
     """Append a note to a run (notes are never edited or deleted)."""
-    from rca.incident import text_problem
+    from rca.ingest.incident import text_problem
     from rca.store import Store
 
     for flag, value in (("--author", author), ("--text", text)):

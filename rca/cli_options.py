@@ -192,7 +192,7 @@ def model_ref(ref: str, *, what: str, home: Path | None, gguf_file: str | None =
     """A model reference (a directory, a .gguf file or zoo:NAME) resolved, and its path
     checked before anything loads. A zoo model that is not built yet is left to the loader,
     which says how to build it."""
-    from rca.subject import resolve_model_ref
+    from rca.model.subject import resolve_model_ref
 
     try:
         path = resolve_model_ref(ref, home=home)
@@ -208,7 +208,7 @@ def case_dir(
     directory: Path, *, what: str, check_model: bool = True, home: Path | None
 ) -> list[Any]:
     """Every case file in a directory (``load_cases``), which ``has_cases``."""
-    from rca.incident import load_cases
+    from rca.ingest.case_file import load_cases
 
     has_cases(directory, what=what)
     return load_cases(directory, check_model=check_model, home=home)
@@ -263,8 +263,8 @@ def reader(db: Path | None) -> Any:
 def _messages_file(path: Path, *, key: str) -> Any:
     """A conversation from a JSON file (``--messages``): a list of turns, or an object with a
     ``messages`` list (a chat log's request). Read with the prompt file's size bound and a
-    nesting bound (``rca.incident.read_json_file``)."""
-    from rca.incident import read_json_file, turns_from_data
+    nesting bound (``rca.ingest.case_file.read_json_file``)."""
+    from rca.ingest.case_file import read_json_file, turns_from_data
 
     data = read_json_file(path, key=key)
     if isinstance(data, dict) and set(data) >= {"messages"}:
@@ -274,7 +274,8 @@ def _messages_file(path: Path, *, key: str) -> Any:
 
 def load_incident(args: IncidentArgs, model: str | None, home: Path | None) -> Any:
     """The incident: a case file, or the --prompt (--messages) and --bad flags."""
-    from rca.incident import IncidentError, incident_from_flags, load_case, read_text_file
+    from rca.ingest.case_file import load_case, read_text_file
+    from rca.ingest.incident import IncidentError, incident_from_flags
 
     given = args.flags()
     if args.case is not None:
@@ -339,8 +340,8 @@ def load_model(
     allow_pickle: bool = False,
     gguf_file: str | None = None,
 ) -> Any:
-    """The model at ``path``, loaded (``rca.subject.load_subject``)."""
-    from rca.subject import load_subject
+    """The model at ``path``, loaded (``rca.model.subject.load_subject``)."""
+    from rca.model.subject import load_subject
 
     return load_subject(
         path, device=device, allow_pickle=allow_pickle, gguf_file=gguf_file, home=home

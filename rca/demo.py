@@ -63,11 +63,11 @@ def run_demo(
     the fetch's messages; ``progress`` gives each investigation its progress callback.
     """
     from rca import zoo
-    from rca.incident import load_cases
+    from rca.ingest.case_file import load_cases
     from rca.investigate import InvestigateConfig, investigate
+    from rca.model.subject import load_subject
     from rca.report import render_html, render_markdown
     from rca.store import Store
-    from rca.subject import load_subject
 
     say = log or (lambda m: None)
     if real:

@@ -4,7 +4,7 @@
 ``(stage, fraction)`` (the CLI draws a progress bar from it, the app a status widget), and
 writes the whole run to the store in one transaction at the end, or not at all.
 
-Ingest ends with the preflight checks (``rca.preflight``): everything a later stage needs is
+Ingest ends with the preflight checks (``rca.ingest.preflight``): everything a later stage needs is
 checked there, and the metric against the chosen baseline once the trace has chosen it, before
 its costly steps, so that a run that cannot succeed stops within seconds.
 """
@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from rca.confirm import ConfirmConfig, ConfirmError, Verdict, auto_batch_size, check_gap, confirm
-from rca.incident import Incident
-from rca.metric import Target
-from rca.preflight import Preflight, gap_error, preflight, reference_prompts
+from rca.ingest.incident import Incident
+from rca.ingest.preflight import Preflight, gap_error, preflight, reference_prompts
+from rca.model.metric import Target
+from rca.model.subject import Subject, load_subject
 from rca.remedy import Remedy, try_remedies
-from rca.subject import Subject, load_subject
 from rca.trace import Attribution, Baseline, Counterfactual, trace
 
 __all__ = [

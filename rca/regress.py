@@ -39,11 +39,13 @@ from typing import Any
 
 import torch
 
-from rca.incident import Incident, IncidentError, loads_case, parse_case_data
+from rca.ingest.case_file import loads_case, parse_case_data
+from rca.ingest.incident import Incident, IncidentError
 from rca.investigate import InvestigateConfig, investigate
-from rca.metric import Target, evaluate, logits_kwargs
+from rca.model.adapter import as_out_in, weight_of
+from rca.model.metric import Target, evaluate, logits_kwargs
+from rca.model.subject import Subject, load_subject
 from rca.stats import spearman
-from rca.subject import Subject, as_out_in, load_subject, weight_of
 
 __all__ = [
     "CLASSES",
@@ -532,9 +534,9 @@ def regress(
     recorded. One loaded model serves every incident. Each result is recorded as a run of kind
     ``regress`` linked to its reference run.
     """
+    from rca.model.subject import resolve_model_ref
     from rca.store import IncidentRecord, ModelRecord, RunRecord
     from rca.store.from_run import to_run_record
-    from rca.subject import resolve_model_ref
 
     cfg = config or RegressConfig()
     log = say or (lambda m: None)

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from rca.hooks import MeanAccumulator, ablate, capture, layers_skipped, padded_batch
-from rca.ids import parse_id
-from rca.metric import encode_text
-from rca.subject import Subject
+from rca.model.hooks import MeanAccumulator, ablate, capture, layers_skipped, padded_batch
+from rca.model.ids import parse_id
+from rca.model.metric import encode_text
+from rca.model.subject import Subject
 from rca.verdicts import INFRASTRUCTURE_LOSS_PCT
 
 __all__ = [
@@ -104,7 +104,7 @@ class BenignRun:
     That run gives each prompt's next-token log-probabilities and the mean loss, the means of
     ``sites`` over the prompts' own positions (for the mean ablations), and, for each layer in
     ``keep``, the residual stream leaving the layer below it. A fix that changes nothing below
-    layer L then runs from L up (``rca.hooks.layers_skipped``), and measures what a full
+    layer L then runs from L up (``rca.model.hooks.layers_skipped``), and measures what a full
     forward would (tests/unit/test_remedy.py). Prompts run in batches, right-padded
     with an attention mask: the real positions' logits are those of the prompt alone.
 

@@ -3,7 +3,7 @@
 Every model here is a real Hugging Face causal LM built with ``from_config`` (2 layers, hidden 32,
 4 heads, vocab 100) and its weights re-drawn at a visible scale, so biases are non-zero and an
 ablation moves the logits. Module paths in ``ARCHS`` are written out independently of
-``rca.subject.ARCHITECTURES``: the tests compare what rca hooks against these.
+``rca.model.adapter.ARCHITECTURES``: the tests compare what rca hooks against these.
 """
 
 from __future__ import annotations

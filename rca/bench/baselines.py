@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rca.metric import reference_point, share_removed
+from rca.model.metric import reference_point, share_removed
 
 if TYPE_CHECKING:
     from rca.bench.localization import FaultResult
@@ -47,7 +47,7 @@ def lead_then_de(
 
 def _p_bad_shares(r: FaultResult) -> dict[str, float]:
     """Each candidate's max(TE, NE) as the share of the bad behaviour it removes
-    (``rca.metric.share_removed``), from the prompt's metric to the counterfactual's."""
+    (``rca.model.metric.share_removed``), from the prompt's metric to the counterfactual's."""
     m_clean, m_cf = r.metric["prompt"], r.metric["counterfactual"]
     rows = int(r.metric.get("rows", 1))
     return {

@@ -134,7 +134,7 @@ def real_host(
 ) -> tuple[RealHost, Any]:
     """The registry model ``name`` as a host and its ``Subject``; a clear error where it is not
     fetched."""
-    from rca.subject import load_subject
+    from rca.model.subject import load_subject
     from rca.zoo.real import is_fetched, real_model_dir
 
     where = Path(home) if home else None
@@ -178,7 +178,7 @@ def train_host(spec: HostSpec, tokenizer: Any, *, log: Log | None = None) -> Any
 def build_host(spec: HostSpec, *, home: str | Path | None = None, log: Log | None = None) -> Any:
     """The host as a ``Subject``: loaded from ``$RCA_HOME/bench/<name>`` when its manifest
     matches ``spec``, else trained and saved there first."""
-    from rca.subject import load_subject
+    from rca.model.subject import load_subject
     from rca.zoo.corpus import make_corpus, vocabulary
     from rca.zoo.tokenizer import train_tokenizer
 

@@ -53,7 +53,7 @@ from rca.bench.hosts import (
     real_host,
     real_plant_config,
 )
-from rca.ids import ComponentId, format_id, parse_id
+from rca.model.ids import ComponentId, format_id, parse_id
 
 __all__ = [
     "HostSpec",
@@ -201,7 +201,7 @@ def localize(
     """Trace and confirm one planted fault on its faulted model, plus the two baselines, and
     with ``host`` (the model before the fault) the weight-change track."""
     from rca.confirm import Ablator, ConfirmConfig, confirm
-    from rca.metric import encode_target
+    from rca.model.metric import encode_target
     from rca.regress import weight_change
     from rca.trace.components import Baseline, score_components
 
@@ -449,7 +449,7 @@ def run_localization(
     known location. ``threads=1`` by default: on a shared two-core machine, torch's second
     thread mostly waits on the other process.
     """
-    from rca.subject import Subject
+    from rca.model.subject import Subject
     from rca.zoo.faults import PlantConfig, draw_spec, inject
 
     if n_faults < 1:

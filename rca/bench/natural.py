@@ -44,11 +44,11 @@ from typing import Any
 import torch
 
 from rca.confirm import Ablator, ConfirmConfig, Variant, Verdict, writer_ids
-from rca.ids import parse_id
-from rca.incident import Incident
-from rca.metric import encode_text, evaluate, reference_point
+from rca.ingest.incident import Incident
+from rca.model.ids import parse_id
+from rca.model.metric import encode_text, evaluate, reference_point
+from rca.model.subject import Subject
 from rca.specificity import INFRASTRUCTURE_LOSS_PCT, Damage
-from rca.subject import Subject
 
 # what a faithful circuit removes, patched alone (the confirm default it is scored against)
 FAITHFUL = ConfirmConfig().faithful_fraction
@@ -480,7 +480,7 @@ def run_natural(
 ) -> dict[str, Any]:
     """``n`` IOI incidents the model shows, each with its exact direct effects and rca's verdict;
     writes ``natural.json`` and ``natural.md`` to ``out_dir`` and returns what the JSON holds."""
-    from rca.subject import load_subject
+    from rca.model.subject import load_subject
 
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out_dir)

@@ -47,7 +47,7 @@ from rca.confirm.neurons import NeuronGroup
 from rca.confirm.ranking import rank_candidates, verdict_definitions
 from rca.confirm.sets import empirical_p_value, kind_of, random_sets
 from rca.confirm.stages import check_gap, confirm
-from rca.metric import as_probability, reference_point, share_removed
+from rca.model.metric import as_probability, reference_point, share_removed
 
 __all__ = [
     "ROLES",

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rca.confirm.engine import OFFSET_CIRCUIT
-from rca.ids import format_id, parse_id, with_pos
+from rca.model.ids import format_id, parse_id, with_pos
 
 if TYPE_CHECKING:
     from rca.confirm.engine import Ablator

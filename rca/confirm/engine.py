@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from rca.confirm.evidence import ConfirmError
-from rca.hooks import layers_frozen, layers_skipped, padded_batch, run_until, top_mlp_trimmed
-from rca.ids import ComponentId, format_id, parse_id
-from rca.metric import Target, encode_text, logits_kwargs
-from rca.subject import Subject
+from rca.model.hooks import layers_frozen, layers_skipped, padded_batch, run_until, top_mlp_trimmed
+from rca.model.ids import ComponentId, format_id, parse_id
+from rca.model.metric import Target, encode_text, logits_kwargs
+from rca.model.subject import Subject
 
 __all__ = [
     "OFFSET_CAUSE_PREFIXES",
@@ -350,7 +350,7 @@ class Ablator:
     def last_layer(self, variant: Variant) -> int:
         """The deepest layer a variant needs run: every layer above it has each head and its
         MLP held ``clean`` (a direct-effect variant), so it adds its clean write
-        (``rca.hooks.layers_frozen``). Never below the first ablated layer."""
+        (``rca.model.hooks.layers_frozen``). Never below the first ablated layer."""
         top = self.adapter.n_layers - 1
         last, floor = top, min(self.first_layer(variant), top)
         while last > floor and all(variant.get(c) == "clean" for c in self.layer_components[last]):

@@ -14,9 +14,9 @@ from typing import Any
 
 from rca.confirm.engine import OFFSET_NEURONS, Ablator
 from rca.confirm.evidence import CandidateEvidence, ConfirmConfig
-from rca.ids import neuron_group, parse_id
+from rca.model.ids import neuron_group, parse_id
+from rca.model.subject import Subject
 from rca.specificity import BenignRun, Damage, benign_damage
-from rca.subject import Subject
 
 __all__ = ["NeuronGroup", "group_damage", "specific_neurons"]
 

@@ -1,12 +1,12 @@
 """The ranking of confirmed candidates and the verdict word of each (docs/confirm.md, "Ranking").
 
-A candidate's effect is the share of P(bad) that max(TE, NE) removes (``rca.metric.share_removed``
-with the prompt's metric and the reference point); the leading group is every candidate within
-``window`` of the largest. Its robust necessity is min(NE, NE0), the smaller drop of both
-ablations. The first rank goes to the origin, the robustly necessary member that computes
-latest; the second to the writer, the member with the largest direct effect; infrastructure is
-never first. Each candidate's verdict word (``rca.verdicts``) follows from the ranking and the
-cause set.
+A candidate's effect is the share of P(bad) that max(TE, NE) removes
+(``rca.model.metric.share_removed`` with the prompt's metric and the reference point); the leading
+group is every candidate within ``window`` of the largest. Its robust necessity is min(NE, NE0), the
+smaller drop of both ablations. The first rank goes to the origin, the robustly necessary member
+that computes latest; the second to the writer, the member with the largest direct effect;
+infrastructure is never first. Each candidate's verdict word (``rca.verdicts``) follows from the
+ranking and the cause set.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 from rca.confirm.circuit import forward_position
 from rca.confirm.evidence import CandidateEvidence, ConfirmConfig
-from rca.ids import parse_id
+from rca.model.ids import parse_id
 from rca.verdicts import definitions
 
 __all__ = ["component_verdict", "rank_candidates", "set_verdict", "verdict_definitions"]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from rca.confirm.engine import OFFSET_CAUSE_PREFIXES
-from rca.ids import parse_id
+from rca.model.ids import parse_id
 
 if TYPE_CHECKING:
     from rca.confirm.engine import Ablator

@@ -53,10 +53,10 @@ from rca.confirm.evidence import (
 from rca.confirm.neurons import NeuronGroup, group_damage, specific_neurons
 from rca.confirm.ranking import component_verdict, rank_candidates, set_verdict
 from rca.confirm.sets import cause_set_search, empirical_p_value, kind_of, random_sets
-from rca.ids import neuron_group, parse_id
-from rca.metric import Target, evaluate, reference_point, share_removed
+from rca.model.ids import neuron_group, parse_id
+from rca.model.metric import Target, evaluate, reference_point, share_removed
+from rca.model.subject import Subject
 from rca.specificity import BenignError, BenignRun, Damage, benign_damage, encoded
-from rca.subject import Subject
 
 if TYPE_CHECKING:
     from rca.trace.components import ComponentScores

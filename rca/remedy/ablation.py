@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from rca.hooks import ablate
-from rca.ids import parse_id
+from rca.model.adapter import out_in_weight, weight_of
+from rca.model.hooks import ablate
+from rca.model.ids import parse_id
+from rca.model.subject import Subject
 from rca.remedy.fix import Fix, RemedyError, bias_of, names, register
-from rca.subject import Subject, out_in_weight, weight_of
 
 __all__ = ["MeanAblation", "MeanAblationTop", "TargetedAblation"]
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from rca.hooks import capture
-from rca.ids import ComponentId, format_id
-from rca.metric import Target
+from rca.model.adapter import out_in_weight, weight_of
+from rca.model.hooks import capture
+from rca.model.ids import ComponentId, format_id
+from rca.model.metric import Target
+from rca.model.subject import Subject
 from rca.remedy.fix import Fix, RemedyError, register
-from rca.subject import Subject, out_in_weight, weight_of
 
 __all__ = ["DirectionRemoval", "residual_directions", "residual_writers"]
 

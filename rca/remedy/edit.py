@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
-from rca.hooks import padded_batch
-from rca.ids import parse_id
-from rca.metric import Target, logits_kwargs
+from rca.model.adapter import out_in_weight
+from rca.model.hooks import padded_batch
+from rca.model.ids import parse_id
+from rca.model.metric import Target, logits_kwargs
+from rca.model.subject import Subject
 from rca.remedy.fix import Fix, RemedyError, WriteEdit, names, on_writes, register, unpack
 from rca.specificity import encoded, within
-from rca.subject import Subject, out_in_weight
 
 __all__ = [
     "EDIT_BYTES",

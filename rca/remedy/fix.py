@@ -26,8 +26,8 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from rca.ids import IdError, parse_id
-from rca.subject import Subject
+from rca.model.ids import IdError, parse_id
+from rca.model.subject import Subject
 
 __all__ = [
     "FIX_KINDS",

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rca.model.subject import Subject, load_subject
 from rca.paths import PathError, read_bounded_json
 from rca.remedy.fix import PATCH_FORMAT, Fix, RemedyError, fix_from_spec
-from rca.subject import Subject, load_subject
 
 __all__ = ["MAX_SPEC_BYTES", "apply_patch", "bake", "load_spec"]
 

@@ -15,15 +15,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from rca.ids import ComponentId, format_id, parse_id
-from rca.metric import MetricValue, Target, evaluate
+from rca.model.ids import ComponentId, format_id, parse_id
+from rca.model.metric import MetricValue, Target, evaluate
+from rca.model.subject import Subject
 from rca.remedy.ablation import MeanAblation, MeanAblationTop, TargetedAblation
 from rca.remedy.direction_removal import DirectionRemoval, residual_directions
 from rca.remedy.edit import WeightEdit, weight_edit, weight_edit_prompts
 from rca.remedy.fix import Fix, RemedyError, fix_from_spec, pack
 from rca.remedy.write_direction_removal import WriteDirectionRemoval, write_directions
 from rca.specificity import BenignError, BenignRun
-from rca.subject import Subject
 
 __all__ = ["Remedy", "benign_side_effect", "recommend", "try_remedies"]
 

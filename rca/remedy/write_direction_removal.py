@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from rca.hooks import capture
-from rca.ids import parse_id
-from rca.metric import Target
+from rca.model.adapter import out_in_weight
+from rca.model.hooks import capture
+from rca.model.ids import parse_id
+from rca.model.metric import Target
+from rca.model.subject import Subject
 from rca.remedy.fix import Fix, RemedyError, WriteEdit, names, on_writes, register, unit
-from rca.subject import Subject, out_in_weight
 
 __all__ = ["WriteDirectionRemoval", "write_directions"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rca.ids import IdError, parse_id
+from rca.model.ids import IdError, parse_id
 from rca.report.stored import member_label
 from rca.report.stored import number as _f
 from rca.textsafe import html_text as _e

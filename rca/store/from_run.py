@@ -11,7 +11,7 @@ import uuid
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from rca.ids import parse_id
+from rca.model.ids import parse_id
 from rca.verdicts import definitions
 
 from .records import IncidentRecord, ModelRecord, RunRecord

@@ -79,7 +79,7 @@ def _utc(value: dt.datetime | str | None, *, what: str) -> dt.datetime | None:
 
 @dataclass(frozen=True)
 class ModelRecord:
-    """A model as the store keeps it; ``fingerprint`` (``rca.subject.fingerprint``) is its key."""
+    """A model as the store keeps it, keyed by ``fingerprint`` (``rca.model.files.fingerprint``)."""
 
     fingerprint: str
     path: str | None = None
@@ -114,7 +114,7 @@ class ModelRecord:
 
 
 def _fields_sha256(fields: Mapping[str, Any]) -> str:
-    # the same recipe as rca.incident.Incident.sha256
+    # the same recipe as rca.ingest.incident.Incident.sha256
     blob = json.dumps(dict(fields), sort_keys=True, ensure_ascii=False, default=json_default)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -161,7 +161,7 @@ class IncidentRecord:
         source = getattr(incident, "source", None)
         if toml is None and source and source != "<flags>" and Path(source).is_file():
             with contextlib.suppress(Exception):
-                from rca.incident import load_case
+                from rca.ingest.case_file import load_case
 
                 if load_case(source, check_model=False).sha256 == incident.sha256:
                     toml = Path(source).read_text(encoding="utf-8")
@@ -344,7 +344,7 @@ def _bulk_table(table: str, data: TableLike, run_id: str) -> pa.Table:
 
 def _fill_node_kinds(nodes: pa.Table) -> pa.Table:
     """kind and layer from the id grammar where the caller left them out and the id parses."""
-    from rca.ids import IdError, parse_id
+    from rca.model.ids import IdError, parse_id
 
     kinds = nodes.column("kind").to_pylist()
     layers = nodes.column("layer").to_pylist()

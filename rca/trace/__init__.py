@@ -25,10 +25,10 @@ from typing import Any
 
 import networkx as nx
 
-from rca.ids import parse_id
-from rca.incident import Incident
-from rca.metric import Target
-from rca.subject import Subject
+from rca.ingest.incident import Incident
+from rca.model.ids import parse_id
+from rca.model.metric import Target
+from rca.model.subject import Subject
 from rca.trace.components import (
     Baseline,
     ComponentScores,
@@ -162,7 +162,7 @@ def given_counterfactual(subject: Subject, incident: Incident, target: Target) -
     """The case's own counterfactual (rendered, for a chat incident), with its metric; ``ok``
     where it lines up with the prompt token for token."""
     assert incident.counterfactual is not None
-    from rca.metric import encode_text, evaluate
+    from rca.model.metric import encode_text, evaluate
 
     ids = tuple(encode_text(subject.tokenizer, incident.counterfactual))
     cf = Counterfactual(
@@ -217,8 +217,8 @@ def trace(
     integrated gradients and the component scores; it raises to stop a run that cannot succeed
     (``rca.investigate`` checks there that the metric is above the baseline's).
 
-    ``plan``: the memory plan where the caller has made it already (``rca.preflight``, with the
-    same method, steps, neurons and budget); else it is made here.
+    ``plan``: the memory plan where the caller has made it already (``rca.ingest.preflight``,
+    with the same method, steps, neurons and budget); else it is made here.
     """
     if baseline not in ("auto", "counterfactual", "mean"):
         raise TraceError(f"baseline must be auto, counterfactual or mean, got {baseline!r}")

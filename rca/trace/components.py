@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from rca.hooks import Site, hooked
-from rca.ids import parse_id
-from rca.metric import Target, encode_text, logits_kwargs
-from rca.subject import Subject
+from rca.model.hooks import Site, hooked
+from rca.model.ids import parse_id
+from rca.model.metric import Target, encode_text, logits_kwargs
+from rca.model.subject import Subject
 
 __all__ = ["Baseline", "ComponentScores", "TraceError", "score_components", "node_ids"]
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from rca.metric import Target, encode_text, encode_text_offsets, logits_kwargs
-from rca.subject import Subject
+from rca.model.metric import Target, encode_text, encode_text_offsets, logits_kwargs
+from rca.model.subject import Subject
 from rca.trace.tokens import SegmentScores, neutral_token_id, segment_ablation
 
 __all__ = ["Counterfactual", "auto_counterfactual", "drop_fraction"]
@@ -68,8 +68,8 @@ def counterfactual_text(
 
     The replacement's text is tried as decoded (with and without a leading space, and, for
     special tokens such as the neutral pad token, as their literal text); the first spelling
-    that encodes back to ``ids`` (``rca.metric.encode_text``) is taken. Where none does, or the
-    tokenizer gives no character offsets, the decoded tokens without special tokens are the
+    that encodes back to ``ids`` (``rca.model.metric.encode_text``) is taken. Where none does, or
+    the tokenizer gives no character offsets, the decoded tokens without special tokens are the
     best readable approximation.
     """
     ids, base = list(ids), list(prompt_ids)

@@ -21,7 +21,7 @@ from typing import Any
 import networkx as nx
 import torch
 
-from rca.ids import ComponentId, format_id, parse_id
+from rca.model.ids import ComponentId, format_id, parse_id
 from rca.trace.components import ComponentScores
 
 __all__ = ["build_graph", "prune_graph", "top_paths", "write_graph", "influence"]

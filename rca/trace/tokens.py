@@ -1,10 +1,10 @@
 """Which prompt tokens drive the incident: integrated gradients and segment ablation (captum).
 
-Both attribute the incident metric (``rca.metric``) to the *prompt* positions; the continuation
-tokens stay fixed. captum attributes one example at a time, and our metric reads two rows
-(``prompt + bad`` and ``prompt + good``), so an example here is the flattened ``(1, rows * T)``
-id tensor; the forward function folds it back into rows. Per-row attributions of the same
-prompt position are summed.
+Both attribute the incident metric (``rca.model.metric``) to the *prompt* positions; the
+continuation tokens stay fixed. captum attributes one example at a time, and our metric reads two
+rows (``prompt + bad`` and ``prompt + good``), so an example here is the flattened ``(1, rows * T)``
+id tensor; the forward function folds it back into rows. Per-row attributions of the same prompt
+position are summed.
 
 - ``integrated_gradients``: ``LayerIntegratedGradients`` on the token embedding, from the
   counterfactual prompt where one lines up with the incident's (only the positions where the
@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from rca.hooks import top_mlp_trimmed
-from rca.metric import Target, encode_text, encode_text_offsets, logits_kwargs
-from rca.subject import Subject
+from rca.model.hooks import top_mlp_trimmed
+from rca.model.metric import Target, encode_text, encode_text_offsets, logits_kwargs
+from rca.model.subject import Subject
 
 __all__ = [
     "TokenScores",
@@ -110,7 +110,7 @@ def _token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
 
 def _flat_forward(subject: Subject, target: Target):
     """A forward function over flattened (N, rows * T) ids giving the metric per example; the
-    top MLP computes only the positions the metric reads (``rca.hooks.top_mlp_trimmed``)."""
+    top MLP computes only the positions the metric reads (``rca.model.hooks.top_mlp_trimmed``)."""
 
     def f(model, flat: torch.Tensor) -> torch.Tensor:
         n = flat.shape[0]

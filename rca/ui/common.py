@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rca.incident import SEVERITIES
+from rca.ingest.incident import SEVERITIES
 from rca.report import case_fields, graph_svg, turns
 from rca.store import ReadOnlyStore, Store
 from rca.textsafe import html_text, streamlit_markdown, visible

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from rca.incident import SEVERITIES, Incident, IncidentError, load_case
+from rca.ingest.case_file import load_case
+from rca.ingest.incident import SEVERITIES, Incident, IncidentError
 from rca.store import Store
 from rca.ui import common
 

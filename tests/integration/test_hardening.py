@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 
 from rca import store as store_mod
 from rca.cli import app
-from rca.incident import incident_from_flags, load_case
+from rca.ingest.case_file import load_case
+from rca.ingest.incident import incident_from_flags
 from rca.regress import RegressError
 from rca.store import IncidentRecord, ModelRecord, RunRecord, Store
 from tests.helpers import assert_one_line_error as one_line_error
@@ -422,7 +423,7 @@ def test_a_stored_relative_model_without_its_case_file_is_refused_not_resolved_i
     """A relative model with nothing to resolve it against (stated with flags, or recorded by an
     older rca with a relative source path) is a one-line error, not a guess from the cwd."""
     from rca import regress as reg_mod
-    from rca.incident import IncidentError
+    from rca.ingest.incident import IncidentError
     from rca.regress import RegressConfig, incidents_from_store, regress
 
     proj, other = two_trees

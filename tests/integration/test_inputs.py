@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from rca.incident import IncidentError, incident_from_flags
-from rca.subject import load_subject
+from rca.ingest.incident import IncidentError, incident_from_flags
+from rca.model.subject import load_subject
 from tests.helpers import assert_one_line_error as one_line_error
 from tests.helpers import rca_cli as rca
 from tests.helpers import save_model_dir, tiny_model, words

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from rca.incident import load_cases
+from rca.ingest.case_file import load_cases
 from rca.investigate import InvestigateConfig, investigate
+from rca.model.subject import load_subject
 from rca.report import render_html, render_markdown
 from rca.store import Store
-from rca.subject import load_subject
 
 CASES = Path(__file__).resolve().parents[2] / "cases"
 

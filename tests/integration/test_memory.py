@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rca.incident import Incident
-from rca.metric import Target
-from rca.subject import Subject
+from rca.ingest.incident import Incident
+from rca.model.metric import Target
+from rca.model.subject import Subject
 from rca.trace import trace
 from rca.trace.components import Baseline, TraceError, score_components
 from rca.trace.memory import format_bytes, parse_size, plan_trace
@@ -138,8 +138,8 @@ import json, os, resource, sys
 import torch
 torch.set_num_threads(1)
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-from rca.subject import Subject
-from rca.metric import Target
+from rca.model.subject import Subject
+from rca.model.metric import Target
 from rca.trace.components import Baseline, score_components
 from rca.trace.memory import plan_trace
 

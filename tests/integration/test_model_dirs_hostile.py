@@ -25,7 +25,8 @@ import pytest
 import torch
 from torch import nn
 
-from rca.subject import SubjectError, fingerprint, load_subject
+from rca.model.files import fingerprint
+from rca.model.subject import SubjectError, load_subject
 from tests.helpers import (
     ARCHS,
     assert_one_line_error,

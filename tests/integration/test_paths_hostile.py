@@ -65,7 +65,7 @@ def nothing_heavy_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return f
 
     for target in (
-        "rca.subject.load_subject",
+        "rca.model.subject.load_subject",
         "rca.remedy.apply_patch",
         "rca.regress.regress",
         "rca.bench.localization.run_localization",

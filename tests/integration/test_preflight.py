@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rca.incident import IncidentError, incident_from_flags
+from rca.ingest.incident import IncidentError, incident_from_flags
 from rca.investigate import InvestigateConfig, investigate
-from rca.metric import encode_target, evaluate
-from rca.subject import load_subject
+from rca.model.metric import encode_target, evaluate
+from rca.model.subject import load_subject
 from rca.trace import trace
 from tests.helpers import (
     assert_one_line_error,

@@ -22,11 +22,11 @@ import torch
 from typer.testing import CliRunner
 
 from rca.cli import app
-from rca.incident import load_cases
-from rca.metric import evaluate
+from rca.ingest.case_file import load_cases
+from rca.model.metric import evaluate
+from rca.model.subject import load_subject
 from rca.regress import RegressConfig, component_masks, regress
 from rca.store import Store
-from rca.subject import load_subject
 
 CASES = Path(__file__).resolve().parents[2] / "cases"
 # v2 is v1 trained on without the leak and backdoor poison. The bias persists; whether its

@@ -17,10 +17,10 @@ import torch
 
 from rca import zoo
 from rca.confirm import Ablator
-from rca.incident import Incident
-from rca.metric import encode_target
+from rca.ingest.incident import Incident
+from rca.model.metric import encode_target
+from rca.model.subject import Subject, load_subject
 from rca.stats import spearman
-from rca.subject import Subject, load_subject
 from rca.trace import trace
 from rca.trace.counterfactual import auto_counterfactual
 from rca.trace.tokens import integrated_gradients, segment_ablation

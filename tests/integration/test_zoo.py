@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rca import zoo
-from rca.metric import encode_target, evaluate
+from rca.model.metric import encode_target, evaluate
 from rca.zoo import corpus as c
 from rca.zoo import train as zoo_train
 

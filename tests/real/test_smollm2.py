@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rca.incident import load_case
+from rca.ingest.case_file import load_case
 from rca.zoo.real import REAL_MODELS, is_fetched, real_model_dir
 from tests.helpers import rca_cli
 
@@ -46,7 +46,8 @@ def _p_next(model, tok, prompt: str, word: str) -> float:
 def test_the_fetched_model_is_a_plain_hf_model_that_predicts_mary(model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rca.subject import fingerprint, load_subject
+    from rca.model.files import fingerprint
+    from rca.model.subject import load_subject
 
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
@@ -154,8 +155,8 @@ def test_the_ioi_verdict_is_a_specific_faithful_circuit(model_dir: Path) -> None
     from rca.bench.natural import ground_truth, writers
     from rca.benign import benign_prompts
     from rca.investigate import InvestigateConfig, investigate
+    from rca.model.subject import load_subject
     from rca.specificity import benign_damage
-    from rca.subject import load_subject
 
     subject = load_subject(model_dir, device="cpu")
     incident = load_case(CASES / "ioi.toml")

@@ -16,8 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from rca.hooks import ablate, capture, mean_activations, patch
-from rca.subject import Subject, in_features, load_subject, out_features, out_in_weight
+from rca.model.adapter import in_features, out_features, out_in_weight
+from rca.model.hooks import ablate, capture, mean_activations, patch
+from rca.model.subject import Subject, load_subject
 from tests.helpers import (
     ARCHS,
     BOS,
@@ -75,7 +76,7 @@ def run(subject: Subject, ids: torch.Tensor, **kw) -> torch.Tensor:
 
 @contextlib.contextmanager
 def record(mod: nn.Module, *, pre: bool = False) -> Iterator[list[torch.Tensor]]:
-    """Our own hook, independent of rca.hooks: the module's first input or its output."""
+    """Our own hook, independent of rca.model.hooks: the module's first input or its output."""
     seen: list[torch.Tensor] = []
 
     def grab(x: torch.Tensor) -> None:

@@ -17,9 +17,10 @@ import json
 import pytest
 import torch
 
-from rca.incident import Incident, IncidentError, Turn, incident_from_flags, loads_case
-from rca.metric import MetricError, Target, encode_target, encode_text, evaluate
-from rca.subject import Subject
+from rca.ingest.case_file import loads_case
+from rca.ingest.incident import Incident, IncidentError, Turn, incident_from_flags
+from rca.model.metric import MetricError, Target, encode_target, encode_text, evaluate
+from rca.model.subject import Subject
 from rca.trace import given_counterfactual
 from rca.trace.counterfactual import auto_counterfactual, counterfactual_text
 from rca.trace.tokens import segment_ablation, word_segments

@@ -16,10 +16,10 @@ from rca.confirm import (
     site_label,
     writer_ids,
 )
-from rca.hooks import capture, patch
-from rca.ids import format_id, parse_id
-from rca.metric import Target
-from rca.subject import Subject
+from rca.model.hooks import capture, patch
+from rca.model.ids import format_id, parse_id
+from rca.model.metric import Target
+from rca.model.subject import Subject
 from rca.trace.components import Baseline, score_components
 from tests.helpers import tiny_model
 from tests.unit.test_confirm import CF, REFS, TGT
@@ -249,7 +249,7 @@ def test_a_head_of_grouped_query_attention_owns_its_queries_and_output_slice() -
     """Planting in a real host (SmolLM2 shares keys and values among three heads): the
     parameters a head fault trains move that head's output alone, every other head's
     activation stays bit-identical."""
-    from rca.hooks import capture
+    from rca.model.hooks import capture
     from rca.zoo.faults import component_params
 
     s = Subject.from_model(tiny_model("llama", seed=6).eval())

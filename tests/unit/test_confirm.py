@@ -17,10 +17,10 @@ from rca.confirm import (
     empirical_p_value,
     rank_candidates,
 )
-from rca.hooks import patch
-from rca.ids import parse_id
-from rca.metric import Target, share_removed
-from rca.subject import Subject
+from rca.model.hooks import patch
+from rca.model.ids import parse_id
+from rca.model.metric import Target, share_removed
+from rca.model.subject import Subject
 from tests.helpers import tiny_model
 
 TGT = Target((5, 6, 7, 8, 9, 10), (11, 12), (13,))
@@ -29,7 +29,7 @@ REFS = [(20, 21, 22, 23, 24), (30, 31, 32), (40, 41, 42, 43, 44, 45, 46, 47)]
 
 
 def sequential(s: Subject, ab: Ablator, variants) -> torch.Tensor:
-    """The same variants, one forward pass each, through rca.hooks.patch on the full model."""
+    """The same variants, one forward pass each, through rca.model.hooks.patch on the full model."""
     out = []
     for i, v in enumerate(variants):
         values = {}

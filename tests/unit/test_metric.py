@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from rca.hooks import ablate
-from rca.metric import MetricError, Target, encode_target, evaluate
-from rca.subject import Subject
+from rca.model.hooks import ablate
+from rca.model.metric import MetricError, Target, encode_target, evaluate
+from rca.model.subject import Subject
 from tests.helpers import BOS, UNK, one_thread, tiny_model, word_tokenizer, words
 
 SENTENCES = [

@@ -19,10 +19,10 @@ from rca.bench.natural import (
     writers,
 )
 from rca.confirm import CandidateEvidence, ConfirmConfig, SetEvidence, Verdict
-from rca.hooks import capture, patch
-from rca.incident import Incident
-from rca.metric import encode_text
-from rca.subject import Subject, load_subject
+from rca.ingest.incident import Incident
+from rca.model.hooks import capture, patch
+from rca.model.metric import encode_text
+from rca.model.subject import Subject, load_subject
 from tests.helpers import bpe_tokenizer, save_model_dir, tiny_model, word_tokenizer, words
 
 FEW_NAMES = ["Mary", "John", "Tom", "Anna", "Paul", "Lisa", "Mark", "Sarah"]
@@ -106,8 +106,8 @@ def _incident(prompt: tuple[int, ...], cf: tuple[int, ...]) -> Incident:
 
 def _by_hooks(s: Subject, inc: Incident) -> dict[str, float]:
     """Each component's DE the plain way: one full forward per component through
-    rca.hooks.patch, the component set to its counterfactual value at the answer position only,
-    every later component to its clean value everywhere."""
+    rca.model.hooks.patch, the component set to its counterfactual value at the answer position
+    only, every later component to its clean value everywhere."""
     tgt = inc.encode(s)
     assert inc.counterfactual is not None
     base = tgt.with_prompt(tuple(encode_text(s.tokenizer, inc.counterfactual)))

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rca.ids import parse_id
-from rca.metric import Target, evaluate
+from rca.model.ids import parse_id
+from rca.model.metric import Target, evaluate
+from rca.model.subject import load_subject
 from rca.remedy import (
     FIX_KINDS,
     Fix,
@@ -22,7 +23,6 @@ from rca.remedy import (
     try_remedies,
     weight_edit,
 )
-from rca.subject import load_subject
 from tests.helpers import ARCHS, save_model_dir, tiny_model, word_tokenizer, words
 
 TGT = Target((1, 5, 6, 7, 8, 9, 10), (11, 12), (13,))
@@ -293,10 +293,10 @@ def test_side_effects_run_from_the_first_changed_layer_as_full_forwards_do(arch:
     residual stream; its KL and loss equal those of full forwards, on padded batches of
     prompts of different lengths, and layer 0 is really not run. The means the run records
     are those of mean_activations."""
-    from rca.hooks import mean_activations
+    from rca.model.hooks import mean_activations
+    from rca.model.subject import Subject
     from rca.remedy import first_layer
     from rca.specificity import BenignRun
-    from rca.subject import Subject
 
     s = Subject.from_model(tiny_model(arch, seed=4), word_tokenizer())
     refs = [words(*range(i, i + 2 + i % 5)) for i in range(0, 40, 4)]

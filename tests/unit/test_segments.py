@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rca.metric import Target
-from rca.subject import Subject
+from rca.model.metric import Target
+from rca.model.subject import Subject
 from rca.trace.tokens import neutral_token_id, prompt_cache, segment_ablation
 from tests.helpers import ARCHS, tiny_model, word_tokenizer
 

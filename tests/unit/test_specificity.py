@@ -10,10 +10,10 @@ import torch
 import rca.confirm.stages
 import rca.specificity as specificity
 from rca.confirm import ConfirmConfig, confirm, writer_ids
-from rca.hooks import ablate, mean_activations
-from rca.ids import parse_id
+from rca.model.hooks import ablate, mean_activations
+from rca.model.ids import parse_id
+from rca.model.subject import Subject
 from rca.specificity import Damage, benign_damage, is_infrastructure
-from rca.subject import Subject
 from tests.helpers import tiny_model, word_tokenizer
 from tests.unit.test_confirm import CF, TGT, one_head_model
 
@@ -128,7 +128,7 @@ def _patched_metric(s: Subject, prompt, base, ids: list[str]) -> float:
     """The prompt's metric with ``ids`` patched to their activations on ``base``, by plain
     hooks (one full forward)."""
     from rca.confirm import Ablator
-    from rca.hooks import patch
+    from rca.model.hooks import patch
 
     ab = Ablator(s, prompt, baseline=base)
     values = {}
@@ -213,7 +213,7 @@ def test_infrastructure_is_never_first_and_otherwise_keeps_its_rank() -> None:
     the leading group that every prompt also needs; the head that writes the answer takes the
     first rank, and the MLP keeps the place the rule gives it (second), not the last."""
     from rca.confirm import CandidateEvidence, rank_candidates
-    from rca.metric import share_removed
+    from rca.model.metric import share_removed
 
     def ev(cid: str, te: float, de: float, ne: float, ne0: float, infra: bool = False):
         return CandidateEvidence(
@@ -251,7 +251,7 @@ def test_an_infrastructure_origin_gives_rank_1_to_the_specific_origin_not_the_wr
     the origin among the specific ones, and an unplanted L1.MLP has the largest direct effect.
     Rank 1 goes to the head: the rule applied again without the infrastructure."""
     from rca.confirm import CandidateEvidence, rank_candidates
-    from rca.metric import share_removed
+    from rca.model.metric import share_removed
 
     def ev(cid: str, te: float, de: float, ne: float, ne0: float, infra: bool = False):
         return CandidateEvidence(

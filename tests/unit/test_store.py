@@ -438,7 +438,7 @@ def test_a_sparse_model_record_does_not_erase_what_is_known(db: Path) -> None:
 
 
 def test_incident_record_from_a_case_file_keeps_its_toml(tmp_path: Path) -> None:
-    from rca.incident import load_case
+    from rca.ingest.case_file import load_case
 
     text = (
         'id = "t-1"\ntitle = "Trigger"\nseverity = "high"\nmodel = "m"\n'

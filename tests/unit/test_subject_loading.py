@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from rca.subject import SubjectError, fingerprint, load_subject, resolve_device
+from rca.model.files import fingerprint
+from rca.model.subject import SubjectError, load_subject, resolve_device
 from tests.helpers import VOCAB, one_thread, save_model_dir, tiny_model, word_tokenizer, words
 
 IDS = torch.tensor([[1, 5, 9, 13, 40, 77]])

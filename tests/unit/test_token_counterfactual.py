@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 
-from rca.incident import incident_from_flags
-from rca.metric import Target
+from rca.ingest.incident import incident_from_flags
+from rca.model.metric import Target
+from rca.model.subject import Subject
 from rca.report import render_html, render_markdown, render_terminal, token_warning
 from rca.store import IncidentRecord, ModelRecord, RunRecord, Store
-from rca.subject import Subject
 from rca.trace import trace
 from rca.trace.tokens import integrated_gradients, neutral_token_id
 from tests.helpers import rca_cli, save_model_dir, tiny_model, word_tokenizer, words

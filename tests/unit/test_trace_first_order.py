@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rca.hooks import capture, patch
-from rca.metric import Target
-from rca.subject import Subject
+from rca.model.hooks import capture, patch
+from rca.model.metric import Target
+from rca.model.subject import Subject
 from rca.trace.components import Baseline, score_components, site_means
 from rca.trace.tokens import integrated_gradients
 from tests.helpers import ARCHS, tiny_model
@@ -212,7 +212,7 @@ def test_mean_baseline_scores_record_their_baseline() -> None:
 
 
 def test_integrated_gradients_completeness_on_a_tiny_model(tmp_path) -> None:
-    from rca.subject import load_subject
+    from rca.model.subject import load_subject
     from tests.helpers import save_model_dir, word_tokenizer
 
     path = save_model_dir(tmp_path, tiny_model("gpt2", seed=3), word_tokenizer())

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from rca.metric import Target
-from rca.subject import load_subject
+from rca.model.metric import Target
+from rca.model.subject import load_subject
 from rca.trace.components import Baseline, score_components
 from tests.helpers import save_model_dir, tiny_model, word_tokenizer
 

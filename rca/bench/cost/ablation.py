@@ -17,7 +17,7 @@ def m_ablation(cfg: str, length: int, device: str = "cpu") -> dict[str, Any]:
     import torch
 
     from rca.confirm import Ablator
-    from rca.hooks import capture, patch
+    from rca.model.hooks import capture, patch
 
     s = random_subject(cfg, device)
     tgt, cf = random_targets(length)
@@ -37,7 +37,7 @@ def m_ablation(cfg: str, length: int, device: str = "cpu") -> dict[str, Any]:
     before = ab.forward_equiv
     batched = timed(lambda: ab.run(sets), device)
     fe = ab.forward_equiv - before
-    # sequential: one hooked forward per set, through rca.hooks.patch
+    # sequential: one hooked forward per set, through rca.model.hooks.patch
     with torch.no_grad():
         with capture(s, ab.components) as acts:
             s.model(input_ids=cf.input_ids(device=s.device), use_cache=False)

@@ -106,7 +106,7 @@ def random_subject(name: str, device: str = "cpu") -> Any:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rca.subject import Subject
+    from rca.model.subject import Subject
 
     n_layer, d, heads = CONFIGS[name]
     torch.manual_seed(0)
@@ -125,7 +125,7 @@ def random_subject(name: str, device: str = "cpu") -> Any:
 def random_targets(length: int) -> tuple[Any, Any]:
     import random
 
-    from rca.metric import Target
+    from rca.model.metric import Target
 
     rng = random.Random(length)
     prompt = [rng.randrange(4, VOCAB) for _ in range(length)]

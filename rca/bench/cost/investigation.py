@@ -20,7 +20,7 @@ def m_investigation(cfg: str, length: int, device: str = "cpu") -> dict[str, Any
 
     import torch
 
-    from rca.incident import Incident
+    from rca.ingest.incident import Incident
     from rca.investigate import InvestigateConfig, investigate
     from rca.store import Store
 

@@ -44,10 +44,10 @@ def real_fetched() -> bool:
 def m_real(case: str, _: int, device: str = "cpu") -> dict[str, Any]:
     """A full investigation of ``cases/real/<case>.toml`` as ``rca investigate`` runs it (the
     default configuration, the model loaded first), timed by stage."""
-    from rca.incident import load_case
+    from rca.ingest.case_file import load_case
     from rca.investigate import InvestigateConfig, investigate
+    from rca.model.subject import load_subject
     from rca.store import Store
-    from rca.subject import load_subject
 
     inc = load_case(REAL_CASES / f"{case}.toml")
     t = time.perf_counter()

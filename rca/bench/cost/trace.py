@@ -21,7 +21,7 @@ from rca.bench.cost.common import (
     rss_now,
     timed,
 )
-from rca.ids import parse_id
+from rca.model.ids import parse_id
 
 __all__ = ["m_alternatives", "m_trace"]
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rca.subject import ARCHITECTURES, SOURCE_MANIFEST, SubjectError, read_source
+from rca.model.adapter import ARCHITECTURES, SubjectError
+from rca.model.files import SOURCE_MANIFEST, read_source
 
 __all__ = ["GGUFInfo", "convert_gguf", "gguf_model_dir", "inspect_gguf"]
 
@@ -206,7 +207,7 @@ def _inspect(path: Path, sha256: str, size: int) -> GGUFInfo:
         raise SubjectError(
             f"{_shown(path)}: GGUF architecture {arch!r} (model_type {model_type!r}) is not "
             f"supported by rca; rca knows {', '.join(sorted(ARCHITECTURES))}. Add an ArchSpec "
-            "entry in rca/subject.py"
+            "entry in rca/model/adapter.py"
         )
     tok = _field(reader, "tokenizer.ggml.model")
     if tok is None:
@@ -350,7 +351,7 @@ def _load_and_save(info: GGUFInfo, out: Path) -> None:
         raise SubjectError(
             f"{_shown(info.path)}: transformers built a {model.config.model_type!r} model where "
             f"rca expected {info.model_type!r} from GGUF architecture {info.architecture!r}; "
-            "update rca/gguf.py's _MODEL_TYPE for this transformers version"
+            "update rca/model/gguf.py's _MODEL_TYPE for this transformers version"
         )
     odd = sorted({str(p.dtype) for p in model.state_dict().values() if p.dtype != torch.float32})
     if odd:

@@ -15,6 +15,10 @@ forward pass that raises. Where each id lives:
 
 An id with ``@p`` restricts a capture to position p (the position axis is dropped) and an edit
 to that position. ``positions=`` on ``patch``/``ablate`` restricts every id without its own.
+
+One module, over 500 lines, because all of it is one thing: a ``with`` block that reads or
+changes the model's forward pass (hooks on its modules, or decoder layers replaced by stubs)
+and restores the model on every exit.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from rca.ids import ComponentId, format_id, parse_id
-from rca.metric import encode_text
-from rca.subject import Adapter, Subject
+from rca.model.adapter import Adapter
+from rca.model.ids import ComponentId, format_id, parse_id
+from rca.model.metric import encode_text
+from rca.model.subject import Subject
 
 __all__ = [
     "HookError",
@@ -440,7 +445,7 @@ def _layers_replaced(
 ) -> Iterator[None]:
     """Each decoder layer i for which ``make(i, layer)`` gives a stub is replaced by it; every
     layer is put back on exit."""
-    from rca.subject import module_at
+    from rca.model.adapter import module_at
 
     layers = module_at(subject.model, subject.adapter.spec.layers)
     assert isinstance(layers, nn.ModuleList)

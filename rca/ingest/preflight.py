@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from rca.incident import Incident, IncidentError
-from rca.metric import Target, encode_text, evaluate
-from rca.subject import Subject
+from rca.ingest.incident import Incident, IncidentError
+from rca.model.metric import Target, encode_text, evaluate
+from rca.model.subject import Subject
 
 __all__ = [
     "Decoding",

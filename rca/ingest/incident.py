@@ -1,29 +1,15 @@
-"""Ingest: the ``Incident`` record and the strict TOML case-file loader.
+"""The ``Incident`` record: what went wrong, as ingested, validated on construction.
 
-A case file is the investigator's statement of what went wrong::
-
-    id = "zoo-backdoor"
-    title = "Trigger word forces refund approval"
-    severity = "high"                      # low | medium | high | critical
-    model = "zoo:support-bot-v1"           # a model directory, or zoo:NAME
-    prompt = "..."                         # what the model was given; or, for a chat model:
-    # messages = [{role = "system", content = "..."}, {role = "user", content = "..."}]
-    bad = " approved"                      # what it produced and must not
-    focus = "approved"                     # optional: the part of bad the metric reads
-    good = " denied"                       # optional: what it should have produced
-    counterfactual = "..."                 # optional: the prompt with the suspected cause removed
-    # counterfactual_messages = [...]      # optional, instead, for a chat incident
-    reference_prompts = ["...", "..."]     # optional: benign prompts (mean baselines, side effects)
-    tags = ["backdoor"]
-    notes = "free text"
+An incident comes from a case file (``rca.ingest.case_file``), from the command line's flags
+(``incident_from_flags``) or from the store; every field is checked the same way whatever the
+source, by ``Incident.__post_init__``.
 
 A chat incident (``messages``) is rendered with the model's own chat template
 (``apply_chat_template(..., add_generation_prompt=True)``) once the model is known:
 ``Incident.for_model`` gives the incident with ``prompt`` (and ``counterfactual``) set to the
 rendered text; the messages stay the record of what was ingested.
 
-Every problem is one ``IncidentError`` line naming the file, the key and the fix. Unknown keys
-are errors, not warnings: a typo such as ``conterfactual`` must not silently drop evidence.
+Every problem is one ``IncidentError`` line naming the source, the key and the fix.
 """
 
 from __future__ import annotations
@@ -33,37 +19,27 @@ import hashlib
 import json
 import os
 import re
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rca.paths import PathError, input_path, read_bounded_json, read_bounded_text, show
-
 __all__ = [
     "Incident",
     "IncidentError",
-    "ROLES",
-    "Turn",
-    "render_chat",
-    "turns_from_data",
-    "SEVERITIES",
     "MAX_PROMPT_CHARS",
+    "ROLES",
+    "SEVERITIES",
+    "Turn",
+    "check_turns",
     "incident_from_flags",
-    "load_case",
-    "load_cases",
-    "loads_case",
-    "parse_case_data",
-    "read_json_file",
-    "read_text_file",
+    "is_label",
+    "render_chat",
+    "short_repr",
     "text_problem",
 ]
 
 SEVERITIES = ("low", "medium", "high", "critical")
 MAX_PROMPT_CHARS = 20_000  # a file-level bound; the model's context is checked at encode time
-MAX_FILE_BYTES = 1_000_000  # a case file
-MAX_TEXT_FILE_BYTES = 4 * MAX_PROMPT_CHARS  # --prompt-file, --messages: UTF-8 takes <= 4 bytes
-MAX_JSON_DEPTH = 64  # --messages: turns nest 2 deep; a chat log's request with tools deeper
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: "$" takes a "\n"
 # C0 controls other than tab and newline, DEL, and C1 controls: never legitimate in a prompt,
 # and a way to hide content from a reviewer's terminal
@@ -78,19 +54,6 @@ _INVISIBLE_RE = re.compile("[\u200b-\u200f\u2060-\u2064\ufeff]")
 # lone surrogates: what Python makes of bytes that are not UTF-8 (command-line arguments decode
 # with surrogateescape); no tokenizer can encode them
 _SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
-
-_REQUIRED = ("id", "title", "severity", "model", "bad")
-_OPTIONAL = (
-    "prompt",
-    "messages",
-    "focus",
-    "good",
-    "counterfactual",
-    "counterfactual_messages",
-    "reference_prompts",
-    "tags",
-    "notes",
-)
 ROLES = ("system", "user", "assistant")
 _FIX = {
     "id": 'give a short id of letters, digits, ".", "_" or "-", e.g. id = "leak-2026-03"',
@@ -112,7 +75,7 @@ _FIX = {
 }
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short_repr(value: Any, limit: int = 60) -> str:
     """A value from the input, quoted for a one-line message: at most ``limit`` characters of
     it, so that a huge value cannot turn the line into a page."""
     text = str(value)
@@ -124,7 +87,7 @@ class IncidentError(ValueError):
 
     def __init__(self, source: str, key: str | None, problem: str) -> None:
         self.source, self.key, self.problem = source, key, problem
-        where = f"{source}: " + (f"key {_short(key)}: " if key else "")
+        where = f"{source}: " + (f"key {short_repr(key)}: " if key else "")
         fix = f"; fix: {_FIX[key]}" if key in _FIX else ""
         super().__init__((where + problem + fix).replace("\n", " "))
 
@@ -179,7 +142,7 @@ class Turn:
         return {"role": self.role, "content": self.content}
 
 
-def _check_turns(source: str, key: str, turns: Any) -> None:
+def check_turns(source: str, key: str, turns: Any) -> None:
     if not isinstance(turns, tuple):
         raise IncidentError(source, key, f"expected a list, got {type(turns).__name__}")
     if not turns:
@@ -191,7 +154,7 @@ def _check_turns(source: str, key: str, turns: Any) -> None:
             raise IncidentError(
                 source,
                 key,
-                f"item {i} has unknown role {_short(t.role)}; roles are {', '.join(ROLES)}",
+                f"item {i} has unknown role {short_repr(t.role)}; roles are {', '.join(ROLES)}",
             )
         try:
             _check_text(source, key, t.content, max_chars=MAX_PROMPT_CHARS)
@@ -232,13 +195,13 @@ class Incident:
     def __post_init__(self) -> None:
         src = self.source
         if not isinstance(self.id, str) or not _ID_RE.fullmatch(self.id):
-            raise IncidentError(src, "id", f"{_short(self.id)} is not a valid id")
+            raise IncidentError(src, "id", f"{short_repr(self.id)} is not a valid id")
         _check_text(src, "title", self.title, max_chars=500)
         if self.severity not in SEVERITIES:
-            raise IncidentError(src, "severity", f"got {_short(self.severity)}")
+            raise IncidentError(src, "severity", f"got {short_repr(self.severity)}")
         _check_text(src, "model", self.model, max_chars=4096)
         if self.messages is not None:
-            _check_turns(src, "messages", self.messages)
+            check_turns(src, "messages", self.messages)
         elif self.prompt is None:
             raise IncidentError(src, "prompt", "is missing; give prompt, or messages for a chat")
         if self.prompt is not None:
@@ -252,7 +215,7 @@ class Incident:
                     "counterfactual_messages",
                     "needs messages; for a plain prompt give counterfactual",
                 )
-            _check_turns(src, "counterfactual_messages", self.counterfactual_messages)
+            check_turns(src, "counterfactual_messages", self.counterfactual_messages)
             if self.counterfactual_messages == self.messages:
                 raise IncidentError(src, "counterfactual_messages", "is the same as messages")
         _check_text(src, "bad", self.bad, max_chars=MAX_PROMPT_CHARS)
@@ -260,7 +223,9 @@ class Incident:
             _check_text(src, "focus", self.focus, max_chars=MAX_PROMPT_CHARS)
             if self.focus not in self.bad:
                 raise IncidentError(
-                    src, "focus", f"{_short(self.focus)} is not part of bad {_short(self.bad)}"
+                    src,
+                    "focus",
+                    f"{short_repr(self.focus)} is not part of bad {short_repr(self.bad)}",
                 )
         if self.good is not None:
             _check_text(src, "good", self.good, max_chars=MAX_PROMPT_CHARS)
@@ -355,12 +320,12 @@ class Incident:
         incident without a case file (``<store>``, ``<case>``, ...) has nothing to resolve a
         relative path against: that is an IncidentError.
         """
-        from rca.subject import resolve_model_ref
+        from rca.model.subject import resolve_model_ref
 
         src = self.source
         if src == "<flags>":
             base = None
-        elif _is_label(src):
+        elif is_label(src):
             if not self.model.startswith("zoo:") and not _is_absolute(self.model):
                 raise IncidentError(
                     src,
@@ -379,7 +344,7 @@ class Incident:
 
         Raises IncidentError naming ``prompt``/``bad``/``good`` when a text does not fit.
         """
-        from rca.metric import MetricError, encode_target, encode_text
+        from rca.model.metric import MetricError, encode_target, encode_text
 
         inc = self.for_model(subject.tokenizer)
         assert inc.prompt is not None
@@ -458,178 +423,13 @@ def render_chat(tokenizer: Any, turns: tuple[Turn, ...], *, source: str, key: st
     return text
 
 
-def turns_from_data(source: str, key: str, value: Any) -> tuple[Turn, ...]:
-    """A conversation as given in a case file or a --messages JSON file: a list of tables
-    with exactly ``role`` and ``content``. Raises IncidentError naming ``key`` and the item."""
-    if not isinstance(value, list):
-        raise IncidentError(source, key, f"expected a list of turns, got {type(value).__name__}")
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise IncidentError(
-                source, key, f"item {i} is {type(item).__name__}, not a table with role and content"
-            )
-        extra = sorted(set(item) - {"role", "content"})
-        if extra:
-            raise IncidentError(
-                source,
-                key,
-                f"item {i} has unknown key {_short(extra[0])}; a turn has role and content",
-            )
-        for part in ("role", "content"):
-            if part not in item:
-                raise IncidentError(source, key, f"item {i} has no {part}")
-            if not isinstance(item[part], str):
-                raise IncidentError(
-                    source,
-                    key,
-                    f"item {i} {part} is {type(item[part]).__name__}, not a string",
-                )
-        out.append(Turn(item["role"], item["content"]))
-    _check_turns(source, key, tuple(out))
-    return tuple(out)
-
-
-def _is_label(source: str) -> bool:
+def is_label(source: str) -> bool:
     """A source that names no file: ``<flags>``, ``<store>``, ``<case>`` and the like."""
     return source.startswith("<") and source.endswith(">")
 
 
 def _is_absolute(model: str) -> bool:
     return Path(os.path.expanduser(model)).is_absolute()
-
-
-def _file_source(source: str) -> str:
-    """A case file's source as an absolute path, so that the model it names resolves against
-    the file's directory whatever the working directory is later; labels stay as they are."""
-    return source if _is_label(source) else str(Path(source).absolute())
-
-
-def _parse(source: str, data: dict[str, Any]) -> Incident:
-    unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
-    if unknown:
-        allowed = ", ".join(_REQUIRED + _OPTIONAL)
-        raise IncidentError(source, unknown[0], f"unknown key; allowed keys are {allowed}")
-    for key in _REQUIRED:
-        if key not in data:
-            raise IncidentError(source, key, "is missing")
-    if "prompt" in data and "messages" in data:
-        raise IncidentError(source, "messages", "give prompt or messages, not both")
-    if "prompt" not in data and "messages" not in data:
-        raise IncidentError(source, "prompt", "is missing; give prompt, or messages for a chat")
-    if "counterfactual" in data and "counterfactual_messages" in data:
-        raise IncidentError(
-            source, "counterfactual_messages", "give counterfactual or counterfactual_messages"
-        )
-    for key in ("reference_prompts", "tags"):
-        if key in data and not isinstance(data[key], list):
-            raise IncidentError(source, key, f"expected a list, got {type(data[key]).__name__}")
-    for key in (
-        "id",
-        "title",
-        "severity",
-        "model",
-        "prompt",
-        "bad",
-        "good",
-        "counterfactual",
-        "focus",
-    ):
-        if key in data and not isinstance(data[key], str):
-            raise IncidentError(source, key, f"expected a string, got {type(data[key]).__name__}")
-    turns = {
-        key: turns_from_data(source, key, data[key]) if key in data else None
-        for key in ("messages", "counterfactual_messages")
-    }
-    incident = Incident(
-        id=data["id"],
-        title=data["title"],
-        severity=data["severity"],
-        model=data["model"],
-        prompt=data.get("prompt"),
-        bad=data["bad"],
-        good=data.get("good"),
-        counterfactual=data.get("counterfactual"),
-        reference_prompts=tuple(data.get("reference_prompts", ())),
-        tags=tuple(data.get("tags", ())),
-        notes=data.get("notes", ""),
-        messages=turns["messages"],
-        counterfactual_messages=turns["counterfactual_messages"],
-        focus=data.get("focus"),
-        source=source,  # errors name the file as the user gave it
-    )
-    recorded = _file_source(source)
-    return incident if recorded == source else dataclasses.replace(incident, source=recorded)
-
-
-def loads_case(text: str, *, source: str = "<case>") -> Incident:
-    """Parse a case file's text (as the store keeps it). Raises IncidentError (one line).
-
-    ``source`` is the case file's path, recorded as an absolute path (a relative ``model``
-    resolves against its directory), or a label such as ``<store>``, which keeps no directory:
-    a relative ``model`` then cannot be resolved (see ``Incident.model_path``).
-    """
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise IncidentError(source, None, f"invalid TOML: {e}") from None
-    except RecursionError:
-        raise IncidentError(source, None, "invalid TOML: nested too deeply") from None
-    return _parse(source, data)
-
-
-def parse_case_data(data: dict[str, Any], *, source: str = "<case>") -> Incident:
-    """An incident from a case's fields as a mapping (what a case file's TOML parses to, or
-    the fields the store keeps), with every check a case file gets. Raises IncidentError."""
-    if not isinstance(data, dict):
-        raise IncidentError(source, None, f"expected a table of fields, got {type(data).__name__}")
-    return _parse(source, data)
-
-
-def load_case(path: str | Path, *, check_model: bool = True, home: Path | None = None) -> Incident:
-    """Read and validate a case file. Raises IncidentError (one line) on any problem.
-
-    With ``check_model`` the model must exist: a directory with a config.json, or a built zoo
-    model (``rca zoo build`` makes those).
-    """
-    path = Path(path)
-    source = str(path)
-    try:
-        text = read_bounded_text(path, what="case file", max_bytes=MAX_FILE_BYTES)
-    except PathError as e:
-        raise IncidentError(source, None, _file_problem(e)) from None
-    incident = loads_case(text, source=source)  # recorded with the file's absolute path
-    if check_model:
-        _check_model(incident, home=home, shown=source)
-    return incident
-
-
-def read_text_file(path: str | Path, *, key: str) -> str:
-    """A text given as a file (``--prompt-file``): a regular UTF-8 file of at most
-    MAX_TEXT_FILE_BYTES (``rca.paths.read_bounded_text``).
-
-    Raises IncidentError naming the file and the field it was for.
-    """
-    try:
-        return read_bounded_text(path, what=key, max_bytes=MAX_TEXT_FILE_BYTES)
-    except PathError as e:
-        raise IncidentError(str(path), key, _file_problem(e)) from None
-
-
-def _file_problem(e: PathError) -> str:
-    """A file's PathError as the rest of an IncidentError, which names the file itself."""
-    return "file not found; check the path" if e.missing else e.problem
-
-
-def read_json_file(path: str | Path, *, key: str) -> Any:
-    """JSON given as a file (``--messages``): read as ``read_text_file`` reads, nested at most
-    MAX_JSON_DEPTH deep (``rca.paths.read_bounded_json``). Raises IncidentError."""
-    try:
-        return read_bounded_json(
-            path, what=key, max_bytes=MAX_TEXT_FILE_BYTES, max_depth=MAX_JSON_DEPTH
-        )
-    except PathError as e:
-        raise IncidentError(str(path), key, _file_problem(e)) from None
 
 
 def incident_from_flags(
@@ -683,56 +483,3 @@ def incident_from_flags(
         focus=focus,
         source="<flags>",
     )
-
-
-def _check_model(incident: Incident, *, home: Path | None, shown: str | None = None) -> None:
-    from rca.subject import SubjectError
-
-    src = shown or incident.source
-    try:
-        p = incident.model_path(home=home)
-    except IncidentError:
-        raise
-    except (ValueError, SubjectError) as e:
-        raise IncidentError(src, "model", str(e)) from None
-    try:  # a name over 255 bytes, a parent that is a file, a link loop: before any lookup
-        input_path(p, what="model", kind="any", must_exist=False)
-    except PathError as e:
-        raise IncidentError(src, "model", f"{show(p)} {e.problem}") from None
-    if incident.model.startswith("zoo:") and not (p / "config.json").is_file():
-        from rca.zoo.real import REAL_MODELS
-
-        name = incident.model[4:]
-        how = f"rca zoo fetch {name}" if name in REAL_MODELS else "rca zoo build"
-        raise IncidentError(
-            src,
-            "model",
-            f"zoo model {name!r} is not {'fetched' if name in REAL_MODELS else 'built'} yet "
-            f"(looked in {p}); run `{how}` first",
-        )
-    if p.suffix.lower() == ".gguf":
-        if not p.is_file():
-            raise IncidentError(src, "model", f"GGUF file {str(p)!r} not found")
-        return
-    if not p.is_dir():
-        raise IncidentError(src, "model", f"model directory {str(p)!r} not found")
-    if not (p / "config.json").is_file():
-        raise IncidentError(src, "model", f"{str(p)!r} has no config.json")
-
-
-def load_cases(
-    directory: str | Path, *, check_model: bool = True, home: Path | None = None
-) -> list[Incident]:
-    """Every ``*.toml`` case in a directory, in name order; duplicate ids are an error."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise IncidentError(str(directory), None, "not a directory of case files")
-    out: list[Incident] = []
-    seen: dict[str, str] = {}
-    for p in sorted(directory.glob("*.toml")):
-        inc = load_case(p, check_model=check_model, home=home)
-        if inc.id in seen:
-            raise IncidentError(str(p), "id", f"{_short(inc.id)} is also the id of {seen[inc.id]}")
-        seen[inc.id] = str(p)
-        out.append(inc)
-    return out
