@@ -446,20 +446,14 @@ def confirm_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Trace, then confirm the leading candidates by ablation against random components."""
-    from rca.confirm import ConfirmConfig
-    from rca.investigate import InvestigateConfig, trace_and_confirm
+    from rca.investigate import trace_and_confirm
 
     opts.at_least(("--top-k", top_k, 1), ("--n-random", n_random, 50), ("--seed", seed, 0))
     inc, subject = opts.load_incident_subject(
         incident, model, device=device, home=home, allow_pickle=allow_pickle
     )
-    cfg = InvestigateConfig(
-        method=method,
-        seed=seed,
-        device=device,
-        confirm=ConfirmConfig(kind=kind, top_k=top_k, n_random=n_random, seed=seed),
-        max_memory=opts.max_memory(max_memory),
-        allow_pickle=allow_pickle,
+    cfg = _investigate_config(
+        method, seed, device, max_memory, allow_pickle, kind=kind, top_k=top_k, n_random=n_random
     )
     with _progress(not as_json) as say:
         done = trace_and_confirm(inc, subject=subject, config=cfg, progress=say)
@@ -504,6 +498,24 @@ def confirm_cmd(
         )
     out.print(t)
     _print_circuit(result.get("circuit"))
+
+
+def _investigate_config(
+    method: str, seed: int, device: str, max_memory: str, allow_pickle: bool, **confirm: Any
+) -> Any:
+    """The ``InvestigateConfig`` of a command's --method, --seed, --device, --max-memory and
+    --allow-pickle, its confirm stage a ``ConfirmConfig`` of ``confirm``'s fields and the seed."""
+    from rca.confirm import ConfirmConfig
+    from rca.investigate import InvestigateConfig
+
+    return InvestigateConfig(
+        method=method,
+        seed=seed,
+        device=device,
+        confirm=ConfirmConfig(seed=seed, **confirm),
+        max_memory=opts.max_memory(max_memory),
+        allow_pickle=allow_pickle,
+    )
 
 
 def _pct(v: float | None) -> str:
@@ -687,10 +699,7 @@ def bench_localization(
     )
     if out_file is not None:
         out_file.write_text(json.dumps(res, indent=2))
-    if as_json:
-        print(json.dumps({k: v for k, v in res.items() if k != "faults"}, indent=2))
-        return
-    _print_localization(res)
+    bench.print_summary(res, as_json=as_json)
 
 
 # a saved --out file of 40 faults is about 0.5 MB, nested 5 deep
@@ -710,29 +719,6 @@ def _saved_localization(path: Path) -> dict[str, Any]:
             "'faults' list)"
         )
     return saved
-
-
-def _print_localization(s: dict[str, Any]) -> None:
-    """The localization benchmark's summary, one line per ranking, then each failure."""
-    print(
-        f"localization over {s['n_faults']} faults: AC@1 {s['ac1']:.3f}  AC@3 {s['ac3']:.3f}"
-        f"  cost {s['cost_forward_equiv']} fwd-eq\n"
-        f"  planted in infrastructure: {s['n_planted_infrastructure']}; over the rest: "
-        f"AC@1 {s['ac1_specific']:.3f}  AC@3 {s['ac3_specific']:.3f}\n"
-        f"  attribution only: AC@1 {s['attribution_only']['ac1']:.3f}  "
-        f"AC@3 {s['attribution_only']['ac3']:.3f}\n"
-        f"  exhaustive patching: AC@1 {s['exhaustive']['ac1']:.3f}  "
-        f"AC@3 {s['exhaustive']['ac3']:.3f}  cost {s['exhaustive']['cost_forward_equiv']}\n"
-        f"  weight change (host as baseline): AC@1 {s['weight_change']['ac1']:.3f}  "
-        f"AC@3 {s['weight_change']['ac3']:.3f}"
-    )
-    if s["positions"]["n_sites"]:
-        print(
-            f"  planted sites at a position placed there by the circuit: "
-            f"{s['positions']['placed']} of {s['positions']['n_sites']}"
-        )
-    for f in s["failures"]:
-        print(f"  FAIL {f['host']} {f['name']}: top {f['top']}")
 
 
 cases_app = typer.Typer(help="Recorded cases (runs) in the store.", no_args_is_help=True)
@@ -774,8 +760,7 @@ def investigate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Trace, confirm, remedy and record one incident."""
-    from rca.confirm import ConfirmConfig
-    from rca.investigate import InvestigateConfig, investigate
+    from rca.investigate import investigate
     from rca.store import Store
 
     opts.at_least(("--seed", seed, 0))
@@ -783,14 +768,7 @@ def investigate_cmd(
     inc, subject = opts.load_incident_subject(
         incident, model, device=device, home=home, allow_pickle=allow_pickle
     )
-    cfg = InvestigateConfig(
-        method=method,
-        seed=seed,
-        device=device,
-        confirm=ConfirmConfig(seed=seed),
-        max_memory=opts.max_memory(max_memory),
-        allow_pickle=allow_pickle,
-    )
+    cfg = _investigate_config(method, seed, device, max_memory, allow_pickle)
     with _progress(not as_json) as say:
         run = investigate(inc, subject=subject, store=Store(db_path), config=cfg, progress=say)
     _warn_tokens(run.attribution.tokens.completeness)

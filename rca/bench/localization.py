@@ -66,6 +66,7 @@ __all__ = [
     "fault_plan",
     "host_names",
     "localize",
+    "print_summary",
     "rescore",
     "run_localization",
     "summarize",
@@ -567,6 +568,34 @@ def rescore(saved: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def print_summary(result: dict[str, Any], *, as_json: bool = False) -> None:
+    """The result of ``run_localization`` on stdout: with ``as_json``, everything but the
+    per-fault records as JSON; else the summary, one line per ranking, then each failure."""
+    if as_json:
+        print(json.dumps({k: v for k, v in result.items() if k != "faults"}, indent=2))
+        return
+    s = result
+    print(
+        f"localization over {s['n_faults']} faults: AC@1 {s['ac1']:.3f}  AC@3 {s['ac3']:.3f}"
+        f"  cost {s['cost_forward_equiv']} fwd-eq\n"
+        f"  planted in infrastructure: {s['n_planted_infrastructure']}; over the rest: "
+        f"AC@1 {s['ac1_specific']:.3f}  AC@3 {s['ac3_specific']:.3f}\n"
+        f"  attribution only: AC@1 {s['attribution_only']['ac1']:.3f}  "
+        f"AC@3 {s['attribution_only']['ac3']:.3f}\n"
+        f"  exhaustive patching: AC@1 {s['exhaustive']['ac1']:.3f}  "
+        f"AC@3 {s['exhaustive']['ac3']:.3f}  cost {s['exhaustive']['cost_forward_equiv']}\n"
+        f"  weight change (host as baseline): AC@1 {s['weight_change']['ac1']:.3f}  "
+        f"AC@3 {s['weight_change']['ac3']:.3f}"
+    )
+    if s["positions"]["n_sites"]:
+        print(
+            f"  planted sites at a position placed there by the circuit: "
+            f"{s['positions']['placed']} of {s['positions']['n_sites']}"
+        )
+    for f in s["failures"]:
+        print(f"  FAIL {f['host']} {f['name']}: top {f['top']}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m rca.bench.localization --faults N --seed S [--json] [--small]``."""
     p = argparse.ArgumentParser(prog="rca bench localization", description=__doc__.split("\n")[0])
@@ -613,29 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))
-    if args.json:
-        print(json.dumps({k: v for k, v in res.items() if k != "faults"}, indent=2))
-    else:
-        s = res
-        print(
-            f"localization over {s['n_faults']} faults: AC@1 {s['ac1']:.3f}  AC@3 {s['ac3']:.3f}"
-            f"  cost {s['cost_forward_equiv']} fwd-eq\n"
-            f"  planted in infrastructure: {s['n_planted_infrastructure']}; over the rest: "
-            f"AC@1 {s['ac1_specific']:.3f}  AC@3 {s['ac3_specific']:.3f}\n"
-            f"  attribution only: AC@1 {s['attribution_only']['ac1']:.3f}  "
-            f"AC@3 {s['attribution_only']['ac3']:.3f}\n"
-            f"  exhaustive patching: AC@1 {s['exhaustive']['ac1']:.3f}  "
-            f"AC@3 {s['exhaustive']['ac3']:.3f}  cost {s['exhaustive']['cost_forward_equiv']}\n"
-            f"  weight change (host as baseline): AC@1 {s['weight_change']['ac1']:.3f}  "
-            f"AC@3 {s['weight_change']['ac3']:.3f}"
-        )
-        if s["positions"]["n_sites"]:
-            print(
-                f"  planted sites at a position placed there by the circuit: "
-                f"{s['positions']['placed']} of {s['positions']['n_sites']}"
-            )
-        for f in s["failures"]:
-            print(f"  FAIL {f['host']} {f['name']}: top {f['top']}")
+    print_summary(res, as_json=args.json)
     return 0
 
 

@@ -91,18 +91,39 @@ def check_gap(
         what = "the counterfactual's"
     else:
         ablator = Ablator(subject, target, reference=reference, batch_size=cfg.batch_size)
-        ablation = cfg.kind if cfg.kind in ("zero", "mean", "resample") else None
-        ablation = ablation or ("mean" if ablator.refs else "zero")
+        ablation = _necessity_source(ablator, cfg)
         m_clean = ablator.metric_clean
-        m_base = float(ablator.run([dict.fromkeys(ablator.components, ablation)])[0])
+        m_base = _all_ablated(ablator, ablation)
         what = f"the baseline's (every head and MLP {ablation}-ablated)"
+    _checked_reference(m_clean, m_base, target, what=what, sep=", so ")
+    return m_clean, m_base
+
+
+def _necessity_source(ablator: Ablator, cfg: ConfirmConfig) -> str:
+    """How a candidate's necessity ablates it: the configured ablation (zero, mean or
+    resample), else mean where there are reference prompts, else zero."""
+    if cfg.kind in ("zero", "mean", "resample"):
+        return cfg.kind
+    return "mean" if ablator.refs else "zero"
+
+
+def _all_ablated(ablator: Ablator, source: str) -> float:
+    """The metric with every head and MLP ablated by ``source``."""
+    return float(ablator.run([dict.fromkeys(ablator.components, source)])[0])
+
+
+def _checked_reference(
+    m_clean: float, m_base: float, target: Target, *, what: str, sep: str
+) -> float:
+    """The point that removing all of the metric reaches (``reference_point``); ConfirmError,
+    naming the baseline as ``what``, where the prompt's metric is not above it."""
     m_ref = reference_point(m_clean, m_base, n_conts=target.n_conts)
     if m_clean - m_ref <= 0:
         raise ConfirmError(
-            f"the metric on the prompt ({m_clean:+.3f}) is not above {what} ({m_base:+.3f}), so "
-            "there is no incident behaviour to explain"
+            f"the metric on the prompt ({m_clean:+.3f}) is not above {what} ({m_base:+.3f})"
+            f"{sep}there is no incident behaviour to explain"
         )
-    return m_clean, m_base
+    return m_ref
 
 
 @dataclass(frozen=True)
@@ -158,9 +179,7 @@ def _setup(
         raise ConfirmError(f"{cfg.kind} ablation needs reference prompts")
     if cfg.kind == "patch" and baseline is None:
         raise ConfirmError("patch ablation needs a counterfactual baseline")
-    necessity_source = "mean" if ablator.refs else "zero"  # an ablation, whatever the sets use
-    if cfg.kind in ("zero", "mean", "resample"):
-        necessity_source = cfg.kind
+    necessity_source = _necessity_source(ablator, cfg)  # an ablation, whatever the sets use
     if cfg.kind == "patch" or (cfg.kind == "auto" and not ablator.refs and baseline is not None):
         set_source = "baseline"
     else:
@@ -171,14 +190,9 @@ def _setup(
         m_base = ablator.metric_baseline
         baseline_desc = "counterfactual"
     else:
-        m_base = float(ablator.run([dict.fromkeys(ablator.components, necessity_source)])[0])
+        m_base = _all_ablated(ablator, necessity_source)
         baseline_desc = f"all heads and MLPs {necessity_source}-ablated"
-    m_ref = reference_point(m_clean, m_base, n_conts=target.n_conts)
-    if m_clean - m_ref <= 0:
-        raise ConfirmError(
-            f"the metric on the prompt ({m_clean:+.3f}) is not above the baseline's "
-            f"({m_base:+.3f}); there is no incident behaviour to explain"
-        )
+    m_ref = _checked_reference(m_clean, m_base, target, what="the baseline's", sep="; ")
     return _Setup(
         ablator,
         target,

@@ -358,8 +358,7 @@ def _notes(run: Mapping[str, Any]) -> None:
 def main() -> None:
     store = common.reader()
     try:
-        runs = store.list_runs()
-        models = common.model_labels(store.models())
+        runs, models = common.runs_and_models(store)
     except StoreError as e:
         st.error(common.md(e))
         return

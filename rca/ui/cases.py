@@ -12,9 +12,8 @@ def main() -> None:
     st.title("Cases")
     store = common.reader()
     try:
-        runs = store.list_runs()
+        runs, models = common.runs_and_models(store)
         incidents = store.list_incidents()
-        models = common.model_labels(store.models())
     except StoreError as e:
         st.error(common.md(e))
         return

@@ -27,6 +27,9 @@ from typing import Any
 
 from rca.ingest.incident import SEVERITIES
 from rca.report import case_fields, graph_svg, turns
+from rca.report.stored import json_column as _json
+from rca.report.stored import number as fmt
+from rca.report.stored import summary_of as summary
 from rca.store import ReadOnlyStore, Store
 from rca.textsafe import html_text, streamlit_markdown, visible
 
@@ -49,6 +52,7 @@ __all__ = [
     "remedy_rows",
     "run_label",
     "run_rows",
+    "runs_and_models",
     "filter_rows",
     "search_text",
     "summary",
@@ -108,26 +112,6 @@ def plain(value: Any) -> str:
     return visible(value)
 
 
-def fmt(value: Any, spec: str = "+.3f") -> str:
-    """A number for display; ``-`` for missing or NaN, the value as text when not a number."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    try:
-        return format(float(value), spec)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _json(value: Any) -> Any:
-    """A JSON column as Python data (the store usually decodes it already)."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
-
-
 def _cell(value: Any) -> Any:
     """A value for a dataframe cell of mixed type: numbers stay, text is ``plain``, a list is
     joined, the rest is JSON."""
@@ -147,12 +131,6 @@ def _text(value: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # runs
-
-
-def summary(run: Mapping[str, Any]) -> dict[str, Any]:
-    """A run's summary dict (empty when it has none)."""
-    s = _json(run.get("summary"))
-    return dict(s) if isinstance(s, Mapping) else {}
 
 
 def incident_fields(run: Mapping[str, Any]) -> dict[str, Any]:
@@ -183,6 +161,11 @@ def model_labels(models: Iterable[Mapping[str, Any]]) -> dict[str, str]:
         name = Path(str(m["path"])).name if m.get("path") else "model"
         out[fp] = f"{name} ({fp[:8]})"
     return out
+
+
+def runs_and_models(store: ReadOnlyStore) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Every run in ``store``, newest first, and its models' labels (``model_labels``)."""
+    return store.list_runs(), model_labels(store.models())
 
 
 def run_label(run: Mapping[str, Any], models: Mapping[str, str] | None = None) -> str:

@@ -64,8 +64,7 @@ def main() -> None:
     st.title("Regression")
     store = common.reader()
     try:
-        runs = store.list_runs()
-        models = common.model_labels(store.models())
+        runs, models = common.runs_and_models(store)
     except StoreError as e:
         st.error(common.md(e))
         return
