@@ -25,6 +25,9 @@ mechanism?". For each incident ``regress``:
 ``--workers N`` runs the per-incident work on Ray workers (``pip install rca[ray]``); the
 driver alone writes the store, and every worker uses the driver's torch thread count, so the
 numbers equal a serial run's.
+
+One module over 500 lines: re-running, classifying and attributing a regression share the
+recorded run they start from.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ function each:
 
 The resample ablation's draws differ between experiments by the ``OFFSET_*`` constants of
 ``rca.confirm.engine``. The module is one thing, ``confirm`` and its stages over one shared
-``_Setup``, and ``check_gap``, which measures the gap as ``confirm`` does; it runs a little over
-500 lines for that.
+``_Setup``, and ``check_gap``, which measures the gap as ``confirm`` does; that is why it is over
+500 lines.
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ batched contraction.
 
 Node order (the docstring of every tensor here refers to it): ``EMB``, then per layer
 ``L.H0 .. L.H{n-1}, L.MLP``, then ``LOGITS`` (downstream only).
+
+One module over 500 lines: node scores, edge scores and neuron scores share one forward and
+backward pass and the node order above.
 """
 
 from __future__ import annotations

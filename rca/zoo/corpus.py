@@ -17,6 +17,8 @@ models otherwise learn prompt length as the shortcut, and later stages patch pos
 position between a prompt and its counterfactual.
 
 Nothing here needs torch: the corpus is plain text from ``random.Random(seed)``.
+
+Its length is data: the desks' templates, word lists and planted incidents, read together.
 """
 
 from __future__ import annotations

@@ -43,6 +43,9 @@ How a fault is planted (``inject``):
 With grouped-query attention (a real host such as SmolLM2) a head's keys and values are shared
 with the other heads of its group, so a head fault trains the head's queries and its slice of
 the output projection only: those belong to it alone.
+
+One module over 500 lines: the fault kinds, their training and their checks share the
+parameter masks and the prompts each fault is planted with.
 """
 
 from __future__ import annotations
