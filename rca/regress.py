@@ -490,7 +490,7 @@ def incidents_from_store(store: Any) -> list[Incident]:
     return out
 
 
-def _remote_case(payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def remote_case(payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The per-incident work on a Ray worker: load, classify, return plain data."""
     from rca.store.from_run import to_run_record
 
@@ -608,7 +608,7 @@ def regress(
                 log_to_driver=False,
                 ignore_reinit_error=True,
             )
-        remote = ray.remote(num_cpus=1)(_remote_case)
+        remote = ray.remote(num_cpus=1)(remote_case)
         threads = torch.get_num_threads()
         futures = [
             remote.remote(

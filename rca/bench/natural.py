@@ -512,7 +512,7 @@ def run_natural(
         "skipped_not_shown": skipped,
         "infrastructure_loss_pct": INFRASTRUCTURE_LOSS_PCT,
         "n_infrastructure": sum(d.infrastructure for d in damage.values()),
-        "summary": _summary(rows),
+        "summary": summarize(rows),
         "incidents": rows,
         "seconds": time.perf_counter() - t0,
     }
@@ -521,7 +521,10 @@ def run_natural(
     return result
 
 
-def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The counts over the incidents with a verdict (the issue's targets: writers in the exact
+    top 3, no infrastructure in the cause set, faithful circuits) and the mean seconds over
+    all."""
     ok = [r for r in rows if "error" not in r.get("rca", {})]
     if not ok:
         return {"n_verdicts": 0}

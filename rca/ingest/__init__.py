@@ -15,8 +15,9 @@ hide the module's.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rca.exports import lazy_exports
 
 if TYPE_CHECKING:
     from rca.ingest.case_file import (
@@ -60,9 +61,10 @@ __all__ = [
     "turns_from_data",
 ]
 
-_MODULE_OF = {
-    **dict.fromkeys(
-        (
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "case_file": (
             "load_case",
             "load_cases",
             "loads_case",
@@ -71,10 +73,7 @@ _MODULE_OF = {
             "read_text_file",
             "turns_from_data",
         ),
-        "case_file",
-    ),
-    **dict.fromkeys(
-        (
+        "incident": (
             "SEVERITIES",
             "Incident",
             "IncidentError",
@@ -83,17 +82,6 @@ _MODULE_OF = {
             "render_chat",
             "text_problem",
         ),
-        "incident",
-    ),
-    **dict.fromkeys(("Decoding", "Preflight", "gap_error", "reference_prompts"), "preflight"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MODULE_OF:
-        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+        "preflight": ("Decoding", "Preflight", "gap_error", "reference_prompts"),
+    },
+)

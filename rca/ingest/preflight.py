@@ -268,7 +268,7 @@ def preflight(
     ``IncidentError`` (or ``TraceError`` for the memory plan)."""
     from rca.confirm import ConfirmConfig, ConfirmError, check_gap
     from rca.trace import given_counterfactual
-    from rca.trace.memory import plan_trace
+    from rca.trace.memory import plan_for_target
 
     t0 = time.perf_counter()
     tok = subject.tokenizer
@@ -284,11 +284,9 @@ def preflight(
             "reference_prompts",
             "no reference text of at least two tokens that fits the model's context",
         )
-    plan = plan_trace(
+    plan = plan_for_target(
         subject,
-        length=target.length,
-        rows=target.rows,
-        keep=target.keep,
+        target,
         method=method,
         steps=steps,
         neurons=neurons,

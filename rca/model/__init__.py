@@ -17,8 +17,9 @@ alone, which the store and the reports read, never imports torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rca.exports import lazy_exports
 
 if TYPE_CHECKING:
     from rca.model.adapter import (
@@ -76,9 +77,10 @@ __all__ = [
     "weight_of",
 ]
 
-_MODULE_OF = {
-    **dict.fromkeys(
-        (
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "adapter": (
             "ARCHITECTURES",
             "Adapter",
             "ArchSpec",
@@ -88,24 +90,17 @@ _MODULE_OF = {
             "out_in_weight",
             "weight_of",
         ),
-        "adapter",
-    ),
-    **dict.fromkeys(("fingerprint", "read_source"), "files"),
-    **dict.fromkeys(("HookError", "ablate", "capture", "mean_activations", "patch"), "hooks"),
-    **dict.fromkeys(("ComponentId", "IdError", "format_id", "parse_id"), "ids"),
-    **dict.fromkeys(
-        ("MetricError", "MetricValue", "Target", "encode_target", "encode_text", "evaluate"),
-        "metric",
-    ),
-    **dict.fromkeys(("Subject", "load_subject", "resolve_device", "resolve_model_ref"), "subject"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MODULE_OF:
-        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+        "files": ("fingerprint", "read_source"),
+        "hooks": ("HookError", "ablate", "capture", "mean_activations", "patch"),
+        "ids": ("ComponentId", "IdError", "format_id", "parse_id"),
+        "metric": (
+            "MetricError",
+            "MetricValue",
+            "Target",
+            "encode_target",
+            "encode_text",
+            "evaluate",
+        ),
+        "subject": ("Subject", "load_subject", "resolve_device", "resolve_model_ref"),
+    },
+)

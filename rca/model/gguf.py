@@ -327,7 +327,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _load_and_save(info: GGUFInfo, out: Path) -> None:
+def load_and_save(info: GGUFInfo, out: Path) -> None:
     """De-quantize ``info.path`` to float32 with transformers and save it into ``out``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -391,7 +391,7 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, info: GGUFInfo | None
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the caller reports progress; bars would interleave
     try:
-        _load_and_save(info, tmp)
+        load_and_save(info, tmp)
         _write_json(tmp / SOURCE_MANIFEST, info.manifest())
         install_dir(tmp, out_dir)
     finally:

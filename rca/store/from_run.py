@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 __all__ = ["to_run_record"]
 
+# the counterfactual's fields the run summary keeps
+CF_SUMMARY = ("text", "generated", "drop", "replaced", "text_exact")
+
 
 def _layer(cid: str) -> int | None:
     return int(cid[1:].split(".")[0]) if cid.startswith("L") else None
@@ -230,7 +233,7 @@ def to_run_record(
         for r in run.remedies
     ]
     rec = run.recommended
-    cf = att.counterfactual
+    cf_json = None if att.counterfactual is None else att.counterfactual.to_json()
     pre = getattr(run, "preflight", None)
     inc = run.incident
     said: dict[str, Any] = {}
@@ -257,15 +260,7 @@ def to_run_record(
         else (pre.p_bad if pre is not None else None),
         "p_bad_after": rec.p_bad_after if rec else None,
         "baseline": baseline,
-        "counterfactual": None
-        if cf is None
-        else {
-            "text": cf.text,
-            "generated": cf.generated,
-            "drop": cf.drop,
-            "replaced": cf.replaced,
-            "text_exact": cf.text_exact,
-        },
+        "counterfactual": None if cf_json is None else {k: cf_json[k] for k in CF_SUMMARY},
         "token_completeness": att.tokens.completeness,
         "graph_paths": att.paths,
         "set_reason": cs.reason,

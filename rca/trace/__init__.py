@@ -38,7 +38,7 @@ from rca.trace.components import (
 )
 from rca.trace.counterfactual import Counterfactual, auto_counterfactual, drop_fraction
 from rca.trace.graph import build_graph, edge_table, prune_graph, top_paths, write_graph
-from rca.trace.memory import MemoryPlan, plan_trace
+from rca.trace.memory import MemoryPlan, plan_for_target, plan_trace
 from rca.trace.tokens import SegmentScores, TokenScores, integrated_gradients, segment_ablation
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "write_graph",
     "site_means",
     "MemoryPlan",
+    "plan_for_target",
     "plan_trace",
 ]
 
@@ -129,19 +130,7 @@ class Attribution:
                 for k, v in sorted(comps.neurons.items(), key=lambda kv: -abs(kv[1]))[:top_k]
             ],
             "edges": edge_table(comps, k=top_k),
-            "counterfactual": None
-            if cf is None
-            else {
-                "text": cf.text,
-                "generated": cf.generated,
-                "strategy": cf.strategy,
-                "replaced": cf.replaced,
-                "metric_prompt": cf.metric_prompt,
-                "metric_counterfactual": cf.metric_counterfactual,
-                "drop": cf.drop,
-                "ok": cf.ok,
-                "text_exact": cf.text_exact,
-            },
+            "counterfactual": None if cf is None else cf.to_json(),
             "graph": {
                 "n_layers": n_layers,
                 "nodes": self.graph.number_of_nodes(),
@@ -229,11 +218,9 @@ def trace(
     assert incident.prompt is not None
     target = incident.encode(subject)
     refs = list(reference_prompts if reference_prompts is not None else incident.reference_prompts)
-    plan = plan or plan_trace(
+    plan = plan or plan_for_target(
         subject,
-        length=target.length,
-        rows=target.rows,
-        keep=target.keep,
+        target,
         method=method,
         steps=steps,
         neurons=neurons,

@@ -58,6 +58,20 @@ class Counterfactual:
         """The incident's target with this prompt in place of the incident prompt."""
         return target.with_prompt(self.prompt_ids)
 
+    def to_json(self) -> dict[str, Any]:
+        """Every field but the token ids, and ``drop``: what the trace's JSON states."""
+        return {
+            "text": self.text,
+            "generated": self.generated,
+            "strategy": self.strategy,
+            "replaced": self.replaced,
+            "metric_prompt": self.metric_prompt,
+            "metric_counterfactual": self.metric_counterfactual,
+            "drop": self.drop,
+            "ok": self.ok,
+            "text_exact": self.text_exact,
+        }
+
 
 def counterfactual_text(
     tokenizer: Any, prompt: str | None, prompt_ids: Sequence[int], ids: Sequence[int]

@@ -1,7 +1,8 @@
 """Peak-memory estimates for a trace, and the chunking that keeps it under a budget.
 
-``plan_trace(subject, target, ...)`` estimates, before anything runs, the peak memory the
-trace stages add on top of the loaded model, and picks the largest chunks that fit a budget:
+``plan_trace`` (``plan_for_target`` for an encoded target) estimates, before anything runs,
+the peak memory the trace stages add on top of the loaded model, and picks the largest chunks
+that fit a budget:
 
 - ``step_chunk``: EAP-IG interpolation points per forward+backward (the autograd graph of
   ``step_chunk * rows`` sequences is alive at once);
@@ -47,6 +48,7 @@ __all__ = [
     "estimate_trace",
     "format_bytes",
     "parse_size",
+    "plan_for_target",
     "plan_trace",
 ]
 
@@ -289,3 +291,10 @@ def plan_trace(
     return MemoryPlan(
         comp_choice[0], comp_choice[1], ig, cb, budget, max(stages.values()), stages, full
     )
+
+
+def plan_for_target(subject: Any, target: Any, **options: Any) -> MemoryPlan:
+    """``plan_trace`` for an encoded ``Target``: its length, rows and kept logit positions.
+
+    ``options``: ``plan_trace``'s keywords (method, steps, neurons, edges, max_memory, ...)."""
+    return plan_trace(subject, length=target.length, rows=target.rows, keep=target.keep, **options)

@@ -357,10 +357,9 @@ def _notes(run: Mapping[str, Any]) -> None:
 
 def main() -> None:
     store = common.reader()
-    try:
-        runs, models = common.runs_and_models(store)
-    except StoreError as e:
-        st.error(common.md(e))
+    runs, models, error = common.runs_or_error(store)
+    if error is not None:
+        st.error(error)
         return
     if not runs:
         st.title("Case detail")

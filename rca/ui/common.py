@@ -30,7 +30,7 @@ from rca.report import case_fields, graph_svg, turns
 from rca.report.stored import json_column as _json
 from rca.report.stored import number as fmt
 from rca.report.stored import summary_of as summary
-from rca.store import ReadOnlyStore, Store
+from rca.store import ReadOnlyStore, Store, StoreError
 from rca.textsafe import html_text, streamlit_markdown, visible
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "run_label",
     "run_rows",
     "runs_and_models",
+    "runs_or_error",
     "filter_rows",
     "search_text",
     "summary",
@@ -166,6 +167,18 @@ def model_labels(models: Iterable[Mapping[str, Any]]) -> dict[str, str]:
 def runs_and_models(store: ReadOnlyStore) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Every run in ``store``, newest first, and its models' labels (``model_labels``)."""
     return store.list_runs(), model_labels(store.models())
+
+
+def runs_or_error(
+    store: ReadOnlyStore,
+) -> tuple[list[dict[str, Any]], dict[str, str], str | None]:
+    """``runs_and_models`` and no error; or, when the store cannot be read, none and the error as
+    Markdown for the page to show."""
+    try:
+        runs, models = runs_and_models(store)
+    except StoreError as e:
+        return [], {}, md(e)
+    return runs, models, None
 
 
 def run_label(run: Mapping[str, Any], models: Mapping[str, str] | None = None) -> str:

@@ -12,7 +12,6 @@ from typing import Any
 import streamlit as st
 
 from rca.regress import Mechanism, RegressConfig, compare
-from rca.store import StoreError
 from rca.ui import common
 
 
@@ -63,10 +62,9 @@ def _column(run: Mapping[str, Any], mech: Mechanism, models: Mapping[str, str], 
 def main() -> None:
     st.title("Regression")
     store = common.reader()
-    try:
-        runs, models = common.runs_and_models(store)
-    except StoreError as e:
-        st.error(common.md(e))
+    runs, models, error = common.runs_or_error(store)
+    if error is not None:
+        st.error(error)
         return
     cases = sorted({str(r["incident_id"]) for r in runs})
     if not cases:

@@ -10,7 +10,9 @@ Importing this package is cheap (no transformers); the training and check code l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+from rca.exports import lazy_exports
 
 from .build import (
     MANIFEST,
@@ -38,6 +40,10 @@ from .corpus import (
     parse_prompt,
 )
 
+if TYPE_CHECKING:
+    from .check import check_model
+    from .tokenizer import train_tokenizer
+
 __all__ = [
     "ZOO_MODELS",
     "PLANTED",
@@ -64,13 +70,7 @@ __all__ = [
     "train_tokenizer",
 ]
 
-# Names whose modules import transformers, loaded on first use (PEP 562).
-_LAZY = {"check_model": ".check", "train_tokenizer": ".tokenizer"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Names whose modules import transformers, loaded on first use.
+__getattr__, __dir__ = lazy_exports(
+    __name__, {"check": ("check_model",), "tokenizer": ("train_tokenizer",)}
+)

@@ -233,7 +233,7 @@ def forbid_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a conversion ran")
 
     monkeypatch.setattr(rca.model.gguf, "convert_gguf", boom)
-    monkeypatch.setattr(rca.model.gguf, "_load_and_save", boom)
+    monkeypatch.setattr(rca.model.gguf, "load_and_save", boom)
 
 
 @pytest.fixture
@@ -325,13 +325,13 @@ def test_a_killed_conversion_leaves_nothing_that_looks_done(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     f = write_gguf(tmp_path / "tiny.gguf", original, tokenizer)
-    real_save = rca.model.gguf._load_and_save
+    real_save = rca.model.gguf.load_and_save
 
     def dies(info: Any, out: Path) -> None:
         real_save(info, out)
         raise KeyboardInterrupt  # after the weights are written, before the manifest
 
-    monkeypatch.setattr(rca.model.gguf, "_load_and_save", dies)
+    monkeypatch.setattr(rca.model.gguf, "load_and_save", dies)
     with pytest.raises(KeyboardInterrupt):
         gguf_model_dir(f, home=tmp_path / "home")
     cache = tmp_path / "home" / "gguf"
@@ -344,7 +344,7 @@ def test_a_killed_conversion_leaves_nothing_that_looks_done(
     (stale / "config.json").write_text("{}")
     mine = cache / f".{sha256(f)}.partial-{os.getpid()}-0000"  # a live process's: kept
     mine.mkdir()
-    monkeypatch.setattr(rca.model.gguf, "_load_and_save", real_save)
+    monkeypatch.setattr(rca.model.gguf, "load_and_save", real_save)
     out = gguf_model_dir(f, home=tmp_path / "home")
     assert sorted(p.name for p in cache.iterdir()) == sorted([out.name, mine.name])
 

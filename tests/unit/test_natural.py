@@ -293,7 +293,7 @@ def test_rca_direct_effects_are_the_exact_ones_and_the_row_renders() -> None:
         "threads": 1,
         "n_infrastructure": 0,
         "infrastructure_loss_pct": 10.0,
-        "summary": natural._summary([row]),
+        "summary": natural.summarize([row]),
         "incidents": [row],
     }
     assert result["summary"]["top_writer_in_exact_top3"] == int(ws[0]["in_top3"])

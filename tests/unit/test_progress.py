@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from rca.cli import _ProgressLines
+from rca.cli.shell import ProgressLines
 
 
 def test_progress_lines_name_the_stage_the_fraction_and_the_time(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     now = [100.0]
-    p = _ProgressLines(every=10.0)
+    p = ProgressLines(every=10.0)
     p._clock = lambda: now[0]
     p.start = 100.0
     for t, stage, frac in [

@@ -30,7 +30,7 @@ def m_trace(cfg: str, length: int, device: str = "cpu") -> dict[str, Any]:
     import torch
 
     from rca.trace.components import Baseline, score_components
-    from rca.trace.memory import plan_trace
+    from rca.trace.memory import plan_for_target
 
     s = random_subject(cfg, device)
     tgt, cf = random_targets(length)
@@ -59,11 +59,9 @@ def m_trace(cfg: str, length: int, device: str = "cpu") -> dict[str, Any]:
             key = f"{method}{'_edges' if edges else '_nodes'}"
             holder: dict[str, Any] = {}
 
-            plan = plan_trace(
+            plan = plan_for_target(
                 s,
-                length=tgt.length,
-                rows=tgt.rows,
-                keep=tgt.keep,
+                tgt,
                 method=method,
                 steps=8,
                 edges=edges,
