@@ -130,6 +130,7 @@ def check(
             out.print(
                 f"ok\t{inc.id}\t{inc.severity}\t{inc.source}", highlight=False, soft_wrap=True
             )
+            _print_variant_counts(inc)
             continue
         from rca.ingest.preflight import preflight
         from rca.model.subject import load_subject
@@ -155,6 +156,41 @@ def check(
             markup=False,
             soft_wrap=True,
         )
+        _print_variant_counts(inc)
+        if pre.variants:
+            _print_variant_checks(pre)
+
+
+def _print_variant_counts(inc: Any) -> None:
+    """How many variants the case has, and how the split divides them."""
+    b = inc.behaviour()
+    n = len(b.members) - 1
+    if n:
+        out.print(
+            f"  {n} variants: {len(b.fit) - 1} fit (and the case's prompt), "
+            f"{len(b.held_out)} held out (split seed {b.split.seed})",
+            highlight=False,
+        )
+
+
+def _print_variant_checks(pre: Any) -> None:
+    """On how many variants the model shows the incident, by set, and the weakest ones."""
+    from rca.ingest.preflight import SHOWS_P_BAD
+
+    def shown(part: str) -> str:
+        vs = [v for v in pre.variants if v.part == part]
+        return f"{sum(v.shows for v in vs)} of {len(vs)}"
+
+    out.print(
+        f"  the model shows the incident (P(bad) >= {SHOWS_P_BAD}) on {shown('fit')} fit "
+        f"variants and {shown('held_out')} held-out ones",
+        highlight=False,
+    )
+    for v in sorted(pre.variants, key=lambda v: v.p_bad)[:3]:
+        if v.shows:
+            break
+        what = f"template variant ({v.label})" if v.label else f"variant {v.index}"
+        out.print(f"    P(bad) {v.p_bad:.3f} on {what}", highlight=False, markup=False)
 
 
 @app.command("inspect")

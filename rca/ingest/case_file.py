@@ -16,6 +16,9 @@ A case file is the investigator's statement of what went wrong::
     reference_prompts = ["...", "..."]     # optional: benign prompts (mean baselines, side effects)
     tags = ["backdoor"]
     notes = "free text"
+    variants = [{prompt = "..."}]          # optional: more prompts with the same incident
+    # [template] ... [template.slots] ...  # optional: variants from a prompt with slots
+    # [split] seed = 0, held_out = 0.5     # optional: which variants are held out
 
 Each key is checked for its type here and each value by the ``Incident`` record
 (``rca.ingest.incident``). Every problem is one ``IncidentError`` line naming the file, the
@@ -38,6 +41,16 @@ from rca.ingest.incident import (
     check_turns,
     is_label,
     short_repr,
+)
+from rca.ingest.variants import (
+    DEFAULT_LIMIT,
+    MAX_VARIANTS,
+    SPLIT_KEYS,
+    TEMPLATE_KEYS,
+    VARIANT_KEYS,
+    Split,
+    Template,
+    Variant,
 )
 from rca.paths import PathError, input_path, read_bounded_json, read_bounded_text, show
 
@@ -69,6 +82,9 @@ _OPTIONAL = (
     "reference_prompts",
     "tags",
     "notes",
+    "variants",
+    "template",
+    "split",
 )
 
 
@@ -146,6 +162,9 @@ def _parse(source: str, data: dict[str, Any]) -> Incident:
         key: turns_from_data(source, key, data[key]) if key in data else None
         for key in ("messages", "counterfactual_messages")
     }
+    variants = _variants(source, data["variants"]) if "variants" in data else ()
+    template = _template(source, data["template"]) if "template" in data else None
+    split = _split(source, data["split"]) if "split" in data else None
     incident = Incident(
         id=data["id"],
         title=data["title"],
@@ -161,10 +180,111 @@ def _parse(source: str, data: dict[str, Any]) -> Incident:
         messages=turns["messages"],
         counterfactual_messages=turns["counterfactual_messages"],
         focus=data.get("focus"),
+        variants=variants,
+        template=template,
+        split=split,
         source=source,  # errors name the file as the user gave it
     )
     recorded = _file_source(source)
     return incident if recorded == source else dataclasses.replace(incident, source=recorded)
+
+
+def _table(source: str, key: str, value: Any, allowed: tuple[str, ...], where: str = "") -> None:
+    """``value`` is a table whose keys are all ``allowed``; errors name ``key`` (and ``where``)."""
+    at = f"{where} " if where else ""
+    if not isinstance(value, dict):
+        raise IncidentError(source, key, f"{at}is {type(value).__name__}, not a table")
+    extra = sorted(set(value) - set(allowed))
+    if extra:
+        raise IncidentError(
+            source,
+            key,
+            f"{at}has unknown key {short_repr(extra[0])}; allowed keys are {', '.join(allowed)}",
+        )
+
+
+def _strings(source: str, key: str, value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise IncidentError(source, key, f"{what} is {type(value).__name__}, not a list")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise IncidentError(source, key, f"{what} value {i} is {type(item).__name__}")
+    return tuple(value)
+
+
+def _variants(source: str, value: Any) -> tuple[Variant, ...]:
+    if not isinstance(value, list):
+        raise IncidentError(
+            source, "variants", f"expected a list of tables, got {type(value).__name__}"
+        )
+    if len(value) > MAX_VARIANTS:
+        raise IncidentError(
+            source, "variants", f"has {len(value)} items; the limit is {MAX_VARIANTS}"
+        )
+    out = []
+    for i, item in enumerate(value):
+        _table(source, "variants", item, VARIANT_KEYS, where=f"item {i}")
+        fields: dict[str, Any] = {}
+        for key in VARIANT_KEYS:
+            if key not in item:
+                continue
+            if key.endswith("messages"):
+                try:
+                    fields[key] = turns_from_data(source, key, item[key])
+                except IncidentError as e:
+                    raise IncidentError(
+                        source, "variants", f"item {i}: key {key!r}: {e.problem}"
+                    ) from None
+            elif not isinstance(item[key], str):
+                raise IncidentError(
+                    source,
+                    "variants",
+                    f"item {i}: key {key!r}: expected a string, got {type(item[key]).__name__}",
+                )
+            else:
+                fields[key] = item[key]
+        out.append(Variant(**fields))
+    return tuple(out)
+
+
+def _template(source: str, value: Any) -> Template:
+    _table(source, "template", value, TEMPLATE_KEYS)
+    for key in ("prompt", "trigger", "bad", "good", "focus"):
+        if key in value and not isinstance(value[key], str):
+            raise IncidentError(
+                source, "template", f"{key} is {type(value[key]).__name__}, not a string"
+            )
+    for key in ("slots", "trigger", "counterfactual"):
+        if key not in value:
+            raise IncidentError(source, "template", f"{key} is missing")
+    slots = value["slots"]
+    if not isinstance(slots, dict):
+        raise IncidentError(source, "template", f"slots is {type(slots).__name__}, not a table")
+    messages = None
+    if "messages" in value:
+        try:
+            messages = turns_from_data(source, "template", value["messages"])
+        except IncidentError as e:
+            raise IncidentError(source, "template", f"messages: {e.problem}") from None
+    return Template(
+        slots=tuple(
+            (str(name), _strings(source, "template", vals, f"slot {str(name)!r}"))
+            for name, vals in slots.items()
+        ),
+        trigger=value["trigger"],
+        counterfactual=_strings(source, "template", value["counterfactual"], "counterfactual"),
+        prompt=value.get("prompt"),
+        messages=messages,
+        bad=value.get("bad"),
+        good=value.get("good"),
+        focus=value.get("focus"),
+        limit=value.get("limit", DEFAULT_LIMIT),
+    )
+
+
+def _split(source: str, value: Any) -> Split:
+    _table(source, "split", value, SPLIT_KEYS)
+    return Split(**value)
 
 
 def loads_case(text: str, *, source: str = "<case>") -> Incident:

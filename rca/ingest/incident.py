@@ -21,7 +21,10 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rca.ingest.variants import Behaviour, Split, Template, Variant
 
 __all__ = [
     "Incident",
@@ -30,6 +33,7 @@ __all__ = [
     "ROLES",
     "SEVERITIES",
     "Turn",
+    "check_text",
     "check_turns",
     "incident_from_flags",
     "is_label",
@@ -72,6 +76,11 @@ _FIX = {
     "reference_prompts": 'give a list of benign prompts, e.g. reference_prompts = ["..."]',
     "tags": 'give a list of strings, e.g. tags = ["leak"]',
     "notes": "give free text as a string",
+    "variants": "give a list of tables with the incident's keys, e.g. variants = [{prompt = "
+    '"..."}] (bad, good and focus default to the case\'s)',
+    "template": "see docs/case-files.md, Variants: prompt (or messages) with {slot} "
+    "placeholders, slots, trigger and counterfactual",
+    "split": "give [split] with seed (an integer >= 0) and held_out (a share in (0, 1))",
 }
 
 
@@ -116,7 +125,7 @@ def text_problem(value: str) -> str | None:
     return None
 
 
-def _check_text(source: str, key: str, value: Any, *, max_chars: int | None = None) -> str:
+def check_text(source: str, key: str, value: Any, *, max_chars: int | None = None) -> str:
     if not isinstance(value, str):
         raise IncidentError(source, key, f"expected a string, got {type(value).__name__}")
     if not value.strip():
@@ -157,7 +166,7 @@ def check_turns(source: str, key: str, turns: Any) -> None:
                 f"item {i} has unknown role {short_repr(t.role)}; roles are {', '.join(ROLES)}",
             )
         try:
-            _check_text(source, key, t.content, max_chars=MAX_PROMPT_CHARS)
+            check_text(source, key, t.content, max_chars=MAX_PROMPT_CHARS)
         except IncidentError as e:
             raise IncidentError(source, key, f"item {i} content {e.problem}") from None
     if turns[-1].role != "user":
@@ -190,16 +199,19 @@ class Incident:
     messages: tuple[Turn, ...] | None = None
     counterfactual_messages: tuple[Turn, ...] | None = None
     focus: str | None = None
+    variants: tuple[Variant, ...] = ()
+    template: Template | None = None
+    split: Split | None = None
     source: str = field(default="<flags>", compare=False)
 
     def __post_init__(self) -> None:
         src = self.source
         if not isinstance(self.id, str) or not _ID_RE.fullmatch(self.id):
             raise IncidentError(src, "id", f"{short_repr(self.id)} is not a valid id")
-        _check_text(src, "title", self.title, max_chars=500)
+        check_text(src, "title", self.title, max_chars=500)
         if self.severity not in SEVERITIES:
             raise IncidentError(src, "severity", f"got {short_repr(self.severity)}")
-        _check_text(src, "model", self.model, max_chars=4096)
+        check_text(src, "model", self.model, max_chars=4096)
         if self.messages is not None:
             check_turns(src, "messages", self.messages)
         elif self.prompt is None:
@@ -207,7 +219,7 @@ class Incident:
         if self.prompt is not None:
             # a rendered chat prompt holds the template's markers; its length is still bounded
             limit = MAX_PROMPT_CHARS * (4 if self.messages is not None else 1)
-            _check_text(src, "prompt", self.prompt, max_chars=limit)
+            check_text(src, "prompt", self.prompt, max_chars=limit)
         if self.counterfactual_messages is not None:
             if self.messages is None:
                 raise IncidentError(
@@ -218,9 +230,9 @@ class Incident:
             check_turns(src, "counterfactual_messages", self.counterfactual_messages)
             if self.counterfactual_messages == self.messages:
                 raise IncidentError(src, "counterfactual_messages", "is the same as messages")
-        _check_text(src, "bad", self.bad, max_chars=MAX_PROMPT_CHARS)
+        check_text(src, "bad", self.bad, max_chars=MAX_PROMPT_CHARS)
         if self.focus is not None:
-            _check_text(src, "focus", self.focus, max_chars=MAX_PROMPT_CHARS)
+            check_text(src, "focus", self.focus, max_chars=MAX_PROMPT_CHARS)
             if self.focus not in self.bad:
                 raise IncidentError(
                     src,
@@ -228,12 +240,12 @@ class Incident:
                     f"{short_repr(self.focus)} is not part of bad {short_repr(self.bad)}",
                 )
         if self.good is not None:
-            _check_text(src, "good", self.good, max_chars=MAX_PROMPT_CHARS)
+            check_text(src, "good", self.good, max_chars=MAX_PROMPT_CHARS)
             if self.good == self.bad:
                 raise IncidentError(src, "good", "is the same text as bad")
         if self.counterfactual is not None:
             limit = MAX_PROMPT_CHARS * (4 if self.counterfactual_messages is not None else 1)
-            _check_text(src, "counterfactual", self.counterfactual, max_chars=limit)
+            check_text(src, "counterfactual", self.counterfactual, max_chars=limit)
             if self.counterfactual == self.prompt:
                 raise IncidentError(src, "counterfactual", "is the same text as prompt")
         for key in ("reference_prompts", "tags"):
@@ -243,11 +255,49 @@ class Incident:
             for i, item in enumerate(val):
                 if not isinstance(item, str):
                     raise IncidentError(src, key, f"item {i} is {type(item).__name__}, not string")
-                _check_text(src, key, item, max_chars=MAX_PROMPT_CHARS)
+                check_text(src, key, item, max_chars=MAX_PROMPT_CHARS)
         if not isinstance(self.notes, str):
             raise IncidentError(src, "notes", f"expected a string, got {type(self.notes).__name__}")
         if self.notes:
-            _check_text(src, "notes", self.notes + ".", max_chars=MAX_PROMPT_CHARS + 1)
+            check_text(src, "notes", self.notes + ".", max_chars=MAX_PROMPT_CHARS + 1)
+        if self.variants or self.template is not None or self.split is not None:
+            from rca.ingest.variants import check_behaviour
+
+            check_behaviour(self)
+
+    def all_variants(self) -> tuple[Variant, ...]:
+        """The listed variants, then the template's, expanded by the split's seed."""
+        from rca.ingest.variants import Split
+
+        made = () if self.template is None else self.template.expand((self.split or Split()).seed)
+        return (*self.variants, *made)
+
+    def variant_incident(self, variant: Variant) -> Incident:
+        """``variant`` as an incident of its own: its prompt (or messages) and counterfactual,
+        its continuations or else the case's, and no variants of its own."""
+        return dataclasses.replace(
+            self,
+            prompt=variant.prompt,
+            messages=variant.messages,
+            bad=variant.bad if variant.bad is not None else self.bad,
+            good=variant.good if variant.good is not None else self.good,
+            focus=variant.focus if variant.focus is not None else self.focus,
+            counterfactual=variant.counterfactual,
+            counterfactual_messages=variant.counterfactual_messages,
+            variants=(),
+            template=None,
+            split=None,
+        )
+
+    def variant_incidents(self) -> list[Incident]:
+        """Every variant as an incident (``variant_incident``), in ``all_variants`` order."""
+        return [self.variant_incident(v) for v in self.all_variants()]
+
+    def behaviour(self) -> Behaviour:
+        """The case's prompt and its variants, each in the fit or the held-out set."""
+        from rca.ingest.variants import behaviour_of
+
+        return behaviour_of(self)
 
     @property
     def is_chat(self) -> bool:
@@ -280,6 +330,15 @@ class Incident:
         for key in ("messages", "counterfactual_messages", "focus"):
             if d.get(key, "") is None:
                 d.pop(key)
+        d.pop("variants")
+        d.pop("template")
+        d.pop("split")
+        if self.variants:
+            d["variants"] = [v.to_dict() for v in self.variants]
+        if self.template is not None:
+            d["template"] = self.template.to_dict()
+        if self.split is not None:
+            d["split"] = self.split.to_dict()
         return d
 
     def for_model(self, tokenizer: Any) -> Incident:

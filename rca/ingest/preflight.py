@@ -14,7 +14,10 @@ the time of a few forward passes:
 5. the metric itself, on the prompt and on a given counterfactual that lines up with it:
    confirm needs the prompt's metric above the counterfactual's (``rca.confirm.check_gap``);
 6. greedy decoding from the prompt: does the model really produce the bad continuation, and
-   each bad token's teacher-forced probability (``Decoding``).
+   each bad token's teacher-forced probability (``Decoding``);
+7. every variant of the case (``rca.ingest.variants``): rendered, encoded against the
+   context, and its metric and P(bad) measured (``VariantCheck``), so that a variant that
+   cannot run fails here, named by its index.
 
 ``rca check --load`` prints the same checks; ``rca investigate`` runs them first.
 """
@@ -35,6 +38,9 @@ from rca.model.subject import Subject
 __all__ = [
     "Decoding",
     "Preflight",
+    "SHOWS_P_BAD",
+    "VariantCheck",
+    "check_variants",
     "decode_greedy",
     "gap_error",
     "preflight",
@@ -216,6 +222,72 @@ def gap_error(incident: Incident, problem: str, *, given: bool) -> IncidentError
     return IncidentError(incident.source, key, problem + fix)
 
 
+SHOWS_P_BAD = 0.5  # a variant shows the incident where P(bad) is at least this
+
+
+@dataclass(frozen=True)
+class VariantCheck:
+    """One variant as the model sees it: its set, its target, its metric and P(bad)."""
+
+    index: int  # in ``Incident.all_variants()``
+    part: str  # fit | held_out
+    origin: str  # listed | template
+    label: str  # the template's slot values, or "" for a listed variant
+    incident: Incident  # rendered for the model
+    target: Target
+    metric: float
+    p_bad: float
+
+    @property
+    def shows(self) -> bool:
+        """Whether the model shows the incident on it: P(bad) >= ``SHOWS_P_BAD``."""
+        return self.p_bad >= SHOWS_P_BAD
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "part": self.part,
+            "origin": self.origin,
+            "label": self.label,
+            "prompt_tokens": self.target.n_prompt,
+            "metric": self.metric,
+            "p_bad": self.p_bad,
+        }
+
+
+def check_variants(subject: Subject, incident: Incident) -> list[VariantCheck]:
+    """Every variant of ``incident`` rendered, encoded and measured, in ``all_variants`` order.
+
+    Raises IncidentError naming the variant (``variants`` and its item, or ``template`` and its
+    slot values) where one cannot be rendered or does not fit the model's context."""
+    out = []
+    for m in incident.behaviour().members[1:]:
+        assert m.index is not None and m.variant is not None
+        try:
+            inc = m.incident.for_model(subject.tokenizer)
+            target = inc.encode(subject)
+        except IncidentError as e:
+            raise m.error(e) from None
+        value = evaluate(subject.model, target)
+        if not math.isfinite(value.metric):
+            raise m.error(
+                IncidentError(inc.source, "bad", f"the metric is {value.metric}; it must be finite")
+            )
+        out.append(
+            VariantCheck(
+                m.index,
+                m.part,
+                m.variant.origin,
+                m.variant.label(),
+                inc,
+                target,
+                value.metric,
+                value.p_bad,
+            )
+        )
+    return out
+
+
 @dataclass
 class Preflight:
     """What the checks found; the later stages take the rendered incident and texts from it."""
@@ -232,6 +304,7 @@ class Preflight:
     decoding: Decoding
     plan: Any  # rca.trace.memory.MemoryPlan
     seconds: float = 0.0
+    variants: list[VariantCheck] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -248,6 +321,21 @@ class Preflight:
             "decoding": self.decoding.to_json(),
             "memory": self.plan.to_json(),
             "seconds": self.seconds,
+            **({"variants": self.variants_json()} if self.variants else {}),
+        }
+
+    def variants_json(self) -> dict[str, Any]:
+        """The variants' counts, split and measurements."""
+        from rca.ingest.variants import Split
+
+        return {
+            "n": len(self.variants),
+            "fit": sum(v.part == "fit" for v in self.variants),
+            "held_out": sum(v.part == "held_out" for v in self.variants),
+            "split": (self.incident.split or Split()).to_dict(),
+            "shows_p_bad": SHOWS_P_BAD,
+            "shown": sum(v.shows for v in self.variants),
+            "items": [v.to_json() for v in self.variants],
         }
 
 
@@ -316,6 +404,7 @@ def preflight(
             except ConfirmError as e:
                 raise gap_error(inc, str(e), given=True) from None
     decoding = decode_greedy(subject, target, focus=inc.focus)
+    variants = check_variants(subject, incident)
     return Preflight(
         incident=inc,
         target=target,
@@ -329,4 +418,5 @@ def preflight(
         decoding=decoding,
         plan=plan,
         seconds=time.perf_counter() - t0,
+        variants=variants,
     )

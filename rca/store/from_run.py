@@ -244,6 +244,8 @@ def to_run_record(
             "p_bad_prompt": pre.p_bad,
             "focus_span": None if pre.target.focus is None else list(pre.target.focus),
         }
+        if pre.variants:
+            said["variants"] = pre.variants_json()
     if inc.messages is not None:  # the text the model saw, from its own chat template
         said["prompt_text"] = inc.prompt
     if inc.counterfactual_messages is not None:

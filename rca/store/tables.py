@@ -45,7 +45,7 @@ ORDER: dict[str, str] = {
     "nodes": "run_id, rank NULLS LAST, abs(score) DESC NULLS LAST, node_id, method",
     "edges": "run_id, abs(score) DESC NULLS LAST, source, target",
     "ablations": "run_id, experiment, components",
-    "remedies": "run_id, remedy_id",
+    "remedies": "run_id, row_no",  # in the order they were tried
     "notes": "note_id",
     "audit": "seq",
 }

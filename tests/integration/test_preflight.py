@@ -220,3 +220,85 @@ def test_a_mean_baseline_with_neurons_scores_every_neuron(model_dir: Path) -> No
             assert sum(scores) == pytest.approx(att.components.score(f"L{layer}.MLP"), abs=1e-4)
         else:
             assert len(scores) == 50
+
+
+def _case_with_variants(tmp_path: Path, model_dir: Path, variants: str) -> Path:
+    case = tmp_path / "case.toml"
+    case.write_text(
+        f'id = "c"\ntitle = "t"\nseverity = "low"\nmodel = "{model_dir}"\n'
+        f'prompt = "{words(1, 2, 3, 4)}"\nbad = " w5"\ngood = " w6"\n'
+        f"reference_prompts = {json.dumps(REFS)}\n{variants}"
+    )
+    return case
+
+
+def test_a_variant_that_does_not_fit_the_context_stops_before_any_stage_naming_it(
+    model_dir: Path, tmp_path: Path, no_expensive_stage: list[str]
+) -> None:
+    long = words(*([1, 2, 3] * 30))  # 90 words; the tiny model's context is 64
+    case = _case_with_variants(
+        tmp_path,
+        model_dir,
+        f'[[variants]]\nprompt = "{words(7, 2, 3, 4)}"\n[[variants]]\nprompt = "{long}"\n',
+    )
+    db = str(tmp_path / "x.duckdb")
+    code, _, err = rca_cli("investigate", str(case), "--device", "cpu", "--db", db)
+    assert_one_line_error(code, err, "key 'variants': item 1: key 'prompt'", "context")
+    assert no_expensive_stage == []
+    code, _, err = rca_cli("check", str(case), "--load", "--device", "cpu")
+    assert_one_line_error(code, err, "key 'variants': item 1: key 'prompt'", "context")
+
+
+def test_check_load_measures_every_variant_as_the_model_scores_it(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from rca.ingest.case_file import load_case
+    from rca.ingest.preflight import check_variants
+
+    template = (
+        "[template]\n"
+        'prompt = "w1 {a} w3 {t}"\ntrigger = "t"\ncounterfactual = ["w9"]\n'
+        '[template.slots]\na = ["w2", "w12", "w22"]\nt = ["w4", "w14"]\n'
+        "[split]\nseed = 2\nheld_out = 0.5\n"
+    )
+    case = _case_with_variants(tmp_path, model_dir, template)
+    inc = load_case(case)
+    s = load_subject(model_dir, device="cpu")
+    checks = check_variants(s, inc)
+    assert len(checks) == 6
+    fit, held = inc.split.assign(6)
+    assert [c.part for c in checks] == ["held_out" if i in held else "fit" for i in range(6)]
+    for c, v in zip(checks, inc.all_variants(), strict=True):
+        # each number is the model's on that variant's own prompt
+        want = evaluate(s.model, encode_target(s.tokenizer, v.prompt, " w5", " w6"))
+        assert c.metric == pytest.approx(want.metric, abs=1e-5)
+        assert c.p_bad == pytest.approx(want.p_bad, abs=1e-6)
+        assert c.label == ", ".join(f"{k}={x}" for k, x in v.slots)
+    code, out, err = rca_cli("check", str(case), "--load", "--device", "cpu")
+    assert code == 0, err
+    assert "6 variants: 3 fit (and the case's prompt), 3 held out (split seed 2)" in out
+    shown_fit = sum(c.p_bad >= 0.5 for c in checks if c.part == "fit")
+    assert f"on {shown_fit} of 3 fit variants" in out
+
+
+def test_an_investigation_records_its_variants_measurements(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from rca.store import Store
+
+    case = _case_with_variants(
+        tmp_path,
+        model_dir,
+        "".join(f'[[variants]]\nprompt = "{words(w, 2, 3, 4)}"\n' for w in (7, 8)),
+    )
+    db = tmp_path / "r.duckdb"
+    code, out, err = rca_cli("investigate", str(case), "--device", "cpu", "--db", str(db), "--json")
+    assert code == 0, err
+    run = Store.reader(db).get_run(json.loads(out)["run_id"])
+    summary = run["summary"] if isinstance(run["summary"], dict) else json.loads(run["summary"])
+    rec = summary["variants"]
+    assert (rec["n"], rec["fit"], rec["held_out"]) == (2, 1, 1)
+    s = load_subject(model_dir, device="cpu")
+    for item, w in zip(rec["items"], (7, 8), strict=True):
+        want = evaluate(s.model, encode_target(s.tokenizer, words(w, 2, 3, 4), " w5", " w6"))
+        assert item["p_bad"] == pytest.approx(want.p_bad, abs=1e-6)

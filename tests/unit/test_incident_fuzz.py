@@ -1,9 +1,10 @@
 """Case files fuzzed with hypothesis: whatever the bytes, only the loader's own error
 comes out, as one line naming the file, never another exception or a traceback.
 
-CI runs 2,400 generated inputs (three generators); the `slow` tier adds 8,000 more.
-Three generators: raw bytes (invalid UTF-8 and TOML included), TOML-shaped text with the known
-keys and wrong-typed or hostile values, and valid-looking case files with one field broken.
+CI runs 3,200 generated inputs (four generators); the `slow` tier adds 8,000 more.
+Four generators: raw bytes (invalid UTF-8 and TOML included), TOML-shaped text with the known
+keys and wrong-typed or hostile values, valid-looking case files with one field broken, and
+valid case files with hostile variants, templates and splits.
 Accepted inputs must yield a valid incident (the loader never accepts what it should refuse).
 """
 
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 from rca.cli import app
 from rca.ingest.case_file import load_case
 from rca.ingest.incident import SEVERITIES, Incident, IncidentError
+from rca.ingest.variants import SPLIT_KEYS, TEMPLATE_KEYS, VARIANT_KEYS
 
 KEYS = ("id", "title", "severity", "model", "prompt", "bad", "good", "counterfactual",
         "reference_prompts", "tags", "notes")  # fmt: skip
@@ -54,9 +56,15 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return {"inf": "inf", "-inf": "-inf", "nan": "nan"}.get(str(v), repr(v))
     if isinstance(v, str):
-        return json.dumps(v)  # a TOML basic string for most inputs; invalid ones must be refused
+        # a TOML basic string for most inputs (characters outside the BMP as they are: TOML has
+        # no surrogate-pair escapes); invalid ones must be refused
+        return json.dumps(v, ensure_ascii=False)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return (
+            "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        )
     return json.dumps(str(v))
 
 
@@ -86,6 +94,55 @@ one_broken = st.tuples(st.sampled_from(KEYS + ("extra",)), values, st.booleans()
 )
 
 
+def _table(keys: tuple[str, ...], leaf: st.SearchStrategy[Any]) -> st.SearchStrategy[dict]:
+    """A table of mostly known keys (``keys``), now and then an unknown one."""
+    key = st.one_of(st.sampled_from(keys), st.sampled_from(keys), st.text(min_size=1, max_size=6))
+    return st.dictionaries(key, leaf, max_size=6)
+
+
+# plausible texts (placeholders, literal braces, words); hostile and wrong-typed ones beside
+_plain = st.sampled_from(["w1 w2", " w3", " w4", "w1 {a} w3 {t}", "{t}", "x {{y}}", "{b}", "w4"])
+_text = st.one_of(_plain, values)
+_words = st.lists(st.sampled_from(["w1", "w2", "w5", "x y", " w3"]), min_size=1, max_size=3)
+_variant_ok = st.fixed_dictionaries({"prompt": _plain}, optional={"bad": _plain, "focus": _plain})
+_template_ok = st.fixed_dictionaries(
+    {
+        "prompt": st.sampled_from(["w1 {a} w3 {t}", "{t} {a}", "w1 {t}", "{a}"]),
+        "slots": st.fixed_dictionaries({"a": _words, "t": _words}),
+        "trigger": st.sampled_from(["t", "t", "a", "b"]),
+        "counterfactual": st.lists(st.sampled_from(["w8", "w9", "w1"]), max_size=2),
+    },
+    optional={"bad": _plain, "limit": st.one_of(st.integers(-2, 1200), values)},
+)
+_split_ok = st.fixed_dictionaries(
+    {}, optional={"seed": st.integers(-3, 99), "held_out": st.floats(-1, 2)}
+)
+# the parts: mostly plausible (so that some cases are accepted with their variants), or tables
+# with unknown keys and hostile values, or values of another type
+_parts = st.tuples(
+    st.one_of(
+        st.none(), st.lists(st.one_of(_variant_ok, _table(VARIANT_KEYS, _text)), max_size=3), values
+    ),
+    st.one_of(st.none(), _template_ok, _table(TEMPLATE_KEYS, _text), values),
+    st.one_of(st.none(), _split_ok, _table(SPLIT_KEYS, values), values),
+)
+_parts_ok = st.tuples(
+    st.one_of(st.none(), st.lists(_variant_ok, max_size=3)),
+    st.one_of(st.none(), _template_ok),
+    st.one_of(st.none(), _split_ok),
+)
+behaviour_broken = st.one_of(_parts, _parts_ok).map(
+    lambda t: "\n".join(
+        [f"{k} = {_toml_value(v)}" for k, v in VALID.items()]
+        + [
+            f"{k} = {_toml_value(v)}"
+            for k, v in zip(("variants", "template", "split"), t, strict=True)
+            if v is not None
+        ]
+    )
+)
+
+
 def _check(raw: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "case.toml"
@@ -101,6 +158,9 @@ def _check(raw: bytes) -> None:
         assert isinstance(inc, Incident) and inc.severity in SEVERITIES
         assert inc.prompt.strip() and inc.bad.strip() and inc.good != inc.bad
         assert all(isinstance(p, str) and p.strip() for p in inc.reference_prompts)
+        for v in inc.variant_incidents():  # every variant too
+            assert (v.prompt or v.messages) and v.bad.strip() and v.good != v.bad
+            assert v.focus is None or v.focus in v.bad
 
 
 @CI
@@ -121,15 +181,28 @@ def test_valid_case_with_one_field_broken(text: str) -> None:
     _check(text.encode("utf-8", "surrogatepass"))
 
 
+@CI
+@given(behaviour_broken)
+def test_valid_case_with_hostile_variants(text: str) -> None:
+    _check(text.encode("utf-8", "surrogatepass"))
+
+
 @pytest.mark.slow
 @SLOW
-@given(st.one_of(st.binary(max_size=2000), tomlish.map(str.encode), one_broken.map(str.encode)))
+@given(
+    st.one_of(
+        st.binary(max_size=2000),
+        tomlish.map(str.encode),
+        one_broken.map(str.encode),
+        behaviour_broken.map(lambda t: t.encode("utf-8", "surrogatepass")),
+    )
+)
 def test_many_more(raw: bytes) -> None:
     _check(raw)
 
 
 @settings(CI, max_examples=60)
-@given(st.one_of(tomlish, one_broken))
+@given(st.one_of(tomlish, one_broken, behaviour_broken))
 def test_cli_check_prints_one_line_and_no_traceback(text: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "case.toml"
