@@ -28,7 +28,7 @@ from rca.ingest.incident import Incident
 from rca.ingest.preflight import Preflight, gap_error, preflight, reference_prompts
 from rca.model.metric import Target
 from rca.model.subject import Subject, load_subject
-from rca.remedy import Remedy, try_remedies
+from rca.remedy import Remedy, VariantTarget, try_remedies
 from rca.trace import Attribution, Baseline, Counterfactual, trace
 
 __all__ = [
@@ -376,6 +376,9 @@ def investigate(
             edit_prompts=refs,
             batch=att.memory.confirm_batch if att.memory is not None else 32,
             grad_batch=att.memory.ig_batch * att.target.rows if att.memory is not None else 32,
+            variants=[
+                VariantTarget(v.index, v.part, v.target, v.counterfactual) for v in pre.variants
+            ],
         )
     )
     timings["remedy"] = time.perf_counter() - t

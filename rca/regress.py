@@ -4,7 +4,10 @@ After a retrain the question is not only "does the bad output come back?" but "i
 mechanism?". For each incident ``regress``:
 
 1. measures the behaviour on the new model with one forward pass: P(bad) under ``fixed_below``
-   (0.2) means ``fixed``, and nothing is traced;
+   (0.2) means ``fixed``, and nothing is traced. A case with variants is judged on its held-out
+   variants instead (batched, ``evaluate_many``): ``fixed`` where P(bad) is under
+   ``fixed_below`` on at least ``HOLD_SHARE`` (90%) of them, as a fix must hold, and the share
+   on which it is back is recorded;
 2. where it persists, re-traces and re-confirms it (``rca.investigate`` without remedies) and
    compares the mechanism with the *reference run*, the latest recorded investigation of the
    incident on another model (investigated first, on the case's own model or
@@ -46,8 +49,9 @@ from rca.ingest.case_file import loads_case, parse_case_data
 from rca.ingest.incident import Incident, IncidentError
 from rca.investigate import InvestigateConfig, investigate
 from rca.model.adapter import as_out_in, weight_of
-from rca.model.metric import Target, evaluate, logits_kwargs
+from rca.model.metric import Target, evaluate, evaluate_many, logits_kwargs
 from rca.model.subject import Subject, load_subject
+from rca.remedy import HOLD_SHARE
 from rca.stats import spearman
 
 __all__ = [
@@ -62,6 +66,7 @@ __all__ = [
     "regress_case",
     "weight_change",
     "component_masks",
+    "held_out_check",
 ]
 
 CLASSES = ("fixed", "persists_same_mechanism", "persists_new_mechanism", "reappeared")
@@ -347,6 +352,9 @@ class RegressResult:
     weight_change: dict[str, Any] | None = None
     run_id: str | None = None
     seconds: float = 0.0
+    # a case with variants: the held-out variants it is judged on (n, how many and which share
+    # are back, and each one's P(bad) on the new model); None for a single prompt
+    held_out: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -385,6 +393,9 @@ def regress_case(
     target = incident.encode(subject)
     now = evaluate(subject.model, target)
     persists = now.p_bad >= config.fixed_below
+    held = held_out_check(incident, subject, fixed_below=config.fixed_below)
+    if held is not None:
+        persists = 1.0 - held["share_back"] < HOLD_SHARE
     case_run = None
     comparison = None
     cause_new: list[str] = []
@@ -400,12 +411,19 @@ def regress_case(
     wc = None
     if baseline is not None and persists:
         wc = weight_change(subject, baseline, target, top=config.weight_top)
+    said = f"P(bad) = {now.p_bad:.3f} (threshold {config.fixed_below})"
+    if held is not None:
+        said = (
+            f"back on {held['back']} of {held['n']} held-out variants ({held['share_back']:.0%}; "
+            f"fixed where P(bad) is under {config.fixed_below} on at least {HOLD_SHARE:.0%}); "
+            f"on the case's prompt {said}"
+        )
     result = RegressResult(
         case_id=incident.id,
         title=incident.title,
         severity=incident.severity,
         classification=cls,
-        reason=f"{why}; P(bad) = {now.p_bad:.3f} (threshold {config.fixed_below})",
+        reason=f"{why}; {said}",
         new_model=str(subject.fingerprint),
         p_bad_new=now.p_bad,
         metric_new=now.metric,
@@ -419,8 +437,36 @@ def regress_case(
         comparison=comparison,
         weight_change=wc,
         seconds=time.perf_counter() - t0,
+        held_out=held,
     )
     return result, case_run
+
+
+def held_out_check(
+    incident: Incident, subject: Subject, *, fixed_below: float
+) -> dict[str, Any] | None:
+    """The incident on its held-out variants: how many there are, on how many (and which
+    share) P(bad) is at or above ``fixed_below``, and each one's P(bad). None for a case
+    without variants. Raises IncidentError naming a variant that cannot be encoded."""
+    members = incident.behaviour().held_out
+    if not members:
+        return None
+    targets = []
+    for m in members:
+        try:
+            targets.append(m.incident.for_model(subject.tokenizer).encode(subject))
+        except IncidentError as e:
+            raise m.error(e) from None
+    values = evaluate_many(subject.model, targets)
+    back = [v.p_bad >= fixed_below for v in values]
+    return {
+        "n": len(values),
+        "back": sum(back),
+        "share_back": sum(back) / len(values),
+        "per_variant": [
+            {"index": m.index, "p_bad": v.p_bad} for m, v in zip(members, values, strict=True)
+        ],
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from rca.ingest.incident import Incident, IncidentError
-from rca.model.metric import Target, encode_text, evaluate
+from rca.model.metric import Target, encode_text, evaluate, evaluate_many
 from rca.model.subject import Subject
 
 __all__ = [
@@ -237,6 +237,9 @@ class VariantCheck:
     target: Target
     metric: float
     p_bad: float
+    # its counterfactual's target where it lines up with the prompt token for token, and metric
+    counterfactual: Target | None = None
+    metric_counterfactual: float | None = None
 
     @property
     def shows(self) -> bool:
@@ -252,6 +255,10 @@ class VariantCheck:
             "prompt_tokens": self.target.n_prompt,
             "metric": self.metric,
             "p_bad": self.p_bad,
+            "counterfactual_aligned": None
+            if self.incident.counterfactual is None
+            else self.counterfactual is not None,
+            "metric_counterfactual": self.metric_counterfactual,
         }
 
 
@@ -260,15 +267,28 @@ def check_variants(subject: Subject, incident: Incident) -> list[VariantCheck]:
 
     Raises IncidentError naming the variant (``variants`` and its item, or ``template`` and its
     slot values) where one cannot be rendered or does not fit the model's context."""
-    out = []
-    for m in incident.behaviour().members[1:]:
-        assert m.index is not None and m.variant is not None
+    members = incident.behaviour().members[1:]
+    encoded = []
+    for m in members:
         try:
             inc = m.incident.for_model(subject.tokenizer)
-            target = inc.encode(subject)
+            encoded.append((inc, inc.encode(subject)))
         except IncidentError as e:
             raise m.error(e) from None
-        value = evaluate(subject.model, target)
+    values = evaluate_many(subject.model, [t for _, t in encoded])
+    # the counterfactuals that line up with their prompts, and their metrics
+    cfs: list[Target | None] = []
+    for inc, target in encoded:
+        ids = (
+            None
+            if inc.counterfactual is None
+            else encode_text(subject.tokenizer, inc.counterfactual)
+        )
+        cfs.append(target.with_prompt(tuple(ids)) if ids and len(ids) == target.n_prompt else None)
+    cf_values = iter(evaluate_many(subject.model, [c for c in cfs if c is not None]))
+    out = []
+    for m, (inc, target), value, cf in zip(members, encoded, values, cfs, strict=True):
+        assert m.index is not None and m.variant is not None
         if not math.isfinite(value.metric):
             raise m.error(
                 IncidentError(inc.source, "bad", f"the metric is {value.metric}; it must be finite")
@@ -283,6 +303,8 @@ def check_variants(subject: Subject, incident: Incident) -> list[VariantCheck]:
                 target,
                 value.metric,
                 value.p_bad,
+                cf,
+                None if cf is None else next(cf_values).metric,
             )
         )
     return out

@@ -15,6 +15,7 @@ runs on half the rows, with the same metric (``tests/unit/test_metric.py``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -29,6 +30,8 @@ __all__ = [
     "encode_text",
     "encode_text_offsets",
     "evaluate",
+    "evaluate_many",
+    "Stacked",
     "logits_kwargs",
     "reference_point",
     "as_probability",
@@ -374,6 +377,75 @@ def evaluate(model: torch.nn.Module, target: Target) -> MetricValue:
         logp_bad=float(lp[0]),
         logp_good=float(lp[1]) if target.n_conts == 2 else None,
     )
+
+
+class Stacked:
+    """Targets of any lengths in one batch: each right-padded to the longest, which a causal
+    model's earlier positions never see, and read back from its own rows and positions.
+
+    ``ids`` and ``mask`` (the added padding masked; a target's own padding is as in
+    ``evaluate``) are (sum of rows, width); ``kwargs(model)`` keeps only the logits from the
+    first position any target reads."""
+
+    def __init__(self, targets: Sequence[Target], *, device: Any = None) -> None:
+        if not targets:
+            raise ValueError("no targets to stack")
+        self.targets = list(targets)
+        self.width = max(t.length for t in targets)
+        rows = [
+            torch.nn.functional.pad(t.input_ids(), (0, self.width - t.length), value=t.pad_id)
+            for t in targets
+        ]
+        self.ids = torch.cat(rows).to(device)
+        self.mask = torch.cat(
+            [
+                (torch.arange(self.width) < t.length).long().expand(t.rows, self.width)
+                for t in targets
+            ]
+        ).to(device)
+        self.first = min(t.n_prompt - 1 for t in targets)
+
+    def kwargs(self, model: torch.nn.Module) -> dict[str, Any]:
+        """``attention_mask`` and, where the model takes it, ``logits_to_keep``."""
+        keeps = bool(logits_kwargs(model, self.targets[0]))
+        kw: dict[str, Any] = {"attention_mask": self.mask}
+        if keeps:
+            kw["logits_to_keep"] = self.width - self.first
+        return kw
+
+    def split(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        """Each target's own logits, as ``Target.logprobs`` and ``Target.metric`` take them."""
+        skipped = self.width - logits.shape[1]  # positions the logits do not cover
+        out, r = [], 0
+        for t in self.targets:
+            out.append(logits[r : r + t.rows, : t.length - skipped])
+            r += t.rows
+        return out
+
+
+@torch.inference_mode()
+def evaluate_many(
+    model: torch.nn.Module, targets: Sequence[Target], *, batch: int = 16
+) -> list[MetricValue]:
+    """``evaluate`` of each target, ``batch`` targets per forward pass (``Stacked``), batched
+    in order of length so that little is padded."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    device = next(model.parameters()).device
+    out: list[MetricValue | None] = [None] * len(targets)
+    order = sorted(range(len(targets)), key=lambda i: targets[i].length)
+    for start in range(0, len(order), batch):
+        idx = order[start : start + batch]
+        stack = Stacked([targets[i] for i in idx], device=device)
+        logits = model(input_ids=stack.ids, **stack.kwargs(model)).logits
+        for i, t, own in zip(idx, stack.targets, stack.split(logits), strict=True):
+            lp = t.logprobs(own)[0]
+            out[i] = MetricValue(
+                metric=float(t.metric(own)[0]),
+                logp_bad=float(lp[0]),
+                logp_good=float(lp[1]) if t.n_conts == 2 else None,
+            )
+    return [v for v in out if v is not None]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,7 +50,14 @@ from rca.remedy.fix import (
     unpack,
 )
 from rca.remedy.patch import MAX_SPEC_BYTES, apply_patch, bake, load_spec
-from rca.remedy.search import Remedy, benign_side_effect, recommend, try_remedies
+from rca.remedy.search import (
+    HOLD_SHARE,
+    Remedy,
+    VariantTarget,
+    benign_side_effect,
+    recommend,
+    try_remedies,
+)
 from rca.remedy.write_direction_removal import WriteDirectionRemoval
 
 __all__ = [
@@ -59,6 +66,7 @@ __all__ = [
     "EDIT_CHUNK_BYTES",
     "FIX_KINDS",
     "Fix",
+    "HOLD_SHARE",
     "MAX_SPEC_BYTES",
     "MeanAblation",
     "MeanAblationTop",
@@ -66,6 +74,7 @@ __all__ = [
     "Remedy",
     "RemedyError",
     "TargetedAblation",
+    "VariantTarget",
     "WeightEdit",
     "WriteDirectionRemoval",
     "apply_patch",

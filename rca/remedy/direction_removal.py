@@ -111,19 +111,20 @@ class DirectionRemoval(Fix):
 
 @torch.inference_mode()
 def residual_directions(
-    subject: Subject, target: Target, counterfactual: Target, layers: Sequence[int]
+    subject: Subject, pairs: Sequence[tuple[Target, Target]], layers: Sequence[int]
 ) -> dict[int, torch.Tensor]:
     """Per layer: the mean residual stream after it on the prompt minus on the counterfactual,
-    (d_model,) on the CPU; a layer where the two are equal is left out."""
+    averaged over ``pairs`` (prompt, aligned counterfactual), (d_model,) on the CPU; a layer
+    where the two are equal is left out."""
     dev = subject.device
     rids = [format_id(ComponentId("resid_post", layer)) for layer in layers]
-    with capture(subject, rids) as a:
-        subject.model(input_ids=torch.tensor([list(target.prompt_ids)], device=dev))
-    with capture(subject, rids) as b:
-        subject.model(input_ids=torch.tensor([list(counterfactual.prompt_ids)], device=dev))
-    out = {}
-    for layer, rid in zip(layers, rids, strict=True):
-        direction = (a[rid][0].float().mean(0) - b[rid][0].float().mean(0)).cpu()
-        if float(direction.norm()) > 0:
-            out[layer] = direction
-    return out
+    total: dict[int, torch.Tensor] = {}
+    for prompt, counterfactual in pairs:
+        with capture(subject, rids) as a:
+            subject.model(input_ids=torch.tensor([list(prompt.prompt_ids)], device=dev))
+        with capture(subject, rids) as b:
+            subject.model(input_ids=torch.tensor([list(counterfactual.prompt_ids)], device=dev))
+        for layer, rid in zip(layers, rids, strict=True):
+            d = (a[rid][0].float().mean(0) - b[rid][0].float().mean(0)).cpu() / len(pairs)
+            total[layer] = total[layer] + d if layer in total else d
+    return {layer: d for layer, d in total.items() if float(d.norm()) > 0}

@@ -21,7 +21,7 @@ import torch
 from rca.model.adapter import out_in_weight
 from rca.model.hooks import padded_batch
 from rca.model.ids import parse_id
-from rca.model.metric import Target, logits_kwargs
+from rca.model.metric import Stacked, Target, logits_kwargs
 from rca.model.subject import Subject
 from rca.remedy.fix import Fix, RemedyError, WriteEdit, names, on_writes, register, unpack
 from rca.specificity import encoded, within
@@ -112,7 +112,7 @@ def weight_edit_prompts(subject: Subject, prompts: Sequence[str]) -> int:
 
 def weight_edit(
     subject: Subject,
-    target: Target,
+    target: Target | Sequence[Target],
     components: Sequence[str],
     prompts: Sequence[str],
     *,
@@ -127,6 +127,9 @@ def weight_edit(
     keeping the next-token distributions on ``prompts`` (benign text, held apart from the
     side-effect set) close to the original: minimise -log(1 - P(bad)) + kl_weight * mean KL
     with Adam, stopping once P(bad) is under half the target. Deterministic for a seed on CPU.
+
+    ``target`` may be several targets (a behaviour's fit set): the P(bad) term is then their
+    mean, and the edit stops once every one is under half the target.
 
     The KL term keeps every edit position's original next-token distribution: prompts are
     taken in order while those fit ``EDIT_BYTES``, and run at most ``batch`` at a time and at
@@ -165,7 +168,11 @@ def weight_edit(
         ]
     refs = [r.clone() for r in refs]
     n_valid = float(sum(int(mask.sum()) for _, mask in chunks))
-    t_ids = target.input_ids(device=dev)
+    targets = [target] if isinstance(target, Target) else list(target)
+    if not targets:
+        raise RemedyError("the weight edit needs at least one target")
+    # the targets, ``batch`` to a forward pass; one target alone runs as ``evaluate`` runs it
+    stacks = [Stacked(targets[i : i + batch], device=dev) for i in range(0, len(targets), batch)]
     opt = torch.optim.Adam(list(deltas.values()), lr=lr)
     goal = math.log(p_bad_target / 2)
     params = [p for p in subject.model.parameters() if p.requires_grad]
@@ -175,12 +182,28 @@ def weight_edit(
         for _ in range(steps):
             opt.zero_grad()
             with weights_edited(subject, deltas):
-                kw = logits_kwargs(subject.model, target)
-                logits = subject.model(input_ids=t_ids, use_cache=False, **kw).logits
-                lp_bad = target.logprobs(logits)[0, 0]
-                if float(lp_bad.detach()) < goal:
+                done = True
+                for stack in stacks:
+                    if len(stack.targets) == 1:
+                        t = stack.targets[0]
+                        kw = logits_kwargs(subject.model, t)
+                        ids = t.input_ids(device=dev)
+                        parts = [subject.model(input_ids=ids, use_cache=False, **kw).logits]
+                    else:
+                        kw = stack.kwargs(subject.model)
+                        logits = subject.model(input_ids=stack.ids, use_cache=False, **kw).logits
+                        parts = stack.split(logits)
+                    lp_bad = torch.stack(
+                        [t.logprobs(x)[0, 0] for t, x in zip(stack.targets, parts, strict=True)]
+                    )
+                    above = lp_bad.detach() >= goal
+                    if not bool(above.any()):
+                        continue
+                    done = False
+                    term = -torch.log1p(-lp_bad[above].clamp(max=-1e-6).exp())
+                    (term.sum() / len(targets)).backward()
+                if done:
                     break
-                (-torch.log1p(-lp_bad.clamp(max=-1e-6).exp())).backward()
                 for (ids, mask), ref in zip(chunks, refs, strict=True):
                     out = torch.log_softmax(
                         subject.model(

@@ -6,6 +6,15 @@ fixed, and the change of the mean language-model loss. Of the fixes that bring P
 ``p_bad_target`` while raising the benign loss by under ``max_loss_pct``, the cheapest is marked
 ``recommended``; when none does both, the best trade-off is, and its note says so. A fix that
 does not lower P(bad) is never recommended (``recommend``).
+
+A case with variants (``rca.ingest.variants``) is a behaviour, and its fixes are fit and chosen
+on the fit set: the incident prompt and the fit variants (``VariantTarget``). The directions
+are averaged over its prompt and counterfactual pairs, the targeted ablation takes the fewest
+neurons that work on it, and the weight edit is trained on all of it. A fix "brings P(bad)
+under the target" where it does so on at least ``hold_share`` of the fit set. Every fix is
+then scored on the held-out variants, which choose nothing: a fix that meets the target on
+the fit set and not on the held-out set is a **symptom patch**, and a symptom patch is never
+recommended. Where the fit set's choice is one, no fix is recommended.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rca.model.ids import ComponentId, format_id, parse_id
-from rca.model.metric import MetricValue, Target, evaluate
+from rca.model.metric import MetricValue, Target, evaluate, evaluate_many
 from rca.model.subject import Subject
 from rca.remedy.ablation import MeanAblation, MeanAblationTop, TargetedAblation
 from rca.remedy.direction_removal import DirectionRemoval, residual_directions
@@ -25,7 +34,43 @@ from rca.remedy.fix import Fix, RemedyError, fix_from_spec, pack
 from rca.remedy.write_direction_removal import WriteDirectionRemoval, write_directions
 from rca.specificity import BenignError, BenignRun
 
-__all__ = ["Remedy", "benign_side_effect", "recommend", "try_remedies"]
+__all__ = [
+    "HOLD_SHARE",
+    "Remedy",
+    "VariantTarget",
+    "benign_side_effect",
+    "recommend",
+    "try_remedies",
+]
+
+HOLD_SHARE = 0.9  # a fix holds on a set of prompts where P(bad) is under the target on this share
+
+
+@dataclass(frozen=True)
+class VariantTarget:
+    """A variant as the remedies see it: its index and set (``fit`` or ``held_out``), its
+    target, and its counterfactual where one lines up with it token for token."""
+
+    index: int
+    part: str
+    target: Target
+    counterfactual: Target | None = None
+
+
+def _share_under(values: Sequence[MetricValue], p_bad_target: float) -> float:
+    return sum(v.p_bad < p_bad_target for v in values) / max(1, len(values))
+
+
+def _set_figures(
+    before: Sequence[MetricValue], after: Sequence[MetricValue], p_bad_target: float
+) -> dict[str, float]:
+    n = max(1, len(before))
+    return {
+        "n": len(before),
+        "mean_p_bad_before": sum(v.p_bad for v in before) / n,
+        "mean_p_bad_after": sum(v.p_bad for v in after) / n,
+        "share_under_target": _share_under(after, p_bad_target),
+    }
 
 
 @dataclass
@@ -43,6 +88,29 @@ class Remedy:
     recommended: bool = False
     note: str = ""
     layer: int | None = None
+    # a behaviour's figures: per set (fit, held_out) the number of prompts, the mean P(bad)
+    # before and after, and the share under the target; per variant P(bad) before and after
+    behaviour: dict[str, Any] | None = None
+
+    @property
+    def symptom_patch(self) -> bool:
+        """Meets the target on the fit set and not on the held-out variants."""
+        b = self.behaviour
+        return bool(b and b.get("symptom_patch"))
+
+    def holds_on_fit(self, p_bad_target: float, hold_share: float = HOLD_SHARE) -> bool:
+        """P(bad) under the target on at least ``hold_share`` of the fit set (the incident
+        prompt alone, for a single prompt)."""
+        if self.behaviour is None:
+            return self.p_bad_after < p_bad_target
+        return self.behaviour["fit"]["share_under_target"] >= hold_share
+
+    def lowers(self) -> bool:
+        """Lowers P(bad): on the incident prompt, or on average over the fit set."""
+        if self.behaviour is None:
+            return self.p_bad_after < self.p_bad_before
+        fit = self.behaviour["fit"]
+        return fit["mean_p_bad_after"] < fit["mean_p_bad_before"]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +131,16 @@ def evaluate_with(subject: Subject, target: Target, fix: Fix) -> MetricValue:
         return evaluate(subject.model, target)
 
 
+def evaluate_many_with(
+    subject: Subject, targets: Sequence[Target], fix: Fix | None, *, batch: int = 16
+) -> list[MetricValue]:
+    """Each target's metric and P(bad) with ``fix`` applied (none: the model as it is)."""
+    if fix is None:
+        return evaluate_many(subject.model, targets, batch=batch)
+    with fix.context(subject):
+        return evaluate_many(subject.model, targets, batch=batch)
+
+
 def try_remedies(
     subject: Subject,
     target: Target,
@@ -78,9 +156,13 @@ def try_remedies(
     edit_prompts: Sequence[str] = (),
     batch: int = 32,
     grad_batch: int = 32,
+    variants: Sequence[VariantTarget] = (),
+    hold_share: float = HOLD_SHARE,
 ) -> list[Remedy]:
     """Try each fix for ``cause_set`` and rank them; see the module docstring.
 
+    ``variants``: the case's variants, each in the fit or the held-out set; the fixes are fit
+    on the incident prompt and the fit ones, and scored on both sets.
     Memory bounds: ``batch`` benign prompts per forward when measuring side effects,
     ``grad_batch`` edit prompts per forward and backward in the weight edit.
     """
@@ -102,6 +184,18 @@ def try_remedies(
     if not comps:
         raise RemedyError("the cause set holds no heads, MLPs or MLP neurons")
     before = evaluate(subject.model, target)
+    fit_variants = [v for v in variants if v.part == "fit"]
+    fit_targets = [target, *(v.target for v in fit_variants)]
+    pairs = [(target, counterfactual)] if counterfactual is not None else []
+    pairs += [(v.target, v.counterfactual) for v in fit_variants if v.counterfactual is not None]
+
+    def works(fix: Fix) -> bool:
+        """P(bad) under the target on the fit set (on ``hold_share`` of it)."""
+        if not fit_variants:
+            return evaluate_with(subject, target, fix).p_bad < p_bad_target
+        after = evaluate_many_with(subject, fit_targets, fix, batch=batch)
+        return _share_under(after, p_bad_target) >= hold_share
+
     top = top_cause if top_cause in comps else comps[0]
     mlp_layers = {parse_id(c).layer for c in comps if parse_id(c).kind == "mlp"}
     heads = [c for c in comps if parse_id(c).kind == "head"]
@@ -123,7 +217,14 @@ def try_remedies(
     # the weight edit first: its memory is freed before the benign run keeps its own
     held = [p for p in edit_prompts if p not in set(reference)]
     deltas = (
-        weight_edit(subject, target, comps, held[:64], p_bad_target=p_bad_target, batch=grad_batch)
+        weight_edit(
+            subject,
+            fit_targets if fit_variants else target,
+            comps,
+            held[:64],
+            p_bad_target=p_bad_target,
+            batch=grad_batch,
+        )
         if held
         else None
     )
@@ -166,13 +267,13 @@ def try_remedies(
                     **{n: n_means[n].tolist() for n in chosen},
                 },
             )
-            if evaluate_with(subject, target, trial).p_bad < p_bad_target:
+            if works(trial):
                 break
             if len(chosen) == len(ranked_neurons):
                 break
         fixes.append(trial)
-    if counterfactual is not None and subject.adapter.model_type != "gemma2":
-        wd = write_directions(subject, target, counterfactual, comps)
+    if pairs and subject.adapter.model_type != "gemma2":
+        wd = write_directions(subject, pairs, comps)
         if wd:
             fixes.append(
                 WriteDirectionRemoval(
@@ -186,9 +287,7 @@ def try_remedies(
         layers = sorted(
             {*own, *[x for x in range(deepest + 1) if x not in own][: max(0, 8 - len(own))]}
         )
-        for layer, direction in residual_directions(
-            subject, target, counterfactual, layers
-        ).items():
+        for layer, direction in residual_directions(subject, pairs, layers).items():
             fixes.append(
                 DirectionRemoval(
                     components=(format_id(ComponentId("resid_post", layer)),),
@@ -206,6 +305,8 @@ def try_remedies(
                 edit_prompts=weight_edit_prompts(subject, held[:64]),
             )
         )
+    scored = [target, *(v.target for v in variants)]
+    base = evaluate_many_with(subject, scored, None, batch=batch) if variants else []
     out: list[Remedy] = []
     for fix in fixes:
         spec = fix.to_spec()
@@ -222,6 +323,11 @@ def try_remedies(
             patch_spec=spec,
             layer=spec.get("layer"),
         )
+        if variants:
+            fixed = evaluate_many_with(subject, scored, fix, batch=batch)
+            r.behaviour = _behaviour_figures(
+                variants, base, fixed, p_bad_target=p_bad_target, hold_share=hold_share
+            )
         bad = bad_text or "the bad continuation"
         moves = "rises" if side["loss_change_pct"] >= 0 else "falls"
         r.note = (
@@ -230,21 +336,84 @@ def try_remedies(
             f"{int(side['n_prompts'])} benign prompts {moves} "
             f"{abs(side['loss_change_pct']):.1f}% (mean KL {side['kl_mean']:.4f} nats per token)."
         )
+        if r.behaviour is not None:
+            r.note += " " + _behaviour_note(r.behaviour, p_bad_target)
         out.append(r)
-    recommend(out, p_bad_target=p_bad_target, max_loss_pct=max_loss_pct)
+    recommend(out, p_bad_target=p_bad_target, max_loss_pct=max_loss_pct, hold_share=hold_share)
     return out
 
 
+def _behaviour_figures(
+    variants: Sequence[VariantTarget],
+    before: Sequence[MetricValue],
+    after: Sequence[MetricValue],
+    *,
+    p_bad_target: float,
+    hold_share: float,
+) -> dict[str, Any]:
+    """A fix's figures on the behaviour. ``before`` and ``after`` hold the incident prompt
+    first, then the variants in order."""
+    parts = ["fit", *(v.part for v in variants)]
+    sets = {
+        part: _set_figures(
+            [b for b, p in zip(before, parts, strict=True) if p == part],
+            [a for a, p in zip(after, parts, strict=True) if p == part],
+            p_bad_target,
+        )
+        for part in ("fit", "held_out")
+    }
+    held = sets["held_out"]
+    fit_ok = sets["fit"]["share_under_target"] >= hold_share
+    return {
+        **sets,
+        "p_bad_target": p_bad_target,
+        "hold_share": hold_share,
+        "symptom_patch": bool(fit_ok and held["n"] and held["share_under_target"] < hold_share),
+        "per_variant": [
+            {
+                "index": v.index,
+                "part": v.part,
+                "p_bad_before": b.p_bad,
+                "p_bad_after": a.p_bad,
+            }
+            for v, b, a in zip(variants, before[1:], after[1:], strict=True)
+        ],
+    }
+
+
+def _behaviour_note(b: dict[str, Any], p_bad_target: float) -> str:
+    fit, held = b["fit"], b["held_out"]
+    text = (
+        f"On the fit set ({fit['n']} prompts) P(bad) is under {p_bad_target:g} on "
+        f"{fit['share_under_target']:.0%}"
+    )
+    if held["n"]:
+        text += (
+            f"; on {held['n']} held-out variants on {held['share_under_target']:.0%} (mean "
+            f"P(bad) {held['mean_p_bad_before']:.2f} -> {held['mean_p_bad_after']:.2f})"
+        )
+    text += "."
+    if b["symptom_patch"]:
+        text += " A symptom patch: it holds on the fit set and not on the held-out variants."
+    return text
+
+
 def recommend(
-    remedies: Sequence[Remedy], *, p_bad_target: float = 0.2, max_loss_pct: float = 5.0
+    remedies: Sequence[Remedy],
+    *,
+    p_bad_target: float = 0.2,
+    max_loss_pct: float = 5.0,
+    hold_share: float = HOLD_SHARE,
 ) -> Remedy | None:
     """Mark the fix to recommend, and say why in its note; None when no fix lowers P(bad).
 
     Under the P(bad) target at a tolerable cost: the cheapest. Else the best trade-off among
     those that lower P(bad), with the note saying which bound it misses. A fix that does not
-    lower P(bad) is never recommended, whatever its cost.
+    lower P(bad) is never recommended, whatever its cost. On a behaviour every figure the
+    choice reads is the fit set's (``Remedy.holds_on_fit``, ``Remedy.lowers``); where the fix
+    it chooses is a symptom patch, none is recommended.
     """
-    lowers = [r for r in remedies if r.p_bad_after < r.p_bad_before]
+    lowers = [r for r in remedies if r.lowers()]
     if not lowers:
         if remedies:
             remedies[0].note += " No fix lowers P(bad): none is recommended."
@@ -252,17 +421,29 @@ def recommend(
     ok = [
         r
         for r in lowers
-        if r.p_bad_after < p_bad_target and r.side_effect["loss_change_pct"] < max_loss_pct
+        if r.holds_on_fit(p_bad_target, hold_share)
+        and r.side_effect["loss_change_pct"] < max_loss_pct
     ]
     if ok:
         best = min(ok, key=lambda r: r.side_effect["loss_change_pct"])
-        best.note += " Recommended."
+        reserved = ""
     else:
         cheap = [r for r in lowers if r.side_effect["loss_change_pct"] < max_loss_pct]
-        best = min(cheap or lowers, key=lambda r: r.p_bad_after)
-        best.note += (
-            f" Recommended with reservations: no fix brought P(bad) under {p_bad_target} "
-            f"while raising the benign loss by less than {max_loss_pct:g}%."
+        best = min(cheap or lowers, key=_fit_p_bad_after)
+        reserved = (
+            f" no fix brought P(bad) under {p_bad_target} while raising the benign loss by "
+            f"less than {max_loss_pct:g}%."
         )
+    if best.symptom_patch:
+        best.note += (
+            " Chosen on the fit set, but not recommended: it is a symptom patch. No fix is "
+            "recommended."
+        )
+        return None
+    best.note += " Recommended." if not reserved else " Recommended with reservations:" + reserved
     best.recommended = True
     return best
+
+
+def _fit_p_bad_after(r: Remedy) -> float:
+    return r.p_bad_after if r.behaviour is None else r.behaviour["fit"]["mean_p_bad_after"]

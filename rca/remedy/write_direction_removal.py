@@ -92,13 +92,14 @@ class WriteDirectionRemoval(Fix):
 
 @torch.inference_mode()
 def write_directions(
-    subject: Subject, target: Target, counterfactual: Target, comps: Sequence[str]
+    subject: Subject, pairs: Sequence[tuple[Target, Target]], comps: Sequence[str]
 ) -> dict[str, list[float]]:
-    """Per component: its write at the last prompt position, prompt minus counterfactual; a
-    component that writes the same on both is left out."""
+    """Per component: its write at the last prompt position, prompt minus counterfactual,
+    averaged over ``pairs`` (prompt, aligned counterfactual); a component that writes the same
+    on both is left out."""
     a, dev = subject.adapter, subject.device
-    writes = []
-    for t in (target, counterfactual):
+
+    def writes(t: Target) -> dict[str, torch.Tensor]:
         with capture(subject, comps) as acts:
             subject.model(input_ids=torch.tensor([list(t.prompt_ids)], device=dev))
         w = {}
@@ -109,10 +110,17 @@ def write_directions(
                 assert c.layer is not None and c.index is not None
                 x = a.head_result(c.layer, c.index, x)
             w[cid] = x.cpu()
-        writes.append(w)
-    out = {}
-    for cid in comps:
-        d = writes[0][cid] - writes[1][cid]
-        if float(d.norm()) > 1e-8 * max(1.0, float(writes[0][cid].norm())):
-            out[cid] = d.tolist()
-    return out
+        return w
+
+    diff: dict[str, torch.Tensor] = {}
+    scale: dict[str, float] = {}
+    for prompt, counterfactual in pairs:
+        on, off = writes(prompt), writes(counterfactual)
+        for cid in comps:
+            diff[cid] = diff.get(cid, 0) + (on[cid] - off[cid]) / len(pairs)
+            scale[cid] = max(scale.get(cid, 1.0), float(on[cid].norm()))
+    return {
+        cid: diff[cid].tolist()
+        for cid in comps
+        if cid in diff and float(diff[cid].norm()) > 1e-8 * scale[cid]
+    }

@@ -14,6 +14,7 @@ from typing import Any
 
 from rca.report.drawing import circuit_svg, graph_svg
 from rca.report.stored import (
+    behaviour_of,
     case_fields,
     circuit_lines,
     circuit_of,
@@ -113,6 +114,57 @@ def _decoding_html(dec: Any) -> str:
     )
 
 
+def _behaviour_html(run: Mapping[str, Any]) -> str:
+    """The fixes on the case's variants (``rca.report.stored.behaviour_of``)."""
+    b = behaviour_of(run)
+    if b is None or not b["fixes"]:
+        return ""
+    first, split = b["fixes"][0], b["split"]
+
+    def share(v: Any) -> str:
+        return "-" if v is None else f"{float(v):.0%}"
+
+    fixes = "".join(
+        f'<tr class="{"rec" if f["recommended"] else ""}"><td>{_e(f["kind"])}</td>'
+        f"<td>{share((f.get('fit') or {}).get('share_under_target'))} of "
+        f"{_e((f.get('fit') or {}).get('n'))}</td>"
+        f"<td>{share((f.get('held_out') or {}).get('share_under_target'))} of "
+        f"{_e((f.get('held_out') or {}).get('n'))}</td>"
+        f"<td>{_f((f.get('held_out') or {}).get('mean_p_bad_before'), '.3f')} &#8594; "
+        f"{_f((f.get('held_out') or {}).get('mean_p_bad_after'), '.3f')}</td>"
+        f"<td>{'yes' if f.get('symptom_patch') else 'no'}</td></tr>"
+        for f in b["fixes"]
+    )
+    kinds = [str(f["kind"]) for f in b["fixes"]]
+    rows = "".join(
+        f"<tr><td>{v['index']}</td><td>{_e(v['part'])}</td><td>{_e(v['label'] or '-')}</td>"
+        f"<td>{_f(v['p_bad'], '.3f')}</td>"
+        + "".join(f"<td>{_f(v['after'].get(k), '.3f')}</td>" for k in kinds)
+        + "</tr>"
+        for v in b["variants"]
+    )
+    return (
+        "<h3>On the variants</h3><p>"
+        + _e(
+            "Each fix was fit on the incident prompt and the fit variants and scored on the "
+            f"held-out variants, which chose nothing (split seed {split.get('seed')}, held-out "
+            f"share {split.get('held_out')}). A fix holds on a set where P(bad) is under "
+            f"{first.get('p_bad_target')} on at least {share(first.get('hold_share'))} of it; "
+            "one that holds on the fit set and not on the held-out variants is a symptom patch, "
+            "never recommended."
+        )
+        + "</p><table><tr><th>fix</th><th>fit: under target</th><th>held out: under target</th>"
+        "<th>held out: mean P(bad)</th><th>symptom patch</th></tr>"
+        + fixes
+        + "</table><p>P(bad) per variant, before and after each fix:</p><table><tr>"
+        "<th>variant</th><th>set</th><th>slots</th><th>P(bad)</th>"
+        + "".join(f"<th>{_e(k)}</th>" for k in kinds)
+        + "</tr>"
+        + rows
+        + "</table>"
+    )
+
+
 def render_html(run: Mapping[str, Any]) -> str:
     """One self-contained HTML page: inline CSS and SVG only, every string escaped."""
     inc = case_fields(run)
@@ -170,6 +222,7 @@ def render_html(run: Mapping[str, Any]) -> str:
         f"<td>{_e(r.get('note'))}</td></tr>"
         for r in run.get("remedies", [])
     )
+    behaviour_html = _behaviour_html(run)
     notes = (
         "".join(
             f"<li>{_e(n.get('created_at'))}, <b>{_e(n.get('author'))}</b>: {_e(n.get('text'))}</li>"
@@ -225,6 +278,7 @@ after the recommended fix.</p>
 <h2>Remediation</h2>
 <table><tr><th>fix</th><th>components</th><th>P(bad)</th><th>benign loss</th><th>note</th></tr>
 {rems}</table>
+{behaviour_html}
 <h2>Notes</h2><ul>{notes}</ul>
 </body></html>
 """

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from rca.report.stored import NEWLINE as _NEWLINE
 from rca.report.stored import (
+    behaviour_of,
     case_fields,
     circuit_lines,
     circuit_of,
@@ -275,6 +276,7 @@ def _report_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
     for r in run.get("remedies", []):
         mark = " (recommended)" if r.get("recommended") else ""
         lines.append(f"- **{m.text(r['kind'])}**{mark}: {m.text(r.get('note'))}")
+    lines += _behaviour_lines(run, m)
     lines += ["", "## Notes", ""]
     notes = run.get("notes", [])
     if not notes:
@@ -284,6 +286,63 @@ def _report_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
             f"- {m.text(n.get('created_at'))}, {m.text(n.get('author'))}: {m.text(n.get('text'))}"
         )
     return lines
+
+
+def _behaviour_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
+    """The fixes on the case's variants: per fix the fit and held-out figures, then P(bad)
+    per variant before and after each fix."""
+    b = behaviour_of(run)
+    if b is None or not b["fixes"]:
+        return []
+    first = b["fixes"][0]
+    target, share = first.get("p_bad_target"), first.get("hold_share")
+    split = b["split"]
+    lines = [
+        "",
+        "### On the variants",
+        "",
+        m.text(
+            f"Each fix was fit on the incident prompt and the fit variants and scored on the "
+            f"held-out variants, which chose nothing (split seed {split.get('seed')}, held-out "
+            f"share {split.get('held_out')}). A fix holds on a set where P(bad) is under "
+            f"{target} on at least {_pct_plain(share)} of it; one that holds on the fit set and "
+            "not on the held-out variants is a symptom patch, never recommended."
+        ),
+        "",
+        "| fix | fit: under target | held out: under target | held out: mean P(bad) | "
+        "symptom patch |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for f in b["fixes"]:
+        fit, held = f.get("fit") or {}, f.get("held_out") or {}
+        mark = " (recommended)" if f["recommended"] else ""
+        lines.append(
+            f"| {m.text(f['kind'])}{mark} | {_pct_plain(fit.get('share_under_target'))} of "
+            f"{fit.get('n')} | {_pct_plain(held.get('share_under_target'))} of {held.get('n')} "
+            f"| {_f(held.get('mean_p_bad_before'), '.3f')} -> "
+            f"{_f(held.get('mean_p_bad_after'), '.3f')} | "
+            f"{'yes' if f.get('symptom_patch') else 'no'} |"
+        )
+    kinds = [str(f["kind"]) for f in b["fixes"]]
+    lines += [
+        "",
+        "P(bad) per variant, before and after each fix:",
+        "",
+        "| variant | set | slots | P(bad) | " + " | ".join(m.text(k) for k in kinds) + " |",
+        "|---:|---|---|---:|" + "---:|" * len(kinds),
+    ]
+    for v in b["variants"]:
+        cells = " | ".join(_f(v["after"].get(k), ".3f") for k in kinds)
+        lines.append(
+            f"| {v['index']} | {m.text(v['part'])} | "
+            f"{m.code(v['label'], cell=True) if v['label'] else '-'} "
+            f"| {_f(v['p_bad'], '.3f')} | {cells} |"
+        )
+    return lines
+
+
+def _pct_plain(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.0%}"
 
 
 def render_markdown(run: Mapping[str, Any]) -> str:

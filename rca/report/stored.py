@@ -34,6 +34,7 @@ __all__ = [
     "turns",
     "verdict_words",
     "yes_no",
+    "behaviour_of",
 ]
 
 
@@ -256,3 +257,40 @@ def circuit_lines(circuit: Mapping[str, Any]) -> list[str]:
             + (f" ({rest} other pair{'s' if rest != 1 else ''} below the bound)" if rest else "")
         )
     return out
+
+
+def behaviour_of(run: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A behaviour's figures for a report, or None for a single-prompt run.
+
+    ``split``: the variants' split; ``fixes``: per fix (in the order tried) its kind, whether
+    it is recommended, and its fit and held-out figures (``n``, ``share_under_target``,
+    ``mean_p_bad_before``, ``mean_p_bad_after``) and ``symptom_patch``; ``variants``: per
+    variant its index, set, slot values, P(bad) before, and P(bad) after each fix (by kind)."""
+    variants = list(run.get("variants") or [])
+    if not variants:
+        return None
+    summary = summary_of(run)
+    fixes = []
+    for r in run.get("remedies") or []:
+        b = json_column(r.get("behaviour"))
+        if isinstance(b, Mapping):
+            fixes.append({"kind": r.get("kind"), "recommended": bool(r.get("recommended")), **b})
+    kinds = {
+        int(r.get("row_no", i)): r.get("kind") for i, r in enumerate(run.get("remedies") or [])
+    }
+    after: dict[int, dict[str, float]] = {}
+    for row in run.get("variant_results") or []:
+        kind = row.get("kind") or kinds.get(int(row.get("remedy_row", -1)))
+        after.setdefault(int(row["variant_index"]), {})[str(kind)] = row.get("p_bad_after")
+    rows = [
+        {
+            "index": int(v["variant_index"]),
+            "part": v.get("part"),
+            "label": v.get("label") or "",
+            "p_bad": v.get("p_bad"),
+            "after": after.get(int(v["variant_index"]), {}),
+        }
+        for v in variants
+    ]
+    split = (summary.get("variants") or {}).get("split") or {}
+    return {"split": split, "fixes": fixes, "variants": rows}

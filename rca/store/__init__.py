@@ -6,8 +6,10 @@
     token_scores   the evidence of one run, in bulk                  key: run_id
     nodes          (Arrow in, never executemany; each row keeps its
     edges          position in the run as row_no)
-    ablations
-    remedies
+    ablations      remedies: the fixes tried; variants: the case's
+    remedies       variants as measured; variant_results: each fix's
+    variants       P(bad) on each variant (both empty for a
+    variant_results single-prompt case)
     notes          append-only free text on a run or an incident     key: note_id
     audit          the hash chain over every write                   key: seq
     schema_version one row per applied migration                     key: version

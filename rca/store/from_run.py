@@ -1,5 +1,6 @@
 """The ``RunRecord`` of a finished investigation: ``to_run_record`` turns an
-``rca.investigate.CaseRun`` into the store's plain data (a summary and five bulk tables).
+``rca.investigate.CaseRun`` into the store's plain data (a summary and seven bulk tables:
+the variants and each fix's per-variant results are empty for a single-prompt case).
 
 The one module of ``rca.store`` that knows the pipeline's objects; the package's
 ``__init__`` does not import it, so that the store itself never imports torch.
@@ -8,6 +9,7 @@ The one module of ``rca.store`` that knows the pipeline's objects; the package's
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +21,22 @@ from .records import IncidentRecord, ModelRecord, RunRecord
 if TYPE_CHECKING:
     from rca.confirm import CandidateEvidence, CircuitMember
 
-__all__ = ["to_run_record"]
+__all__ = ["remedy_rows", "to_run_record", "variant_result_rows", "variant_rows"]
 
 # the counterfactual's fields the run summary keeps
 CF_SUMMARY = ("text", "generated", "drop", "replaced", "text_exact")
+# the fields of VariantCheck.to_json a variants row keeps under their own names (index is
+# variant_index)
+VARIANT_FIELDS = (
+    "part",
+    "origin",
+    "label",
+    "prompt_tokens",
+    "metric",
+    "p_bad",
+    "counterfactual_aligned",
+    "metric_counterfactual",
+)
 
 
 def _layer(cid: str) -> int | None:
@@ -216,25 +230,10 @@ def to_run_record(
         )
     if v.circuit is not None:
         ablations += _circuit_ablations(v.circuit, v.metric_clean, kind_)
-    remedies = [
-        {
-            "remedy_id": str(uuid.uuid4()),
-            "kind": r.kind,
-            "components": r.components,
-            "metric_before": r.metric_before,
-            "metric_after": r.metric_after,
-            "p_bad_before": r.p_bad_before,
-            "p_bad_after": r.p_bad_after,
-            "side_effect": r.side_effect,
-            "recommended": r.recommended,
-            "note": r.note,
-            "patch_spec": r.patch_spec,
-        }
-        for r in run.remedies
-    ]
     rec = run.recommended
     cf_json = None if att.counterfactual is None else att.counterfactual.to_json()
     pre = getattr(run, "preflight", None)
+    variants = [] if pre is None else variant_rows(pre.variants)
     inc = run.incident
     said: dict[str, Any] = {}
     if pre is not None:
@@ -296,8 +295,64 @@ def to_run_record(
         nodes=nodes,
         edges=edges,
         ablations=ablations,
-        remedies=remedies,
+        remedies=remedy_rows(run.remedies),
+        variants=variants,
+        variant_results=variant_result_rows(run.remedies),
     )
+
+
+def remedy_rows(remedies: Sequence[Any]) -> list[dict[str, Any]]:
+    """The ``remedies`` rows of a run: one per fix, in the order tried; a fix's behaviour
+    without ``per_variant`` (which ``variant_result_rows`` keeps)."""
+    return [
+        {
+            "remedy_id": str(uuid.uuid4()),
+            "kind": r.kind,
+            "components": r.components,
+            "metric_before": r.metric_before,
+            "metric_after": r.metric_after,
+            "p_bad_before": r.p_bad_before,
+            "p_bad_after": r.p_bad_after,
+            "side_effect": r.side_effect,
+            "recommended": r.recommended,
+            "note": r.note,
+            "patch_spec": r.patch_spec,
+            "behaviour": _behaviour_figures(r),
+        }
+        for r in remedies
+    ]
+
+
+def variant_rows(checks: Sequence[Any]) -> list[dict[str, Any]]:
+    """The ``variants`` rows of a run: one per ``rca.ingest.preflight.VariantCheck``, in order."""
+    return [
+        {"variant_index": j["index"], **{k: j[k] for k in VARIANT_FIELDS}}
+        for j in (c.to_json() for c in checks)
+    ]
+
+
+def variant_result_rows(remedies: Sequence[Any]) -> list[dict[str, Any]]:
+    """The ``variant_results`` rows of a run: per fix (in the order tried, ``remedy_row`` its
+    position) and per variant of its behaviour, P(bad) before and after."""
+    return [
+        {
+            "remedy_row": i,
+            "kind": r.kind,
+            "variant_index": v["index"],
+            "part": v["part"],
+            "p_bad_before": v["p_bad_before"],
+            "p_bad_after": v["p_bad_after"],
+        }
+        for i, r in enumerate(remedies)
+        for v in (getattr(r, "behaviour", None) or {}).get("per_variant", [])
+    ]
+
+
+def _behaviour_figures(remedy: Any) -> dict[str, Any] | None:
+    """A fix's behaviour as ``remedies.behaviour`` keeps it: without ``per_variant``, which
+    goes to ``variant_results``; None for a single-prompt case."""
+    b = getattr(remedy, "behaviour", None)
+    return None if b is None else {k: v for k, v in b.items() if k != "per_variant"}
 
 
 def _evidence(e: CandidateEvidence | None, member: CircuitMember | None) -> dict[str, Any]:

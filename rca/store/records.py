@@ -1,6 +1,7 @@
 """The records a run writes, as plain Python data validated on construction: ``ModelRecord``,
 ``IncidentRecord`` and ``RunRecord``, whose bulk tables (token scores, nodes, edges,
-ablations, remedies) are converted to Arrow in the store's column order (``BULK_COLUMNS``).
+ablations, remedies, variants, variant results) are converted to Arrow in the store's column
+order (``BULK_COLUMNS``).
 
 A record that cannot be stored as given raises ``RecordError`` when it is built, before any
 file is touched.
@@ -35,6 +36,7 @@ __all__ = [
     "IncidentRecord",
     "ModelRecord",
     "RunRecord",
+    "VARIANT_PARTS",
     "TableLike",
     "library_versions",
 ]
@@ -172,8 +174,15 @@ class IncidentRecord:
         return f"{self.id}@{self.sha256}"
 
 
-# column name -> (type, required); every bulk table also has run_id, filled by the store
-_T = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
+# column name -> (type, required); every bulk table also has run_id, filled by the store.
+# "bool" is a flag, False when missing; "bool_or_null" keeps a missing value NULL.
+_T = {
+    "str": pa.string(),
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "bool": pa.bool_(),
+    "bool_or_null": pa.bool_(),
+}
 BULK_COLUMNS: dict[str, dict[str, tuple[str, bool]]] = {
     "token_scores": {
         "position": ("int", True),
@@ -222,8 +231,30 @@ BULK_COLUMNS: dict[str, dict[str, tuple[str, bool]]] = {
         "recommended": ("bool", False),
         "note": ("str", False),
         "patch_spec": ("json", False),
+        "behaviour": ("json", False),
+    },
+    "variants": {
+        "variant_index": ("int", True),
+        "part": ("str", True),
+        "origin": ("str", False),
+        "label": ("str", False),
+        "prompt_tokens": ("int", False),
+        "metric": ("float", False),
+        "p_bad": ("float", False),
+        "counterfactual_aligned": ("bool_or_null", False),
+        "metric_counterfactual": ("float", False),
+    },
+    "variant_results": {
+        "remedy_row": ("int", True),
+        "kind": ("str", False),
+        "variant_index": ("int", True),
+        "part": ("str", True),
+        "p_bad_before": ("float", False),
+        "p_bad_after": ("float", False),
     },
 }
+# the sets a variant belongs to (rca.ingest.variants)
+VARIANT_PARTS = ("fit", "held_out")
 
 
 def _arrow_type(kind: str) -> pa.DataType:
@@ -329,7 +360,8 @@ def _bulk_table(table: str, data: TableLike, run_id: str) -> pa.Table:
             raise
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
             raise RecordError(
-                f"{what}: column {name!r} cannot be read as {kind}: {str(e).splitlines()[0]}"
+                f"{what}: column {name!r} cannot be read as {kind.removesuffix('_or_null')}: "
+                f"{str(e).splitlines()[0]}"
             ) from e
         if kind == "bool":
             arr = arr.fill_null(False)
@@ -339,7 +371,79 @@ def _bulk_table(table: str, data: TableLike, run_id: str) -> pa.Table:
     out = pa.table(arrays)
     if table == "nodes" and n:
         out = _fill_node_kinds(out)
+    if n:
+        _check_values(table, out)
     return out
+
+
+def _check_values(table: str, rows: pa.Table) -> None:
+    """The values a column's type does not constrain: a variant's set, a fix's behaviour."""
+    what = f"RunRecord.{table}"
+    if "part" in rows.column_names and table in ("variants", "variant_results"):
+        for i, part in enumerate(rows.column("part").to_pylist()):
+            if part not in VARIANT_PARTS:
+                raise RecordError(
+                    f"{what}: row {i} has part {part!r}; expected one of {VARIANT_PARTS}"
+                )
+    if table == "remedies":
+        for i, text in enumerate(rows.column("behaviour").to_pylist()):
+            if text is None:
+                continue
+            b = json.loads(text)
+            if not isinstance(b, dict):
+                raise RecordError(
+                    f"{what}: row {i} has behaviour {text[:40]!r}; expected a mapping (the "
+                    "fit and held_out figures) or None"
+                )
+            if "per_variant" in b:
+                raise RecordError(
+                    f"{what}: row {i}'s behaviour holds per_variant; give those as "
+                    "RunRecord.variant_results rows (one per fix and variant) and leave it out"
+                )
+
+
+def _link_variant_results(tables: dict[str, pa.Table]) -> None:
+    """Check each variant_results row against the fix and the variant it names, and fill in
+    the fix's kind where it was left out. Changes ``tables`` in place."""
+    results = tables["variant_results"]
+    if results.num_rows == 0:
+        return
+    what = "RunRecord.variant_results"
+    remedies = tables["remedies"]
+    rows = results.column("remedy_row").to_pylist()
+    bad = [(i, r) for i, r in enumerate(rows) if not 0 <= r < remedies.num_rows]
+    if bad:
+        i, r = bad[0]
+        raise RecordError(
+            f"{what}: row {i} names remedy_row {r}, but the run has {remedies.num_rows} "
+            "remedies; remedy_row is the fix's position in RunRecord.remedies"
+        )
+    own = remedies.column("kind").to_pylist()
+    kinds = results.column("kind").to_pylist()
+    for i, (r, k) in enumerate(zip(rows, kinds, strict=True)):
+        if k is not None and k != own[r]:
+            raise RecordError(f"{what}: row {i} has kind {k!r}, but remedy {r} is {own[r]!r}")
+    if any(k is None for k in kinds):
+        filled = pa.array([own[r] for r in rows], pa.string())
+        results = results.set_column(results.column_names.index("kind"), "kind", filled)
+    parts = dict(
+        zip(
+            tables["variants"].column("variant_index").to_pylist(),
+            tables["variants"].column("part").to_pylist(),
+            strict=True,
+        )
+    )
+    for i, (v, part) in enumerate(
+        zip(
+            results.column("variant_index").to_pylist(),
+            results.column("part").to_pylist(),
+            strict=True,
+        )
+    ):
+        if parts.get(v) != part:
+            known = "not among RunRecord.variants" if v not in parts else f"in {parts[v]!r}"
+            raise RecordError(f"{what}: row {i} is variant {v} in {part!r}, but it is {known}")
+    tables["variant_results"] = results
 
 
 def _fill_node_kinds(nodes: pa.Table) -> pa.Table:
@@ -386,9 +490,12 @@ def _library_versions() -> tuple[tuple[str, str], ...]:
 class RunRecord:
     """Everything one run writes, as plain Python data; validated on construction.
 
-    The bulk tables (``token_scores``, ``nodes``, ``edges``, ``ablations``, ``remedies``) take a
-    pyarrow Table, a pandas DataFrame, a dict of columns or a list of row dicts, with the
-    columns of ``BULK_COLUMNS`` (run_id is filled in). ``summary`` holds the verdict and the
+    The bulk tables (``token_scores``, ``nodes``, ``edges``, ``ablations``, ``remedies``,
+    ``variants``, ``variant_results``) take a pyarrow Table, a pandas DataFrame, a dict of
+    columns or a list of row dicts, with the columns of ``BULK_COLUMNS`` (run_id and row_no
+    are filled in). A ``variant_results`` row names its fix by ``remedy_row``, the fix's
+    position in ``remedies`` (its ``kind`` is filled in from there when left out), and its
+    variant by ``variant_index``, one of ``variants``. ``summary`` holds the verdict and the
     metric and P(bad) before and after, e.g. ``{"verdict": "confirmed", "metric_before": 3.1,
     "metric_after": -0.4, "p_bad_before": 0.91, "p_bad_after": 0.08}``.
     """
@@ -412,6 +519,8 @@ class RunRecord:
     edges: TableLike = None
     ablations: TableLike = None
     remedies: TableLike = None
+    variants: TableLike = None  # a case's variants as the preflight measured them
+    variant_results: TableLike = None  # per fix and variant: P(bad) before and after
     # the bulk tables converted to Arrow, in the store's column order
     tables: Mapping[str, pa.Table] = field(init=False, repr=False)
 
@@ -449,4 +558,5 @@ class RunRecord:
         for key in ("started_at", "finished_at"):
             object.__setattr__(self, key, _utc(getattr(self, key), what=f"RunRecord.{key}"))
         tables = {t: _bulk_table(t, getattr(self, t), self.run_id) for t in CHILD_TABLES}
+        _link_variant_results(tables)
         object.__setattr__(self, "tables", tables)

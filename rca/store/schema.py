@@ -118,6 +118,27 @@ MIGRATIONS: tuple[Migration, ...] = (
         ("ALTER TABLE nodes ADD COLUMN sites VARCHAR[]",),
         rehash=("nodes",),
     ),
+    Migration(
+        5,
+        "variants: a case's variants as the preflight measured them; variant_results: each "
+        "fix's P(bad) before and after on each variant; remedies.behaviour: a fix's figures "
+        "on the fit and held-out sets",
+        (
+            """CREATE TABLE variants (
+                run_id VARCHAR NOT NULL, row_no INTEGER NOT NULL,
+                variant_index INTEGER NOT NULL, part VARCHAR NOT NULL, origin VARCHAR,
+                label VARCHAR, prompt_tokens INTEGER, metric DOUBLE, p_bad DOUBLE,
+                counterfactual_aligned BOOLEAN, metric_counterfactual DOUBLE)""",
+            """CREATE TABLE variant_results (
+                run_id VARCHAR NOT NULL, row_no INTEGER NOT NULL, remedy_row INTEGER NOT NULL,
+                kind VARCHAR, variant_index INTEGER NOT NULL, part VARCHAR NOT NULL,
+                p_bad_before DOUBLE, p_bad_after DOUBLE)""",
+            "ALTER TABLE remedies ADD COLUMN behaviour JSON",
+        ),
+        # the new column is NULL in every existing row, which leaves their digests as they
+        # were: nothing is re-audited unless DuckDB changed a row
+        rehash=("remedies",),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

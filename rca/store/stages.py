@@ -1,6 +1,8 @@
 """The stages of writing a run: ``RUN_STAGES`` maps each stage's name to the function that
 writes its rows and its audit record, in the order ``Store.record_run`` runs them inside its
-one transaction: the model, the incident, the run row, then each bulk table.
+one transaction: the model, the incident, the run row, then each bulk table (``CHILD_TABLES``:
+token_scores, nodes, edges, ablations, remedies, variants, variant_results), each stage named
+after its table.
 
 Every writer takes ``(con, run, *, actor, now, db)``: the open connection inside the
 transaction, the ``RunRecord``, who signs the audit records, the time the run is recorded and

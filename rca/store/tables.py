@@ -30,11 +30,21 @@ ENTITY_SQL: dict[str, str] = {
     "edges": "run_id",
     "ablations": "run_id",
     "remedies": "run_id",
+    "variants": "run_id",
+    "variant_results": "run_id",
     "notes": "CAST(note_id AS VARCHAR)",
 }
 TABLES: tuple[str, ...] = (*ENTITY_SQL, "audit")
 # the bulk tables: a run's evidence, its rows numbered by row_no
-CHILD_TABLES = ("token_scores", "nodes", "edges", "ablations", "remedies")
+CHILD_TABLES = (
+    "token_scores",
+    "nodes",
+    "edges",
+    "ablations",
+    "remedies",
+    "variants",
+    "variant_results",
+)
 # natural reading order of each table's rows (readers and export)
 ORDER: dict[str, str] = {
     "schema_version": "version",
@@ -46,13 +56,15 @@ ORDER: dict[str, str] = {
     "edges": "run_id, abs(score) DESC NULLS LAST, source, target",
     "ablations": "run_id, experiment, components",
     "remedies": "run_id, row_no",  # in the order they were tried
+    "variants": "run_id, row_no",  # in the case's order (Incident.all_variants)
+    "variant_results": "run_id, row_no",  # per fix in the order tried, then per variant
     "notes": "note_id",
     "audit": "seq",
 }
 # columns that hold JSON text; readers return them parsed
 JSON_COLUMNS = frozenset(
     {"dims", "case_data", "config", "versions", "timings", "summary", "details", "side_effect"}
-    | {"patch_spec"}
+    | {"patch_spec", "behaviour"}
 )
 
 

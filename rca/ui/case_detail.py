@@ -312,6 +312,25 @@ def _remedies(run: Mapping[str, Any]) -> None:
             "benign loss change %": st.column_config.NumberColumn(format="%+.2f"),
         },
     )
+    tables = common.behaviour_rows(run)
+    if tables is None:
+        return
+    fixes, variants = tables
+    st.markdown(
+        "**On the variants.** Each fix was fit on the incident prompt and the fit "
+        "variants and scored on the held-out variants, which chose nothing. A fix that "
+        "holds on the fit set and not on the held-out variants is a symptom patch, "
+        "never recommended."
+    )
+    share = st.column_config.NumberColumn(format="percent")
+    st.dataframe(
+        common.cell_rows(fixes),
+        hide_index=True,
+        width="stretch",
+        column_config={"fit: under target": share, "held out: under target": share},
+    )
+    st.caption("P(bad) per variant, before and after each fix")
+    st.dataframe(common.cell_rows(variants), hide_index=True, width="stretch")
 
 
 def _default_author() -> str:

@@ -27,6 +27,7 @@ from typing import Any
 
 from rca.ingest.incident import SEVERITIES
 from rca.report import case_fields, graph_svg, turns
+from rca.report.stored import behaviour_of
 from rca.report.stored import json_column as _json
 from rca.report.stored import number as fmt
 from rca.report.stored import summary_of as summary
@@ -52,6 +53,7 @@ __all__ = [
     "remedy_rows",
     "run_label",
     "run_rows",
+    "behaviour_rows",
     "runs_and_models",
     "runs_or_error",
     "filter_rows",
@@ -405,6 +407,43 @@ def remedy_rows(remedies: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def behaviour_rows(
+    run: Mapping[str, Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """A behaviour's two tables (``rca.report.stored.behaviour_of``): per fix its fit and
+    held-out figures, and per variant P(bad) before and after each fix. None for a
+    single-prompt run."""
+    b = behaviour_of(run)
+    if b is None or not b["fixes"]:
+        return None
+    fixes = [
+        {
+            "recommended": f["recommended"],
+            "fix": f["kind"],
+            "fit: under target": (f.get("fit") or {}).get("share_under_target"),
+            "fit prompts": (f.get("fit") or {}).get("n"),
+            "held out: under target": (f.get("held_out") or {}).get("share_under_target"),
+            "held-out variants": (f.get("held_out") or {}).get("n"),
+            "held out: P(bad) before": (f.get("held_out") or {}).get("mean_p_bad_before"),
+            "held out: P(bad) after": (f.get("held_out") or {}).get("mean_p_bad_after"),
+            "symptom patch": bool(f.get("symptom_patch")),
+        }
+        for f in b["fixes"]
+    ]
+    kinds = [str(f["kind"]) for f in b["fixes"]]
+    variants = [
+        {
+            "variant": v["index"],
+            "set": v["part"],
+            "slots": v["label"],
+            "P(bad)": v["p_bad"],
+            **{f"after {k}": v["after"].get(k) for k in kinds},
+        }
+        for v in b["variants"]
+    ]
+    return fixes, variants
 
 
 def decoding_rows(decoding: Mapping[str, Any]) -> list[dict[str, Any]]:

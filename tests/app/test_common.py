@@ -153,3 +153,40 @@ def test_decoding_rows() -> None:
          "greedy P": 0.6},
     ]  # fmt: skip
     assert common.decoding_rows({}) == []
+
+
+def test_behaviour_rows_put_each_variant_beside_each_fix() -> None:
+    figures = {"n": 2, "mean_p_bad_before": 0.9, "mean_p_bad_after": 0.3}
+    run = {
+        "summary": {"variants": {"split": {"seed": 1, "held_out": 0.5}}},
+        "remedies": [
+            {"row_no": 0, "kind": "a", "recommended": False,
+             "behaviour": '{"fit": {"n": 3, "share_under_target": 1.0}, "held_out": '
+                          '{"n": 2, "share_under_target": 0.5}, "symptom_patch": true}'},
+            {"row_no": 1, "kind": "b", "recommended": True, "behaviour": {
+                "fit": {**figures, "share_under_target": 1.0},
+                "held_out": {**figures, "share_under_target": 1.0}, "symptom_patch": False}},
+        ],
+        "variants": [
+            {"variant_index": 0, "part": "fit", "label": SCRIPT, "p_bad": 0.9},
+            {"variant_index": 1, "part": "held_out", "label": "", "p_bad": 0.8},
+        ],
+        "variant_results": [
+            {"remedy_row": r, "kind": k, "variant_index": i, "part": "fit", "p_bad_after": p}
+            for r, k, i, p in ((0, "a", 0, 0.1), (0, "a", 1, 0.7), (1, "b", 0, 0.2),
+                               (1, "b", 1, 0.05))
+        ],
+    }  # fmt: skip
+    tables = common.behaviour_rows(run)
+    assert tables is not None
+    fixes, variants = tables
+    assert [(f["fix"], f["symptom patch"], f["held out: under target"]) for f in fixes] == [
+        ("a", True, 0.5),
+        ("b", False, 1.0),
+    ]
+    assert variants[0]["slots"] == SCRIPT  # a dataframe cell shows text as it is
+    assert [(v["variant"], v["after a"], v["after b"]) for v in variants] == [
+        (0, 0.1, 0.2),
+        (1, 0.7, 0.05),
+    ]
+    assert common.behaviour_rows({"variants": [], "remedies": run["remedies"]}) is None

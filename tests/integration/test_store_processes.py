@@ -86,6 +86,12 @@ def big_run(i, n_nodes, n_edges, tag):
             "target": pa.array(ids).take(rng.integers(0, n_nodes, n_edges)),
             "score": rng.normal(size=n_edges),
         }}),
+        remedies=[{{"remedy_id": "r", "kind": "ablate", "behaviour": {{"hold_share": 0.8}}}}],
+        variants=[{{"variant_index": k, "part": "fit" if k < 3 else "held_out", "p_bad": 0.5}}
+                  for k in range(1, 5)],
+        variant_results=[{{"remedy_row": 0, "variant_index": k,
+                           "part": "fit" if k < 3 else "held_out", "p_bad_after": 0.1}}
+                         for k in range(1, 5)],
     )
 
 mode, db = sys.argv[1], sys.argv[2]
@@ -221,6 +227,7 @@ def test_a_writer_killed_at_random_times_leaves_all_or_nothing(db: Path, tmp_pat
             if n_nodes is not None:  # one of the killed child's runs: whole
                 got = s.get_run(r["run_id"], frames=True)
                 assert len(got["nodes"]) == n_nodes and len(got["edges"]) == 300000
+                assert len(got["variants"]) == len(got["variant_results"]) == 4
 
 
 def test_a_reader_beside_a_writer_never_sees_half_a_run(db: Path, tmp_path: Path) -> None:

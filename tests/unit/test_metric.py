@@ -273,3 +273,33 @@ def test_target_validates_its_ids(args: tuple, needle: str) -> None:
 
 def test_metric_error_is_a_value_error() -> None:
     assert issubclass(MetricError, ValueError)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_targets_of_any_length_batched_together_keep_their_own_metric(batch: int, arch) -> None:
+    """``evaluate_many`` pads shorter targets into one pass; each metric is still the hand
+    computation from its own unpadded forward passes, in the order given."""
+    from rca.model.metric import evaluate_many
+
+    model, tok = tiny_model(arch, seed=5), word_tokenizer()
+    targets = [
+        encode_target(tok, words(1, 2, 3), " " + BAD, " " + GOOD),  # one row
+        encode_target(tok, words(4, 5, 6, 7, 8, 9), " " + words(10), None),  # longer prompt
+        encode_target(tok, words(1), " " + BAD, " " + words(20, 21)),  # two rows
+        encode_target(tok, words(2, 3), " " + words(30, 31), " " + words(32), focus=words(31)),
+        encode_target(tok, words(7, 7, 7, 7), " " + words(12), " " + words(13)),
+    ]
+    got = evaluate_many(model, targets, batch=batch)
+    for t, v in zip(targets, got, strict=True):
+        bad = list(t.bad_ids)
+        if t.focus is not None:  # the focus token's log-probability, its prefix teacher-forced
+            lp_bad = hand_logp(model, list(t.prompt_ids) + bad[: t.focus[0]], bad[t.focus[0] :])
+        else:
+            lp_bad = hand_logp(model, list(t.prompt_ids), bad)
+        assert v.logp_bad == pytest.approx(lp_bad, abs=1e-4)
+        if t.good_ids is None:
+            assert v.logp_good is None and v.metric == pytest.approx(lp_bad, abs=1e-4)
+        else:
+            lp_good = hand_logp(model, list(t.prompt_ids), list(t.good_ids))
+            assert v.metric == pytest.approx(lp_bad - lp_good, abs=1e-4)

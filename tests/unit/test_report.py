@@ -417,3 +417,70 @@ def test_the_circuit_says_where_the_incident_enters_and_is_written(tmp_path: Pat
     drawn = "".join(page.within.get("svg", []))
     assert "L20.H0@{10,13}" in drawn and "' John'" in drawn  # members at positions, tokens
     assert "The incident enters at position 9" in page.all_text()
+
+
+# ------------------------------------------------------------------------------- variants
+
+
+def test_a_behaviour_shows_each_fix_on_the_fit_and_held_out_sets_and_per_variant(
+    tmp_path: Path,
+) -> None:
+    label = "order=<b>1|2</b>, note=sunflower"
+    figures = {"n": 3, "mean_p_bad_before": 0.9, "mean_p_bad_after": 0.1}
+    remedies = [
+        {"remedy_id": f"r-{kind}", "kind": kind, "components": ["L1.H2"], "metric_before": 2.0,
+         "metric_after": -1.0,
+         "p_bad_before": 0.9, "p_bad_after": 0.05, "side_effect": {"loss_change_pct": 0.5},
+         "recommended": rec, "note": "n", "patch_spec": {},
+         "behaviour": {"fit": {**figures, "share_under_target": 1.0},
+                       "held_out": {**figures, "n": 2, "share_under_target": held},
+                       "p_bad_target": 0.2, "hold_share": 0.9, "symptom_patch": held < 0.9}}
+        for kind, rec, held in (("direction_removal", True, 1.0), ("mean_ablation", False, 0.5))
+    ]  # fmt: skip
+    variants = [
+        {"variant_index": i, "part": part, "origin": "template", "label": label if i == 1 else "",
+         "prompt_tokens": 9, "metric": 2.0, "p_bad": p}
+        for i, part, p in ((0, "fit", 0.91), (1, "held_out", 0.87), (2, "held_out", 0.93))
+    ]  # fmt: skip
+    after = {("direction_removal", 1): 0.041, ("direction_removal", 2): 0.052,
+             ("mean_ablation", 1): 0.123, ("mean_ablation", 2): 0.456,
+             ("direction_removal", 0): 0.01, ("mean_ablation", 0): 0.02}  # fmt: skip
+    results = [
+        {"remedy_row": r, "kind": kind, "variant_index": i, "part": variants[i]["part"],
+         "p_bad_before": variants[i]["p_bad"], "p_bad_after": after[(kind, i)]}
+        for r, kind in enumerate(("direction_removal", "mean_ablation"))
+        for i in range(3)
+    ]  # fmt: skip
+    base = {"id": "x", "title": "t", "severity": "high", "model": "zoo:support-bot-v1"}
+    run = RunRecord(
+        incident=IncidentRecord.from_fields(
+            {**base, "prompt": PROMPT, "bad": BAD}, source="cases/x.toml"
+        ),
+        model=ModelRecord("a" * 64),
+        summary={"verdict": "confirmed", "variants": {"split": {"seed": 3, "held_out": 0.5}}},
+        remedies=remedies,
+        variants=variants,
+        variant_results=results,
+    )
+    store = Store(tmp_path / "r.duckdb", actor="tester")
+    stored = Store.reader(tmp_path / "r.duckdb").get_run(store.record_run(run))
+    md = render_markdown(stored)
+    section = md[md.index("### On the variants") :]
+    assert "split seed 3" in section
+    rows = [ln for ln in section.splitlines() if ln.startswith("| direction_removal")]
+    assert rows and "100% of 3" in rows[0] and "100% of 2" in rows[0] and "| no |" in rows[0]
+    sym = next(ln for ln in section.splitlines() if ln.startswith("| mean_ablation"))
+    assert "50% of 2" in sym and "| yes |" in sym
+    # the per-variant table: each variant's P(bad) before, then after each fix, as stored
+    table = MD.parse(section)
+    cells = [t.content for t in table if t.type == "inline"]
+    for i in range(3):
+        at = cells.index(str(i))
+        got = cells[at : at + 6]
+        assert got[1] == variants[i]["part"]
+        assert got[3:] == [f"{variants[i]['p_bad']:.3f}", f"{after[('direction_removal', i)]:.3f}",
+                           f"{after[('mean_ablation', i)]:.3f}"]  # fmt: skip
+    # a slot value is shown as text in both media, never as markup
+    page = Page(render_html(stored))
+    assert label in page.all_text()  # a tag in it would have been parsed, not shown
+    assert "<b>" not in MD.render(section).replace("&lt;b&gt;", "")

@@ -68,6 +68,24 @@ def model(fp: str = FP, path: str = "/models/v1") -> ModelRecord:
     )
 
 
+BEHAVIOUR = {
+    "fit": {
+        "n": 2,
+        "mean_p_bad_before": 0.85,
+        "mean_p_bad_after": 0.075,
+        "share_under_target": 1.0,
+    },
+    "held_out": {
+        "n": 1,
+        "mean_p_bad_before": 0.7,
+        "mean_p_bad_after": 0.6,
+        "share_under_target": 0.0,
+    },
+    "hold_share": 0.8,
+    "symptom_patch": True,
+}
+
+
 def run(**overrides: Any) -> RunRecord:
     """A run with rows in every table."""
     kw: dict[str, Any] = dict(
@@ -132,7 +150,39 @@ def run(**overrides: Any) -> RunRecord:
                 "recommended": True,
                 "note": "fixes the leak at little cost",
                 "patch_spec": {"op": "zero", "ids": ["L1.H2"]},
+                "behaviour": BEHAVIOUR,
             }
+        ],
+        variants=[
+            {"variant_index": 1, "part": "fit", "origin": "listed", "label": "", "p_bad": 0.8},
+            {
+                "variant_index": 2,
+                "part": "held_out",
+                "origin": "template",
+                "label": "name=Bo",
+                "prompt_tokens": 9,
+                "metric": 2.5,
+                "p_bad": 0.7,
+                "counterfactual_aligned": True,
+                "metric_counterfactual": -1.0,
+            },
+        ],
+        # kind left out: filled in from the remedy the row names
+        variant_results=[
+            {
+                "remedy_row": 0,
+                "variant_index": 1,
+                "part": "fit",
+                "p_bad_before": 0.8,
+                "p_bad_after": 0.05,
+            },
+            {
+                "remedy_row": 0,
+                "variant_index": 2,
+                "part": "held_out",
+                "p_bad_before": 0.7,
+                "p_bad_after": 0.6,
+            },
         ],
     )
     kw.update(overrides)
@@ -163,13 +213,14 @@ def test_fresh_store_has_every_table_and_the_current_version(db: Path) -> None:
     s = Store(db, actor="tester")
     names = {r[0] for r in raw(db, "SELECT table_name FROM duckdb_tables()")}
     assert set(TABLES) <= names
-    assert s.schema_version() == SCHEMA_VERSION == 4
-    assert [r[0] for r in raw(db, "SELECT version FROM schema_version ORDER BY 1")] == [1, 2, 3, 4]
+    assert s.schema_version() == SCHEMA_VERSION == 5
+    versions = [r[0] for r in raw(db, "SELECT version FROM schema_version ORDER BY 1")]
+    assert versions == [1, 2, 3, 4, 5]
     res = s.verify()
     assert res.ok, res.message
-    assert res.records == 4  # one audit record per applied migration
+    assert res.records == 5  # one audit record per applied migration
     Store(db)  # reopening an up-to-date file writes nothing
-    assert s.verify().records == 4
+    assert s.verify().records == 5
 
 
 # The v1 schema as released, frozen here: the migration must work on files written by it.
@@ -258,7 +309,7 @@ def test_v1_file_is_migrated_in_place_and_stays_verifiable(db: Path) -> None:
         Store.reader(db).list_runs()
     before = {r[0]: r for r in raw(db, "SELECT run_id, summary, seed FROM runs")}
     s = Store(db, actor="migrator")
-    assert s.schema_version() == 4
+    assert s.schema_version() == 5
     got = s.get_run(V1_RUN)
     assert got["kind"] == "investigate" and got["parent_run_id"] is None
     assert got["summary"] == {"verdict": "confirmed"} and got["seed"] == 1
@@ -266,6 +317,8 @@ def test_v1_file_is_migrated_in_place_and_stays_verifiable(db: Path) -> None:
     assert got["nodes"][0]["benign_loss_pct"] is None  # not measured before version 3
     assert got["nodes"][0]["sites"] is None  # not placed before version 4
     assert got["remedies"][0]["patch_spec"] is None
+    assert got["remedies"][0]["behaviour"] is None  # no variants before version 5
+    assert got["variants"] == [] and got["variant_results"] == []
     assert {r[0]: r for r in raw(db, "SELECT run_id, summary, seed FROM runs")} == before
     res = s.verify()
     assert res.ok, res.message
@@ -277,6 +330,7 @@ def test_v1_file_is_migrated_in_place_and_stays_verifiable(db: Path) -> None:
         ("schema_version", "2"),
         ("schema_version", "3"),
         ("schema_version", "4"),
+        ("schema_version", "5"),
     ]
     # and the migrated file takes new runs
     s.record_run(run(parent_run_id=V1_RUN, kind="regress"))
@@ -382,10 +436,21 @@ def test_record_run_round_trips_every_table(db: Path) -> None:
     (rem,) = got["remedies"]
     assert rem["recommended"] is True and rem["side_effect"] == {"kl": 0.01, "loss_change": 0.002}
     assert rem["patch_spec"] == {"op": "zero", "ids": ["L1.H2"]} and rem["components"] == ["L1.H2"]
+    assert rem["behaviour"] == BEHAVIOUR and rem["row_no"] == 0
+    assert [(v["variant_index"], v["part"], v["label"], v["p_bad"]) for v in got["variants"]] == [
+        (1, "fit", "", 0.8),
+        (2, "held_out", "name=Bo", 0.7),
+    ]
+    assert got["variants"][0]["counterfactual_aligned"] is None  # not given: NULL, not false
+    assert got["variants"][1]["counterfactual_aligned"] is True
+    assert [
+        (v["remedy_row"], v["kind"], v["variant_index"], v["p_bad_before"], v["p_bad_after"])
+        for v in got["variant_results"]
+    ] == [(0, "ablate", 1, 0.8, 0.05), (0, "ablate", 2, 0.7, 0.6)]
 
     frames = s.get_run(r.run_id, frames=True)
     assert isinstance(frames["edges"], pd.DataFrame) and len(frames["edges"]) == 2
-    assert s.counts()["audit"] == 4 + 8  # migrations, then model, incident, run and 5 tables
+    assert s.counts()["audit"] == 5 + 10  # migrations, then model, incident, run and 7 tables
     assert s.verify().ok
 
 
@@ -598,6 +663,11 @@ TAMPER = [
     ("ablations", "UPDATE ablations SET components = ['L1.H2']", "RUN"),
     ("remedies", "UPDATE remedies SET recommended = false", "RUN"),
     ("remedies", "UPDATE remedies SET side_effect = '{\"kl\":0.5}'", "RUN"),
+    ("remedies", "UPDATE remedies SET behaviour = '{}'", "RUN"),
+    ("variants", "UPDATE variants SET p_bad = 0.1 WHERE variant_index = 2", "RUN"),
+    ("variants", "UPDATE variants SET part = 'fit'", "RUN"),
+    ("variant_results", "UPDATE variant_results SET p_bad_after = 0.01 WHERE row_no = 1", "RUN"),
+    ("variant_results", "UPDATE variant_results SET kind = 'steer'", "RUN"),
     ("notes", "UPDATE notes SET author = 'mallory'", "1"),
     ("schema_version", "UPDATE schema_version SET note = 'x' WHERE version = 2", "2"),
     ("audit", "UPDATE audit SET actor = 'mallory' WHERE seq = 5", "RUN"),
@@ -612,12 +682,19 @@ DELETE = [
     ("edges", "DELETE FROM edges WHERE source = 'EMB'", "RUN"),
     ("ablations", "DELETE FROM ablations WHERE experiment = 'random_set'", "RUN"),
     ("remedies", "DELETE FROM remedies", "RUN"),
+    ("variants", "DELETE FROM variants WHERE variant_index = 1", "RUN"),
+    ("variant_results", "DELETE FROM variant_results", "RUN"),
     ("notes", "DELETE FROM notes", "1"),
     ("schema_version", "DELETE FROM schema_version WHERE version = 1", "1"),
 ]
 INSERT = [
     ("edges", "INSERT INTO edges SELECT * REPLACE (row_no + 10 AS row_no) FROM edges", "RUN"),
     ("nodes", "INSERT INTO nodes (run_id, row_no, node_id) VALUES ('RUN', 9, 'L0.H0')", "RUN"),
+    (
+        "variant_results",
+        "INSERT INTO variant_results VALUES ('RUN', 2, 0, 'ablate', 3, 'held_out', 0.9, 0.1)",
+        "RUN",
+    ),
     ("notes", "INSERT INTO notes VALUES (7, NULL, 'leak-0', 'm', now(), 'later')", "7"),
 ]
 
@@ -649,7 +726,18 @@ def test_removing_an_audit_record_is_named(recorded: tuple[Store, str], db: Path
 
 # ---------------------------------------------------------------------------- all or nothing
 
-STAGES = ["model", "incident", "run", "token_scores", "nodes", "edges", "ablations", "remedies"]
+STAGES = [
+    "model",
+    "incident",
+    "run",
+    "token_scores",
+    "nodes",
+    "edges",
+    "ablations",
+    "remedies",
+    "variants",
+    "variant_results",
+]
 
 
 class _CommitFails:
@@ -719,7 +807,9 @@ def test_sql_injection_strings_are_stored_as_data(db: Path) -> None:
         edges=[{"source": EVIL, "target": EVIL + '"', "score": 1.0}],
         token_scores=[{"position": 0, "token": EVIL, "score": 0.0}],
         ablations=[{"experiment": EVIL, "components": [EVIL], "details": {EVIL: [EVIL]}}],
-        remedies=[{"remedy_id": EVIL, "kind": EVIL, "note": EVIL}],
+        remedies=[{"remedy_id": EVIL, "kind": EVIL, "note": EVIL, "behaviour": {EVIL: EVIL}}],
+        variants=[{"variant_index": 1, "part": "fit", "origin": EVIL, "label": EVIL}],
+        variant_results=[{"remedy_row": 0, "variant_index": 1, "part": "fit"}],
     )
     s.record_run(r)
     s.add_note(run_id=r.run_id, incident=EVIL, author=EVIL, text=EVIL)
@@ -730,6 +820,9 @@ def test_sql_injection_strings_are_stored_as_data(db: Path) -> None:
     assert got["edges"][0]["target"] == EVIL + '"'
     assert got["ablations"][0]["details"] == {EVIL: [EVIL]}
     assert got["remedies"][0]["remedy_id"] == EVIL and got["token_scores"][0]["token"] == EVIL
+    assert got["remedies"][0]["behaviour"] == {EVIL: EVIL}
+    assert (got["variants"][0]["origin"], got["variants"][0]["label"]) == (EVIL, EVIL)
+    assert got["variant_results"][0]["kind"] == EVIL
     assert got["incident"]["tags"] == [EVIL] and got["incident"]["case_toml"] == EVIL
     assert s.notes_for(author=EVIL)[0]["text"] == EVIL
     assert [x["run_id"] for x in s.list_runs(incident=EVIL)] == [r.run_id]
