@@ -243,8 +243,8 @@ def to_run_record(
             "p_bad_prompt": pre.p_bad,
             "focus_span": None if pre.target.focus is None else list(pre.target.focus),
         }
-        if pre.variants:
-            said["variants"] = pre.variants_json()
+        if pre.variants:  # the counts and the split; each variant is a row of ``variants``
+            said["variants"] = {k: v for k, v in pre.variants_json().items() if k != "items"}
     if inc.messages is not None:  # the text the model saw, from its own chat template
         said["prompt_text"] = inc.prompt
     if inc.counterfactual_messages is not None:

@@ -299,6 +299,6 @@ def test_an_investigation_records_its_variants_measurements(
     rec = summary["variants"]
     assert (rec["n"], rec["fit"], rec["held_out"]) == (2, 1, 1)
     s = load_subject(model_dir, device="cpu")
-    for item, w in zip(rec["items"], (7, 8), strict=True):
+    for item, w in zip(run["variants"], (7, 8), strict=True):
         want = evaluate(s.model, encode_target(s.tokenizer, words(w, 2, 3, 4), " w5", " w6"))
         assert item["p_bad"] == pytest.approx(want.p_bad, abs=1e-6)
