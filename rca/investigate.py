@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from rca.confirm import ConfirmConfig, ConfirmError, Verdict, auto_batch_size, check_gap, confirm
+from rca.confirm.behaviour import BehaviourEvidence, FitVariant, behaviour_evidence
 from rca.ingest.incident import Incident
 from rca.ingest.preflight import Preflight, gap_error, preflight, reference_prompts
 from rca.model.metric import Target
@@ -81,6 +82,7 @@ class CaseRun:
     started_at: dt.datetime
     finished_at: dt.datetime
     preflight: Preflight | None = None
+    behaviour: BehaviourEvidence | None = None  # a case with variants: on the fit set
 
     @property
     def recommended(self) -> Remedy | None:
@@ -209,7 +211,9 @@ class Confirmed:
     preflight: Preflight
     attribution: Attribution
     verdict: Verdict
-    timings: dict[str, float]  # seconds per stage: ingest, trace, confirm
+    timings: dict[str, float]  # seconds per stage: ingest, trace, confirm (and behaviour)
+    # a case with variants: the verdict measured on the fit variants (rca.confirm.behaviour)
+    behaviour: BehaviourEvidence | None = None
 
     @property
     def base_target(self) -> Target | None:
@@ -320,6 +324,21 @@ def trace_and_confirm(
     timings["confirm"] = time.perf_counter() - t
     release_memory()
 
+    behaviour = None
+    fit = [v for v in pre.variants if v.part == "fit"]
+    if fit:
+        t = time.perf_counter()
+        say("confirm", 0.75)
+        behaviour = behaviour_evidence(
+            subject,
+            verdict,
+            [FitVariant(v.index, v.target, v.counterfactual) for v in fit],
+            reference=refs,
+            config=confirm_cfg,
+            measured=[c.id for c in verdict.ranked()[: confirm_cfg.top_k]],
+        )
+        timings["behaviour"] = time.perf_counter() - t
+
     return Confirmed(
         incident=incident,
         subject=subject,
@@ -327,6 +346,7 @@ def trace_and_confirm(
         attribution=att,
         verdict=verdict,
         timings=timings,
+        behaviour=behaviour,
     )
 
 
@@ -395,6 +415,7 @@ def investigate(
         started_at=started,
         finished_at=dt.datetime.now(dt.UTC),
         preflight=pre,
+        behaviour=done.behaviour,
     )
     if store is not None:
         t = time.perf_counter()

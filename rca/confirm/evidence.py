@@ -52,6 +52,9 @@ class ConfirmConfig:
     # a member resolved to positions keeps this share of its total effect patched there alone
     position_fraction: float = 0.8
     benign_prompts: int = 16  # ordinary-text prompts each candidate's benign damage is measured on
+    # a behaviour (a case with variants): a circuit member is kept where it is necessary on at
+    # least this share of the fit variants (rca.confirm.behaviour)
+    variant_share: float = 0.8
     batch_size: int = 0  # variants per forward; 0: auto_batch_size (4 on a CPU, 64 on a GPU)
     seed: int = 0
 
@@ -73,6 +76,7 @@ class ConfirmConfig:
             "necessary_fraction",
             "writer_fraction",
             "writer_share",
+            "variant_share",
         ):
             v = getattr(self, name)
             if not 0 < v < 1:

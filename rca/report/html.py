@@ -18,6 +18,7 @@ from rca.report.stored import (
     case_fields,
     circuit_lines,
     circuit_of,
+    fit_evidence_lines,
     infrastructure_sentence,
     token_warning,
     turns,
@@ -111,6 +112,29 @@ def _decoding_html(dec: Any) -> str:
         + f" reproduces the bad continuation: <b>{_yes(dec.get('reproduces'))}</b>"
         + (f"; the focus: <b>{_yes(focus)}</b>" if focus is not None else "")
         + f".</p><h3>Greedy text</h3><pre>{_e(dec.get('greedy_text'))}</pre>{table}"
+    )
+
+
+def _fit_evidence_html(run: Mapping[str, Any]) -> str:
+    """The verdict measured on the fit variants (``rca.report.stored.fit_evidence_lines``)."""
+    got = fit_evidence_lines(run)
+    if got is None:
+        return ""
+    text, rows = got
+    body = "".join(
+        f"<tr><td>{_e(r['id'])}</td><td>{'yes' if r['in_set'] else 'no'}</td>"
+        f"<td>{_f(r['mean'], '.2f')} ({_f(r['ci'][0], '.2f')} to {_f(r['ci'][1], '.2f')})</td>"
+        f"<td>{'-' if r['consistency'] is None else format(float(r['consistency']), '.0%')}</td>"
+        "</tr>"
+        for r in rows
+    )
+    return (
+        "<h2>On the fit variants</h2>"
+        + "".join(f"<p>{_e(t)}</p>" for t in text)
+        + "<table><tr><th>component</th><th>in the cause set</th>"
+        "<th>share of the gap, mean (95% interval)</th><th>necessary on</th></tr>"
+        + body
+        + "</table>"
     )
 
 
@@ -275,6 +299,7 @@ after the recommended fix.</p>
 {causes}</table>
 <h3>What the words mean</h3><dl>{words}</dl>
 {circuit_html}
+{_fit_evidence_html(run)}
 <h2>Remediation</h2>
 <table><tr><th>fix</th><th>components</th><th>P(bad)</th><th>benign loss</th><th>note</th></tr>
 {rems}</table>

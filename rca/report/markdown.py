@@ -23,6 +23,7 @@ from rca.report.stored import (
     case_fields,
     circuit_lines,
     circuit_of,
+    fit_evidence_lines,
     infrastructure_sentence,
     token_warning,
     turns,
@@ -272,6 +273,7 @@ def _report_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
                 f"{_f(r.get('attribution_specific'), '.0%')} |"
                 for r in curve
             ]
+    lines += _fit_evidence_lines(run, m)
     lines += ["", "## Remediation", ""]
     for r in run.get("remedies", []):
         mark = " (recommended)" if r.get("recommended") else ""
@@ -285,6 +287,27 @@ def _report_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
         lines.append(
             f"- {m.text(n.get('created_at'))}, {m.text(n.get('author'))}: {m.text(n.get('text'))}"
         )
+    return lines
+
+
+def _fit_evidence_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
+    """The verdict measured on the fit variants: the cause set, the behaviour's circuit, and
+    each component's share of the gap (mean, 95% interval) and consistency."""
+    got = fit_evidence_lines(run)
+    if got is None:
+        return []
+    text, rows = got
+    lines = ["", "## On the fit variants", "", *(m.text(t) for t in text), ""]
+    lines += [
+        "| component | in the cause set | share of the gap, mean (95% interval) | necessary on |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [
+        f"| {m.code(r['id'], cell=True)} | {'yes' if r['in_set'] else 'no'} | "
+        f"{_f(r['mean'], '.2f')} ({_f(r['ci'][0], '.2f')} to {_f(r['ci'][1], '.2f')}) | "
+        f"{_pct_plain(r['consistency'])} |"
+        for r in rows
+    ]
     return lines
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "verdict_words",
     "yes_no",
     "behaviour_of",
+    "fit_evidence_lines",
 ]
 
 
@@ -294,3 +295,40 @@ def behaviour_of(run: Mapping[str, Any]) -> dict[str, Any] | None:
     ]
     split = (summary.get("variants") or {}).get("split") or {}
     return {"split": split, "fixes": fixes, "variants": rows}
+
+
+def fit_evidence_lines(run: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any]]] | None:
+    """The verdict on the fit variants (``rca.confirm.behaviour``): sentences, and per
+    component its mean share of the gap with the 95% interval and its consistency. None for a
+    single-prompt run."""
+    b = summary_of(run).get("behaviour")
+    if not isinstance(b, Mapping) or not b.get("n_fit"):
+        return None
+    n = int(b["n_fit"])
+    shares = list(b.get("set_shares") or [])
+    holds = float(b.get("set_holds") or 0.0)
+    text = [
+        f"On {n} fit variants, each patched from its own counterfactual (or ablated to the "
+        f"reference means where none lines up), the cause set removes at least the confirm "
+        f"bound of the gap on {holds:.0%} of them (mean share "
+        f"{sum(shares) / max(1, len(shares)):.2f})."
+    ]
+    kept, dropped = list(b.get("circuit_kept") or []), list(b.get("circuit_dropped") or [])
+    if kept or dropped:
+        share = float(b.get("variant_share") or 0.0)
+        text.append(
+            f"The behaviour's circuit keeps the members necessary on at least {share:.0%} of "
+            f"them: {', '.join(kept) or 'none'}"
+            + (f"; not {', '.join(dropped)}." if dropped else ".")
+        )
+    rows = [
+        {
+            "id": c.get("id"),
+            "in_set": bool(c.get("in_set")),
+            "mean": c.get("mean"),
+            "ci": list(c.get("ci") or [None, None]),
+            "consistency": c.get("consistency"),
+        }
+        for c in b.get("components") or []
+    ]
+    return text, rows

@@ -245,6 +245,9 @@ def to_run_record(
         }
         if pre.variants:  # the counts and the split; each variant is a row of ``variants``
             said["variants"] = {k: v for k, v in pre.variants_json().items() if k != "items"}
+    behaviour = getattr(run, "behaviour", None)
+    if behaviour is not None:  # the verdict on the fit variants
+        said["behaviour"] = behaviour.to_json()
     if inc.messages is not None:  # the text the model saw, from its own chat template
         said["prompt_text"] = inc.prompt
     if inc.counterfactual_messages is not None:

@@ -1,0 +1,205 @@
+"""Behaviour-level evidence: the verdict found on the incident prompt, measured on the fit set.
+
+A case with variants states a behaviour. Confirm finds the cause set and the circuit on the
+incident prompt; ``behaviour_evidence`` then asks whether they carry the incident on every fit
+variant too. On each fit variant (never a held-out one) it patches, from that variant's own
+counterfactual where one lines up with it (else the mean over the reference prompts):
+
+- each measured component alone: the share of the variant's gap it removes (its total effect,
+  in probability: ``rca.model.metric.share_removed``, as confirm reads shares of the gap);
+- the cause set: the share of the gap it removes, and the set without each member (how much
+  that member carries within the set: its necessity on the variant);
+- the circuit's specific members together: its faithfulness on the variant.
+
+Per component that gives a mean and a 95% interval over the variants (Student's t), and its
+consistency: the share of variants on which it is necessary (it carries at least
+``component_fraction`` of the gap within the set, as confirm requires of a member; for a
+component outside the set, patched alone). A circuit member is kept in the behaviour's
+circuit where it is necessary on at least ``variant_share`` of the fit variants.
+
+The variants run through one ``Ablator`` each, without reference recordings of their own: the
+mean values, which do not depend on the prompt, are recorded once over the reference prompts,
+and only where a variant has no counterfactual that lines up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from rca.confirm.engine import Ablator
+from rca.confirm.evidence import ConfirmConfig, ConfirmError, Verdict
+from rca.model.ids import parse_id
+from rca.model.metric import Target, reference_point, share_removed
+from rca.model.subject import Subject
+from rca.stats import t_quantile
+
+__all__ = ["BehaviourEvidence", "ComponentOnVariants", "FitVariant", "behaviour_evidence"]
+
+
+@dataclass(frozen=True)
+class FitVariant:
+    """A fit variant: its index, its target, and its counterfactual where it lines up."""
+
+    index: int
+    target: Target
+    counterfactual: Target | None = None
+
+
+@dataclass
+class ComponentOnVariants:
+    """One component over the fit variants: the share of each variant's gap it removes patched
+    alone (``effects``), and, for a cause-set member, the share the set loses without it
+    (``necessities``); their mean and 95% interval; its consistency."""
+
+    id: str
+    in_set: bool
+    effects: list[float]
+    necessities: list[float] | None
+    mean: float
+    ci: tuple[float, float]
+    consistency: float  # share of variants on which it is necessary
+
+
+@dataclass
+class BehaviourEvidence:
+    """The verdict on the fit set (``to_json`` for the run's summary)."""
+
+    n_fit: int
+    indices: list[int]  # the fit variants' indices, in the order of every list below
+    patch: list[str]  # per variant: "counterfactual" or "mean"
+    gaps: list[float]  # per variant: its metric minus its reference point
+    set_shares: list[float]  # per variant: the share of its gap the cause set removes
+    set_holds: float  # share of variants where the set removes set_fraction of the gap
+    circuit_shares: list[float] | None  # the circuit's specific members, patched together
+    components: list[ComponentOnVariants] = field(default_factory=list)
+    circuit_kept: list[str] = field(default_factory=list)
+    circuit_dropped: list[str] = field(default_factory=list)
+    variant_share: float = 0.8
+    forward_equiv: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _interval(xs: Sequence[float]) -> tuple[float, float]:
+    """The 95% interval of the mean of ``xs`` (Student's t); the mean twice for one value."""
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, mean
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def behaviour_evidence(
+    subject: Subject,
+    verdict: Verdict,
+    variants: Sequence[FitVariant],
+    *,
+    reference: Sequence[str] = (),
+    config: ConfirmConfig | None = None,
+    measured: Sequence[str] = (),
+) -> BehaviourEvidence:
+    """The verdict's components measured on each fit variant; see the module docstring.
+
+    ``measured``: the components to measure beside the cause set and the circuit's members
+    (the leading candidates); ``reference``: the reference prompts whose means a variant
+    without a counterfactual that lines up is ablated to."""
+    cfg = config or verdict.config
+    if not variants:
+        raise ConfirmError("behaviour evidence needs at least one fit variant")
+    cause = list(verdict.cause_set.components)
+    circuit = [] if verdict.circuit is None else verdict.circuit.specific
+    ids = [
+        c
+        for c in dict.fromkeys([*cause, *circuit, *measured])
+        if parse_id(c).kind in ("head", "mlp", "neuron") and parse_id(c).pos is None
+    ]
+    neuron_layers = {parse_id(c).layer for c in ids if parse_id(c).kind == "neuron"}
+    means: dict[str, torch.Tensor] | None = None
+    if any(v.counterfactual is None for v in variants):
+        if not reference:
+            raise ConfirmError(
+                "a variant has no counterfactual that lines up, and there are no reference "
+                "prompts to ablate to their means"
+            )
+        ref = Ablator(subject, variants[0].target, reference=reference, batch_size=cfg.batch_size)
+        ref.record_neurons(x for x in neuron_layers if x is not None)
+        assert ref.means is not None
+        means = ref.means
+    effects: dict[str, list[float]] = {c: [] for c in ids}
+    necessities: dict[str, list[float]] = {c: [] for c in cause}
+    out = BehaviourEvidence(
+        n_fit=len(variants),
+        indices=[],
+        patch=[],
+        gaps=[],
+        set_shares=[],
+        set_holds=0.0,
+        circuit_shares=[] if circuit else None,
+        variant_share=cfg.variant_share,
+    )
+    for v in variants:
+        ab = Ablator(subject, v.target, baseline=v.counterfactual, batch_size=cfg.batch_size)
+        ab.record_neurons(x for x in neuron_layers if x is not None)
+        if v.counterfactual is None:
+            assert means is not None
+            ab.means = dict(means)
+        src = "baseline" if v.counterfactual is not None else "mean"
+        m_clean = ab.metric_clean
+        if v.counterfactual is not None:
+            assert ab.metric_baseline is not None
+            m_ref = reference_point(m_clean, ab.metric_baseline, n_conts=v.target.n_conts)
+        else:
+            m_ref = float(ab.run([{c: "mean" for c in ab.components}])[0])
+        gap = m_clean - m_ref
+        out.indices.append(v.index)
+        out.patch.append("counterfactual" if src == "baseline" else "mean")
+        out.gaps.append(gap)
+        runs: list[dict[str, str]] = [{c: src} for c in ids]
+        runs.append({c: src for c in cause})
+        runs += [{c: src for c in cause if c != m} for m in cause]
+        if circuit:
+            runs.append({c: src for c in circuit})
+        got = ab.run(runs).tolist()
+        share = [
+            share_removed(m_clean, m_ref, m_clean - x, conts=v.target.n_conts) if gap > 0 else 0.0
+            for x in got
+        ]
+        for c, s in zip(ids, share, strict=False):
+            effects[c].append(s)
+        k = len(ids)
+        set_share = share[k] if cause else 0.0
+        out.set_shares.append(set_share)
+        for j, m in enumerate(cause):
+            necessities[m].append(set_share - share[k + 1 + j])
+        if circuit:
+            assert out.circuit_shares is not None
+            out.circuit_shares.append(share[-1])
+        out.forward_equiv += ab.forward_equiv
+    n = len(variants)
+    out.set_holds = sum(s >= cfg.set_fraction for s in out.set_shares) / n
+    for c in ids:
+        nec = necessities.get(c)
+        carried = nec if nec is not None else effects[c]
+        out.components.append(
+            ComponentOnVariants(
+                id=c,
+                in_set=c in cause,
+                effects=effects[c],
+                necessities=nec,
+                mean=sum(effects[c]) / n,
+                ci=_interval(effects[c]),
+                consistency=sum(x >= cfg.component_fraction for x in carried) / n,
+            )
+        )
+    by_id = {x.id: x for x in out.components}
+    out.circuit_kept = [c for c in circuit if by_id[c].consistency >= cfg.variant_share]
+    out.circuit_dropped = [c for c in circuit if c not in out.circuit_kept]
+    return out
