@@ -3,6 +3,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from rca.stats import ranks, spearman
 
@@ -23,3 +24,27 @@ def test_spearman_is_invariant_to_monotone_maps() -> None:
     x = [rng.random() for _ in range(50)]
     y = [v + 0.3 * rng.random() for v in x]
     assert spearman(x, y) == pytest.approx(spearman([v**3 for v in x], [2 * v - 7 for v in y]))
+
+
+@pytest.mark.parametrize(
+    ("p", "df", "published"),
+    [(0.975, 1, 12.706), (0.975, 4, 2.776), (0.975, 10, 2.228), (0.975, 29, 2.045),
+     (0.975, 120, 1.980), (0.95, 5, 2.015), (0.995, 8, 3.355)],
+)  # fmt: skip
+def test_t_quantile_matches_the_published_table(p: float, df: int, published: float) -> None:
+    from rca.stats import t_quantile
+
+    assert t_quantile(p, df) == pytest.approx(published, abs=1e-3)
+
+
+def test_t_quantile_covers_95_percent_of_student_draws() -> None:
+    """Of many draws from Student's t with 6 degrees of freedom, the share within
+    +-t_quantile(0.975, 6) is 95%."""
+    from rca.stats import t_quantile
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(200_000, generator=g, dtype=torch.float64)
+    chi2 = (torch.randn(200_000, 6, generator=g, dtype=torch.float64) ** 2).sum(1)
+    t = z / (chi2 / 6).sqrt()
+    inside = float((t.abs() <= t_quantile(0.975, 6)).double().mean())
+    assert inside == pytest.approx(0.95, abs=0.003)
