@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from rca.model.ids import parse_id
+from rca.model.ids import IdError, parse_id
 from rca.verdicts import definitions
 
 from .records import IncidentRecord, ModelRecord, RunRecord
@@ -40,7 +40,12 @@ VARIANT_FIELDS = (
 
 
 def _layer(cid: str) -> int | None:
-    return int(cid[1:].split(".")[0]) if cid.startswith("L") else None
+    """The layer an id names (``rca.model.ids``); None for one without a layer, or a node that
+    is not a component (a prompt token)."""
+    try:
+        return parse_id(cid).layer
+    except IdError:
+        return None
 
 
 def _circuit_ablations(circuit: Any, metric_clean: float, kind: str) -> list[dict[str, Any]]:

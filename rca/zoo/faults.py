@@ -62,7 +62,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from rca.model.adapter import as_out_in
+from rca.model.adapter import as_out_in, module_at
 from rca.model.hooks import ablate, capture, mean_activations, patch
 from rca.model.ids import format_id, parse_id, with_pos
 from rca.model.subject import Subject
@@ -327,12 +327,6 @@ _MLP_IN: dict[str, tuple[str, ...]] = {
 }
 
 
-def _module(root: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
-
-
 def _mark_out(masks: dict[nn.Parameter, torch.Tensor], mod: nn.Module, idx: torch.Tensor) -> None:
     """Output units ``idx`` of a projection, and their bias."""
     w = mod.weight
@@ -386,13 +380,13 @@ def component_params(
             # head owns its query rows and its slice of the output projection only
             if mt == "gpt2":
                 raise FaultError(f"{component}: GPT-2 attention has no grouped keys and values")
-            _mark_out(masks, _module(block, _QKV[mt][0]), unit)
+            _mark_out(masks, module_at(block, _QKV[mt][0]), unit)
         elif mt == "gpt2":
             qkv = torch.cat([unit, unit + d, unit + 2 * d])  # c_attn's columns are q | k | v
-            _mark_out(masks, _module(block, "attn.c_attn"), qkv)
+            _mark_out(masks, module_at(block, "attn.c_attn"), qkv)
         else:
             for path in _QKV[mt]:
-                _mark_out(masks, _module(block, path), unit)
+                _mark_out(masks, module_at(block, path), unit)
         _mark_in(masks, a.attn_out(layer), unit)
     elif cid.kind == "mlp":
         if not neurons:
@@ -401,7 +395,7 @@ def component_params(
         if int(idx.max()) >= a.d_mlp or int(idx.min()) < 0:
             raise FaultError(f"{component}: neurons out of range 0..{a.d_mlp - 1}")
         for path in _MLP_IN[mt]:
-            _mark_out(masks, _module(block, path), idx)
+            _mark_out(masks, module_at(block, path), idx)
         _mark_in(masks, a.mlp_down(layer), idx)
     else:
         raise FaultError(f"{component}: only heads (L.H) and MLPs (L.MLP) can be planted")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rca.bench.cost.ablation import m_ablation
+from rca.bench.cost.behaviour import m_behaviour
 from rca.bench.cost.common import CONFIGS, LENGTHS, MAX_MEMORY_GB, SMOKE_CONFIGS, SMOKE_LENGTHS
 from rca.bench.cost.investigation import m_investigation
 from rca.bench.cost.real import (
@@ -47,6 +48,7 @@ MEASURES: dict[str, Callable[[str, int, str], dict[str, Any]]] = {
     "store": m_store,
     "real": m_real,
     "natural": m_natural,
+    "behaviour": m_behaviour,
 }
 
 
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "devices": devices}
     want = (lambda k: k == args.only) if args.only else (lambda k: True)
     alt_points = [(c, 16) for c in configs] + ([] if args.smoke else [(big, 128)])
-    for key in ("trace", "alternatives", "ablation", "investigation", "store", "real", "natural"):
+    for key in MEASURES:
         res[key] = []
     if want("trace"):
         res["trace"] = [_one("trace", c, n, d) for d in devices for c in configs for n in lengths]
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         res["investigation"] = [_one("investigation", big, n_inv, d) for d in devices]
     if want("store"):
         res["store"] = [_one("store", "-", 10_000 if args.smoke else 1_000_000)]
+    if want("behaviour") and not args.smoke:
+        res["behaviour"] = [_one("behaviour", "-", n, devices[0]) for n in (50, 100)]
     if want("real") and not args.smoke and real_fetched():
         res["real"] = [
             _one("real", p.stem, 0, d) for d in devices for p in sorted(REAL_CASES.glob("*.toml"))

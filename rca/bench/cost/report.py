@@ -237,6 +237,43 @@ def _natural_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _behaviour_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### A behaviour: the zoo's backdoor as one prompt and as a template of variants "
+        "(target: <= 5x one prompt at 50 variants)",
+        "",
+        "| variants (held out) | one prompt s | behaviour s | ratio | recommended | its held-out "
+        "share under 0.2 (mean P(bad)) | the one-prompt fix on the same held-out variants |",
+        "|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r.get('n')} | | | | error: {r['error']} | | |")
+            continue
+        rec = next((f for f in r["fixes"] if f["recommended"]), None)
+        held = (
+            "-"
+            if rec is None
+            else f"{rec['held_out_share']:.0%} ({rec['held_out_mean_p_bad']:.3f})"
+        )
+        one = r.get("single_on_held_out")
+        one_s = (
+            "-"
+            if one is None
+            else f"{r['single_recommended']}: {one['share_under_target']:.0%} "
+            f"({one['mean_p_bad_after']:.3f})"
+        )
+        lines.append(
+            f"| {r['n_variants']} ({r['held_out']}) | {r['single_s']:.1f} | "
+            f"{r['behaviour_s']:.1f} | {r['ratio']:.1f} | {r['recommended'] or 'none'} | "
+            f"{held} | {one_s} |"
+        )
+    return lines
+
+
 def summary(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
@@ -254,6 +291,7 @@ def summary(res: dict[str, Any]) -> str:
     lines += _investigation_lines(_on(res["investigation"], "cpu"), False)
     lines += _real_lines(_on(res.get("real", []), "cpu"), False)
     lines += _natural_lines(res.get("natural", []))
+    lines += _behaviour_lines(res.get("behaviour", []))
     for r in res.get("store", []):
         if "error" in r:
             continue
