@@ -175,22 +175,25 @@ def _print_variant_counts(inc: Any) -> None:
 
 def _print_variant_checks(pre: Any) -> None:
     """On how many variants the model shows the incident, by set, and the weakest ones."""
-    from rca.ingest.preflight import SHOWS_P_BAD
 
     def shown(part: str) -> str:
         vs = [v for v in pre.variants if v.part == part]
         return f"{sum(v.shows for v in vs)} of {len(vs)}"
 
     out.print(
-        f"  the model shows the incident (P(bad) >= {SHOWS_P_BAD}) on {shown('fit')} fit "
+        f"  the model shows the incident (prefers the bad continuation) on {shown('fit')} fit "
         f"variants and {shown('held_out')} held-out ones",
         highlight=False,
     )
-    for v in sorted(pre.variants, key=lambda v: v.p_bad)[:3]:
+    for v in sorted(pre.variants, key=lambda v: v.metric)[:3]:
         if v.shows:
             break
         what = f"template variant ({v.label})" if v.label else f"variant {v.index}"
-        out.print(f"    P(bad) {v.p_bad:.3f} on {what}", highlight=False, markup=False)
+        out.print(
+            f"    metric {v.metric:+.3f}, P(bad) {v.p_bad:.3f} on {what}",
+            highlight=False,
+            markup=False,
+        )
 
 
 @app.command("inspect")

@@ -32,13 +32,13 @@ from typing import Any
 import torch
 
 from rca.ingest.incident import Incident, IncidentError
-from rca.model.metric import Target, encode_text, evaluate, evaluate_many
+from rca.model.metric import Target, as_probability, encode_text, evaluate, evaluate_many
 from rca.model.subject import Subject
 
 __all__ = [
     "Decoding",
     "Preflight",
-    "SHOWS_P_BAD",
+    "SHOWS",
     "VariantCheck",
     "check_variants",
     "decode_greedy",
@@ -222,7 +222,9 @@ def gap_error(incident: Incident, problem: str, *, given: bool) -> IncidentError
     return IncidentError(incident.source, key, problem + fix)
 
 
-SHOWS_P_BAD = 0.5  # a variant shows the incident where P(bad) is at least this
+# a variant shows the incident where the model prefers the bad continuation: P(bad beats good)
+# at least this with a good one, P(bad) without (rca.model.metric.as_probability)
+SHOWS = 0.5
 
 
 @dataclass(frozen=True)
@@ -243,8 +245,9 @@ class VariantCheck:
 
     @property
     def shows(self) -> bool:
-        """Whether the model shows the incident on it: P(bad) >= ``SHOWS_P_BAD``."""
-        return self.p_bad >= SHOWS_P_BAD
+        """Whether the model shows the incident on it: it prefers the bad continuation to the
+        good one (without a good one, P(bad) is at least ``SHOWS``)."""
+        return as_probability(self.metric, self.target.n_conts) >= SHOWS
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -355,7 +358,7 @@ class Preflight:
             "fit": sum(v.part == "fit" for v in self.variants),
             "held_out": sum(v.part == "held_out" for v in self.variants),
             "split": (self.incident.split or Split()).to_dict(),
-            "shows_p_bad": SHOWS_P_BAD,
+            "shows_at": SHOWS,
             "shown": sum(v.shows for v in self.variants),
             "items": [v.to_json() for v in self.variants],
         }

@@ -35,6 +35,7 @@ from rca.remedy.write_direction_removal import WriteDirectionRemoval, write_dire
 from rca.specificity import BenignError, BenignRun
 
 __all__ = [
+    "EDIT_TARGETS",
     "HOLD_SHARE",
     "Remedy",
     "VariantTarget",
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 HOLD_SHARE = 0.9  # a fix holds on a set of prompts where P(bad) is under the target on this share
+# the weight edit trains on the incident prompt and at most this many fit prompts in all: each
+# step runs them beside the benign KL term, and more cost time without telling it more
+EDIT_TARGETS = 8
 
 
 @dataclass(frozen=True)
@@ -219,7 +223,7 @@ def try_remedies(
     deltas = (
         weight_edit(
             subject,
-            fit_targets if fit_variants else target,
+            fit_targets[:EDIT_TARGETS] if fit_variants else target,
             comps,
             held[:64],
             p_bad_target=p_bad_target,

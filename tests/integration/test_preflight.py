@@ -10,6 +10,7 @@ expensive stages are replaced here by functions that fail the test if they are c
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -277,7 +278,8 @@ def test_check_load_measures_every_variant_as_the_model_scores_it(
     code, out, err = rca_cli("check", str(case), "--load", "--device", "cpu")
     assert code == 0, err
     assert "6 variants: 3 fit (and the case's prompt), 3 held out (split seed 2)" in out
-    shown_fit = sum(c.p_bad >= 0.5 for c in checks if c.part == "fit")
+    # shown: the model prefers the bad continuation (sigmoid of the log-ratio metric)
+    shown_fit = sum(1 / (1 + math.exp(-c.metric)) >= 0.5 for c in checks if c.part == "fit")
     assert f"on {shown_fit} of 3 fit variants" in out
 
 

@@ -1,6 +1,8 @@
-"""A behaviour's cost (``m_behaviour``): the zoo's backdoor investigated as one prompt, then as
-a behaviour of ``n`` template variants, on the same model and machine; the ratio of the two
-wall times, and what the behaviour's fix figures say."""
+"""A behaviour's cost and fix against one prompt's, on the same model and machine: the zoo's
+backdoor as one prompt and as ``n`` template variants (``m_behaviour``), and each real case of
+``cases/real/`` as its prompt and with its variants (``m_real_behaviour``). Each gives the ratio
+of the two wall times, the recommended fix's figures on the held-out variants, and the
+one-prompt investigation's fix scored on the same held-out variants."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 
 from rca.bench.cost.common import peaks
 
-__all__ = ["BEHAVIOUR_RATIO", "behaviour_case", "m_behaviour"]
+__all__ = ["BEHAVIOUR_RATIO", "behaviour_case", "m_behaviour", "m_real_behaviour"]
 
 BEHAVIOUR_RATIO = 5.0  # target: a case with 50 variants costs at most 5x one prompt
 CASE = Path(__file__).resolve().parents[3] / "cases" / "backdoor.toml"
@@ -36,24 +38,32 @@ def behaviour_case(n: int, *, seed: int = 0) -> str:
 
 def m_behaviour(cfg: str, n: int, device: str = "cpu") -> dict[str, Any]:
     """``cfg``: unused (the zoo model); ``n``: the number of variants."""
-    import tempfile
-
     from rca import zoo
     from rca.ingest.case_file import load_case, loads_case
     from rca.investigate import InvestigateConfig, investigate
-    from rca.model.metric import evaluate_many
     from rca.model.subject import load_subject
-    from rca.remedy import fix_context
 
     zoo.build(quick=True)
     single = load_case(CASE)
     subject = load_subject(single.model_path(), device=device)
     config = InvestigateConfig(device=device)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "backdoor.toml"
-        path.write_text(behaviour_case(n))
-        behaviour = loads_case(path.read_text(), source=str(path))
+    behaviour = loads_case(behaviour_case(n), source=str(CASE))
     investigate(single, subject=subject, config=config)  # warm: the first run loads code
+    return {
+        "config": "zoo backdoor",
+        **compare(single, behaviour, subject, config),
+        **peaks(device),
+    }
+
+
+def compare(single: Any, behaviour: Any, subject: Any, config: Any) -> dict[str, Any]:
+    """``single`` (one prompt) and ``behaviour`` (the same case with variants) investigated on
+    ``subject``: the wall times and their ratio, each fix's fit and held-out figures, and the
+    one-prompt recommended fix scored on the behaviour's held-out variants."""
+    from rca.investigate import investigate
+    from rca.model.metric import evaluate_many
+    from rca.remedy import fix_context
+
     t = time.perf_counter()
     one = investigate(single, subject=subject, config=config)
     single_s = time.perf_counter() - t
@@ -64,6 +74,7 @@ def m_behaviour(cfg: str, n: int, device: str = "cpu") -> dict[str, Any]:
     fixes = [
         {
             "kind": r.kind,
+            "layer": r.layer,
             "recommended": r.recommended,
             "fit_share": r.behaviour["fit"]["share_under_target"] if r.behaviour else None,
             "held_out_share": r.behaviour["held_out"]["share_under_target"]
@@ -77,11 +88,9 @@ def m_behaviour(cfg: str, n: int, device: str = "cpu") -> dict[str, Any]:
         }
         for r in run.remedies
     ]
+    checks = run.preflight.variants if run.preflight else []
+    held = [v.target for v in checks if v.part == "held_out"]
     single_rec = one.recommended
-    # today's single-prompt fix, scored on the same held-out variants
-    held = [
-        v.target for v in (run.preflight.variants if run.preflight else []) if v.part == "held_out"
-    ]
     single_held = None
     if single_rec is not None and held:
         with fix_context(subject, single_rec.patch_spec):
@@ -90,21 +99,40 @@ def m_behaviour(cfg: str, n: int, device: str = "cpu") -> dict[str, Any]:
             "share_under_target": sum(v.p_bad < config.p_bad_target for v in after) / len(after),
             "mean_p_bad_after": sum(v.p_bad for v in after) / len(after),
         }
+    b = run.behaviour
     return {
-        "config": "zoo backdoor",
-        "n_variants": len(run.preflight.variants) if run.preflight else 0,
-        "held_out": sum(v.part == "held_out" for v in run.preflight.variants)
-        if run.preflight
-        else 0,
+        "n_variants": len(checks),
+        "held_out": len(held),
+        "shown": sum(v.shows for v in checks),
+        "held_out_p_bad_before": sum(v.p_bad for v in checks if v.part == "held_out")
+        / max(1, len(held)),
         "single_s": single_s,
         "behaviour_s": behaviour_s,
         "ratio": behaviour_s / single_s,
         "single_stages_s": one.timings,
         "behaviour_stages_s": run.timings,
-        "behaviour_forward_equiv": run.behaviour.forward_equiv if run.behaviour else None,
+        "behaviour_forward_equiv": None if b is None else b.forward_equiv,
+        "set_holds": None if b is None else b.set_holds,
+        "circuit_kept": None if b is None else b.circuit_kept,
+        "circuit_dropped": None if b is None else b.circuit_dropped,
+        "cause_set": run.verdict.cause_set.components,
         "recommended": None if rec is None else rec.kind,
         "single_recommended": None if single_rec is None else single_rec.kind,
         "single_on_held_out": single_held,
         "fixes": fixes,
-        **peaks(device),
     }
+
+
+def m_real_behaviour(case: str, _: int, device: str = "cpu") -> dict[str, Any]:
+    """``cases/real/<case>.toml`` investigated as its prompt alone, then with its variants (no
+    warm-up run: the one-prompt run pays for the first calls, which makes the ratio a little
+    smaller than it is)."""
+    from rca.bench.cost.real import REAL_CASES, one_prompt
+    from rca.ingest.case_file import load_case
+    from rca.investigate import InvestigateConfig
+    from rca.model.subject import load_subject
+
+    behaviour = load_case(REAL_CASES / f"{case}.toml")
+    subject = load_subject(behaviour.model_path(), device=device)
+    got = compare(one_prompt(behaviour), behaviour, subject, InvestigateConfig(device=device))
+    return {"config": case, **got, **peaks(device)}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rca.bench.cost.ablation import m_ablation
-from rca.bench.cost.behaviour import m_behaviour
+from rca.bench.cost.behaviour import m_behaviour, m_real_behaviour
 from rca.bench.cost.common import CONFIGS, LENGTHS, MAX_MEMORY_GB, SMOKE_CONFIGS, SMOKE_LENGTHS
 from rca.bench.cost.investigation import m_investigation
 from rca.bench.cost.real import (
@@ -49,6 +49,7 @@ MEASURES: dict[str, Callable[[str, int, str], dict[str, Any]]] = {
     "real": m_real,
     "natural": m_natural,
     "behaviour": m_behaviour,
+    "real_behaviour": m_real_behaviour,
 }
 
 
@@ -162,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         res["store"] = [_one("store", "-", 10_000 if args.smoke else 1_000_000)]
     if want("behaviour") and not args.smoke:
         res["behaviour"] = [_one("behaviour", "-", n, devices[0]) for n in (50, 100)]
+    # asked for by name only: each real case is investigated twice
+    if args.only == "real_behaviour" and real_fetched():
+        res["real_behaviour"] = [
+            _one("real_behaviour", p.stem, 0, devices[0], timeout=2 * MAX_SECONDS)
+            for p in sorted(REAL_CASES.glob("*.toml"))
+        ]
     if want("real") and not args.smoke and real_fetched():
         res["real"] = [
             _one("real", p.stem, 0, d) for d in devices for p in sorted(REAL_CASES.glob("*.toml"))

@@ -25,6 +25,7 @@ __all__ = [
     "REAL_TARGET_TOKENS",
     "m_natural",
     "m_real",
+    "one_prompt",
     "real_fetched",
 ]
 
@@ -41,15 +42,23 @@ def real_fetched() -> bool:
     return is_fetched("smollm2-135m")
 
 
+def one_prompt(incident: Any) -> Any:
+    """The incident without its variants: one prompt, as a case without them is."""
+    import dataclasses
+
+    return dataclasses.replace(incident, variants=(), template=None, split=None)
+
+
 def m_real(case: str, _: int, device: str = "cpu") -> dict[str, Any]:
-    """A full investigation of ``cases/real/<case>.toml`` as ``rca investigate`` runs it (the
-    default configuration, the model loaded first), timed by stage."""
+    """A full investigation of the prompt of ``cases/real/<case>.toml`` as ``rca investigate``
+    runs it (the default configuration, the model loaded first), timed by stage. The case's
+    variants are left out: a behaviour's cost is ``m_real_behaviour``'s."""
     from rca.ingest.case_file import load_case
     from rca.investigate import InvestigateConfig, investigate
     from rca.model.subject import load_subject
     from rca.store import Store
 
-    inc = load_case(REAL_CASES / f"{case}.toml")
+    inc = one_prompt(load_case(REAL_CASES / f"{case}.toml"))
     t = time.perf_counter()
     s = load_subject(inc.model_path(), device=device)
     load_s = time.perf_counter() - t

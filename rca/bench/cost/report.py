@@ -274,6 +274,45 @@ def _behaviour_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _real_behaviour_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### Real cases as behaviours: SmolLM2-135M-Instruct, each case's prompt and its variants",
+        "",
+        "| case | variants (held out, shown) | one prompt s | behaviour s | ratio | cause set "
+        "holds on | recommended: held out under 0.2 (mean P(bad), before) | the one-prompt "
+        "fix on them |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | | | | | | error: {r['error']} | |")
+            continue
+        rec = next((f for f in r["fixes"] if f["recommended"]), None)
+        held = (
+            "none recommended"
+            if rec is None
+            else f"{rec['kind']}: {rec['held_out_share']:.0%} ({rec['held_out_mean_p_bad']:.3f}, "
+            f"{r['held_out_p_bad_before']:.3f})"
+        )
+        one = r.get("single_on_held_out")
+        one_s = (
+            "-"
+            if one is None
+            else f"{r['single_recommended']}: {one['share_under_target']:.0%} "
+            f"({one['mean_p_bad_after']:.3f})"
+        )
+        holds = "-" if r.get("set_holds") is None else f"{r['set_holds']:.0%}"
+        lines.append(
+            f"| {r['config']} | {r['n_variants']} ({r['held_out']}, {r['shown']}) | "
+            f"{r['single_s']:.0f} | {r['behaviour_s']:.0f} | {r['ratio']:.1f} | {holds} | "
+            f"{held} | {one_s} |"
+        )
+    return lines
+
+
 def summary(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
@@ -292,6 +331,7 @@ def summary(res: dict[str, Any]) -> str:
     lines += _real_lines(_on(res.get("real", []), "cpu"), False)
     lines += _natural_lines(res.get("natural", []))
     lines += _behaviour_lines(res.get("behaviour", []))
+    lines += _real_behaviour_lines(res.get("real_behaviour", []))
     for r in res.get("store", []):
         if "error" in r:
             continue
