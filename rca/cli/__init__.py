@@ -15,7 +15,8 @@ the library takes, are ``rca.cli_options``. The commands live in one module per 
 - ``investigation``: ``trace``, ``confirm``, ``investigate``, ``demo``;
 - ``regression``: ``regress``;
 - ``bench``: ``bench localization``;
-- ``records``: ``cases list|show``, ``report``, ``notes add``, ``verify``, ``export``.
+- ``records``: ``cases list|show``, ``report``, ``notes add``, ``verify``, ``export``;
+- ``ingest``: ``ingest`` (case files from a JSONL log of conversations).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import sys
 
 # each command module registers its commands on ``app`` when imported
-from rca.cli import bench, investigation, models, records, regression  # noqa: F401
+from rca.cli import bench, ingest, investigation, models, records, regression  # noqa: F401
 from rca.cli.shell import app, err
 
 __all__ = ["app", "main"]

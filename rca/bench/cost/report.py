@@ -237,6 +237,26 @@ def _natural_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _fix_cells(r: dict[str, Any]) -> tuple[str, str]:
+    """A behaviour row's recommended fix on the held-out variants (its share under the target,
+    mean P(bad) after, and before), and the one-prompt fix on the same variants."""
+    rec = next((f for f in r["fixes"] if f["recommended"]), None)
+    held = (
+        "none recommended"
+        if rec is None
+        else f"{rec['kind']}: {rec['held_out_share']:.0%} ({rec['held_out_mean_p_bad']:.3f}, "
+        f"{r['held_out_p_bad_before']:.3f})"
+    )
+    one = r.get("single_on_held_out")
+    one_s = (
+        "-"
+        if one is None
+        else f"{r['single_recommended']}: {one['share_under_target']:.0%} "
+        f"({one['mean_p_bad_after']:.3f})"
+    )
+    return held, one_s
+
+
 def _behaviour_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
@@ -245,31 +265,18 @@ def _behaviour_lines(rows: list[dict[str, Any]]) -> list[str]:
         "### A behaviour: the zoo's backdoor as one prompt and as a template of variants "
         "(target: <= 5x one prompt at 50 variants)",
         "",
-        "| variants (held out) | one prompt s | behaviour s | ratio | recommended | its held-out "
-        "share under 0.2 (mean P(bad)) | the one-prompt fix on the same held-out variants |",
-        "|---:|---:|---:|---:|---|---|---|",
+        "| variants (held out) | one prompt s | behaviour s | ratio | recommended: held out "
+        "under 0.2 (mean P(bad), before) | the one-prompt fix on them |",
+        "|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r.get('n')} | | | | error: {r['error']} | | |")
+            lines.append(f"| {r.get('n')} | | | | error: {r['error']} | |")
             continue
-        rec = next((f for f in r["fixes"] if f["recommended"]), None)
-        held = (
-            "-"
-            if rec is None
-            else f"{rec['held_out_share']:.0%} ({rec['held_out_mean_p_bad']:.3f})"
-        )
-        one = r.get("single_on_held_out")
-        one_s = (
-            "-"
-            if one is None
-            else f"{r['single_recommended']}: {one['share_under_target']:.0%} "
-            f"({one['mean_p_bad_after']:.3f})"
-        )
+        held, one_s = _fix_cells(r)
         lines.append(
             f"| {r['n_variants']} ({r['held_out']}) | {r['single_s']:.1f} | "
-            f"{r['behaviour_s']:.1f} | {r['ratio']:.1f} | {r['recommended'] or 'none'} | "
-            f"{held} | {one_s} |"
+            f"{r['behaviour_s']:.1f} | {r['ratio']:.1f} | {held} | {one_s} |"
         )
     return lines
 
@@ -290,20 +297,7 @@ def _real_behaviour_lines(rows: list[dict[str, Any]]) -> list[str]:
         if "error" in r:
             lines.append(f"| {r['config']} | | | | | | error: {r['error']} | |")
             continue
-        rec = next((f for f in r["fixes"] if f["recommended"]), None)
-        held = (
-            "none recommended"
-            if rec is None
-            else f"{rec['kind']}: {rec['held_out_share']:.0%} ({rec['held_out_mean_p_bad']:.3f}, "
-            f"{r['held_out_p_bad_before']:.3f})"
-        )
-        one = r.get("single_on_held_out")
-        one_s = (
-            "-"
-            if one is None
-            else f"{r['single_recommended']}: {one['share_under_target']:.0%} "
-            f"({one['mean_p_bad_after']:.3f})"
-        )
+        held, one_s = _fix_cells(r)
         holds = "-" if r.get("set_holds") is None else f"{r['set_holds']:.0%}"
         lines.append(
             f"| {r['config']} | {r['n_variants']} ({r['held_out']}, {r['shown']}) | "
