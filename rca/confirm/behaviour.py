@@ -40,6 +40,8 @@ from rca.stats import t_quantile
 
 __all__ = ["BehaviourEvidence", "ComponentOnVariants", "FitVariant", "behaviour_evidence"]
 
+NEURON_KINDS = ("neuron", "neurons")  # one MLP neuron (L3.N5), a group of them (L3.N5+17)
+
 
 @dataclass(frozen=True)
 class FitVariant:
@@ -119,9 +121,9 @@ def behaviour_evidence(
     ids = [
         c
         for c in dict.fromkeys([*cause, *circuit, *measured])
-        if parse_id(c).kind in ("head", "mlp", "neuron") and parse_id(c).pos is None
+        if parse_id(c).kind in ("head", "mlp", *NEURON_KINDS) and parse_id(c).pos is None
     ]
-    neuron_layers = {parse_id(c).layer for c in ids if parse_id(c).kind == "neuron"}
+    neuron_layers = {parse_id(c).layer for c in ids if parse_id(c).kind in NEURON_KINDS}
     means: dict[str, torch.Tensor] | None = None
     if any(v.counterfactual is None for v in variants):
         if not reference:

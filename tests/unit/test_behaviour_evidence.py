@@ -61,10 +61,10 @@ def test_each_number_is_what_patching_from_the_variant_s_counterfactual_does(sub
         config=ConfirmConfig(),
     )
     variants = [FitVariant(i, *pair(subject, i)) for i in range(5)]
-    ev = behaviour_evidence(subject, verdict, variants, measured=["L0.H1"])
+    ev = behaviour_evidence(subject, verdict, variants, measured=["L0.H1", "L1.N3+7"])
     assert ev.indices == list(range(5)) and ev.patch == ["counterfactual"] * 5
     by_id = {c.id: c for c in ev.components}
-    assert set(by_id) == {"L1.H2", "L0.MLP", "L0.H1"}
+    assert set(by_id) == {"L1.H2", "L0.MLP", "L0.H1", "L1.N3+7"}
     cfg = ConfirmConfig()
     for j, v in enumerate(variants):
         assert v.counterfactual is not None
