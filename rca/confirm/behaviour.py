@@ -11,11 +11,14 @@ counterfactual where one lines up with it (else the mean over the reference prom
   that member carries within the set: its necessity on the variant);
 - the circuit's specific members together: its faithfulness on the variant.
 
-Per component that gives a mean and a 95% interval over the variants (Student's t), and its
-consistency: the share of variants on which it is necessary (it carries at least
-``component_fraction`` of the gap within the set, as confirm requires of a member; for a
-component outside the set, patched alone). A circuit member is kept in the behaviour's
-circuit where it is necessary on at least ``variant_share`` of the fit variants.
+Per component that gives a mean and a 95% interval over the variants (Student's t), and two
+shares of the variants: on how many it *holds*, removing at least ``component_fraction`` of the
+gap patched alone, and on how many it is *necessary* (its consistency), carrying at least that
+share within the set, as confirm requires of a member (for a component outside the set, the
+same as holding). A circuit member is kept in the behaviour's circuit where it holds on at
+least ``variant_share`` of the fit variants: a member's role is what it carries, and the
+members of a redundant circuit (several heads that each copy the answer) hold everywhere while
+none of them alone is necessary.
 
 The variants run through one ``Ablator`` each, without reference recordings of their own: the
 mean values, which do not depend on the prompt, are recorded once over the reference prompts,
@@ -65,6 +68,7 @@ class ComponentOnVariants:
     mean: float
     ci: tuple[float, float]
     consistency: float  # share of variants on which it is necessary
+    holds: float  # share of variants on which it removes component_fraction of the gap alone
 
 
 @dataclass
@@ -199,9 +203,10 @@ def behaviour_evidence(
                 mean=sum(effects[c]) / n,
                 ci=_interval(effects[c]),
                 consistency=sum(x >= cfg.component_fraction for x in carried) / n,
+                holds=sum(x >= cfg.component_fraction for x in effects[c]) / n,
             )
         )
     by_id = {x.id: x for x in out.components}
-    out.circuit_kept = [c for c in circuit if by_id[c].consistency >= cfg.variant_share]
+    out.circuit_kept = [c for c in circuit if by_id[c].holds >= cfg.variant_share]
     out.circuit_dropped = [c for c in circuit if c not in out.circuit_kept]
     return out

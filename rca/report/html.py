@@ -124,6 +124,7 @@ def _fit_evidence_html(run: Mapping[str, Any]) -> str:
     body = "".join(
         f"<tr><td>{_e(r['id'])}</td><td>{'yes' if r['in_set'] else 'no'}</td>"
         f"<td>{_f(r['mean'], '.2f')} ({_f(r['ci'][0], '.2f')} to {_f(r['ci'][1], '.2f')})</td>"
+        f"<td>{'-' if r.get('holds') is None else format(float(r['holds']), '.0%')}</td>"
         f"<td>{'-' if r['consistency'] is None else format(float(r['consistency']), '.0%')}</td>"
         "</tr>"
         for r in rows
@@ -132,9 +133,8 @@ def _fit_evidence_html(run: Mapping[str, Any]) -> str:
         "<h2>On the fit variants</h2>"
         + "".join(f"<p>{_e(t)}</p>" for t in text)
         + "<table><tr><th>component</th><th>in the cause set</th>"
-        "<th>share of the gap, mean (95% interval)</th><th>necessary on</th></tr>"
-        + body
-        + "</table>"
+        "<th>share of the gap, mean (95% interval)</th><th>holds on</th><th>necessary on</th>"
+        "</tr>" + body + "</table>"
     )
 
 

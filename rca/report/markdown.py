@@ -299,13 +299,14 @@ def _fit_evidence_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
     text, rows = got
     lines = ["", "## On the fit variants", "", *(m.text(t) for t in text), ""]
     lines += [
-        "| component | in the cause set | share of the gap, mean (95% interval) | necessary on |",
-        "|---|---|---:|---:|",
+        "| component | in the cause set | share of the gap, mean (95% interval) | holds on | "
+        "necessary on |",
+        "|---|---|---:|---:|---:|",
     ]
     lines += [
         f"| {m.code(r['id'], cell=True)} | {'yes' if r['in_set'] else 'no'} | "
         f"{_f(r['mean'], '.2f')} ({_f(r['ci'][0], '.2f')} to {_f(r['ci'][1], '.2f')}) | "
-        f"{_pct_plain(r['consistency'])} |"
+        f"{_pct_plain(r.get('holds'))} | {_pct_plain(r['consistency'])} |"
         for r in rows
     ]
     return lines

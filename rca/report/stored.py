@@ -317,8 +317,8 @@ def fit_evidence_lines(run: Mapping[str, Any]) -> tuple[list[str], list[dict[str
     if kept or dropped:
         share = float(b.get("variant_share") or 0.0)
         text.append(
-            f"The behaviour's circuit keeps the members necessary on at least {share:.0%} of "
-            f"them: {', '.join(kept) or 'none'}"
+            f"The behaviour's circuit keeps the members that remove at least the confirm "
+            f"bound of the gap alone on at least {share:.0%} of them: {', '.join(kept) or 'none'}"
             + (f"; not {', '.join(dropped)}." if dropped else ".")
         )
     rows = [
@@ -328,6 +328,7 @@ def fit_evidence_lines(run: Mapping[str, Any]) -> tuple[list[str], list[dict[str
             "mean": c.get("mean"),
             "ci": list(c.get("ci") or [None, None]),
             "consistency": c.get("consistency"),
+            "holds": c.get("holds"),
         }
         for c in b.get("components") or []
     ]

@@ -85,8 +85,9 @@ def test_each_number_is_what_patching_from_the_variant_s_counterfactual_does(sub
         assert c.mean == pytest.approx(mean) and c.ci == pytest.approx((mean - half, mean + half))
         carried = c.necessities if c.in_set else c.effects
         assert c.consistency == sum(x >= cfg.component_fraction for x in carried) / 5
+        assert c.holds == sum(x >= cfg.component_fraction for x in xs) / 5
     assert ev.set_holds == sum(x >= cfg.set_fraction for x in ev.set_shares) / 5
-    keep = by_id["L1.H2"].consistency >= cfg.variant_share
+    keep = by_id["L1.H2"].holds >= cfg.variant_share
     assert ev.circuit_kept == (["L1.H2"] if keep else [])
 
 
