@@ -170,6 +170,7 @@ def _print_variant_counts(inc: Any) -> None:
             f"  {n} variants: {len(b.fit) - 1} fit (and the case's prompt), "
             f"{len(b.held_out)} held out (split seed {b.split.seed})",
             highlight=False,
+            soft_wrap=True,
         )
 
 
@@ -184,6 +185,7 @@ def _print_variant_checks(pre: Any) -> None:
         f"  the model shows the incident (prefers the bad continuation) on {shown('fit')} fit "
         f"variants and {shown('held_out')} held-out ones",
         highlight=False,
+        soft_wrap=True,
     )
     for v in sorted(pre.variants, key=lambda v: v.metric)[:3]:
         if v.shows:
@@ -193,6 +195,7 @@ def _print_variant_checks(pre: Any) -> None:
             f"    metric {v.metric:+.3f}, P(bad) {v.p_bad:.3f} on {what}",
             highlight=False,
             markup=False,
+            soft_wrap=True,
         )
 
 
