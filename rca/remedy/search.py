@@ -314,7 +314,9 @@ def try_remedies(
     out: list[Remedy] = []
     for fix in fixes:
         spec = fix.to_spec()
-        after = evaluate_with(subject, target, fix)
+        # on a behaviour one batched pass scores the incident prompt (first) and every variant
+        fixed = evaluate_many_with(subject, scored, fix, batch=batch) if variants else []
+        after = fixed[0] if fixed else evaluate_with(subject, target, fix)
         side = bench.side_effect(functools.partial(fix.context, subject), fix.first_layer)
         r = Remedy(
             kind=fix.kind,
@@ -328,7 +330,6 @@ def try_remedies(
             layer=spec.get("layer"),
         )
         if variants:
-            fixed = evaluate_many_with(subject, scored, fix, batch=batch)
             r.behaviour = _behaviour_figures(
                 variants, base, fixed, p_bad_target=p_bad_target, hold_share=hold_share
             )
