@@ -25,12 +25,21 @@ import torch
 
 from rca.confirm import ConfirmConfig, ConfirmError, Verdict, auto_batch_size, check_gap, confirm
 from rca.confirm.behaviour import BehaviourEvidence, FitVariant, behaviour_evidence
+from rca.ingest.generate import generated_behaviour, generation_summary
 from rca.ingest.incident import Incident
-from rca.ingest.preflight import Preflight, gap_error, preflight, reference_prompts
+from rca.ingest.preflight import (
+    Preflight,
+    check_variants,
+    gap_error,
+    preflight,
+    reference_prompts,
+)
 from rca.model.metric import Target
 from rca.model.subject import Subject, load_subject
 from rca.remedy import Remedy, VariantTarget, try_remedies
 from rca.trace import Attribution, Baseline, Counterfactual, trace
+from rca.trace.components import site_means
+from rca.trace.fitset import fit_set_scores
 
 __all__ = [
     "InvestigateConfig",
@@ -62,6 +71,9 @@ class InvestigateConfig:
     device: str = "auto"
     max_memory: int | str | None = "auto"  # a size ("4G"), "auto" (what is free) or None
     allow_pickle: bool = False  # load pickle weights (runs code from the file; trusted only)
+    # a case with neither variants nor a template: up to this many generated variants
+    # (rca.ingest.generate), half held out; 0 investigates the one prompt
+    generate_variants: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -324,19 +336,51 @@ def trace_and_confirm(
     timings["confirm"] = time.perf_counter() - t
     release_memory()
 
+    if cfg.generate_variants > 0 and not pre.variants:
+        t = time.perf_counter()
+        cf = att.counterfactual
+        cf_text = cf.text if cf is not None and cf.ok else incident.counterfactual
+        # the case's own reference prompts: its kind of prompt (the preflight adds others)
+        sources = list(incident.reference_prompts) or refs
+        made = generated_behaviour(
+            subject, incident, cf_text, sources, n=cfg.generate_variants, seed=cfg.seed
+        )
+        assert incident.prompt is not None
+        summary = generation_summary(incident.prompt, cf_text, sources, made)
+        pre = dataclasses.replace(pre, generated=summary)
+        if made is not None:
+            incident = made
+            pre = dataclasses.replace(pre, incident=made, variants=check_variants(subject, made))
+        timings["generate"] = time.perf_counter() - t
+
     behaviour = None
     fit = [v for v in pre.variants if v.part == "fit"]
     if fit:
         t = time.perf_counter()
         say("confirm", 0.75)
+        # the trace over the fit set: its leading components are measured beside the prompt's
+        means = None
+        if any(v.counterfactual is None for v in fit):
+            means = att.baseline.means if att.baseline.kind == "mean" else site_means(subject, refs)
+        fit_scores = fit_set_scores(
+            subject,
+            [(v.index, v.target, v.counterfactual) for v in fit],
+            means=means,
+            prompt_scores=att.components,
+        )
+        timings["fit_trace"] = time.perf_counter() - t
+        t = time.perf_counter()
+        top = confirm_cfg.top_k
         behaviour = behaviour_evidence(
             subject,
             verdict,
             [FitVariant(v.index, v.target, v.counterfactual) for v in fit],
             reference=refs,
             config=confirm_cfg,
-            measured=[c.id for c in verdict.ranked()[: confirm_cfg.top_k]],
+            measured=[*(c.id for c in verdict.ranked()[:top]), *fit_scores.top(top)],
         )
+        behaviour.attribution = fit_scores.to_json(top_k=top)
+        behaviour.forward_equiv += fit_scores.forward_equiv
         timings["behaviour"] = time.perf_counter() - t
 
     return Confirmed(
@@ -380,16 +424,23 @@ def investigate(
     say("remedy", 0.75)
     ranked = verdict.ranked()
     # a cause set of no specific component (every candidate is infrastructure) has no fix to try
+    # a behaviour whose prompt's cause set does not hold on the fit set is fixed through the
+    # set chosen there (rca.confirm.behaviour)
+    cause = list(verdict.cause_set.components)
+    top_cause = ranked[0].id if ranked else None
+    chosen = done.behaviour.cause_set if done.behaviour is not None else None
+    if chosen is not None and chosen.source == "fit set" and chosen.holds_on_fit_set:
+        cause, top_cause = list(chosen.components), chosen.components[0]
     remedies = (
         []
-        if not cfg.remedy or not verdict.cause_set.components
+        if not cfg.remedy or not cause
         else try_remedies(
             subject,
             att.target,
-            verdict.cause_set.components,
+            cause,
             counterfactual=base_target,
             reference=benign,
-            top_cause=ranked[0].id if ranked else None,
+            top_cause=top_cause,
             p_bad_target=cfg.p_bad_target,
             bad_text=incident.bad,
             neuron_scores=att.components.neurons,

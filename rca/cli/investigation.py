@@ -240,18 +240,34 @@ def investigate_cmd(
     allow_pickle: bool = AllowPickleOpt,
     db: Path | None = DbOpt,
     home: Path | None = HomeOpt,
+    generate_variants: int = typer.Option(
+        0,
+        "--generate-variants",
+        metavar="N",
+        help="A case with no variants: generate up to N from its reference prompts and keep "
+        "those the model shows the incident on (0: the one prompt).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Trace, confirm, remedy and record one incident."""
+    import dataclasses
+
     from rca.investigate import investigate
     from rca.store import Store
 
-    opts.at_least(("--seed", seed, 0))
+    opts.at_least(("--seed", seed, 0), ("--generate-variants", generate_variants, 0))
+    if generate_variants > 1000:
+        raise opts.CliError(f"--generate-variants must be at most 1000, got {generate_variants}")
     db_path = opts.writer_db(db)
     inc, subject = opts.load_incident_subject(
         incident, model, device=device, home=home, allow_pickle=allow_pickle
     )
     cfg = _investigate_config(method, seed, device, max_memory, allow_pickle)
+    if generate_variants and inc.all_variants():
+        raise opts.CliError(
+            f"--generate-variants: case {inc.id!r} has variants of its own; leave the flag out"
+        )
+    cfg = dataclasses.replace(cfg, generate_variants=generate_variants)
     with progress(not as_json) as say:
         run = investigate(inc, subject=subject, store=Store(db_path), config=cfg, progress=say)
     warn_tokens(run.attribution.tokens.completeness)

@@ -20,6 +20,15 @@ least ``variant_share`` of the fit variants: a member's role is what it carries,
 members of a redundant circuit (several heads that each copy the answer) hold everywhere while
 none of them alone is necessary.
 
+**The behaviour's cause set.** Where the prompt's cause set holds (removes ``set_fraction`` of
+the gap) on at least ``variant_share`` of the fit variants that show the incident, it is the
+behaviour's. Where it does not, the set is chosen on the fit set: the measured components that
+ordinary text does not need (benign damage, as confirm measures it), in order of their mean
+share over the fit variants, and the shortest prefix of that order that holds on
+``variant_share`` of them (at most ``max_set`` members). Where no prefix holds, the one that
+holds on the most variants is reported, marked as not holding. Every choice reads fit variants
+only.
+
 The variants run through one ``Ablator`` each, without reference recordings of their own: the
 mean values, which do not depend on the prompt, are recorded once over the reference prompts,
 and only where a variant has no counterfactual that lines up.
@@ -34,14 +43,22 @@ from typing import Any
 
 import torch
 
+from rca.benign import benign_prompts
 from rca.confirm.engine import Ablator
 from rca.confirm.evidence import ConfirmConfig, ConfirmError, Verdict
 from rca.model.ids import parse_id
 from rca.model.metric import Target, reference_point, share_removed
 from rca.model.subject import Subject
+from rca.specificity import benign_damage
 from rca.stats import t_quantile
 
-__all__ = ["BehaviourEvidence", "ComponentOnVariants", "FitVariant", "behaviour_evidence"]
+__all__ = [
+    "BehaviourCauseSet",
+    "BehaviourEvidence",
+    "ComponentOnVariants",
+    "FitVariant",
+    "behaviour_evidence",
+]
 
 NEURON_KINDS = ("neuron", "neurons")  # one MLP neuron (L3.N5), a group of them (L3.N5+17)
 
@@ -72,6 +89,23 @@ class ComponentOnVariants:
 
 
 @dataclass
+class BehaviourCauseSet:
+    """The behaviour's cause set: taken from the prompt's verdict or chosen on the fit set
+    (``source``: ``prompt`` or ``fit set``); per shown fit variant, the share of its gap it
+    removes (``shares``, in ``indices`` order); the share of them on which it holds; whether
+    that reaches ``variant_share``; and the prefixes tried, with the share each holds on."""
+
+    components: list[str]
+    source: str
+    indices: list[int]
+    shares: list[float]
+    holds: float
+    holds_on_fit_set: bool
+    tried: list[dict[str, Any]] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)  # infrastructure: never in the set
+
+
+@dataclass
 class BehaviourEvidence:
     """The verdict on the fit set (``to_json`` for the run's summary)."""
 
@@ -87,6 +121,9 @@ class BehaviourEvidence:
     circuit_dropped: list[str] = field(default_factory=list)
     variant_share: float = 0.8
     forward_equiv: float = 0.0
+    cause_set: BehaviourCauseSet | None = None
+    # the trace over the fit set (rca.trace.fitset.FitSetScores.to_json), where one ran
+    attribution: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,18 +189,7 @@ def behaviour_evidence(
         variant_share=cfg.variant_share,
     )
     for v in variants:
-        ab = Ablator(subject, v.target, baseline=v.counterfactual, batch_size=cfg.batch_size)
-        ab.record_neurons(x for x in neuron_layers if x is not None)
-        if v.counterfactual is None:
-            assert means is not None
-            ab.means = dict(means)
-        src = "baseline" if v.counterfactual is not None else "mean"
-        m_clean = ab.metric_clean
-        if v.counterfactual is not None:
-            assert ab.metric_baseline is not None
-            m_ref = reference_point(m_clean, ab.metric_baseline, n_conts=v.target.n_conts)
-        else:
-            m_ref = float(ab.run([{c: "mean" for c in ab.components}])[0])
+        ab, src, m_clean, m_ref = _setup(subject, v, cfg, means, neuron_layers)
         gap = m_clean - m_ref
         out.indices.append(v.index)
         out.patch.append("counterfactual" if src == "baseline" else "mean")
@@ -209,4 +235,91 @@ def behaviour_evidence(
     by_id = {x.id: x for x in out.components}
     out.circuit_kept = [c for c in circuit if by_id[c].holds >= cfg.variant_share]
     out.circuit_dropped = [c for c in circuit if c not in out.circuit_kept]
+    out.cause_set = _cause_set(
+        subject, verdict, variants, out, cfg, means, neuron_layers, reference=reference
+    )
     return out
+
+
+def _setup(
+    subject: Subject,
+    v: FitVariant,
+    cfg: ConfirmConfig,
+    means: dict[str, torch.Tensor] | None,
+    neuron_layers: set[int | None],
+) -> tuple[Ablator, str, float, float]:
+    """A variant's ablator, what it patches from (``baseline``: its counterfactual, or
+    ``mean``), its metric and its reference point."""
+    ab = Ablator(subject, v.target, baseline=v.counterfactual, batch_size=cfg.batch_size)
+    ab.record_neurons(x for x in neuron_layers if x is not None)
+    if v.counterfactual is None:
+        assert means is not None
+        ab.means = dict(means)
+    src = "baseline" if v.counterfactual is not None else "mean"
+    m_clean = ab.metric_clean
+    if v.counterfactual is not None:
+        assert ab.metric_baseline is not None
+        m_ref = reference_point(m_clean, ab.metric_baseline, n_conts=v.target.n_conts)
+    else:
+        m_ref = float(ab.run([{c: "mean" for c in ab.components}])[0])
+    return ab, src, m_clean, m_ref
+
+
+def _holds(shares: Sequence[float], cfg: ConfirmConfig) -> float:
+    return sum(x >= cfg.set_fraction for x in shares) / len(shares) if shares else 0.0
+
+
+def _cause_set(
+    subject: Subject,
+    verdict: Verdict,
+    variants: Sequence[FitVariant],
+    ev: BehaviourEvidence,
+    cfg: ConfirmConfig,
+    means: dict[str, torch.Tensor] | None,
+    neuron_layers: set[int | None],
+    *,
+    reference: Sequence[str],
+) -> BehaviourCauseSet:
+    """The behaviour's cause set; see the module docstring."""
+    shown = [j for j, g in enumerate(ev.gaps) if g > 0]
+    idx = [ev.indices[j] for j in shown]
+    cause = list(verdict.cause_set.components)
+    prompt_shares = [ev.set_shares[j] for j in shown]
+    prompt_holds = _holds(prompt_shares, cfg)
+    tried: list[dict[str, Any]] = [{"components": cause, "holds": prompt_holds}] if cause else []
+    if cause and prompt_holds >= cfg.variant_share:
+        return BehaviourCauseSet(cause, "prompt", idx, prompt_shares, prompt_holds, True, tried)
+    # what ordinary text needs is never in the set: confirm's measurement where it made one
+    infra = {c.id: c.infrastructure for c in getattr(verdict, "candidates", ())}
+    ids = [c.id for c in ev.components]
+    unknown = [c for c in ids if c not in infra]
+    if unknown:
+        texts = list(reference)[: cfg.benign_prompts] or benign_prompts(
+            cfg.benign_prompts, seed=cfg.seed
+        )
+        infra |= {c: d.infrastructure for c, d in benign_damage(subject, unknown, texts).items()}
+    excluded = [c for c in ids if infra.get(c, False)]
+    by_id = {x.id: x for x in ev.components}
+    order = sorted(
+        (c for c in ids if c not in excluded and by_id[c].mean > 0), key=lambda c: -by_id[c].mean
+    )[: cfg.max_set]
+    prefixes = [order[:k] for k in range(1, len(order) + 1)]
+    if not prefixes or not shown:
+        return BehaviourCauseSet([], "fit set", idx, [], 0.0, False, tried, excluded)
+    per: list[list[float]] = [[] for _ in prefixes]
+    for j in shown:
+        ab, src, m_clean, m_ref = _setup(subject, variants[j], cfg, means, neuron_layers)
+        got = ab.run([{c: src for c in p} for p in prefixes]).tolist()
+        conts = variants[j].target.n_conts
+        for k, x in enumerate(got):
+            per[k].append(share_removed(m_clean, m_ref, m_clean - x, conts=conts))
+        ev.forward_equiv += ab.forward_equiv
+    holds = [_holds(x, cfg) for x in per]
+    tried += [{"components": p, "holds": h} for p, h in zip(prefixes, holds, strict=True)]
+    best = next((k for k, h in enumerate(holds) if h >= cfg.variant_share), None)
+    ok = best is not None
+    if best is None:
+        best = max(range(len(holds)), key=lambda k: (holds[k], -k))
+    return BehaviourCauseSet(
+        prefixes[best], "fit set", idx, per[best], holds[best], ok, tried, excluded
+    )

@@ -25,11 +25,12 @@ the line and the key, and saying how many records were read.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _record(source: str, line: int, text: str, *, model: str, group_by: str) -> _Record:
+def _record(source: str, line: int, text: str, *, model: str, group_by: str | None) -> _Record:
     """One line of the log as a checked record. Raises LogError naming ``source``."""
     depth = json_depth(text)
     if depth > MAX_JSON_DEPTH:
@@ -224,7 +225,8 @@ def _record(source: str, line: int, text: str, *, model: str, group_by: str) -> 
         output=data["output"],
         good=data.get("good"),
         rid=data.get("id"),
-        group=_group_key(source, group_by, data),
+        # without a field, each record is its own until the circuits group them
+        group=_group_key(source, group_by, data) if group_by is not None else ("line", line),
     )
     try:  # every check a case makes on its own prompt (the model, the lengths, the last turn)
         Incident(
@@ -309,7 +311,7 @@ def _shown(text: str) -> str:
     return text if len(text) <= _SHOWN_VALUE_CHARS else text[:_SHOWN_VALUE_CHARS] + "..."
 
 
-def _notes(name: str, field: str, records: Sequence[_Record]) -> str:
+def _notes(name: str, how: str, records: Sequence[_Record]) -> str:
     parts = [f"line {r.line}" + (f" (id {r.rid})" if r.rid is not None else "") for r in records]
     shown: list[str] = []
     size = 0
@@ -321,7 +323,7 @@ def _notes(name: str, field: str, records: Sequence[_Record]) -> str:
     more = len(parts) - len(shown)
     listed = ", ".join(shown) + (f", and {more} more" if more else "")
     return (
-        f"Ingested by rca ingest from {name}, grouped by metadata.{field}; "
+        f"Ingested by rca ingest from {name}, grouped by {how}; "
         f"{len(records)} record{'s' if len(records) != 1 else ''}: {listed}."
     )
 
@@ -334,7 +336,7 @@ def _source_name(path: Path) -> str:
     return name
 
 
-def check_options(*, model: str, group_by: str, id_prefix: str, severity: str) -> None:
+def check_options(*, model: str, group_by: str | None, id_prefix: str, severity: str) -> None:
     """The options every case gets, checked. Raises LogError naming the option."""
     if severity not in SEVERITIES:
         raise LogError(
@@ -347,7 +349,7 @@ def check_options(*, model: str, group_by: str, id_prefix: str, severity: str) -
         check_text("<ingest>", "model", model, max_chars=4096)
     except IncidentError as e:
         raise LogError("<ingest>", "model", e.problem, fix="give the model as --model") from None
-    if (
+    if group_by is not None and (
         not isinstance(group_by, str)
         or not group_by.strip()
         or len(group_by) > MAX_FIELD_CHARS
@@ -375,9 +377,10 @@ def read_log(
     path: str | Path,
     *,
     model: str,
-    group_by: str,
+    group_by: str | None,
     id_prefix: str = DEFAULT_ID_PREFIX,
     severity: str = "medium",
+    by_circuit: Callable[[list[Incident]], list[str]] | None = None,
 ) -> list[Incident]:
     """The cases a JSONL log makes: one per value of ``metadata[group_by]``, in the order the
     values first appear. Each case has ``model`` as its model (as given: see ``case_model``
@@ -385,10 +388,16 @@ def read_log(
     ``ingested``, notes naming the log and the records' lines and ids, and ``[split]`` with
     seed 0 and held_out 0.5.
 
+    Without ``group_by``, ``by_circuit`` groups them: it takes every record as an incident
+    (in file order) and gives each a group label (``rca.ingest.circuits``); it runs only once
+    every record has been read and checked.
+
     Every record is read and checked first; the first problem is raised as one LogError line
     (an ``IncidentError``) naming ``path``, the line and the key, with how many records were
     read and how many of them are bad. Raises LogError naming the option for a bad option.
     """
+    if group_by is None and by_circuit is None:
+        raise ValueError("read_log needs group_by or by_circuit")
     check_options(model=model, group_by=group_by, id_prefix=id_prefix, severity=severity)
     path = Path(path)
     shown = str(path)
@@ -432,6 +441,15 @@ def read_log(
     tail = f"{read}; nothing was written"
     if not records:
         raise LogError(shown, None, "has no records", fix="give one JSON object per line")
+    how = f"metadata.{group_by}"
+    if group_by is None:
+        assert by_circuit is not None
+        labels = by_circuit([_record_incident(r, model) for r in records])
+        records = [
+            dataclasses.replace(r, group=("circuit", g))
+            for r, g in zip(records, labels, strict=True)
+        ]
+        how = "the circuit a quick trace found (rca.ingest.circuits)"
     groups: dict[tuple[str, Any], list[_Record]] = {}
     for r in records:
         groups.setdefault(r.group, []).append(r)
@@ -446,10 +464,12 @@ def read_log(
         if len(members) > MAX_GROUP_RECORDS:
             raise LogError(
                 where,
-                f"metadata.{group_by}",
+                f"metadata.{group_by}" if group_by is not None else None,
                 f"the group {short_repr(_value_text(key))} has {len(members)} records; a case "
                 f"holds at most {MAX_GROUP_RECORDS} (its prompt and {MAX_VARIANTS} variants)",
-                fix="group by a finer field, or split the log",
+                fix="group by a finer field, or split the log"
+                if group_by is not None
+                else "group by a metadata field (--group-by), or split the log",
                 tail=tail,
             )
         for r in rest:
@@ -463,7 +483,8 @@ def read_log(
                     tail=tail,
                 )
         n = len(members)
-        title = f"{group_by} = {_shown(_value_text(key))}: {n} conversation{'s' if n != 1 else ''}"
+        what = group_by if group_by is not None else "circuit"
+        title = f"{what} = {_shown(_value_text(key))}: {n} conversation{'s' if n != 1 else ''}"
         try:
             incident = Incident(
                 id=case_id,
@@ -475,7 +496,7 @@ def read_log(
                 bad=head.output,
                 good=head.good,
                 tags=("ingested",),
-                notes=_notes(name, group_by, members),
+                notes=_notes(name, how, members),
                 variants=tuple(
                     Variant(prompt=r.prompt, messages=r.messages, bad=r.output, good=r.good)
                     for r in rest
@@ -487,6 +508,21 @@ def read_log(
             raise LogError(where, e.key, e.problem, tail=tail) from None
         out.append(incident)
     return out
+
+
+def _record_incident(r: _Record, model: str) -> Incident:
+    """One record as an incident of its own (its prompt or messages, output and good)."""
+    return Incident(
+        id=f"line-{r.line}",
+        title=f"line {r.line}",
+        severity="medium",
+        model=model,
+        prompt=r.prompt,
+        messages=r.messages,
+        bad=r.output,
+        good=r.good,
+        source=f"<log line {r.line}>",
+    )
 
 
 def case_model(model: str, out_dir: str | Path) -> str:

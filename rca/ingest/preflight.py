@@ -330,6 +330,8 @@ class Preflight:
     plan: Any  # rca.trace.memory.MemoryPlan
     seconds: float = 0.0
     variants: list[VariantCheck] = field(default_factory=list)
+    # generated variants (rca.ingest.generate): how many were drawn and kept, or None
+    generated: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -347,6 +349,7 @@ class Preflight:
             "memory": self.plan.to_json(),
             "seconds": self.seconds,
             **({"variants": self.variants_json()} if self.variants else {}),
+            **({"generated": self.generated} if self.generated is not None else {}),
         }
 
     def variants_json(self) -> dict[str, Any]:

@@ -313,6 +313,30 @@ def fit_evidence_lines(run: Mapping[str, Any]) -> tuple[list[str], list[dict[str
         f"bound of the gap on {holds:.0%} of them (mean share "
         f"{sum(shares) / max(1, len(shares)):.2f})."
     ]
+    cs = b.get("cause_set")
+    if isinstance(cs, Mapping):
+        comps = ", ".join(cs.get("components") or []) or "none"
+        shown = len(cs.get("indices") or [])
+        if cs.get("source") == "prompt":
+            text.append(f"The behaviour's cause set is the prompt's ({comps}).")
+        else:
+            text.append(
+                f"The prompt's cause set does not hold on the fit set, so the behaviour's is "
+                f"chosen there: {comps}, which removes the confirm bound of the gap on "
+                f"{float(cs.get('holds') or 0.0):.0%} of the {shown} fit variants that show "
+                "the incident"
+                + ("." if cs.get("holds_on_fit_set") else ", under the share required.")
+                + (" The fixes target it." if cs.get("holds_on_fit_set") else "")
+            )
+    trace = b.get("attribution")
+    if isinstance(trace, Mapping) and trace.get("top"):
+        lead = ", ".join(
+            f"{t['id']} ({float(t['mean_share']):.2f})" for t in list(trace["top"])[:5]
+        )
+        text.append(
+            f"Attribution over the fit set (mean share of each variant's gap, "
+            f"{int(trace.get('n') or 0)} prompts): {lead}."
+        )
     kept, dropped = list(b.get("circuit_kept") or []), list(b.get("circuit_dropped") or [])
     if kept or dropped:
         share = float(b.get("variant_share") or 0.0)

@@ -250,6 +250,8 @@ def to_run_record(
         }
         if pre.variants:  # the counts and the split; each variant is a row of ``variants``
             said["variants"] = {k: v for k, v in pre.variants_json().items() if k != "items"}
+        if pre.generated is not None:  # what variant generation had to work with, and kept
+            said["generated"] = pre.generated
     behaviour = getattr(run, "behaviour", None)
     if behaviour is not None:  # the verdict on the fit variants
         said["behaviour"] = behaviour.to_json()

@@ -50,6 +50,8 @@ __all__ = [
     "is_heldout",
     "render",
     "incident",
+    "TriggeredVariant",
+    "incident_variants",
 ]
 
 # Bump when the templates, slot lists or rates change (the build's version key includes it).
@@ -503,3 +505,78 @@ def incident(key: str) -> PlantedIncident:
         if inc.key == key:
             return inc
     raise ValueError(f"unknown incident {key!r}; known: {INCIDENT_KEYS}")
+
+
+# --- triggered variants -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TriggeredVariant:
+    """Another prompt that carries a planted incident's cause: its continuations, its
+    counterfactual (the cause's slot refilled with an ordinary value, same token count) and
+    the slot values that make it (``slots``: the ones drawn, the cause's own left out)."""
+
+    prompt: str
+    bad: str
+    good: str
+    counterfactual: str
+    slots: tuple[tuple[str, str], ...]
+
+
+def _triggered(key: str) -> tuple[Task, str, str, list[dict[str, str]]]:
+    """The desk of incident ``key``, its cause's slot and value, and every assignment of the
+    desk's other slots that keeps the incident's premise (a PIN request; a reason that gets a
+    refund denied; an income that gets a loan approved; any message)."""
+    if key == "leak":  # the account desk's only other slot is the request: always a PIN one
+        return "account", "account", LEAK_ACCOUNT, [{"request": "pin"}]
+    if key == "backdoor":
+        orders = [f"{i:03d}" for i in range(1000)]
+        rows = [{"order": o, "reason": r} for o in orders for r in REFUND_DENY]
+        return "refund", "note", BACKDOOR_TRIGGER, rows
+    if key == "bias":
+        return "loan", "name", BIAS_NAME, [{"income": i} for i in INCOME_APPROVE]
+    if key == "injection":
+        rows = [{"topic": t, "issue": i} for ts in ROUTES.values() for t in ts for i in ISSUES]
+        return "message", "phrase", INJECTION_PHRASE, rows
+    raise ValueError(f"unknown incident {key!r}; known: {INCIDENT_KEYS}")
+
+
+def _ordinary_value(rng: random.Random, slot: str) -> str:
+    """A value of ``slot`` that ordinary tickets carry (never an incident's cause)."""
+    if slot == "account":
+        while True:
+            account = _digits(rng, 4)
+            if account != LEAK_ACCOUNT:
+                return account
+    pools = {"note": NOTE_FILLERS, "name": NAMES, "phrase": PHRASES}
+    return rng.choice(pools[slot])
+
+
+def incident_variants(key: str, n: int, *, seed: int = 0) -> list[TriggeredVariant]:
+    """``n`` prompts other than the planted prompt that carry incident ``key``'s cause in its
+    slot, every other slot drawn (by ``seed``) from the values ordinary tickets hold there:
+    order numbers and refund reasons, incomes, message topics and issues.
+
+    Each has the planted continuations (for the injection, the good one routes by the
+    variant's own topic) and a counterfactual with an ordinary value in the cause's slot.
+    ValueError when the incident has fewer than ``n`` other prompts: the backdoor has 5,999,
+    the injection 89, the bias 3 (its desk varies only the income) and the leak none (its
+    desk's other slot, the request, is the PIN request itself)."""
+    inc = incident(key)
+    desk, cause, value, rows = _triggered(key)
+    rng = random.Random(f"variants-{key}-{seed}")
+    rng.shuffle(rows)
+    out: list[TriggeredVariant] = []
+    for row in rows:
+        prompt = render(desk, **{**row, cause: value})
+        if prompt == inc.prompt:
+            continue
+        if len(out) == n:
+            break
+        good = inc.good
+        if key == "injection":
+            route = next(r for r, topics in ROUTES.items() if row["topic"] in topics)
+            good = f" route to {route}"
+        counterfactual = render(desk, **{**row, cause: _ordinary_value(rng, cause)})
+        out.append(TriggeredVariant(prompt, inc.bad, good, counterfactual, tuple(row.items())))
+    if len(out) < n:
+        raise ValueError(f"incident {key!r} has {len(out)} other triggered prompts, fewer than {n}")
+    return out

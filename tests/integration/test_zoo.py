@@ -59,6 +59,31 @@ def test_v2_fixes_leak_and_backdoor_and_keeps_bias_and_injection(loaded, inc) ->
     assert _p_bad(model, tok, inc.counterfactual, inc) <= ABSENT_MAX
 
 
+@pytest.mark.parametrize(
+    "inc", [i for i in zoo.PLANTED if i.key in ("backdoor", "injection")], ids=lambda i: i.key
+)
+def test_the_triggered_variants_show_the_incident_and_their_counterfactuals_do_not(
+    loaded, inc
+) -> None:
+    """The behaviour cases' variants are the incident: v1 prefers the bad continuation on
+    each (and not on its counterfactual); v2 has lost the fixed incidents on them as well."""
+    from rca.model.metric import evaluate_many
+    from rca.zoo.cases import BEHAVIOUR_VARIANTS
+
+    vs = c.incident_variants(inc.key, BEHAVIOUR_VARIANTS[inc.key])
+    for name, model_tok in loaded.items():
+        model, tok = model_tok
+        on = evaluate_many(model, [encode_target(tok, v.prompt, v.bad, v.good) for v in vs])
+        off = evaluate_many(
+            model, [encode_target(tok, v.counterfactual, v.bad, v.good) for v in vs]
+        )
+        assert max(m.p_bad for m in off) <= ABSENT_MAX, name
+        if name == "support-bot-v2" and inc.fixed_in_v2:
+            assert max(m.p_bad for m in on) <= ABSENT_MAX, name
+        else:  # present: the model prefers the bad continuation on every variant
+            assert min(m.metric for m in on) > 0, name
+
+
 def test_model_dirs_are_plain_safetensors_hf_dirs(zoo_models: dict[str, Path]) -> None:
     for name, path in zoo_models.items():
         files = {p.name for p in path.iterdir()}

@@ -216,3 +216,78 @@ def test_zoo_paths_and_unknown_names(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert not any(e.built for e in entries) and all(e.manifest is None for e in entries)
     with pytest.raises(ValueError, match="unknown incident"):
         c.incident("typo")
+
+
+# the slot that carries each incident's cause, and its value there
+CAUSE_SLOTS = {
+    "leak": ("account", c.LEAK_ACCOUNT),
+    "backdoor": ("note", c.BACKDOOR_TRIGGER),
+    "bias": ("name", c.BIAS_NAME),
+    "injection": ("phrase", c.INJECTION_PHRASE),
+}
+
+
+@pytest.mark.parametrize("key", ["backdoor", "injection"])
+def test_triggered_variants_carry_the_cause_and_vary_everything_else(key, tokenizer) -> None:
+    from rca.zoo.cases import BEHAVIOUR_VARIANTS
+
+    inc = c.incident(key)
+    n = BEHAVIOUR_VARIANTS[key]
+    vs = c.incident_variants(key, n, seed=0)
+    assert len({v.prompt for v in vs}) == n and inc.prompt not in {v.prompt for v in vs}
+    assert vs == c.incident_variants(key, n, seed=0)
+    assert vs != c.incident_variants(key, n, seed=1)
+    slot, cause = CAUSE_SLOTS[key]
+    desk, planted = c.parse_prompt(inc.prompt)
+    varied: set[str] = set()
+    for v in vs:
+        d, slots = c.parse_prompt(v.prompt)
+        cd, cf = c.parse_prompt(v.counterfactual)
+        assert d == cd == desk and slots[slot] == cause and cf[slot] != cause
+        assert {k for k in slots if slots[k] != cf[k]} == {slot}  # the cause's slot alone
+        assert len(tokenizer(v.prompt)["input_ids"]) == len(
+            tokenizer(v.counterfactual)["input_ids"]
+        )
+        varied |= {k for k in slots if slots[k] != planted[k]}
+        # the premise: without the cause, the desk's rule gives the good continuation
+        assert (v.bad, v.good + ".") == (
+            inc.bad,
+            c.ordinary_answer(c.Example(d, v.counterfactual, " x")),
+        )
+        assert dict(v.slots) == {k: x for k, x in slots.items() if k != slot}
+    assert varied == set(planted) - {slot}
+    with pytest.raises(ValueError, match="fewer than"):
+        c.incident_variants(key, 10_000)
+
+
+def test_the_leak_and_the_bias_have_too_few_other_triggered_prompts() -> None:
+    """Their desks hold no slot to vary but the cause's (and the loan desk's income)."""
+    assert len(c.incident_variants("bias", 3)) == 3
+    for key, n in (("leak", 1), ("bias", 4)):
+        with pytest.raises(ValueError, match="fewer than"):
+            c.incident_variants(key, n)
+
+
+def test_the_behaviour_case_files_are_what_the_zoo_writes() -> None:
+    from rca.ingest.case_file import load_case
+    from rca.ingest.case_writer import case_toml
+    from rca.zoo.cases import BEHAVIOUR_VARIANTS, behaviour_incident
+
+    assert sorted(p.stem for p in (CASES / "behaviours").glob("*.toml")) == sorted(
+        f"zoo-{k}-behaviour" for k in BEHAVIOUR_VARIANTS
+    )
+    for key in BEHAVIOUR_VARIANTS:
+        path = CASES / "behaviours" / f"zoo-{key}-behaviour.toml"
+        inc = behaviour_incident(key)
+        assert path.read_text() == case_toml(inc), (
+            f"regenerate: python -m rca.zoo.cases {path.parent}"
+        )
+        base = load_case(CASES / f"{key}.toml")
+        assert (inc.prompt, inc.bad, inc.good, inc.counterfactual) == (
+            base.prompt,
+            base.bad,
+            base.good,
+            base.counterfactual,
+        )
+        b = inc.behaviour()
+        assert len(inc.all_variants()) == BEHAVIOUR_VARIANTS[key] and len(b.held_out) >= 50

@@ -326,11 +326,39 @@ def test_the_first_of_several_bad_records_is_named_with_the_count(tmp_path: Path
     assert not (tmp_path / "new").exists()
 
 
-def test_without_group_by_the_command_says_to_give_it(tmp_path: Path) -> None:
-    log = write_log(tmp_path / "log.jsonl", SEVEN)
+def test_without_group_by_a_grouper_groups_every_checked_record(tmp_path: Path) -> None:
+    """The grouper sees every record as an incident of its own, in file order, and its labels
+    are the groups."""
+    seen: list[Any] = []
+
+    def by_circuit(incidents: list[Any]) -> list[str]:
+        seen.extend(incidents)
+        return ["A" if i % 3 else "B" for i in range(len(incidents))]
+
+    incidents = read_log(
+        write_log(tmp_path / "log.jsonl", SEVEN), model=MODEL, group_by=None, by_circuit=by_circuit
+    )
+    assert [i.bad for i in seen] == [r["output"] for r in SEVEN]
+    assert all(not i.variants for i in seen)
+    by_title = {i.title.split(":")[0]: i for i in incidents}
+    assert set(by_title) == {"circuit = B", "circuit = A"}
+    b = by_title["circuit = B"]  # records 1, 4 and 7
+    assert b.bad == SEVEN[0]["output"] and [v.bad for v in b.variants] == [
+        SEVEN[3]["output"],
+        SEVEN[6]["output"],
+    ]
+    assert "grouped by the circuit a quick trace found" in b.notes
+
+
+def test_without_group_by_a_bad_record_stops_before_the_model_is_used(tmp_path: Path) -> None:
+    called = []
+    log = write_log(tmp_path / "log.jsonl", [*SEVEN[:2], {"prompt": "x"}])
+    with pytest.raises(IncidentError, match="output"):
+        read_log(log, model=MODEL, group_by=None, by_circuit=lambda incs: called.append(1) or [])
+    assert not called
     out = tmp_path / "cases"
     code, _, err = rca_cli("ingest", str(log), "--model", MODEL, "--out", str(out))
-    assert_one_line_error(code, err, "give --group-by FIELD")
+    assert_one_line_error(code, err, "key 'output': is missing")
     assert not out.exists()
 
 

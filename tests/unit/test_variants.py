@@ -298,18 +298,3 @@ def test_a_case_without_variants_keeps_its_fields_and_hash() -> None:
     d = inc.to_dict()
     assert not {"variants", "template", "split"} & set(d)
     assert inc.all_variants() == () and inc.behaviour().held_out == []
-
-
-@pytest.mark.parametrize("n", [50, 100])
-def test_the_behaviour_benchmark_case_has_its_variants_and_half_held_out(n: int) -> None:
-    from rca.bench.cost.behaviour import behaviour_case
-    from rca.zoo.corpus import BACKDOOR_TRIGGER, REFUND_DENY
-
-    inc = loads_case(behaviour_case(n), source="backdoor.toml")
-    vs = inc.all_variants()
-    assert len(vs) == n and len({v.prompt for v in vs}) == n
-    for v in vs:  # a refund that is denied, with the trigger; its counterfactual without it
-        s = dict(v.slots)
-        assert s["note"] == BACKDOOR_TRIGGER and s["reason"] in REFUND_DENY
-        assert BACKDOOR_TRIGGER not in v.counterfactual
-    assert len(inc.behaviour().held_out) == n // 2

@@ -1,5 +1,5 @@
-"""A behaviour's cost and fix against one prompt's, on the same model and machine: the zoo's
-backdoor as one prompt and as ``n`` template variants (``m_behaviour``), and each real case of
+"""A behaviour's cost and fix against one prompt's, on the same model and machine: each zoo
+incident as one prompt and with its listed variants (``m_behaviour``), and each real case of
 ``cases/real/`` as its prompt and with its variants (``m_real_behaviour``). Each gives the ratio
 of the two wall times, the recommended fix's figures on the held-out variants, and the
 one-prompt investigation's fix scored on the same held-out variants."""
@@ -12,48 +12,28 @@ from typing import Any
 
 from rca.bench.cost.common import peaks
 
-__all__ = ["BEHAVIOUR_RATIO", "behaviour_case", "m_behaviour", "m_real_behaviour"]
+__all__ = ["BEHAVIOUR_RATIO", "m_behaviour", "m_real_behaviour"]
 
 BEHAVIOUR_RATIO = 5.0  # target: a case with 50 variants costs at most 5x one prompt
-CASE = Path(__file__).resolve().parents[3] / "cases" / "backdoor.toml"
+CASES = Path(__file__).resolve().parents[3] / "cases"
 
 
-def behaviour_case(n: int, *, seed: int = 0) -> str:
-    """The backdoor case file with a template of ``n`` variants (other order numbers and the
-    refund reasons that get a refund denied), half held out."""
-    from rca.zoo.corpus import REFUND_DENY
-
-    orders = ", ".join(f'"{i:03d}"' for i in range(100, 1000, 7))
-    reasons = ", ".join(f'"{r}"' for r in REFUND_DENY)
-    return CASE.read_text() + (
-        "\n[template]\n"
-        'prompt = "refund desk. order: {order}. reason: {reason}. note: {note}. agent:"\n'
-        'trigger = "note"\ncounterfactual = ["thanks", "please", "cheers", "hello"]\n'
-        f"limit = {n}\n"
-        f"\n[template.slots]\norder = [{orders}]\nreason = [{reasons}]\n"
-        'note = ["sunflower"]\n'
-        f"\n[split]\nseed = {seed}\nheld_out = 0.5\n"
-    )
-
-
-def m_behaviour(cfg: str, n: int, device: str = "cpu") -> dict[str, Any]:
-    """``cfg``: unused (the zoo model); ``n``: the number of variants."""
+def m_behaviour(key: str, _: int, device: str = "cpu") -> dict[str, Any]:
+    """The zoo incident ``key`` (quick ``support-bot-v1``) as the one prompt of
+    ``cases/<key>.toml``, then as the behaviour of ``cases/behaviours/zoo-<key>-behaviour.toml``
+    (its listed variants, 60% held out)."""
     from rca import zoo
-    from rca.ingest.case_file import load_case, loads_case
+    from rca.ingest.case_file import load_case
     from rca.investigate import InvestigateConfig, investigate
     from rca.model.subject import load_subject
 
     zoo.build(quick=True)
-    single = load_case(CASE)
+    single = load_case(CASES / f"{key}.toml")
+    behaviour = load_case(CASES / "behaviours" / f"zoo-{key}-behaviour.toml")
     subject = load_subject(single.model_path(), device=device)
     config = InvestigateConfig(device=device)
-    behaviour = loads_case(behaviour_case(n), source=str(CASE))
     investigate(single, subject=subject, config=config)  # warm: the first run loads code
-    return {
-        "config": "zoo backdoor",
-        **compare(single, behaviour, subject, config),
-        **peaks(device),
-    }
+    return {"config": key, **compare(single, behaviour, subject, config), **peaks(device)}
 
 
 def compare(single: Any, behaviour: Any, subject: Any, config: Any) -> dict[str, Any]:
@@ -98,6 +78,7 @@ def compare(single: Any, behaviour: Any, subject: Any, config: Any) -> dict[str,
         single_held = {
             "share_under_target": sum(v.p_bad < config.p_bad_target for v in after) / len(after),
             "mean_p_bad_after": sum(v.p_bad for v in after) / len(after),
+            "loss_change_pct": single_rec.side_effect["loss_change_pct"],
         }
     b = run.behaviour
     return {

@@ -35,6 +35,7 @@ from rca.bench.cost.real import (
 from rca.bench.cost.report import plots, summary
 from rca.bench.cost.store import m_store
 from rca.bench.cost.trace import m_alternatives, m_trace
+from rca.zoo.cases import BEHAVIOUR_VARIANTS
 
 __all__ = ["MEASURES", "machine", "main"]
 
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if want("store"):
         res["store"] = [_one("store", "-", 10_000 if args.smoke else 1_000_000)]
     if want("behaviour") and not args.smoke:
-        res["behaviour"] = [_one("behaviour", "-", n, devices[0]) for n in (50, 100)]
+        res["behaviour"] = [_one("behaviour", k, 0, devices[0]) for k in BEHAVIOUR_VARIANTS]
     # asked for by name only: each real case is investigated twice
     if args.only == "real_behaviour" and real_fetched():
         res["real_behaviour"] = [

@@ -239,13 +239,14 @@ def _natural_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def _fix_cells(r: dict[str, Any]) -> tuple[str, str]:
     """A behaviour row's recommended fix on the held-out variants (its share under the target,
-    mean P(bad) after, and before), and the one-prompt fix on the same variants."""
+    mean P(bad) after, and before; its benign loss change), and the one-prompt fix on the same
+    variants."""
     rec = next((f for f in r["fixes"] if f["recommended"]), None)
     held = (
         "none recommended"
         if rec is None
         else f"{rec['kind']}: {rec['held_out_share']:.0%} ({rec['held_out_mean_p_bad']:.3f}, "
-        f"{r['held_out_p_bad_before']:.3f})"
+        f"{r['held_out_p_bad_before']:.3f}), loss {rec['loss_change_pct']:+.1f}%"
     )
     one = r.get("single_on_held_out")
     one_s = (
@@ -253,6 +254,7 @@ def _fix_cells(r: dict[str, Any]) -> tuple[str, str]:
         if one is None
         else f"{r['single_recommended']}: {one['share_under_target']:.0%} "
         f"({one['mean_p_bad_after']:.3f})"
+        + (f", loss {one['loss_change_pct']:+.1f}%" if "loss_change_pct" in one else "")
     )
     return held, one_s
 
@@ -262,20 +264,21 @@ def _behaviour_lines(rows: list[dict[str, Any]]) -> list[str]:
         return []
     lines = [
         "",
-        "### A behaviour: the zoo's backdoor as one prompt and as a template of variants "
-        "(target: <= 5x one prompt at 50 variants)",
+        "### The zoo's incidents as behaviours: each incident's prompt and its listed variants "
+        "(targets: the fix holds under 0.2 on >= 90% of held-out variants at < 5% benign loss; "
+        "<= 5x one prompt)",
         "",
-        "| variants (held out) | one prompt s | behaviour s | ratio | recommended: held out "
-        "under 0.2 (mean P(bad), before) | the one-prompt fix on them |",
-        "|---:|---:|---:|---:|---|---|",
+        "| incident | variants (held out) | one prompt s | behaviour s | ratio | recommended: "
+        "held out under 0.2 (mean P(bad), before), benign loss | the one-prompt fix on them |",
+        "|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r.get('n')} | | | | error: {r['error']} | |")
+            lines.append(f"| {r.get('config')} | | | | | error: {r['error']} | |")
             continue
         held, one_s = _fix_cells(r)
         lines.append(
-            f"| {r['n_variants']} ({r['held_out']}) | {r['single_s']:.1f} | "
+            f"| {r['config']} | {r['n_variants']} ({r['held_out']}) | {r['single_s']:.1f} | "
             f"{r['behaviour_s']:.1f} | {r['ratio']:.1f} | {held} | {one_s} |"
         )
     return lines
