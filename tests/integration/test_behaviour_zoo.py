@@ -44,17 +44,27 @@ def test_a_shipped_behaviour_s_fix_holds_on_its_held_out_variants(subject, key: 
     assert run.behaviour is not None and run.behaviour.cause_set is not None
 
 
-def test_the_fit_set_chooses_the_cause_set_where_the_prompt_s_does_not_hold(subject) -> None:
+def test_the_fit_set_chooses_the_cause_set_where_the_prompt_s_does_not_hold(
+    subject, tmp_path: Path
+) -> None:
+    from rca.report import render_markdown
+    from rca.store import Store
+
     base = load_case(CASES / "backdoor.toml")
     vs = tuple(
         Variant(prompt=v.prompt, bad=v.bad, good=v.good, counterfactual=v.counterfactual)
         for v in incident_variants("injection", 40)
     )
     inc = dataclasses.replace(base, variants=vs, split=Split(seed=0, held_out=0.5))
-    run = investigate(inc, subject=subject, config=InvestigateConfig(device="cpu"))
+    store = Store(tmp_path / "rca.duckdb")
+    run = investigate(inc, subject=subject, store=store, config=InvestigateConfig(device="cpu"))
     b = run.behaviour
     assert b is not None and b.cause_set is not None
     cs = b.cause_set
+    assert run.run_id is not None
+    md = render_markdown(store.get_run(run.run_id))  # the report says where the set came from
+    assert f"chosen there: {', '.join(cs.components)}" in md
+    assert "Attribution over the fit set" in md
     assert b.set_holds < 0.8 and cs.source == "fit set" and cs.holds_on_fit_set
     # the fit variants chose it; the held-out ones test it
     pre = run.preflight

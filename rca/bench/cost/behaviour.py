@@ -96,6 +96,14 @@ def compare(single: Any, behaviour: Any, subject: Any, config: Any) -> dict[str,
         "set_holds": None if b is None else b.set_holds,
         "circuit_kept": None if b is None else b.circuit_kept,
         "circuit_dropped": None if b is None else b.circuit_dropped,
+        "behaviour_cause_set": None
+        if b is None or b.cause_set is None
+        else {
+            "components": b.cause_set.components,
+            "source": b.cause_set.source,
+            "holds": b.cause_set.holds,
+            "holds_on_fit_set": b.cause_set.holds_on_fit_set,
+        },
         "cause_set": run.verdict.cause_set.components,
         "recommended": None if rec is None else rec.kind,
         "single_recommended": None if single_rec is None else single_rec.kind,
