@@ -4,17 +4,17 @@
 Each record is traced on its own: attribution patching of every head and MLP (nodes only, one
 forward and backward and one baseline forward), patched to the mean over reference prompts
 (the first record's, as an investigation picks them: ``reference_prompts``), each record's
-scores divided by its own gap. A component is a candidate for a record where it is among its
-``2 * top`` strongest pushes toward the bad output. What ordinary text needs is left out: the
-candidates' benign damage is measured once (``rca.specificity``, as confirm measures it), and
-infrastructure never names a group. A record's **signature** is its ``top`` strongest
-remaining components pushing toward the bad output.
+scores divided by its own gap. Its **pushes** are those shares where they push toward the bad
+output (negative ones set to 0), over the heads and MLPs that ordinary text does not need: the
+candidates (every record's ``2 * top`` strongest pushes) have their benign damage measured once
+(``rca.specificity``, as confirm measures it), and infrastructure is left out.
 
-Records are grouped greedily in file order: a record joins the first group whose first
-record's signature shares at least ``same`` of the two signatures' union (Jaccard), else it
-starts a group. The group's label is its first record's signature, in node order
-(``L1.H0+L2.H3``); a record with no signature (nothing specific pushes toward its output)
-gets ``unattributed``. This is a first-order grouping, to be confirmed: each group becomes a
+Records are grouped greedily in file order by the direction of their pushes: a record joins
+the group whose summed (unit) pushes it is most similar to (cosine), where that similarity is
+at least ``same``, else it starts a group. A group's label is the ``top`` strongest components
+of its summed pushes, in node order (``L1.H0+L2.H3``); a record that pushes through nothing
+specific is ``unattributed``. Each record's own ``signature`` (its ``top`` strongest pushes)
+is reported beside. This is a first-order grouping, to be confirmed: each group becomes a
 case, and ``rca investigate`` confirms its mechanism on every fit variant.
 """
 
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from rca.ingest.incident import Incident
 from rca.model.subject import Subject
@@ -35,17 +37,12 @@ UNATTRIBUTED = "unattributed"
 
 @dataclass(frozen=True)
 class CircuitGroups:
-    """Per record (in order): its signature and its group's label; the components left out
-    as infrastructure."""
+    """Per record (in order): its own signature and its group's label; the components left
+    out as infrastructure."""
 
     signatures: list[tuple[str, ...]]
     labels: list[str]
     infrastructure: list[str]
-
-
-def _jaccard(a: Sequence[str], b: Sequence[str]) -> float:
-    sa, sb = set(a), set(b)
-    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
 
 
 def circuit_groups(
@@ -67,33 +64,43 @@ def circuit_groups(
     n_ctx = getattr(subject.adapter, "n_ctx", None)
     refs, _ = reference_prompts(rendered[0], n_reference, tokenizer=subject.tokenizer, n_ctx=n_ctx)
     base = Baseline("mean", "mean over the reference prompts", means=site_means(subject, refs))
-    pushes: list[list[tuple[str, float]]] = []
+    rows = []
     for inc in rendered:
         sc = score_components(subject, inc.encode(subject), base, method="atp", edges=False)
         gap = sc.metric_clean - sc.metric_baseline
-        share = sc.scores.double() / gap if gap > 0 else sc.scores.double()
-        ranked = sorted(
-            ((n, float(s)) for n, s in zip(sc.nodes, share.tolist(), strict=True) if n != "EMB"),
-            key=lambda p: -p[1],
-        )
-        pushes.append([p for p in ranked if p[1] > 0][: 2 * top])
-    order = {n: i for i, n in enumerate(sc.nodes)}
-    candidates = sorted({n for p in pushes for n, _ in p}, key=order.__getitem__)
+        rows.append(sc.scores.double() / gap if gap > 0 else sc.scores.double())
+    nodes = list(sc.nodes)
+    shares = torch.stack(rows)
+    # every record's strongest pushes toward its output are the candidates
+    leading = shares.argsort(dim=1, descending=True)[:, : 2 * top]
+    candidates = sorted(
+        {nodes[j] for j in leading.flatten().tolist() if nodes[j] != "EMB"}, key=nodes.index
+    )
     damage = benign_damage(subject, candidates, [r for r in refs if isinstance(r, str)][:16])
     infra = [c for c in candidates if damage[c].infrastructure]
-    signatures = [
-        tuple(sorted([n for n, _ in p if n not in infra][:top], key=order.__getitem__))
-        for p in pushes
-    ]
-    heads: list[tuple[str, ...]] = []
-    labels = []
-    for sig in signatures:
-        if not sig:
-            labels.append(UNATTRIBUTED)
+    keep = [j for j, n in enumerate(nodes) if n != "EMB" and n not in infra]
+    pushes = shares[:, keep].clamp(min=0)
+    norms = pushes.norm(dim=1, keepdim=True)
+    units = torch.where(norms > 0, pushes / norms.clamp(min=1e-12), pushes)
+    kept_nodes = [nodes[j] for j in keep]
+
+    def signature(v: torch.Tensor) -> tuple[str, ...]:
+        idx = [j for j in v.argsort(descending=True)[:top].tolist() if float(v[j]) > 0]
+        return tuple(sorted((kept_nodes[j] for j in idx), key=nodes.index))
+
+    sums: list[torch.Tensor] = []
+    members: list[int] = []  # per record: its group, or -1
+    for u in units:
+        if float(u.norm()) == 0.0:
+            members.append(-1)
             continue
-        home = next((h for h in heads if _jaccard(h, sig) >= same), None)
-        if home is None:
-            heads.append(sig)
-            home = sig
-        labels.append("+".join(home))
-    return CircuitGroups(signatures, labels, infra)
+        sims = [float(u @ (g / g.norm())) for g in sums]
+        best = max(range(len(sims)), key=sims.__getitem__, default=None)
+        if best is None or sims[best] < same:
+            sums.append(u.clone())
+            members.append(len(sums) - 1)
+        else:
+            sums[best] += u
+            members.append(best)
+    labels = ["+".join(signature(sums[g])) if g >= 0 else UNATTRIBUTED for g in members]
+    return CircuitGroups([signature(u) for u in units], labels, infra)

@@ -194,3 +194,35 @@ def test_the_ioi_verdict_is_a_specific_faithful_circuit(model_dir: Path) -> None
     # edges: each path patched alone; at least one into a writer carries its share
     into_writers = {m.label for m in v.circuit.members if m.role == "writer"}
     assert any(e.verified and e.target in into_writers for e in v.circuit.edges), v.circuit.edges
+
+
+def test_a_log_of_two_real_behaviours_is_grouped_by_circuit(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """`rca ingest` without --group-by on a log of chat leaks and indirect-object prompts,
+    interleaved: each behaviour's records form one case, with nothing of the other's."""
+    leak, ioi = load_case(CASES / "secret-leak.toml"), load_case(CASES / "ioi.toml")
+    rows, truth = [], {}
+    pairs = zip(leak.variant_incidents()[:8], ioi.variant_incidents()[:8], strict=True)
+    for a, b in pairs:
+        for inc, name in ((a, "leak"), (b, "ioi")):
+            row: dict = {"output": inc.bad, "good": inc.good}
+            if inc.messages is not None:
+                row["messages"] = [t.to_dict() for t in inc.messages]
+            else:
+                row["prompt"] = inc.prompt
+            rows.append(row)
+            truth[len(rows)] = name  # the record's line number
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cases"
+    code, _, err = rca_cli(
+        "ingest", str(log), "--model", str(model_dir), "--out", str(out), "--device", "cpu"
+    )
+    assert code == 0, err
+    groups = []
+    for path in sorted(out.glob("*.toml")):
+        lines = [int(x) for x in re.findall(r"line (\d+)", load_case(path).notes)]
+        groups.append({truth[n] for n in lines})
+        assert "L0.MLP" not in path.stem.upper()  # what every prompt needs names no group
+    assert sorted(map(sorted, groups)) == [["ioi"], ["leak"]], groups
