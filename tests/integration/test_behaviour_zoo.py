@@ -179,3 +179,17 @@ def test_a_log_of_two_incidents_is_grouped_by_the_circuit_each_runs_through(subj
     assert len(by_label) == 2 and all(len(keys) == 1 for keys in by_label.values()), by_label
     named = {c for label in by_label for c in label.split("+")}
     assert not named & set(got.infrastructure)  # what every prompt needs names no group
+
+
+def test_generate_variants_flag_is_checked_before_the_investigation(zoo_home: Path) -> None:
+    from tests.helpers import assert_one_line_error, rca_cli
+
+    home = ["--home", str(zoo_home)]
+    case = str(CASES / "behaviours" / "zoo-backdoor-behaviour.toml")
+    for n, says in (("-1", "at least 0"), ("1001", "at most 1000")):
+        code, _, err = rca_cli(
+            "investigate", str(CASES / "backdoor.toml"), "--generate-variants", n, *home
+        )
+        assert_one_line_error(code, err, f"--generate-variants must be {says}")
+    code, _, err = rca_cli("investigate", case, "--generate-variants", "4", *home)
+    assert_one_line_error(code, err, "has variants of its own")
