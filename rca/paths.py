@@ -41,6 +41,7 @@ __all__ = [
 
 NAME_MAX = 255  # bytes in one path component (Linux, macOS)
 PATH_MAX = 4096  # bytes in a whole path (Linux)
+MAX_PATH_DEPTH = 256  # directories a path may nest (far more than any real tree)
 
 Kind = Literal["file", "dir", "any"]
 
@@ -138,6 +139,14 @@ def _check_names(path: Path, what: str) -> None:
     if len(raw) >= PATH_MAX:
         raise PathError(
             what, path, f"is {len(raw)} bytes long; a path is under {PATH_MAX} bytes. Shorten it"
+        )
+    if len(path.parts) > MAX_PATH_DEPTH:
+        # creating the missing directories recurses once per level (pathlib, os.makedirs)
+        raise PathError(
+            what,
+            path,
+            f"nests {len(path.parts)} levels deep; rca takes paths of at most {MAX_PATH_DEPTH} "
+            "levels. Shorten it",
         )
 
 

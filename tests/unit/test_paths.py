@@ -21,6 +21,7 @@ from rca.paths import (
     read_bounded_json,
     read_bounded_text,
 )
+from tests.helpers import assert_one_line_error, rca_cli
 
 LONG = "a" * 300  # one name over NAME_MAX (255 bytes)
 
@@ -45,6 +46,18 @@ def test_a_name_over_255_bytes_is_refused_before_any_lookup(tmp_path: Path) -> N
     refused(lambda: input_path(tmp_path / ("é" * 128), what="--db"), "256 bytes")
     # a path over PATH_MAX made of short names
     refused(lambda: input_path("/".join(["d" * 200] * 21), what="-o"), "a path is under 4096")
+
+
+def test_a_path_nested_past_256_levels_is_refused_not_a_recursion_error(tmp_path: Path) -> None:
+    """Short names, under PATH_MAX, nested 2,000 deep: creating the missing directories would
+    recurse once per level (a RecursionError past Python's limit), so it is refused first."""
+    deep = tmp_path / "/".join(["x"] * 2000)
+    refused(lambda: output_path(deep, what="DIRECTORY", kind="dir", overwrite=True,
+                                parent_must_exist=False), "nests", "at most 256")  # fmt: skip
+    code, _, err = rca_cli("export", str(deep), "--db", str(tmp_path / "rca.duckdb"))
+    assert_one_line_error(code, err, "at most 256 levels")
+    ok = tmp_path / "/".join(["y"] * 200)  # a deep but ordinary tree is created
+    assert output_path(ok, what="x", kind="dir", overwrite=True, parent_must_exist=False) == ok
 
 
 def test_input_path_kinds(tmp_path: Path) -> None:
