@@ -229,17 +229,7 @@ def _record(source: str, line: int, text: str, *, model: str, group_by: str | No
         group=_group_key(source, group_by, data) if group_by is not None else ("line", line),
     )
     try:  # every check a case makes on its own prompt (the model, the lengths, the last turn)
-        Incident(
-            id="record",
-            title="record",
-            severity="medium",
-            model=model,
-            prompt=record.prompt,
-            messages=record.messages,
-            bad=record.output,
-            good=record.good,
-            source=source,
-        )
+        _record_incident(record, model, source=source)
     except IncidentError as e:
         raise LogError(source, "output" if e.key == "bad" else e.key, e.problem) from None
     return record
@@ -510,7 +500,7 @@ def read_log(
     return out
 
 
-def _record_incident(r: _Record, model: str) -> Incident:
+def _record_incident(r: _Record, model: str, *, source: str | None = None) -> Incident:
     """One record as an incident of its own (its prompt or messages, output and good)."""
     return Incident(
         id=f"line-{r.line}",
@@ -521,7 +511,7 @@ def _record_incident(r: _Record, model: str) -> Incident:
         messages=r.messages,
         bad=r.output,
         good=r.good,
-        source=f"<log line {r.line}>",
+        source=source or f"<log line {r.line}>",
     )
 
 
