@@ -28,13 +28,13 @@ CASES = Path(__file__).resolve().parents[2] / "cases"
 
 @pytest.fixture(scope="module")
 def subject(zoo_home: Path):
-    inc = load_case(CASES / "backdoor.toml")
+    inc = load_case(CASES / "backdoor.toml", home=zoo_home)
     return load_subject(inc.model_path(home=zoo_home), device="cpu")
 
 
 @pytest.mark.parametrize("key", ["backdoor", "injection"])
 def test_a_shipped_behaviour_s_fix_holds_on_its_held_out_variants(subject, key: str) -> None:
-    inc = load_case(CASES / "behaviours" / f"zoo-{key}-behaviour.toml")
+    inc = load_case(CASES / "behaviours" / f"zoo-{key}-behaviour.toml", check_model=False)
     run = investigate(inc, subject=subject, config=InvestigateConfig(device="cpu"))
     rec = run.recommended
     assert rec is not None and rec.behaviour is not None and not rec.symptom_patch
@@ -50,7 +50,7 @@ def test_the_fit_set_chooses_the_cause_set_where_the_prompt_s_does_not_hold(
     from rca.report import render_markdown
     from rca.store import Store
 
-    base = load_case(CASES / "backdoor.toml")
+    base = load_case(CASES / "backdoor.toml", check_model=False)
     vs = tuple(
         Variant(prompt=v.prompt, bad=v.bad, good=v.good, counterfactual=v.counterfactual)
         for v in incident_variants("injection", 40)
@@ -102,7 +102,7 @@ def test_generated_variants_are_kept_where_the_model_produces_the_bad_continuati
     from rca.model.metric import evaluate
 
     for key in ("backdoor", "leak"):
-        inc = load_case(CASES / f"{key}.toml").for_model(subject.tokenizer)
+        inc = load_case(CASES / f"{key}.toml", check_model=False).for_model(subject.tokenizer)
         assert inc.prompt is not None and inc.counterfactual is not None
         refs = list(inc.reference_prompts)
         made = generated_behaviour(subject, inc, inc.counterfactual, refs, n=50)
@@ -130,7 +130,7 @@ def test_generated_variants_are_kept_where_the_model_produces_the_bad_continuati
 
 
 def test_investigate_with_generated_variants_records_them(subject) -> None:
-    inc = load_case(CASES / "backdoor.toml")
+    inc = load_case(CASES / "backdoor.toml", check_model=False)
     run = investigate(
         inc, subject=subject, config=InvestigateConfig(device="cpu", generate_variants=8)
     )
