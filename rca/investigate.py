@@ -25,15 +25,9 @@ import torch
 
 from rca.confirm import ConfirmConfig, ConfirmError, Verdict, auto_batch_size, check_gap, confirm
 from rca.confirm.behaviour import BehaviourEvidence, FitVariant, behaviour_evidence
-from rca.ingest.generate import generated_behaviour, generation_summary
+from rca.ingest.generate import generated_behaviour
 from rca.ingest.incident import Incident
-from rca.ingest.preflight import (
-    Preflight,
-    check_variants,
-    gap_error,
-    preflight,
-    reference_prompts,
-)
+from rca.ingest.preflight import Preflight, gap_error, preflight, reference_prompts
 from rca.model.metric import Target
 from rca.model.subject import Subject, load_subject
 from rca.remedy import Remedy, VariantTarget, try_remedies
@@ -345,12 +339,10 @@ def trace_and_confirm(
         made = generated_behaviour(
             subject, incident, cf_text, sources, n=cfg.generate_variants, seed=cfg.seed
         )
-        assert incident.prompt is not None
-        summary = generation_summary(incident.prompt, cf_text, sources, made)
-        pre = dataclasses.replace(pre, generated=summary)
-        if made is not None:
-            incident = made
-            pre = dataclasses.replace(pre, incident=made, variants=check_variants(subject, made))
+        pre = dataclasses.replace(pre, generated=made.summary)
+        if made.incident is not None:
+            incident = made.incident
+            pre = dataclasses.replace(pre, incident=incident, variants=made.checks)
         timings["generate"] = time.perf_counter() - t
 
     behaviour = None

@@ -216,7 +216,7 @@ def behaviour_evidence(
             out.circuit_shares.append(share[-1])
         out.forward_equiv += ab.forward_equiv
     n = len(variants)
-    out.set_holds = sum(s >= cfg.set_fraction for s in out.set_shares) / n
+    out.set_holds = _holds(out.set_shares, cfg)
     for c in ids:
         nec = necessities.get(c)
         carried = nec if nec is not None else effects[c]

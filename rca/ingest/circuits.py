@@ -56,7 +56,8 @@ def circuit_groups(
     """The group of each incident (one per logged record); see the module docstring."""
     from rca.ingest.preflight import reference_prompts
     from rca.specificity import benign_damage
-    from rca.trace.components import Baseline, score_components, site_means
+    from rca.trace.components import Baseline, site_means
+    from rca.trace.fitset import gap_shares, node_scores
 
     if not incidents:
         return CircuitGroups([], [], [])
@@ -66,9 +67,9 @@ def circuit_groups(
     base = Baseline("mean", "mean over the reference prompts", means=site_means(subject, refs))
     rows = []
     for inc in rendered:
-        sc = score_components(subject, inc.encode(subject), base, method="atp", edges=False)
-        gap = sc.metric_clean - sc.metric_baseline
-        rows.append(sc.scores.double() / gap if gap > 0 else sc.scores.double())
+        sc = node_scores(subject, inc.encode(subject), base)
+        share = gap_shares(sc)
+        rows.append(share if share is not None else sc.scores.double())
     nodes = list(sc.nodes)
     shares = torch.stack(rows)
     # every record's strongest pushes toward its output are the candidates

@@ -41,13 +41,14 @@ from rca.model.metric import as_probability
 
 if TYPE_CHECKING:
     from rca.ingest.incident import Incident
+    from rca.ingest.preflight import VariantCheck
     from rca.model.subject import Subject
 
 __all__ = [
     "SAME_TEMPLATE",
+    "Generated",
     "Slot",
     "generated_behaviour",
-    "generation_summary",
     "generated_slots",
     "generate_variants",
     "kept_span",
@@ -115,11 +116,11 @@ def generated_slots(
     found: dict[tuple[int, int], list[str]] = {}
     for ref in references:
         b = _words(ref)
+        if _same_template(a, b) < SAME_TEMPLATE:
+            continue
         matcher = difflib.SequenceMatcher(
             a=[m.group() for m in a], b=[m.group() for m in b], autojunk=False
         )
-        if _same_template(a, b) < SAME_TEMPLATE:
-            continue
         for tag, i1, i2, j1, j2 in matcher.get_opcodes():
             if tag != "replace":
                 continue
@@ -154,7 +155,20 @@ def generate_variants(
     """Up to ``n`` distinct candidates, each with its counterfactual where the case has one;
     see the module docstring. Fewer where the slots do not make ``n`` combinations."""
     keep = kept_span(prompt, counterfactual) if counterfactual is not None else None
-    slots = generated_slots(prompt, references, keep)
+    return _candidates(
+        prompt, counterfactual, keep, generated_slots(prompt, references, keep), n=n, seed=seed
+    )
+
+
+def _candidates(
+    prompt: str,
+    counterfactual: str | None,
+    keep: tuple[int, int] | None,
+    slots: Sequence[Slot],
+    *,
+    n: int,
+    seed: int,
+) -> list[Variant]:
     if not slots or n <= 0:
         return []
     rng = random.Random(f"generated-{seed}")
@@ -193,6 +207,17 @@ def generate_variants(
     return out
 
 
+@dataclass(frozen=True)
+class Generated:
+    """What generation made: the incident with its kept variants (None where none is kept),
+    their checks (as ``check_variants`` gives them for that incident), and ``summary``: the
+    kept span, the slots and their number of values, and how many variants were kept."""
+
+    incident: Incident | None
+    checks: list[VariantCheck]
+    summary: dict[str, Any]
+
+
 def generated_behaviour(
     subject: Subject,
     incident: Incident,
@@ -202,19 +227,29 @@ def generated_behaviour(
     n: int,
     seed: int = 0,
     held_out: float = 0.5,
-) -> Incident | None:
+) -> Generated:
     """``incident`` (rendered for the model, no variants) with up to ``n`` generated variants
-    the model shows the incident on, split by ``seed``; None where none is kept. The candidates
-    are measured in batches (``check_variants``)."""
+    the model shows the incident on, split by ``seed``. The candidates are measured once, in
+    batches (``check_variants``); the kept ones' checks are re-indexed for the new incident."""
     from rca.ingest.preflight import SHOWS, check_variants
 
     assert incident.prompt is not None
     texts = [r for r in references if isinstance(r, str)]
-    cands = generate_variants(incident.prompt, counterfactual, texts, n=CANDIDATES * n, seed=seed)
+    keep_span = kept_span(incident.prompt, counterfactual) if counterfactual is not None else None
+    slots = generated_slots(incident.prompt, texts, keep_span)
+    summary: dict[str, Any] = {
+        "kept_span": None if keep_span is None else incident.prompt[keep_span[0] : keep_span[1]],
+        "slots": [{"text": s.text, "chars": s.name, "values": len(s.values)} for s in slots],
+        "kept": 0,
+        "p_bad_at_least": SHOWS,
+    }
+    cands = _candidates(
+        incident.prompt, counterfactual, keep_span, slots, n=CANDIDATES * n, seed=seed
+    )
     if not cands:
-        return None
+        return Generated(None, [], summary)
     trial = dataclasses.replace(incident, variants=tuple(cands), template=None, split=Split(seed))
-    keep = []
+    kept: list[tuple[Variant, VariantCheck]] = []
     for c in check_variants(subject, trial):
         cf_shows = c.metric_counterfactual is not None and (
             as_probability(c.metric_counterfactual, c.target.n_conts) >= SHOWS
@@ -222,26 +257,18 @@ def generated_behaviour(
         if c.p_bad >= SHOWS and not cf_shows:
             v = cands[c.index]
             # a counterfactual that does not line up token for token is not kept with it
-            keep.append(
-                v if c.counterfactual is not None else dataclasses.replace(v, counterfactual=None)
-            )
-    if not keep:
-        return None
-    return dataclasses.replace(
-        incident, variants=tuple(keep[:n]), split=Split(seed=seed, held_out=held_out)
+            if c.counterfactual is None:
+                v = dataclasses.replace(v, counterfactual=None)
+            kept.append((v, c))
+    kept = kept[:n]
+    if not kept:
+        return Generated(None, [], summary)
+    made = dataclasses.replace(
+        incident, variants=tuple(v for v, _ in kept), split=Split(seed=seed, held_out=held_out)
     )
-
-
-def generation_summary(
-    prompt: str, counterfactual: str | None, references: Sequence[str], made: Incident | None
-) -> dict[str, Any]:
-    """What generation had to work with and what it kept: the kept span, the slots and their
-    number of values, and the variants kept."""
-    keep = kept_span(prompt, counterfactual) if counterfactual is not None else None
-    slots = generated_slots(prompt, [r for r in references if isinstance(r, str)], keep)
-    return {
-        "kept_span": None if keep is None else prompt[keep[0] : keep[1]],
-        "slots": [{"text": s.text, "chars": s.name, "values": len(s.values)} for s in slots],
-        "kept": 0 if made is None else len(made.variants),
-        "p_bad_at_least": 0.5,
-    }
+    checks = []
+    for (_, c), m in zip(kept, made.behaviour().members[1:], strict=True):
+        assert m.index is not None
+        rendered = m.incident.for_model(subject.tokenizer)
+        checks.append(dataclasses.replace(c, index=m.index, part=m.part, incident=rendered))
+    return Generated(made, checks, summary | {"kept": len(kept)})

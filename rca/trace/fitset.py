@@ -27,7 +27,7 @@ from rca.model.metric import Target
 from rca.model.subject import Subject
 from rca.trace.components import Baseline, ComponentScores, score_components
 
-__all__ = ["FitSetScores", "fit_set_scores"]
+__all__ = ["NODE_FORWARD_EQUIV", "FitSetScores", "fit_set_scores", "gap_shares", "node_scores"]
 
 
 @dataclass
@@ -59,9 +59,20 @@ class FitSetScores:
         }
 
 
-def _shares(scores: ComponentScores) -> tuple[torch.Tensor, float]:
+def gap_shares(scores: ComponentScores) -> torch.Tensor | None:
+    """Each node's score as a share of the prompt's gap (its metric minus the baseline's), or
+    None where there is no gap to share out."""
     gap = scores.metric_clean - scores.metric_baseline
-    return scores.scores.double() / gap if gap > 0 else scores.scores.double() * 0, gap
+    return scores.scores.double() / gap if gap > 0 else None
+
+
+def node_scores(subject: Subject, target: Target, baseline: Baseline) -> ComponentScores:
+    """Every head's and MLP's attribution-patching score, nodes only: a clean forward and
+    backward and the baseline's forward (``NODE_FORWARD_EQUIV``)."""
+    return score_components(subject, target, baseline, method="atp", edges=False)
+
+
+NODE_FORWARD_EQUIV = 4.0  # a forward and backward (3 forwards) and the baseline's forward
 
 
 def fit_set_scores(
@@ -78,12 +89,12 @@ def fit_set_scores(
     rows: list[torch.Tensor] = []
     out = FitSetScores(nodes=[], mean=[])
     if prompt_scores is not None:
-        share, gap = _shares(prompt_scores)
-        if gap > 0:
+        share = gap_shares(prompt_scores)
+        if share is not None:
             rows.append(share)
             out.nodes = list(prompt_scores.nodes)
             out.indices.append(-1)
-            out.gaps.append(gap)
+            out.gaps.append(prompt_scores.metric_clean - prompt_scores.metric_baseline)
     for index, target, cf in variants:
         if cf is not None:
             base = Baseline("counterfactual", "the variant's counterfactual", target=cf)
@@ -93,18 +104,17 @@ def fit_set_scores(
             raise ValueError(
                 f"variant {index} has no counterfactual that lines up and no means were given"
             )
-        scores = score_components(subject, target, base, method="atp", edges=False)
-        # a clean forward and backward (3 forwards) and the baseline's forward
-        out.forward_equiv += 4.0
-        share, gap = _shares(scores)
-        if gap <= 0:
+        scores = node_scores(subject, target, base)
+        out.forward_equiv += NODE_FORWARD_EQUIV
+        share = gap_shares(scores)
+        if share is None:
             out.skipped.append(index)
             continue
         if not out.nodes:
             out.nodes = list(scores.nodes)
         rows.append(share)
         out.indices.append(index)
-        out.gaps.append(gap)
+        out.gaps.append(scores.metric_clean - scores.metric_baseline)
     if rows:
         out.mean = torch.stack(rows).mean(0).tolist()
     else:

@@ -105,7 +105,7 @@ def test_generated_variants_are_kept_where_the_model_produces_the_bad_continuati
         inc = load_case(CASES / f"{key}.toml", check_model=False).for_model(subject.tokenizer)
         assert inc.prompt is not None and inc.counterfactual is not None
         refs = list(inc.reference_prompts)
-        made = generated_behaviour(subject, inc, inc.counterfactual, refs, n=50)
+        made = generated_behaviour(subject, inc, inc.counterfactual, refs, n=50).incident
         cands = generate_variants(inc.prompt, inc.counterfactual, refs, n=200)
         want = []
         for v in cands:  # measured here one by one, not in the batches generation uses
