@@ -16,7 +16,8 @@ the library takes, are ``rca.cli_options``. The commands live in one module per 
 - ``regression``: ``regress``;
 - ``bench``: ``bench localization``;
 - ``records``: ``cases list|show``, ``report``, ``notes add``, ``verify``, ``export``;
-- ``ingest``: ``ingest`` (case files from a JSONL log of conversations).
+- ``ingest``: ``ingest`` (case files from a JSONL log of conversations);
+- ``monitor``: ``monitor build|eval|run|list|show`` (run-time detectors).
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from __future__ import annotations
 import sys
 
 # each command module registers its commands on ``app`` when imported
-from rca.cli import bench, ingest, investigation, models, records, regression  # noqa: F401
+from rca.cli import (  # noqa: F401
+    bench,
+    ingest,
+    investigation,
+    models,
+    monitor,
+    records,
+    regression,
+)
 from rca.cli.shell import app, err
 
 __all__ = ["app", "main"]

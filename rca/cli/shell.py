@@ -42,6 +42,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from rca.model.ids import IdError
     from rca.model.metric import MetricError
     from rca.model.subject import SubjectError
+    from rca.monitor import MonitorError
     from rca.regress import RegressError
     from rca.remedy import RemedyError
     from rca.store import StoreError
@@ -60,6 +61,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ConfirmError,
         RegressError,
         RemedyError,
+        MonitorError,
     )
 
 

@@ -139,6 +139,30 @@ MIGRATIONS: tuple[Migration, ...] = (
         # were: nothing is re-audited unless DuckDB changed a row
         rehash=("remedies",),
     ),
+    Migration(
+        6,
+        "monitors: detectors compiled from confirmed runs (rca monitor build); monitor_evals: "
+        "their figures on held-out prompts and on later checkpoints; monitor_alerts: the "
+        "prompts a monitor flagged (rca monitor run)",
+        (
+            """CREATE TABLE monitors (
+                monitor_id VARCHAR PRIMARY KEY, run_id VARCHAR NOT NULL,
+                incident_id VARCHAR NOT NULL, model_fingerprint VARCHAR NOT NULL,
+                artifact_path VARCHAR, weights_sha256 VARCHAR NOT NULL,
+                site_specs JSON NOT NULL, threshold DOUBLE NOT NULL, target_fpr DOUBLE,
+                fit JSON, data JSON, created_at TIMESTAMPTZ NOT NULL)""",
+            """CREATE TABLE monitor_evals (
+                eval_id BIGINT PRIMARY KEY, monitor_id VARCHAR NOT NULL,
+                model_fingerprint VARCHAR NOT NULL, kind VARCHAR NOT NULL, figures JSON,
+                baselines JSON, stale BOOLEAN, reason VARCHAR,
+                evaluated_at TIMESTAMPTZ NOT NULL)""",
+            """CREATE TABLE monitor_alerts (
+                batch_id VARCHAR NOT NULL, row_no INTEGER NOT NULL, monitor_id VARCHAR NOT NULL,
+                model_fingerprint VARCHAR NOT NULL, alerted_at TIMESTAMPTZ NOT NULL,
+                prompt_sha256 VARCHAR NOT NULL, score DOUBLE NOT NULL, step INTEGER,
+                sites VARCHAR[], text VARCHAR)""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -196,6 +196,76 @@ class ReadOnlyStore:
         with self._read() as con:
             return _rows(con, sql + " ORDER BY n.note_id", params)
 
+    def list_monitors(
+        self, *, incident: str | None = None, model: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every recorded monitor, newest first, with its latest evaluation's figures
+        (``latest_eval``) and its number of alerts."""
+        where, params = [], []
+        for col, v in (("m.incident_id", incident), ("m.model_fingerprint", model)):
+            if v is not None:
+                where.append(f"{col} = ?")
+                params.append(v)
+        sql = (
+            "SELECT m.*, (SELECT count(*) FROM monitor_alerts a WHERE a.monitor_id = "
+            "m.monitor_id) AS n_alerts FROM monitors m"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY m.created_at DESC, m.monitor_id"
+        )
+        with self._read() as con:
+            rows = _rows(con, sql, params)
+            for r in rows:
+                evals = _rows(
+                    con,
+                    "SELECT * FROM monitor_evals WHERE monitor_id = ? ORDER BY eval_id DESC "
+                    "LIMIT 1",
+                    [r["monitor_id"]],
+                )
+                r["latest_eval"] = evals[0] if evals else None
+            return rows
+
+    def get_monitor(self, ref: str) -> dict[str, Any]:
+        """One monitor (its id or a unique prefix, or a case id: that case's newest monitor),
+        with every evaluation."""
+        with self._read() as con:
+            rows = _rows(
+                con,
+                "SELECT * FROM monitors WHERE monitor_id = ? OR starts_with(monitor_id, ?) "
+                "OR incident_id = ? ORDER BY (monitor_id = ?) DESC, created_at DESC",
+                [ref, ref, ref, ref],
+            )
+            exact = [r for r in rows if r["monitor_id"] == ref]
+            prefixed = [r for r in rows if r["monitor_id"].startswith(ref)]
+            if exact:
+                row = exact[0]
+            elif len(prefixed) == 1:
+                row = prefixed[0]
+            elif len(prefixed) > 1:
+                raise StoreError(f"monitor prefix {ref!r} is ambiguous in {self.path}; give more")
+            elif rows:
+                row = rows[0]
+            else:
+                raise StoreError(
+                    f"no monitor or case {ref!r} with a monitor in {self.path}; see "
+                    "`rca monitor list`"
+                )
+            row["evals"] = _rows(
+                con,
+                "SELECT * FROM monitor_evals WHERE monitor_id = ? ORDER BY eval_id",
+                [row["monitor_id"]],
+            )
+            return row
+
+    def monitor_alerts(self, monitor_id: str | None = None) -> list[dict[str, Any]]:
+        """Alerts, oldest first (one monitor's, or every monitor's)."""
+        sql = "SELECT * FROM monitor_alerts"
+        params: list[Any] = []
+        if monitor_id is not None:
+            sql += " WHERE monitor_id = ?"
+            params.append(monitor_id)
+        with self._read() as con:
+            return _rows(con, sql + " ORDER BY alerted_at, batch_id, row_no", params)
+
     def models(self) -> list[dict[str, Any]]:
         """Every model seen, with its number of runs."""
         with self._read() as con:
@@ -360,6 +430,132 @@ class Store(ReadOnlyStore):
                 con, actor=self.actor, action="note", table="notes", entity=str(note_id), at=now
             )
         return note_id
+
+    def record_monitor(
+        self, describe: dict[str, Any], *, artifact_path: str, weights_sha256: str
+    ) -> str:
+        """Record a built monitor (``Monitor.describe()``); its run must be recorded."""
+        now = now_utc()
+        mid = describe["monitor_id"]
+        with self._transaction(f"recording monitor {mid}") as con:
+            if not first_row(con, "SELECT 1 FROM runs WHERE run_id = ?", [describe["run_id"]]):
+                raise StoreError(
+                    f"database {self.path}: run {describe['run_id']!r} is not recorded; a "
+                    "monitor is recorded in the store that holds its run"
+                )
+            if first_row(con, "SELECT 1 FROM monitors WHERE monitor_id = ?", [mid]):
+                raise StoreError(f"database {self.path}: monitor {mid!r} is already recorded")
+            con.execute(
+                "INSERT INTO monitors (monitor_id, run_id, incident_id, model_fingerprint, "
+                "artifact_path, weights_sha256, site_specs, threshold, target_fpr, fit, data, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    mid,
+                    describe["run_id"],
+                    describe["case_id"],
+                    describe["model_fingerprint"],
+                    artifact_path,
+                    weights_sha256,
+                    json.dumps(describe["sites"]),
+                    float(describe["threshold"]),
+                    float(describe["target_fpr"]),
+                    json.dumps(describe["fit"], default=str),
+                    json.dumps(describe["data"], default=str),
+                    now,
+                ],
+            )
+            append_audit(
+                con, actor=self.actor, action="insert", table="monitors", entity=mid, at=now
+            )
+        return mid
+
+    def record_monitor_eval(
+        self,
+        monitor_id: str,
+        *,
+        model_fingerprint: str,
+        kind: str,
+        figures: dict[str, Any],
+        baselines: dict[str, Any] | None = None,
+        stale: bool | None = None,
+        reason: str | None = None,
+    ) -> int:
+        """Append one evaluation of a recorded monitor; returns its id."""
+        now = now_utc()
+        with self._transaction(f"recording an evaluation of monitor {monitor_id}") as con:
+            if not first_row(con, "SELECT 1 FROM monitors WHERE monitor_id = ?", [monitor_id]):
+                raise StoreError(f"database {self.path}: monitor {monitor_id!r} is not recorded")
+            row = first_row(con, "SELECT coalesce(max(eval_id), 0) + 1 FROM monitor_evals")
+            eval_id = int(row[0])  # type: ignore[index]
+            con.execute(
+                "INSERT INTO monitor_evals (eval_id, monitor_id, model_fingerprint, kind, "
+                "figures, baselines, stale, reason, evaluated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    eval_id,
+                    monitor_id,
+                    model_fingerprint,
+                    kind,
+                    json.dumps(figures, default=str),
+                    None if baselines is None else json.dumps(baselines, default=str),
+                    stale,
+                    reason,
+                    now,
+                ],
+            )
+            append_audit(
+                con,
+                actor=self.actor,
+                action="insert",
+                table="monitor_evals",
+                entity=str(eval_id),
+                at=now,
+            )
+        return eval_id
+
+    def record_alerts(
+        self, monitor_id: str, *, model_fingerprint: str, alerts: Sequence[dict[str, Any]]
+    ) -> str:
+        """Append one batch of alerts (each: ``prompt_sha256``, ``score``, ``step``,
+        ``sites``, ``text`` or None, ``at``) in one transaction; returns the batch id."""
+        import uuid
+
+        batch_id = str(uuid.uuid4())
+        now = now_utc()
+        with self._transaction(f"recording alerts of monitor {monitor_id}") as con:
+            if not first_row(con, "SELECT 1 FROM monitors WHERE monitor_id = ?", [monitor_id]):
+                raise StoreError(f"database {self.path}: monitor {monitor_id!r} is not recorded")
+            if not alerts:
+                return batch_id
+            con.executemany(
+                "INSERT INTO monitor_alerts (batch_id, row_no, monitor_id, model_fingerprint, "
+                "alerted_at, prompt_sha256, score, step, sites, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
+                "?, ?)",
+                [
+                    [
+                        batch_id,
+                        i,
+                        monitor_id,
+                        model_fingerprint,
+                        a.get("at") or now,
+                        a["prompt_sha256"],
+                        float(a["score"]),
+                        a.get("step"),
+                        list(a.get("sites") or []),
+                        a.get("text"),
+                    ]
+                    for i, a in enumerate(alerts)
+                ],
+            )
+            append_audit(
+                con,
+                actor=self.actor,
+                action="insert",
+                table="monitor_alerts",
+                entity=batch_id,
+                at=now,
+            )
+        return batch_id
 
 
 def _login() -> str:

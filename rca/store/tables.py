@@ -33,6 +33,9 @@ ENTITY_SQL: dict[str, str] = {
     "variants": "run_id",
     "variant_results": "run_id",
     "notes": "CAST(note_id AS VARCHAR)",
+    "monitors": "monitor_id",
+    "monitor_evals": "CAST(eval_id AS VARCHAR)",
+    "monitor_alerts": "batch_id",
 }
 TABLES: tuple[str, ...] = (*ENTITY_SQL, "audit")
 # the bulk tables: a run's evidence, its rows numbered by row_no
@@ -59,12 +62,16 @@ ORDER: dict[str, str] = {
     "variants": "run_id, row_no",  # in the case's order (Incident.all_variants)
     "variant_results": "run_id, row_no",  # per fix in the order tried, then per variant
     "notes": "note_id",
+    "monitors": "created_at, monitor_id",
+    "monitor_evals": "eval_id",
+    "monitor_alerts": "batch_id, row_no",
     "audit": "seq",
 }
 # columns that hold JSON text; readers return them parsed
 JSON_COLUMNS = frozenset(
     {"dims", "case_data", "config", "versions", "timings", "summary", "details", "side_effect"}
     | {"patch_spec", "behaviour"}
+    | {"site_specs", "fit", "data", "figures", "baselines"}
 )
 
 

@@ -213,14 +213,14 @@ def test_fresh_store_has_every_table_and_the_current_version(db: Path) -> None:
     s = Store(db, actor="tester")
     names = {r[0] for r in raw(db, "SELECT table_name FROM duckdb_tables()")}
     assert set(TABLES) <= names
-    assert s.schema_version() == SCHEMA_VERSION == 5
+    assert s.schema_version() == SCHEMA_VERSION == 6
     versions = [r[0] for r in raw(db, "SELECT version FROM schema_version ORDER BY 1")]
-    assert versions == [1, 2, 3, 4, 5]
+    assert versions == [1, 2, 3, 4, 5, 6]
     res = s.verify()
     assert res.ok, res.message
-    assert res.records == 5  # one audit record per applied migration
+    assert res.records == 6  # one audit record per applied migration
     Store(db)  # reopening an up-to-date file writes nothing
-    assert s.verify().records == 5
+    assert s.verify().records == 6
 
 
 # The v1 schema as released, frozen here: the migration must work on files written by it.
@@ -309,7 +309,7 @@ def test_v1_file_is_migrated_in_place_and_stays_verifiable(db: Path) -> None:
         Store.reader(db).list_runs()
     before = {r[0]: r for r in raw(db, "SELECT run_id, summary, seed FROM runs")}
     s = Store(db, actor="migrator")
-    assert s.schema_version() == 5
+    assert s.schema_version() == 6
     got = s.get_run(V1_RUN)
     assert got["kind"] == "investigate" and got["parent_run_id"] is None
     assert got["summary"] == {"verdict": "confirmed"} and got["seed"] == 1
@@ -331,6 +331,7 @@ def test_v1_file_is_migrated_in_place_and_stays_verifiable(db: Path) -> None:
         ("schema_version", "3"),
         ("schema_version", "4"),
         ("schema_version", "5"),
+        ("schema_version", "6"),
     ]
     # and the migrated file takes new runs
     s.record_run(run(parent_run_id=V1_RUN, kind="regress"))
@@ -450,7 +451,7 @@ def test_record_run_round_trips_every_table(db: Path) -> None:
 
     frames = s.get_run(r.run_id, frames=True)
     assert isinstance(frames["edges"], pd.DataFrame) and len(frames["edges"]) == 2
-    assert s.counts()["audit"] == 5 + 10  # migrations, then model, incident, run and 7 tables
+    assert s.counts()["audit"] == 6 + 10  # migrations, then model, incident, run and 7 tables
     assert s.verify().ok
 
 
@@ -611,7 +612,14 @@ def test_notes_are_append_only(db: Path) -> None:
     assert s.notes_for(run_id=rid)[0]["created_at"].endswith("Z")
     # no API changes or removes a note
     writers = {n for n in dir(Store) if not n.startswith("_")} - set(dir(store_mod.ReadOnlyStore))
-    assert writers == {"add_note", "record_run", "reader"}
+    assert writers == {
+        "add_note",
+        "record_run",
+        "reader",
+        "record_monitor",
+        "record_monitor_eval",
+        "record_alerts",
+    }
     for bad in (
         dict(author="ana", text="orphan"),
         dict(run_id=rid, author=" ", text="x"),

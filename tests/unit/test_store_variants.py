@@ -484,13 +484,13 @@ def make_v4(path: Path, *, tamper_remedy: bool = False) -> None:
 
 def test_a_v4_file_migrates_to_v5_and_then_records_variants(db: Path) -> None:
     make_v4(db)
-    assert SCHEMA_VERSION == 5
+    assert SCHEMA_VERSION >= 5
     assert Store.reader(db).schema_version() == 4
     with pytest.raises(StoreError, match="schema version 4, older than this rca"):
         Store.reader(db).get_run(V4_RUN)
     audit_before = raw(db, "SELECT * FROM audit ORDER BY seq")
     s = Store(db, actor="migrator")
-    assert s.schema_version() == 5
+    assert s.schema_version() == SCHEMA_VERSION
     assert {"variants", "variant_results"} <= {
         r[0] for r in raw(db, "SELECT table_name FROM duckdb_tables()")
     }
@@ -498,7 +498,7 @@ def test_a_v4_file_migrates_to_v5_and_then_records_variants(db: Path) -> None:
     # remedies' new column is NULL in every old row, and the new tables start empty
     assert raw(db, "SELECT * FROM audit ORDER BY seq")[: len(audit_before)] == audit_before
     assert raw(db, "SELECT table_name, entity, action FROM audit WHERE actor = 'migrator'") == [
-        ("schema_version", "5", "migrate")
+        ("schema_version", str(v), "migrate") for v in range(5, SCHEMA_VERSION + 1)
     ]
     res = s.verify()
     assert res.ok, res.message
@@ -536,15 +536,20 @@ def test_a_v4_file_migrates_to_v5_and_then_records_variants(db: Path) -> None:
 def test_migrating_to_v5_does_not_bless_a_remedy_changed_before_it(db: Path) -> None:
     make_v4(db, tamper_remedy=True)
     s = Store(db, actor="migrator")
-    assert raw(db, "SELECT table_name FROM audit WHERE actor = 'migrator'") == [("schema_version",)]
+    # one audit record per migration applied (5 and later), and none for the changed remedy
+    assert raw(db, "SELECT table_name FROM audit WHERE actor = 'migrator'") == [
+        ("schema_version",)
+    ] * (SCHEMA_VERSION - 4)
     res = s.verify()
     assert not res.ok and res.first is not None
     assert (res.first.table, res.first.entity) == ("remedies", V4_RUN), res.message
 
 
-def test_a_file_newer_than_version_5_is_refused(db: Path) -> None:
+def test_a_file_newer_than_this_rca_is_refused(db: Path) -> None:
     Store(db).record_run(run())
-    raw(db, "INSERT INTO schema_version VALUES (6, now(), 'from the future')")
+    future = SCHEMA_VERSION + 1
+    raw(db, f"INSERT INTO schema_version VALUES ({future}, now(), 'from the future')")
+    want = rf"schema version {future}, newer than this rca knows \({SCHEMA_VERSION}\)"
     for opener in (lambda: Store(db), lambda: Store.reader(db).list_runs()):
-        with pytest.raises(StoreError, match=r"schema version 6, newer than this rca knows \(5\)"):
+        with pytest.raises(StoreError, match=want):
             opener()
