@@ -67,6 +67,9 @@ def monitor_build(
         0.01, "--fpr", help="False-positive rate the threshold is set for, on fit negatives."
     ),
     benign: int = typer.Option(1000, "--benign", help="Benign prompts per half (fit, held-out)."),
+    benign_tokens: int = typer.Option(
+        24, "--benign-tokens", help="Read each benign prompt through this many generated tokens."
+    ),
     seed: int = typer.Option(0, "--seed", help="Draws and splits the benign prompts."),
     model: str | None = MonitorModelOpt,
     device: str = DeviceOpt,
@@ -81,11 +84,11 @@ def monitor_build(
     from rca.monitor.workflow import build_and_record
     from rca.store import Store
 
-    cfg = MonitorConfig(target_fpr=fpr, benign=benign, seed=seed)
+    cfg = MonitorConfig(target_fpr=fpr, benign=benign, benign_tokens=benign_tokens, seed=seed)
     cfg.check()
     opts.home_dir(home)
     if out_dir is not None:
-        output_path(out_dir, what="--out", overwrite=True, parent_must_exist=False)
+        output_path(out_dir, what="--out", kind="dir", overwrite=True, parent_must_exist=False)
     run_id = _resolve_run(opts.reader(db), ref)
     if model is not None:
         opts.model_ref(model, what="--model", home=home)

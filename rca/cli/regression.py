@@ -35,7 +35,10 @@ def regress_cmd(
 ) -> None:
     """Re-check incidents on a new checkpoint and classify each by mechanism.
 
-    Exit code 0 when every incident is fixed, 1 when any persists or reappeared, 2 on errors.
+    Every stored monitor of these cases is re-checked on the new checkpoint too.
+
+    Exit code 0 when every incident is fixed, 1 when any persists or reappeared or a monitor
+    went stale, 2 on errors.
     """
     from rca.investigate import InvestigateConfig
     from rca.regress import RegressConfig, RegressError, incidents_from_store, regress
@@ -72,15 +75,41 @@ def regress_cmd(
     )
     rows = [r.to_json() for r in results]
     fingerprint = results[0].new_model if results else ""
+    monitors = _revalidate_monitors(
+        store, model, {i.id for i in incidents}, device=device, home=home, quiet=as_json
+    )
     if report is not None:
         from rca.report import render_regression_html, render_regression_markdown
 
         render = render_regression_html if report.suffix == ".html" else render_regression_markdown
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(render(rows, model=fingerprint))
-    failing = [r for r in results if r.persists]
+    failing = [r for r in results if r.persists] + [m for m in monitors if m.get("stale")]
     if as_json:
-        print(json.dumps({"model": fingerprint, "ok": not failing, "incidents": rows}, indent=2))
+        doc = {"model": fingerprint, "ok": not failing, "incidents": rows, "monitors": monitors}
+        print(json.dumps(doc, indent=2, default=str))
     else:
         print_regression(rows)
+        for m in monitors:
+            err.print(
+                f"monitor {m['monitor_id'][:8]} ({m.get('case_id')}): {m['status']}: "
+                f"{m.get('reason')}",
+                highlight=False,
+            )
     raise typer.Exit(1 if failing else 0)
+
+
+def _revalidate_monitors(
+    store: object, model: str, case_ids: set[str], *, device: str, home: Path | None, quiet: bool
+) -> list[dict]:
+    """Every stored monitor of the regressed cases, re-checked on the new checkpoint (none:
+    the model is not loaded again)."""
+    from rca.model.subject import load_subject
+    from rca.monitor.workflow import revalidate
+
+    if not any(m["incident_id"] in case_ids for m in store.list_monitors()):  # type: ignore[attr-defined]
+        return []
+    subject = load_subject(
+        opts.model_ref(model, what="--model", home=home), device=device, home=home
+    )
+    return revalidate(store, subject, case_ids=case_ids)

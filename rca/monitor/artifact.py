@@ -26,6 +26,7 @@ __all__ = ["FORMAT", "Monitor", "MonitorError", "load_monitor", "save_monitor"]
 
 FORMAT = "rca-monitor/1"
 JSON_NAME = "monitor.json"
+MAX_JSON_BYTES = 16 << 20
 WEIGHTS_NAME = "probe.safetensors"
 
 

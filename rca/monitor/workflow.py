@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 MAX_PROMPT_LINES = 100_000
+MAX_PROMPTS_BYTES = 256 << 20
 # a monitor is stale on another checkpoint where, of the held-out variants that still show the
 # incident there, it flags fewer than this share at its own threshold
 STALE_RECALL = 0.8
@@ -95,9 +96,15 @@ def build_and_record(
 
 
 def artifact_for(store: Any, ref: str) -> Monitor:
-    """A monitor by artifact path, or by its id (or a case id) in ``store``."""
-    p = Path(ref)
-    if p.exists():
+    """A monitor by artifact path (its directory or monitor.json), or by its id (or a case id)
+    in ``store``."""
+    from rca.paths import PathError, input_path
+
+    try:
+        p = input_path(ref, what="monitor", kind="any", must_exist=False)
+    except PathError:
+        p = None  # not a usable path: an id
+    if p is not None and p.exists():
         return load_monitor(p)
     row = store.get_monitor(ref)
     path = row.get("artifact_path")
@@ -149,11 +156,10 @@ class PromptLine:
 def read_prompts(path: Path) -> list[PromptLine]:
     """A JSONL file of prompts: one object per line with ``prompt`` (text) or ``messages``
     (chat turns). Every line is checked; the first bad one is a MonitorError naming it."""
+    from rca.paths import read_bounded_text
+
     out: list[PromptLine] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise MonitorError(f"--prompts {path}: not UTF-8 text") from None
+    text = read_bounded_text(path, what="--prompts", max_bytes=MAX_PROMPTS_BYTES)
     for no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -162,6 +168,8 @@ def read_prompts(path: Path) -> list[PromptLine]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise MonitorError(f"{where}: not JSON ({e.msg})") from None
+        except RecursionError:
+            raise MonitorError(f"{where}: nested too deeply to be a prompt") from None
         if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
             raise MonitorError(f"{where}: give an object with exactly one of prompt or messages")
         if "prompt" in obj:

@@ -529,8 +529,8 @@ class Store(ReadOnlyStore):
                 return batch_id
             con.executemany(
                 "INSERT INTO monitor_alerts (batch_id, row_no, monitor_id, model_fingerprint, "
-                "alerted_at, prompt_sha256, score, step, sites, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
-                "?, ?)",
+                "alerted_at, prompt_sha256, score, step, sites, text) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     [
                         batch_id,
