@@ -24,6 +24,7 @@ if db.is_file():
         "Work": [
             st.Page(P["new"], title="New investigation", icon=":material/play_arrow:"),
             st.Page(P["regression"], title="Regression", icon=":material/compare_arrows:"),
+            st.Page(P["monitors"], title="Monitors", icon=":material/monitor_heart:"),
         ],
         "Records": [st.Page(P["audit"], title="Audit", icon=":material/verified_user:")],
     }

@@ -37,19 +37,27 @@ from rca.textsafe import html_text, streamlit_markdown, visible
 __all__ = [
     "PAGES",
     "ablation_evidence",
+    "alert_rows",
+    "alerts_per_day",
     "cases_dir",
     "db_path",
     "decoding_rows",
+    "eval_status",
+    "figure_cells",
     "fmt",
     "graph_html",
     "heat_strip",
+    "held_out_rows",
     "incident_fields",
     "md",
     "model_labels",
+    "monitor_label",
+    "monitor_rows",
     "node_edges",
     "node_options",
     "plain",
     "reader",
+    "regress_rows",
     "remedy_rows",
     "run_label",
     "run_rows",
@@ -58,6 +66,7 @@ __all__ = [
     "runs_or_error",
     "filter_rows",
     "search_text",
+    "site_text",
     "summary",
 ]
 
@@ -68,6 +77,7 @@ PAGES = {
     "case": "rca/ui/case_detail.py",
     "new": "rca/ui/new_investigation.py",
     "regression": "rca/ui/regression.py",
+    "monitors": "rca/ui/monitors.py",
     "audit": "rca/ui/audit.py",
     "empty": "rca/ui/empty.py",
 }
@@ -466,3 +476,180 @@ def cell_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Rows with every value made dataframe-safe (text ``plain``, lists joined, dicts as
     JSON)."""
     return [{k: _cell(v) for k, v in r.items()} for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# monitors
+
+# (column label, key of a figures dict): the figures a monitor's tables show
+FIGURES = (
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("FPR", "fpr"),
+    ("AUROC", "auroc"),
+    ("FPR@TPR95", "fpr_at_tpr95"),
+)
+STALE = "⚠ stale"
+
+
+def _figures(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def figure_cells(
+    figures: Any, prefix: str = "", labels: Sequence[str] = ("precision", "recall", "FPR", "AUROC")
+) -> dict[str, Any]:
+    """The figures dict's ``labels`` columns (of ``FIGURES``) as table cells, each named with
+    ``prefix``; missing figures are None."""
+    f = _figures(figures)
+    return {f"{prefix}{label}": f.get(key) for label, key in FIGURES if label in labels}
+
+
+def site_text(sites: Any) -> str:
+    """A monitor's sites in one line, each with its role and position rule:
+    ``L1.H0 (writer, last), L0.MLP (entry, max)``."""
+    return ", ".join(
+        f"{s.get('id')} ({s.get('role')}, {s.get('rule')})"
+        for s in sites or []
+        if isinstance(s, Mapping)
+    )
+
+
+def eval_status(ev: Mapping[str, Any] | None) -> str:
+    """What an evaluation found, in a word: ``⚠ stale`` (the monitor no longer flags the
+    incident), ``fires`` (a checkpoint where it still does), ``incident gone`` (a checkpoint
+    where the incident no longer shows), ``ok`` (judged on its held-out prompts)."""
+    if ev is None:
+        return "not evaluated"
+    if ev.get("stale"):
+        return STALE
+    if ev.get("kind") == "regress":
+        return "incident gone" if ev.get("stale") is None else "fires"
+    return "ok"
+
+
+def monitor_label(m: Mapping[str, Any], models: Mapping[str, str] | None = None) -> str:
+    """One line naming a monitor in a selectbox: case, model, sites, the id's start."""
+    fp = str(m.get("model_fingerprint") or "")
+    model = (models or {}).get(fp, fp[:8])
+    sites = ", ".join(str(s.get("id")) for s in m.get("site_specs") or [] if isinstance(s, Mapping))
+    return plain(f"{m.get('incident_id')} · {model} · {sites} · {str(m['monitor_id'])[:8]}")
+
+
+def monitor_rows(
+    monitors: Sequence[Mapping[str, Any]], models: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """One row per monitor (``ReadOnlyStore.list_monitors``): its case, model, sites,
+    threshold, figures on the fit prompts, its latest evaluation (kind, status, figures,
+    reason) and its number of alerts."""
+    rows = []
+    for m in monitors:
+        ev = m.get("latest_eval")
+        fp = str(m.get("model_fingerprint") or "")
+        rows.append(
+            {
+                "case": m.get("incident_id"),
+                "model": models.get(fp, fp[:8]),
+                "sites": site_text(m.get("site_specs")),
+                "threshold": m.get("threshold"),
+                "target FPR": m.get("target_fpr"),
+                **figure_cells(m.get("fit"), "fit "),
+                "latest": ev.get("kind") if ev else None,
+                "status": eval_status(ev),
+                **figure_cells(ev.get("figures") if ev else None, "latest "),
+                "reason": ev.get("reason") if ev else None,
+                "evaluated": ev.get("evaluated_at") if ev else None,
+                "alerts": m.get("n_alerts"),
+                "created": m.get("created_at"),
+                "monitor_id": m.get("monitor_id"),
+            }
+        )
+    return rows
+
+
+def held_out_rows(ev: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A held-out evaluation with its baselines side by side: one row per figure, one column
+    per detector (the monitor, then ``output check`` and ``prompt text`` where recorded); the
+    false-positive figures also against the counterfactuals and the benign prompts alone."""
+    detectors: dict[str, Mapping[str, Any]] = {"monitor": _figures(ev.get("figures"))}
+    for name, f in _figures(ev.get("baselines")).items():
+        detectors[str(name).replace("_", " ")] = _figures(f)
+    figures = [
+        ("positives", "", "n_positive"),
+        ("negatives", "", "n_negative"),
+        *((label, "", key) for label, key in FIGURES),
+        *(
+            (f"{label} vs {part}", f"against_{part}", key)
+            for part in ("counterfactuals", "benign")
+            for label, key in (("FPR", "fpr"), ("AUROC", "auroc"))
+        ),
+    ]
+    rows = []
+    for label, part, key in figures:
+        cells = {
+            name: (_figures(f.get(part)) if part else f).get(key) for name, f in detectors.items()
+        }
+        if any(v is not None for v in cells.values()):
+            rows.append({"figure": label, **cells})
+    return rows
+
+
+def regress_rows(
+    evals: Sequence[Mapping[str, Any]], models: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """A monitor's evaluations on other checkpoints (kind ``regress``, from ``rca regress``),
+    grouped by model, oldest first within one: status, figures and the reason."""
+    rows = []
+    for ev in evals:
+        if ev.get("kind") != "regress":
+            continue
+        fp = str(ev.get("model_fingerprint") or "")
+        f = _figures(ev.get("figures"))
+        rows.append(
+            {
+                "model": models.get(fp, fp[:8]),
+                "evaluated": ev.get("evaluated_at"),
+                "status": eval_status(ev),
+                **figure_cells(f),
+                "positives": f.get("n_positive"),
+                "negatives": f.get("n_negative"),
+                "reason": ev.get("reason"),
+                "fingerprint": fp,
+            }
+        )
+    rows.sort(key=lambda r: (str(r["model"]), str(r["evaluated"] or "")))
+    return rows
+
+
+def alert_rows(
+    alerts: Sequence[Mapping[str, Any]], models: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """One row per alert, oldest first: when, score, the generation step (None: the prompt
+    itself), the sites read, the prompt's hash, the model and the batch; the prompt's text
+    only where ``rca monitor run --store-text`` kept it (no column where no alert has it)."""
+    keep = any(a.get("text") is not None for a in alerts)
+    rows = []
+    for a in alerts:
+        fp = str(a.get("model_fingerprint") or "")
+        row = {
+            "alerted": a.get("alerted_at"),
+            "score": a.get("score"),
+            "step": a.get("step"),
+            "sites": list(a.get("sites") or []),
+            "prompt sha256": a.get("prompt_sha256"),
+            "model": models.get(fp, fp[:8]),
+            "batch": str(a.get("batch_id") or "")[:8],
+        }
+        if keep:
+            row["text"] = a.get("text")
+        rows.append(row)
+    return rows
+
+
+def alerts_per_day(alerts: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Alerts per UTC day (``YYYY-MM-DD``), in order, for the alerts chart."""
+    days: dict[str, int] = {}
+    for a in alerts:
+        day = str(a.get("alerted_at") or "")[:10]
+        days[day] = days.get(day, 0) + 1
+    return [{"day": d, "alerts": n} for d, n in sorted(days.items())]

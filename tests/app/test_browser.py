@@ -190,6 +190,7 @@ def test_open_a_case_see_the_graph_and_add_a_note(demo_db: Path, driver: Any) ->
 
         for page, marker in (
             ("regression", "same mechanism"),
+            ("monitors", "rca monitor build"),  # the monitors, or how to build one
             ("audit", "Audit chain intact"),
             ("new_investigation", "Investigate"),
         ):
