@@ -527,26 +527,29 @@ class Store(ReadOnlyStore):
                 raise StoreError(f"database {self.path}: monitor {monitor_id!r} is not recorded")
             if not alerts:
                 return batch_id
-            con.executemany(
-                "INSERT INTO monitor_alerts (batch_id, row_no, monitor_id, model_fingerprint, "
-                "alerted_at, prompt_sha256, score, step, sites, text) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    [
-                        batch_id,
-                        i,
-                        monitor_id,
-                        model_fingerprint,
-                        a.get("at") or now,
-                        a["prompt_sha256"],
-                        float(a["score"]),
-                        a.get("step"),
-                        list(a.get("sites") or []),
-                        a.get("text"),
-                    ]
-                    for i, a in enumerate(alerts)
-                ],
+            import pyarrow as pa
+
+            from .stages import _insert_arrow
+
+            rows = pa.table(
+                {
+                    "batch_id": pa.array([batch_id] * len(alerts), pa.string()),
+                    "row_no": pa.array(range(len(alerts)), pa.int32()),
+                    "monitor_id": pa.array([monitor_id] * len(alerts), pa.string()),
+                    "model_fingerprint": pa.array([model_fingerprint] * len(alerts), pa.string()),
+                    "alerted_at": pa.array(
+                        [a.get("at") or now for a in alerts], pa.timestamp("us", tz="UTC")
+                    ),
+                    "prompt_sha256": pa.array([a["prompt_sha256"] for a in alerts], pa.string()),
+                    "score": pa.array([float(a["score"]) for a in alerts], pa.float64()),
+                    "step": pa.array([a.get("step") for a in alerts], pa.int32()),
+                    "sites": pa.array(
+                        [list(a.get("sites") or []) for a in alerts], pa.list_(pa.string())
+                    ),
+                    "text": pa.array([a.get("text") for a in alerts], pa.string()),
+                }
             )
+            _insert_arrow(con, "monitor_alerts", rows)
             append_audit(
                 con,
                 actor=self.actor,
