@@ -18,7 +18,7 @@ import torch
 
 from rca.ingest.incident import Incident
 from rca.model.metric import encode_text
-from rca.model.subject import Subject, load_subject
+from rca.model.subject import Subject
 from rca.monitor.artifact import JSON_NAME, Monitor, MonitorError, load_monitor, save_monitor
 from rca.monitor.build import (
     MonitorConfig,
@@ -58,9 +58,10 @@ def stored_incident(run: dict[str, Any]) -> Incident:
 
 
 def _load(incident: Incident, *, model: str | None, device: str, home: Path | None) -> Subject:
-    if model is not None:
-        from rca.model.subject import resolve_model_ref
+    # imported here, at call time, like every loader the command line reaches
+    from rca.model.subject import load_subject, resolve_model_ref
 
+    if model is not None:
         path = resolve_model_ref(model, home=home)
     else:
         path = incident.model_path(home=home)

@@ -23,7 +23,16 @@ from rca.model.hooks import padded_batch
 from rca.model.ids import parse_id
 from rca.model.metric import Stacked, Target, logits_kwargs
 from rca.model.subject import Subject
-from rca.remedy.fix import Fix, RemedyError, WriteEdit, names, on_writes, register, unpack
+from rca.remedy.fix import (
+    Fix,
+    RemedyError,
+    WriteEdit,
+    names,
+    on_writes,
+    pack,
+    register,
+    unpack,
+)
 from rca.specificity import encoded, within
 
 __all__ = [
@@ -55,16 +64,25 @@ def weights_edited(
 @dataclass(frozen=True, kw_only=True)
 class WeightEdit(Fix):
     """``deltas[id]``: the packed (``rca.remedy.fix.pack``) delta to component ``id``'s write
-    weights; ``edit_prompts``: how many prompts the edit was trained on."""
+    weights; ``edit_prompts``: how many prompts the edit was trained on; ``scale``: the
+    fraction of the trained deltas that ``deltas`` holds, where the edit was scaled back to
+    fit the benign budget (None: as trained)."""
 
     kind = "weight_edit"
     tensor_fields = ("deltas",)
 
     deltas: dict[str, dict[str, Any]]
     edit_prompts: int | None = None
+    scale: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.scale is not None and (
+            isinstance(self.scale, bool)
+            or not isinstance(self.scale, int | float)
+            or not 0.0 < self.scale <= 1.0
+        ):
+            raise RemedyError(f"a {self.kind} patch spec's 'scale' must be in (0, 1]")
         if not isinstance(self.deltas, dict) or not self.deltas:
             raise RemedyError(f"a {self.kind} patch spec needs 'deltas' as an object")
         for cid, v in self.deltas.items():
@@ -81,9 +99,20 @@ class WeightEdit(Fix):
         return min(parse_id(c).layer or 0 for c in self.deltas)
 
     def describe(self) -> str:
+        scaled = "" if self.scale is None else f", scaled to {self.scale:.0%} of the trained edit"
         return (
             f"Editing the write weights of {names(self.components)} "
-            "(trained against P(bad), KL-bounded)"
+            f"(trained against P(bad), KL-bounded{scaled})"
+        )
+
+    def scaled(self, factor: float) -> WeightEdit:
+        """The same edit at ``factor`` of its trained strength."""
+        return WeightEdit(
+            components=self.components,
+            model_fingerprint=self.model_fingerprint,
+            deltas={k: pack(unpack(v) * factor) for k, v in self.deltas.items()},
+            edit_prompts=self.edit_prompts,
+            scale=factor * (self.scale or 1.0),
         )
 
     @torch.no_grad()

@@ -10,8 +10,11 @@ does not lower P(bad) is never recommended (``recommend``).
 A case with variants (``rca.ingest.variants``) is a behaviour, and its fixes are fit and chosen
 on the fit set: the incident prompt and the fit variants (``VariantTarget``). The directions
 are averaged over its prompt and counterfactual pairs, the targeted ablation takes the fewest
-neurons that work on it, and the weight edit is trained on all of it. A fix "brings P(bad)
-under the target" where it does so on at least ``hold_share`` of the fit set. Every fix is
+neurons that work on it, and the weight edit is trained on all of it. A weight edit whose
+side effect reaches ``max_loss_pct`` is also tried scaled back: the largest fraction of its
+trained deltas whose side effect stays under it (``_within_budget``), a fix of its own. A
+fix "brings P(bad) under the target" where it does so on at least ``hold_share`` of the fit
+set. Every fix is
 then scored on the held-out variants, which choose nothing: a fix that meets the target on
 the fit set and not on the held-out set is a **symptom patch**, and a symptom patch is never
 recommended. Where the fit set's choice is one, no fix is recommended.
@@ -33,6 +36,10 @@ from rca.remedy.edit import WeightEdit, weight_edit, weight_edit_prompts
 from rca.remedy.fix import Fix, RemedyError, fix_from_spec, pack
 from rca.remedy.write_direction_removal import WriteDirectionRemoval, write_directions
 from rca.specificity import BenignError, BenignRun
+
+# halvings of the interval when a weight edit is scaled back to the benign budget: the scale is
+# found to 1/2**EDIT_SCALE_STEPS of the trained edit
+EDIT_SCALE_STEPS = 7
 
 __all__ = [
     "EDIT_TARGETS",
@@ -344,8 +351,36 @@ def try_remedies(
         if r.behaviour is not None:
             r.note += " " + _behaviour_note(r.behaviour, p_bad_target)
         out.append(r)
+        if (
+            isinstance(fix, WeightEdit)
+            and fix.scale is None
+            and side["loss_change_pct"] >= max_loss_pct
+        ):
+            # the trained edit overshoots the benign budget: the strongest fraction of it that
+            # stays within the budget is tried too, a fix of its own (the loop reaches it)
+            scale = _within_budget(fix, bench, subject, max_loss_pct)
+            if scale > 0:
+                fixes.append(fix.scaled(scale))
     recommend(out, p_bad_target=p_bad_target, max_loss_pct=max_loss_pct, hold_share=hold_share)
     return out
+
+
+def _within_budget(
+    fix: WeightEdit, bench: BenignRun, subject: Subject, max_loss_pct: float
+) -> float:
+    """The largest fraction of ``fix`` (to ``EDIT_SCALE_STEPS`` halvings) whose benign loss
+    change stays under ``max_loss_pct``: a bisection on the side effect alone, which rises
+    with the edit's strength. 0.0 where even the smallest fraction tried does not."""
+    lo, hi = 0.0, 1.0
+    for _ in range(EDIT_SCALE_STEPS):
+        mid = (lo + hi) / 2
+        trial = fix.scaled(mid)
+        side = bench.side_effect(functools.partial(trial.context, subject), trial.first_layer)
+        if side["loss_change_pct"] < max_loss_pct:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _behaviour_figures(

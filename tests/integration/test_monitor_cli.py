@@ -22,7 +22,10 @@ ORDINARY = 'message desk. customer wrote: "my app froze, please help me" agent:'
 
 def rca(*args: str) -> tuple[int, str, str]:
     r = CliRunner().invoke(app, list(args))
-    return r.exit_code, r.stdout, r.stderr
+    err = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        err += f"{type(r.exception).__name__}: {r.exception}"  # a traceback: say which
+    return r.exit_code, r.stdout, err
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +119,32 @@ def test_monitor_errors_are_one_line(built: dict, demo_output: dict, tmp_path: P
     # an unknown monitor
     code, _, err = rca("monitor", "eval", "nosuch", "--db", db)
     assert_one_line_error(code, err, "no monitor")
+
+
+def test_regress_re_checks_the_stored_monitor_on_the_new_checkpoint(
+    built: dict, tmp_path: Path
+) -> None:
+    import shutil
+
+    db = tmp_path / "rca.duckdb"
+    shutil.copyfile(built["db"], db)
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    shutil.copyfile(CASES / "behaviours" / "zoo-injection-behaviour.toml", cases / "inj.toml")
+    code, stdout, err = rca(
+        "regress", "--model", "zoo:support-bot-v2", "--cases", str(cases), "--db", str(db),
+        "--json", *built["home"],
+    )  # fmt: skip
+    assert code in (0, 1), err
+    doc = json.loads(stdout)
+    [m] = doc["monitors"]
+    assert m["monitor_id"] == built["built"]["monitor_id"]
+    assert m["status"] in ("fires", "stale", "gone") and m["reason"]
+    # the exit code says so when the monitor went stale, as when the incident persists
+    persists = any(r["classification"] != "fixed" for r in doc["incidents"])
+    assert code == (1 if persists or m["status"] == "stale" else 0)
+    from rca.store import Store
+
+    evals = Store.reader(db).get_monitor(m["monitor_id"])["evals"]
+    assert evals[-1]["kind"] == "regress" and bool(evals[-1]["stale"]) == (m["status"] == "stale")
+    assert evals[-1]["model_fingerprint"] != built["built"]["model_fingerprint"]

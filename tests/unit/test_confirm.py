@@ -191,8 +191,9 @@ def test_p_values_exact_on_a_model_with_one_causal_head() -> None:
     assert max(abs(d) for d in v.cause_set.random_drops) < 1e-5
     # with 9 comparison sets p can never go below 0.05: the set is inconclusive, and says why
     assert v.cause_set.verdict == "inconclusive" and "no p-value below" in v.cause_set.reason
-    # sufficiency: with everything but L1.H2 ablated (all of it inert) the metric survives
-    assert v.cause_set.sufficiency_fraction == pytest.approx(1.0, abs=1e-5)
+    # sufficiency: with everything but L1.H2 ablated (all of it inert) the metric survives, to
+    # float32 noise (5e-5 on a CPU whose kernels sum in another order)
+    assert v.cause_set.sufficiency_fraction == pytest.approx(1.0, abs=1e-4)
 
 
 def test_random_sets_are_kind_matched_and_exclude_the_set() -> None:
