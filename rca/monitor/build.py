@@ -126,6 +126,7 @@ class MonitorPrompts:
     shown: dict[str, int]  # per part: prompts that show the incident
     dropped: dict[str, int]  # per part: prompts left out, the model not showing the incident
     source: str  # where the benign prompts came from
+    benign_tokens: int = 0  # the greedy tokens each benign read holds after its prompt
 
     def describe(self) -> dict[str, Any]:
         def counts(p: Part) -> dict[str, int]:
@@ -348,7 +349,7 @@ def monitor_prompts(incident: Incident, subject: Subject, cfg: MonitorConfig) ->
             part.benign.add(ids, tail, p, incident.bad, whole=True)
     if not held.benign:
         raise MonitorError("too few benign prompts to judge the monitor; raise --benign")
-    return MonitorPrompts(fit, held, shown, dropped, source)
+    return MonitorPrompts(fit, held, shown, dropped, source, cfg.benign_tokens)
 
 
 def _features(
@@ -455,12 +456,15 @@ def output_check(
 ) -> list[float]:
     """The output-check baseline: greedy-generate ``n_new`` tokens after each prompt and flag
     (1.0) where that prompt's bad continuation (``bad[i]``) appears in what was generated."""
+    return _shown(subject, greedy_continuations(subject, token_ids, n_new=n_new, batch=batch), bad)
+
+
+def _shown(subject: Subject, rows: Sequence[Sequence[int]], bad: Sequence[str]) -> list[float]:
+    """1.0 where a generated row's text holds its bad continuation's text, else 0.0."""
     tok = subject.tokenizer
     out = []
-    for row, b in zip(
-        greedy_continuations(subject, token_ids, n_new=n_new, batch=batch), bad, strict=True
-    ):
-        text = tok.decode(row, skip_special_tokens=True)
+    for row, b in zip(rows, bad, strict=True):
+        text = tok.decode(list(row), skip_special_tokens=True)
         want = b.strip()
         out.append(1.0 if want and want in text else 0.0)
     return out
@@ -511,7 +515,12 @@ def evaluate_monitor(
     oc = {
         k: output_check(subject, r.prompts, r.bad, n_new=n_new, batch=batch) if len(r) else []
         for k, r in held.kinds().items()
+        if k != "benign" or n_new > prompts.benign_tokens
     }
+    if "benign" not in oc:  # its greedy continuations were generated with the prompts
+        b = held.benign
+        tails = [ids[len(p) :][:n_new] for ids, p in zip(b.ids, b.prompts, strict=True)]
+        oc["benign"] = _shown(subject, tails, b.bad)
     result["baselines"] = {
         "output_check": _split_figures(oc, 0.5) | {"generated_tokens": n_new},
         "prompt_text": _split_figures(ts, text_thr),
