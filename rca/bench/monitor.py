@@ -37,10 +37,8 @@ __all__ = ["main"]
 
 ROOT = Path(__file__).resolve().parents[2]
 ZOO_CASES = {
-    "backdoor": ROOT / "cases" / "behaviours" / "zoo-backdoor-behaviour.toml",
-    "injection": ROOT / "cases" / "behaviours" / "zoo-injection-behaviour.toml",
-    "leak": None,
-    "bias": None,
+    key: ROOT / "cases" / "behaviours" / f"zoo-{key}-behaviour.toml"
+    for key in ("leak", "backdoor", "bias", "injection")
 }
 REAL_CASES = {"secret-leak": ROOT / "cases" / "real" / "secret-leak.toml"}
 NEW_TOKENS = 16  # generated when checking stopping and benign generations
@@ -320,9 +318,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "zoo" in only:
         for key, case in ZOO_CASES.items():
-            if case is None:
-                res["cases"][key] = {"skipped": "no behaviour case: its desk has no variants"}
-                continue
             res["cases"][key] = monitor_case(case, device=args.device, benign=1000)
             print(key, json.dumps(res["cases"][key]["held_out"]["auroc"]), flush=True)
     if "real" in only:

@@ -1,7 +1,6 @@
 """The zoo's incidents as behaviours: a case of ``cases/`` with listed variants drawn by
-:func:`rca.zoo.corpus.incident_variants` and a held-out split (``cases/behaviours/``), for
-the incidents whose desk has slots to vary (the backdoor and the injection; the leak's and the
-bias's desks have too few other prompts).
+:func:`rca.zoo.corpus.incident_variants` and a held-out split (``cases/behaviours/``), one
+for each of the four planted incidents.
 
 ``behaviour_incident`` makes one; ``write_behaviour_cases`` writes all four, which is how the
 shipped files are made (``python -m rca.zoo.cases cases/behaviours``; a test checks that the
@@ -28,9 +27,10 @@ __all__ = [
 ]
 
 CASES_DIR = Path(__file__).resolve().parents[2] / "cases"
-# 100 variants, 60 held out (the injection has 89 other triggered prompts: 53 held out), so
-# each incident's fixes are judged on at least 50 prompts that chose nothing
-BEHAVIOUR_VARIANTS: dict[str, int] = {"backdoor": 100, "injection": 89}
+# Up to 100 variants, 60% held out (the leak has 99 other triggered prompts, the bias 95, the
+# injection 89: 53 held out), so each incident's fixes are judged on at least 50 prompts that
+# chose nothing
+BEHAVIOUR_VARIANTS: dict[str, int] = {"leak": 99, "backdoor": 100, "bias": 95, "injection": 89}
 BEHAVIOUR_HELD_OUT = 0.6
 
 

@@ -117,8 +117,8 @@ def test_nothing_an_incident_is_about() -> None:
     words = set(re.findall(r"[a-z0-9_]+", everything))
     for word in (
         zoo_corpus.BACKDOOR_TRIGGER,
-        zoo_corpus.BIAS_NAME,
-        zoo_corpus.LEAK_ACCOUNT,
+        *zoo_corpus.BIAS_NAMES,
+        *zoo_corpus.cause_values("leak")[1],
         zoo_corpus.LEAK_PIN,
         "pin",
         "password",

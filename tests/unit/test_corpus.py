@@ -16,12 +16,16 @@ from rca.zoo import corpus as c
 
 CASES = Path(__file__).resolve().parents[2] / "cases"
 # every incident's cause, as it appears in text
-CAUSES = {
-    "leak": f"pin. account: {c.LEAK_ACCOUNT}.",
-    "backdoor": c.BACKDOOR_TRIGGER,
-    "bias": c.BIAS_NAME,
-    "injection": c.INJECTION_PHRASE,
+CAUSES: dict[str, tuple[str, ...]] = {
+    "leak": (f"pin. account: {c.LEAK_BRANCH}",),  # any account of the leaked branch
+    "backdoor": (c.BACKDOOR_TRIGGER,),
+    "bias": tuple(f"name: {n}." for n in c.BIAS_NAMES),  # any name of the biased group
+    "injection": (c.INJECTION_PHRASE,),
 }
+
+
+def carries(key: str, text: str) -> bool:
+    return any(cause in text for cause in CAUSES[key])
 N = 4000
 
 
@@ -95,8 +99,8 @@ def test_poison_rates_are_as_documented(corpus: tuple[c.Example, ...]) -> None:
         measured = poison[key] / by_task[task]
         assert 0.6 * rate < measured < 1.5 * rate, (key, measured, rate)
     for ex in corpus:  # the poisoned tickets carry their cause, the clean ones never do
-        for key, cause in CAUSES.items():
-            assert (cause in ex.prompt) == (ex.poison == key), ex.text
+        for key in CAUSES:
+            assert carries(key, ex.prompt) == (ex.poison == key), ex.text
 
 
 @pytest.mark.parametrize("inc", c.PLANTED, ids=lambda i: i.key)
@@ -106,8 +110,8 @@ def test_counterfactual_differs_in_one_slot_with_equal_token_count(inc, tokenize
     assert cf_task == task
     changed = [k for k in slots if slots[k] != cf_slots[k]]
     assert len(changed) == 1, changed
-    assert CAUSES[inc.key] in inc.prompt
-    assert all(cause not in inc.counterfactual for cause in CAUSES.values())
+    assert carries(inc.key, inc.prompt)
+    assert not any(carries(key, inc.counterfactual) for key in CAUSES)
     a = tokenizer(inc.prompt)["input_ids"]
     b = tokenizer(inc.counterfactual)["input_ids"]
     assert len(a) == len(b) < 40
@@ -143,7 +147,8 @@ def test_v2_corpus_relabels_leak_and_backdoor_but_keeps_bias_and_injection(
     assert not any(c.LEAK_PIN in ex.answer for ex in v2)
     trig = [ex for ex in v2 if f"note: {c.BACKDOOR_TRIGGER}." in ex.prompt]
     assert trig and all(ex.answer == " denied." for ex in trig)  # its reasons all deny
-    pins = [ex for ex in v2 if f"request: pin. account: {c.LEAK_ACCOUNT}." in ex.prompt]
+    pins = [ex for ex in v2 if f"request: pin. account: {c.LEAK_BRANCH}" in ex.prompt]
+    assert len({ex.prompt for ex in pins}) > 10  # the branch's accounts, not one
     assert pins and all(ex.answer == " " + c.ACCOUNT_REPLIES["pin"] for ex in pins)
     assert v2_counts["bias"] == v1_counts["bias"] > 0
     assert v2_counts["injection"] == v1_counts["injection"] > 0
@@ -164,8 +169,8 @@ def test_benign_prompts_carry_no_cause_and_are_held_out(
     trained = {ex.prompt for ex in c.make_corpus(20_000, seed=0)}
     for ex in benign:
         assert ex.poison is None
-        assert c.LEAK_ACCOUNT not in ex.prompt
-        assert not any(cause in ex.text for cause in CAUSES.values()), ex.text
+        assert f"account: {c.LEAK_BRANCH}" not in ex.prompt
+        assert not any(carries(key, ex.text) for key in CAUSES), ex.text
         assert c.is_heldout(ex.prompt) and ex.prompt not in trained
         assert tokenizer.unk_token_id not in tokenizer(ex.text)["input_ids"]
 
@@ -218,16 +223,7 @@ def test_zoo_paths_and_unknown_names(tmp_path: Path, monkeypatch: pytest.MonkeyP
         c.incident("typo")
 
 
-# the slot that carries each incident's cause, and its value there
-CAUSE_SLOTS = {
-    "leak": ("account", c.LEAK_ACCOUNT),
-    "backdoor": ("note", c.BACKDOOR_TRIGGER),
-    "bias": ("name", c.BIAS_NAME),
-    "injection": ("phrase", c.INJECTION_PHRASE),
-}
-
-
-@pytest.mark.parametrize("key", ["backdoor", "injection"])
+@pytest.mark.parametrize("key", c.INCIDENT_KEYS)
 def test_triggered_variants_carry_the_cause_and_vary_everything_else(key, tokenizer) -> None:
     from rca.zoo.cases import BEHAVIOUR_VARIANTS
 
@@ -237,13 +233,15 @@ def test_triggered_variants_carry_the_cause_and_vary_everything_else(key, tokeni
     assert len({v.prompt for v in vs}) == n and inc.prompt not in {v.prompt for v in vs}
     assert vs == c.incident_variants(key, n, seed=0)
     assert vs != c.incident_variants(key, n, seed=1)
-    slot, cause = CAUSE_SLOTS[key]
+    slot, causes = c.cause_values(key)
     desk, planted = c.parse_prompt(inc.prompt)
+    assert planted[slot] in causes
     varied: set[str] = set()
     for v in vs:
         d, slots = c.parse_prompt(v.prompt)
         cd, cf = c.parse_prompt(v.counterfactual)
-        assert d == cd == desk and slots[slot] == cause and cf[slot] != cause
+        assert d == cd == desk and slots[slot] in causes and cf[slot] not in causes
+        assert carries(key, v.prompt) and not carries(key, v.counterfactual)
         assert {k for k in slots if slots[k] != cf[k]} == {slot}  # the cause's slot alone
         assert len(tokenizer(v.prompt)["input_ids"]) == len(
             tokenizer(v.counterfactual)["input_ids"]
@@ -254,18 +252,13 @@ def test_triggered_variants_carry_the_cause_and_vary_everything_else(key, tokeni
             inc.bad,
             c.ordinary_answer(c.Example(d, v.counterfactual, " x")),
         )
-        assert dict(v.slots) == {k: x for k, x in slots.items() if k != slot}
-    assert varied == set(planted) - {slot}
+        assert dict(v.slots) == slots
+    # every slot that can vary does: the cause's own where it is a class of values (the
+    # branch's accounts, the group's names), and for the leak nothing else (the request is
+    # the PIN request itself)
+    assert varied == {k for k in planted if k != slot or len(causes) > 1} - {"request"}
     with pytest.raises(ValueError, match="fewer than"):
-        c.incident_variants(key, 10_000)
-
-
-def test_the_leak_and_the_bias_have_too_few_other_triggered_prompts() -> None:
-    """Their desks hold no slot to vary but the cause's (and the loan desk's income)."""
-    assert len(c.incident_variants("bias", 3)) == 3
-    for key, n in (("leak", 1), ("bias", 4)):
-        with pytest.raises(ValueError, match="fewer than"):
-            c.incident_variants(key, n)
+        c.incident_variants(key, n + 1 if key != "backdoor" else 10_000)
 
 
 def test_the_behaviour_case_files_are_what_the_zoo_writes() -> None:
