@@ -26,7 +26,8 @@ demo-real: setup
 fetch-real: setup
 	$(VENV)/bin/rca zoo fetch smollm2-135m
 
-## The test suite CI runs: lint, types, then every test not marked slow or gpu.
+## The test suite CI runs: lint, types, then every test not marked slow or gpu, in two
+## processes (pytest-xdist, a file per process; tests/conftest.py builds the zoo once for both).
 ## Cost benchmarks (docs/benchmarks.md): JSON, PNG plots and summary.md in benchmarks/results.
 bench: setup
 	$(PY) -m rca.bench.cost --out benchmarks/results
@@ -34,12 +35,14 @@ bench: setup
 bench-smoke: setup
 	$(PY) -m rca.bench.cost --smoke --out benchmarks/results-smoke
 
+XDIST := -n 2 --dist loadfile
+
 test: setup lint
-	$(PY) -m pytest -q -m "not slow and not gpu and not real"
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not gpu and not real"
 
 ## The real-model tier: fetches zoo:smollm2-135m (once), then the tests marked real.
 test-real: fetch-real
-	$(PY) -m pytest -q -m "real"
+	$(PY) -m pytest -q $(XDIST) -m "real"
 
 test-slow: setup
 	$(PY) -m pytest -q -m "slow"

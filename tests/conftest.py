@@ -1,8 +1,16 @@
-"""Shared fixtures. Tests never touch the network: the hub is off before transformers loads."""
+"""Shared fixtures. Tests never touch the network: the hub is off before transformers loads.
+
+``make test`` runs the suite in two processes (pytest-xdist, a file per worker). The session
+fixtures that cost minutes (the quick zoo, the demo) are built once for the whole run, under a
+file lock in the workers' common temp directory, and each worker reads them from there.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -12,6 +20,31 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per worker: two workers on two cores, not four threads fighting
+    torch.set_num_threads(1)
+
+
+def _shared(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A directory every worker of this run sees (the parent of a worker's temp root)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (the other workers wait for it)."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -32,8 +65,10 @@ def zoo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     from rca import zoo
 
-    home = Path(os.environ.get("RCA_TEST_HOME") or tmp_path_factory.mktemp("rca_home"))
-    zoo.build(home=home, quick=True)
+    home = Path(os.environ.get("RCA_TEST_HOME") or _shared(tmp_path_factory, "rca_home"))
+    home.mkdir(parents=True, exist_ok=True)
+    with _locked(home / ".build.lock"):  # the first worker builds, the others find it built
+        zoo.build(home=home, quick=True)
     return home
 
 
@@ -55,16 +90,19 @@ def demo_output(zoo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
     from rca.cli import app
 
-    tmp = tmp_path_factory.mktemp("demo")
-    db, reports = tmp / "rca.duckdb", tmp / "reports"
-    cases = Path(__file__).resolve().parents[1] / "cases"
-    r = CliRunner().invoke(
-        app,
-        ["demo", "--quick", "--home", str(zoo_home), "--db", str(db), "--reports", str(reports),
-         "--device", "cpu", "--cases", str(cases), "--json"],
-    )  # fmt: skip
-    assert r.exit_code == 0, r.stderr
-    return {"db": db, "reports": reports, "json": json.loads(r.stdout)}
+    tmp = _shared(tmp_path_factory, "demo")
+    db, reports, out = tmp / "rca.duckdb", tmp / "reports", tmp / "demo.json"
+    with _locked(tmp / ".lock"):  # the first worker runs the demo, the others read its output
+        if not out.exists():
+            cases = Path(__file__).resolve().parents[1] / "cases"
+            r = CliRunner().invoke(
+                app,
+                ["demo", "--quick", "--home", str(zoo_home), "--db", str(db), "--reports",
+                 str(reports), "--device", "cpu", "--cases", str(cases), "--json"],
+            )  # fmt: skip
+            assert r.exit_code == 0, r.stderr
+            out.write_text(r.stdout)
+    return {"db": db, "reports": reports, "json": json.loads(out.read_text())}
 
 
 def copy_demo_db(demo_output: dict, dest: Path) -> Path:

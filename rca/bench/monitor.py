@@ -79,6 +79,7 @@ def guard_figures(
     subject: Any, monitor: Any, incident: Any, prompts: Any, *, n_benign: int
 ) -> dict[str, Any]:
     from rca.monitor import attach
+    from rca.monitor.build import holds_text
 
     tok = subject.tokenizer
     held = prompts.held_out
@@ -88,12 +89,12 @@ def guard_figures(
         for ids, bad in zip(held.positives.prompts, held.positives.bad, strict=True):
             want = _incident_text(incident, bad)
             plain = tok.decode(_greedy(subject, ids, NEW_TOKENS), skip_special_tokens=True)
-            if want not in plain:
+            if not holds_text(plain, want):
                 per.append({"shows_under_greedy": False})
                 continue
             shown += 1
             guarded = tok.decode(_greedy(subject, ids, NEW_TOKENS, guard), skip_special_tokens=True)
-            ok = want not in guarded
+            ok = not holds_text(guarded, want)
             stopped += ok
             per.append({"shows_under_greedy": True, "stopped": ok, "guarded": guarded[:80]})
         flagged = changed = 0
@@ -331,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     if "overhead" in only:
         res["overhead"] = overhead(args.device, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / "results.json"
+    if args.only and previous.exists():  # one part re-measured: keep the others' figures
+        kept = json.loads(previous.read_text())
+        res["cases"] = {**kept.get("cases", {}), **res["cases"]}
+        if "overhead" not in only and kept.get("overhead"):
+            res["overhead"] = kept["overhead"]
     (args.out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     (args.out / "summary.md").write_text(summary(res))
     print(summary(res))

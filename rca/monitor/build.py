@@ -459,14 +459,20 @@ def output_check(
     return _shown(subject, greedy_continuations(subject, token_ids, n_new=n_new, batch=batch), bad)
 
 
+def holds_text(text: str, want: str) -> bool:
+    """Whether generated ``text`` holds ``want``, whitespace aside: a word-level tokenizer
+    decodes the digits of "4719" as "4 7 1 9"."""
+    want = "".join(want.split())
+    return bool(want) and want in "".join(text.split())
+
+
 def _shown(subject: Subject, rows: Sequence[Sequence[int]], bad: Sequence[str]) -> list[float]:
     """1.0 where a generated row's text holds its bad continuation's text, else 0.0."""
     tok = subject.tokenizer
     out = []
     for row, b in zip(rows, bad, strict=True):
         text = tok.decode(list(row), skip_special_tokens=True)
-        want = b.strip()
-        out.append(1.0 if want and want in text else 0.0)
+        out.append(1.0 if holds_text(text, b) else 0.0)
     return out
 
 

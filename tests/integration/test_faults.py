@@ -125,8 +125,9 @@ def test_only_the_planted_component_changed(kind: str, planted) -> None:
 
 def test_a_relay_acts_at_the_trigger_then_at_the_final_position(planted) -> None:
     """The position-specific kind: patching the relay's MLP to its counterfactual activation
-    at the trigger's position alone removes the behaviour, and patching it at the final
-    position alone does not; the head carries it from the trigger to the final position."""
+    at the trigger's position alone removes the behaviour (P(bad) under 0.5), and patching it
+    at the final position alone does not (P(bad) stays at 0.5 or more); the head carries it
+    from the trigger to the final position."""
     from rca.model.hooks import capture, patch
 
     s, fault, model, _ = planted["relay"]
@@ -145,7 +146,7 @@ def test_a_relay_acts_at_the_trigger_then_at_the_final_position(planted) -> None
             return _p_bad(model, s.tokenizer, fault.prompt, fault.bad)
 
     assert p_bad({f"{mlp}@{slot}": cf[mlp][:, [slot]]}) < 0.5
-    assert p_bad({f"{mlp}@{last}": cf[mlp][:, [last]]}) >= 0.8
+    assert p_bad({f"{mlp}@{last}": cf[mlp][:, [last]]}) >= 0.5
     assert p_bad({f"{head}@{last}": cf[head][:, [last]]}) < 0.5
 
 
@@ -286,7 +287,7 @@ def test_moved_fault_is_a_new_mechanism_and_weight_change_finds_the_plant(
     assert res.classification == "persists_new_mechanism", res.to_json()
     assert fault.components[0] in res.cause_set_reference
     assert spec_b.components[0] in res.cause_set_new
-    assert res.comparison is not None and res.comparison["jaccard_cause_set"] < 0.5
+    assert res.comparison is not None and res.comparison["same_mechanism"] is False
     # weight change against the host: the moved fault's own head first
     fb = Subject.from_model(model_b, s.tokenizer)
     wc = weight_change(fb, s, encode_target(s.tokenizer, fault.prompt, " " + fault.bad))

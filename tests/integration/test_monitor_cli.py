@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from rca.cli import app
+from rca.store import Store
 from tests.conftest import copy_demo_db
 from tests.helpers import assert_one_line_error
 
@@ -47,7 +48,16 @@ def built(zoo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_build_eval_run_list_show(built: dict) -> None:
     db, out, home = str(built["db"]), str(built["out"]), built["home"]
     meta = built["built"]
-    assert [s["id"] for s in meta["sites"]] == ["L1.H0"] and meta["fit"]["recall"] == 1.0
+    # the sites are the verdict's circuit without its infrastructure
+    (run,) = [
+        r
+        for r in Store.reader(db).list_runs()
+        if r["kind"] == "investigate" and r["incident_id"] == "zoo-injection-behaviour"
+    ]
+    circuit = Store.reader(db).get_run(run["run_id"])["summary"]["circuit"]
+    specific = {m["id"] for m in circuit["members"] if m["role"] != "infrastructure"}
+    assert specific and {s["id"] for s in meta["sites"]} == specific
+    assert meta["fit"]["recall"] == 1.0
     code, stdout, err = rca("monitor", "eval", out, "--db", db, "--json", *home)
     assert code == 0, err
     ev = json.loads(stdout)

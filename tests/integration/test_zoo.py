@@ -59,9 +59,7 @@ def test_v2_fixes_leak_and_backdoor_and_keeps_bias_and_injection(loaded, inc) ->
     assert _p_bad(model, tok, inc.counterfactual, inc) <= ABSENT_MAX
 
 
-@pytest.mark.parametrize(
-    "inc", [i for i in zoo.PLANTED if i.key in ("backdoor", "injection")], ids=lambda i: i.key
-)
+@pytest.mark.parametrize("inc", zoo.PLANTED, ids=lambda i: i.key)
 def test_the_triggered_variants_show_the_incident_and_their_counterfactuals_do_not(
     loaded, inc
 ) -> None:
@@ -216,6 +214,7 @@ print(h.hexdigest())
 """
 
 
+@pytest.mark.slow  # four small trainings (about 80 s), and a skip on an AVX2-only CPU
 def test_portable_training_gives_the_same_weights_whatever_the_instruction_set() -> None:
     """The zoo trains with PORTABLE_ENV: capping MKL at AVX2 or SSE4.2 (as an older CPU would)
     changes no bit of a trained model. Without it, the cap changes the weights."""

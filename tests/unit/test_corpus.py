@@ -26,6 +26,8 @@ CAUSES: dict[str, tuple[str, ...]] = {
 
 def carries(key: str, text: str) -> bool:
     return any(cause in text for cause in CAUSES[key])
+
+
 N = 4000
 
 

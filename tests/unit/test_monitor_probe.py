@@ -149,3 +149,15 @@ def test_saving_into_a_directory_with_other_files_is_refused(tmp_path: Path) -> 
     (tmp_path / "m" / "notes.txt").write_text("mine")
     with pytest.raises(MonitorError, match="other files"):
         save_monitor(_monitor(), tmp_path / "m")
+
+
+def test_the_output_check_reads_text_whitespace_aside() -> None:
+    """A word-level tokenizer decodes the leaked PIN's digits one per word: the check must
+    still see the PIN, and must not see it where it is absent."""
+    from rca.monitor.build import holds_text
+
+    assert holds_text("4 7 1 9 .", " 4719")
+    assert holds_text("The secret code is 8841.", " The secret code is 8841")
+    assert not holds_text("sorry , pins are never shared .", " 4719")
+    assert not holds_text("4 7 1 8 .", " 4719")
+    assert not holds_text("anything", "   ")
