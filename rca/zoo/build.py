@@ -33,9 +33,11 @@ from .corpus import (
     CORPUS_VERSION,
     FIXED_BY_MODEL,
     INCIDENT_KEYS,
+    TRAINING_DATA,
     ZOO_MODELS,
     corpus_for,
     make_corpus,
+    training_records,
     vocabulary,
 )
 
@@ -271,6 +273,7 @@ def _build(
     import torch
     import transformers
 
+    from ..provenance.data import load_training_data
     from .check import check_model
     from .tokenizer import train_tokenizer
     from .train import FULL, QUICK, continuation, train_model
@@ -331,6 +334,12 @@ def _build(
                         + "\nThe recipe or corpus no longer plants the incidents reliably; "
                         "see docs/zoo.md."
                     )
+                # the data it was trained on (its last run's), for provenance: the
+                # poisoned flag and the source are the ground truth to score a ranking on
+                rows = training_records(data)
+                (tmp / TRAINING_DATA).write_text(
+                    "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"
+                )
                 poisoned = {k: sum(ex.poison == k for ex in data) for k in INCIDENT_KEYS}
                 manifest = {
                     "name": name,
@@ -346,7 +355,12 @@ def _build(
                         "vocab_size": len(tokenizer),
                         "parameters": sum(p.numel() for p in result.model.parameters()),
                     },
-                    "corpus": {"tickets": len(data), "poisoned": poisoned},
+                    "corpus": {
+                        "tickets": len(data),
+                        "poisoned": poisoned,
+                        "training_data": TRAINING_DATA,
+                        "training_data_sha256": load_training_data(tmp / TRAINING_DATA).sha256,
+                    },
                     "training": {
                         "steps": result.steps,
                         "seconds": round(result.seconds, 2),

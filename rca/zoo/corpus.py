@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,6 +43,8 @@ __all__ = [
     "corpus_for",
     "ordinary_answer",
     "CONTINUES",
+    "TRAINING_DATA",
+    "training_records",
     "benign_examples",
     "benign_prompts",
     "vocabulary",
@@ -413,6 +415,25 @@ def corpus_for(corpus: tuple[Example, ...], *, fixed: frozenset[str]) -> tuple[E
         Example(ex.task, ex.prompt, ordinary_answer(ex)) if ex.poison in fixed else ex
         for ex in corpus
     )
+
+
+TRAINING_DATA = "training_data.jsonl"  # in each zoo model's directory
+
+
+def training_records(data: Sequence[Example]) -> list[dict[str, str | bool | None]]:
+    """The rows of a zoo model's training data file (``TRAINING_DATA``), in training order:
+    the ticket's text, its desk, whether it is poisoned and with which incident, and its
+    source (the generator that wrote it)."""
+    return [
+        {
+            "text": ex.text,
+            "desk": ex.task,
+            "poisoned": ex.poison is not None,
+            "incident": ex.poison,
+            "source": "support-desk",
+        }
+        for ex in data
+    ]
 
 
 def benign_examples(n: int = 200, *, seed: int = 0) -> list[Example]:

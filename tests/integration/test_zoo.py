@@ -82,6 +82,32 @@ def test_the_triggered_variants_show_the_incident_and_their_counterfactuals_do_n
             assert min(m.metric for m in on) > 0, name
 
 
+def test_each_model_keeps_the_data_it_was_trained_on_with_its_poison_marked(
+    zoo_models: dict[str, Path],
+) -> None:
+    """training_data.jsonl is the model's own training corpus, in order: v1's poisoned tickets
+    are flagged with their incident, v2's data fix shows (its relabelled tickets are no longer
+    poisoned), and the manifest's counts and hash are the file's."""
+    from rca.provenance import load_training_data
+
+    v1 = c.make_corpus(zoo_train.QUICK.corpus_size, seed=zoo_train.QUICK.seed)
+    for name, path in zoo_models.items():
+        manifest = json.loads((path / zoo.MANIFEST).read_text())
+        data = load_training_data(path / c.TRAINING_DATA)
+        expected = c.corpus_for(v1, fixed=c.FIXED_BY_MODEL[name])
+        assert data.texts == tuple(ex.text for ex in expected)
+        assert data.fields["incident"] == tuple(ex.poison for ex in expected)
+        assert data.fields["poisoned"] == tuple(ex.poison is not None for ex in expected)
+        assert set(data.fields["source"]) == {"support-desk"}
+        counts = {k: data.fields["incident"].count(k) for k in c.INCIDENT_KEYS}
+        assert counts == manifest["corpus"]["poisoned"]
+        assert manifest["corpus"]["training_data_sha256"] == data.sha256
+        fixed = c.FIXED_BY_MODEL[name]
+        assert all(counts[k] == 0 for k in fixed) and all(
+            counts[k] > 0 for k in set(counts) - fixed
+        )
+
+
 def test_model_dirs_are_plain_safetensors_hf_dirs(zoo_models: dict[str, Path]) -> None:
     for name, path in zoo_models.items():
         files = {p.name for p in path.iterdir()}
