@@ -38,7 +38,8 @@ def _shared(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (the other workers wait for it)."""
+    """Hold an exclusive lock on ``path`` (the other workers wait for it), as ``zoo.build``
+    does for the zoo."""
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -66,9 +67,7 @@ def zoo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from rca import zoo
 
     home = Path(os.environ.get("RCA_TEST_HOME") or _shared(tmp_path_factory, "rca_home"))
-    home.mkdir(parents=True, exist_ok=True)
-    with _locked(home / ".build.lock"):  # the first worker builds, the others find it built
-        zoo.build(home=home, quick=True)
+    zoo.build(home=home, quick=True)  # it locks the zoo: one worker builds, the others wait
     return home
 
 

@@ -1,9 +1,8 @@
-"""Data provenance: which training examples taught an incident (issue 23, in progress).
-
-What exists: :mod:`rca.provenance.data`, the reader of training data (JSONL, Parquet, text,
-a saved `datasets` directory) with its checks and content hash.
+"""Data provenance: which training examples taught an incident. :mod:`rca.provenance.data`
+reads training data (JSONL, Parquet, text, a saved `datasets` directory), checks every record
+and hashes the content; the influence ranking is not built yet (docs/architecture.md).
 """
 
-from .data import FORMATS, DataError, TrainingData, load_training_data
+from .data import DataError, TrainingData, load_training_data
 
-__all__ = ["FORMATS", "DataError", "TrainingData", "load_training_data"]
+__all__ = ["DataError", "TrainingData", "load_training_data"]

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataError", "TrainingData", "load_training_data", "FORMATS"]
+__all__ = ["DataError", "TrainingData", "load_training_data"]
 
-FORMATS = ("jsonl", "parquet", "txt", "datasets")
 # a field value kept beside the text must be one of these (a column of the results table)
 _SCALARS = (str, int, float, bool, type(None))
 

@@ -11,8 +11,6 @@ tier's two halves run side by side (``make test-real``):
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,16 +21,6 @@ from tests.helpers import rca_cli
 
 pytestmark = pytest.mark.real
 CASES = Path(__file__).resolve().parents[2] / "cases" / "real"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _two_threads() -> Iterator[None]:
-    """The tier's longest file (the leak's investigation, about five minutes) keeps two
-    intra-op threads where ``make test-real``'s worker was given one (tests/conftest.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(before, min(2, os.cpu_count() or 1)))
-    yield
-    torch.set_num_threads(before)
 
 
 def _rendered_focus_p(model_dir: Path, case: Path) -> tuple[float, str]:
