@@ -359,6 +359,7 @@ def trace_and_confirm(
             [(v.index, v.target, v.counterfactual) for v in fit],
             means=means,
             prompt_scores=att.components,
+            max_memory=cfg.max_memory,
         )
         timings["fit_trace"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -23,6 +23,9 @@ batched contraction.
 Node order (the docstring of every tensor here refers to it): ``EMB``, then per layer
 ``L.H0 .. L.H{n-1}, L.MLP``, then ``LOGITS`` (downstream only).
 
+``score_nodes_batched`` scores the nodes alone for many prompts at once (a behaviour's fit set),
+many prompts to one forward and backward.
+
 One module over 500 lines: node scores, edge scores and neuron scores share one forward and
 backward pass and the node order above.
 """
@@ -41,7 +44,14 @@ from rca.model.ids import parse_id
 from rca.model.metric import Target, encode_text, logits_kwargs
 from rca.model.subject import Subject
 
-__all__ = ["Baseline", "ComponentScores", "TraceError", "score_components", "node_ids"]
+__all__ = [
+    "Baseline",
+    "ComponentScores",
+    "TraceError",
+    "node_ids",
+    "score_components",
+    "score_nodes_batched",
+]
 
 
 class TraceError(ValueError):
@@ -483,17 +493,8 @@ def score_components(
     del gsum
     delta = {key: clean[key] - base[key] for key in node_keys if key in base and key in clean}
 
-    # node scores, per position: (n_nodes, pos)
     nodes = node_ids(L, H)
-    per_pos = torch.zeros(len(nodes), T, device=dev)
-    per_pos[0] = (delta["r0"] * grads["r0"]).sum(-1).sum(0)
-    i = 1
-    for layer in range(L):
-        dz, gz = delta[f"z{layer}"], grads[f"z{layer}"]
-        prod = (dz * gz).view(rows, T, H, a.d_head).sum(-1).sum(0)  # (pos, H)
-        per_pos[i : i + H] = prod.T
-        per_pos[i + H] = (delta[f"m{layer}"] * grads[f"m{layer}"]).sum(-1).sum(0)
-        i += H + 1
+    per_pos = _node_positions(subject, delta, grads)
     neuron_scores: dict[str, float] = {}
     if neurons:
         for layer in range(L):
@@ -553,6 +554,196 @@ def score_components(
         "forward_equiv": 1 + (method == "eap-ig") + 3 * m,
     }
     return result
+
+
+def score_nodes_batched(
+    subject: Subject,
+    items: Sequence[tuple[Target, Baseline]],
+    *,
+    max_memory: int | str | None = "auto",
+) -> list[ComponentScores]:
+    """``score_components(subject, target, baseline, method="atp", edges=False)`` for every
+    ``(target, baseline)`` item, many items to one forward and backward pass.
+
+    Items of different lengths share a batch right-padded to the longest: a causal model's
+    positions never read later ones, so padding changes no real position's activation, and the
+    gradient at a padding position is zero. Each item's metric is read from its own rows and
+    positions, and the backward of their sum gives every item its own gradient. Items are
+    batched by baseline (one counterfactual run for the batch's counterfactuals, or one run at
+    the shared mean embeddings), shortest first, as many to a batch as ``max_memory`` allows
+    (``rca.trace.memory``; at least one). The scores equal the one-at-a-time ones up to float
+    summation order (tested). Results are in the items' order; each ``cost`` records its batch.
+    """
+    from rca.trace.memory import estimate_trace, memory_budget
+
+    for target, baseline in items:
+        if baseline.kind == "counterfactual":
+            cf = baseline.target
+            assert cf is not None
+            if cf.n_prompt != target.n_prompt or cf.conts != target.conts:
+                raise TraceError(
+                    f"a counterfactual has {cf.n_prompt} prompt tokens and its variant "
+                    f"{target.n_prompt}: positions must line up. Give a counterfactual with "
+                    "the same token count, or use the mean baseline"
+                )
+        elif any(m.dim() != 1 for m in (baseline.means or {}).values()):
+            raise TraceError("batched scoring needs position-averaged means (site_means)")
+    budget = memory_budget(subject.device, max_memory)
+
+    def group(i: int) -> tuple[str, int]:
+        b = items[i][1]
+        return (b.kind, 0 if b.kind == "counterfactual" else id(b.means))
+
+    order = sorted(range(len(items)), key=lambda i: (group(i), items[i][0].length))
+    batches: list[list[int]] = []
+    for i in order:
+        cur = batches[-1] if batches else []
+        if cur and group(cur[0]) == group(i):
+            ts = [items[j][0] for j in (*cur, i)]
+            need = estimate_trace(
+                subject,
+                length=max(t.length for t in ts),
+                rows=sum(t.rows for t in ts),
+                keep=max(t.length for t in ts) - min(t.n_prompt for t in ts) + 1,
+                method="atp",
+                edges=False,
+            )["components"]
+            if budget is None or need <= budget:
+                cur.append(i)
+                continue
+        batches.append([i])
+    out: list[ComponentScores | None] = [None] * len(items)
+    for n, batch in enumerate(batches):
+        for i, sc in zip(batch, _node_batch(subject, [items[i] for i in batch]), strict=True):
+            sc.cost["pass"] = n
+            out[i] = sc
+    return [sc for sc in out if sc is not None]
+
+
+def _node_batch(
+    subject: Subject, items: Sequence[tuple[Target, Baseline]]
+) -> list[ComponentScores]:
+    """One batch of ``score_nodes_batched``: items sharing a baseline kind (and means)."""
+    t0 = time.perf_counter()
+    dev = subject.device
+    sites = _sites(subject, neurons=False, edges=False)
+    node_keys = [k for k in sites if k != "emb"]
+    targets = [t for t, _ in items]
+    T = max(t.length for t in targets)
+    keep = T - min(t.n_prompt for t in targets) + 1
+    offsets = [0]
+    for t in targets:
+        offsets.append(offsets[-1] + t.rows)
+
+    def stacked(ts: Sequence[Target]) -> torch.Tensor:
+        return torch.cat(
+            [
+                torch.nn.functional.pad(t.input_ids(device=dev), (0, T - t.length), value=t.pad_id)
+                for t in ts
+            ]
+        )
+
+    def metrics(logits: torch.Tensor, ts: Sequence[Target]) -> torch.Tensor:
+        # logits end at position T - 1; each item's own positions end at its length - 1
+        P = logits.shape[1]
+        return torch.stack(
+            [
+                t.metric(logits[offsets[i] : offsets[i + 1], : P - (T - t.length)])[0]
+                for i, t in enumerate(ts)
+            ]
+        )
+
+    kind = items[0][1].kind
+    with torch.no_grad():
+        if kind == "counterfactual":
+            cfs = [b.target for _, b in items]
+            assert all(c is not None for c in cfs)
+            cf_targets = [c for c in cfs if c is not None]
+            logits, base = _run(
+                subject,
+                stacked(cf_targets),
+                {k: sites[k] for k in node_keys},
+                grad=False,
+                keep=keep,
+            )
+            metric_base = metrics(logits, cf_targets).tolist()
+        else:
+            means = items[0][1].means
+            assert means is not None
+            R = offsets[-1]
+            base = {
+                k: means[k].to(dev).expand(R, T, means[k].shape[-1]) for k in ("emb", *node_keys)
+            }
+            logits, _ = _run(
+                subject,
+                stacked(targets),
+                {"emb": sites["emb"]},
+                grad=False,
+                emb_override=base["emb"],
+                keep=keep,
+            )
+            metric_base = metrics(logits, targets).tolist()
+        del logits
+    logits, live = _run(subject, stacked(targets), sites, grad=True, keep=keep)
+    metric = metrics(logits, targets)
+    del logits
+    uniq: dict[int, torch.Tensor] = {}
+    for key in node_keys:
+        uniq.setdefault(id(live[key]), live[key])
+    gl = torch.autograd.grad(metric.sum(), list(uniq.values()), allow_unused=True)
+    gmap = dict(zip(uniq.keys(), gl, strict=True))
+    grads = {
+        k: (g if (g := gmap[id(live[k])]) is not None else torch.zeros_like(live[k]))
+        for k in node_keys
+    }
+    clean = {k: live[k].detach() for k in node_keys}
+    del live, gmap, gl, uniq
+    nodes = node_ids(subject.adapter.n_layers, subject.adapter.n_heads)
+    seconds = time.perf_counter() - t0
+    out = []
+    for i, (t, b) in enumerate(items):
+        r = slice(offsets[i], offsets[i + 1])
+        delta = {k: clean[k][r, : t.length] - base[k][r, : t.length] for k in node_keys}
+        per_pos = _node_positions(subject, delta, {k: grads[k][r, : t.length] for k in node_keys})
+        out.append(
+            ComponentScores(
+                nodes=nodes,
+                scores=per_pos.sum(1).cpu(),
+                per_position=per_pos.cpu(),
+                method="atp",
+                baseline=b.description,
+                metric_clean=float(metric[i].detach()),
+                metric_baseline=metric_base[i],
+                cost={
+                    "batch": len(items),
+                    "batch_rows": offsets[-1],
+                    "batch_length": T,
+                    "batch_seconds": seconds,
+                    "forward_equiv": 4,
+                },
+            )
+        )
+    return out
+
+
+def _node_positions(
+    subject: Subject, delta: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """Node scores per position, (n_nodes, pos), summed over rows: each site's difference
+    (clean minus baseline) times its gradient, a head's share from its slice of ``z``."""
+    a = subject.adapter
+    L, H = a.n_layers, a.n_heads
+    rows, T = delta["r0"].shape[:2]
+    per_pos = torch.zeros(1 + L * (H + 1), T, device=delta["r0"].device)
+    per_pos[0] = (delta["r0"] * grads["r0"]).sum(-1).sum(0)
+    i = 1
+    for layer in range(L):
+        dz, gz = delta[f"z{layer}"], grads[f"z{layer}"]
+        prod = (dz * gz).view(rows, T, H, a.d_head).sum(-1).sum(0)  # (pos, H)
+        per_pos[i : i + H] = prod.T
+        per_pos[i + H] = (delta[f"m{layer}"] * grads[f"m{layer}"]).sum(-1).sum(0)
+        i += H + 1
+    return per_pos
 
 
 def _edge_mask(up: list[str], down: list[str], *, parallel: bool) -> torch.Tensor:

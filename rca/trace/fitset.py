@@ -2,8 +2,9 @@
 every fit variant, not on the incident prompt alone.
 
 ``fit_set_scores`` scores every head and MLP on each fit variant with attribution patching
-(``score_components``, nodes only: one clean forward and backward and one baseline forward per
-variant), patched to the variant's own counterfactual where it lines up, else to the mean over
+(nodes only: a clean forward and backward and a baseline forward, the cost of 4 forwards per
+variant; ``score_nodes_batched`` runs many variants in each pass, as many as the memory budget
+allows), patched to the variant's own counterfactual where it lines up, else to the mean over
 the reference prompts. A variant's scores are divided by its own gap (metric minus the
 baseline's metric), so each is a share of that variant's effect and every variant weighs the
 same; the fit set's score of a component is the mean of those shares, the incident prompt's
@@ -25,7 +26,12 @@ import torch
 
 from rca.model.metric import Target
 from rca.model.subject import Subject
-from rca.trace.components import Baseline, ComponentScores, score_components
+from rca.trace.components import (
+    Baseline,
+    ComponentScores,
+    score_components,
+    score_nodes_batched,
+)
 
 __all__ = ["NODE_FORWARD_EQUIV", "FitSetScores", "fit_set_scores", "gap_shares", "node_scores"]
 
@@ -41,6 +47,7 @@ class FitSetScores:
     gaps: list[float] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)  # no gap: the model does not show it
     forward_equiv: float = 0.0
+    passes: int = 0  # forward and backward passes: variants share them (``score_nodes_batched``)
 
     def ranked(self) -> list[tuple[str, float]]:
         """(id, mean share) by decreasing |mean share|, EMB left out."""
@@ -55,6 +62,7 @@ class FitSetScores:
             "n": len(self.indices),
             "skipped": self.skipped,
             "forward_equiv": self.forward_equiv,
+            "passes": self.passes,
             "top": [{"id": n, "mean_share": s} for n, s in self.ranked()[:top_k]],
         }
 
@@ -81,11 +89,13 @@ def fit_set_scores(
     *,
     means: dict[str, torch.Tensor] | None = None,
     prompt_scores: ComponentScores | None = None,
+    max_memory: int | str | None = "auto",
 ) -> FitSetScores:
     """Score every head and MLP on each ``(index, target, counterfactual or None)`` fit
     variant; see the module docstring. ``means``: site means over the reference prompts
     (``site_means``), needed where a variant has no counterfactual that lines up;
-    ``prompt_scores``: the incident prompt's own trace, counted as one member."""
+    ``prompt_scores``: the incident prompt's own trace, counted as one member;
+    ``max_memory``: the budget that sets how many variants share a pass."""
     rows: list[torch.Tensor] = []
     out = FitSetScores(nodes=[], mean=[])
     if prompt_scores is not None:
@@ -95,6 +105,7 @@ def fit_set_scores(
             out.nodes = list(prompt_scores.nodes)
             out.indices.append(-1)
             out.gaps.append(prompt_scores.metric_clean - prompt_scores.metric_baseline)
+    items: list[tuple[Target, Baseline]] = []
     for index, target, cf in variants:
         if cf is not None:
             base = Baseline("counterfactual", "the variant's counterfactual", target=cf)
@@ -104,7 +115,10 @@ def fit_set_scores(
             raise ValueError(
                 f"variant {index} has no counterfactual that lines up and no means were given"
             )
-        scores = node_scores(subject, target, base)
+        items.append((target, base))
+    batched = score_nodes_batched(subject, items, max_memory=max_memory) if items else []
+    out.passes = len({sc.cost["pass"] for sc in batched})
+    for (index, _, _), scores in zip(variants, batched, strict=True):
         out.forward_equiv += NODE_FORWARD_EQUIV
         share = gap_shares(scores)
         if share is None:

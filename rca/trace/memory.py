@@ -47,6 +47,7 @@ __all__ = [
     "available_memory",
     "estimate_trace",
     "format_bytes",
+    "memory_budget",
     "parse_size",
     "plan_for_target",
     "plan_trace",
@@ -214,6 +215,24 @@ def _halvings(n: int) -> list[int]:
     return out
 
 
+def memory_budget(device: torch.device, max_memory: int | str | None = "auto") -> int | None:
+    """Bytes a stage may add above the loaded model: ``max_memory`` (bytes or a size such as
+    ``2GiB``), or with ``auto`` 90% of what the device has free now, at most
+    ``CPU_AUTO_BUDGET`` on a CPU. None: no limit known. Raises ``TraceError`` on a bad size."""
+    from rca.trace.components import TraceError
+
+    if max_memory != "auto":
+        try:
+            return parse_size(max_memory)
+        except ValueError as e:
+            raise TraceError(f"--max-memory: {e}") from None
+    budget = available_memory(device)
+    if budget is None:
+        return None
+    budget = int(budget * 0.9)
+    return min(budget, CPU_AUTO_BUDGET) if device.type == "cpu" else budget
+
+
 def plan_trace(
     subject: Any,
     *,
@@ -234,18 +253,7 @@ def plan_trace(
     """
     from rca.trace.components import TraceError
 
-    budget: int | None
-    if max_memory == "auto":
-        budget = available_memory(subject.device)
-        if budget is not None:
-            budget = int(budget * 0.9)
-            if subject.device.type == "cpu":
-                budget = min(budget, CPU_AUTO_BUDGET)
-    else:
-        try:
-            budget = parse_size(max_memory)
-        except ValueError as e:
-            raise TraceError(f"--max-memory: {e}") from None
+    budget = memory_budget(subject.device, max_memory)
     n_steps = 1 if method == "atp" else steps
     H = subject.adapter.n_heads
     kw: dict[str, Any] = dict(

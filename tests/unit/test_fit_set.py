@@ -53,7 +53,10 @@ def test_the_fit_set_attribution_predicts_what_patching_does(subject, variants) 
             subject, v.target, Baseline("counterfactual", "", target=v.counterfactual), edges=False
         )
         rows.append(sc.scores.double() / (sc.metric_clean - sc.metric_baseline))
-    assert fs.mean == pytest.approx(torch.stack(rows).mean(0).tolist(), rel=1e-5, abs=1e-7)
+    # the variants share a batched pass: its metrics differ from one-at-a-time ones by float
+    # noise (1e-6), which shares of gaps as small as 0.04 make 1e-5 relative
+    assert fs.mean == pytest.approx(torch.stack(rows).mean(0).tolist(), rel=1e-4, abs=1e-7)
+    assert fs.passes == 1
     # first order, it predicts the interventions: the exact mean share patched alone
     att = dict(fs.ranked())
     exact = {
