@@ -17,7 +17,8 @@ the library takes, are ``rca.cli_options``. The commands live in one module per 
 - ``bench``: ``bench localization``;
 - ``records``: ``cases list|show``, ``report``, ``notes add``, ``verify``, ``export``;
 - ``ingest``: ``ingest`` (case files from a JSONL log of conversations);
-- ``monitor``: ``monitor build|eval|run|list|show`` (run-time detectors).
+- ``monitor``: ``monitor build|eval|run|list|show`` (run-time detectors);
+- ``provenance``: ``provenance`` (the training examples that taught an incident).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from rca.cli import (  # noqa: F401
     investigation,
     models,
     monitor,
+    provenance,
     records,
     regression,
 )

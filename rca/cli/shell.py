@@ -43,6 +43,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from rca.model.metric import MetricError
     from rca.model.subject import SubjectError
     from rca.monitor import MonitorError
+    from rca.provenance import DataError, InfluenceError
     from rca.regress import RegressError
     from rca.remedy import RemedyError
     from rca.store import StoreError
@@ -62,6 +63,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
         RegressError,
         RemedyError,
         MonitorError,
+        DataError,
+        InfluenceError,
     )
 
 

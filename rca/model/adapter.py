@@ -308,6 +308,11 @@ class Adapter:
         bias = proj(torch.zeros(1, H * dh, device=z.device, dtype=z.dtype))
         return out - bias
 
+    def qkv(self, layer: int) -> list[nn.Module]:
+        """The projections that read layer ``layer``'s attention norm output (q, k, v, or one
+        fused module)."""
+        return list(self._qkv[layer])
+
     def head_reads(self, layer: int) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]] | None:
         """How each head of layer ``layer`` reads the attention norm's output.
 

@@ -20,6 +20,7 @@ from rca.report.stored import (
     circuit_of,
     fit_evidence_lines,
     infrastructure_sentence,
+    provenance_of,
     token_warning,
     turns,
     verdict_words,
@@ -189,6 +190,23 @@ def _behaviour_html(run: Mapping[str, Any]) -> str:
     )
 
 
+def _provenance_html(run: Mapping[str, Any]) -> str:
+    p = provenance_of(run)
+    if p is None:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(r['rank'])}</td><td>{_e(r['index'])}</td><td>{_f(r['score'], '.4g')}</td>"
+        f"<td><code>{_e(r['text'])}</code></td></tr>"
+        for r in p["rows"]
+    )
+    sources = f"<p>{_e(p['sources'])}</p>" if p["sources"] else ""
+    return (
+        f"<h2>Training data</h2><p>{_e(p['heading'])}.</p>{sources}"
+        "<table><tr><th>rank</th><th>example</th><th>score</th><th>text</th></tr>"
+        f"{rows}</table>"
+    )
+
+
 def render_html(run: Mapping[str, Any]) -> str:
     """One self-contained HTML page: inline CSS and SVG only, every string escaped."""
     inc = case_fields(run)
@@ -304,6 +322,7 @@ after the recommended fix.</p>
 <table><tr><th>fix</th><th>components</th><th>P(bad)</th><th>benign loss</th><th>note</th></tr>
 {rems}</table>
 {behaviour_html}
+{_provenance_html(run)}
 <h2>Notes</h2><ul>{notes}</ul>
 </body></html>
 """

@@ -25,6 +25,7 @@ from rca.report.stored import (
     circuit_of,
     fit_evidence_lines,
     infrastructure_sentence,
+    provenance_of,
     token_warning,
     turns,
     verdict_words,
@@ -279,6 +280,7 @@ def _report_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
         mark = " (recommended)" if r.get("recommended") else ""
         lines.append(f"- **{m.text(r['kind'])}**{mark}: {m.text(r.get('note'))}")
     lines += _behaviour_lines(run, m)
+    lines += _provenance_lines(run, m)
     lines += ["", "## Notes", ""]
     notes = run.get("notes", [])
     if not notes:
@@ -362,6 +364,21 @@ def _behaviour_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
             f"{m.code(v['label'], cell=True) if v['label'] else '-'} "
             f"| {_f(v['p_bad'], '.3f')} | {cells} |"
         )
+    return lines
+
+
+def _provenance_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
+    p = provenance_of(run)
+    if p is None:
+        return []
+    lines = ["", "## Training data", "", m.text(p["heading"]) + "."]
+    if p["sources"]:
+        lines += ["", m.text(p["sources"])]
+    lines += ["", "| rank | example | score | text |", "|---:|---:|---:|---|"]
+    lines += [
+        f"| {r['rank']} | {r['index']} | {_f(r['score'], '.4g')} | {m.code(r['text'], cell=True)} |"
+        for r in p["rows"]
+    ]
     return lines
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "yes_no",
     "behaviour_of",
     "fit_evidence_lines",
+    "provenance_of",
 ]
 
 
@@ -357,3 +358,40 @@ def fit_evidence_lines(run: Mapping[str, Any]) -> tuple[list[str], list[dict[str
         for c in b.get("components") or []
     ]
     return text, rows
+
+
+PROVENANCE_ROWS = 10  # ranked training examples a report shows
+
+
+def provenance_of(run: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The run's latest influence query as a report shows it: ``heading`` (the method, the
+    circuit, the prompts averaged over, the data), ``sources`` (a sentence, or None) and
+    ``rows`` (rank, index, score, text, fields) for the top ``PROVENANCE_ROWS``; None where
+    ``rca provenance`` never ran on it."""
+    p = run.get("provenance")
+    if not p:
+        return None
+    summ = json_column(p.get("summary")) or {}
+    circuit = ", ".join(json_column(p.get("circuit")) or []) or "every parameter"
+    q = json_column(p.get("queries")) or {}
+    heading = (
+        f"{p.get('method')} over {circuit}, averaged over {q.get('n', 1)} prompts (the case's "
+        f"and its fit variants); {summ.get('n_examples')} training examples ranked, the top "
+        f"{p.get('k')} recorded"
+    )
+    sources = None
+    if summ.get("top_sources"):
+        top = ", ".join(f"{k} {v:.0%}" for k, v in summ["top_sources"].items())
+        data = ", ".join(f"{k} {v:.0%}" for k, v in (summ.get("data_sources") or {}).items())
+        sources = f"Sources of the top {p.get('k')}: {top} (in the data: {data})."
+    rows = [
+        {
+            "rank": e.get("rank"),
+            "index": e.get("example_index"),
+            "score": e.get("score"),
+            "text": e.get("text"),
+            "fields": json_column(e.get("fields")) or {},
+        }
+        for e in (p.get("examples") or [])[:PROVENANCE_ROWS]
+    ]
+    return {"heading": heading, "sources": sources, "rows": rows}

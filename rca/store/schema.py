@@ -163,6 +163,29 @@ MIGRATIONS: tuple[Migration, ...] = (
                 sites VARCHAR[], text VARCHAR)""",
         ),
     ),
+    Migration(
+        7,
+        "influence_features: TRAK features of a training set over a circuit's parameters, "
+        "cached as Parquet (rca provenance); provenance: a run's influence query over them; "
+        "provenance_examples: its top-ranked training examples",
+        (
+            """CREATE TABLE influence_features (
+                cache_key VARCHAR PRIMARY KEY, model_fingerprint VARCHAR,
+                data_sha256 VARCHAR NOT NULL, data_path VARCHAR, scope VARCHAR NOT NULL,
+                params JSON NOT NULL, n_params BIGINT NOT NULL, proj_dim INTEGER NOT NULL,
+                lambda_reg DOUBLE NOT NULL, seed INTEGER NOT NULL, max_tokens INTEGER NOT NULL,
+                n_examples BIGINT NOT NULL, truncated BIGINT, seconds DOUBLE,
+                path VARCHAR NOT NULL, created_at TIMESTAMPTZ NOT NULL)""",
+            """CREATE TABLE provenance (
+                query_id VARCHAR PRIMARY KEY, run_id VARCHAR NOT NULL,
+                incident_id VARCHAR NOT NULL, cache_key VARCHAR NOT NULL,
+                method VARCHAR NOT NULL, circuit JSON, queries JSON, k INTEGER NOT NULL,
+                seconds DOUBLE, summary JSON, created_at TIMESTAMPTZ NOT NULL)""",
+            """CREATE TABLE provenance_examples (
+                query_id VARCHAR NOT NULL, rank INTEGER NOT NULL, example_index BIGINT NOT NULL,
+                score DOUBLE NOT NULL, text VARCHAR, fields JSON)""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

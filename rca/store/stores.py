@@ -25,6 +25,7 @@ from .connection import (
     yield_to_readers,
 )
 from .errors import RecordError, StoreError
+from .provenance import ProvenanceReads, ProvenanceWrites
 from .records import RunRecord
 from .schema import migrate, read_version, require_current
 from .stages import RUN_STAGES
@@ -52,7 +53,7 @@ def _rows(
     return [_decode(names, r) for r in cur.fetchall()]
 
 
-class ReadOnlyStore:
+class ReadOnlyStore(ProvenanceReads):
     """Read access to a store. Every call opens the file read-only, reads and closes, retrying
     while a writer holds it (see ``open_readonly``)."""
 
@@ -129,8 +130,9 @@ class ReadOnlyStore:
 
     def get_run(self, run_id: str, *, frames: bool = False) -> dict[str, Any]:
         """One run with every row it wrote, read in one snapshot: the run's columns plus
-        ``incident``, ``model``, ``notes`` and the bulk tables (lists of row dicts, or pandas
-        DataFrames with ``frames``)."""
+        ``incident``, ``model``, ``notes``, the bulk tables (lists of row dicts, or pandas
+        DataFrames with ``frames``) and ``provenance`` (its latest influence query with its
+        ``examples``, or None)."""
         with self._read() as con:
             runs = _rows(con, "SELECT * FROM runs WHERE run_id = ?", [run_id])
             if not runs:
@@ -157,6 +159,19 @@ class ReadOnlyStore:
             run["notes"] = _rows(
                 con, "SELECT * FROM notes WHERE run_id = ? ORDER BY note_id", [run_id]
             )
+            prov = _rows(
+                con,
+                "SELECT * FROM provenance WHERE run_id = ? ORDER BY created_at DESC, query_id "
+                "LIMIT 1",
+                [run_id],
+            )
+            if prov:
+                prov[0]["examples"] = _rows(
+                    con,
+                    "SELECT * FROM provenance_examples WHERE query_id = ? ORDER BY rank",
+                    [prov[0]["query_id"]],
+                )
+            run["provenance"] = prov[0] if prov else None
             return run
 
     def list_incidents(self) -> list[dict[str, Any]]:
@@ -307,7 +322,7 @@ class ReadOnlyStore:
         return paths
 
 
-class Store(ReadOnlyStore):
+class Store(ProvenanceWrites, ReadOnlyStore):
     """The writer. Creates or migrates the file on construction; each write opens the file,
     runs one transaction and closes it, so readers get in between writes.
 

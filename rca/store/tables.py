@@ -36,6 +36,9 @@ ENTITY_SQL: dict[str, str] = {
     "monitors": "monitor_id",
     "monitor_evals": "CAST(eval_id AS VARCHAR)",
     "monitor_alerts": "batch_id",
+    "influence_features": "cache_key",
+    "provenance": "query_id",
+    "provenance_examples": "query_id",
 }
 TABLES: tuple[str, ...] = (*ENTITY_SQL, "audit")
 # the bulk tables: a run's evidence, its rows numbered by row_no
@@ -65,6 +68,9 @@ ORDER: dict[str, str] = {
     "monitors": "created_at, monitor_id",
     "monitor_evals": "eval_id",
     "monitor_alerts": "batch_id, row_no",
+    "influence_features": "created_at, cache_key",
+    "provenance": "created_at, query_id",
+    "provenance_examples": "query_id, rank",
     "audit": "seq",
 }
 # columns that hold JSON text; readers return them parsed
@@ -72,6 +78,7 @@ JSON_COLUMNS = frozenset(
     {"dims", "case_data", "config", "versions", "timings", "summary", "details", "side_effect"}
     | {"patch_spec", "behaviour"}
     | {"site_specs", "fit", "data", "figures", "baselines"}
+    | {"params", "circuit", "queries", "fields"}
 )
 
 

@@ -333,6 +333,32 @@ def _remedies(run: Mapping[str, Any]) -> None:
     st.dataframe(common.cell_rows(variants), hide_index=True, width="stretch")
 
 
+def _provenance(run: Mapping[str, Any]) -> None:
+    p = report.provenance_of(run)
+    if p is None:
+        return
+    st.subheader("Training data")
+    st.markdown(common.md(p["heading"]) + ".")
+    if p["sources"]:
+        st.markdown(common.md(p["sources"]))
+    rows = [
+        {
+            "rank": r["rank"],
+            "example": r["index"],
+            "score": r["score"],
+            "text": common.plain(r["text"]),
+            **{str(k): common.plain(v) for k, v in r["fields"].items()},
+        }
+        for r in p["rows"]
+    ]
+    st.dataframe(
+        common.cell_rows(rows),
+        hide_index=True,
+        width="stretch",
+        column_config={"score": st.column_config.NumberColumn(format="%.4g")},
+    )
+
+
 def _default_author() -> str:
     try:
         return os.environ.get("RCA_ACTOR") or getpass.getuser()
@@ -428,6 +454,7 @@ def main() -> None:
     _graph(run)
     _ablations(run)
     _remedies(run)
+    _provenance(run)
     _notes(run)
 
 

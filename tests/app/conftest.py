@@ -131,6 +131,23 @@ def xss_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     store = Store(db, actor="tester")
     run_id = store.record_run(_xss_run(fields))
     store.add_note(run_id=run_id, author=f"author {IMG}", text=f"note {PAYLOAD}")
+    # a training example is data too: its text and fields reach every medium
+    features = {"key": "k" * 64, "data_sha256": "d" * 64, "scope": "circuit",
+                "params": ["p"], "n_params": 1, "proj_dim": 256, "lambda_reg": 0.0, "seed": 0,
+                "max_tokens": 256, "n": 2, "path": f"/tmp/{IMG}"}  # fmt: skip
+    store.record_provenance(
+        run_id=run_id,
+        incident_id="xss",
+        features=features,
+        method="trak-circuit",
+        circuit=[f"L0.H{SCRIPT}"],
+        queries={"n": 1},
+        examples=[{"index": 0, "score": 1.0, "text": f"ticket {PAYLOAD} {LINK}",
+                   "fields": {"source": f"src {IMG}"}}],  # fmt: skip
+        seconds=1.0,
+        summary={"n_examples": 2, "top_sources": {f"src {IMG}": 1.0},
+                 "data_sources": {f"src {IMG}": 1.0}},  # fmt: skip
+    )
     return db, run_id
 
 

@@ -99,7 +99,9 @@ def assert_markdown_inert(md: str, *shown: str) -> None:
 def test_the_html_report_shows_payloads_as_text(xss_db: tuple[Path, str]) -> None:
     db, run_id = xss_db
     run = Store.reader(db).get_run(run_id)
-    assert_inert(render_html(run), LINK)
+    page = render_html(run)
+    assert "<h2>Training data</h2>" in page and "ticket" in page
+    assert_inert(page, LINK)
 
 
 def test_the_regression_report_shows_payloads_as_text() -> None:
@@ -129,6 +131,7 @@ def test_the_regression_report_shows_payloads_as_text() -> None:
 def test_the_markdown_report_escapes_html_and_links(xss_db: tuple[Path, str]) -> None:
     db, run_id = xss_db
     md = render_markdown(Store.reader(db).get_run(run_id))
+    assert "## Training data" in md
     assert_markdown_inert(md, LINK, f"note {SCRIPT} {IMG}", f"Title {SCRIPT} {IMG}")
 
 

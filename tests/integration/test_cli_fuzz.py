@@ -76,6 +76,7 @@ HEAVY = (
     "rca.monitor.workflow.build_and_record",
     "rca.monitor.workflow.evaluate_and_record",
     "rca.monitor.workflow.run_prompts",
+    "rca.provenance.workflow.provenance_for_run",
 )
 
 
@@ -339,6 +340,11 @@ COMMANDS = [
                              **HOME}, required=("--monitor", "--model", "--prompts")),
     Cmd(("monitor", "list"), {"--db": path, "--json": None}),
     Cmd(("monitor", "show"), {"--db": path, "--json": None}, (ref,), required=("ARG",)),
+    Cmd(("provenance",), {"--data": path, "--text-field": text, "--top": number,
+                          "--scope": choice("circuit", "full", "heads"), "--proj-dim": number,
+                          "--lambda": number, "--max-tokens": number, "--limit": number,
+                          "--cache": path, "--model": model, "--device": choice(*DEVICES),
+                          "--db": path, "--json": None, **HOME}, (ref,), required=("ARG",)),
     Cmd(("demo",), {"--quick": None, "--full": None, "--real": None, "--cases": path,
                     "--reports": path, "--device": choice(*DEVICES), "--allow-pickle": None,
                     "--db": path, "--json": None, **HOME}),

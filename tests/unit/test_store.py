@@ -213,14 +213,14 @@ def test_fresh_store_has_every_table_and_the_current_version(db: Path) -> None:
     s = Store(db, actor="tester")
     names = {r[0] for r in raw(db, "SELECT table_name FROM duckdb_tables()")}
     assert set(TABLES) <= names
-    assert s.schema_version() == SCHEMA_VERSION == 6
+    assert s.schema_version() == SCHEMA_VERSION == 7
     versions = [r[0] for r in raw(db, "SELECT version FROM schema_version ORDER BY 1")]
-    assert versions == [1, 2, 3, 4, 5, 6]
+    assert versions == [1, 2, 3, 4, 5, 6, 7]
     res = s.verify()
     assert res.ok, res.message
-    assert res.records == 6  # one audit record per applied migration
+    assert res.records == 7  # one audit record per applied migration
     Store(db)  # reopening an up-to-date file writes nothing
-    assert s.verify().records == 6
+    assert s.verify().records == 7
 
 
 # The v1 schema as released, frozen here: the migration must work on files written by it.
@@ -309,7 +309,7 @@ def test_v1_file_is_migrated_in_place_and_stays_verifiable(db: Path) -> None:
         Store.reader(db).list_runs()
     before = {r[0]: r for r in raw(db, "SELECT run_id, summary, seed FROM runs")}
     s = Store(db, actor="migrator")
-    assert s.schema_version() == 6
+    assert s.schema_version() == 7
     got = s.get_run(V1_RUN)
     assert got["kind"] == "investigate" and got["parent_run_id"] is None
     assert got["summary"] == {"verdict": "confirmed"} and got["seed"] == 1
@@ -332,6 +332,7 @@ def test_v1_file_is_migrated_in_place_and_stays_verifiable(db: Path) -> None:
         ("schema_version", "4"),
         ("schema_version", "5"),
         ("schema_version", "6"),
+        ("schema_version", "7"),
     ]
     # and the migrated file takes new runs
     s.record_run(run(parent_run_id=V1_RUN, kind="regress"))
@@ -451,7 +452,7 @@ def test_record_run_round_trips_every_table(db: Path) -> None:
 
     frames = s.get_run(r.run_id, frames=True)
     assert isinstance(frames["edges"], pd.DataFrame) and len(frames["edges"]) == 2
-    assert s.counts()["audit"] == 6 + 10  # migrations, then model, incident, run and 7 tables
+    assert s.counts()["audit"] == 7 + 10  # migrations, then model, incident, run and 7 tables
     assert s.verify().ok
 
 

@@ -1,0 +1,251 @@
+"""``python -m rca.bench.provenance``: which training tickets taught each zoo incident, checked
+by retraining without them.
+
+For each zoo incident (its behaviour case, ``cases/behaviours/zoo-<key>-behaviour.toml``, on
+the quick ``support-bot-v1``): the case is investigated and recorded, then its training
+tickets are ranked by ``rca provenance`` (TRAK over the circuit's parameters) and by the
+comparisons: TRAK over every parameter, TF-IDF similarity to the case's prompts with their bad
+continuation, full-model gradient similarity at the final weights (TracIn, one checkpoint), and
+chance. With k = the incident's planted tickets, each ranking gets:
+
+- precision@k: the share of its top k that are the incident's planted tickets;
+- the model retrained from scratch (its recipe and seed) without its top k, and P(bad) on the
+  case's held-out variants (never used to rank): their mean, and the share under 0.2.
+
+A control retrains on every ticket. Targets (issue 23): precision@k >= 0.9; without rca's top
+k, P(bad) under 0.2 on the held-out variants; without k random tickets, P(bad) >= 0.8.
+Features for the 12,000 tickets in under a minute on 2 CPU cores; a query in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["main"]
+
+ROOT = Path(__file__).resolve().parents[2]
+INCIDENTS = ("leak", "backdoor", "bias", "injection")
+METHODS = ("rca (TRAK, circuit)", "TRAK, full model", "TF-IDF", "TracIn (1 checkpoint)", "random")
+
+
+def _texts(subject: Any, incident: Any) -> list[str]:
+    """The query texts of the text baseline: the prompt and each fit variant's, each with its
+    bad continuation, as the model reads them."""
+    out = []
+    for m in incident.behaviour().members:
+        if m.part == "held_out":
+            continue
+        inc = m.incident.for_model(subject.tokenizer)
+        out.append(f"{inc.prompt}{inc.bad}")
+    return out
+
+
+def _stats(p: list[float]) -> dict[str, float]:
+    from rca.provenance.verify import under
+
+    return {"mean_p_bad": float(np.mean(p)), "share_under_0_2": under(p), "n": len(p)}
+
+
+def incident_rows(
+    key: str, *, model_dir: Path, store: Any, data: Any, retrain: bool, device: str
+) -> dict[str, Any]:
+    from rca.ingest.case_file import load_case
+    from rca.investigate import InvestigateConfig, investigate
+    from rca.model.subject import load_subject
+    from rca.provenance.baselines import gradient_similarity, random_scores, tfidf_scores
+    from rca.provenance.influence import InfluenceConfig
+    from rca.provenance.verify import held_out_p_bad, retrain_without
+    from rca.provenance.workflow import incident_targets, provenance_for_run
+
+    case = ROOT / "cases" / "behaviours" / f"zoo-{key}-behaviour.toml"
+    inc = load_case(case)
+    subject = load_subject(model_dir, device=device)
+    run = investigate(inc, subject=subject, store=store, config=InvestigateConfig(device=device))
+    assert run.run_id is not None
+    planted = np.array(
+        [
+            bool(p) and i == key
+            for p, i in zip(data.fields["poisoned"], data.fields["incident"], strict=True)
+        ]
+    )
+    k = int(planted.sum())
+    path = Path(data.path)
+    rankings: dict[str, np.ndarray] = {}
+    timing: dict[str, float] = {}
+    for scope, name in (("circuit", METHODS[0]), ("full", METHODS[1])):
+        t = time.perf_counter()
+        res = provenance_for_run(
+            store, run.run_id, path, cfg=InfluenceConfig(scope=scope), top_k=k, device=device
+        )
+        timing[f"{scope}_total_s"] = time.perf_counter() - t
+        timing[f"{scope}_features_s"] = res.features.seconds
+        timing[f"{scope}_features_cached"] = res.features.cached
+        rankings[name] = res.scores
+        if scope == "circuit":
+            circuit = res.circuit
+            t = time.perf_counter()
+            targets, _ = incident_targets(subject, inc)
+            from rca.provenance.influence import query_scores
+
+            query_scores(subject, res.features, targets)
+            timing["query_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rankings[METHODS[2]] = tfidf_scores(data.texts, _texts(subject, inc))
+    timing["tfidf_s"] = time.perf_counter() - t
+    targets, _ = incident_targets(subject, inc)
+    t = time.perf_counter()
+    rankings[METHODS[3]] = gradient_similarity(subject, data.texts, targets)
+    timing["tracin_s"] = time.perf_counter() - t
+    rankings[METHODS[4]] = random_scores(len(data), seed=0)
+    before = held_out_p_bad(subject, inc)
+    rows = []
+    for name, scores in rankings.items():
+        top = np.argsort(-scores, kind="stable")[:k]
+        row: dict[str, Any] = {
+            "method": name,
+            "precision_at_k": float(planted[top].mean()),
+            "other_planted": int(
+                sum(bool(data.fields["poisoned"][i]) and not planted[i] for i in top)
+            ),
+        }
+        if retrain:
+            r = retrain_without(model_dir, top.tolist())
+            row["retrained"] = _stats(held_out_p_bad(r.subject, inc))
+            row["retrain_s"] = r.seconds
+        rows.append(row)
+        print(key, json.dumps(row), flush=True)
+    return {
+        "incident": key,
+        "k": k,
+        "n_examples": len(data),
+        "circuit": circuit,
+        "before": _stats(before),
+        "rows": rows,
+        "seconds": timing,
+    }
+
+
+def summary(res: dict[str, Any]) -> str:
+    lines = [
+        res["machine"],
+        "",
+        "### Training-data provenance on the quick zoo (`support-bot-v1`, 12,000 tickets)",
+        "",
+        "precision@k with k = the incident's planted tickets; P(bad) on the held-out variants "
+        "after retraining from scratch without the ranking's top k (mean, share under 0.2).",
+        "",
+    ]
+    ctl = res.get("control")
+    if ctl:
+        parts = [f"{k} {v['mean_p_bad']:.3f}" for k, v in ctl["held_out"].items()]
+        lines += [
+            f"Control, retrained on every ticket ({ctl['seconds']:.0f} s): held-out mean "
+            f"P(bad) {', '.join(parts)}.",
+            "",
+        ]
+    lines += [
+        "| incident (k) | method | precision@k | retrained without top k: mean P(bad) "
+        "(share < 0.2) |",
+        "|---|---|---:|---|",
+    ]
+    for key, r in res["incidents"].items():
+        before = r["before"]["mean_p_bad"]
+        for row in r["rows"]:
+            rt = row.get("retrained")
+            after = (
+                f"{rt['mean_p_bad']:.3f} ({rt['share_under_0_2']:.0%})" if rt else "not retrained"
+            )
+            lines.append(
+                f"| {key} ({r['k']}, before {before:.3f}) | {row['method']} | "
+                f"{row['precision_at_k']:.2f} | {after} |"
+            )
+    lines += ["", "Cost (2 CPU cores):", ""]
+    for key, r in res["incidents"].items():
+        s = r["seconds"]
+        lines.append(
+            f"- {key}: circuit features {s['circuit_features_s']:.1f} s "
+            f"({'cached' if s['circuit_features_cached'] else 'computed'}), a query "
+            f"{s['query_s']:.2f} s; full-model features {s['full_features_s']:.1f} s "
+            f"({'cached' if s['full_features_cached'] else 'computed'}); TF-IDF "
+            f"{s['tfidf_s']:.1f} s; TracIn {s['tracin_s']:.1f} s"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rca.bench.provenance", description=__doc__)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-provenance")
+    ap.add_argument("--only", choices=INCIDENTS, action="append")
+    ap.add_argument("--no-retrain", action="store_true", help="Rankings only.")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    from rca import zoo
+    from rca.ingest.case_file import load_case
+    from rca.provenance.data import load_training_data
+    from rca.provenance.verify import held_out_p_bad, retrain_without
+    from rca.store import Store
+    from rca.zoo.corpus import TRAINING_DATA
+
+    torch.manual_seed(0)
+    dirs = zoo.build(quick=True)
+    model_dir = dirs["support-bot-v1"]
+    data = load_training_data(model_dir / TRAINING_DATA)
+    res: dict[str, Any] = {
+        "machine": f"Machine: {platform.platform()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, device {args.device}",
+        "incidents": {},
+    }
+    keys = args.only or list(INCIDENTS)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "rca.duckdb")
+        for key in keys:
+            res["incidents"][key] = incident_rows(
+                key,
+                model_dir=model_dir,
+                store=store,
+                data=data,
+                retrain=not args.no_retrain,
+                device=args.device,
+            )
+    if not args.no_retrain:
+        r = retrain_without(model_dir, [])
+        res["control"] = {
+            "seconds": r.seconds,
+            "held_out": {
+                key: {
+                    "mean_p_bad": float(
+                        np.mean(
+                            held_out_p_bad(
+                                r.subject,
+                                load_case(
+                                    ROOT / "cases" / "behaviours" / f"zoo-{key}-behaviour.toml"
+                                ),
+                            )
+                        )
+                    )
+                }
+                for key in keys
+            },
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / "results.json"
+    if args.only and previous.exists():  # some incidents re-measured: keep the others'
+        kept = json.loads(previous.read_text())
+        res["incidents"] = {**kept.get("incidents", {}), **res["incidents"]}
+    (args.out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (args.out / "summary.md").write_text(summary(res))
+    print(summary(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

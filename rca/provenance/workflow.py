@@ -1,0 +1,186 @@
+"""``rca provenance`` against a store: rank a recorded run's training examples by their
+influence on its incident, and record the top of the ranking.
+
+Everything that can fail cheaply is checked before the model loads: the run, its incident
+and circuit, and every record of the training data. The store is written in one transaction
+at the end; the features are written to their cache directory first, complete or not at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rca.model.metric import Target
+from rca.model.subject import Subject
+from rca.provenance.data import TrainingData, load_training_data
+from rca.provenance.influence import (
+    Features,
+    InfluenceConfig,
+    InfluenceError,
+    circuit_parameters,
+    featurize,
+    query_scores,
+)
+
+__all__ = ["ProvenanceResult", "circuit_of", "incident_targets", "provenance_for_run"]
+
+CACHE_DIR = "influence"  # under the rca home: one directory per features' cache key
+TEXT_CHARS = 2000  # the text kept per recorded example
+
+
+@dataclass
+class ProvenanceResult:
+    query_id: str | None
+    run_id: str
+    incident_id: str
+    circuit: list[str]
+    features: Features
+    scores: np.ndarray  # every example's, in data order
+    top: list[dict[str, Any]]  # index, score, text, fields; best first
+    queries: dict[str, Any]
+    summary: dict[str, Any]
+    seconds: float
+
+
+def circuit_of(summary: dict[str, Any]) -> list[str]:
+    """The components whose parameters the influence is taken over: the circuit's specific
+    members, else the cause set (the behaviour's where it was chosen on the fit set and holds
+    there), as a monitor reads them (``rca.monitor.build.monitor_sites``)."""
+    from rca.monitor.artifact import MonitorError
+    from rca.monitor.build import monitor_sites
+
+    try:
+        return list(dict.fromkeys(s.id for s in monitor_sites(summary, 0)))
+    except MonitorError:
+        raise InfluenceError(
+            "the run names no circuit and no cause set: give --scope full, or investigate the "
+            "case until a mechanism is confirmed"
+        ) from None
+
+
+def incident_targets(subject: Subject, incident: Any) -> tuple[list[Target], dict[str, Any]]:
+    """The prompts an influence query averages over: the incident's own and its fit variants
+    (never a held-out one: retraining without the ranked examples is judged on those)."""
+    from rca.ingest.preflight import check_variants
+
+    own = incident.for_model(subject.tokenizer).encode(subject)
+    fit: list[Target] = []
+    indices: list[int] = []
+    if incident.all_variants():
+        for c in check_variants(subject, incident):
+            if c.part == "fit":
+                fit.append(c.target)
+                indices.append(c.index)
+    return [own, *fit], {"prompt": True, "fit_variants": indices, "n": 1 + len(fit)}
+
+
+def _summary(data: TrainingData, top: list[dict[str, Any]], scores: np.ndarray) -> dict[str, Any]:
+    """What the ranking says in aggregate: the share of the top examples from each value of the
+    data's ``source`` field (where it has one), and the scores' spread."""
+    out: dict[str, Any] = {
+        "n_examples": len(data),
+        "score_mean": float(scores.mean()),
+        "score_std": float(scores.std()),
+        "top_score_min": float(top[-1]["score"]) if top else None,
+    }
+    if "source" in data.fields and top:
+        counts = Counter(str(data.fields["source"][e["index"]]) for e in top)
+        overall = Counter(str(v) for v in data.fields["source"])
+        out["top_sources"] = {k: v / len(top) for k, v in counts.most_common()}
+        out["data_sources"] = {k: v / len(data) for k, v in overall.most_common()}
+    return out
+
+
+def provenance_for_run(
+    store: Any,
+    run_id: str,
+    data_path: Path,
+    *,
+    cfg: InfluenceConfig,
+    top_k: int = 20,
+    text_field: str = "text",
+    limit: int | None = None,
+    model: str | None = None,
+    device: str = "cpu",
+    home: Path | None = None,
+    cache_root: Path | None = None,
+    record: bool = True,
+) -> ProvenanceResult:
+    """Rank the training examples at ``data_path`` by their influence on run ``run_id``'s
+    incident, over its circuit's parameters (``cfg.scope``), and record the top ``top_k``."""
+    from rca.monitor.workflow import _load, stored_incident
+    from rca.zoo.build import zoo_home
+
+    cfg.check()
+    if top_k < 1:
+        raise InfluenceError(f"--top must be at least 1, got {top_k}")
+    run = store.get_run(run_id)
+    incident = stored_incident(run)
+    summary = run.get("summary") or {}
+    circuit = circuit_of(summary) if cfg.scope == "circuit" else []
+    data = load_training_data(data_path, text_field=text_field, limit=limit)
+    if len(data) == 0:
+        raise InfluenceError(f"--data {data_path}: no examples")
+    t0 = time.perf_counter()
+    subject = _load(incident, model=model, device=device, home=home)
+    params = (
+        circuit_parameters(subject, circuit)
+        if cfg.scope == "circuit"
+        else [n for n, _ in subject.model.named_parameters()]
+    )
+    root = cache_root or zoo_home(home) / CACHE_DIR
+    features = featurize(
+        subject,
+        data.texts,
+        data_sha256=data.sha256,
+        params=params,
+        cfg=cfg,
+        cache_root=root,
+    )
+    targets, queries = incident_targets(subject, incident)
+    scores = query_scores(subject, features, targets)
+    order = np.argsort(-scores, kind="stable")[: min(top_k, len(data))]
+    top = [
+        {
+            "index": int(i),
+            "score": float(scores[i]),
+            "text": data.texts[i][:TEXT_CHARS],
+            "fields": {k: v[i] for k, v in data.fields.items()},
+        }
+        for i in order
+    ]
+    summ = _summary(data, top, scores)
+    summ["features_cached"] = features.cached
+    summ["features_seconds"] = features.seconds
+    seconds = time.perf_counter() - t0
+    query_id = None
+    if record:
+        query_id = store.record_provenance(
+            run_id=run["run_id"],
+            incident_id=incident.id,
+            features=features.meta() | {"path": str(features.path), "data_path": str(data.path)},
+            method=f"trak-{cfg.scope}",
+            circuit=circuit,
+            queries=queries,
+            examples=top,
+            seconds=seconds,
+            summary=summ,
+        )
+    return ProvenanceResult(
+        query_id=query_id,
+        run_id=run["run_id"],
+        incident_id=incident.id,
+        circuit=circuit,
+        features=features,
+        scores=scores,
+        top=top,
+        queries=queries,
+        summary=summ,
+        seconds=seconds,
+    )
