@@ -142,11 +142,20 @@ def xss_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         method="trak-circuit",
         circuit=[f"L0.H{SCRIPT}"],
         queries={"n": 1},
-        examples=[{"index": 0, "score": 1.0, "text": f"ticket {PAYLOAD} {LINK}",
-                   "fields": {"source": f"src {IMG}"}}],  # fmt: skip
+        examples=[
+            {
+                "index": 0,
+                "score": 1.0,
+                "text": f"ticket {PAYLOAD} {LINK}",
+                "fields": {"source": f"src {IMG}"},
+            }
+        ],  # fmt: skip
         seconds=1.0,
-        summary={"n_examples": 2, "top_sources": {f"src {IMG}": 1.0},
-                 "data_sources": {f"src {IMG}": 1.0}},  # fmt: skip
+        summary={
+            "n_examples": 2,
+            "top_sources": {f"src {IMG}": 1.0},
+            "data_sources": {f"src {IMG}": 1.0},
+        },  # fmt: skip
     )
     return db, run_id
 
