@@ -27,9 +27,14 @@ stacks every training example's projected gradient. rca's choices:
   G (G^T G + lambda I)^-1, TRAK's "features". A query projects its own gradient with the same
   matrix (regenerated from the seed) and takes one matrix product with them; a second incident
   on the same data and circuit reuses them.
-- The projection is traker's ``BasicProjector`` with Gaussian entries, generated in blocks of
-  at most ``PROJECTION_BLOCK_BYTES``, on every device (traker picks a different projector on a
-  GPU, which would change the scores).
+- **The projection** is a Gaussian matrix (traker's ``BasicProjector``, passed explicitly: on
+  a GPU traker would pick a Rademacher one and the scores would depend on the device) where it
+  fits in ``PROJECTION_MATRIX_BYTES``, so that it is generated once. Beyond that (a circuit of
+  more than about 260,000 parameters at the default 256 dimensions) the CPU projector would
+  regenerate the matrix block by block for every batch, minutes per batch on a 135M model; a
+  count sketch takes its place (``CountSketch``: each parameter added, with a random sign, into
+  one random dimension; a sparse JL transform, Clarkson and Woodruff 2013), which costs one
+  pass over the gradient and about 5 bytes per parameter. ``Features.projection`` says which.
 
 traker is used for the per-example gradients (``torch.func`` over the real module, through a
 gradient computer that differentiates only the chosen parameters), the projection and the
@@ -73,7 +78,7 @@ __all__ = [
 FEATURES_NAME = "features.parquet"
 META_NAME = "features.json"
 FORMAT = 1  # bumped when what the features mean changes; part of the cache key
-PROJECTION_BLOCK_BYTES = 256 << 20  # the largest block of the projection matrix held at once
+PROJECTION_MATRIX_BYTES = 256 << 20  # the largest Gaussian projection matrix; beyond: a sketch
 
 
 class InfluenceError(ValueError):
@@ -126,7 +131,7 @@ class Features:
     n: int
     truncated: int = 0
     seconds: float = 0.0
-    block: int = 0
+    projection: str = "gaussian"  # or "countsketch" (PROJECTION_MATRIX_BYTES)
     cached: bool = False  # read from an earlier run, not computed now
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -264,10 +269,37 @@ def quiet_model(subject: Subject) -> Iterator[None]:
         trak.traker.tqdm = old_tqdm
 
 
-def _block(n_params: int, proj_dim: int) -> int:
-    """Columns of the projection matrix generated at once (it changes the matrix: it is part
-    of the cache key)."""
-    return max(1, min(proj_dim, PROJECTION_BLOCK_BYTES // (4 * max(1, n_params))))
+def projection_kind(n_params: int, proj_dim: int) -> str:
+    """``gaussian`` where the matrix fits ``PROJECTION_MATRIX_BYTES``, else ``countsketch``."""
+    return "gaussian" if 4 * n_params * proj_dim <= PROJECTION_MATRIX_BYTES else "countsketch"
+
+
+def _countsketch_class() -> type:
+    from trak.projectors import AbstractProjector
+    from trak.utils import vectorize
+
+    class CountSketch(AbstractProjector):  # type: ignore[misc]
+        """A sparse JL transform: coordinate i goes to dimension h(i) with sign s(i), both drawn
+        from ``seed``; scaled by sqrt(proj_dim) so that squared norms match a Gaussian
+        projection's in expectation."""
+
+        def __init__(self, grad_dim: int, proj_dim: int, seed: int, device: Any) -> None:
+            super().__init__(grad_dim, proj_dim, seed, "countsketch", device)
+            g = torch.Generator().manual_seed(seed)
+            self.bucket = torch.randint(0, proj_dim, (grad_dim,), generator=g).to(device)
+            sign = torch.randint(0, 2, (grad_dim,), generator=g, dtype=torch.int8) * 2 - 1
+            self.sign = sign.to(device)
+            self.scale = math.sqrt(proj_dim)
+
+        def project(self, grads: Any, model_id: int) -> torch.Tensor:
+            if isinstance(grads, dict):
+                grads = vectorize(grads, device=self.device)
+            grads = grads.float() * self.sign.to(torch.float32)
+            out = torch.zeros(grads.shape[0], self.proj_dim, device=grads.device)
+            out.index_add_(1, self.bucket, grads)
+            return out * self.scale
+
+    return CountSketch
 
 
 def _traker(
@@ -278,15 +310,18 @@ def _traker(
 
     model_params = dict(subject.model.named_parameters())
     n_params = sum(model_params[p].numel() for p in params)
-    projector = BasicProjector(
-        grad_dim=n_params,
-        proj_dim=cfg.proj_dim,
-        seed=cfg.seed,
-        proj_type=ProjectionType.normal,
-        device=subject.device,
-        block_size=_block(n_params, cfg.proj_dim),
-        dtype=torch.float32,
-    )
+    if projection_kind(n_params, cfg.proj_dim) == "gaussian":
+        projector = BasicProjector(
+            grad_dim=n_params,
+            proj_dim=cfg.proj_dim,
+            seed=cfg.seed,
+            proj_type=ProjectionType.normal,
+            device=subject.device,
+            block_size=cfg.proj_dim,  # one block: the matrix is generated once
+            dtype=torch.float32,
+        )
+    else:
+        projector = _countsketch_class()(n_params, cfg.proj_dim, cfg.seed, subject.device)
     return TRAKer(
         model=subject.model,
         task=output_class()(),
@@ -385,6 +420,7 @@ def cache_key(
         "lambda": cfg.lambda_reg,
         "seed": cfg.seed,
         "max_tokens": cfg.max_tokens,
+        "projection_matrix_bytes": PROJECTION_MATRIX_BYTES,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -448,7 +484,7 @@ def featurize(
             n=n,
             truncated=truncated,
             seconds=time.perf_counter() - t0,
-            block=_block(n_params, cfg.proj_dim),
+            projection=projection_kind(n_params, cfg.proj_dim),
         )
         _write_parquet(work / FEATURES_NAME, feats, q)
         (work / META_NAME).write_text(json.dumps(out.meta(), indent=1))
@@ -530,8 +566,8 @@ def query_scores(subject: Subject, features: Features, targets: Sequence[Target]
     with tempfile.TemporaryDirectory(prefix="rca-trak-") as tmp, quiet_model(subject):
         tr = _traker(subject, list(features.params), cfg, features.n, Path(tmp) / "trak")
         tr.gradient_computer.load_model_params(subject.model)
-        if tr.projector.block_size != features.block:
-            raise InfluenceError("the projection's block size differs from the features'")
+        if projection_kind(features.n_params, features.proj_dim) != features.projection:
+            raise InfluenceError("the features were projected another way; compute them again")
         acc = torch.zeros(features.proj_dim, dtype=torch.float32)
         bs = max(1, _batch_size(InfluenceConfig(), features.n_params))
         for i in range(0, len(targets), bs):

@@ -85,10 +85,18 @@ def test_circuit_parameters_are_the_members_layers_projections(subject) -> None:
         circuit_parameters(subject, ["EMB"])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_scores_are_trak_s_formula_over_the_circuit(arch: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "arch, projection", [("gpt2", "gaussian"), ("llama", "gaussian"), ("gpt2", "countsketch")]
+)
+def test_scores_are_trak_s_formula_over_the_circuit(
+    arch: str, projection: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from trak.projectors import BasicProjector, ProjectionType
 
+    import rca.provenance.influence as influence
+
+    if projection == "countsketch":  # the projection of a circuit too large for the matrix
+        monkeypatch.setattr(influence, "PROJECTION_MATRIX_BYTES", 0)
     subject = Subject.from_model(tiny_model(arch, seed=7), word_tokenizer())
 
     texts = _texts()
@@ -107,15 +115,19 @@ def test_scores_are_trak_s_formula_over_the_circuit(arch: str, tmp_path: Path) -
     )
     gx = torch.stack([_metric_grad(subject, names, t) for t in _targets()]).mean(0)
     n_params = G.shape[1]
-    proj = BasicProjector(
-        grad_dim=n_params,
-        proj_dim=128,
-        seed=0,
-        proj_type=ProjectionType.normal,
-        device=torch.device("cpu"),
-        block_size=f.block,
-        dtype=torch.float32,
-    )
+    assert f.projection == projection
+    if projection == "gaussian":
+        proj = BasicProjector(
+            grad_dim=n_params,
+            proj_dim=128,
+            seed=0,
+            proj_type=ProjectionType.normal,
+            device=torch.device("cpu"),
+            block_size=128,
+            dtype=torch.float32,
+        )
+    else:
+        proj = influence._countsketch_class()(n_params, 128, 0, "cpu")
     P = proj.project(torch.eye(n_params), model_id=0).double()  # (n_params, 128)
     X = (G.double() @ P) / math.sqrt(n_params)
     q = (gx.double() @ P) / math.sqrt(n_params)
@@ -187,3 +199,18 @@ def test_tfidf_ranks_the_texts_that_share_the_query_s_rare_words() -> None:
     texts = ["w1 w2 w3", "w1 w1 w9", "w4 w5 w6", "w9 w8 w1", "w2 w2 w2"]
     s = tfidf_scores(texts, ["w9 w8"])
     assert list(np.argsort(-s)[:2]) == [3, 1] and s[2] == 0 and s[4] == 0
+
+
+def test_the_count_sketch_keeps_inner_products_as_a_gaussian_projection_does() -> None:
+    """A JL transform: squared norms and inner products scaled by proj_dim, within a few
+    percent at 512 dimensions, for dense vectors."""
+    from rca.provenance.influence import _countsketch_class
+
+    n, p = 20_000, 512
+    sketch = _countsketch_class()(n, p, 3, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, n, generator=g)
+    y = 0.6 * x + 0.8 * y  # correlated: inner product about 0.6 n
+    sx, sy = sketch.project(torch.stack([x, y]), model_id=0)
+    assert float(sx @ sx) / (p * float(x @ x)) == pytest.approx(1, abs=0.1)
+    assert float(sx @ sy) / (p * float(x @ y)) == pytest.approx(1, abs=0.15)
