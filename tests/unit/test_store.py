@@ -620,6 +620,7 @@ def test_notes_are_append_only(db: Path) -> None:
         "record_monitor",
         "record_monitor_eval",
         "record_alerts",
+        "record_provenance",
     }
     for bad in (
         dict(author="ana", text="orphan"),
