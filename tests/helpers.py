@@ -291,6 +291,20 @@ def rca_cli(*args: str) -> tuple[int, str, str]:
     return r.exit_code, r.stdout, r.stderr
 
 
+def rca_cli_named(*args: str) -> tuple[int, str, str]:
+    """``rca_cli``, with an unexpected exception's type and message added to stderr (a
+    traceback says which)."""
+    from typer.testing import CliRunner
+
+    from rca.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    err = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        err += f"{type(r.exception).__name__}: {r.exception}"
+    return r.exit_code, r.stdout, err
+
+
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     """Exit code 2 and one ``error:`` line on stderr, no traceback, naming every needle.
 

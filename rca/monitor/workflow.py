@@ -40,6 +40,8 @@ __all__ = [
     "read_prompts",
     "revalidate",
     "run_prompts",
+    "run_subject",
+    "stored_incident",
 ]
 
 MAX_PROMPT_LINES = 100_000
@@ -57,7 +59,10 @@ def stored_incident(run: dict[str, Any]) -> Incident:
     return _stored_incident(run["incident"])
 
 
-def _load(incident: Incident, *, model: str | None, device: str, home: Path | None) -> Subject:
+def run_subject(
+    incident: Incident, *, model: str | None, device: str, home: Path | None
+) -> Subject:
+    """The model a stored run's incident names (or ``model``, where given), loaded."""
     # imported here, at call time, like every loader the command line reaches
     from rca.model.subject import load_subject, resolve_model_ref
 
@@ -83,7 +88,7 @@ def build_and_record(
     cfg.check()
     run = store.get_run(run_id)
     incident = stored_incident(run)
-    subject = _load(incident, model=model, device=device, home=home)
+    subject = run_subject(incident, model=model, device=device, home=home)
     monitor, _ = build_monitor(run, incident, subject, cfg)
     d = out or Path("monitors") / f"{incident.id}-{monitor.monitor_id[:8]}"
     path = save_monitor(monitor, d)
@@ -133,7 +138,7 @@ def evaluate_and_record(
     """Judge ``monitor`` on its held-out prompts (with the baselines) and record the figures."""
     run = store.get_run(monitor.run_id)
     incident = stored_incident(run)
-    subject = _load(incident, model=model, device=device, home=home)
+    subject = run_subject(incident, model=model, device=device, home=home)
     monitor.check_model(subject.fingerprint)
     result = evaluate_monitor(monitor, incident, subject, baselines=baselines, batch=batch)
     store.record_monitor_eval(

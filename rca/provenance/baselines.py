@@ -57,6 +57,7 @@ def gradient_similarity(
     dotted with the mean gradient of the incident metric over ``targets`` (no projection, no
     curvature): (len(texts),)."""
     from rca.provenance.influence import (
+        batch_size,
         gradient_computer_class,
         output_class,
         query_batch,
@@ -74,7 +75,7 @@ def gradient_similarity(
         device=subject.device,
         grad_wrt=names,
     )
-    bs = max(1, min(64, (64 << 20) // (4 * n_params)))
+    bs = batch_size(n_params)
 
     def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([grads[k].reshape(grads[k].shape[0], -1) for k in names], dim=1)

@@ -52,7 +52,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,6 @@ class Features:
     seconds: float = 0.0
     projection: str = "gaussian"  # or "countsketch" (PROJECTION_MATRIX_BYTES)
     cached: bool = False  # read from an earlier run, not computed now
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def meta(self) -> dict[str, Any]:
         d = asdict(self)
@@ -396,10 +395,11 @@ def query_batch(subject: Subject, targets: Sequence[Target]) -> tuple[torch.Tens
     )
 
 
-def _batch_size(cfg: InfluenceConfig, n_params: int) -> int:
-    """Examples per vmapped pass: per-example gradients of 64 MiB at most, 1 to 64."""
-    if cfg.batch_size:
-        return cfg.batch_size
+def batch_size(n_params: int, given: int = 0) -> int:
+    """Examples per vmapped pass: ``given``, else per-example gradients of 64 MiB at most,
+    1 to 64."""
+    if given:
+        return given
     return max(1, min(64, (64 << 20) // (4 * max(1, n_params))))
 
 
@@ -452,7 +452,7 @@ def featurize(
     t0 = time.perf_counter()
     model_params = dict(subject.model.named_parameters())
     n_params = sum(model_params[p].numel() for p in params)
-    bs = _batch_size(cfg, n_params)
+    bs = batch_size(n_params, cfg.batch_size)
     n = len(texts)
     cache_root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.partial-", dir=cache_root))
@@ -569,7 +569,7 @@ def query_scores(subject: Subject, features: Features, targets: Sequence[Target]
         if projection_kind(features.n_params, features.proj_dim) != features.projection:
             raise InfluenceError("the features were projected another way; compute them again")
         acc = torch.zeros(features.proj_dim, dtype=torch.float32)
-        bs = max(1, _batch_size(InfluenceConfig(), features.n_params))
+        bs = batch_size(features.n_params)
         for i in range(0, len(targets), bs):
             batch = query_batch(subject, targets[i : i + bs])
             g = tr.gradient_computer.compute_per_sample_grad(batch=batch)

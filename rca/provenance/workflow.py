@@ -36,7 +36,7 @@ TEXT_CHARS = 2000  # the text kept per recorded example
 
 @dataclass
 class ProvenanceResult:
-    query_id: str | None
+    query_id: str
     run_id: str
     incident_id: str
     circuit: list[str]
@@ -110,11 +110,12 @@ def provenance_for_run(
     device: str = "cpu",
     home: Path | None = None,
     cache_root: Path | None = None,
-    record: bool = True,
+    subject: Subject | None = None,
 ) -> ProvenanceResult:
     """Rank the training examples at ``data_path`` by their influence on run ``run_id``'s
-    incident, over its circuit's parameters (``cfg.scope``), and record the top ``top_k``."""
-    from rca.monitor.workflow import _load, stored_incident
+    incident, over its circuit's parameters (``cfg.scope``), and record the top ``top_k``.
+    ``subject``: the run's model, already loaded (else it is loaded here)."""
+    from rca.monitor.workflow import run_subject, stored_incident
     from rca.zoo.build import zoo_home
 
     cfg.check()
@@ -128,7 +129,8 @@ def provenance_for_run(
     if len(data) == 0:
         raise InfluenceError(f"--data {data_path}: no examples")
     t0 = time.perf_counter()
-    subject = _load(incident, model=model, device=device, home=home)
+    if subject is None:
+        subject = run_subject(incident, model=model, device=device, home=home)
     params = (
         circuit_parameters(subject, circuit)
         if cfg.scope == "circuit"
@@ -144,7 +146,9 @@ def provenance_for_run(
         cache_root=root,
     )
     targets, queries = incident_targets(subject, incident)
+    t_query = time.perf_counter()
     scores = query_scores(subject, features, targets)
+    query_seconds = time.perf_counter() - t_query
     order = np.argsort(-scores, kind="stable")[: min(top_k, len(data))]
     top = [
         {
@@ -158,20 +162,19 @@ def provenance_for_run(
     summ = _summary(data, top, scores)
     summ["features_cached"] = features.cached
     summ["features_seconds"] = features.seconds
+    summ["query_seconds"] = query_seconds
     seconds = time.perf_counter() - t0
-    query_id = None
-    if record:
-        query_id = store.record_provenance(
-            run_id=run["run_id"],
-            incident_id=incident.id,
-            features=features.meta() | {"path": str(features.path), "data_path": str(data.path)},
-            method=f"trak-{cfg.scope}",
-            circuit=circuit,
-            queries=queries,
-            examples=top,
-            seconds=seconds,
-            summary=summ,
-        )
+    query_id = store.record_provenance(
+        run_id=run["run_id"],
+        incident_id=incident.id,
+        features=features.meta() | {"path": str(features.path), "data_path": str(data.path)},
+        method=f"trak-{cfg.scope}",
+        circuit=circuit,
+        queries=queries,
+        examples=top,
+        seconds=seconds,
+        summary=summ,
+    )
     return ProvenanceResult(
         query_id=query_id,
         run_id=run["run_id"],
