@@ -41,8 +41,9 @@ def _positive(row: dict[str, Any], *keys: str) -> None:
 
 
 def _stages_account_for_wall(row: dict[str, Any]) -> None:
-    """The stages' times sum to the wall time, less what runs between them (the memory each
-    stage leaves is released before the next: a garbage collection)."""
+    """The stages' times sum to the wall time, less what runs between them (each stage's time
+    includes releasing the memory it leaves, a garbage collection whose cost grows with the
+    process's heap)."""
     stages = sum(row["stages_s"].values())
     assert 0 <= row["wall_s"] - stages <= 0.05 * row["wall_s"] + 0.5, (row["wall_s"], stages)
 
