@@ -29,9 +29,11 @@ share over the fit variants, and the shortest prefix of that order that holds on
 holds on the most variants is reported, marked as not holding. Every choice reads fit variants
 only.
 
-The variants run through one ``Ablator`` each, without reference recordings of their own: the
-mean values, which do not depend on the prompt, are recorded once over the reference prompts,
-and only where a variant has no counterfactual that lines up.
+Each variant has an ``Ablator`` of its own, without reference recordings: the mean values,
+which do not depend on the prompt, are recorded once over the reference prompts, and only where
+a variant has no counterfactual that lines up. The variants' experiments run together
+(``rca.confirm.engine.run_stacked``): the variants share forward passes, right-padded to the
+longest, as many variants' recordings at once as ``RECORDINGS_BUDGET`` holds.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Any
 import torch
 
 from rca.benign import benign_prompts
-from rca.confirm.engine import Ablator
+from rca.confirm.engine import Ablator, Variant, run_stacked
 from rca.confirm.evidence import ConfirmConfig, ConfirmError, Verdict
 from rca.model.ids import parse_id
 from rca.model.metric import Target, reference_point, share_removed
@@ -61,6 +63,10 @@ __all__ = [
 ]
 
 NEURON_KINDS = ("neuron", "neurons")  # one MLP neuron (L3.N5), a group of them (L3.N5+17)
+# the variants' clean and counterfactual recordings held at once while their experiments share
+# passes; a variant's are about 2 * layers * positions * 3 d_model floats (25 MB for SmolLM2-135M
+# at 60 tokens)
+RECORDINGS_BUDGET = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -188,33 +194,33 @@ def behaviour_evidence(
         circuit_shares=[] if circuit else None,
         variant_share=cfg.variant_share,
     )
-    for v in variants:
-        ab, src, m_clean, m_ref = _setup(subject, v, cfg, means, neuron_layers)
-        gap = m_clean - m_ref
+    runs: list[Variant] = [{c: ""} for c in ids]  # each variant patches from its own source
+    runs.append(dict.fromkeys(cause, ""))
+    runs += [{c: "" for c in cause if c != m} for m in cause]
+    if circuit:
+        runs.append(dict.fromkeys(circuit, ""))
+    for v, m in zip(
+        variants, _measured(subject, variants, cfg, means, neuron_layers, runs), strict=True
+    ):
+        gap = m.clean - m.ref
         out.indices.append(v.index)
-        out.patch.append("counterfactual" if src == "baseline" else "mean")
+        out.patch.append("counterfactual" if m.source == "baseline" else "mean")
         out.gaps.append(gap)
-        runs: list[dict[str, str]] = [{c: src} for c in ids]
-        runs.append({c: src for c in cause})
-        runs += [{c: src for c in cause if c != m} for m in cause]
-        if circuit:
-            runs.append({c: src for c in circuit})
-        got = ab.run(runs).tolist()
         share = [
-            share_removed(m_clean, m_ref, m_clean - x, conts=v.target.n_conts) if gap > 0 else 0.0
-            for x in got
+            share_removed(m.clean, m.ref, m.clean - x, conts=v.target.n_conts) if gap > 0 else 0.0
+            for x in m.values
         ]
-        for c, s in zip(ids, share, strict=False):
-            effects[c].append(s)
+        for c, sh in zip(ids, share, strict=False):
+            effects[c].append(sh)
         k = len(ids)
         set_share = share[k] if cause else 0.0
         out.set_shares.append(set_share)
-        for j, m in enumerate(cause):
-            necessities[m].append(set_share - share[k + 1 + j])
+        for j, c in enumerate(cause):
+            necessities[c].append(set_share - share[k + 1 + j])
         if circuit:
             assert out.circuit_shares is not None
             out.circuit_shares.append(share[-1])
-        out.forward_equiv += ab.forward_equiv
+        out.forward_equiv += m.forward_equiv
     n = len(variants)
     out.set_holds = _holds(out.set_shares, cfg)
     for c in ids:
@@ -241,28 +247,75 @@ def behaviour_evidence(
     return out
 
 
-def _setup(
+@dataclass
+class _Measured:
+    """One variant's experiments: what it patches from (``baseline``: its counterfactual, or
+    ``mean``), its metric and reference point, the metric under each run, and their cost."""
+
+    source: str
+    clean: float
+    ref: float
+    values: list[float]
+    forward_equiv: float
+
+
+def _ablator(
     subject: Subject,
     v: FitVariant,
     cfg: ConfirmConfig,
     means: dict[str, torch.Tensor] | None,
     neuron_layers: set[int | None],
-) -> tuple[Ablator, str, float, float]:
-    """A variant's ablator, what it patches from (``baseline``: its counterfactual, or
-    ``mean``), its metric and its reference point."""
+) -> Ablator:
     ab = Ablator(subject, v.target, baseline=v.counterfactual, batch_size=cfg.batch_size)
     ab.record_neurons(x for x in neuron_layers if x is not None)
     if v.counterfactual is None:
         assert means is not None
         ab.means = dict(means)
-    src = "baseline" if v.counterfactual is not None else "mean"
-    m_clean = ab.metric_clean
-    if v.counterfactual is not None:
-        assert ab.metric_baseline is not None
-        m_ref = reference_point(m_clean, ab.metric_baseline, n_conts=v.target.n_conts)
-    else:
-        m_ref = float(ab.run([{c: "mean" for c in ab.components}])[0])
-    return ab, src, m_clean, m_ref
+    return ab
+
+
+def _recorded_bytes(ab: Ablator) -> int:
+    tensors = [*ab.clean.values(), *ab.layer_out, *(ab.base or {}).values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _measured(
+    subject: Subject,
+    variants: Sequence[FitVariant],
+    cfg: ConfirmConfig,
+    means: dict[str, torch.Tensor] | None,
+    neuron_layers: set[int | None],
+    runs: Sequence[Variant],
+) -> list[_Measured]:
+    """``runs`` (their components; the source is each variant's) on every variant, the
+    variants' experiments sharing passes: as many variants at a time as ``RECORDINGS_BUDGET``
+    holds the recordings of."""
+    out: list[_Measured] = []
+    todo = list(variants)
+    while todo:
+        group = [_ablator(subject, todo[0], cfg, means, neuron_layers)]
+        fits = max(1, RECORDINGS_BUDGET // max(1, _recorded_bytes(group[0])))
+        group += [_ablator(subject, v, cfg, means, neuron_layers) for v in todo[1:fits]]
+        jobs: list[tuple[Ablator, list[Variant]]] = []
+        for v, ab in zip(todo, group, strict=False):
+            src = "baseline" if v.counterfactual is not None else "mean"
+            own = [dict.fromkeys(r, src) for r in runs]
+            if v.counterfactual is None:  # its reference point: every component at its mean
+                own.insert(0, dict.fromkeys(ab.components, "mean"))
+            jobs.append((ab, own))
+        got = run_stacked(jobs, batch_size=cfg.batch_size)
+        for v, ab, vals in zip(todo, group, got, strict=False):
+            values = vals.tolist()
+            if v.counterfactual is not None:
+                assert ab.metric_baseline is not None
+                ref = reference_point(ab.metric_clean, ab.metric_baseline, n_conts=v.target.n_conts)
+                out.append(_Measured("baseline", ab.metric_clean, ref, values, ab.forward_equiv))
+            else:
+                out.append(
+                    _Measured("mean", ab.metric_clean, values[0], values[1:], ab.forward_equiv)
+                )
+        todo = todo[len(group) :]
+    return out
 
 
 def _holds(shares: Sequence[float], cfg: ConfirmConfig) -> float:
@@ -307,13 +360,12 @@ def _cause_set(
     if not prefixes or not shown:
         return BehaviourCauseSet([], "fit set", idx, [], 0.0, False, tried, excluded)
     per: list[list[float]] = [[] for _ in prefixes]
-    for j in shown:
-        ab, src, m_clean, m_ref = _setup(subject, variants[j], cfg, means, neuron_layers)
-        got = ab.run([{c: src for c in p} for p in prefixes]).tolist()
-        conts = variants[j].target.n_conts
-        for k, x in enumerate(got):
-            per[k].append(share_removed(m_clean, m_ref, m_clean - x, conts=conts))
-        ev.forward_equiv += ab.forward_equiv
+    pv = [variants[j] for j in shown]
+    runs = [dict.fromkeys(p, "") for p in prefixes]
+    for v, m in zip(pv, _measured(subject, pv, cfg, means, neuron_layers, runs), strict=True):
+        for k, x in enumerate(m.values):
+            per[k].append(share_removed(m.clean, m.ref, m.clean - x, conts=v.target.n_conts))
+        ev.forward_equiv += m.forward_equiv
     holds = [_holds(x, cfg) for x in per]
     tried += [{"components": p, "holds": h} for p, h in zip(prefixes, holds, strict=True)]
     best = next((k for k, h in enumerate(holds) if h >= cfg.variant_share), None)

@@ -44,6 +44,7 @@ __all__ = [
     "Site",
     "Variant",
     "auto_batch_size",
+    "run_stacked",
 ]
 
 SOURCES = ("zero", "mean", "resample", "baseline", "clean")
@@ -375,10 +376,15 @@ class Ablator:
 
         ``index_offset``: variant i is run with index ``index_offset + i``, which picks the
         reference prompt a ``resample`` value draws (``OFFSET_*``)."""
+        return run_stacked([(self, variants)], index_offsets=[index_offset])[0]
+
+    def _plan(self, variants: Sequence[Variant]) -> _Plan:
+        """Which of ``variants`` must run: the others are answered by the memo or repeat one
+        of this call."""
         out = torch.empty(len(variants))
         todo: list[int] = []
         first_of: dict[tuple[tuple[str, str], ...], int] = {}
-        copies: list[tuple[int, int]] = []  # (index, index of the same variant in this call)
+        copies: list[tuple[int, int]] = []
         for i, v in enumerate(variants):
             key = self._memo_key(v) if self.memo else None
             if key is not None and key in self._memo:
@@ -389,101 +395,47 @@ class Ablator:
                 if key is not None:
                     first_of[key] = i
                 todo.append(i)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i in todo:
-            v = variants[i]
-            groups.setdefault((self.first_layer(v), self.last_layer(v)), []).append(i)
-        # one group per first ablated layer (and last layer run), so that every pass reuses
-        # all it can
-        for _, idx in sorted(groups.items()):
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start : start + self.batch_size]
-                vals = self._run_chunk(
-                    [variants[i] for i in chunk], [index_offset + i for i in chunk]
-                )
-                out[chunk] = vals
-        for key, i in first_of.items():
-            self._memo[key] = float(out[i])
-        for i, j in copies:
-            out[i] = out[j]
-        self.n_reused += len(variants) - len(todo)
-        return out
+        return _Plan(out, todo, first_of, copies)
 
-    def _edit_hooks(self, variants: list[Variant], indices: list[int]) -> list[Any]:
-        """Hooks that set each batch element's sites to its variant's values; the caller
-        removes them."""
-        K, rows = len(variants), self.target.rows
+    def _finish(self, plan: _Plan, n: int) -> torch.Tensor:
+        """Fill the memo and the repeats from what ran."""
+        for key, i in plan.first_of.items():
+            self._memo[key] = float(plan.out[i])
+        for i, j in plan.copies:
+            plan.out[i] = plan.out[j]
+        self.n_reused += n - len(plan.todo)
+        return plan.out
+
+    def _edits(
+        self, variants: Sequence[Variant], indices: Sequence[int]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per edited site: a mask and the values, both (len(variants) * rows, pos, width), in
+        the row order of ``Target.input_ids(len(variants))``. An id with a position
+        ("L3.H2@7") edits that position only."""
+        K = len(variants)
         dev = self.subject.device
-        # per site: mask (K, pos, width) and values (K, rows, pos, width); an id with a
-        # position ("L3.H2@7") edits that position only
         edits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for k, (variant, vidx) in enumerate(zip(variants, indices, strict=True)):
             for cid, source in variant.items():
                 key, sl, _ = self.site(cid)
                 pos = parse_id(cid).pos
                 at = slice(None) if pos is None else slice(pos, pos + 1)
-                clean = self.clean[key]
+                clean = self.clean[key]  # (rows, pos, width)
                 if key not in edits:
                     edits[key] = (
-                        torch.zeros(K, *clean.shape[1:], device=dev, dtype=clean.dtype),
+                        torch.zeros(K, *clean.shape, device=dev, dtype=clean.dtype),
                         torch.zeros(K, *clean.shape, device=dev, dtype=clean.dtype),
                     )
                 mask, values = edits[key]
                 # views first: an index list beside the batch index would move its axis
-                mask[k][at][..., sl] = 1
+                mask[k][:, at][..., sl] = 1
                 values[k][:, at][..., sl] = self.value(key, source, vidx)[:, at][..., sl]
-        handles = []
-        for key, mod, pre in self._site_keys():
-            if key not in edits:
-                continue
-            mask, values = edits[key]
+        return {k: (m.flatten(0, 1), v.flatten(0, 1)) for k, (m, v) in edits.items()}
 
-            def apply(x: torch.Tensor, _m=mask, _v=values) -> torch.Tensor:
-                xv = x.view(K, rows, *x.shape[1:])
-                m = _m.unsqueeze(1)  # (K, 1, pos, width)
-                return (xv * (1 - m) + _v * m).view_as(x)
-
-            if pre:
-                handles.append(
-                    mod.register_forward_pre_hook(lambda mm, a, _f=apply: (_f(a[0]), *a[1:]))
-                )
-            else:
-                handles.append(mod.register_forward_hook(lambda mm, a, o, _f=apply: _f(o)))
-        return handles
-
-    def _run_chunk(self, variants: list[Variant], indices: list[int]) -> torch.Tensor:
-        """The metric under each of ``variants`` (run with ``indices``), from one batched
-        forward pass: (len(variants),)."""
-        K, rows = len(variants), self.target.rows
-        dev = self.subject.device
-        first = min((self.first_layer(v) for v in variants), default=self.adapter.n_layers)
-        first = min(first, self.adapter.n_layers) if self.reuse else 0
-        top_layer = self.adapter.n_layers - 1
-        last = max(self.last_layer(v) for v in variants) if self.reuse else top_layer
-        handles = []
-        try:
-            handles = self._edit_hooks(variants, indices)
-            ids = self.target.input_ids(K, device=dev)
-            below = self.layer_out[first - 1] if first > 0 else None
-            # no KV cache: the stubs would leave holes in it, and nothing is generated; the top
-            # MLP computes only the positions the metric reads, unless its neurons are edited
-            top_neurons = f"n{top_layer}"
-            edits_top = any(self.site(c).key == top_neurons for v in variants for c in v)
-            with (
-                layers_skipped(self.subject, first, below),
-                layers_frozen(self.subject, last, self.layer_out),
-                top_mlp_trimmed(self.subject, 0 if edits_top else self.target.keep),
-            ):
-                logits = self.subject.model(
-                    input_ids=ids, use_cache=False, **logits_kwargs(self.subject.model, self.target)
-                ).logits
-        finally:
-            for h in handles:
-                h.remove()
-        self.n_forward_rows += K * rows
-        computed = max(0, last + 1 - first) / self.adapter.n_layers
-        self.forward_equiv += K * computed
-        return self.target.metric(logits).float().cpu()
+    def _edit_hooks(self, variants: list[Variant], indices: list[int]) -> list[Any]:
+        """Hooks that set each batch element's sites to its variant's values; the caller
+        removes them."""
+        return _hooks(self.subject, self._site_keys(), self._edits(variants, indices))
 
     # -- path patching -----------------------------------------------------------------------
     def _write_hook(self, out: list[torch.Tensor]) -> Callable[..., None]:
@@ -567,3 +519,199 @@ class Ablator:
             variants.append(dict.fromkeys(down, name))
         vals = self.run(variants) if variants else torch.empty(0)
         return [self.metric_clean - float(v) for v in vals]
+
+
+class _Plan(NamedTuple):
+    """One ``run`` call's bookkeeping: the metrics (filled as they come), the variants that must
+    run, each deterministic variant's first index, and the repeats of it."""
+
+    out: torch.Tensor
+    todo: list[int]
+    first_of: dict[tuple[tuple[str, str], ...], int]
+    copies: list[tuple[int, int]]  # (index, index of the same variant in this call)
+
+
+def _hooks(
+    subject: Subject,
+    site_keys: Sequence[tuple[str, nn.Module, bool]],
+    edits: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> list[Any]:
+    """Hooks that blend each edited site with its values where its mask is set: the mask and
+    values are (batch rows, pos, width) like the site's activation. The caller removes them."""
+    handles = []
+    for key, mod, pre in site_keys:
+        if key not in edits:
+            continue
+        mask, values = edits[key]
+
+        def apply(x: torch.Tensor, _m=mask, _v=values) -> torch.Tensor:
+            return x * (1 - _m) + _v * _m
+
+        if pre:
+            handles.append(
+                mod.register_forward_pre_hook(lambda mm, a, _f=apply: (_f(a[0]), *a[1:]))
+            )
+        else:
+            handles.append(mod.register_forward_hook(lambda mm, a, o, _f=apply: _f(o)))
+    return handles
+
+
+def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` (rows, pos, ...) with zeros after its positions up to ``width``."""
+    if x.shape[1] == width:
+        return x
+    pad = x.new_zeros(x.shape[0], width - x.shape[1], *x.shape[2:])
+    return torch.cat([x, pad], dim=1)
+
+
+@torch.inference_mode()
+def run_stacked(
+    jobs: Sequence[tuple[Ablator, Sequence[Variant]]],
+    *,
+    index_offsets: Sequence[int] | None = None,
+    batch_size: int = 0,
+) -> list[torch.Tensor]:
+    """``Ablator.run`` for several ablators of one subject at once: each job's variants on its
+    own target, the variants of different targets sharing forward passes.
+
+    Targets of different lengths are right-padded to the longest in the pass: a causal model's
+    positions never read later ones, so the padding changes no metric (beyond float summation
+    order), and each target's metric is read from its own rows. Variants are grouped by the
+    layers they need run (first ablated, last not held clean) as in ``run``, and sorted by
+    length within a group so that little is padded; ``batch_size`` (0: the first ablator's)
+    variants share a pass. Each ablator keeps its own memo and counts its own share of the
+    work in ``forward_equiv``: its rows times the layers run, times the padded width over its
+    own length."""
+    if not jobs:
+        return []
+    subject = jobs[0][0].subject
+    if any(ab.subject is not subject for ab, _ in jobs):
+        raise ConfirmError("run_stacked needs ablators of one subject")
+    offsets = list(index_offsets) if index_offsets is not None else [0] * len(jobs)
+    plans = [ab._plan(vs) for ab, vs in jobs]
+    size = batch_size or jobs[0][0].batch_size
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}  # -> (job, variant index)
+    for j, ((ab, vs), plan) in enumerate(zip(jobs, plans, strict=True)):
+        for i in plan.todo:
+            groups.setdefault((ab.first_layer(vs[i]), ab.last_layer(vs[i])), []).append((j, i))
+    for _, items in sorted(groups.items()):
+        items.sort(key=lambda x: (jobs[x[0]][0].target.length, x[0]))
+        for start in range(0, len(items), size):
+            chunk = items[start : start + size]
+            vals = _run_stacked_chunk(jobs, chunk, offsets)
+            for (j, i), v in zip(chunk, vals, strict=True):
+                plans[j].out[i] = v
+    return [ab._finish(plan, len(vs)) for (ab, vs), plan in zip(jobs, plans, strict=True)]
+
+
+def _run_stacked_chunk(
+    jobs: Sequence[tuple[Ablator, Sequence[Variant]]],
+    chunk: Sequence[tuple[int, int]],
+    offsets: Sequence[int],
+) -> list[float]:
+    """The metric under each (job, variant) of ``chunk`` from one batched forward pass; the
+    chunk's variants of one job are contiguous."""
+    blocks: list[tuple[Ablator, list[Variant], list[int]]] = []  # per job, in chunk order
+    for j, i in chunk:
+        ab, vs = jobs[j]
+        if not blocks or blocks[-1][0] is not ab:
+            blocks.append((ab, [], []))
+        blocks[-1][1].append(vs[i])
+        blocks[-1][2].append(offsets[j] + i)
+    first_ab = blocks[0][0]
+    subject, adapter = first_ab.subject, first_ab.adapter
+    dev, top_layer = subject.device, adapter.n_layers - 1
+    first = min(ab.first_layer(v) for ab, vs, _ in blocks for v in vs)
+    first = min(first, adapter.n_layers) if first_ab.reuse else 0
+    last = (
+        max(ab.last_layer(v) for ab, vs, _ in blocks for v in vs) if first_ab.reuse else top_layer
+    )
+    width = max(ab.target.length for ab, _, _ in blocks)
+    single = len(blocks) == 1
+    # where each target reads its metric: the last keep positions of its own length
+    start = min(ab.target.length - ab.target.keep for ab, _, _ in blocks)
+    keep = width - start
+    top_neurons = f"n{top_layer}"
+    edits_top = any(  # the top MLP's neurons are edited: it computes every position
+        ab.site(c).key == top_neurons for ab, vs, _ in blocks for v in vs for c in v
+    )
+
+    def layer_out(x: int) -> torch.Tensor:  # every row's clean output of layer x, padded
+        return torch.cat(
+            [_padded(ab.layer_out[x].repeat(len(vs), 1, 1), width) for ab, vs, _ in blocks]
+        )
+
+    edits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    per_block_edits = [ab._edits(vs, idx) for ab, vs, idx in blocks]
+    keys = {k for e in per_block_edits for k in e}
+    for key in keys:
+        masks, values = [], []
+        for (ab, vs, _), e in zip(blocks, per_block_edits, strict=True):
+            if key in e:
+                m, v = e[key]
+            else:
+                c = ab.clean[key]
+                m = c.new_zeros(len(vs) * c.shape[0], *c.shape[1:])
+                v = m
+            masks.append(_padded(m, width))
+            values.append(_padded(v, width))
+        edits[key] = (torch.cat(masks), torch.cat(values))
+    site_keys: dict[str, tuple[str, nn.Module, bool]] = {}
+    for ab, _, _ in blocks:
+        site_keys |= {k[0]: k for k in ab._site_keys()}
+    if single:
+        below = first_ab.layer_out[first - 1] if first > 0 else None
+        outs: Sequence[torch.Tensor] = first_ab.layer_out
+    else:
+        below = layer_out(first - 1) if first > 0 else None
+        stacked = {x: layer_out(x) for x in range(max(last, 0), adapter.n_layers)}
+        empty = torch.empty(0)
+        outs = [stacked.get(x, empty) for x in range(adapter.n_layers)]
+    ids = torch.cat(
+        [
+            torch.nn.functional.pad(
+                ab.target.input_ids(len(vs), device=dev),
+                (0, width - ab.target.length),
+                value=ab.target.pad_id,
+            )
+            for ab, vs, _ in blocks
+        ]
+    )
+    kw: dict[str, Any] = {}
+    if logits_kwargs(subject.model, first_ab.target):
+        kw["logits_to_keep"] = keep
+    if not single:
+        kw["attention_mask"] = torch.cat(
+            [
+                (torch.arange(width, device=dev) < ab.target.length)
+                .long()
+                .expand(len(vs) * ab.target.rows, width)
+                for ab, vs, _ in blocks
+            ]
+        )
+    handles: list[Any] = []
+    try:
+        handles = _hooks(subject, list(site_keys.values()), edits)
+        # no KV cache: the stubs would leave holes in it, and nothing is generated; the top
+        # MLP computes only the positions the metrics read, unless its neurons are edited
+        with (
+            layers_skipped(subject, first, below),
+            layers_frozen(subject, last, outs),
+            top_mlp_trimmed(subject, 0 if edits_top else keep),
+        ):
+            logits = subject.model(input_ids=ids, use_cache=False, **kw).logits
+    finally:
+        for h in handles:
+            h.remove()
+    computed = max(0, last + 1 - first) / adapter.n_layers
+    skipped = width - logits.shape[1]
+    got: list[float] = []
+    r = 0
+    for ab, vs, _ in blocks:
+        t, n = ab.target, len(vs)
+        own = logits[r : r + n * t.rows, : t.length - skipped]
+        r += n * t.rows
+        got += t.metric(own).float().cpu().tolist()
+        ab.n_forward_rows += n * t.rows
+        ab.forward_equiv += n * computed * width / t.length
+    return got

@@ -22,12 +22,13 @@ CAUSE = ["L1.H2", "L0.MLP"]
 REFS = [" ".join(f"w{i}" for i in range(k, k + 6)) for k in range(0, 48, 6)]
 
 
-def pair(s: Subject, k: int) -> tuple[Target, Target]:
-    """A prompt and its counterfactual (the fourth token replaced), the bad continuation the
-    token the model likes most after the prompt and the good one the token it likes least:
-    the prompt's metric is above its counterfactual's (the two swapped where needed)."""
-    prompt = (1, 5 + k, 6, 20, 8 + k, 9, 10)
-    other = (*prompt[:3], 21, *prompt[4:])
+def pair(s: Subject, k: int, extra: int = 0) -> tuple[Target, Target]:
+    """A prompt (``extra`` tokens longer than 7) and its counterfactual (the token before the
+    last four replaced), the bad continuation the token the model likes most after the prompt
+    and the good one the token it likes least: the prompt's metric is above its
+    counterfactual's (the two swapped where needed)."""
+    prompt = (1, *range(30, 30 + extra), 5 + k, 6, 20, 8 + k, 9, 10)
+    other = (*prompt[:-4], 21, *prompt[-3:])
     with torch.no_grad():
         logits = s.model(input_ids=torch.tensor([prompt])).logits[0, -1, 4:]
     bad, good = (int(logits.argmax()) + 4,), (int(logits.argmin()) + 4,)
@@ -112,3 +113,33 @@ def test_a_variant_without_a_counterfactual_is_ablated_to_the_reference_means(su
     assert ev.components[0].effects[0] == pytest.approx(want, abs=1e-4)
     with pytest.raises(Exception, match="reference"):
         behaviour_evidence(subject, verdict, [FitVariant(7, t, None)])
+
+
+def test_variants_of_different_lengths_sharing_passes_measure_what_each_alone_does(
+    subject, monkeypatch
+) -> None:
+    """The variants' experiments share forward passes, right-padded to the longest: the
+    evidence is what each variant measured on its own gives, and what the hooks give."""
+    import rca.confirm.behaviour as behaviour
+
+    verdict = SimpleNamespace(
+        cause_set=SimpleNamespace(components=CAUSE), circuit=None, config=ConfirmConfig()
+    )
+    variants = []
+    for k in range(4):
+        t, cf = pair(subject, k, extra=3 * k)
+        variants.append(FitVariant(k, t, cf if k != 2 else None))
+    kw = {"reference": REFS, "measured": ["L0.H1"]}
+    shared = behaviour_evidence(subject, verdict, variants, **kw)
+    monkeypatch.setattr(behaviour, "RECORDINGS_BUDGET", 1)  # one variant at a time
+    alone = behaviour_evidence(subject, verdict, variants, **kw)
+    assert shared.patch == ["counterfactual", "counterfactual", "mean", "counterfactual"]
+    assert all(g > 0 for g in shared.gaps)  # every variant shows the incident
+    for a, b in zip(shared.components, alone.components, strict=True):
+        assert a.effects == pytest.approx(b.effects, abs=1e-5)
+    assert shared.set_shares == pytest.approx(alone.set_shares, abs=1e-5)
+    for j in (0, 3):  # the shortest and the longest, by the hooks
+        v = variants[j]
+        assert v.counterfactual is not None
+        want = patched_share(subject, v.target, v.counterfactual, CAUSE)
+        assert shared.set_shares[j] == pytest.approx(want, abs=1e-4)
