@@ -23,6 +23,8 @@ def _line(text: str, width: int = 90) -> str:
 def _print(row: dict[str, Any], examples: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
+    from rca.report.stored import unlearning_sentence
+
     summ = row.get("summary") or {}
     circuit = ", ".join(row.get("circuit") or []) or "every parameter"
     out.print(
@@ -36,6 +38,8 @@ def _print(row: dict[str, Any], examples: list[dict[str, Any]]) -> None:
         shares = ", ".join(f"{k} {v:.0%}" for k, v in summ["top_sources"].items())
         data = ", ".join(f"{k} {v:.0%}" for k, v in (summ.get("data_sources") or {}).items())
         out.print(escape(f"sources of the top {len(examples)}: {shares} (in the data: {data})"))
+    if summ.get("unlearning"):
+        out.print(escape(unlearning_sentence(summ["unlearning"])))
     t = Table(title=f"the top {len(examples)} by influence on the incident metric")
     for col in ("rank", "example", "score", "text"):
         t.add_column(col, overflow="fold")
@@ -70,6 +74,17 @@ def provenance_cmd(
     model: str | None = typer.Option(
         None, "--model", help="The run's model, where the case's reference no longer finds it."
     ),
+    unlearn: bool = typer.Option(
+        False,
+        "--unlearn",
+        help="Also unlearn the top examples, and as many random ones, by a few steps of "
+        "gradient ascent over the same parameters within a benign KL bound, and measure the "
+        "incident after each: the approximation of retraining without them.",
+    ),
+    unlearn_steps: int = typer.Option(10, "--unlearn-steps", help="Unlearning steps."),
+    unlearn_kl: float = typer.Option(
+        0.05, "--unlearn-kl", help="Benign KL bound per next-token position, in nats."
+    ),
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N."),
     db: Path | None = DbOpt,
     home: Path | None = HomeOpt,
@@ -80,11 +95,16 @@ def provenance_cmd(
     top ones; without --data, show the run's recorded rankings."""
     from rca.cli.records import _resolve_run
     from rca.provenance.influence import InfluenceConfig
+    from rca.provenance.unlearn import UnlearnConfig
 
     cfg = InfluenceConfig(
         scope=scope, proj_dim=proj_dim, lambda_reg=lambda_reg, max_tokens=max_tokens
     )
     cfg.check()
+    ucfg = UnlearnConfig(steps=unlearn_steps, kl_bound=unlearn_kl, max_tokens=max_tokens)
+    ucfg.check()
+    if unlearn and data is None:
+        raise CliError("--unlearn needs --data: the examples to unlearn are read from it")
     if top < 1:
         raise CliError(f"--top must be at least 1, got {top}")
     if limit is not None and limit < 1:
@@ -126,6 +146,7 @@ def provenance_cmd(
         device=device,
         home=home,
         cache_root=cache,
+        unlearn=ucfg if unlearn else None,
     )
     row = {
         "query_id": res.query_id,

@@ -27,6 +27,7 @@ from rca.provenance.influence import (
     featurize,
     query_scores,
 )
+from rca.provenance.unlearn import UnlearnConfig
 
 __all__ = ["ProvenanceResult", "circuit_of", "incident_targets", "provenance_for_run"]
 
@@ -97,6 +98,30 @@ def _summary(data: TrainingData, top: list[dict[str, Any]], scores: np.ndarray) 
     return out
 
 
+def _unlearning(
+    subject: Subject,
+    incident: Any,
+    params: list[str],
+    data: TrainingData,
+    top: list[dict[str, Any]],
+    cfg: UnlearnConfig,
+) -> dict[str, Any]:
+    """The unlearning check of the top examples against random ones, on the incident's own
+    benign prompts (those its investigation measured side effects on)."""
+    from rca.ingest.preflight import reference_prompts
+    from rca.model.metric import encode_text
+    from rca.provenance.unlearn import unlearning_check
+
+    tok = subject.tokenizer
+    inc = incident.for_model(tok)
+    n_ctx = getattr(subject.adapter, "n_ctx", None)
+    benign, _ = reference_prompts(inc, cfg.n_benign, seed=1, tokenizer=tok, n_ctx=n_ctx)
+    benign = [b for b in benign if len(encode_text(tok, b)) >= 2]
+    return unlearning_check(
+        subject, incident, params, data.texts, [e["index"] for e in top], benign, cfg
+    )
+
+
 def provenance_for_run(
     store: Any,
     run_id: str,
@@ -111,14 +136,19 @@ def provenance_for_run(
     home: Path | None = None,
     cache_root: Path | None = None,
     subject: Subject | None = None,
+    unlearn: UnlearnConfig | None = None,
 ) -> ProvenanceResult:
     """Rank the training examples at ``data_path`` by their influence on run ``run_id``'s
     incident, over its circuit's parameters (``cfg.scope``), and record the top ``top_k``.
-    ``subject``: the run's model, already loaded (else it is loaded here)."""
+    ``subject``: the run's model, already loaded (else it is loaded here). ``unlearn``: also
+    unlearn the top ``top_k`` and as many random examples, and measure the incident after each
+    (``rca.provenance.unlearn``: an approximation of retraining), recorded in the summary."""
     from rca.monitor.workflow import run_subject, stored_incident
     from rca.zoo.build import zoo_home
 
     cfg.check()
+    if unlearn is not None:
+        unlearn.check()
     if top_k < 1:
         raise InfluenceError(f"--top must be at least 1, got {top_k}")
     run = store.get_run(run_id)
@@ -163,6 +193,8 @@ def provenance_for_run(
     summ["features_cached"] = features.cached
     summ["features_seconds"] = features.seconds
     summ["query_seconds"] = query_seconds
+    if unlearn is not None:
+        summ["unlearning"] = _unlearning(subject, incident, params, data, top, unlearn)
     seconds = time.perf_counter() - t0
     query_id = store.record_provenance(
         run_id=run["run_id"],

@@ -374,6 +374,8 @@ def _provenance_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
     lines = ["", "## Training data", "", m.text(p["heading"]) + "."]
     if p["sources"]:
         lines += ["", m.text(p["sources"])]
+    if p["unlearning"]:
+        lines += ["", m.text(p["unlearning"])]
     lines += ["", "| rank | example | score | text |", "|---:|---:|---:|---|"]
     lines += [
         f"| {r['rank']} | {r['index']} | {_f(r['score'], '.4g')} | {m.code(r['text'], cell=True)} |"

@@ -37,6 +37,7 @@ __all__ = [
     "behaviour_of",
     "fit_evidence_lines",
     "provenance_of",
+    "unlearning_sentence",
 ]
 
 
@@ -363,10 +364,28 @@ def fit_evidence_lines(run: Mapping[str, Any]) -> tuple[list[str], list[dict[str
 PROVENANCE_ROWS = 10  # ranked training examples a report shows
 
 
+def unlearning_sentence(u: Mapping[str, Any]) -> str:
+    """What unlearning the top examples and as many random ones did to P(bad), in one
+    sentence (``rca.provenance.unlearn``)."""
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    top, rnd = u["top"], u["random"]
+    return (
+        f"Unlearning ({u['label']}), P(bad) on {u['measured_on']}: {mean(u['p_bad_before']):.3f} "
+        f"before; {mean(top['p_bad_after']):.3f} after the top {top['n_examples']} "
+        f"({top['steps_taken']} steps, benign loss {top['benign_loss_change_pct']:+.1f}%); "
+        f"{mean(rnd['p_bad_after']):.3f} after {rnd['n_examples']} random "
+        f"({rnd['steps_taken']} steps, {rnd['benign_loss_change_pct']:+.1f}%)"
+    )
+
+
 def provenance_of(run: Mapping[str, Any]) -> dict[str, Any] | None:
     """The run's latest influence query as a report shows it: ``heading`` (the method, the
-    circuit, the prompts averaged over, the data), ``sources`` (a sentence, or None) and
-    ``rows`` (rank, index, score, text, fields) for the top ``PROVENANCE_ROWS``; None where
+    circuit, the prompts averaged over, the data), ``sources`` (a sentence, or None),
+    ``unlearning`` (a sentence, or None: ``unlearning_sentence``) and ``rows`` (rank, index,
+    score, text, fields) for the top ``PROVENANCE_ROWS``; None where
     ``rca provenance`` never ran on it."""
     p = run.get("provenance")
     if not p:
@@ -394,4 +413,6 @@ def provenance_of(run: Mapping[str, Any]) -> dict[str, Any] | None:
         }
         for e in (p.get("examples") or [])[:PROVENANCE_ROWS]
     ]
-    return {"heading": heading, "sources": sources, "rows": rows}
+    u = summ.get("unlearning")
+    unlearning = unlearning_sentence(u) + "." if u else None
+    return {"heading": heading, "sources": sources, "unlearning": unlearning, "rows": rows}

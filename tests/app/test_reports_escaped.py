@@ -100,7 +100,7 @@ def test_the_html_report_shows_payloads_as_text(xss_db: tuple[Path, str]) -> Non
     db, run_id = xss_db
     run = Store.reader(db).get_run(run_id)
     page = render_html(run)
-    assert "<h2>Training data</h2>" in page and "ticket" in page
+    assert "<h2>Training data</h2>" in page and "ticket" in page and "Unlearning (" in page
     assert_inert(page, LINK)
 
 
@@ -131,7 +131,7 @@ def test_the_regression_report_shows_payloads_as_text() -> None:
 def test_the_markdown_report_escapes_html_and_links(xss_db: tuple[Path, str]) -> None:
     db, run_id = xss_db
     md = render_markdown(Store.reader(db).get_run(run_id))
-    assert "## Training data" in md
+    assert "## Training data" in md and "0.500 after the top 1" in md
     assert_markdown_inert(md, LINK, f"note {SCRIPT} {IMG}", f"Title {SCRIPT} {IMG}")
 
 

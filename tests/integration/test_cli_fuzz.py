@@ -344,6 +344,7 @@ COMMANDS = [
                           "--scope": choice("circuit", "full", "heads"), "--proj-dim": number,
                           "--lambda": number, "--max-tokens": number, "--limit": number,
                           "--cache": path, "--model": model, "--device": choice(*DEVICES),
+                          "--unlearn": None, "--unlearn-steps": number, "--unlearn-kl": number,
                           "--db": path, "--json": None, **HOME}, (ref,), required=("ARG",)),
     Cmd(("demo",), {"--quick": None, "--full": None, "--real": None, "--cases": path,
                     "--reports": path, "--device": choice(*DEVICES), "--allow-pickle": None,
