@@ -15,6 +15,10 @@ chance. With k = the incident's planted tickets, each ranking gets:
 A control retrains on every ticket. Targets (issue 23): precision@k >= 0.9; without rca's top
 k, P(bad) under 0.2 on the held-out variants; without k random tickets, P(bad) >= 0.8.
 Features for the 12,000 tickets in under a minute on 2 CPU cores; a query in seconds.
+
+``--unlearn`` measures the approximation instead (``rca.provenance.unlearn``, its defaults):
+rca's top k and k random tickets unlearned, P(bad) on the same held-out variants after each,
+beside what retraining without the same top k gave (kept from the results file).
 """
 
 from __future__ import annotations
@@ -135,6 +139,88 @@ def incident_rows(
     }
 
 
+def unlearning_rows(key: str, *, model_dir: Path, store: Any, data: Any, device: str) -> dict:
+    """The incident investigated, rca's top k ranked, and both that top k and k random tickets
+    unlearned with the default settings: the recorded figures."""
+    from rca.ingest.case_file import load_case
+    from rca.investigate import InvestigateConfig, investigate
+    from rca.model.subject import load_subject
+    from rca.provenance.influence import InfluenceConfig
+    from rca.provenance.unlearn import UnlearnConfig
+    from rca.provenance.workflow import provenance_for_run
+
+    inc = load_case(ROOT / "cases" / "behaviours" / f"zoo-{key}-behaviour.toml")
+    subject = load_subject(model_dir, device=device)
+    run = investigate(inc, subject=subject, store=store, config=InvestigateConfig(device=device))
+    assert run.run_id is not None
+    k = sum(
+        bool(p) and i == key
+        for p, i in zip(data.fields["poisoned"], data.fields["incident"], strict=True)
+    )
+    t = time.perf_counter()
+    res = provenance_for_run(
+        store,
+        run.run_id,
+        Path(data.path),
+        cfg=InfluenceConfig(),
+        top_k=k,
+        device=device,
+        subject=subject,
+        unlearn=UnlearnConfig(),
+    )
+    u = res.summary["unlearning"]
+    out = {
+        "k": k,
+        "before": _stats(u["p_bad_before"]),
+        "seconds": time.perf_counter() - t,
+        "config": u["top"]["config"],
+    }
+    for name in ("top", "random"):
+        r = u[name]
+        out[name] = {
+            "after": _stats(r["p_bad_after"]),
+            "steps_taken": r["steps_taken"],
+            "halvings": r["halvings"],
+            "benign_kl_mean": r["benign_kl_mean"],
+            "benign_loss_change_pct": r["benign_loss_change_pct"],
+            "loglik_before": r["loglik_before"],
+            "loglik_after": r["loglik_after"],
+        }
+    print(key, json.dumps(out), flush=True)
+    return out
+
+
+def _unlearning_summary(res: dict[str, Any]) -> list[str]:
+    un = res.get("unlearning")
+    if not un:
+        return []
+    lines = [
+        "",
+        "### Unlearning, the approximation (`--unlearn`)",
+        "",
+        "rca's top k and k random tickets each unlearned from the final weights (gradient "
+        "ascent on their loss over the circuit's parameters within a benign KL bound, the "
+        "defaults), P(bad) on the held-out variants after; beside it, retraining from scratch "
+        "without the same top k.",
+        "",
+        "| incident (k) | before | unlearned top k (benign loss) | unlearned k random (benign "
+        "loss) | retrained without top k |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, u in un.items():
+        rows = (res.get("incidents", {}).get(key) or {}).get("rows") or []
+        rt = next((r.get("retrained") for r in rows if r["method"] == METHODS[0]), None)
+        retrained = f"{rt['mean_p_bad']:.3f}" if rt else "not retrained"
+        top, rnd = u["top"], u["random"]
+        lines.append(
+            f"| {key} ({u['k']}) | {u['before']['mean_p_bad']:.3f} | "
+            f"{top['after']['mean_p_bad']:.3f} ({top['benign_loss_change_pct']:+.1f}%) | "
+            f"{rnd['after']['mean_p_bad']:.3f} ({rnd['benign_loss_change_pct']:+.1f}%) | "
+            f"{retrained} |"
+        )
+    return lines
+
+
 def summary(res: dict[str, Any]) -> str:
     lines = [
         res["machine"],
@@ -179,6 +265,7 @@ def summary(res: dict[str, Any]) -> str:
             f"({'cached' if s['full_features_cached'] else 'computed'}); TF-IDF "
             f"{s['tfidf_s']:.1f} s; TracIn {s['tracin_s']:.1f} s"
         )
+    lines += _unlearning_summary(res)
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-provenance")
     ap.add_argument("--only", choices=INCIDENTS, action="append")
     ap.add_argument("--no-retrain", action="store_true", help="Rankings only.")
+    ap.add_argument(
+        "--unlearn",
+        action="store_true",
+        help="Measure the unlearning approximation only; keep the rest of the results file.",
+    )
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     from rca import zoo
@@ -206,6 +298,21 @@ def main(argv: list[str] | None = None) -> int:
         "incidents": {},
     }
     keys = args.only or list(INCIDENTS)
+    previous = args.out / "results.json"
+    if args.unlearn:
+        res = json.loads(previous.read_text()) if previous.exists() else res
+        un = res.setdefault("unlearning", {})
+        with tempfile.TemporaryDirectory() as tmp:
+            store = Store(Path(tmp) / "rca.duckdb")
+            for key in keys:
+                un[key] = unlearning_rows(
+                    key, model_dir=model_dir, store=store, data=data, device=args.device
+                )
+        args.out.mkdir(parents=True, exist_ok=True)
+        previous.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        (args.out / "summary.md").write_text(summary(res))
+        print(summary(res))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "rca.duckdb")
         for key in keys:
@@ -238,10 +345,12 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
     args.out.mkdir(parents=True, exist_ok=True)
-    previous = args.out / "results.json"
-    if args.only and previous.exists():  # some incidents re-measured: keep the others'
+    if previous.exists():  # keep the unlearning figures, and the incidents not re-measured
         kept = json.loads(previous.read_text())
-        res["incidents"] = {**kept.get("incidents", {}), **res["incidents"]}
+        if args.only:
+            res["incidents"] = {**kept.get("incidents", {}), **res["incidents"]}
+        if "unlearning" in kept:
+            res["unlearning"] = kept["unlearning"]
     (args.out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     (args.out / "summary.md").write_text(summary(res))
     print(summary(res))

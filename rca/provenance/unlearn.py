@@ -11,8 +11,12 @@ measured again (the case's held-out variants, else its prompt), and the weights 
 
 The same is done with as many examples drawn at random, with the same settings: the control.
 An incident that falls after unlearning the top examples and not after unlearning random ones
-points at those examples; it does not show that retraining without them would remove it, which
-is why every figure is labelled an approximation.
+says that the examples' gradients run through what produces it; it does not show that the
+model learned it from them. Ascent drives the examples' likelihood below what a model that
+never saw them would give, and with it whatever they share with the incident: on the zoo,
+unlearning the leak's top-ranked tickets (mostly clean requests of the same form) removes the
+leak, which retraining without them leaves (docs/provenance.md has the table). Every figure is
+labelled an approximation for that reason.
 
 **The step.** The objective is the examples' mean per-token log-likelihood plus
 ``kl_weight`` times the mean KL(original || now) per next-token position on half of the benign
@@ -45,8 +49,8 @@ __all__ = ["UnlearnConfig", "forget_loglik", "unlearned", "unlearning_check"]
 
 MAX_HALVINGS = 6  # a step that breaks the KL bound is halved at most this often in all
 LABEL = (
-    "approximation: gradient ascent on the examples' training loss over the ranked "
-    "parameters, within a benign KL bound; not a retrain"
+    "an approximation, not a retrain: gradient ascent on the examples' training loss within a "
+    "benign KL bound, which can remove an incident the examples did not teach"
 )
 
 

@@ -135,4 +135,4 @@ def test_unlearning_the_top_tickets_lowers_the_incident_more_than_random_ones(ra
     code, out, err = rca(
         "provenance", "zoo-injection-behaviour", "--db", str(ranked["db"]), "--top", "3"
     )
-    assert code == 0 and "unlearning (approximation" in " ".join(out.split()), err
+    assert code == 0 and "Unlearning (an approximation" in " ".join(out.split()), err
