@@ -85,6 +85,15 @@ def provenance_cmd(
     unlearn_kl: float = typer.Option(
         0.05, "--unlearn-kl", help="Benign KL bound per next-token position, in nats."
     ),
+    workers: int = typer.Option(
+        0,
+        "--workers",
+        help="Compute the features' gradients on N Ray workers, each loading the model "
+        "(pip install 'rca[ray]'); 0: in this process.",
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="A running Ray cluster to use (default: start one)."
+    ),
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N."),
     db: Path | None = DbOpt,
     home: Path | None = HomeOpt,
@@ -103,6 +112,8 @@ def provenance_cmd(
     cfg.check()
     ucfg = UnlearnConfig(steps=unlearn_steps, kl_bound=unlearn_kl, max_tokens=max_tokens)
     ucfg.check()
+    if workers < 0:
+        raise CliError(f"--workers must be 0 or more, got {workers}")
     if unlearn and data is None:
         raise CliError("--unlearn needs --data: the examples to unlearn are read from it")
     if top < 1:
@@ -147,6 +158,8 @@ def provenance_cmd(
         home=home,
         cache_root=cache,
         unlearn=ucfg if unlearn else None,
+        workers=workers,
+        ray_address=ray_address,
     )
     row = {
         "query_id": res.query_id,

@@ -51,7 +51,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -433,11 +433,18 @@ def featurize(
     params: Sequence[str],
     cfg: InfluenceConfig,
     cache_root: Path,
+    workers: int = 0,
+    loader: Callable[[], Subject] | None = None,
+    ray_address: str | None = None,
 ) -> Features:
     """The TRAK features of ``texts`` (a ``TrainingData``'s, hashed ``data_sha256``) over
     ``params``: read from ``cache_root/<key>`` where an earlier run wrote them, else computed
-    and written there (a temporary directory renamed into place when complete)."""
+    and written there (a temporary directory renamed into place when complete). ``workers``:
+    the per-example gradients on that many Ray actors, each loading the model with ``loader``
+    (``rca.provenance.distributed``); the same features."""
     cfg.check()
+    if workers and loader is None:
+        raise InfluenceError("--workers needs a model the workers can load from its path")
     if not texts:
         raise InfluenceError("the training data has no examples")
     fp = subject.fingerprint
@@ -461,10 +468,23 @@ def featurize(
         with quiet_model(subject):
             tr = _traker(subject, list(params), cfg, n, work / "trak")
             tr.load_checkpoint(subject.model.state_dict(), model_id=0)
-            for i in range(0, n, bs):
-                batch, cut = text_batch(subject, texts[i : i + bs], cfg.max_tokens)
-                truncated += cut
-                tr.featurize(batch=batch, num_samples=len(texts[i : i + bs]))
+            if workers:
+                from rca.provenance.distributed import ray_gradients
+
+                assert loader is not None
+                grads, q_rows, truncated = ray_gradients(
+                    loader, texts, params, cfg, batch=bs, workers=workers, ray_address=ray_address
+                )
+                st = tr.saver.current_store  # what traker's own featurize writes, row by row
+                st["grads"][:] = grads
+                st["out_to_loss"][:] = q_rows.reshape(st["out_to_loss"].shape)
+                st["is_featurized"][:] = 1
+                tr.saver.serialize_current_model_id_metadata()
+            else:
+                for i in range(0, n, bs):
+                    batch, cut = text_batch(subject, texts[i : i + bs], cfg.max_tokens)
+                    truncated += cut
+                    tr.featurize(batch=batch, num_samples=len(texts[i : i + bs]))
             tr.finalize_features()
             store = tr.saver.current_store
             feats = np.asarray(store["features"], dtype=np.float32).copy()

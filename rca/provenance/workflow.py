@@ -137,18 +137,28 @@ def provenance_for_run(
     cache_root: Path | None = None,
     subject: Subject | None = None,
     unlearn: UnlearnConfig | None = None,
+    workers: int = 0,
+    ray_address: str | None = None,
 ) -> ProvenanceResult:
     """Rank the training examples at ``data_path`` by their influence on run ``run_id``'s
     incident, over its circuit's parameters (``cfg.scope``), and record the top ``top_k``.
     ``subject``: the run's model, already loaded (else it is loaded here). ``unlearn``: also
     unlearn the top ``top_k`` and as many random examples, and measure the incident after each
-    (``rca.provenance.unlearn``: an approximation of retraining), recorded in the summary."""
+    (``rca.provenance.unlearn``: an approximation of retraining), recorded in the summary.
+    ``workers``: the features' gradients on that many Ray actors, each loading the run's model
+    from its path (``rca.provenance.distributed``)."""
     from rca.monitor.workflow import run_subject, stored_incident
     from rca.zoo.build import zoo_home
 
     cfg.check()
     if unlearn is not None:
         unlearn.check()
+    if workers < 0:
+        raise InfluenceError(f"--workers must be 0 or more, got {workers}")
+    if workers:
+        from rca.provenance.distributed import require_ray
+
+        require_ray()
     if top_k < 1:
         raise InfluenceError(f"--top must be at least 1, got {top_k}")
     run = store.get_run(run_id)
@@ -167,6 +177,14 @@ def provenance_for_run(
         else [n for n, _ in subject.model.named_parameters()]
     )
     root = cache_root or zoo_home(home) / CACHE_DIR
+    loader = None
+    if workers:
+        from functools import partial
+
+        from rca.model.subject import load_subject, resolve_model_ref
+
+        path = resolve_model_ref(model, home=home) if model else incident.model_path(home=home)
+        loader = partial(load_subject, path, device=device, home=home)
     features = featurize(
         subject,
         data.texts,
@@ -174,6 +192,9 @@ def provenance_for_run(
         params=params,
         cfg=cfg,
         cache_root=root,
+        workers=workers,
+        loader=loader,
+        ray_address=ray_address,
     )
     targets, queries = incident_targets(subject, incident)
     t_query = time.perf_counter()

@@ -345,6 +345,7 @@ COMMANDS = [
                           "--lambda": number, "--max-tokens": number, "--limit": number,
                           "--cache": path, "--model": model, "--device": choice(*DEVICES),
                           "--unlearn": None, "--unlearn-steps": number, "--unlearn-kl": number,
+                          "--workers": number, "--ray-address": text,
                           "--db": path, "--json": None, **HOME}, (ref,), required=("ARG",)),
     Cmd(("demo",), {"--quick": None, "--full": None, "--real": None, "--cases": path,
                     "--reports": path, "--device": choice(*DEVICES), "--allow-pickle": None,
