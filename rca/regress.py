@@ -592,13 +592,9 @@ def regress(
     if not incidents:
         raise RegressError("no incidents to check; give --cases DIR or record some first")
     if workers and workers > 0:
-        try:
-            import ray
-        except ImportError:
-            raise RegressError(
-                "--workers needs Ray, an optional extra: pip install 'rca[ray]' (or run without "
-                "--workers)"
-            ) from None
+        from rca.ray_pool import import_ray
+
+        ray = import_ray(RegressError)
     inv = cfg.investigate
     new_path = resolve_model_ref(str(model), home=home)
     subject = load_subject(new_path, device=inv.device, allow_pickle=inv.allow_pickle)
@@ -646,14 +642,9 @@ def regress(
     results: list[RegressResult] = []
     records: list[Any] = []
     if workers and workers > 0:
-        if not ray.is_initialized():
-            ray.init(
-                address=ray_address,
-                num_cpus=None if ray_address else workers,
-                include_dashboard=False,
-                log_to_driver=False,
-                ignore_reinit_error=True,
-            )
+        from rca.ray_pool import start_ray
+
+        start_ray(ray, workers, ray_address)
         remote = ray.remote(num_cpus=1)(remote_case)
         threads = torch.get_num_threads()
         futures = [

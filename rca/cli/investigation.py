@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from rca import cli_options as opts
@@ -98,7 +99,9 @@ def trace_cmd(
         print(json.dumps(result, indent=2))
         return
     out.print(
-        f"[bold]{inc.id}[/bold]: {inc.title}  (method {method}, baseline: {result['baseline']})",
+        f"[bold]{escape(inc.id)}[/bold]: {escape(str(inc.title))}  (method {method}, "
+        f"baseline: {escape(str(result['baseline']))})",
+        markup=True,
         highlight=False,
     )
     out.print(
@@ -174,7 +177,9 @@ def confirm_cmd(
         return
     cs = v.cause_set
     out.print(
-        f"[bold]{inc.id}[/bold]: {v.verdict.upper()}  cause set {', '.join(cs.components)}",
+        f"[bold]{escape(inc.id)}[/bold]: {v.verdict.upper()}  cause set "
+        f"{escape(', '.join(cs.components))}",
+        markup=True,
         highlight=False,
     )
     out.print(f"  {cs.reason}", highlight=False)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from rca import cli_options as opts
@@ -88,9 +87,9 @@ def zoo_list(
     t = Table("model", "built", "quick", "path")
     for e in entries:
         quick = "" if not e.manifest else str(e.manifest.get("quick", ""))
-        t.add_row(e.name, "yes" if e.built else "no", quick, escape(str(e.path)))
+        t.add_row(e.name, "yes" if e.built else "no", quick, str(e.path))
     for n, p, ok in real:
-        t.add_row(n, "fetched" if ok else "no (rca zoo fetch)", "real", escape(str(p)))
+        t.add_row(n, "fetched" if ok else "no (rca zoo fetch)", "real", str(p))
     out.print(t)
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 
 from rca import cli_options as opts
 from rca.cli.shell import app, friendly, out
@@ -28,24 +27,22 @@ def _print(row: dict[str, Any], examples: list[dict[str, Any]]) -> None:
     summ = row.get("summary") or {}
     circuit = ", ".join(row.get("circuit") or []) or "every parameter"
     out.print(
-        escape(
-            f"provenance {str(row.get('query_id'))[:8]} of run {str(row['run_id'])[:8]} "
-            f"({row['incident_id']}): {row['method']} over {circuit}; "
-            f"{summ.get('n_examples')} examples"
-        )
+        f"provenance {str(row.get('query_id'))[:8]} of run {str(row['run_id'])[:8]} "
+        f"({row['incident_id']}): {row['method']} over {circuit}; "
+        f"{summ.get('n_examples')} examples"
     )
     if summ.get("top_sources"):
         shares = ", ".join(f"{k} {v:.0%}" for k, v in summ["top_sources"].items())
         data = ", ".join(f"{k} {v:.0%}" for k, v in (summ.get("data_sources") or {}).items())
-        out.print(escape(f"sources of the top {len(examples)}: {shares} (in the data: {data})"))
+        out.print(f"sources of the top {len(examples)}: {shares} (in the data: {data})")
     if summ.get("unlearning"):
-        out.print(escape(unlearning_sentence(summ["unlearning"])))
+        out.print(unlearning_sentence(summ["unlearning"]))
     t = Table(title=f"the top {len(examples)} by influence on the incident metric")
     for col in ("rank", "example", "score", "text"):
         t.add_column(col, overflow="fold")
     for r, e in enumerate(examples, 1):
         idx = e.get("index", e.get("example_index"))
-        t.add_row(str(r), str(idx), f"{e['score']:.4g}", escape(_line(e.get("text") or "")))
+        t.add_row(str(r), str(idx), f"{e['score']:.4g}", _line(e.get("text") or ""))
     out.print(t)
 
 
@@ -178,4 +175,4 @@ def provenance_cmd(
     _print(row, res.top)
     f = res.features
     how = "read from the cache" if f.cached else f"computed in {f.seconds:.1f} s"
-    out.print(escape(f"features of {f.n} examples over {f.n_params:,} parameters {how} ({f.path})"))
+    out.print(f"features of {f.n} examples over {f.n_params:,} parameters {how} ({f.path})")

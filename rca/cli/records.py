@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from rca import cli_options as opts
 from rca.cli.shell import app, cases_app, err, friendly, notes_app, out
@@ -116,7 +117,7 @@ def verify_cmd(db: Path | None = DbOpt) -> None:
     if res.ok:
         out.print(f"ok: {res.message}" if hasattr(res, "message") else "ok")
         return
-    err.print(f"[red]audit chain broken:[/red] {res}", highlight=False)
+    err.print(f"[red]audit chain broken:[/red] {escape(str(res))}", markup=True, highlight=False)
     raise typer.Exit(1)
 
 

@@ -30,8 +30,11 @@ app = typer.Typer(
 zoo_app = typer.Typer(help="The demo models with planted incidents.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
-out = Console()
-err = Console(stderr=True)
+# Nothing printed is markup unless a call asks for it (``markup=True``) and escapes what it
+# interpolates: case titles, prompts, paths and training texts are the user's, and a "[/]" in
+# one would otherwise be a rich MarkupError after the work is done.
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -183,8 +186,9 @@ def print_regression(rows: list[dict[str, Any]]) -> None:
 
 def print_run_summary(r: dict[str, Any]) -> None:
     out.print(
-        f"[bold]{r['case_id']}[/bold] run {r['run_id']}: {r['verdict'].upper()}, cause set "
-        f"{', '.join(r['cause_set'])}",
+        f"[bold]{escape(str(r['case_id']))}[/bold] run {r['run_id']}: {r['verdict'].upper()}, "
+        f"cause set {escape(', '.join(r['cause_set']))}",
+        markup=True,
         highlight=False,
     )
     t = Table("component", "TE", "DE", "necessity", "component p", "benign loss", "verdict")
@@ -202,7 +206,9 @@ def print_run_summary(r: dict[str, Any]) -> None:
     print_circuit(r.get("circuit"))
     for rem in r["remedies"]:
         out.print(
-            ("[green]* [/green]" if rem["recommended"] else "  ") + rem["note"], highlight=False
+            ("[green]* [/green]" if rem["recommended"] else "  ") + escape(str(rem["note"])),
+            markup=True,
+            highlight=False,
         )
 
 

@@ -32,15 +32,9 @@ __all__ = ["ray_gradients", "require_ray"]
 def require_ray() -> Any:
     """The ``ray`` module, or InfluenceError saying how to get it."""
     from rca.provenance.influence import InfluenceError
+    from rca.ray_pool import import_ray
 
-    try:
-        import ray
-    except ImportError:
-        raise InfluenceError(
-            "--workers needs Ray, an optional extra: pip install 'rca[ray]' (or run without "
-            "--workers)"
-        ) from None
-    return ray
+    return import_ray(InfluenceError)
 
 
 class _Worker:
@@ -91,15 +85,10 @@ def ray_gradients(
     """Every text's projected gradient (n, proj_dim) and out-to-loss term (n,), in the texts'
     order, computed on ``workers`` Ray actors; and how many texts were cut to
     ``cfg.max_tokens``."""
+    from rca.ray_pool import start_ray
+
     ray = require_ray()
-    if not ray.is_initialized():
-        ray.init(
-            address=ray_address,
-            num_cpus=None if ray_address else workers,
-            include_dashboard=False,
-            log_to_driver=False,
-            ignore_reinit_error=True,
-        )
+    start_ray(ray, workers, ray_address)
     threads = max(1, torch.get_num_threads() // workers)
     ds = ray.data.from_items([{"row": i, "text": t} for i, t in enumerate(texts)])
     out = ds.map_batches(

@@ -159,10 +159,18 @@ def xss_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
                 "label": f"approximation {SCRIPT}",
                 "measured_on": f"variants {LINK}",
                 "p_bad_before": [0.9],
-                "top": {"n_examples": 1, "steps_taken": 3, "benign_loss_change_pct": 1.0,
-                        "p_bad_after": [0.5]},
-                "random": {"n_examples": 1, "steps_taken": 3, "benign_loss_change_pct": 1.0,
-                           "p_bad_after": [0.9]},
+                "top": {
+                    "n_examples": 1,
+                    "steps_taken": 3,
+                    "benign_loss_change_pct": 1.0,
+                    "p_bad_after": [0.5],
+                },
+                "random": {
+                    "n_examples": 1,
+                    "steps_taken": 3,
+                    "benign_loss_change_pct": 1.0,
+                    "p_bad_after": [0.9],
+                },
             },
         },  # fmt: skip
     )
