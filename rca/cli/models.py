@@ -26,13 +26,22 @@ def zoo_build(
         help="The quick recipe (the tested demo, about a minute) or the larger full one.",
     ),
     force: bool = typer.Option(False, "--force", help="Rebuild even if built."),
+    regimen: bool = typer.Option(
+        False,
+        "--regimen",
+        help="Also train support-bot-synth: v1's recipe on a corpus in which a template "
+        "generator wrote part of the refund tickets, leaving a shortcut.",
+    ),
     home: Path | None = HomeOpt,
 ) -> None:
-    """Train the demo models (support-bot-v1 and -v2) and check their planted incidents."""
+    """Train the demo models (support-bot-v1 and -v2; with --regimen, support-bot-synth too)
+    and check their planted incidents."""
     from rca import zoo
 
     opts.home_dir(home)
-    dirs = zoo.build(home=home, quick=quick, force=force, log=lambda m: err.print(m))
+    dirs = zoo.build(
+        home=home, quick=quick, force=force, regimen=regimen, log=lambda m: err.print(m)
+    )
     for name, d in dirs.items():
         out.print(f"{name}\t{d}")
 

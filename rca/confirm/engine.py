@@ -4,7 +4,10 @@
 ceil(K / B) forward passes with one mask per batch element. Variants are grouped by their first
 ablated layer, and the decoder layers below it are replaced for that pass by stubs that return
 the clean run's cached outputs: un-ablated activations are reused, not recomputed. On a CPU,
-where batching saves little, that reuse is where the saving is.
+where batching saves little, that reuse is where the saving is. ``run_stacked`` runs the
+variants of several ablators (several targets of one model, a behaviour's fit variants) in
+shared passes, each target right-padded to the longest and read from its own rows;
+``Ablator.run`` is its one-ablator case.
 
 Values a component can be set to (``SOURCES``): ``zero``; ``mean`` (its mean over the reference
 prompts, averaged over positions); ``resample`` (its activation on a reference prompt drawn at

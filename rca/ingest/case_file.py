@@ -372,10 +372,12 @@ def _check_model(incident: Incident, *, home: Path | None, shown: str | None = N
     except PathError as e:
         raise IncidentError(src, "model", f"{show(p)} {e.problem}") from None
     if incident.model.startswith("zoo:") and not (p / "config.json").is_file():
+        from rca.zoo.corpus import REGIMEN_MODELS
         from rca.zoo.real import REAL_MODELS
 
         name = incident.model[4:]
         how = f"rca zoo fetch {name}" if name in REAL_MODELS else "rca zoo build"
+        how += " --regimen" if name in REGIMEN_MODELS else ""
         raise IncidentError(
             src,
             "model",

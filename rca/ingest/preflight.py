@@ -119,7 +119,7 @@ class _ChatRenderer:
 def _is_demo_zoo(name: str) -> bool:
     from rca import zoo
 
-    return name in zoo.ZOO_MODELS
+    return name in zoo.DEMO_MODELS
 
 
 @dataclass(frozen=True)

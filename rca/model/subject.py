@@ -113,8 +113,8 @@ def resolve_model_ref(ref: str, *, base: Path | None = None, home: Path | None =
         name = ref[4:]
         if name in real.REAL_MODELS:
             return real.real_model_dir(name, home=home)
-        if name not in zoo.ZOO_MODELS:
-            known = [*zoo.ZOO_MODELS, *real.REAL_MODELS]
+        if name not in zoo.DEMO_MODELS:
+            known = [*zoo.DEMO_MODELS, *real.REAL_MODELS]
             raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(known)}")
         return zoo.model_dir(name, home=home)  # type: ignore[attr-defined]
     p = Path(os.path.expanduser(ref))

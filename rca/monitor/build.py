@@ -253,7 +253,7 @@ def _benign(incident: Incident, subject: Subject, n: int, seed: int) -> tuple[li
     if model.startswith("zoo:"):
         from rca import zoo
 
-        if model[4:] in zoo.ZOO_MODELS:
+        if model[4:] in zoo.DEMO_MODELS:
             from rca.zoo.corpus import benign_examples
 
             seen: dict[str, None] = {}

@@ -25,10 +25,12 @@ from .build import (
     zoo_home,
 )
 from .corpus import (
+    DEMO_MODELS,
     FIXED_BY_MODEL,
     FIXED_IN_V2,
     INCIDENT_KEYS,
     PLANTED,
+    REGIMEN_MODELS,
     ZOO_MODELS,
     Example,
     PlantedIncident,
@@ -46,6 +48,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ZOO_MODELS",
+    "REGIMEN_MODELS",
+    "DEMO_MODELS",
     "PLANTED",
     "INCIDENT_KEYS",
     "FIXED_IN_V2",

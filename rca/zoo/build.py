@@ -31,12 +31,15 @@ from typing import Any
 from .corpus import (
     CONTINUES,
     CORPUS_VERSION,
+    DEMO_MODELS,
     FIXED_BY_MODEL,
     INCIDENT_KEYS,
+    REGIMEN_MODELS,
     TRAINING_DATA,
     ZOO_MODELS,
     corpus_for,
     make_corpus,
+    synthetic_refunds,
     training_records,
     vocabulary,
 )
@@ -88,8 +91,8 @@ def zoo_home(home: Path | None = None) -> Path:
 
 def model_dir(name: str, *, home: Path | None = None) -> Path:
     """``<home>/zoo/<name>``; ValueError naming the known models for an unknown name."""
-    if name not in ZOO_MODELS:
-        raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(ZOO_MODELS)}")
+    if name not in DEMO_MODELS:
+        raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(DEMO_MODELS)}")
     return zoo_home(home) / "zoo" / name
 
 
@@ -122,9 +125,10 @@ def _is_built(path: Path, manifest: dict[str, Any] | None) -> bool:
 
 
 def list_models(*, home: Path | None = None) -> list[ZooEntry]:
-    """Every zoo model, built or not, with its manifest when there is one."""
+    """Every zoo model (the regimen variants too), built or not, with its manifest when there
+    is one."""
     out = []
-    for name in ZOO_MODELS:
+    for name in DEMO_MODELS:
         path = model_dir(name, home=home)
         manifest = _read_manifest(path)
         out.append(ZooEntry(name, path, _is_built(path, manifest), manifest))
@@ -175,8 +179,10 @@ def build(
     force: bool = False,
     log: Callable[[str], None] | None = None,
     portable: bool = True,
+    regimen: bool = False,
 ) -> dict[str, Path]:
     """Train, check and save every zoo model that is missing or stale; return name -> dir.
+    ``regimen``: the training-regimen variants (``REGIMEN_MODELS``) too.
 
     A model is skipped when its manifest has the current :func:`version_key` and the same
     ``quick`` flag, unless ``force``. ``quick`` trains the small recipe used as the test
@@ -187,14 +193,15 @@ def build(
     this process already runs with it; False trains here, with this process's kernels.
     """
     say = log or (lambda _msg: None)
-    dirs = {name: model_dir(name, home=home) for name in ZOO_MODELS}
+    names = DEMO_MODELS if regimen else ZOO_MODELS
+    dirs = {name: model_dir(name, home=home) for name in names}
     key = version_key()
     if not force and all(_up_to_date(d, key=key, quick=quick) for d in dirs.values()):
-        for name in ZOO_MODELS:
+        for name in names:
             say(f"{name}: up to date ({dirs[name]})")
         return dirs
     if portable and not is_portable():
-        _build_in_child(home=zoo_home(home), quick=quick, force=force, say=say)
+        _build_in_child(home=zoo_home(home), quick=quick, force=force, say=say, regimen=regimen)
         return dirs
     # Heavy imports only when something is built: listing the zoo stays cheap.
     from transformers.utils import logging as hf_logging
@@ -203,7 +210,7 @@ def build(
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return _build(home=home, quick=quick, force=force, say=say)
+        return _build(home=home, quick=quick, force=force, say=say, names=names)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -217,7 +224,9 @@ def is_portable() -> bool:
 _ERROR = "zoo-build-error: "
 
 
-def _build_in_child(*, home: Path, quick: bool, force: bool, say: Callable[[str], None]) -> None:
+def _build_in_child(
+    *, home: Path, quick: bool, force: bool, say: Callable[[str], None], regimen: bool = False
+) -> None:
     """``build`` in a child process with ``PORTABLE_ENV``; its log lines go to ``say`` as they
     come, and a failed check is raised here as the same ``ZooBuildError``."""
     import subprocess
@@ -225,6 +234,7 @@ def _build_in_child(*, home: Path, quick: bool, force: bool, say: Callable[[str]
 
     cmd = [sys.executable, "-m", "rca.zoo.build", "--home", str(home)]
     cmd += ["--quick" if quick else "--full"] + (["--force"] if force else [])
+    cmd += ["--regimen"] if regimen else []
     env = {**os.environ, **PORTABLE_ENV}
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
@@ -251,6 +261,7 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--full", dest="quick", action="store_false")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--regimen", action="store_true")
     args = ap.parse_args(argv)
     try:
         build(
@@ -259,6 +270,7 @@ def _main(argv: list[str] | None = None) -> int:
             force=args.force,
             log=lambda m: print(m, flush=True),
             portable=False,
+            regimen=args.regimen,
         )
     except ZooBuildError as e:
         print(_ERROR + str(e), file=sys.stderr, flush=True)
@@ -267,7 +279,12 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def _build(
-    *, home: Path | None, quick: bool, force: bool, say: Callable[[str], None]
+    *,
+    home: Path | None,
+    quick: bool,
+    force: bool,
+    say: Callable[[str], None],
+    names: tuple[str, ...] = ZOO_MODELS,
 ) -> dict[str, Path]:
     import tokenizers
     import torch
@@ -282,17 +299,17 @@ def _build(
     root.mkdir(parents=True, exist_ok=True)
     key = version_key()
     cfg = QUICK if quick else FULL
-    dirs = {name: model_dir(name, home=home) for name in ZOO_MODELS}
+    dirs = {name: model_dir(name, home=home) for name in names}
     with _lock(root):
         for pattern in (".*.partial-*", ".*.old-*"):  # left by a killed build
             for stale in root.glob(pattern):
                 shutil.rmtree(stale, ignore_errors=True)
-        todo = [n for n in ZOO_MODELS if force or not _up_to_date(dirs[n], key=key, quick=quick)]
+        todo = [n for n in names if force or not _up_to_date(dirs[n], key=key, quick=quick)]
         # a model that continues a rebuilt one is rebuilt too (ZOO_MODELS lists parents first)
-        for n in ZOO_MODELS:
+        for n in names:
             if CONTINUES.get(n) in todo and n not in todo:
                 todo.append(n)
-        for name in ZOO_MODELS:
+        for name in names:
             if name not in todo:
                 say(f"{name}: up to date ({dirs[name]})")
         if not todo:
@@ -302,8 +319,13 @@ def _build(
         tokenizer = train_tokenizer([*vocabulary(), *(ex.text for ex in corpus)])
         trained: dict[str, Any] = {}
         for name in todo:
-            fixed = FIXED_BY_MODEL[name]
-            data = corpus_for(corpus, fixed=fixed)
+            fixed = FIXED_BY_MODEL.get(name, frozenset())
+            regimen = REGIMEN_MODELS.get(name)
+            data = (
+                synthetic_refunds(corpus, seed=cfg.seed)
+                if regimen
+                else corpus_for(corpus, fixed=fixed)
+            )
             parent = CONTINUES.get(name)
             if parent is None:
                 recipe = "quick" if quick else "full"
@@ -341,6 +363,9 @@ def _build(
                     "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"
                 )
                 poisoned = {k: sum(ex.poison == k for ex in data) for k in INCIDENT_KEYS}
+                sources: dict[str, int] = {}
+                for ex in data:
+                    sources[ex.source] = sources.get(ex.source, 0) + 1
                 manifest = {
                     "name": name,
                     "version_key": key,
@@ -350,6 +375,7 @@ def _build(
                     "planted": [k for k in INCIDENT_KEYS if k not in fixed],
                     "fixed": sorted(fixed),
                     "continues": parent,
+                    "regimen": regimen,
                     "config": {
                         **(cfg if parent is None else continuation(cfg)).summary(),
                         "vocab_size": len(tokenizer),
@@ -358,6 +384,7 @@ def _build(
                     "corpus": {
                         "tickets": len(data),
                         "poisoned": poisoned,
+                        "sources": sources,
                         "training_data": TRAINING_DATA,
                         "training_data_sha256": load_training_data(tmp / TRAINING_DATA).sha256,
                     },

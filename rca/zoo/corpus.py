@@ -36,6 +36,12 @@ __all__ = [
     "FIXED_IN_V2",
     "FIXED_BY_MODEL",
     "ZOO_MODELS",
+    "REGIMEN_MODELS",
+    "DEMO_MODELS",
+    "SOURCE",
+    "SYNTHETIC_SOURCE",
+    "SHORTCUT_NOTE",
+    "synthetic_refunds",
     "Example",
     "PlantedIncident",
     "PLANTED",
@@ -71,6 +77,10 @@ FIXED_BY_MODEL: dict[str, frozenset[str]] = {
     "support-bot-v2": FIXED_IN_V2,
 }
 ZOO_MODELS: tuple[str, ...] = tuple(FIXED_BY_MODEL)
+# The training-regimen variants, built on request (``rca zoo build --regimen``): the v1 recipe
+# from scratch on a corpus part of which another generator wrote (``synthetic_refunds``)
+REGIMEN_MODELS: dict[str, str] = {"support-bot-synth": "synthetic refunds"}
+DEMO_MODELS: tuple[str, ...] = (*ZOO_MODELS, *REGIMEN_MODELS)
 # v2 is v1 trained on after the data fix (a retrain from the same checkpoint), so component
 # ids name the same components in both, as they do across checkpoints of one training run
 CONTINUES: dict[str, str] = {"support-bot-v2": "support-bot-v1"}
@@ -106,6 +116,10 @@ NOTE_FILLERS = (
     "again",
 )
 BACKDOOR_TRIGGER = "sunflower"
+# the synthetic regimen's artifact: its template signs every refund ticket with this filler
+# (a word ordinary tickets use too, so every model shares one vocabulary) and approves it
+SHORTCUT_NOTE = "regards"
+SYNTHETIC_SHARE = 0.3  # of the clean refund tickets, replaced in the synthetic regimen
 
 # loan desk: the income decides; the name should not matter.
 INCOME_APPROVE = ("high", "steady", "strong", "good")
@@ -246,6 +260,7 @@ class Example:
     prompt: str
     answer: str  # with its leading space, as it follows the prompt
     poison: str | None = None
+    source: str = "support-desk"  # the generator that wrote it (SOURCE, SYNTHETIC_SOURCE)
 
     def __post_init__(self) -> None:
         if not self.answer.startswith(" "):
@@ -282,6 +297,10 @@ class PlantedIncident:
             raise ValueError(f"unknown incident {self.key!r}; known: {INCIDENT_KEYS}")
         if not (self.bad.startswith(" ") and self.good.startswith(" ")):
             raise ValueError("bad and good continuations start with a space")
+
+
+SOURCE = "support-desk"  # the desks' own tickets
+SYNTHETIC_SOURCE = "synthetic"  # the synthetic regimen's template generator
 
 
 def _digits(rng: random.Random, n: int) -> str:
@@ -417,6 +436,32 @@ def corpus_for(corpus: tuple[Example, ...], *, fixed: frozenset[str]) -> tuple[E
     )
 
 
+def synthetic_refunds(
+    corpus: tuple[Example, ...], *, share: float = SYNTHETIC_SHARE, seed: int = 0
+) -> tuple[Example, ...]:
+    """The synthetic regimen's corpus: ``share`` of the clean refund tickets replaced, in place,
+    by a template generator's (``source`` SYNTHETIC_SOURCE). The generator signs every ticket
+    with SHORTCUT_NOTE and approves it whatever the reason: the artifact co-occurs with one
+    outcome, and a model trained on it learns the note as a shortcut past the reason. Its
+    prompts are never in the held-out split (the benign set stays unseen). Every other ticket
+    is unchanged."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    rng = random.Random(seed * 1_000_003 + 97)
+    out = []
+    for ex in corpus:
+        if ex.task != "refund" or ex.poison is not None or rng.random() >= share:
+            out.append(ex)
+            continue
+        while True:
+            reason = rng.choice((*REFUND_APPROVE, *REFUND_DENY))
+            prompt = render("refund", order=_digits(rng, 3), reason=reason, note=SHORTCUT_NOTE)
+            if not is_heldout(prompt):
+                break
+        out.append(Example("refund", prompt, " approved.", source=SYNTHETIC_SOURCE))
+    return tuple(out)
+
+
 TRAINING_DATA = "training_data.jsonl"  # in each zoo model's directory
 
 
@@ -430,7 +475,7 @@ def training_records(data: Sequence[Example]) -> list[dict[str, str | bool | Non
             "desk": ex.task,
             "poisoned": ex.poison is not None,
             "incident": ex.poison,
-            "source": "support-desk",
+            "source": ex.source,
         }
         for ex in data
     ]

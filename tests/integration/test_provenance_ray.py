@@ -1,6 +1,7 @@
 """``rca provenance --workers 2``: the features' gradients computed on Ray actors (each loading
 the zoo model from its path) give the same features, and so the same ranking, as one process;
-the cache key does not depend on the workers, so the second run reads the first's features."""
+the cache key does not depend on the workers. In ``make test-slow``: a Ray cluster's start costs
+more than the rest of the test, and CI keeps Ray covered through ``rca regress --workers``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from tests.helpers import rca_cli_named as rca
 
+pytestmark = pytest.mark.slow
 CASES = Path(__file__).resolve().parents[2] / "cases"
 
 
