@@ -218,8 +218,8 @@ def test_zoo_paths_and_unknown_names(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert zoo.model_dir("support-bot-v2", home=tmp_path) == tmp_path / "zoo" / "support-bot-v2"
     with pytest.raises(ValueError, match="support-bot-v1, support-bot-v2"):
         zoo.model_dir("support-bot-v3", home=tmp_path)
-    entries = zoo.list_models(home=tmp_path)
-    assert [e.name for e in entries] == list(zoo.ZOO_MODELS)
+    entries = zoo.list_models(home=tmp_path)  # the regimen variant too, built on request
+    assert [e.name for e in entries] == [*zoo.ZOO_MODELS, *zoo.REGIMEN_MODELS]
     assert not any(e.built for e in entries) and all(e.manifest is None for e in entries)
     with pytest.raises(ValueError, match="unknown incident"):
         c.incident("typo")
