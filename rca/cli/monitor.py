@@ -102,6 +102,8 @@ def monitor_build(
     sites = ", ".join(f"{s.id} ({s.role}, {s.rule})" for s in monitor.sites)
     out.print(f"monitor {monitor.monitor_id} for {monitor.case_id}: {sites}")
     _print_figures([_figure_row("monitor", monitor.fit)], "on the fit prompts")
+    if caution := monitor.caution():
+        out.print(f"caution: {caution}")
     out.print(f"artifact {path}; judge it with `rca monitor eval {monitor.monitor_id[:8]}`")
 
 
@@ -236,6 +238,8 @@ def monitor_show(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """One monitor: its sites, threshold and every evaluation."""
+    from rca.monitor.probe import few_positives_caution
+
     row = opts.reader(db).get_monitor(ref)
     if as_json:
         print(json.dumps(row, indent=2, default=str))
@@ -251,3 +255,6 @@ def monitor_show(
         for b, f in (ev.get("baselines") or {}).items():
             rows.append(_figure_row(f"  {b.replace('_', ' ')}", f))
     _print_figures(rows, "figures")
+    n_fit = (row.get("fit") or {}).get("n_positive")
+    if n_fit is not None and (caution := few_positives_caution(int(n_fit))):
+        out.print(f"caution: {caution}")

@@ -72,8 +72,16 @@ class Monitor:
             "bad_ids": list(self.bad_ids),
             "data": self.data,
             "fit": self.fit,
+            "caution": self.caution(),
             "created_at": self.created_at,
         }
+
+    def caution(self) -> str | None:
+        """Why the threshold may pass new variants: too few fit positives placed it."""
+        from rca.monitor.probe import few_positives_caution
+
+        n = self.fit.get("n_positive")
+        return None if n is None else few_positives_caution(int(n))
 
     def check_model(self, fingerprint: str | None) -> None:
         """Refuse a model other than the one the monitor was built on."""

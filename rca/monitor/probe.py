@@ -171,6 +171,29 @@ def fpr_at_tpr(positives: Sequence[float], negatives: Sequence[float], tpr: floa
     return sum(1 for s in negatives if s >= t) / len(negatives)
 
 
+def positives_needed(recall: float = 0.95) -> int:
+    """The fewest fit positives n for which a new positive from the same distribution falls
+    below all of them with probability 1/(n+1) of at most ``1 - recall``."""
+    return math.ceil(round(1 / (1 - recall), 9)) - 1
+
+
+def few_positives_caution(n: int, recall: float = 0.95) -> str | None:
+    """What a threshold fit on ``n`` positives cannot promise, or None where ``n`` suffices.
+
+    Whatever the rule, the threshold sits at or below the lowest fit positive, and a new
+    variant scores below all ``n`` of them with probability 1/(n+1): only the margin under
+    the lowest one catches it. Below ``positives_needed(recall)`` that chance alone exceeds
+    the misses the recall allows."""
+    need = positives_needed(recall)
+    if n >= need:
+        return None
+    return (
+        f"only {n} fit positives: a new variant scores below all of them with probability "
+        f"1/{n + 1} ({100 / (n + 1):.1f}%), so recall on new variants may fall under "
+        f"{100 * recall:.0f}%; give the case more variants (at least {need} fit positives)"
+    )
+
+
 def figures(
     positives: Sequence[float], negatives: Sequence[float], threshold: float
 ) -> dict[str, Any]:

@@ -51,6 +51,8 @@ def test_build_eval_run_list_show(built: dict) -> None:
     specific = {m["id"] for m in circuit["members"] if m["role"] != "infrastructure"}
     assert specific and {s["id"] for s in meta["sites"]} == specific
     assert meta["fit"]["recall"] == 1.0
+    # enough fit positives for a 95% recall: no caution
+    assert meta["fit"]["n_positive"] >= 19 and meta["caution"] is None
     code, stdout, err = rca("monitor", "eval", out, "--db", db, "--json", *home)
     assert code == 0, err
     ev = json.loads(stdout)

@@ -107,6 +107,9 @@ def test_the_chat_leak_s_monitor_stops_the_leak_before_the_code(
     cfg = MonitorConfig(benign=40, benign_tokens=12)
     monitor, prompts = build_monitor(run, inc, subject, cfg)
     assert {s.role for s in monitor.sites} >= {"entry"}
+    # this case's few fit positives are stated, with what they cannot promise
+    n_fit = monitor.fit["n_positive"]
+    assert n_fit < 19 and f"only {n_fit} fit positives" in (monitor.caution() or "")
     fig = evaluate_monitor(monitor, inc, subject, prompts=prompts, baselines=False)["monitor"]
     assert fig["n_positive"] >= 8 and fig["auroc"] >= 0.95, fig
     tok = subject.tokenizer

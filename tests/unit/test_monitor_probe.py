@@ -17,8 +17,10 @@ from rca.monitor.probe import (
     Probe,
     TokenCounts,
     auroc,
+    few_positives_caution,
     fit_probe,
     fpr_at_tpr,
+    positives_needed,
     threshold_for_fpr,
 )
 
@@ -61,6 +63,30 @@ def test_a_separable_threshold_lies_strictly_between_the_classes() -> None:
     neg, pos = [0.01, 0.02, 0.1], [0.9, 0.95]
     t = threshold_for_fpr(neg, 0.0, pos)
     assert 0.1 < t < 0.9
+
+
+@pytest.mark.parametrize("n", [3, 7, 18, 19, 40])
+def test_the_few_positives_caution_states_the_chance_a_new_positive_is_below_them_all(
+    n: int,
+) -> None:
+    """The caution's figure is the simulated chance that a new positive scores below every
+    one of n fit positives (where any threshold at or under the lowest of them can only rely on
+    its margin), and it is given exactly where that chance exceeds the 5% a 95% recall allows;
+    the threshold itself never lies above the lowest fit positive it flags."""
+    gen = torch.Generator().manual_seed(n)
+    trials = 40_000
+    scores = torch.randn(trials, n + 1, generator=gen)
+    below = (scores[:, n] < scores[:, :n].min(dim=1).values).double().mean().item()
+    sigma = (1 / (n + 1) * (1 - 1 / (n + 1)) / trials) ** 0.5
+    assert abs(below - 1 / (n + 1)) < 4 * sigma
+    caution = few_positives_caution(n)
+    assert (caution is None) == (1 / (n + 1) <= 0.05) == (n >= positives_needed(0.95))
+    if caution is not None:
+        assert f"1/{n + 1} ({100 / (n + 1):.1f}%)" in caution
+    pos, neg = _draw(n, n, 200, ties=False)
+    t = threshold_for_fpr(neg, 0.01, pos)
+    flagged = [p for p in pos if p >= t]
+    assert not flagged or t <= min(flagged)
 
 
 @pytest.mark.parametrize("seed", range(4))
