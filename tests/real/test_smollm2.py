@@ -78,6 +78,11 @@ def test_each_real_case_states_what_was_measured(model_dir: Path, case: Path) ->
     assert float(stated.group(1)) == pytest.approx(float(m.group(1)), abs=0.002)
     reproduces = "greedy decoding reproduces the bad continuation" in out
     assert ("greedy decoding reproduces it" in notes.lower()) == reproduces, (notes, out)
+    # where the notes count the variants that show the incident, the check counts the same
+    shown = re.search(r"on (\d+) of the (\d+) fit variants and (\d+) of the (\d+) held-out", notes)
+    if shown:
+        a, b, c, d = shown.groups()
+        assert f"on {a} of {b} fit variants and {c} of {d} held-out ones" in out, out
 
 
 def test_the_ioi_verdict_is_a_specific_faithful_circuit(model_dir: Path) -> None:
