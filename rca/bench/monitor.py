@@ -42,8 +42,8 @@ ZOO_CASES = {
     for key in ("leak", "backdoor", "bias", "injection")
 }
 # the chat leak twice: the real tier's case (24 variants, 7 fit positives) and the same
-# incident with 96 variants (24 fit positives), since a threshold set on n fit positives
-# misses a new one with probability at least 1/(n+1)
+# incident with 96 variants (24 fit positives): a new positive falls below all n fit positives
+# with probability 1/(n+1), where only the threshold's margin catches it
 REAL_CASES = {
     key: ROOT / "cases" / "real" / f"{key}.toml" for key in ("secret-leak", "secret-leak-wide")
 }

@@ -180,10 +180,10 @@ def positives_needed(recall: float = 0.95) -> int:
 def few_positives_caution(n: int, recall: float = 0.95) -> str | None:
     """What a threshold fit on ``n`` positives cannot promise, or None where ``n`` suffices.
 
-    Whatever the rule, the threshold sits at or below the lowest fit positive, and a new
-    variant scores below all ``n`` of them with probability 1/(n+1): only the margin under
-    the lowest one catches it. Below ``positives_needed(recall)`` that chance alone exceeds
-    the misses the recall allows."""
+    Whatever the rule, a threshold that flags every fit positive lies at or below the lowest
+    of them, and a new variant scores below all ``n`` with probability 1/(n+1): only the
+    margin under the lowest one catches it. Below ``positives_needed(recall)`` that chance
+    alone exceeds the misses the recall allows."""
     need = positives_needed(recall)
     if n >= need:
         return None
