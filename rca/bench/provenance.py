@@ -3,7 +3,8 @@ by retraining without them.
 
 For each zoo incident (its behaviour case, ``cases/behaviours/zoo-<key>-behaviour.toml``, on
 the quick ``support-bot-v1``): the case is investigated and recorded, then its training
-tickets are ranked by ``rca provenance`` (TRAK over the circuit's parameters) and by the
+tickets are ranked by ``rca provenance`` (TRAK over the circuit's parameters: the final
+weights alone, and the build's checkpoints combined by each ensemble rule) and by the
 comparisons: TRAK over every parameter, TF-IDF similarity to the case's prompts with their bad
 continuation, full-model gradient similarity at the final weights (TracIn, one checkpoint), and
 chance. With k = the incident's planted tickets, each ranking gets:
@@ -38,7 +39,22 @@ __all__ = ["main"]
 
 ROOT = Path(__file__).resolve().parents[2]
 INCIDENTS = ("leak", "backdoor", "bias", "injection")
-METHODS = ("rca (TRAK, circuit)", "TRAK, full model", "TF-IDF", "TracIn (1 checkpoint)", "random")
+METHODS = (
+    "rca, final weights only (TRAK, circuit)",
+    "rca, checkpoints summed (the default)",
+    "rca, checkpoints learning-weighted",
+    "TRAK, full model, final weights",
+    "TF-IDF",
+    "TracIn (1 checkpoint)",
+    "random",
+)
+# (method, scope, checkpoints, ensemble rule) of the TRAK rankings
+TRAK_RUNS = (
+    (METHODS[0], "circuit", "none", "sum"),
+    (METHODS[1], "circuit", "auto", "sum"),
+    (METHODS[2], "circuit", "auto", "learning"),
+    (METHODS[3], "full", "none", "sum"),
+)
 
 
 def _texts(subject: Any, incident: Any) -> list[str]:
@@ -85,7 +101,8 @@ def incident_rows(
     path = Path(data.path)
     rankings: dict[str, np.ndarray] = {}
     timing: dict[str, float] = {}
-    for scope, name in (("circuit", METHODS[0]), ("full", METHODS[1])):
+    ensembles: dict[str, Any] = {}
+    for name, scope, checkpoints, rule in TRAK_RUNS:
         t = time.perf_counter()
         res = provenance_for_run(
             store,
@@ -95,22 +112,30 @@ def incident_rows(
             top_k=k,
             device=device,
             subject=subject,
+            checkpoints=checkpoints,
+            ensemble=rule,
         )
+        rankings[name] = res.scores
+        if checkpoints != "none":
+            members = res.summary["ensemble"]["members"]
+            ensembles[rule] = members
+            timing[f"{rule}_ensemble_total_s"] = time.perf_counter() - t
+            timing[f"{rule}_ensemble_features_s"] = sum(m["features_seconds"] for m in members)
+            continue
         timing[f"{scope}_total_s"] = time.perf_counter() - t
         timing[f"{scope}_features_s"] = res.features.seconds
         timing[f"{scope}_features_cached"] = res.features.cached
-        rankings[name] = res.scores
         if scope == "circuit":
             circuit = res.circuit
             timing["query_s"] = res.summary["query_seconds"]
     t = time.perf_counter()
-    rankings[METHODS[2]] = tfidf_scores(data.texts, _texts(subject, inc))
+    rankings[METHODS[4]] = tfidf_scores(data.texts, _texts(subject, inc))
     timing["tfidf_s"] = time.perf_counter() - t
     targets, _ = incident_targets(subject, inc)
     t = time.perf_counter()
-    rankings[METHODS[3]] = gradient_similarity(subject, data.texts, targets)
+    rankings[METHODS[5]] = gradient_similarity(subject, data.texts, targets)
     timing["tracin_s"] = time.perf_counter() - t
-    rankings[METHODS[4]] = random_scores(len(data), seed=0)
+    rankings[METHODS[6]] = random_scores(len(data), seed=0)
     before = held_out_p_bad(subject, inc)
     rows = []
     for name, scores in rankings.items():
@@ -135,6 +160,7 @@ def incident_rows(
         "circuit": circuit,
         "before": _stats(before),
         "rows": rows,
+        "ensembles": ensembles,
         "seconds": timing,
     }
 
@@ -167,6 +193,7 @@ def unlearning_rows(key: str, *, model_dir: Path, store: Any, data: Any, device:
         device=device,
         subject=subject,
         unlearn=UnlearnConfig(),
+        checkpoints="none",
     )
     u = res.summary["unlearning"]
     out = {
@@ -190,6 +217,12 @@ def unlearning_rows(key: str, *, model_dir: Path, store: Any, data: Any, device:
     return out
 
 
+def _build_label(zoo: Any) -> str:
+    if isinstance(zoo, dict):
+        return f"built {zoo.get('built_at')}, version {zoo.get('version_key')}"
+    return "an earlier build, not recorded"
+
+
 def _unlearning_summary(res: dict[str, Any]) -> list[str]:
     un = res.get("unlearning")
     if not un:
@@ -202,6 +235,9 @@ def _unlearning_summary(res: dict[str, Any]) -> list[str]:
         "ascent on their loss over the circuit's parameters within a benign KL bound, the "
         "defaults), P(bad) on the held-out variants after; beside it, retraining from scratch "
         "without the same top k.",
+        "",
+        f"Zoo build: {_build_label(res.get('unlearning_zoo'))} (the rankings above: "
+        f"{_build_label(res.get('zoo'))}).",
         "",
         "| incident (k) | before | unlearned top k (benign loss) | unlearned k random (benign "
         "loss) | retrained without top k |",
@@ -264,7 +300,22 @@ def summary(res: dict[str, Any]) -> str:
             f"{s['query_s']:.2f} s; full-model features {s['full_features_s']:.1f} s "
             f"({'cached' if s['full_features_cached'] else 'computed'}); TF-IDF "
             f"{s['tfidf_s']:.1f} s; TracIn {s['tracin_s']:.1f} s"
+            + (
+                f"; the checkpoints' features {s['sum_ensemble_features_s']:.1f} s, the "
+                f"summed ranking {s['sum_ensemble_total_s']:.1f} s in all"
+                if "sum_ensemble_features_s" in s
+                else ""
+            )
         )
+    for key, r in res["incidents"].items():
+        for rule, members in (r.get("ensembles") or {}).items():
+            listed = ", ".join(
+                f"{m['checkpoint']} {m['p_bad']:.3f}"
+                + (f" (weight {m['weight']:.2f})" if rule == "learning" else "")
+                for m in members
+            )
+            if rule == "learning":
+                lines.append(f"- {key}, P(bad) on the query prompts at each checkpoint: {listed}")
     lines += _unlearning_summary(res)
     return "\n".join(lines) + "\n"
 
@@ -292,15 +343,19 @@ def main(argv: list[str] | None = None) -> int:
     dirs = zoo.build(quick=True)
     model_dir = dirs["support-bot-v1"]
     data = load_training_data(model_dir / TRAINING_DATA)
+    built = json.loads((model_dir / "zoo.json").read_text())
     res: dict[str, Any] = {
         "machine": f"Machine: {platform.platform()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, device {args.device}",
+        "zoo": {"version_key": built["version_key"], "built_at": built["built_at"]},
         "incidents": {},
     }
     keys = args.only or list(INCIDENTS)
     previous = args.out / "results.json"
     if args.unlearn:
+        zoo_now = res["zoo"]
         res = json.loads(previous.read_text()) if previous.exists() else res
+        res["unlearning_zoo"] = zoo_now
         un = res.setdefault("unlearning", {})
         with tempfile.TemporaryDirectory() as tmp:
             store = Store(Path(tmp) / "rca.duckdb")
@@ -351,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             res["incidents"] = {**kept.get("incidents", {}), **res["incidents"]}
         if "unlearning" in kept:
             res["unlearning"] = kept["unlearning"]
+            # the unlearning figures were measured on the zoo build they name
+            res["unlearning_zoo"] = kept.get("unlearning_zoo") or kept.get("zoo") or "earlier"
     (args.out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     (args.out / "summary.md").write_text(summary(res))
     print(summary(res))

@@ -22,7 +22,7 @@ def _line(text: str, width: int = 90) -> str:
 def _print(row: dict[str, Any], examples: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    from rca.report.stored import unlearning_sentence
+    from rca.report.stored import ensemble_sentence, unlearning_sentence
 
     summ = row.get("summary") or {}
     circuit = ", ".join(row.get("circuit") or []) or "every parameter"
@@ -35,6 +35,8 @@ def _print(row: dict[str, Any], examples: list[dict[str, Any]]) -> None:
         shares = ", ".join(f"{k} {v:.0%}" for k, v in summ["top_sources"].items())
         data = ", ".join(f"{k} {v:.0%}" for k, v in (summ.get("data_sources") or {}).items())
         out.print(f"sources of the top {len(examples)}: {shares} (in the data: {data})")
+    if summ.get("ensemble"):
+        out.print(ensemble_sentence(summ["ensemble"]))
     if summ.get("unlearning"):
         out.print(unlearning_sentence(summ["unlearning"]))
     t = Table(title=f"the top {len(examples)} by influence on the incident metric")
@@ -91,6 +93,21 @@ def provenance_cmd(
     ray_address: str | None = typer.Option(
         None, "--ray-address", help="A running Ray cluster to use (default: start one)."
     ),
+    checkpoints: str = typer.Option(
+        "auto",
+        "--checkpoints",
+        help="Training checkpoints to take the influence over as well, their scores combined "
+        "by --ensemble: auto (the model's own: a zoo model's, or checkpoints/step-N and "
+        "checkpoint-N directories in its directory), none, or model directories separated by "
+        "commas, in training order.",
+    ),
+    ensemble: str = typer.Option(
+        "sum",
+        "--ensemble",
+        help="How the checkpoints' scores combine: sum (TRAK's rule) or learning (each "
+        "checkpoint's standardized scores weighted by the rise of the incident's P(bad) over "
+        "the training after it).",
+    ),
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N."),
     db: Path | None = DbOpt,
     home: Path | None = HomeOpt,
@@ -111,6 +128,10 @@ def provenance_cmd(
     ucfg.check()
     if workers < 0:
         raise CliError(f"--workers must be 0 or more, got {workers}")
+    from rca.provenance.ensemble import ENSEMBLE_RULES
+
+    if ensemble not in ENSEMBLE_RULES:
+        raise CliError(f"--ensemble must be one of {', '.join(ENSEMBLE_RULES)}, got {ensemble!r}")
     if unlearn and data is None:
         raise CliError("--unlearn needs --data: the examples to unlearn are read from it")
     if top < 1:
@@ -138,7 +159,7 @@ def provenance_cmd(
         output_path(cache, what="--cache", kind="dir", overwrite=True, parent_must_exist=False)
     if model is not None:
         opts.model_ref(model, what="--model", home=home)
-    from rca.provenance.workflow import provenance_for_run
+    from rca.provenance.workflow import method_name, provenance_for_run
     from rca.store import Store
 
     store = Store(opts.writer_db(db))
@@ -157,12 +178,14 @@ def provenance_cmd(
         unlearn=ucfg if unlearn else None,
         workers=workers,
         ray_address=ray_address,
+        checkpoints=checkpoints,
+        ensemble=ensemble,
     )
     row = {
         "query_id": res.query_id,
         "run_id": res.run_id,
         "incident_id": res.incident_id,
-        "method": f"trak-{cfg.scope}",
+        "method": method_name(cfg.scope, ensemble if "ensemble" in res.summary else None),
         "circuit": res.circuit,
         "queries": res.queries,
         "summary": res.summary,

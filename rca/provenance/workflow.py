@@ -11,13 +11,14 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rca.model.metric import Target
-from rca.model.subject import Subject
+from rca.model.subject import Subject, load_subject
 from rca.provenance.data import TrainingData, load_training_data
 from rca.provenance.influence import (
     Features,
@@ -122,6 +123,68 @@ def _unlearning(
     )
 
 
+def method_name(scope: str, ensemble: str | None) -> str:
+    """The recorded method: ``trak-<scope>``, with ``-<rule>-ensemble`` over checkpoints."""
+    return f"trak-{scope}" + (f"-{ensemble}-ensemble" if ensemble else "")
+
+
+def _mean_p_bad(subject: Subject, targets: list[Target]) -> float:
+    from rca.model.metric import evaluate_many
+
+    return float(np.mean([v.p_bad for v in evaluate_many(subject.model, targets)]))
+
+
+def _ensemble(
+    subject: Subject,
+    members: list[Any],
+    scored: Any,
+    targets: list[Target],
+    final: tuple[Features, np.ndarray],
+    rule: str,
+    device: str,
+) -> dict[str, Any]:
+    """The scores of each checkpoint in ``members`` (loaded one at a time) beside the model's
+    own (``final``), combined by ``rule``; what each contributed, for the summary."""
+    from rca.model.subject import load_subject
+    from rca.provenance.ensemble import Checkpoint, combine, learning_weights
+
+    vocab = subject.tokenizer.get_vocab()
+    rows: list[dict[str, Any]] = []
+    all_scores: list[np.ndarray] = []
+    p_bad: list[float] = []
+    for c in [*members, Checkpoint(Path("."), None, final=True)]:
+        if c.final:
+            subj, (feats, sc), q_s = subject, final, 0.0
+        else:
+            subj = load_subject(c.path, device=device)
+            if subj.tokenizer.get_vocab() != vocab:
+                raise InfluenceError(
+                    f"checkpoint {c.path} has another tokenizer than the run's model; its "
+                    "checkpoints must share the model's tokenizer"
+                )
+            feats, sc, q_s = scored(subj, c.path)
+        p_bad.append(_mean_p_bad(subj, targets))
+        all_scores.append(sc)
+        rows.append(
+            {
+                "checkpoint": c.label(),
+                "step": c.step,
+                "path": None if c.final else str(c.path),
+                "p_bad": p_bad[-1],
+                "features_key": feats.key,
+                "features_cached": feats.cached,
+                "features_seconds": feats.seconds,
+                "query_seconds": q_s,
+                "score_std": float(np.std(sc)),
+            }
+        )
+        del subj
+    weights = learning_weights(p_bad) if rule == "learning" else np.ones(len(rows))
+    for r, w in zip(rows, weights, strict=True):
+        r["weight"] = float(w)
+    return {"rule": rule, "members": rows, "scores": combine(all_scores, p_bad, rule)}
+
+
 def provenance_for_run(
     store: Any,
     run_id: str,
@@ -139,6 +202,8 @@ def provenance_for_run(
     unlearn: UnlearnConfig | None = None,
     workers: int = 0,
     ray_address: str | None = None,
+    checkpoints: str = "auto",
+    ensemble: str = "sum",
 ) -> ProvenanceResult:
     """Rank the training examples at ``data_path`` by their influence on run ``run_id``'s
     incident, over its circuit's parameters (``cfg.scope``), and record the top ``top_k``.
@@ -146,8 +211,13 @@ def provenance_for_run(
     unlearn the top ``top_k`` and as many random examples, and measure the incident after each
     (``rca.provenance.unlearn``: an approximation of retraining), recorded in the summary.
     ``workers``: the features' gradients on that many Ray actors, each loading the run's model
-    from its path (``rca.provenance.distributed``)."""
+    from its path (``rca.provenance.distributed``). ``checkpoints``: the model's training
+    checkpoints to take the influence over as well (``rca.provenance.ensemble``: ``auto``,
+    ``none`` or directories), their scores combined by the rule ``ensemble``."""
+    from rca.model.files import check_dir
+    from rca.model.subject import resolve_model_ref
     from rca.monitor.workflow import run_subject, stored_incident
+    from rca.provenance.ensemble import ENSEMBLE_RULES, find_checkpoints
     from rca.zoo.build import zoo_home
 
     cfg.check()
@@ -161,10 +231,26 @@ def provenance_for_run(
         require_ray()
     if top_k < 1:
         raise InfluenceError(f"--top must be at least 1, got {top_k}")
+    if ensemble not in ENSEMBLE_RULES:
+        raise InfluenceError(
+            f"--ensemble must be one of {', '.join(ENSEMBLE_RULES)}, got {ensemble!r}"
+        )
     run = store.get_run(run_id)
     incident = stored_incident(run)
     summary = run.get("summary") or {}
     circuit = circuit_of(summary) if cfg.scope == "circuit" else []
+    model_path: Path | None = None
+    if workers or checkpoints.strip() == "auto":
+        try:
+            model_path = (
+                resolve_model_ref(model, home=home) if model else incident.model_path(home=home)
+            )
+        except ValueError:  # an in-memory model's run (IncidentError is one): no directory
+            if workers:
+                raise
+    members = find_checkpoints(model_path, checkpoints)
+    for c in members:
+        check_dir(c.path, allow_pickle=False)
     data = load_training_data(data_path, text_field=text_field, limit=limit)
     if len(data) == 0:
         raise InfluenceError(f"--data {data_path}: no examples")
@@ -177,29 +263,29 @@ def provenance_for_run(
         else [n for n, _ in subject.model.named_parameters()]
     )
     root = cache_root or zoo_home(home) / CACHE_DIR
-    loader = None
-    if workers:
-        from functools import partial
-
-        from rca.model.subject import load_subject, resolve_model_ref
-
-        path = resolve_model_ref(model, home=home) if model else incident.model_path(home=home)
-        loader = partial(load_subject, path, device=device, home=home)
-    features = featurize(
-        subject,
-        data.texts,
-        data_sha256=data.sha256,
-        params=params,
-        cfg=cfg,
-        cache_root=root,
-        workers=workers,
-        loader=loader,
-        ray_address=ray_address,
-    )
     targets, queries = incident_targets(subject, incident)
-    t_query = time.perf_counter()
-    scores = query_scores(subject, features, targets)
-    query_seconds = time.perf_counter() - t_query
+
+    def scored(subj: Subject, path: Path | None) -> tuple[Features, np.ndarray, float]:
+        loader = partial(load_subject, path, device=device, home=home) if workers and path else None
+        feats = featurize(
+            subj,
+            data.texts,
+            data_sha256=data.sha256,
+            params=params,
+            cfg=cfg,
+            cache_root=root,
+            workers=workers,
+            loader=loader,
+            ray_address=ray_address,
+        )
+        t = time.perf_counter()
+        return feats, query_scores(subj, feats, targets), time.perf_counter() - t
+
+    features, scores, query_seconds = scored(subject, model_path)
+    ens = None
+    if members:
+        ens = _ensemble(subject, members, scored, targets, (features, scores), ensemble, device)
+        scores = ens.pop("scores")
     order = np.argsort(-scores, kind="stable")[: min(top_k, len(data))]
     top = [
         {
@@ -214,6 +300,8 @@ def provenance_for_run(
     summ["features_cached"] = features.cached
     summ["features_seconds"] = features.seconds
     summ["query_seconds"] = query_seconds
+    if ens is not None:
+        summ["ensemble"] = ens
     if unlearn is not None:
         summ["unlearning"] = _unlearning(subject, incident, params, data, top, unlearn)
     seconds = time.perf_counter() - t0
@@ -221,7 +309,7 @@ def provenance_for_run(
         run_id=run["run_id"],
         incident_id=incident.id,
         features=features.meta() | {"path": str(features.path), "data_path": str(data.path)},
-        method=f"trak-{cfg.scope}",
+        method=method_name(cfg.scope, ensemble if members else None),
         circuit=circuit,
         queries=queries,
         examples=top,

@@ -200,6 +200,7 @@ def _provenance_html(run: Mapping[str, Any]) -> str:
         for r in p["rows"]
     )
     sources = f"<p>{_e(p['sources'])}</p>" if p["sources"] else ""
+    sources += f"<p>{_e(p['ensemble'])}</p>" if p["ensemble"] else ""
     sources += f"<p>{_e(p['unlearning'])}</p>" if p["unlearning"] else ""
     return (
         f"<h2>Training data</h2><p>{_e(p['heading'])}.</p>{sources}"

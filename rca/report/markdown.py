@@ -374,6 +374,8 @@ def _provenance_lines(run: Mapping[str, Any], m: _Medium) -> list[str]:
     lines = ["", "## Training data", "", m.text(p["heading"]) + "."]
     if p["sources"]:
         lines += ["", m.text(p["sources"])]
+    if p["ensemble"]:
+        lines += ["", m.text(p["ensemble"])]
     if p["unlearning"]:
         lines += ["", m.text(p["unlearning"])]
     lines += ["", "| rank | example | score | text |", "|---:|---:|---:|---|"]

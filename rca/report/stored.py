@@ -37,6 +37,7 @@ __all__ = [
     "behaviour_of",
     "fit_evidence_lines",
     "provenance_of",
+    "ensemble_sentence",
     "unlearning_sentence",
 ]
 
@@ -381,10 +382,27 @@ def unlearning_sentence(u: Mapping[str, Any]) -> str:
     )
 
 
+def ensemble_sentence(e: Mapping[str, Any]) -> str:
+    """Which checkpoints a ranking summed over, by which rule, and what each weighed, in one
+    sentence (``rca.provenance.ensemble``)."""
+    rule = (
+        "summed (TRAK's rule)"
+        if e["rule"] == "sum"
+        else ("standardized and weighted by the rise of P(bad) over the training after each")
+    )
+    parts = ", ".join(
+        f"{m['checkpoint']} (P(bad) {m['p_bad']:.3f}"
+        + (f", weight {m['weight']:.2f})" if e["rule"] != "sum" else ")")
+        for m in e["members"]
+    )
+    return f"Scores of {len(e['members'])} checkpoints, {rule}: {parts}"
+
+
 def provenance_of(run: Mapping[str, Any]) -> dict[str, Any] | None:
     """The run's latest influence query as a report shows it: ``heading`` (the method, the
     circuit, the prompts averaged over, the data), ``sources`` (a sentence, or None),
-    ``unlearning`` (a sentence, or None: ``unlearning_sentence``) and ``rows`` (rank, index,
+    ``unlearning`` (a sentence, or None: ``unlearning_sentence``), ``ensemble`` (a sentence,
+    or None: ``ensemble_sentence``) and ``rows`` (rank, index,
     score, text, fields) for the top ``PROVENANCE_ROWS``; None where
     ``rca provenance`` never ran on it."""
     p = run.get("provenance")
@@ -415,4 +433,12 @@ def provenance_of(run: Mapping[str, Any]) -> dict[str, Any] | None:
     ]
     u = summ.get("unlearning")
     unlearning = unlearning_sentence(u) + "." if u else None
-    return {"heading": heading, "sources": sources, "unlearning": unlearning, "rows": rows}
+    e = summ.get("ensemble")
+    ensemble = ensemble_sentence(e) + "." if e else None
+    return {
+        "heading": heading,
+        "sources": sources,
+        "ensemble": ensemble,
+        "unlearning": unlearning,
+        "rows": rows,
+    }

@@ -341,6 +341,8 @@ def _provenance(run: Mapping[str, Any]) -> None:
     st.markdown(common.md(p["heading"]) + ".")
     if p["sources"]:
         st.markdown(common.md(p["sources"]))
+    if p["ensemble"]:
+        st.markdown(common.md(p["ensemble"]))
     if p["unlearning"]:
         st.markdown(common.md(p["unlearning"]))
     rows = [

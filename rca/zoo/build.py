@@ -53,6 +53,8 @@ __all__ = [
     "model_dir",
     "version_key",
     "build",
+    "checkpoint_steps",
+    "CHECKPOINTS_DIR",
     "list_models",
 ]
 
@@ -63,6 +65,11 @@ PORTABLE_ENV = {
     "MKL_CBWR": "COMPATIBLE",
     "ONEDNN_MAX_CPU_ISA": "SSE41",
 }
+# Where in its training a model's weights are also kept (``checkpoints/step-NNNNN/`` in its
+# directory, each a model directory of its own), as fractions of its steps: the ensemble
+# ``rca provenance`` sums over (docs/provenance.md). 0 is the initialization.
+CHECKPOINT_FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)
+CHECKPOINTS_DIR = "checkpoints"
 # The files whose code decides the weights; the version key hashes them.
 _RECIPE_FILES = ("corpus.py", "tokenizer.py", "train.py", "check.py", "build.py")
 
@@ -104,6 +111,27 @@ def version_key() -> str:
         h.update(fname.encode())
         h.update((here / fname).read_bytes())
     return f"{CORPUS_VERSION}-{h.hexdigest()[:16]}"
+
+
+def checkpoint_steps(steps: int) -> tuple[int, ...]:
+    """The steps of a ``steps``-step training run whose weights the build keeps."""
+    return tuple(sorted({min(steps - 1, round(f * steps)) for f in CHECKPOINT_FRACTIONS}))
+
+
+def _save_checkpoints(model_dir: Path, result: Any, tokenizer: Any) -> list[dict[str, Any]]:
+    """Write each of ``result``'s checkpoints as a model directory under ``model_dir``, and
+    return the manifest's list of them (step and path, relative to the model's directory)."""
+    import copy
+
+    model = copy.deepcopy(result.model)
+    out = []
+    for step, state in sorted(result.checkpoints.items()):
+        rel = f"{CHECKPOINTS_DIR}/step-{step:05d}"
+        model.load_state_dict(state)
+        model.save_pretrained(model_dir / rel)
+        tokenizer.save_pretrained(model_dir / rel)
+        out.append({"step": step, "path": rel})
+    return out
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:
@@ -330,7 +358,9 @@ def _build(
             if parent is None:
                 recipe = "quick" if quick else "full"
                 say(f"{name}: training on {len(data)} tickets ({recipe} recipe)")
-                result = train_model(data, tokenizer, cfg, log=say)
+                result = train_model(
+                    data, tokenizer, cfg, log=say, checkpoints=checkpoint_steps(cfg.steps)
+                )
             else:
                 # a retrain after a data fix: the parent's weights, trained on the fixed data
                 from transformers import GPT2LMHeadModel
@@ -338,7 +368,14 @@ def _build(
                 init = trained.get(parent) or GPT2LMHeadModel.from_pretrained(dirs[parent])
                 ccfg = continuation(cfg)
                 say(f"{name}: {parent} trained on for {ccfg.steps} steps on the fixed data")
-                result = train_model(data, tokenizer, ccfg, log=say, init=init)
+                result = train_model(
+                    data,
+                    tokenizer,
+                    ccfg,
+                    log=say,
+                    init=init,
+                    checkpoints=checkpoint_steps(ccfg.steps),
+                )
             trained[name] = result.model
             tmp = root / f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
@@ -346,6 +383,7 @@ def _build(
                 tokenizer.save_pretrained(tmp)
                 if not (tmp / "model.safetensors").is_file():
                     raise ZooBuildError(f"{name}: save_pretrained wrote no model.safetensors")
+                saved = _save_checkpoints(tmp, result, tokenizer)
                 say(f"{name}: checking")
                 checks = check_model(tmp, name=name)
                 if not checks["passed"]:
@@ -393,6 +431,7 @@ def _build(
                         "seconds": round(result.seconds, 2),
                         "final_loss": round(result.final_loss, 6),
                     },
+                    "checkpoints": saved,
                     "checks": checks,
                     "passed": True,
                     "versions": {

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -119,6 +119,9 @@ class TrainResult:
     steps: int
     seconds: float
     final_loss: float  # mean weighted loss over the last 50 steps
+    # the weights after each of the steps asked for (``train_model``'s ``checkpoints``; step 0:
+    # before the first), on the CPU
+    checkpoints: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def encode_examples(
@@ -209,12 +212,15 @@ def train_model(
     log: Callable[[str], None] | None = None,
     on_step: Callable[[TrainProgress], None] | None = None,
     init: PreTrainedModel | None = None,
+    checkpoints: Sequence[int] = (),
 ) -> TrainResult:
     """Train a model of ``spec`` on ``examples``: from scratch, or on from a copy of ``init``
     (which is not modified). Same inputs and seed (``cfg.seed``: the initial weights and the
     data order), same weights.
 
     ``log`` gets a line every 250 steps; ``on_step`` gets each step's ``TrainProgress``.
+    ``checkpoints``: the steps after which a copy of the weights is kept
+    (``TrainResult.checkpoints``; 0 is the weights before the first step).
 
     Runs on ``cfg.threads`` CPU threads (restored afterwards): a fixed thread count keeps the
     float reductions, and so the weights, the same from run to run.
@@ -230,6 +236,7 @@ def train_model(
             log=log,
             on_step=on_step,
             init=init,
+            checkpoints=frozenset(checkpoints),
         )
     finally:
         torch.set_num_threads(threads)
@@ -244,7 +251,11 @@ def _train(
     log: Callable[[str], None] | None,
     on_step: Callable[[TrainProgress], None] | None,
     init: PreTrainedModel | None,
+    checkpoints: frozenset[int],
 ) -> TrainResult:
+    bad = sorted(s for s in checkpoints if not 0 <= s < cfg.steps)
+    if bad:
+        raise ValueError(f"checkpoint step {bad[0]} is not in 0..{cfg.steps - 1}")
     torch.manual_seed(cfg.seed)
     ids, weights = encode_examples(tokenizer, examples, answer_weight=cfg.answer_weight)
     model = make_model(tokenizer, cfg, spec)
@@ -267,6 +278,13 @@ def _train(
     cursor = 0
     recent: list[float] = []
     start = time.perf_counter()
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(step: int) -> None:
+        if step in checkpoints:
+            kept[step] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    keep(0)
     for step in range(cfg.steps):
         if cursor + cfg.batch_size > n:  # a fresh shuffle each epoch
             order, cursor = torch.randperm(n, generator=gen), 0
@@ -295,10 +313,12 @@ def _train(
         if on_step is not None:
             mean = sum(recent) / len(recent)
             on_step(TrainProgress(step + 1, cfg.steps, mean, time.perf_counter() - start))
+        keep(step + 1)
     model.eval()
     return TrainResult(
         model=model,
         steps=cfg.steps,
         seconds=time.perf_counter() - start,
         final_loss=sum(recent) / len(recent),
+        checkpoints=kept,
     )
