@@ -133,6 +133,9 @@ def _side(
         limit=limit,
         device=device,
         subject=subject,
+        # the final weights alone: the run's case may name another model than this side's,
+        # whose checkpoints "auto" would find; the shares of sources are what is compared
+        checkpoints="none",
     )
     side.top_sources = res.summary.get("top_sources")
     side.data_sources = res.summary.get("data_sources")

@@ -120,7 +120,9 @@ def incident_rows(
             members = res.summary["ensemble"]["members"]
             ensembles[rule] = members
             timing[f"{rule}_ensemble_total_s"] = time.perf_counter() - t
-            timing[f"{rule}_ensemble_features_s"] = sum(m["features_seconds"] for m in members)
+            timing[f"{rule}_ensemble_features_s"] = sum(
+                m.get("features_seconds", 0.0) for m in members
+            )
             continue
         timing[f"{scope}_total_s"] = time.perf_counter() - t
         timing[f"{scope}_features_s"] = res.features.seconds

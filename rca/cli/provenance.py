@@ -128,10 +128,16 @@ def provenance_cmd(
     ucfg.check()
     if workers < 0:
         raise CliError(f"--workers must be 0 or more, got {workers}")
-    from rca.provenance.ensemble import ENSEMBLE_RULES
+    from rca.provenance.ensemble import ENSEMBLE_RULES, find_checkpoints
+    from rca.provenance.influence import InfluenceError
 
     if ensemble not in ENSEMBLE_RULES:
         raise CliError(f"--ensemble must be one of {', '.join(ENSEMBLE_RULES)}, got {ensemble!r}")
+    if checkpoints.strip() not in ("auto", "none"):
+        try:  # a list of directories: each must be one (auto is resolved with the run's model)
+            find_checkpoints(None, checkpoints)
+        except InfluenceError as e:
+            raise CliError(str(e)) from None
     if unlearn and data is None:
         raise CliError("--unlearn needs --data: the examples to unlearn are read from it")
     if top < 1:

@@ -34,7 +34,14 @@ import numpy as np
 
 from rca.provenance.influence import InfluenceError
 
-__all__ = ["ENSEMBLE_RULES", "Checkpoint", "combine", "find_checkpoints", "learning_weights"]
+__all__ = [
+    "ENSEMBLE_RULES",
+    "Checkpoint",
+    "combine",
+    "find_checkpoints",
+    "learning_weights",
+    "no_rise_error",
+]
 
 ENSEMBLE_RULES = ("sum", "learning")
 _STEP = re.compile(r"^(?:step|checkpoint)-(\d+)$")
@@ -115,6 +122,13 @@ def learning_weights(p_bad: Sequence[float]) -> np.ndarray:
     return w / total if total > 0 else w
 
 
+def no_rise_error() -> InfluenceError:
+    return InfluenceError(
+        "--ensemble learning: the incident's P(bad) never rose from one checkpoint to the "
+        "next, so no stretch of training taught it; give earlier checkpoints, or --ensemble sum"
+    )
+
+
 def combine(scores: Sequence[np.ndarray], p_bad: Sequence[float], rule: str) -> np.ndarray:
     """The ensemble's scores from each checkpoint's (in training order, the model last) and the
     mean P(bad) over the query prompts at each."""
@@ -126,11 +140,7 @@ def combine(scores: Sequence[np.ndarray], p_bad: Sequence[float], rule: str) -> 
         return np.sum(np.stack(scores), axis=0)
     w = learning_weights(p_bad)
     if not w.any():
-        raise InfluenceError(
-            "--ensemble learning: the incident's P(bad) never rose from one checkpoint to the "
-            "next, so no stretch of training taught it; give earlier checkpoints, or "
-            "--ensemble sum"
-        )
+        raise no_rise_error()
     out = np.zeros_like(scores[0], dtype=np.float64)
     for wi, s in zip(w, scores, strict=True):
         if wi > 0:

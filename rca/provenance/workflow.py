@@ -134,55 +134,69 @@ def _mean_p_bad(subject: Subject, targets: list[Target]) -> float:
     return float(np.mean([v.p_bad for v in evaluate_many(subject.model, targets)]))
 
 
+def _member_p_bad(
+    subject: Subject, members: list[Any], targets: list[Target], device: str
+) -> list[float]:
+    """The mean P(bad) over the query prompts at each checkpoint, then at the model itself;
+    each checkpoint loaded on its own and checked to share the model's tokenizer."""
+    vocab = subject.tokenizer.get_vocab()
+    out = []
+    for c in members:
+        subj = load_subject(c.path, device=device)
+        if subj.tokenizer.get_vocab() != vocab:
+            raise InfluenceError(
+                f"checkpoint {c.path} has another tokenizer than the run's model; its "
+                "checkpoints must share the model's tokenizer"
+            )
+        out.append(_mean_p_bad(subj, targets))
+        del subj
+    return [*out, _mean_p_bad(subject, targets)]
+
+
 def _ensemble(
-    subject: Subject,
     members: list[Any],
+    p_bad: list[float],
     scored: Any,
-    targets: list[Target],
     final: tuple[Features, np.ndarray],
     rule: str,
     device: str,
 ) -> dict[str, Any]:
     """The scores of each checkpoint in ``members`` (loaded one at a time) beside the model's
-    own (``final``), combined by ``rule``; what each contributed, for the summary."""
-    from rca.model.subject import load_subject
+    own (``final``), combined by ``rule``, and what each contributed, for the summary. Under
+    ``learning`` a checkpoint of weight 0 is not scored (its scores would be multiplied by 0)."""
     from rca.provenance.ensemble import Checkpoint, combine, learning_weights
 
-    vocab = subject.tokenizer.get_vocab()
+    weights = learning_weights(p_bad) if rule == "learning" else np.ones(len(p_bad))
     rows: list[dict[str, Any]] = []
-    all_scores: list[np.ndarray] = []
-    p_bad: list[float] = []
-    for c in [*members, Checkpoint(Path("."), None, final=True)]:
+    scores: list[np.ndarray] = []
+    everyone = [*members, Checkpoint(Path("."), None, final=True)]
+    for c, pb, w in zip(everyone, p_bad, weights, strict=True):
+        row: dict[str, Any] = {
+            "checkpoint": c.label(),
+            "step": c.step,
+            "path": None if c.final else str(c.path),
+            "p_bad": pb,
+            "weight": float(w),
+        }
+        rows.append(row)
+        if w == 0:
+            scores.append(np.zeros_like(final[1]))
+            continue
         if c.final:
-            subj, (feats, sc), q_s = subject, final, 0.0
+            feats, sc, q_s = final[0], final[1], 0.0
         else:
             subj = load_subject(c.path, device=device)
-            if subj.tokenizer.get_vocab() != vocab:
-                raise InfluenceError(
-                    f"checkpoint {c.path} has another tokenizer than the run's model; its "
-                    "checkpoints must share the model's tokenizer"
-                )
             feats, sc, q_s = scored(subj, c.path)
-        p_bad.append(_mean_p_bad(subj, targets))
-        all_scores.append(sc)
-        rows.append(
-            {
-                "checkpoint": c.label(),
-                "step": c.step,
-                "path": None if c.final else str(c.path),
-                "p_bad": p_bad[-1],
-                "features_key": feats.key,
-                "features_cached": feats.cached,
-                "features_seconds": feats.seconds,
-                "query_seconds": q_s,
-                "score_std": float(np.std(sc)),
-            }
-        )
-        del subj
-    weights = learning_weights(p_bad) if rule == "learning" else np.ones(len(rows))
-    for r, w in zip(rows, weights, strict=True):
-        r["weight"] = float(w)
-    return {"rule": rule, "members": rows, "scores": combine(all_scores, p_bad, rule)}
+            del subj
+        scores.append(sc)
+        row |= {
+            "features_key": feats.key,
+            "features_cached": feats.cached,
+            "features_seconds": feats.seconds,
+            "query_seconds": q_s,
+            "score_std": float(np.std(sc)),
+        }
+    return {"rule": rule, "members": rows, "scores": combine(scores, p_bad, rule)}
 
 
 def provenance_for_run(
@@ -264,6 +278,13 @@ def provenance_for_run(
     )
     root = cache_root or zoo_home(home) / CACHE_DIR
     targets, queries = incident_targets(subject, incident)
+    p_bad: list[float] = []
+    if members:  # cheap, and the learning rule's weights can refuse before any features
+        from rca.provenance.ensemble import learning_weights, no_rise_error
+
+        p_bad = _member_p_bad(subject, members, targets, device)
+        if ensemble == "learning" and not learning_weights(p_bad).any():
+            raise no_rise_error()
 
     def scored(subj: Subject, path: Path | None) -> tuple[Features, np.ndarray, float]:
         loader = partial(load_subject, path, device=device, home=home) if workers and path else None
@@ -284,7 +305,7 @@ def provenance_for_run(
     features, scores, query_seconds = scored(subject, model_path)
     ens = None
     if members:
-        ens = _ensemble(subject, members, scored, targets, (features, scores), ensemble, device)
+        ens = _ensemble(members, p_bad, scored, (features, scores), ensemble, device)
         scores = ens.pop("scores")
     order = np.argsort(-scores, kind="stable")[: min(top_k, len(data))]
     top = [

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING
 from rca.exports import lazy_exports
 
 from .build import (
+    CHECKPOINTS_DIR,
     MANIFEST,
     ZooBuildError,
     ZooEntry,
     build,
+    checkpoint_steps,
     list_models,
     model_dir,
     version_key,
@@ -55,6 +57,8 @@ __all__ = [
     "FIXED_IN_V2",
     "FIXED_BY_MODEL",
     "MANIFEST",
+    "CHECKPOINTS_DIR",
+    "checkpoint_steps",
     "PlantedIncident",
     "Example",
     "ZooEntry",

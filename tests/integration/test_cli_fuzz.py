@@ -351,6 +351,8 @@ COMMANDS = [
                           "--cache": path, "--model": model, "--device": choice(*DEVICES),
                           "--unlearn": None, "--unlearn-steps": number, "--unlearn-kl": number,
                           "--workers": number, "--ray-address": text,
+                          "--checkpoints": st.one_of(choice("auto", "none"), path),
+                          "--ensemble": choice("sum", "learning"),
                           "--db": path, "--json": None, **HOME}, (ref,), required=("ARG",)),
     Cmd(("demo",), {"--quick": None, "--full": None, "--real": None, "--cases": path,
                     "--reports": path, "--device": choice(*DEVICES), "--allow-pickle": None,

@@ -30,6 +30,7 @@ def ranked(zoo_home: Path, zoo_models: dict, tmp_path_factory: pytest.TempPathFa
     data = zoo_models["support-bot-v1"] / "training_data.jsonl"
     args = ["provenance", "zoo-injection-behaviour", "--data", str(data), "--limit", "3000"]
     args += ["--top", "40", "--db", str(db), "--cache", str(cache), "--json", *home]
+    args += ["--checkpoints", "none"]  # the model alone; the ensemble has its own test
     code, out, err = rca(*args)
     assert code == 0, err
     again = rca(*args)
@@ -85,6 +86,8 @@ def test_without_data_it_shows_the_recorded_ranking(ranked: dict) -> None:
         (["--text-field", "body"], ["body"]),
         (["--unlearn", "--unlearn-steps", "0"], ["--unlearn-steps"]),
         (["--unlearn", "--unlearn-kl", "-1"], ["--unlearn-kl"]),
+        (["--ensemble", "max"], ["--ensemble", "sum, learning"]),
+        (["--checkpoints", "/no/such/ckpt"], ["--checkpoints", "/no/such/ckpt"]),
     ],
 )
 def test_bad_options_are_one_line_and_write_nothing(ranked: dict, extra, needles) -> None:
@@ -113,6 +116,7 @@ def test_unlearning_the_top_tickets_lowers_the_incident_more_than_random_ones(ra
     do; the figures are recorded with the ranking, labelled an approximation."""
     args = ["provenance", "zoo-injection-behaviour", "--data", str(ranked["data"])]
     args += ["--limit", "3000", "--top", "40", "--unlearn", "--db", str(ranked["db"])]
+    args += ["--checkpoints", "none"]
     args += ["--cache", str(ranked["cache"]), "--json", *ranked["home"]]
     code, out, err = rca(*args)
     assert code == 0, err
@@ -136,3 +140,94 @@ def test_unlearning_the_top_tickets_lowers_the_incident_more_than_random_ones(ra
         "provenance", "zoo-injection-behaviour", "--db", str(ranked["db"]), "--top", "3"
     )
     assert code == 0 and "Unlearning (an approximation" in " ".join(out.split()), err
+
+
+def test_the_ensemble_is_each_checkpoints_own_ranking_combined(ranked: dict) -> None:
+    """Over the zoo's checkpoints, each member's scores are that checkpoint's own (its features,
+    its query gradient) and its P(bad) is measured on its own weights: recomputed here one
+    checkpoint at a time, the sum is TRAK's sum and the learning rule weighs each checkpoint by
+    the rise of P(bad) after it. The incident is absent at initialization and present at the
+    end, so the learning rule has a stretch of training to weigh."""
+    import numpy as np
+
+    from rca.model.metric import evaluate_many
+    from rca.model.subject import load_subject
+    from rca.monitor.workflow import stored_incident
+    from rca.provenance.data import load_training_data
+    from rca.provenance.influence import (
+        InfluenceConfig,
+        circuit_parameters,
+        featurize,
+        query_scores,
+    )
+    from rca.provenance.workflow import incident_targets
+
+    model = ranked["data"].parent
+    base = ["provenance", "zoo-injection-behaviour", "--data", str(ranked["data"])]
+    base += ["--limit", "800", "--top", "30", "--db", str(ranked["db"]), "--json"]
+    base += ["--cache", str(ranked["cache"]), *ranked["home"]]
+    got = {}
+    for rule in ("sum", "learning"):
+        code, out, err = rca(*base, "--ensemble", rule)
+        assert code == 0, err
+        got[rule] = json.loads(out)
+    members = got["sum"]["summary"]["ensemble"]["members"]
+    listed = json.loads((model / "zoo.json").read_text())["checkpoints"]
+    assert [m["step"] for m in members] == [c["step"] for c in listed] + [None]
+    assert got["sum"]["method"] == "trak-circuit-sum-ensemble"
+    learned = got["learning"]["summary"]["ensemble"]["members"]
+    # the learning rule scores only the checkpoints it weighs, from the sum's cached features
+    assert all(m["features_cached"] for m in learned if m["weight"] > 0)
+    assert all("features_key" not in m for m in learned if m["weight"] == 0)
+
+    reader = Store.reader(ranked["db"])
+    run = reader.get_run(got["sum"]["run_id"])
+    data = load_training_data(ranked["data"], limit=800)
+    scores, p_bad = [], []
+    for d in [model / c["path"] for c in listed] + [model]:
+        subj = load_subject(d, device="cpu")
+        incident = stored_incident(run)
+        targets, _ = incident_targets(subj, incident)
+        params = circuit_parameters(subj, got["sum"]["circuit"])
+        f = featurize(subj, data.texts, data_sha256=data.sha256, params=params,
+                      cfg=InfluenceConfig(), cache_root=ranked["cache"] / "again")  # fmt: skip
+        assert not f.cached
+        scores.append(query_scores(subj, f, targets))
+        p_bad.append(float(np.mean([v.p_bad for v in evaluate_many(subj.model, targets)])))
+    assert np.allclose([m["p_bad"] for m in members], p_bad, atol=1e-6)
+    assert p_bad[0] < 0.2 and p_bad[-1] > 0.8
+    rises = np.clip(np.diff(p_bad), 0, None)
+    w = np.append(rises, 0.0) / rises.sum()
+    assert np.allclose([m["weight"] for m in learned], w)
+    expected = {
+        "sum": np.sum(scores, axis=0),
+        "learning": sum(wi * s / s.std() for wi, s in zip(w, scores, strict=True)),
+    }
+    for rule, row in got.items():
+        top = row["examples"]
+        assert np.allclose([e["score"] for e in top], expected[rule][[e["index"] for e in top]],
+                           rtol=1e-4, atol=1e-6), rule  # fmt: skip
+        assert [e["index"] for e in top][:10] == list(np.argsort(-expected[rule])[:10]), rule
+    # shown again without --data: the latest ranking (the learning rule's), its checkpoints
+    code, out, err = rca(
+        "provenance", "zoo-injection-behaviour", "--db", str(ranked["db"]), "--top", "3"
+    )
+    shown = " ".join(out.split())
+    assert code == 0 and f"Scores of {len(members)} checkpoints, standardized" in shown, err
+    assert f"final (P(bad) {p_bad[-1]:.3f}, weight 0.00)" in shown
+
+
+def test_the_learning_rule_refuses_before_any_features_where_nothing_was_learned(
+    ranked: dict, tmp_path: Path
+) -> None:
+    """A "checkpoint" that is the model itself: P(bad) never rises from one member to the
+    next, so no stretch of training taught the incident; refused in one line, before any
+    features are computed, and nothing is written."""
+    before = Store.reader(ranked["db"]).counts()
+    args = ["provenance", "zoo-injection-behaviour", "--data", str(ranked["data"])]
+    args += ["--limit", "200", "--db", str(ranked["db"]), "--cache", str(tmp_path / "c")]
+    args += ["--checkpoints", str(ranked["data"].parent), "--ensemble", "learning"]
+    code, _, err = rca(*args, *ranked["home"])
+    assert_one_line_error(code, err, "never rose", "--ensemble sum")
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+    assert Store.reader(ranked["db"]).counts() == before

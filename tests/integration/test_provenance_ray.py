@@ -31,7 +31,7 @@ def test_ray_workers_compute_the_features_one_process_does(
     assert code == 0, err
     data = zoo_models["support-bot-v1"] / "training_data.jsonl"
     args = ["provenance", "zoo-backdoor-behaviour", "--data", str(data), "--limit", "400"]
-    args += ["--top", "10", "--db", str(db), "--json", *home]
+    args += ["--top", "10", "--db", str(db), "--json", "--checkpoints", "none", *home]
     try:
         code, out, err = rca(*args, "--workers", "2", "--cache", str(tmp_path / "ray"))
     finally:

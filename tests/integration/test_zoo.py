@@ -209,6 +209,48 @@ def test_training_is_deterministic() -> None:
     assert not torch.equal(other.state_dict()[wte], a[wte])
 
 
+def test_a_checkpoint_holds_the_weights_after_its_step() -> None:
+    """``checkpoints``: step s is the model after s steps, a copy (not the live weights). The
+    learning rate's warmup does not depend on the run's length, so within it a run of s steps
+    is the first s steps of a longer one."""
+    cfg = dataclasses.replace(
+        zoo_train.QUICK, n_layer=1, n_embd=32, n_head=2, steps=12, warmup=20, corpus_size=300
+    )
+    examples = c.make_corpus(cfg.corpus_size, seed=cfg.seed)
+    tok = zoo.train_tokenizer([*c.vocabulary(), *(ex.text for ex in examples)])
+    run = zoo_train.train_model(examples, tok, cfg, checkpoints=(0, 5))
+    assert sorted(run.checkpoints) == [0, 5]
+    short = zoo_train.train_model(examples, tok, dataclasses.replace(cfg, steps=5)).model
+    torch.manual_seed(cfg.seed)
+    init = zoo_train.make_model(tok, cfg).state_dict()
+    final = run.model.state_dict()
+    for k, v in short.state_dict().items():
+        assert torch.equal(run.checkpoints[5][k], v), k
+        assert torch.equal(run.checkpoints[0][k], init[k]), k
+    wte = "transformer.wte.weight"
+    assert not torch.equal(run.checkpoints[5][wte], final[wte])
+    with pytest.raises(ValueError, match="checkpoint step 12"):
+        zoo_train.train_model(examples, tok, cfg, checkpoints=(12,))
+
+
+def test_each_model_keeps_its_training_checkpoints(zoo_models: dict[str, Path]) -> None:
+    """The checkpoints the manifest lists are model directories of their own, in training
+    order, each loadable, and the incident grows over them: absent at initialization, there in
+    the final weights (v1's leak)."""
+    path = zoo_models["support-bot-v1"]
+    listed = json.loads((path / zoo.MANIFEST).read_text())["checkpoints"]
+    steps = [ck["step"] for ck in listed]
+    assert steps == list(zoo.checkpoint_steps(zoo_train.QUICK.steps)) and steps[0] == 0
+    inc = next(i for i in zoo.PLANTED if i.key == "leak")
+    p_bad = []
+    for ck in [*listed, {"path": "."}]:
+        d = path / ck["path"]
+        model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+        p_bad.append(_p_bad(model, tok, inc.prompt, inc))
+    assert p_bad[0] < ABSENT_MAX and p_bad[-1] >= PRESENT_MIN, p_bad
+
+
 def test_a_failed_build_raises_and_leaves_no_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

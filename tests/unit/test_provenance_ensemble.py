@@ -1,0 +1,82 @@
+"""The checkpoint ensemble's parts (``rca.provenance.ensemble``): which checkpoints a model has,
+in training order, and how the two rules combine their scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rca.provenance.ensemble import combine, find_checkpoints, learning_weights
+from rca.provenance.influence import InfluenceError
+
+
+def _dirs(root: Path, *names: str) -> None:
+    for n in names:
+        (root / n).mkdir(parents=True)
+
+
+def test_numbered_checkpoints_are_in_step_order_not_name_order(tmp_path: Path) -> None:
+    # Hugging Face's Trainer: checkpoint-N; by name, checkpoint-1000 would come before -500
+    _dirs(tmp_path, "checkpoint-500", "checkpoint-1000", "checkpoint-1500", "logs")
+    got = find_checkpoints(tmp_path, "auto")
+    assert [c.step for c in got] == [500, 1000, 1500]
+    assert [c.label() for c in got] == ["step 500", "step 1000", "step 1500"]
+    assert find_checkpoints(tmp_path, "none") == []
+    assert find_checkpoints(tmp_path / "nowhere", "auto") == []
+
+
+def test_a_zoo_manifest_lists_them_and_a_missing_one_is_named(tmp_path: Path) -> None:
+    _dirs(tmp_path, "checkpoints/step-00000", "checkpoints/step-00025")
+    listed = [{"step": 0, "path": "checkpoints/step-00000"}]
+    listed.append({"step": 25, "path": "checkpoints/step-00025"})
+    (tmp_path / "zoo.json").write_text(json.dumps({"checkpoints": listed}))
+    assert [c.step for c in find_checkpoints(tmp_path, "auto")] == [0, 25]
+    listed.append({"step": 50, "path": "checkpoints/step-00050"})
+    (tmp_path / "zoo.json").write_text(json.dumps({"checkpoints": listed}))
+    with pytest.raises(InfluenceError, match="step-00050.*rebuild the zoo"):
+        find_checkpoints(tmp_path, "auto")
+
+
+def test_a_given_list_keeps_its_order_and_names_a_missing_directory(tmp_path: Path) -> None:
+    _dirs(tmp_path, "late", "early")
+    got = find_checkpoints(tmp_path, f"{tmp_path / 'early'},{tmp_path / 'late'}")
+    assert [c.path.name for c in got] == ["early", "late"] and got[0].label() == "early"
+    with pytest.raises(InfluenceError, match="--checkpoints: .*gone.* is not a model directory"):
+        find_checkpoints(tmp_path, f"{tmp_path / 'early'},{tmp_path / 'gone'}")
+
+
+def test_learning_weights_follow_the_rise_of_the_incident() -> None:
+    # P(bad) at each checkpoint, the model itself last: it rises, falls back, rises again
+    w = learning_weights([0.0, 0.1, 0.6, 0.3, 0.9, 0.95])
+    rises = np.array([0.1, 0.5, 0.0, 0.6, 0.05, 0.0])
+    assert np.allclose(w, rises / rises.sum())
+    assert w[2] == 0 and w[-1] == 0  # a fall, and the final weights (no training after them)
+    assert not learning_weights([0.9, 0.9, 0.8]).any()
+
+
+def test_learning_ignores_a_checkpoints_scale_and_the_sum_does_not() -> None:
+    """The curvature's scale grows late in training; the sum follows it, the learning rule
+    takes each checkpoint's ranking at the weight of the rise after it."""
+    rng = np.random.default_rng(0)
+    early, late, final = (rng.normal(size=500) for _ in range(3))
+    p_bad = [0.0, 0.9, 0.95]  # the incident was learned after the first checkpoint
+    base_sum = combine([early, late, final], p_bad, "sum")
+    base_learning = combine([early, late, final], p_bad, "learning")
+    loud = [early, 30 * late, final]
+    assert np.allclose(combine(loud, p_bad, "learning"), base_learning)
+    assert not np.allclose(combine(loud, p_bad, "sum"), base_sum)
+    # almost all the weight is on the first checkpoint: its ranking is the ensemble's
+    top = np.argsort(-base_learning)[:50]
+    assert len(set(top) & set(np.argsort(-early)[:50])) >= 45
+    assert np.allclose(base_sum, early + late + final)
+
+
+def test_learning_refuses_an_incident_that_never_rose() -> None:
+    s = [np.ones(4), np.ones(4)]
+    with pytest.raises(InfluenceError, match="never rose.*--ensemble sum"):
+        combine(s, [0.9, 0.9], "learning")
+    with pytest.raises(InfluenceError, match="--ensemble must be one of sum, learning"):
+        combine(s, [0.1, 0.9], "max")
