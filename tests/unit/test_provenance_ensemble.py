@@ -26,6 +26,10 @@ def test_numbered_checkpoints_are_in_step_order_not_name_order(tmp_path: Path) -
     assert [c.label() for c in got] == ["step 500", "step 1000", "step 1500"]
     assert find_checkpoints(tmp_path, "none") == []
     assert find_checkpoints(tmp_path / "nowhere", "auto") == []
+    gguf = tmp_path / "model.gguf"  # a GGUF file's model has no checkpoints: its weights alone
+    gguf.write_bytes(b"GGUF")
+    assert find_checkpoints(gguf, "auto") == []
+    assert find_checkpoints(None, "auto") == []  # an in-memory model's run
 
 
 def test_a_zoo_manifest_lists_them_and_a_missing_one_is_named(tmp_path: Path) -> None:
