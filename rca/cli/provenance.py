@@ -128,16 +128,11 @@ def provenance_cmd(
     ucfg.check()
     if workers < 0:
         raise CliError(f"--workers must be 0 or more, got {workers}")
-    from rca.provenance.ensemble import ENSEMBLE_RULES, find_checkpoints
-    from rca.provenance.influence import InfluenceError
+    from rca.provenance.ensemble import check_rule, find_checkpoints
 
-    if ensemble not in ENSEMBLE_RULES:
-        raise CliError(f"--ensemble must be one of {', '.join(ENSEMBLE_RULES)}, got {ensemble!r}")
-    if checkpoints.strip() not in ("auto", "none"):
-        try:  # a list of directories: each must be one (auto is resolved with the run's model)
-            find_checkpoints(None, checkpoints)
-        except InfluenceError as e:
-            raise CliError(str(e)) from None
+    check_rule(ensemble)
+    if checkpoints.strip() not in ("auto", "none"):  # auto is resolved with the run's model
+        find_checkpoints(None, checkpoints)  # a list of directories: each must be one
     if unlearn and data is None:
         raise CliError("--unlearn needs --data: the examples to unlearn are read from it")
     if top < 1:
@@ -165,7 +160,7 @@ def provenance_cmd(
         output_path(cache, what="--cache", kind="dir", overwrite=True, parent_must_exist=False)
     if model is not None:
         opts.model_ref(model, what="--model", home=home)
-    from rca.provenance.workflow import method_name, provenance_for_run
+    from rca.provenance.workflow import provenance_for_run
     from rca.store import Store
 
     store = Store(opts.writer_db(db))
@@ -191,7 +186,7 @@ def provenance_cmd(
         "query_id": res.query_id,
         "run_id": res.run_id,
         "incident_id": res.incident_id,
-        "method": method_name(cfg.scope, ensemble if "ensemble" in res.summary else None),
+        "method": res.method,
         "circuit": res.circuit,
         "queries": res.queries,
         "summary": res.summary,

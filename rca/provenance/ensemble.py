@@ -37,6 +37,7 @@ from rca.provenance.influence import InfluenceError
 __all__ = [
     "ENSEMBLE_RULES",
     "Checkpoint",
+    "check_rule",
     "combine",
     "find_checkpoints",
     "learning_weights",
@@ -122,6 +123,12 @@ def learning_weights(p_bad: Sequence[float]) -> np.ndarray:
     return w / total if total > 0 else w
 
 
+def check_rule(rule: str) -> None:
+    """An ``InfluenceError`` naming ``--ensemble`` unless ``rule`` is one of ``ENSEMBLE_RULES``."""
+    if rule not in ENSEMBLE_RULES:
+        raise InfluenceError(f"--ensemble must be one of {', '.join(ENSEMBLE_RULES)}, got {rule!r}")
+
+
 def no_rise_error() -> InfluenceError:
     return InfluenceError(
         "--ensemble learning: the incident's P(bad) never rose from one checkpoint to the "
@@ -132,8 +139,7 @@ def no_rise_error() -> InfluenceError:
 def combine(scores: Sequence[np.ndarray], p_bad: Sequence[float], rule: str) -> np.ndarray:
     """The ensemble's scores from each checkpoint's (in training order, the model last) and the
     mean P(bad) over the query prompts at each."""
-    if rule not in ENSEMBLE_RULES:
-        raise InfluenceError(f"--ensemble must be one of {', '.join(ENSEMBLE_RULES)}, got {rule!r}")
+    check_rule(rule)
     if len(scores) != len(p_bad) or not scores:
         raise InfluenceError("each checkpoint needs its scores and its P(bad)")
     if rule == "sum":

@@ -41,6 +41,7 @@ class ProvenanceResult:
     query_id: str
     run_id: str
     incident_id: str
+    method: str  # as recorded: ``method_name``
     circuit: list[str]
     features: Features
     scores: np.ndarray  # every example's, in data order
@@ -134,69 +135,82 @@ def _mean_p_bad(subject: Subject, targets: list[Target]) -> float:
     return float(np.mean([v.p_bad for v in evaluate_many(subject.model, targets)]))
 
 
-def _member_p_bad(
+def _load_checkpoint(path: Path, subject: Subject, device: str) -> Subject:
+    """A checkpoint of ``subject``'s model, refused where its tokenizer is another."""
+    subj = load_subject(path, device=device)
+    if subj.tokenizer.get_vocab() != subject.tokenizer.get_vocab():
+        raise InfluenceError(
+            f"checkpoint {path} has another tokenizer than the run's model; its "
+            "checkpoints must share the model's tokenizer"
+        )
+    return subj
+
+
+def _learning_p_bad(
     subject: Subject, members: list[Any], targets: list[Target], device: str
 ) -> list[float]:
-    """The mean P(bad) over the query prompts at each checkpoint, then at the model itself;
-    each checkpoint loaded on its own and checked to share the model's tokenizer."""
-    vocab = subject.tokenizer.get_vocab()
-    out = []
-    for c in members:
-        subj = load_subject(c.path, device=device)
-        if subj.tokenizer.get_vocab() != vocab:
-            raise InfluenceError(
-                f"checkpoint {c.path} has another tokenizer than the run's model; its "
-                "checkpoints must share the model's tokenizer"
-            )
-        out.append(_mean_p_bad(subj, targets))
-        del subj
+    """The mean P(bad) over the query prompts at each checkpoint, then at the model itself:
+    the learning rule's weights need them all before any checkpoint is scored."""
+    out = [_mean_p_bad(_load_checkpoint(c.path, subject, device), targets) for c in members]
     return [*out, _mean_p_bad(subject, targets)]
 
 
 def _ensemble(
+    subject: Subject,
     members: list[Any],
-    p_bad: list[float],
+    targets: list[Target],
     scored: Any,
     final: tuple[Features, np.ndarray],
     rule: str,
     device: str,
+    learned: list[float] | None,
 ) -> dict[str, Any]:
-    """The scores of each checkpoint in ``members`` (loaded one at a time) beside the model's
-    own (``final``), combined by ``rule``, and what each contributed, for the summary. Under
-    ``learning`` a checkpoint of weight 0 is not scored (its scores would be multiplied by 0)."""
+    """The scores of each checkpoint in ``members`` beside the model's own (``final``),
+    combined by ``rule``, and what each contributed, for the summary. Each checkpoint is loaded
+    once more: under ``sum`` its P(bad) is measured as it is scored; under ``learning`` every
+    P(bad) was measured first (``learned``, from ``_learning_p_bad``), and a checkpoint of
+    weight 0 is not scored (its scores would be multiplied by 0)."""
     from rca.provenance.ensemble import Checkpoint, combine, learning_weights
 
-    weights = learning_weights(p_bad) if rule == "learning" else np.ones(len(p_bad))
+    everyone = [*members, Checkpoint(Path("."), None, final=True)]
+    p_bad: list[float | None] = [None] * len(everyone)
+    weights = np.ones(len(everyone))
+    if rule == "learning":
+        assert learned is not None and len(learned) == len(everyone)
+        p_bad = list(learned)
+        weights = learning_weights(learned)
     rows: list[dict[str, Any]] = []
     scores: list[np.ndarray] = []
-    everyone = [*members, Checkpoint(Path("."), None, final=True)]
-    for c, pb, w in zip(everyone, p_bad, weights, strict=True):
+    for i, (c, w) in enumerate(zip(everyone, weights, strict=True)):
         row: dict[str, Any] = {
             "checkpoint": c.label(),
             "step": c.step,
             "path": None if c.final else str(c.path),
-            "p_bad": pb,
             "weight": float(w),
         }
         rows.append(row)
         if w == 0:
             scores.append(np.zeros_like(final[1]))
-            continue
-        if c.final:
-            feats, sc, q_s = final[0], final[1], 0.0
         else:
-            subj = load_subject(c.path, device=device)
-            feats, sc, q_s = scored(subj, c.path)
+            subj = subject if c.final else _load_checkpoint(c.path, subject, device)
+            if p_bad[i] is None:
+                p_bad[i] = _mean_p_bad(subj, targets)
+            feats, sc, q_s = final[0], final[1], 0.0
+            if not c.final:
+                feats, sc, q_s = scored(subj, c.path)
             del subj
-        scores.append(sc)
-        row |= {
-            "features_key": feats.key,
-            "features_cached": feats.cached,
-            "features_seconds": feats.seconds,
-            "query_seconds": q_s,
-            "score_std": float(np.std(sc)),
-        }
-    return {"rule": rule, "members": rows, "scores": combine(scores, p_bad, rule)}
+            scores.append(sc)
+            row |= {
+                "features_key": feats.key,
+                "features_cached": feats.cached,
+                "features_seconds": feats.seconds,
+                "query_seconds": q_s,
+                "score_std": float(np.std(sc)),
+            }
+        row["p_bad"] = p_bad[i]
+    measured = [float(p) for p in p_bad if p is not None]
+    assert len(measured) == len(everyone)  # every member measured, scored or weighed
+    return {"rule": rule, "members": rows, "scores": combine(scores, measured, rule)}
 
 
 def provenance_for_run(
@@ -231,7 +245,7 @@ def provenance_for_run(
     from rca.model.files import check_dir
     from rca.model.subject import resolve_model_ref
     from rca.monitor.workflow import run_subject, stored_incident
-    from rca.provenance.ensemble import ENSEMBLE_RULES, find_checkpoints
+    from rca.provenance.ensemble import check_rule, find_checkpoints
     from rca.zoo.build import zoo_home
 
     cfg.check()
@@ -245,10 +259,7 @@ def provenance_for_run(
         require_ray()
     if top_k < 1:
         raise InfluenceError(f"--top must be at least 1, got {top_k}")
-    if ensemble not in ENSEMBLE_RULES:
-        raise InfluenceError(
-            f"--ensemble must be one of {', '.join(ENSEMBLE_RULES)}, got {ensemble!r}"
-        )
+    check_rule(ensemble)
     run = store.get_run(run_id)
     incident = stored_incident(run)
     summary = run.get("summary") or {}
@@ -278,13 +289,6 @@ def provenance_for_run(
     )
     root = cache_root or zoo_home(home) / CACHE_DIR
     targets, queries = incident_targets(subject, incident)
-    p_bad: list[float] = []
-    if members:  # cheap, and the learning rule's weights can refuse before any features
-        from rca.provenance.ensemble import learning_weights, no_rise_error
-
-        p_bad = _member_p_bad(subject, members, targets, device)
-        if ensemble == "learning" and not learning_weights(p_bad).any():
-            raise no_rise_error()
 
     def scored(subj: Subject, path: Path | None) -> tuple[Features, np.ndarray, float]:
         loader = partial(load_subject, path, device=device, home=home) if workers and path else None
@@ -302,10 +306,18 @@ def provenance_for_run(
         t = time.perf_counter()
         return feats, query_scores(subj, feats, targets), time.perf_counter() - t
 
+    learned = None
+    if members and ensemble == "learning":  # its weights may refuse: before any features
+        from rca.provenance.ensemble import learning_weights, no_rise_error
+
+        learned = _learning_p_bad(subject, members, targets, device)
+        if not learning_weights(learned).any():
+            raise no_rise_error()
     features, scores, query_seconds = scored(subject, model_path)
     ens = None
     if members:
-        ens = _ensemble(members, p_bad, scored, (features, scores), ensemble, device)
+        final = (features, scores)
+        ens = _ensemble(subject, members, targets, scored, final, ensemble, device, learned)
         scores = ens.pop("scores")
     order = np.argsort(-scores, kind="stable")[: min(top_k, len(data))]
     top = [
@@ -326,11 +338,12 @@ def provenance_for_run(
     if unlearn is not None:
         summ["unlearning"] = _unlearning(subject, incident, params, data, top, unlearn)
     seconds = time.perf_counter() - t0
+    method = method_name(cfg.scope, ensemble if members else None)
     query_id = store.record_provenance(
         run_id=run["run_id"],
         incident_id=incident.id,
         features=features.meta() | {"path": str(features.path), "data_path": str(data.path)},
-        method=method_name(cfg.scope, ensemble if members else None),
+        method=method,
         circuit=circuit,
         queries=queries,
         examples=top,
@@ -341,6 +354,7 @@ def provenance_for_run(
         query_id=query_id,
         run_id=run["run_id"],
         incident_id=incident.id,
+        method=method,
         circuit=circuit,
         features=features,
         scores=scores,
