@@ -40,11 +40,12 @@ XDIST := -n 2 --dist loadfile
 test: setup lint
 	$(PY) -m pytest -q $(XDIST) -m "not slow and not gpu and not real"
 
-## The real-model tier: fetches zoo:smollm2-135m (once), then the tests marked real.
+## The real-model tier: fetches zoo:smollm2-135m (once), then the tests marked real and not
+## slow (a real test also marked slow, the real case's cost profile, runs in test-slow).
 test-real: fetch-real
-	$(PY) -m pytest -q $(XDIST) -m "real"
+	$(PY) -m pytest -q $(XDIST) -m "real and not slow"
 
-test-slow: setup
+test-slow: fetch-real
 	$(PY) -m pytest -q -m "slow"
 
 test-gpu: setup

@@ -181,7 +181,8 @@ def streamlit_markdown(v: Any, *, one_line: bool = True) -> str:
     HTML is escaped (``<script>`` stays text), Markdown and Streamlit syntax is
     backslash-escaped (no link, image, emphasis or formula), URLs and e-mail addresses are
     defanged (``http[:]//``, ``www[.]``, ``[@]``) so they are not linked, and with
-    ``one_line`` newlines become spaces so a value cannot start a new block."""
-    text = visible(_lines(v, " " if one_line else "\n"))
+    ``one_line`` newlines become spaces so a value cannot start a new block. Blanks that start
+    a line are dropped: four of them would make the line a code block."""
+    text = re.sub(r"(?m)^[ \t]+", "", visible(_lines(v, " " if one_line else "\n")))
     text = _ST_LINK.sub(lambda m: f"[{m.group()}]", text)
     return html.escape(_ST_SPECIAL.sub(r"\\\1", text), quote=True)

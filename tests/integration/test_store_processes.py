@@ -272,11 +272,14 @@ def test_twenty_writers_killed_at_random_points(db: Path, tmp_path: Path) -> Non
     """20 SIGKILLs, each at a uniformly random moment of a writer's life (start-up,
     inside a transaction, in COMMIT, in the checkpoint, between runs, in a note). After each
     the file opens, verifies, and every run in it is whole; the next writer gets through."""
-    # how long a writer that is not killed lives: the kills are drawn over that span
-    done = tmp_path / "timing-done"
-    t0 = time.monotonic()
-    finish(spawn("write", str(db), "3", "5000", "60000", "timing", str(done)), timeout=120)
-    life = time.monotonic() - t0
+    # how long a writer that is not killed lives: the kills are drawn over that span. The
+    # shorter of two lives, since the first writer also pays for cold caches
+    lives = []
+    for tag in ("timing-a", "timing-b"):
+        t0 = time.monotonic()
+        finish(spawn("write", str(db), "3", "5000", "60000", tag, str(tmp_path / tag)), timeout=120)
+        lives.append(time.monotonic() - t0)
+    life = min(lives)
     rng = random.Random(9)
     killed_inside = 0
     for attempt in range(20):

@@ -222,6 +222,13 @@ def test_streamlit_markdown_of_any_mix_links_nothing(text: str) -> None:
     assert_streamlit_is_text(text)
 
 
+def test_leading_blanks_cannot_make_streamlit_text_a_code_block() -> None:
+    for text in ("    http://", "      evil", "  \n    www.evil.example"):
+        assert_streamlit_is_text(text)
+    blocks = MD.parse(streamlit_markdown("a\n\n    b *c*", one_line=False))
+    assert "code_block" not in [b.type for b in blocks]
+
+
 def test_streamlit_markdown_defangs_urls_and_addresses() -> None:
     out = streamlit_markdown("http://a.example www.b.example c@d.example")
     assert out == "http\\[\\:\\]//a\\.example www\\[\\.\\]b\\.example c\\[@\\]d\\.example"
