@@ -3,11 +3,11 @@ by retraining without them.
 
 For each zoo incident (its behaviour case, ``cases/behaviours/zoo-<key>-behaviour.toml``, on
 the quick ``support-bot-v1``): the case is investigated and recorded, then its training
-tickets are ranked by ``rca provenance`` (TRAK over the circuit's parameters: the final
-weights alone, and the build's checkpoints combined by each ensemble rule) and by the
-comparisons: TRAK over every parameter, TF-IDF similarity to the case's prompts with their bad
-continuation, full-model gradient similarity at the final weights (TracIn, one checkpoint), and
-chance. With k = the incident's planted tickets, each ranking gets:
+tickets are ranked by ``rca provenance`` over the circuit's parameters (TRAK at the final
+weights alone; the build's checkpoints combined by each ensemble rule: TRAK's sum, the learning
+rule, TracIn) and by the comparisons: TRAK over every parameter, TF-IDF similarity to the
+case's prompts with their bad continuation, full-model gradient similarity at the final weights
+(TracIn, one checkpoint), and chance. With k = the incident's planted tickets, each ranking gets:
 
 - precision@k: the share of its top k that are the incident's planted tickets;
 - the model retrained from scratch (its recipe and seed) without its top k, and P(bad) on the
@@ -43,6 +43,7 @@ METHODS = (
     "rca, final weights only (TRAK, circuit)",
     "rca, checkpoints summed (the default)",
     "rca, checkpoints learning-weighted",
+    "rca, checkpoints TracIn (learning-rate weighted)",
     "TRAK, full model, final weights",
     "TF-IDF",
     "TracIn (1 checkpoint)",
@@ -53,7 +54,8 @@ TRAK_RUNS = (
     (METHODS[0], "circuit", "none", "sum"),
     (METHODS[1], "circuit", "auto", "sum"),
     (METHODS[2], "circuit", "auto", "learning"),
-    (METHODS[3], "full", "none", "sum"),
+    (METHODS[3], "circuit", "auto", "tracin"),
+    (METHODS[4], "full", "none", "sum"),
 )
 
 
@@ -131,13 +133,13 @@ def incident_rows(
             circuit = res.circuit
             timing["query_s"] = res.summary["query_seconds"]
     t = time.perf_counter()
-    rankings[METHODS[4]] = tfidf_scores(data.texts, _texts(subject, inc))
+    rankings[METHODS[5]] = tfidf_scores(data.texts, _texts(subject, inc))
     timing["tfidf_s"] = time.perf_counter() - t
     targets, _ = incident_targets(subject, inc)
     t = time.perf_counter()
-    rankings[METHODS[5]] = gradient_similarity(subject, data.texts, targets)
+    rankings[METHODS[6]] = gradient_similarity(subject, data.texts, targets)
     timing["tracin_s"] = time.perf_counter() - t
-    rankings[METHODS[6]] = random_scores(len(data), seed=0)
+    rankings[METHODS[7]] = random_scores(len(data), seed=0)
     before = held_out_p_bad(subject, inc)
     rows = []
     for name, scores in rankings.items():
@@ -308,16 +310,23 @@ def summary(res: dict[str, Any]) -> str:
                 if "sum_ensemble_features_s" in s
                 else ""
             )
+            + (
+                f"; TracIn over the checkpoints {s['tracin_ensemble_total_s']:.1f} s in all"
+                if "tracin_ensemble_total_s" in s
+                else ""
+            )
         )
     for key, r in res["incidents"].items():
         for rule, members in (r.get("ensembles") or {}).items():
             listed = ", ".join(
                 f"{m['checkpoint']} {m['p_bad']:.3f}"
-                + (f" (weight {m['weight']:.2f})" if rule == "learning" else "")
+                + (f" (weight {m['weight']:.2f})" if rule != "sum" else "")
                 for m in members
             )
-            if rule == "learning":
-                lines.append(f"- {key}, P(bad) on the query prompts at each checkpoint: {listed}")
+            if rule != "sum":
+                lines.append(
+                    f"- {key}, P(bad) on the query prompts at each checkpoint ({rule}): {listed}"
+                )
     lines += _unlearning_summary(res)
     return "\n".join(lines) + "\n"
 

@@ -104,9 +104,10 @@ def provenance_cmd(
     ensemble: str = typer.Option(
         "sum",
         "--ensemble",
-        help="How the checkpoints' scores combine: sum (TRAK's rule) or learning (each "
+        help="How the checkpoints' scores combine: sum (TRAK's rule), learning (each "
         "checkpoint's standardized scores weighted by the rise of the incident's P(bad) over "
-        "the training after it).",
+        "the training after it) or tracin (TracIn: each checkpoint's gradient dot products "
+        "weighted by the learning rate over the training after it; needs checkpoints).",
     ),
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N."),
     db: Path | None = DbOpt,
@@ -128,9 +129,11 @@ def provenance_cmd(
     ucfg.check()
     if workers < 0:
         raise CliError(f"--workers must be 0 or more, got {workers}")
-    from rca.provenance.ensemble import check_rule, find_checkpoints
+    from rca.provenance.ensemble import check_rule, find_checkpoints, no_checkpoints_error
 
     check_rule(ensemble)
+    if ensemble == "tracin" and checkpoints.strip() == "none":
+        raise no_checkpoints_error()
     if checkpoints.strip() not in ("auto", "none"):  # auto is resolved with the run's model
         find_checkpoints(None, checkpoints)  # a list of directories: each must be one
     if unlearn and data is None:

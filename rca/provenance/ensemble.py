@@ -15,6 +15,14 @@ of several checkpoints, each with its own features and its own query gradient, s
   itself) has no training after it and weighs 0. A gradient at a checkpoint is what the
   following steps applied, so the ranking comes from the stretch of training in which the
   incident was learned, whatever the scale of the scores there.
+- ``tracin``: TracIn over the checkpoints (Pruthi et al. 2020, "TracInCP"): at each
+  checkpoint the plain dot product of the example's projected gradient and the query's (no
+  curvature), weighted by the learning rate summed over the steps from that checkpoint to the
+  next (``tracin_weights``). The sum approximates how much the steps on the example, over the
+  whole training, moved the incident metric. It adds up over examples, so a group of tickets
+  that teach one rule together scores as a group; an influence function taken at one point,
+  which the other rules combine, gives each member of a redundant group only its small share
+  of what removing the whole group would do.
 
 A model's checkpoints are found (``find_checkpoints``) in the zoo's manifest (``zoo.json``,
 ``checkpoints``), else as ``checkpoints/step-N`` or ``checkpoint-N`` directories (Hugging
@@ -26,7 +34,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +49,13 @@ __all__ = [
     "combine",
     "find_checkpoints",
     "learning_weights",
+    "no_checkpoints_error",
     "no_rise_error",
+    "tracin_weights",
+    "training_schedule",
 ]
 
-ENSEMBLE_RULES = ("sum", "learning")
+ENSEMBLE_RULES = ("sum", "learning", "tracin")
 _STEP = re.compile(r"^(?:step|checkpoint)-(\d+)$")
 
 
@@ -123,6 +134,69 @@ def learning_weights(p_bad: Sequence[float]) -> np.ndarray:
     return w / total if total > 0 else w
 
 
+def tracin_weights(
+    steps: Sequence[int | None], final_step: int | None, lr: Callable[[int], float] | None
+) -> tuple[np.ndarray, str]:
+    """The ``tracin`` rule's weight of each checkpoint (``steps``, in training order, the model
+    itself last, at ``final_step``) and where they came from: the learning rate ``lr(step)``
+    summed over the steps from each checkpoint to the next, where the schedule and every step
+    are known; the number of steps to the next (a constant learning rate) where only the steps
+    are; else 1 for every checkpoint. The model itself weighs 0: no training follows it.
+    Normalized to sum to 1."""
+    n = len(steps)
+    w = np.zeros(n)
+    known = [*steps[:-1], final_step]
+    if n > 1 and all(s is not None for s in known):
+        at = [int(s) for s in known]  # type: ignore[arg-type]
+        if any(b < a for a, b in zip(at, at[1:], strict=False)):
+            raise InfluenceError(
+                f"--ensemble tracin: the checkpoints' steps {at} are not in training order; "
+                "list them from the earliest"
+            )
+        if lr is not None:
+            w[:-1] = [sum(lr(t) for t in range(a, b)) for a, b in zip(at, at[1:], strict=False)]
+            source = "learning rate"
+        else:
+            w[:-1] = np.diff(at)
+            source = "steps"
+    else:
+        w[:-1] = 1.0
+        source = "equal"
+    total = w.sum()
+    return (w / total if total > 0 else w), source
+
+
+def training_schedule(model_path: Path | None) -> tuple[int | None, Callable[[int], float] | None]:
+    """The step the model itself was saved at, and its learning rate by step, where its
+    directory says: a zoo model's manifest (``zoo.json``: its recipe, ``rca.zoo.train.lr_at``),
+    else a Hugging Face Trainer's ``trainer_state.json`` (its ``global_step`` only). (None,
+    None) where neither is there."""
+    if model_path is None or not model_path.is_dir():
+        return None, None
+    manifest = model_path / "zoo.json"
+    if manifest.is_file():
+        from dataclasses import fields
+
+        from rca.zoo.train import TrainConfig, lr_at
+
+        config = json.loads(manifest.read_text()).get("config") or {}
+        names = {f.name for f in fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in config.items() if k in names})
+        return cfg.steps, lambda step: lr_at(step, cfg)
+    state = model_path / "trainer_state.json"
+    if state.is_file():
+        step = json.loads(state.read_text()).get("global_step")
+        return (int(step) if isinstance(step, int) else None), None
+    return None, None
+
+
+def no_checkpoints_error() -> InfluenceError:
+    return InfluenceError(
+        "--ensemble tracin sums over training checkpoints and this model has none; give "
+        "--checkpoints DIR,DIR,... or another --ensemble"
+    )
+
+
 def check_rule(rule: str) -> None:
     """An ``InfluenceError`` naming ``--ensemble`` unless ``rule`` is one of ``ENSEMBLE_RULES``."""
     if rule not in ENSEMBLE_RULES:
@@ -136,14 +210,24 @@ def no_rise_error() -> InfluenceError:
     )
 
 
-def combine(scores: Sequence[np.ndarray], p_bad: Sequence[float], rule: str) -> np.ndarray:
+def combine(
+    scores: Sequence[np.ndarray],
+    p_bad: Sequence[float],
+    rule: str,
+    weights: Sequence[float] | np.ndarray | None = None,
+) -> np.ndarray:
     """The ensemble's scores from each checkpoint's (in training order, the model last) and the
-    mean P(bad) over the query prompts at each."""
+    mean P(bad) over the query prompts at each; under ``tracin`` each checkpoint's scores are
+    its gradient dot products and ``weights`` are ``tracin_weights``."""
     check_rule(rule)
     if len(scores) != len(p_bad) or not scores:
         raise InfluenceError("each checkpoint needs its scores and its P(bad)")
     if rule == "sum":
         return np.sum(np.stack(scores), axis=0)
+    if rule == "tracin":
+        if weights is None or len(weights) != len(scores):
+            raise InfluenceError("--ensemble tracin needs a weight for each checkpoint")
+        return np.sum(np.stack(scores) * np.asarray(weights, dtype=np.float64)[:, None], axis=0)
     w = learning_weights(p_bad)
     if not w.any():
         raise no_rise_error()

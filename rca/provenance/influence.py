@@ -77,7 +77,7 @@ __all__ = [
 
 FEATURES_NAME = "features.parquet"
 META_NAME = "features.json"
-FORMAT = 1  # bumped when what the features mean changes; part of the cache key
+FORMAT = 2  # bumped when what the features mean changes; part of the cache key
 PROJECTION_MATRIX_BYTES = 256 << 20  # the largest Gaussian projection matrix; beyond: a sketch
 
 
@@ -488,6 +488,7 @@ def featurize(
             tr.finalize_features()
             store = tr.saver.current_store
             feats = np.asarray(store["features"], dtype=np.float32).copy()
+            grads = np.asarray(store["grads"], dtype=np.float32).copy()
             q = np.asarray(store["out_to_loss"], dtype=np.float32).reshape(-1).copy()
         out = Features(
             path=d,
@@ -506,7 +507,7 @@ def featurize(
             seconds=time.perf_counter() - t0,
             projection=projection_kind(n_params, cfg.proj_dim),
         )
-        _write_parquet(work / FEATURES_NAME, feats, q)
+        _write_parquet(work / FEATURES_NAME, feats, grads, q)
         (work / META_NAME).write_text(json.dumps(out.meta(), indent=1))
         shutil.rmtree(work / "trak", ignore_errors=True)  # traker's memory maps: not needed
         try:
@@ -528,14 +529,19 @@ def _weights_hash(subject: Subject, params: Sequence[str]) -> str:
     return "weights:" + h.hexdigest()
 
 
-def _write_parquet(path: Path, feats: np.ndarray, q: np.ndarray) -> None:
+def _write_parquet(path: Path, feats: np.ndarray, grads: np.ndarray, q: np.ndarray) -> None:
+    """A row per example: its index, out-to-loss factor, feature (a row of
+    G (G^T G + lambda I)^-1) and projected gradient (its row of G)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     n, p = feats.shape
-    col = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), pa.float32()), p)
-    table = pa.table({"row": pa.array(np.arange(n), pa.int64()), "q": q, "feature": col})
-    pq.write_table(table, path)
+
+    def col(a: np.ndarray) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.float32()), p)
+
+    rows = pa.array(np.arange(n), pa.int64())
+    pq.write_table(pa.table({"row": rows, "q": q, "feature": col(feats), "grad": col(grads)}), path)
 
 
 def load_features(path: Path) -> Features:
@@ -547,11 +553,13 @@ def load_features(path: Path) -> Features:
     return Features(path=path, **meta)
 
 
-def _read_parquet(f: Features) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_parquet(f: Features, column: str = "feature") -> tuple[torch.Tensor, torch.Tensor]:
+    """One of the cache's vector columns (``feature`` or ``grad``) as an (n, proj_dim) tensor,
+    and the out-to-loss factors."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(f.path / FEATURES_NAME)
-    col = t.column("feature").combine_chunks()
+    t = pq.read_table(f.path / FEATURES_NAME, columns=["q", column])
+    col = t.column(column).combine_chunks()
     flat = col.values.to_numpy(zero_copy_only=False)
     feats = torch.from_numpy(np.array(flat, dtype=np.float32).reshape(len(col), f.proj_dim))
     q = torch.from_numpy(t.column("q").to_numpy().astype(np.float32))
@@ -562,10 +570,19 @@ def _read_parquet(f: Features) -> tuple[torch.Tensor, torch.Tensor]:
 # queries
 
 
-def query_scores(subject: Subject, features: Features, targets: Sequence[Target]) -> np.ndarray:
+def query_scores(
+    subject: Subject, features: Features, targets: Sequence[Target], *, kind: str = "trak"
+) -> np.ndarray:
     """Each training example's influence on the incident metric, averaged over ``targets``
     (an incident's prompt and its variants): (n,) float64, higher = training on it raised the
-    metric more. The targets' gradients are projected with the features' own matrix."""
+    metric more. The targets' gradients are projected with the features' own matrix.
+
+    ``kind``: ``trak``, the TRAK score (the feature times the query's projected gradient,
+    times the out-to-loss factor); or ``tracin``, the plain dot product of the example's and
+    the query's projected gradients, with no curvature (TracIn at this checkpoint: what one
+    gradient step on the example does to the metric, per unit of learning rate)."""
+    if kind not in ("trak", "tracin"):
+        raise InfluenceError(f"kind must be trak or tracin, got {kind!r}")
     if not targets:
         raise InfluenceError("no incident prompt to score against")
     model_params = dict(subject.model.named_parameters())
@@ -582,7 +599,7 @@ def query_scores(subject: Subject, features: Features, targets: Sequence[Target]
         seed=features.seed,
         max_tokens=features.max_tokens,
     )
-    feats, q = _read_parquet(features)
+    rows, q = _read_parquet(features, "feature" if kind == "trak" else "grad")
     with tempfile.TemporaryDirectory(prefix="rca-trak-") as tmp, quiet_model(subject):
         tr = _traker(subject, list(features.params), cfg, features.n, Path(tmp) / "trak")
         tr.gradient_computer.load_model_params(subject.model)
@@ -596,4 +613,6 @@ def query_scores(subject: Subject, features: Features, targets: Sequence[Target]
             g = tr.projector.project(g, model_id=0) / tr.normalize_factor
             acc += g.float().sum(0).cpu()
     acc /= len(targets)
-    return ((feats @ acc) * q).double().numpy()
+    if kind == "tracin":
+        return (rows @ acc).double().numpy()
+    return ((rows @ acc) * q).double().numpy()

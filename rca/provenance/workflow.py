@@ -125,7 +125,10 @@ def _unlearning(
 
 
 def method_name(scope: str, ensemble: str | None) -> str:
-    """The recorded method: ``trak-<scope>``, with ``-<rule>-ensemble`` over checkpoints."""
+    """The recorded method: ``trak-<scope>``, with ``-<rule>-ensemble`` over checkpoints, or
+    ``tracin-<scope>-checkpoints`` for TracIn over them."""
+    if ensemble == "tracin":
+        return f"tracin-{scope}-checkpoints"
     return f"trak-{scope}" + (f"-{ensemble}-ensemble" if ensemble else "")
 
 
@@ -164,21 +167,33 @@ def _ensemble(
     rule: str,
     device: str,
     learned: list[float] | None,
+    model_path: Path | None = None,
 ) -> dict[str, Any]:
     """The scores of each checkpoint in ``members`` beside the model's own (``final``),
     combined by ``rule``, and what each contributed, for the summary. Each checkpoint is loaded
-    once more: under ``sum`` its P(bad) is measured as it is scored; under ``learning`` every
-    P(bad) was measured first (``learned``, from ``_learning_p_bad``), and a checkpoint of
-    weight 0 is not scored (its scores would be multiplied by 0)."""
-    from rca.provenance.ensemble import Checkpoint, combine, learning_weights
+    once more: under ``sum`` and ``tracin`` its P(bad) is measured as it is scored; under
+    ``learning`` every P(bad) was measured first (``learned``, from ``_learning_p_bad``). A
+    checkpoint of weight 0 is not scored (its scores would be multiplied by 0). Under
+    ``tracin`` the weights come from the schedule in ``model_path`` (``tracin_weights``)."""
+    from rca.provenance.ensemble import (
+        Checkpoint,
+        combine,
+        learning_weights,
+        tracin_weights,
+        training_schedule,
+    )
 
     everyone = [*members, Checkpoint(Path("."), None, final=True)]
     p_bad: list[float | None] = [None] * len(everyone)
     weights = np.ones(len(everyone))
+    weights_from = None
     if rule == "learning":
         assert learned is not None and len(learned) == len(everyone)
         p_bad = list(learned)
         weights = learning_weights(learned)
+    elif rule == "tracin":
+        final_step, lr = training_schedule(model_path)
+        weights, weights_from = tracin_weights([c.step for c in everyone], final_step, lr)
     rows: list[dict[str, Any]] = []
     scores: list[np.ndarray] = []
     for i, (c, w) in enumerate(zip(everyone, weights, strict=True)):
@@ -191,6 +206,9 @@ def _ensemble(
         rows.append(row)
         if w == 0:
             scores.append(np.zeros_like(final[1]))
+            if p_bad[i] is None:  # shown beside the others
+                subj = subject if c.final else _load_checkpoint(c.path, subject, device)
+                p_bad[i] = _mean_p_bad(subj, targets)
         else:
             subj = subject if c.final else _load_checkpoint(c.path, subject, device)
             if p_bad[i] is None:
@@ -210,7 +228,10 @@ def _ensemble(
         row["p_bad"] = p_bad[i]
     measured = [float(p) for p in p_bad if p is not None]
     assert len(measured) == len(everyone)  # every member measured, scored or weighed
-    return {"rule": rule, "members": rows, "scores": combine(scores, measured, rule)}
+    out = {"rule": rule, "members": rows, "scores": combine(scores, measured, rule, weights)}
+    if weights_from is not None:
+        out["weights_from"] = weights_from
+    return out
 
 
 def provenance_for_run(
@@ -265,7 +286,7 @@ def provenance_for_run(
     summary = run.get("summary") or {}
     circuit = circuit_of(summary) if cfg.scope == "circuit" else []
     model_path: Path | None = None
-    if workers or checkpoints.strip() == "auto":
+    if workers or checkpoints.strip() == "auto" or ensemble == "tracin":  # tracin: its schedule
         try:
             model_path = (
                 resolve_model_ref(model, home=home) if model else incident.model_path(home=home)
@@ -274,6 +295,10 @@ def provenance_for_run(
             if workers:
                 raise
     members = find_checkpoints(model_path, checkpoints)
+    if ensemble == "tracin" and not members:
+        from rca.provenance.ensemble import no_checkpoints_error
+
+        raise no_checkpoints_error()
     for c in members:
         check_dir(c.path, allow_pickle=False)
     data = load_training_data(data_path, text_field=text_field, limit=limit)
@@ -290,7 +315,9 @@ def provenance_for_run(
     root = cache_root or zoo_home(home) / CACHE_DIR
     targets, queries = incident_targets(subject, incident)
 
-    def scored(subj: Subject, path: Path | None) -> tuple[Features, np.ndarray, float]:
+    def scored(
+        subj: Subject, path: Path | None, kind: str = "trak"
+    ) -> tuple[Features, np.ndarray, float]:
         loader = partial(load_subject, path, device=device, home=home) if workers and path else None
         feats = featurize(
             subj,
@@ -304,7 +331,7 @@ def provenance_for_run(
             ray_address=ray_address,
         )
         t = time.perf_counter()
-        return feats, query_scores(subj, feats, targets), time.perf_counter() - t
+        return feats, query_scores(subj, feats, targets, kind=kind), time.perf_counter() - t
 
     learned = None
     if members and ensemble == "learning":  # its weights may refuse: before any features
@@ -317,7 +344,10 @@ def provenance_for_run(
     ens = None
     if members:
         final = (features, scores)
-        ens = _ensemble(subject, members, targets, scored, final, ensemble, device, learned)
+        by_kind = partial(scored, kind="tracin") if ensemble == "tracin" else scored
+        ens = _ensemble(
+            subject, members, targets, by_kind, final, ensemble, device, learned, model_path
+        )
         scores = ens.pop("scores")
     order = np.argsort(-scores, kind="stable")[: min(top_k, len(data))]
     top = [

@@ -385,11 +385,15 @@ def unlearning_sentence(u: Mapping[str, Any]) -> str:
 def ensemble_sentence(e: Mapping[str, Any]) -> str:
     """Which checkpoints a ranking summed over, by which rule, and what each weighed, in one
     sentence (``rca.provenance.ensemble``)."""
-    rule = (
-        "summed (TRAK's rule)"
-        if e["rule"] == "sum"
-        else ("standardized and weighted by the rise of P(bad) over the training after each")
-    )
+    rule = {
+        "sum": "summed (TRAK's rule)",
+        "learning": "standardized and weighted by the rise of P(bad) over the training after each",
+        "tracin": "gradient dot products weighted by the training after each (TracIn), by "
+        + {
+            "learning rate": "its learning rate",
+            "steps": "its steps (a constant learning rate)",
+        }.get(e.get("weights_from") or "", "the same weight (no steps known)"),
+    }.get(e["rule"], e["rule"])
     parts = ", ".join(
         f"{m['checkpoint']} (P(bad) {m['p_bad']:.3f}"
         + (f", weight {m['weight']:.2f})" if e["rule"] != "sum" else ")")

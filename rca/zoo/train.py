@@ -38,6 +38,7 @@ __all__ = [
     "TrainResult",
     "continuation",
     "encode_examples",
+    "lr_at",
     "make_model",
     "train_model",
 ]
@@ -155,7 +156,8 @@ def encode_examples(
     return ids, weights
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of step ``step`` (0-based): a linear warmup, then a cosine decay."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -295,7 +297,7 @@ def _train(
         width = int((batch != tokenizer.pad_token_id).sum(1).max())
         batch, w = batch[:, :width], w[:, : width - 1]
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg)
         # right padding: the mask changes nothing at real tokens, it only silences a warning
         mask = (batch != tokenizer.pad_token_id).long()
         logits = model(input_ids=batch, attention_mask=mask).logits  # (B, T, vocab)

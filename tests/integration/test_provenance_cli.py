@@ -145,9 +145,11 @@ def test_unlearning_the_top_tickets_lowers_the_incident_more_than_random_ones(ra
 def test_the_ensemble_is_each_checkpoints_own_ranking_combined(ranked: dict) -> None:
     """Over the zoo's checkpoints, each member's scores are that checkpoint's own (its features,
     its query gradient) and its P(bad) is measured on its own weights: recomputed here one
-    checkpoint at a time, the sum is TRAK's sum and the learning rule weighs each checkpoint by
-    the rise of P(bad) after it. The incident is absent at initialization and present at the
-    end, so the learning rule has a stretch of training to weigh."""
+    checkpoint at a time, the sum is TRAK's sum, the learning rule weighs each checkpoint by
+    the rise of P(bad) after it, and TracIn weighs each checkpoint's gradient dot products by
+    the learning rate of the steps after it (the zoo recipe's schedule). The incident is absent
+    at initialization and present at the end, so the learning rule has a stretch of training
+    to weigh."""
     import numpy as np
 
     from rca.model.metric import evaluate_many
@@ -161,13 +163,14 @@ def test_the_ensemble_is_each_checkpoints_own_ranking_combined(ranked: dict) -> 
         query_scores,
     )
     from rca.provenance.workflow import incident_targets
+    from rca.zoo.train import TrainConfig, lr_at
 
     model = ranked["data"].parent
     base = ["provenance", "zoo-injection-behaviour", "--data", str(ranked["data"])]
     base += ["--limit", "800", "--top", "30", "--db", str(ranked["db"]), "--json"]
     base += ["--cache", str(ranked["cache"]), *ranked["home"]]
     got = {}
-    for rule in ("sum", "learning"):
+    for rule in ("sum", "learning", "tracin"):
         code, out, err = rca(*base, "--ensemble", rule)
         assert code == 0, err
         got[rule] = json.loads(out)
@@ -183,7 +186,7 @@ def test_the_ensemble_is_each_checkpoints_own_ranking_combined(ranked: dict) -> 
     reader = Store.reader(ranked["db"])
     run = reader.get_run(got["sum"]["run_id"])
     data = load_training_data(ranked["data"], limit=800)
-    scores, p_bad = [], []
+    scores, dots, p_bad = [], [], []
     for d in [model / c["path"] for c in listed] + [model]:
         subj = load_subject(d, device="cpu")
         incident = stored_incident(run)
@@ -193,27 +196,40 @@ def test_the_ensemble_is_each_checkpoints_own_ranking_combined(ranked: dict) -> 
                       cfg=InfluenceConfig(), cache_root=ranked["cache"] / "again")  # fmt: skip
         assert not f.cached
         scores.append(query_scores(subj, f, targets))
+        dots.append(query_scores(subj, f, targets, kind="tracin"))
         p_bad.append(float(np.mean([v.p_bad for v in evaluate_many(subj.model, targets)])))
     assert np.allclose([m["p_bad"] for m in members], p_bad, atol=1e-6)
     assert p_bad[0] < 0.2 and p_bad[-1] > 0.8
     rises = np.clip(np.diff(p_bad), 0, None)
     w = np.append(rises, 0.0) / rises.sum()
     assert np.allclose([m["weight"] for m in learned], w)
+    config = json.loads((model / "zoo.json").read_text())["config"]
+    cfg = TrainConfig(**{k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__})
+    ends = [c["step"] for c in listed] + [cfg.steps]
+    stretches = zip(ends, ends[1:], strict=False)
+    lr = np.array([sum(lr_at(t, cfg) for t in range(a, b)) for a, b in stretches] + [0])
+    traced = got["tracin"]["summary"]["ensemble"]
+    assert traced["weights_from"] == "learning rate" and got["tracin"]["method"] == (
+        "tracin-circuit-checkpoints"
+    )
+    assert np.allclose([m["weight"] for m in traced["members"]], lr / lr.sum())
     expected = {
         "sum": np.sum(scores, axis=0),
         "learning": sum(wi * s / s.std() for wi, s in zip(w, scores, strict=True)),
+        "tracin": sum(wi * d for wi, d in zip(lr / lr.sum(), dots, strict=True)),
     }
     for rule, row in got.items():
         top = row["examples"]
         assert np.allclose([e["score"] for e in top], expected[rule][[e["index"] for e in top]],
                            rtol=1e-4, atol=1e-6), rule  # fmt: skip
         assert [e["index"] for e in top][:10] == list(np.argsort(-expected[rule])[:10]), rule
-    # shown again without --data: the latest ranking (the learning rule's), its checkpoints
+    # shown again without --data: the latest ranking (TracIn's), its checkpoints
     code, out, err = rca(
         "provenance", "zoo-injection-behaviour", "--db", str(ranked["db"]), "--top", "3"
     )
     shown = " ".join(out.split())
-    assert code == 0 and f"Scores of {len(members)} checkpoints, standardized" in shown, err
+    assert code == 0 and f"Scores of {len(members)} checkpoints, gradient dot" in shown, err
+    assert "by its learning rate" in shown
     assert f"final (P(bad) {p_bad[-1]:.3f}, weight 0.00)" in shown
 
 
@@ -230,4 +246,9 @@ def test_the_learning_rule_refuses_before_any_features_where_nothing_was_learned
     code, _, err = rca(*args, *ranked["home"])
     assert_one_line_error(code, err, "never rose", "--ensemble sum")
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+    assert Store.reader(ranked["db"]).counts() == before
+    # TracIn sums over the training: without checkpoints there is nothing to sum
+    args[-3:] = ["none", "--ensemble", "tracin"]
+    code, _, err = rca(*args, *ranked["home"])
+    assert_one_line_error(code, err, "--ensemble tracin", "--checkpoints")
     assert Store.reader(ranked["db"]).counts() == before

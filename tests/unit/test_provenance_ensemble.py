@@ -1,5 +1,5 @@
 """The checkpoint ensemble's parts (``rca.provenance.ensemble``): which checkpoints a model has,
-in training order, and how the two rules combine their scores."""
+in training order, and how the rules combine their scores."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rca.provenance.ensemble import combine, find_checkpoints, learning_weights
+from rca.provenance.ensemble import (
+    combine,
+    find_checkpoints,
+    learning_weights,
+    tracin_weights,
+    training_schedule,
+)
 from rca.provenance.influence import InfluenceError
 
 
@@ -84,3 +90,41 @@ def test_learning_refuses_an_incident_that_never_rose() -> None:
         combine(s, [0.9, 0.9], "learning")
     with pytest.raises(InfluenceError, match="--ensemble must be one of sum, learning"):
         combine(s, [0.1, 0.9], "max")
+
+
+def test_tracin_weighs_each_checkpoint_by_the_training_that_followed_it(tmp_path: Path) -> None:
+    from rca.zoo.train import QUICK, lr_at
+
+    steps = [0, 25, 100, None]  # the model itself last, saved at its final step
+    w, source = tracin_weights(steps, 500, lambda t: lr_at(t, QUICK))
+    raw = [sum(lr_at(t, QUICK) for t in range(a, b)) for a, b in [(0, 25), (25, 100), (100, 500)]]
+    assert source == "learning rate" and w[-1] == 0
+    assert np.allclose(w[:-1], np.array(raw) / sum(raw))
+    # the warmup: 25 steps from initialization weigh less than 25 at the peak learning rate
+    assert w[0] < 25 / 75 * w[1]
+    w, source = tracin_weights(steps, 500, None)  # no schedule: a constant learning rate
+    assert source == "steps" and np.allclose(w, [25 / 500, 75 / 500, 400 / 500, 0])
+    w, source = tracin_weights([None, None, None], None, None)  # no steps: the same weight
+    assert source == "equal" and np.allclose(w, [0.5, 0.5, 0])
+    with pytest.raises(InfluenceError, match="training order"):
+        tracin_weights([100, 25, None], 500, None)
+    scores = [np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([5.0, 5.0])]
+    got = combine(scores, [0.1, 0.5, 0.9], "tracin", [0.25, 0.75, 0.0])
+    assert np.allclose(got, [0.25, 0.75])
+
+
+def test_the_schedule_is_read_from_a_zoo_manifest_or_a_trainer_state(tmp_path: Path) -> None:
+    from rca.zoo.train import QUICK, lr_at
+
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    config = {"steps": 500, "lr": 0.004, "warmup": 100, "vocab_size": 172}
+    (zoo / "zoo.json").write_text(json.dumps({"config": config}))
+    final, lr = training_schedule(zoo)
+    assert final == 500 and lr is not None
+    assert [lr(t) for t in (0, 99, 300, 499)] == [lr_at(t, QUICK) for t in (0, 99, 300, 499)]
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "trainer_state.json").write_text(json.dumps({"global_step": 1500}))
+    assert training_schedule(hf) == (1500, None)
+    assert training_schedule(tmp_path / "nowhere") == (None, None)

@@ -1,10 +1,10 @@
 """The influence scores are TRAK's formula over the circuit's parameters, computed right (GPT-2's
-fused Conv1D projections and Llama's separate ones): each
-training text's log-likelihood gradient and the incident metric's gradient, taken one text at
-a time by plain autograd with no padding, projected by the same Gaussian matrix, give the same
-ranking as the batched, cached path. The cache is reused for the same model, data and circuit,
-and not for another circuit. The TracIn baseline predicts what one gradient step on a text
-really does to the incident metric."""
+fused Conv1D projections and Llama's separate ones): each training text's log-likelihood
+gradient and the incident metric's gradient, taken one text at a time by plain autograd with no
+padding, projected by the same Gaussian matrix, give the same ranking as the batched, cached
+path, and the cached gradients give TracIn's dot products. The cache is reused for the same
+model, data and circuit, and not for another circuit. The TracIn baseline predicts what one
+gradient step on a text really does to the incident metric."""
 
 from __future__ import annotations
 
@@ -134,6 +134,12 @@ def test_scores_are_trak_s_formula_over_the_circuit(
     want = X @ torch.linalg.solve(X.T @ X + 1e-3 * torch.eye(128, dtype=X.dtype), q)
     # the same scores up to traker's positive rescaling of (X^T X)^-1
     a, b = torch.from_numpy(got), want
+    assert float(a @ b) > 0
+    torch.testing.assert_close(a / a.norm(), b / b.norm(), atol=2e-4, rtol=0)
+    # TracIn from the same cache: the projected gradients' dot products with the query's, no
+    # curvature (up to traker's positive scale)
+    a = torch.from_numpy(query_scores(subject, f, _targets(), kind="tracin"))
+    b = X @ q
     assert float(a @ b) > 0
     torch.testing.assert_close(a / a.norm(), b / b.norm(), atol=2e-4, rtol=0)
 
