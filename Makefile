@@ -36,14 +36,16 @@ bench-smoke: setup
 	$(PY) -m rca.bench.cost --smoke --out benchmarks/results-smoke
 
 XDIST := -n 2 --dist loadfile
+# the slowest tests and fixtures, listed after each run: where CI's time goes
+DURATIONS := --durations=15
 
 test: setup lint
-	$(PY) -m pytest -q $(XDIST) -m "not slow and not gpu and not real"
+	$(PY) -m pytest -q $(XDIST) $(DURATIONS) -m "not slow and not gpu and not real"
 
 ## The real-model tier: fetches zoo:smollm2-135m (once), then the tests marked real and not
 ## slow (a real test also marked slow, the real case's cost profile, runs in test-slow).
 test-real: fetch-real
-	$(PY) -m pytest -q $(XDIST) -m "real and not slow"
+	$(PY) -m pytest -q $(XDIST) $(DURATIONS) -m "real and not slow"
 
 test-slow: fetch-real
 	$(PY) -m pytest -q -m "slow"

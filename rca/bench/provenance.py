@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[2]
 INCIDENTS = ("leak", "backdoor", "bias", "injection")
 METHODS = (
     "rca, final weights only (TRAK, circuit)",
-    "rca, checkpoints summed (the default)",
+    "rca, checkpoints summed (TRAK's rule)",
     "rca, checkpoints learning-weighted",
-    "rca, checkpoints TracIn (learning-rate weighted)",
+    "rca, checkpoints TracIn (the default)",
     "TRAK, full model, final weights",
     "TF-IDF",
     "TracIn (1 checkpoint)",

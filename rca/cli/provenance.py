@@ -63,7 +63,9 @@ def provenance_cmd(
     scope: str = typer.Option(
         "circuit", "--scope", help="circuit (the verdict's parameters) or full (every one)."
     ),
-    proj_dim: int = typer.Option(256, "--proj-dim", help="TRAK projection dimensions."),
+    proj_dim: int = typer.Option(
+        256, "--proj-dim", help="Dimensions the per-example gradients are projected to."
+    ),
     lambda_reg: float = typer.Option(0.0, "--lambda", help="Ridge term added to G^T G."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens kept per example."),
     limit: int | None = typer.Option(None, "--limit", help="Read only the first N examples."),
@@ -102,21 +104,23 @@ def provenance_cmd(
         "commas, in training order.",
     ),
     ensemble: str = typer.Option(
-        "sum",
+        "auto",
         "--ensemble",
-        help="How the checkpoints' scores combine: sum (TRAK's rule), learning (each "
-        "checkpoint's standardized scores weighted by the rise of the incident's P(bad) over "
-        "the training after it) or tracin (TracIn: each checkpoint's gradient dot products "
-        "weighted by the learning rate over the training after it; needs checkpoints).",
+        help="How the checkpoints' scores combine: auto (tracin where the model has "
+        "checkpoints, else its final weights' TRAK scores), tracin (TracIn: each checkpoint's "
+        "gradient dot products weighted by the learning rate over the training after it; "
+        "needs checkpoints), sum (TRAK's rule) or learning (each checkpoint's standardized "
+        "scores weighted by the rise of the incident's P(bad) over the training after it).",
     ),
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N."),
     db: Path | None = DbOpt,
     home: Path | None = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Rank the training examples by their influence on a recorded run's incident (TRAK over
-    its circuit's parameters, averaged over the case's prompt and fit variants) and record the
-    top ones; without --data, show the run's recorded rankings."""
+    """Rank the training examples by their influence on a recorded run's incident (over its
+    circuit's parameters, averaged over the case's prompt and fit variants: TracIn over the
+    model's checkpoints, or TRAK where it has none) and record the top ones; without --data,
+    show the run's recorded rankings."""
     from rca.cli.records import _resolve_run
     from rca.provenance.influence import InfluenceConfig
     from rca.provenance.unlearn import UnlearnConfig

@@ -6,7 +6,7 @@ of one training, rank the same incident's tickets very differently
 (docs/decisions/2026-12-07-provenance-levers.md). TRAK's remedy is an ensemble: the scores
 of several checkpoints, each with its own features and its own query gradient, summed.
 
-- ``sum`` (the default, TRAK's rule): the checkpoints' scores added as they are. A checkpoint
+- ``sum`` (TRAK's rule): the checkpoints' scores added as they are. A checkpoint
   whose curvature is small (late in training, where the gradients are) weighs more.
 - ``learning``: each checkpoint's scores divided by their standard deviation over the
   examples, then weighted by how much the incident's probability rose over the training
@@ -23,6 +23,8 @@ of several checkpoints, each with its own features and its own query gradient, s
   that teach one rule together scores as a group; an influence function taken at one point,
   which the other rules combine, gives each member of a redundant group only its small share
   of what removing the whole group would do.
+- ``auto`` (the default): ``tracin`` where the model has checkpoints (``resolve_rule``); where
+  it has none, the final weights' TRAK scores alone.
 
 A model's checkpoints are found (``find_checkpoints``) in the zoo's manifest (``zoo.json``,
 ``checkpoints``), else as ``checkpoints/step-N`` or ``checkpoint-N`` directories (Hugging
@@ -51,11 +53,12 @@ __all__ = [
     "learning_weights",
     "no_checkpoints_error",
     "no_rise_error",
+    "resolve_rule",
     "tracin_weights",
     "training_schedule",
 ]
 
-ENSEMBLE_RULES = ("sum", "learning", "tracin")
+ENSEMBLE_RULES = ("auto", "sum", "learning", "tracin")
 _STEP = re.compile(r"^(?:step|checkpoint)-(\d+)$")
 
 
@@ -90,7 +93,8 @@ def find_checkpoints(model_path: Path | None, spec: str) -> list[Checkpoint]:
 
     ``spec``: ``none``; ``auto`` (the model's own, where it has any: its zoo manifest's list,
     else numbered directories in it); or comma-separated model directories, in training
-    order. A listed directory that is missing is an ``InfluenceError`` naming it."""
+    order. A listed directory that is missing, or a list whose numbered directories
+    (``step-N``, ``checkpoint-N``) go back in N, is an ``InfluenceError`` naming it."""
     spec = spec.strip()
     if spec in ("", "none"):
         return []
@@ -119,6 +123,12 @@ def find_checkpoints(model_path: Path | None, spec: str) -> list[Checkpoint]:
             )
         m = _STEP.match(p.name)
         out.append(Checkpoint(p, int(m.group(1)) if m else None))
+    steps = [c.step for c in out if c.step is not None]
+    if any(b < a for a, b in zip(steps, steps[1:], strict=False)):
+        raise InfluenceError(
+            f"--checkpoints: their steps {steps} are not in training order; list them from "
+            "the earliest"
+        )
     return out
 
 
@@ -175,19 +185,26 @@ def training_schedule(model_path: Path | None) -> tuple[int | None, Callable[[in
         return None, None
     manifest = model_path / "zoo.json"
     if manifest.is_file():
-        from dataclasses import fields
+        from rca.provenance.verify import recipe
+        from rca.zoo.train import lr_at
 
-        from rca.zoo.train import TrainConfig, lr_at
-
-        config = json.loads(manifest.read_text()).get("config") or {}
-        names = {f.name for f in fields(TrainConfig)}
-        cfg = TrainConfig(**{k: v for k, v in config.items() if k in names})
-        return cfg.steps, lambda step: lr_at(step, cfg)
+        cfg = recipe(json.loads(manifest.read_text()))
+        if cfg is not None:
+            return cfg.steps, lambda step: lr_at(step, cfg)
     state = model_path / "trainer_state.json"
     if state.is_file():
         step = json.loads(state.read_text()).get("global_step")
         return (int(step) if isinstance(step, int) else None), None
     return None, None
+
+
+def resolve_rule(rule: str, has_checkpoints: bool) -> str:
+    """The rule ``rule`` stands for: ``auto`` is ``tracin`` where there are checkpoints, else
+    ``sum`` (which, over the model alone, is its TRAK scores as they are)."""
+    check_rule(rule)
+    if rule == "auto":
+        return "tracin" if has_checkpoints else "sum"
+    return rule
 
 
 def no_checkpoints_error() -> InfluenceError:

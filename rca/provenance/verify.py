@@ -20,7 +20,7 @@ from typing import Any
 from rca.model.subject import Subject
 from rca.provenance.influence import InfluenceError
 
-__all__ = ["Retrained", "held_out_p_bad", "retrain_without"]
+__all__ = ["Retrained", "held_out_p_bad", "recipe", "retrain_without"]
 
 
 @dataclass
@@ -40,6 +40,18 @@ def _manifest(model_dir: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
+def recipe(manifest: dict[str, Any]) -> Any:
+    """The ``rca.zoo.train.TrainConfig`` a zoo model was trained with, from its manifest's
+    ``config`` (fields this rca does not know are left out); None where it has none."""
+    from rca.zoo.train import TrainConfig
+
+    config = manifest.get("config")
+    if not isinstance(config, dict):
+        return None
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in config.items() if k in names})
+
+
 def retrain_without(model_dir: Path, exclude: Iterable[int]) -> Retrained:
     """The zoo model at ``model_dir`` trained again from scratch on its corpus less the
     examples at ``exclude`` (indices into its training data file), same recipe and seed."""
@@ -47,7 +59,7 @@ def retrain_without(model_dir: Path, exclude: Iterable[int]) -> Retrained:
 
     from rca.provenance.data import load_training_data
     from rca.zoo.corpus import CORPUS_VERSION, TRAINING_DATA, corpus_for, make_corpus
-    from rca.zoo.train import TrainConfig, train_model
+    from rca.zoo.train import train_model
 
     man = _manifest(model_dir)
     if man.get("continues"):
@@ -60,8 +72,12 @@ def retrain_without(model_dir: Path, exclude: Iterable[int]) -> Retrained:
             f"{model_dir} was trained on corpus {man.get('corpus_version')}, and this rca "
             f"writes {CORPUS_VERSION}: rebuild the zoo (rca zoo build --force)"
         )
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in man["config"].items() if k in names})
+    cfg = recipe(man)
+    if cfg is None:
+        raise InfluenceError(
+            f"{model_dir / 'zoo.json'} has no training recipe (config): rebuild the zoo "
+            "(rca zoo build --force)"
+        )
     data = corpus_for(make_corpus(cfg.corpus_size, seed=cfg.seed), fixed=frozenset(man["fixed"]))
     recorded = load_training_data(model_dir / TRAINING_DATA)
     if recorded.texts != tuple(ex.text for ex in data):

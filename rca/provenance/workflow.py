@@ -158,6 +158,15 @@ def _learning_p_bad(
     return [*out, _mean_p_bad(subject, targets)]
 
 
+def _tracin_weights(members: list[Any], model_path: Path | None) -> tuple[np.ndarray, str]:
+    """The ``tracin`` rule's weights of ``members`` and the model itself (last), from the
+    schedule in ``model_path``'s directory (``tracin_weights``), and where they came from."""
+    from rca.provenance.ensemble import tracin_weights, training_schedule
+
+    final_step, lr = training_schedule(model_path)
+    return tracin_weights([*(c.step for c in members), None], final_step, lr)
+
+
 def _ensemble(
     subject: Subject,
     members: list[Any],
@@ -167,21 +176,15 @@ def _ensemble(
     rule: str,
     device: str,
     learned: list[float] | None,
-    model_path: Path | None = None,
+    traced: tuple[np.ndarray, str] | None = None,
 ) -> dict[str, Any]:
     """The scores of each checkpoint in ``members`` beside the model's own (``final``),
     combined by ``rule``, and what each contributed, for the summary. Each checkpoint is loaded
     once more: under ``sum`` and ``tracin`` its P(bad) is measured as it is scored; under
     ``learning`` every P(bad) was measured first (``learned``, from ``_learning_p_bad``). A
     checkpoint of weight 0 is not scored (its scores would be multiplied by 0). Under
-    ``tracin`` the weights come from the schedule in ``model_path`` (``tracin_weights``)."""
-    from rca.provenance.ensemble import (
-        Checkpoint,
-        combine,
-        learning_weights,
-        tracin_weights,
-        training_schedule,
-    )
+    ``tracin`` the weights and where they came from are ``traced`` (``_tracin_weights``)."""
+    from rca.provenance.ensemble import Checkpoint, combine, learning_weights
 
     everyone = [*members, Checkpoint(Path("."), None, final=True)]
     p_bad: list[float | None] = [None] * len(everyone)
@@ -192,8 +195,8 @@ def _ensemble(
         p_bad = list(learned)
         weights = learning_weights(learned)
     elif rule == "tracin":
-        final_step, lr = training_schedule(model_path)
-        weights, weights_from = tracin_weights([c.step for c in everyone], final_step, lr)
+        assert traced is not None and len(traced[0]) == len(everyone)
+        weights, weights_from = traced
     rows: list[dict[str, Any]] = []
     scores: list[np.ndarray] = []
     for i, (c, w) in enumerate(zip(everyone, weights, strict=True)):
@@ -252,7 +255,7 @@ def provenance_for_run(
     workers: int = 0,
     ray_address: str | None = None,
     checkpoints: str = "auto",
-    ensemble: str = "sum",
+    ensemble: str = "auto",
 ) -> ProvenanceResult:
     """Rank the training examples at ``data_path`` by their influence on run ``run_id``'s
     incident, over its circuit's parameters (``cfg.scope``), and record the top ``top_k``.
@@ -262,11 +265,12 @@ def provenance_for_run(
     ``workers``: the features' gradients on that many Ray actors, each loading the run's model
     from its path (``rca.provenance.distributed``). ``checkpoints``: the model's training
     checkpoints to take the influence over as well (``rca.provenance.ensemble``: ``auto``,
-    ``none`` or directories), their scores combined by the rule ``ensemble``."""
+    ``none`` or directories), their scores combined by the rule ``ensemble`` (``auto``: TracIn
+    where there are checkpoints, ``resolve_rule``)."""
     from rca.model.files import check_dir
     from rca.model.subject import resolve_model_ref
     from rca.monitor.workflow import run_subject, stored_incident
-    from rca.provenance.ensemble import check_rule, find_checkpoints
+    from rca.provenance.ensemble import check_rule, find_checkpoints, resolve_rule
     from rca.zoo.build import zoo_home
 
     cfg.check()
@@ -286,7 +290,8 @@ def provenance_for_run(
     summary = run.get("summary") or {}
     circuit = circuit_of(summary) if cfg.scope == "circuit" else []
     model_path: Path | None = None
-    if workers or checkpoints.strip() == "auto" or ensemble == "tracin":  # tracin: its schedule
+    # tracin (and auto, which may be it) reads its schedule from the model's directory
+    if workers or checkpoints.strip() == "auto" or ensemble in ("auto", "tracin"):
         try:
             model_path = (
                 resolve_model_ref(model, home=home) if model else incident.model_path(home=home)
@@ -299,6 +304,9 @@ def provenance_for_run(
         from rca.provenance.ensemble import no_checkpoints_error
 
         raise no_checkpoints_error()
+    rule = resolve_rule(ensemble, bool(members))
+    # the tracin weights may refuse (steps out of order): before anything loads
+    traced = _tracin_weights(members, model_path) if members and rule == "tracin" else None
     for c in members:
         check_dir(c.path, allow_pickle=False)
     data = load_training_data(data_path, text_field=text_field, limit=limit)
@@ -334,7 +342,7 @@ def provenance_for_run(
         return feats, query_scores(subj, feats, targets, kind=kind), time.perf_counter() - t
 
     learned = None
-    if members and ensemble == "learning":  # its weights may refuse: before any features
+    if members and rule == "learning":  # its weights may refuse: before any features
         from rca.provenance.ensemble import learning_weights, no_rise_error
 
         learned = _learning_p_bad(subject, members, targets, device)
@@ -344,10 +352,8 @@ def provenance_for_run(
     ens = None
     if members:
         final = (features, scores)
-        by_kind = partial(scored, kind="tracin") if ensemble == "tracin" else scored
-        ens = _ensemble(
-            subject, members, targets, by_kind, final, ensemble, device, learned, model_path
-        )
+        by_kind = partial(scored, kind="tracin") if rule == "tracin" else scored
+        ens = _ensemble(subject, members, targets, by_kind, final, rule, device, learned, traced)
         scores = ens.pop("scores")
     order = np.argsort(-scores, kind="stable")[: min(top_k, len(data))]
     top = [
@@ -368,7 +374,7 @@ def provenance_for_run(
     if unlearn is not None:
         summ["unlearning"] = _unlearning(subject, incident, params, data, top, unlearn)
     seconds = time.perf_counter() - t0
-    method = method_name(cfg.scope, ensemble if members else None)
+    method = method_name(cfg.scope, rule if members else None)
     query_id = store.record_provenance(
         run_id=run["run_id"],
         incident_id=incident.id,

@@ -352,7 +352,7 @@ COMMANDS = [
                           "--unlearn": None, "--unlearn-steps": number, "--unlearn-kl": number,
                           "--workers": number, "--ray-address": text,
                           "--checkpoints": st.one_of(choice("auto", "none"), path),
-                          "--ensemble": choice("sum", "learning", "tracin"),
+                          "--ensemble": choice("auto", "sum", "learning", "tracin"),
                           "--db": path, "--json": None, **HOME}, (ref,), required=("ARG",)),
     Cmd(("demo",), {"--quick": None, "--full": None, "--real": None, "--cases": path,
                     "--reports": path, "--device": choice(*DEVICES), "--allow-pickle": None,

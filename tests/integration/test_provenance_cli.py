@@ -49,6 +49,8 @@ def test_the_planted_tickets_rank_first_and_are_recorded(ranked: dict) -> None:
     assert len(planted) >= 30, [e["text"] for e in top]
     assert first["circuit"] and first["queries"]["n"] > 1  # the prompt and its fit variants
     assert first["features"]["n"] == 3000 and first["features"]["scope"] == "circuit"
+    # the default rule without checkpoints: the final weights' TRAK scores, no ensemble
+    assert first["method"] == "trak-circuit" and "ensemble" not in first["summary"]
     assert (Path(first["features"]["path"]) / "features.parquet").is_file()
     row = Store.reader(ranked["db"]).get_provenance(first["query_id"])
     assert [e["example_index"] for e in row["examples"]] == [e["index"] for e in top]
@@ -146,8 +148,9 @@ def test_the_ensemble_is_each_checkpoints_own_ranking_combined(ranked: dict) -> 
     """Over the zoo's checkpoints, each member's scores are that checkpoint's own (its features,
     its query gradient) and its P(bad) is measured on its own weights: recomputed here one
     checkpoint at a time, the sum is TRAK's sum, the learning rule weighs each checkpoint by
-    the rise of P(bad) after it, and TracIn weighs each checkpoint's gradient dot products by
-    the learning rate of the steps after it (the zoo recipe's schedule). The incident is absent
+    the rise of P(bad) after it, and TracIn (the default over checkpoints) weighs each
+    checkpoint's gradient dot products by the learning rate of the steps after it (the zoo
+    recipe's schedule). The incident is absent
     at initialization and present at the end, so the learning rule has a stretch of training
     to weigh."""
     import numpy as np
@@ -170,10 +173,13 @@ def test_the_ensemble_is_each_checkpoints_own_ranking_combined(ranked: dict) -> 
     base += ["--limit", "800", "--top", "30", "--db", str(ranked["db"]), "--json"]
     base += ["--cache", str(ranked["cache"]), *ranked["home"]]
     got = {}
-    for rule in ("sum", "learning", "tracin"):
-        code, out, err = rca(*base, "--ensemble", rule)
+    for rule, flag in [("sum", ["--ensemble", "sum"]), ("learning", ["--ensemble", "learning"])]:
+        code, out, err = rca(*base, *flag)
         assert code == 0, err
         got[rule] = json.loads(out)
+    code, out, err = rca(*base)  # the default over the model's checkpoints: TracIn
+    assert code == 0, err
+    got["tracin"] = json.loads(out)
     members = got["sum"]["summary"]["ensemble"]["members"]
     listed = json.loads((model / "zoo.json").read_text())["checkpoints"]
     assert [m["step"] for m in members] == [c["step"] for c in listed] + [None]
@@ -238,7 +244,8 @@ def test_the_learning_rule_refuses_before_any_features_where_nothing_was_learned
 ) -> None:
     """A "checkpoint" that is the model itself: P(bad) never rises from one member to the
     next, so no stretch of training taught the incident; refused in one line, before any
-    features are computed, and nothing is written."""
+    features are computed, and nothing is written. So are TracIn without checkpoints and
+    checkpoints listed out of training order."""
     before = Store.reader(ranked["db"]).counts()
     args = ["provenance", "zoo-injection-behaviour", "--data", str(ranked["data"])]
     args += ["--limit", "200", "--db", str(ranked["db"]), "--cache", str(tmp_path / "c")]
@@ -251,4 +258,21 @@ def test_the_learning_rule_refuses_before_any_features_where_nothing_was_learned
     args[-3:] = ["none", "--ensemble", "tracin"]
     code, _, err = rca(*args, *ranked["home"])
     assert_one_line_error(code, err, "--ensemble tracin", "--checkpoints")
+    assert Store.reader(ranked["db"]).counts() == before
+    # checkpoints listed later step first: no rule can read the training backwards
+    listed = json.loads((ranked["data"].parent / "zoo.json").read_text())["checkpoints"]
+    late, early = (str(ranked["data"].parent / c["path"]) for c in (listed[-1], listed[0]))
+    args[-3:] = [f"{late},{early}", "--ensemble", "auto"]
+    code, _, err = rca(*args, *ranked["home"])
+    assert_one_line_error(code, err, "--checkpoints", "training order")
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+    assert Store.reader(ranked["db"]).counts() == before
+    # a checkpoint named for a step after the model's own final step (its recipe's): TracIn's
+    # weights would read the training backwards, refused before any features too
+    beyond = tmp_path / "step-999999"
+    beyond.symlink_to(late, target_is_directory=True)
+    args[-3:] = [str(beyond), "--ensemble", "auto"]
+    code, _, err = rca(*args, *ranked["home"])
+    assert_one_line_error(code, err, "--ensemble tracin", "training order")
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
     assert Store.reader(ranked["db"]).counts() == before

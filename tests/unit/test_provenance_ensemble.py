@@ -13,6 +13,7 @@ from rca.provenance.ensemble import (
     combine,
     find_checkpoints,
     learning_weights,
+    resolve_rule,
     tracin_weights,
     training_schedule,
 )
@@ -56,6 +57,13 @@ def test_a_given_list_keeps_its_order_and_names_a_missing_directory(tmp_path: Pa
     assert [c.path.name for c in got] == ["early", "late"] and got[0].label() == "early"
     with pytest.raises(InfluenceError, match="--checkpoints: .*gone.* is not a model directory"):
         find_checkpoints(tmp_path, f"{tmp_path / 'early'},{tmp_path / 'gone'}")
+    # numbered directories say their order: a list that goes back in training is refused
+    _dirs(tmp_path, "step-100", "checkpoint-25")
+    backwards = f"{tmp_path / 'step-100'},{tmp_path / 'early'},{tmp_path / 'checkpoint-25'}"
+    with pytest.raises(InfluenceError, match=r"--checkpoints: .*\[100, 25\].*training order"):
+        find_checkpoints(tmp_path, backwards)
+    forwards = f"{tmp_path / 'checkpoint-25'},{tmp_path / 'early'},{tmp_path / 'step-100'}"
+    assert [c.step for c in find_checkpoints(tmp_path, forwards)] == [25, None, 100]
 
 
 def test_learning_weights_follow_the_rise_of_the_incident() -> None:
@@ -88,8 +96,20 @@ def test_learning_refuses_an_incident_that_never_rose() -> None:
     s = [np.ones(4), np.ones(4)]
     with pytest.raises(InfluenceError, match="never rose.*--ensemble sum"):
         combine(s, [0.9, 0.9], "learning")
-    with pytest.raises(InfluenceError, match="--ensemble must be one of sum, learning"):
+    with pytest.raises(InfluenceError, match="--ensemble must be one of auto, sum, learning"):
         combine(s, [0.1, 0.9], "max")
+
+
+def test_auto_is_tracin_over_checkpoints_and_the_final_weights_without() -> None:
+    assert resolve_rule("auto", True) == "tracin"
+    assert resolve_rule("auto", False) == "sum"  # over the model alone: its TRAK scores
+    assert [resolve_rule(r, True) for r in ("sum", "learning", "tracin")] == [
+        "sum",
+        "learning",
+        "tracin",
+    ]
+    with pytest.raises(InfluenceError, match="--ensemble must be one of"):
+        resolve_rule("tracincp", True)
 
 
 def test_tracin_weighs_each_checkpoint_by_the_training_that_followed_it(tmp_path: Path) -> None:
@@ -128,3 +148,7 @@ def test_the_schedule_is_read_from_a_zoo_manifest_or_a_trainer_state(tmp_path: P
     (hf / "trainer_state.json").write_text(json.dumps({"global_step": 1500}))
     assert training_schedule(hf) == (1500, None)
     assert training_schedule(tmp_path / "nowhere") == (None, None)
+    bare = tmp_path / "bare"  # a manifest without its recipe: the Trainer's state, if any
+    bare.mkdir()
+    (bare / "zoo.json").write_text(json.dumps({"name": "x"}))
+    assert training_schedule(bare) == (None, None)
